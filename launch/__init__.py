@@ -1,0 +1,1 @@
+"""TorchX launch components for torchrec_cce (see ``launch/components.py``)."""
