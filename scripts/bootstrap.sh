@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create .venv and install the known-good pins. Idempotent: a second run only checks a stamp.
+# Usage: bash scripts/bootstrap.sh        (called by `make setup`, `make demo`, `make test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+
+# Pins that work together (see README "Stack"). fbgemm-gpu-cpu where there is no CUDA.
+TORCH=torch==2.13.0
+TORCHREC=torchrec==1.8.0
+TORCHX=torchx==0.7.0
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  FBGEMM=fbgemm-gpu==1.8.0
+else
+  FBGEMM=fbgemm-gpu-cpu==1.8.0
+fi
+DEPS="tensordict torchmetrics==1.0.3 tqdm pyre-extensions numpy iopath pytest pytest-timeout matplotlib tensorboard faiss-cpu scikit-learn"
+
+stamp="$VENV/.torchrec_cce-$(echo "$TORCH $TORCHREC $TORCHX $FBGEMM $DEPS" | cksum | cut -d' ' -f1)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check --no-warn-conflicts"
+$PIP "$TORCH"
+# torchrec's metadata pulls the CUDA fbgemm-gpu, which breaks CPU hosts: install it without deps.
+$PIP "$FBGEMM"
+$PIP --no-deps "$TORCHREC"
+$PIP "$TORCHX" $DEPS "$TORCH"
+$PIP --no-deps -e .
+"$VENV/bin/python" -c "import torchrec, fbgemm_gpu, torchx, torchrec_cce; print('bootstrap ok: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec,'__version__') else '1.8.0')"
+touch "$stamp"

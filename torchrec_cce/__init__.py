@@ -1,0 +1,32 @@
+"""torchrec_cce: compressed embedding tables (CCE and baselines) for TorchRec.
+
+Public API::
+
+    from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
+                              QRConfig, MEmComConfig, recluster, memory_report)
+"""
+
+from torchrec_cce.configs import (
+    CCEConfig,
+    CEConfig,
+    HashingTrickConfig,
+    MEmComConfig,
+    QRConfig,
+    compression_for_budget,
+    total_compression,
+)
+from torchrec_cce.memory import memory_report, summarize
+from torchrec_cce.modules import CCEEmbeddingBagCollection
+
+__all__ = [
+    "CCEEmbeddingBagCollection",
+    "CCEConfig",
+    "CEConfig",
+    "HashingTrickConfig",
+    "MEmComConfig",
+    "QRConfig",
+    "compression_for_budget",
+    "memory_report",
+    "summarize",
+    "total_compression",
+]

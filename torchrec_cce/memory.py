@@ -1,0 +1,89 @@
+"""Exact memory accounting of compressed tables, counted from the real tensors."""
+
+from typing import Dict, Iterator, Tuple
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import DataType
+
+from torchrec_cce.methods import CompressedTable, codebook_table_name
+
+
+def _dtype_bytes(data_type: DataType) -> int:
+    return 4 if data_type == DataType.FP32 else 2
+
+
+def _iter_collections(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    # Imported here: the distributed package imports this module.
+    from torchrec_cce.modules import CCEEmbeddingBagCollection
+
+    for name, module in model.named_modules():
+        if isinstance(module, CCEEmbeddingBagCollection) or hasattr(module, "cce_memory_report"):
+            yield name, module
+
+
+def _codebook_weight(collection: nn.Module, table: str) -> torch.Tensor:
+    return collection.codebooks.embedding_bags[table].weight
+
+
+def collection_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
+    """Per-table report for one unsharded ``CCEEmbeddingBagCollection``."""
+    if hasattr(collection, "cce_memory_report"):
+        return collection.cce_memory_report()
+    report: Dict[str, Dict[str, float]] = {}
+    for t in collection.embedding_bag_configs():
+        method: CompressedTable = collection.tables[t.name]
+        weights = [_codebook_weight(collection, codebook_table_name(t.name, cb.suffix))
+                   for cb in method.codebooks]
+        codebook_bytes = sum(w.numel() * w.element_size() for w in weights)
+        full_bytes = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
+        compressed = codebook_bytes + method.state_bytes()
+        report[t.name] = {
+            "method": method.method_name,
+            "full_bytes": full_bytes,
+            "codebook_bytes": codebook_bytes,
+            "assignment_bytes": method.assignment_bytes(),
+            "compressed_bytes": compressed,
+            "full_params": t.num_embeddings * t.embedding_dim,
+            "params": sum(w.numel() for w in weights) + method.extra_parameters(),
+            "ratio": full_bytes / compressed,
+        }
+    return report
+
+
+def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
+    """``{table: {"full_bytes", "compressed_bytes", "assignment_bytes", "params", "ratio", ...}}``
+    for every (sharded or unsharded) ``CCEEmbeddingBagCollection`` inside ``model``.
+
+    * ``full_bytes``: the uncompressed table (``V * dim * element size``);
+    * ``codebook_bytes``: every codebook table of the compressed table;
+    * ``assignment_bytes``: CCE's learned ``p`` (``V x chunks`` int16/int32), 0 otherwise;
+    * ``compressed_bytes``: codebooks + assignment + per-id weights (MEmCom);
+    * ``params``: trainable parameters (codebook entries + per-id weights);
+    * ``ratio``: ``full_bytes / compressed_bytes``.
+
+    Full (uncompressed) tables appear with ratio 1. Table names must be unique across
+    collections; a repeated name is reported as ``<module path>.<table>``.
+    """
+    out: Dict[str, Dict[str, float]] = {}
+    for path, collection in _iter_collections(model):
+        for table, row in collection_report(collection).items():
+            out[f"{path}.{table}" if table in out else table] = row
+    return out
+
+
+def summarize(report: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    """Totals over a :func:`memory_report`: bytes, params and the paper's compression ratio."""
+    full_params = sum(r["full_params"] for r in report.values())
+    params = sum(r["params"] for r in report.values())
+    full_bytes = sum(r["full_bytes"] for r in report.values())
+    compressed = sum(r["compressed_bytes"] for r in report.values())
+    return {
+        "full_bytes": full_bytes,
+        "compressed_bytes": compressed,
+        "assignment_bytes": sum(r["assignment_bytes"] for r in report.values()),
+        "full_params": full_params,
+        "params": params,
+        "param_ratio": full_params / params if params else float("inf"),
+        "byte_ratio": full_bytes / compressed if compressed else float("inf"),
+    }

@@ -1,0 +1,114 @@
+"""Clustered Compositional Embeddings (Tsang & Ahle, NeurIPS 2023).
+
+``e(x) = concat_i(A_i[p_i(x)] + B_i[h_i(x)])``. The ``chunks`` codebooks ``A_i`` are stacked in
+one table ``<table>__cce_A`` (``chunks * rows`` rows of ``dim / chunks`` columns; chunk ``i``
+owns rows ``[i*rows, (i+1)*rows)``), and likewise ``B_i`` in ``<table>__cce_B``.
+
+State besides the codebooks:
+
+* ``assignment`` (``V x chunks``, int16 when ``rows <= 32768`` else int32): ``p_i(x)`` for
+  ids in ``[0, V)``. It starts as a hash (independent of ``h_i``) and is overwritten with
+  k-means assignments by :func:`torchrec_cce.recluster`. Ids outside ``[0, V)`` keep using that
+  initial hash, so they never read out of bounds (after clustering they land on a hashed
+  centroid).
+* ``h_generation`` (0-d int64): which member of the hash family ``h_i`` is; re-clustering
+  increments it to draw fresh hashes.
+* a reservoir of training ids (not saved) that re-clustering samples from.
+"""
+
+from typing import List, Optional
+
+import torch
+from torchrec import EmbeddingBagConfig
+
+from torchrec_cce.clustering.sampling import IdReservoir
+from torchrec_cce.configs import CCEConfig
+from torchrec_cce.hashing import combine_keys, derive_seed, hash_ids, smallest_int_dtype
+from torchrec_cce.methods.base import Codebook, CompressedTable
+
+MAX_RESERVOIR = 1 << 21
+
+
+class CCETable(CompressedTable):
+    method_name = "cce"
+
+    def __init__(self, table: EmbeddingBagConfig, config: CCEConfig,
+                 device: Optional[torch.device] = None, store_assignment: bool = True) -> None:
+        super().__init__(table)
+        self.config = config
+        self.rows, self.chunks = config.rows, config.chunks
+        self.chunk_dim = table.embedding_dim // config.chunks
+        self.p_keys = [derive_seed(config.seed, table.name, i, "p") for i in range(self.chunks)]
+        self.h_base_keys = [derive_seed(config.seed, table.name, i, "h") for i in range(self.chunks)]
+        self.codebooks = [
+            Codebook("cce_A", self.chunks * self.rows, self.chunk_dim,
+                     [f"cce_A{i}" for i in range(self.chunks)]),
+            Codebook("cce_B", self.chunks * self.rows, self.chunk_dim,
+                     [f"cce_B{i}" for i in range(self.chunks)]),
+        ]
+        self.assignment_dtype = smallest_int_dtype(self.rows)
+        self.register_buffer("h_generation", torch.zeros((), dtype=torch.int64, device=device))
+        # The sharded module stores the assignment itself (split by id range), not here.
+        if store_assignment:
+            self.register_buffer("assignment", torch.empty(
+                (table.num_embeddings, self.chunks), dtype=self.assignment_dtype, device=device))
+        else:
+            self.assignment = None
+        self.reservoir = IdReservoir(min(256 * self.rows, MAX_RESERVOIR), seed=config.seed,
+                                     device=device)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set ``p`` to its initial hash (no-op on the meta device)."""
+        if self.assignment is not None and not self.assignment.is_meta:
+            ids = torch.arange(self.num_embeddings, device=self.assignment.device)
+            self.assignment.copy_(self.hash_assignment(ids).to(self.assignment_dtype))
+
+    def hash_assignment(self, ids: torch.Tensor) -> torch.Tensor:
+        """The initial ``p`` (a hash): ``[n, chunks]`` int64 codebook rows (chunk-local)."""
+        return torch.stack([hash_ids(ids, k, self.rows) for k in self.p_keys], dim=1)
+
+    def h_keys(self) -> List[torch.Tensor]:
+        return [combine_keys(k, self.h_generation) for k in self.h_base_keys]
+
+    def bucket(self, ids: torch.Tensor) -> torch.Tensor:
+        """``h(x)``: ``[n, chunks]`` int64 chunk-local rows of ``B`` for the current generation."""
+        return torch.stack([hash_ids(ids, k, self.rows) for k in self.h_keys()], dim=1)
+
+    def lookup_assignment(self, ids: torch.Tensor, assignment: Optional[torch.Tensor] = None,
+                          offset: int = 0) -> torch.Tensor:
+        """``p(x)``: ``[n, chunks]`` int64 chunk-local rows of ``A``.
+
+        ``assignment`` holds rows ``[offset, offset + len)`` of ``p`` (the whole of ``p`` by
+        default); ids outside it fall back to the initial hash.
+        """
+        table = self.assignment if assignment is None else assignment
+        local = ids - offset
+        inside = (local >= 0) & (local < table.shape[0])
+        stored = table[torch.where(inside, local, torch.zeros_like(local))].to(torch.int64)
+        return torch.where(inside.unsqueeze(1), stored, self.hash_assignment(ids))
+
+    def observe(self, ids: torch.Tensor) -> None:
+        if self.training:
+            self.reservoir.observe(ids)
+
+    def streams_from(self, p: torch.Tensor, h: torch.Tensor) -> List[torch.Tensor]:
+        """Chunk-local ``p``/``h`` ``[n, chunks]`` -> the ``2 * chunks`` stacked-table row ids."""
+        shift = torch.arange(self.chunks, device=p.device) * self.rows
+        a, b = p + shift, h + shift
+        return [a[:, i] for i in range(self.chunks)] + [b[:, i] for i in range(self.chunks)]
+
+    def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
+        return self.streams_from(self.lookup_assignment(ids), self.bucket(ids))
+
+    def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+        c = self.chunks
+        return torch.cat([pooled[i] + pooled[c + i] for i in range(c)], dim=1)
+
+    def assignment_bytes(self) -> int:
+        if self.assignment is None:
+            return 0
+        return self.assignment.numel() * self.assignment.element_size()
+
+    def state_bytes(self) -> int:
+        return self.assignment_bytes()

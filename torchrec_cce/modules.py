@@ -1,0 +1,274 @@
+"""``CCEEmbeddingBagCollection``: a drop-in ``EmbeddingBagCollection`` with compressed tables.
+
+Data flows one way: KJT -> :meth:`remap` (logical ids -> codebook row ids, one stream per
+codebook lookup) -> ``self.codebooks`` (a stock ``torchrec.EmbeddingBagCollection`` holding every
+codebook as an ordinary 2-D table) -> :meth:`compose` (pooled codebook outputs -> each logical
+feature's pooled vector) -> ``KeyedTensor`` with the logical feature names.
+
+Because the middle stage is a stock EBC, TorchRec's sharders, planner, fused optimizers and
+checkpointing apply to the codebooks unchanged.
+
+Pooling: every codebook table pools with SUM; a logical table with MEAN pooling divides the
+composed sum by the bag length in :meth:`compose` (empty bags give 0). For weighted inputs this
+is ``sum(w * e) / length``, fbgemm's MEAN semantics. Pooling commutes with CCE, CE, hashing,
+QR-add/concat and MEmCom; QR-mult pools each table before multiplying (see ``QRConfig``).
+"""
+
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
+
+from torchrec_cce.configs import CompressionConfig
+from torchrec_cce.methods import (
+    CompressedTable,
+    build_table,
+    codebook_feature_name,
+    codebook_table_name,
+)
+
+
+def _validate_tables(
+    tables: List[EmbeddingBagConfig], compression: Dict[str, CompressionConfig]
+) -> None:
+    names = [t.name for t in tables]
+    for t in tables:
+        if not t.name:
+            raise ValueError("every EmbeddingBagConfig needs a non-empty name")
+        if "__" in t.name:
+            raise ValueError(
+                f"table '{t.name}': '__' is reserved for codebook names (<table>__<codebook>); "
+                f"rename the table"
+            )
+        if t.num_embeddings <= 0 or t.embedding_dim <= 0:
+            raise ValueError(
+                f"table '{t.name}': num_embeddings and embedding_dim must be positive, got "
+                f"{t.num_embeddings} and {t.embedding_dim}"
+            )
+        if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
+            raise ValueError(f"table '{t.name}': pooling must be SUM or MEAN, got {t.pooling}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    unknown = sorted(set(compression) - set(names))
+    if unknown:
+        raise ValueError(
+            f"compression names unknown tables {unknown}; the tables are {names} "
+            f"(compression keys are EmbeddingBagConfig.name, not feature names)"
+        )
+    seen: Dict[str, str] = {}
+    for t in tables:
+        for f in t.feature_names or [t.name]:
+            if f in seen:
+                raise ValueError(
+                    f"feature '{f}' is served by tables '{seen[f]}' and '{t.name}'; "
+                    f"each feature must belong to one table"
+                )
+            seen[f] = t.name
+
+
+def _check_budget(table: EmbeddingBagConfig, config: CompressionConfig, allow_larger: bool) -> None:
+    full = table.num_embeddings * table.embedding_dim
+    compressed = config.num_parameters(table)
+    if compressed > full:
+        msg = (
+            f"table '{table.name}': {type(config).__name__} has {compressed} parameters, more "
+            f"than the full table's {full}; leave the table uncompressed, shrink the config, "
+            f"or pass allow_larger=True"
+        )
+        if not allow_larger:
+            raise ValueError(msg)
+        warnings.warn(msg)
+
+
+def codebook_configs(
+    table: EmbeddingBagConfig, method: CompressedTable
+) -> List[EmbeddingBagConfig]:
+    """The inner EBC tables of one logical table (SUM pooling; init range of the logical table)."""
+    features = table.feature_names or [table.name]
+    return [
+        EmbeddingBagConfig(
+            name=codebook_table_name(table.name, cb.suffix),
+            num_embeddings=cb.num_embeddings,
+            embedding_dim=cb.embedding_dim,
+            feature_names=[codebook_feature_name(f, s) for f in features for s in cb.streams],
+            pooling=PoolingType.SUM,
+            data_type=table.data_type,
+            weight_init_min=table.get_weight_init_min(),
+            weight_init_max=table.get_weight_init_max(),
+        )
+        for cb in method.codebooks
+    ]
+
+
+class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
+    """An ``EmbeddingBagCollection`` whose tables may be compressed.
+
+    Args:
+        tables: the logical tables, exactly as for ``torchrec.EmbeddingBagCollection``.
+        compression: ``{table name: config}`` (``CCEConfig``, ``CEConfig``,
+            ``HashingTrickConfig``, ``QRConfig``, ``MEmComConfig``); tables not named stay full.
+        is_weighted: whether input KJTs carry per-id weights.
+        device: where to build (``torch.device("meta")`` for planning/DMP).
+        allow_larger: a config with more parameters than its full table raises ``ValueError``
+            unless this is True (then it only warns).
+
+    Example::
+
+        ebc = CCEEmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name="t_user", embedding_dim=64,
+                                       num_embeddings=10_000_000, feature_names=["user"])],
+            compression={"t_user": CCEConfig(rows=4096, chunks=4)},
+        )
+        pooled = ebc(kjt)  # KeyedTensor with key "user", 64 columns
+    """
+
+    def __init__(
+        self,
+        tables: List[EmbeddingBagConfig],
+        compression: Optional[Dict[str, CompressionConfig]] = None,
+        is_weighted: bool = False,
+        device: Optional[torch.device] = None,
+        allow_larger: bool = False,
+    ) -> None:
+        super().__init__()
+        compression = dict(compression or {})
+        _validate_tables(tables, compression)
+        for t in tables:
+            if not t.feature_names:
+                t.feature_names = [t.name]
+            if t.name in compression:
+                _check_budget(t, compression[t.name], allow_larger)
+        self._embedding_bag_configs = tables
+        self._compression = compression
+        self._is_weighted = is_weighted
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self.tables: nn.ModuleDict = nn.ModuleDict(
+            {t.name: build_table(t, compression.get(t.name), device=device) for t in tables}
+        )
+        self._feature_table: Dict[str, str] = {
+            f: t.name for t in tables for f in t.feature_names
+        }
+        self._inner_weighted = is_weighted or any(
+            m.method_name == "memcom" for m in self.tables.values()
+        )
+        inner = [c for t in tables for c in codebook_configs(t, self.tables[t.name])]
+        self.codebooks = EmbeddingBagCollection(
+            tables=inner, is_weighted=self._inner_weighted, device=device
+        )
+
+    # ---- EmbeddingBagCollectionInterface ----
+    def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
+        """The logical tables (so DLRM and other TorchRec models accept this module)."""
+        return self._embedding_bag_configs
+
+    def is_weighted(self) -> bool:
+        return self._is_weighted
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def compression(self) -> Dict[str, CompressionConfig]:
+        return dict(self._compression)
+
+    def feature_names(self) -> List[str]:
+        return [f for t in self._embedding_bag_configs for f in t.feature_names]
+
+    def codebook_table_configs(self) -> List[EmbeddingBagConfig]:
+        """The inner codebook tables, as the sharding planner sees them."""
+        return self.codebooks.embedding_bag_configs()
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        remapped = self.remap(features)
+        return self.compose(features, self.codebooks(remapped))
+
+    # ---- the two stages ----
+    def check_features(self, features: KeyedJaggedTensor) -> None:
+        """Raise ``KeyError`` if the KJT has keys no table serves or lacks served keys."""
+        keys = features.keys()
+        served = self.feature_names()
+        unknown = [k for k in keys if k not in self._feature_table]
+        if unknown:
+            raise KeyError(
+                f"KJT features {unknown} are served by no table of this "
+                f"CCEEmbeddingBagCollection; served features: {served}"
+            )
+        missing = [f for f in served if f not in set(keys)]
+        if missing:
+            raise KeyError(f"KJT lacks features {missing}; every served feature must be present: "
+                           f"{served}")
+        if features.variable_stride_per_key():
+            raise ValueError("variable-batch KJTs (stride per key) are not supported; "
+                             "pad features to one batch size")
+
+    def remap_feature(
+        self, feature: str, ids: torch.Tensor, weights: Optional[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """One logical feature's ids -> its codebook streams and their per-id weights."""
+        method: CompressedTable = self.tables[self._feature_table[feature]]
+        method.observe(ids)
+        streams = method.remap(ids)
+        id_weights = method.id_weights(ids)
+        if id_weights is not None:
+            weights = id_weights if weights is None else weights * id_weights
+        if self._inner_weighted and weights is None:
+            weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        return streams, weights
+
+    def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        """Remap stage: logical KJT -> KJT of codebook row ids (keys ``<feature>__<stream>``)."""
+        self.check_features(features)
+        per_feature = features.to_dict()
+        keys: List[str] = []
+        values: List[torch.Tensor] = []
+        lengths: List[torch.Tensor] = []
+        weights: List[torch.Tensor] = []
+        for t in self._embedding_bag_configs:
+            method: CompressedTable = self.tables[t.name]
+            # Streams of one codebook table are contiguous per feature, in codebook order.
+            by_feature = {}
+            for f in t.feature_names:
+                jt = per_feature[f]
+                w = jt.weights_or_none() if self._is_weighted else None
+                by_feature[f] = (self.remap_feature(f, jt.values(), w), jt.lengths())
+            stream_index = 0
+            for cb in method.codebooks:
+                for f in t.feature_names:
+                    (streams, w), lens = by_feature[f]
+                    for j, s in enumerate(cb.streams):
+                        keys.append(codebook_feature_name(f, s))
+                        values.append(streams[stream_index + j])
+                        lengths.append(lens)
+                        if w is not None:
+                            weights.append(w)
+                stream_index += len(cb.streams)
+        return KeyedJaggedTensor(
+            keys=keys,
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
+            weights=torch.cat(weights) if self._inner_weighted else None,
+        )
+
+    def compose(self, features: KeyedJaggedTensor, pooled: KeyedTensor) -> KeyedTensor:
+        """Compose stage: pooled codebook outputs -> ``KeyedTensor`` of the logical features."""
+        parts = pooled.to_dict()
+        per_feature = features.to_dict()
+        out: List[torch.Tensor] = []
+        keys: List[str] = []
+        dims: List[int] = []
+        for t in self._embedding_bag_configs:
+            method: CompressedTable = self.tables[t.name]
+            for f in t.feature_names:
+                vec = method.compose([parts[codebook_feature_name(f, s)] for s in method.streams()])
+                if t.pooling == PoolingType.MEAN:
+                    lens = per_feature[f].lengths().clamp(min=1).to(vec.dtype)
+                    vec = vec / lens.unsqueeze(1)
+                out.append(vec)
+                keys.append(f)
+                dims.append(t.embedding_dim)
+        return KeyedTensor(keys=keys, length_per_key=dims, values=torch.cat(out, dim=1))
