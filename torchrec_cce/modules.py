@@ -15,7 +15,7 @@ QR-add/concat and MEmCom; QR-mult pools each table before multiplying (see ``QRC
 """
 
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from torchrec_cce.methods import (
     codebook_feature_name,
     codebook_table_name,
 )
+from torchrec_cce.stages import check_features, compose_pooled, remap_features
 
 
 def _validate_tables(
@@ -187,88 +188,18 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         remapped = self.remap(features)
         return self.compose(features, self.codebooks(remapped))
 
-    # ---- the two stages ----
+    # ---- the two stages (shared with the sharded module: see torchrec_cce/stages.py) ----
     def check_features(self, features: KeyedJaggedTensor) -> None:
         """Raise ``KeyError`` if the KJT has keys no table serves or lacks served keys."""
-        keys = features.keys()
-        served = self.feature_names()
-        unknown = [k for k in keys if k not in self._feature_table]
-        if unknown:
-            raise KeyError(
-                f"KJT features {unknown} are served by no table of this "
-                f"CCEEmbeddingBagCollection; served features: {served}"
-            )
-        missing = [f for f in served if f not in set(keys)]
-        if missing:
-            raise KeyError(f"KJT lacks features {missing}; every served feature must be present: "
-                           f"{served}")
-        if features.variable_stride_per_key():
-            raise ValueError("variable-batch KJTs (stride per key) are not supported; "
-                             "pad features to one batch size")
-
-    def remap_feature(
-        self, feature: str, ids: torch.Tensor, weights: Optional[torch.Tensor]
-    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """One logical feature's ids -> its codebook streams and their per-id weights."""
-        method: CompressedTable = self.tables[self._feature_table[feature]]
-        method.observe(ids)
-        streams = method.remap(ids)
-        id_weights = method.id_weights(ids)
-        if id_weights is not None:
-            weights = id_weights if weights is None else weights * id_weights
-        if self._inner_weighted and weights is None:
-            weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-        return streams, weights
+        check_features(self._feature_table, self.feature_names(), features)
 
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Remap stage: logical KJT -> KJT of codebook row ids (keys ``<feature>__<stream>``)."""
         self.check_features(features)
-        per_feature = features.to_dict()
-        keys: List[str] = []
-        values: List[torch.Tensor] = []
-        lengths: List[torch.Tensor] = []
-        weights: List[torch.Tensor] = []
-        for t in self._embedding_bag_configs:
-            method: CompressedTable = self.tables[t.name]
-            # Streams of one codebook table are contiguous per feature, in codebook order.
-            by_feature = {}
-            for f in t.feature_names:
-                jt = per_feature[f]
-                w = jt.weights_or_none() if self._is_weighted else None
-                by_feature[f] = (self.remap_feature(f, jt.values(), w), jt.lengths())
-            stream_index = 0
-            for cb in method.codebooks:
-                for f in t.feature_names:
-                    (streams, w), lens = by_feature[f]
-                    for j, s in enumerate(cb.streams):
-                        keys.append(codebook_feature_name(f, s))
-                        values.append(streams[stream_index + j])
-                        lengths.append(lens)
-                        if w is not None:
-                            weights.append(w)
-                stream_index += len(cb.streams)
-        return KeyedJaggedTensor(
-            keys=keys,
-            values=torch.cat(values),
-            lengths=torch.cat(lengths),
-            weights=torch.cat(weights) if self._inner_weighted else None,
-        )
+        return remap_features(self._embedding_bag_configs, self.tables, features,
+                              self._is_weighted, self._inner_weighted)
 
     def compose(self, features: KeyedJaggedTensor, pooled: KeyedTensor) -> KeyedTensor:
         """Compose stage: pooled codebook outputs -> ``KeyedTensor`` of the logical features."""
-        parts = pooled.to_dict()
-        per_feature = features.to_dict()
-        out: List[torch.Tensor] = []
-        keys: List[str] = []
-        dims: List[int] = []
-        for t in self._embedding_bag_configs:
-            method: CompressedTable = self.tables[t.name]
-            for f in t.feature_names:
-                vec = method.compose([parts[codebook_feature_name(f, s)] for s in method.streams()])
-                if t.pooling == PoolingType.MEAN:
-                    lens = per_feature[f].lengths().clamp(min=1).to(vec.dtype)
-                    vec = vec / lens.unsqueeze(1)
-                out.append(vec)
-                keys.append(f)
-                dims.append(t.embedding_dim)
-        return KeyedTensor(keys=keys, length_per_key=dims, values=torch.cat(out, dim=1))
+        return compose_pooled(self._embedding_bag_configs, self.tables,
+                              features.to_dict(), pooled)

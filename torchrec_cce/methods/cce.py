@@ -68,12 +68,14 @@ class CCETable(CompressedTable):
         """The initial ``p`` (a hash): ``[n, chunks]`` int64 codebook rows (chunk-local)."""
         return torch.stack([hash_ids(ids, k, self.rows) for k in self.p_keys], dim=1)
 
-    def h_keys(self) -> List[torch.Tensor]:
-        return [combine_keys(k, self.h_generation) for k in self.h_base_keys]
+    def h_keys(self, generation: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        gen = self.h_generation if generation is None else generation
+        return [combine_keys(k, gen) for k in self.h_base_keys]
 
-    def bucket(self, ids: torch.Tensor) -> torch.Tensor:
-        """``h(x)``: ``[n, chunks]`` int64 chunk-local rows of ``B`` for the current generation."""
-        return torch.stack([hash_ids(ids, k, self.rows) for k in self.h_keys()], dim=1)
+    def bucket(self, ids: torch.Tensor, generation: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``h(x)``: ``[n, chunks]`` int64 chunk-local rows of ``B`` (current generation by
+        default)."""
+        return torch.stack([hash_ids(ids, k, self.rows) for k in self.h_keys(generation)], dim=1)
 
     def lookup_assignment(self, ids: torch.Tensor, assignment: Optional[torch.Tensor] = None,
                           offset: int = 0) -> torch.Tensor:
