@@ -1,0 +1,191 @@
+"""Make TorchRec's planner see the true bytes of CCE tables, and show a plan's memory per rank.
+
+TorchRec 1.8's storage estimator counts only the tensors returned by ``shardable_parameters``
+(the codebooks). A CCE table's assignment ``p`` (``V x chunks`` ints) is invisible to it, yet is
+the only state that grows with the vocabulary. :class:`CCEStorageReservation` wraps any planner
+``StorageReservation`` and additionally reserves, on every device, the assignment bytes that
+rank will hold (``ceil(V / world) * chunks * itemsize`` when split by id range, everything when
+replicated), so plans that would not fit are rejected by the planner itself.
+"""
+
+import copy
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import (
+    ParameterConstraints,
+    StorageReservation,
+    Topology,
+)
+from torchrec.distributed.types import ModuleSharder, ShardingPlan
+
+from torchrec_cce.distributed.assignment import IdRange
+from torchrec_cce.distributed.sharder import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+from torchrec_cce.memory import _dtype_bytes
+from torchrec_cce.methods import CCETable, codebook_table_name
+from torchrec_cce.modules import CCEEmbeddingBagCollection
+
+
+def assignment_bytes_per_rank(model: nn.Module, world_size: int,
+                              replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+                              ) -> Dict[str, List[int]]:
+    """``{table: [bytes of p on rank 0, rank 1, ...]}`` for every CCE table in ``model``."""
+    out: Dict[str, List[int]] = {}
+    for _, module in model.named_modules():
+        if not isinstance(module, CCEEmbeddingBagCollection):
+            continue
+        for name, method in module.tables.items():
+            if not isinstance(method, CCETable):
+                continue
+            itemsize = torch.empty((), dtype=method.assignment_dtype).element_size()
+            total = method.num_embeddings * method.chunks * itemsize
+            if world_size == 1 or total < replicate_below:
+                out[name] = [total] * world_size
+            else:
+                out[name] = [
+                    (IdRange(method.num_embeddings, r, world_size).hi
+                     - IdRange(method.num_embeddings, r, world_size).lo)
+                    * method.chunks * itemsize
+                    for r in range(world_size)
+                ]
+    return out
+
+
+class CCEStorageReservation(StorageReservation):
+    """Reserve the CCE assignments' bytes on top of a base reservation.
+
+    Args:
+        base: the reservation for dense parts and inputs (default:
+            ``HeuristicalStorageReservation(percentage=0.15)``, TorchRec's default).
+        replicate_below: the sharder's ``replicate_assignment_below`` (must match it).
+    """
+
+    def __init__(self, base: Optional[StorageReservation] = None,
+                 replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW) -> None:
+        self._base = base or HeuristicalStorageReservation(percentage=0.15)
+        self._replicate_below = replicate_below
+        self.assignment_bytes: Dict[str, List[int]] = {}
+        self._last: Optional[Topology] = None
+
+    def reserve(self, topology: Topology, batch_size: int, module: nn.Module,
+                sharders: List[ModuleSharder[nn.Module]],
+                constraints: Optional[Dict[str, ParameterConstraints]] = None) -> Topology:
+        reserved = self._base.reserve(topology, batch_size, module, sharders, constraints)
+        reserved = copy.deepcopy(reserved)
+        self.assignment_bytes = assignment_bytes_per_rank(module, topology.world_size,
+                                                          self._replicate_below)
+        for rank, device in enumerate(reserved.devices):
+            need = sum(b[rank] for b in self.assignment_bytes.values())
+            if topology.compute_device == "cpu":
+                device.storage.ddr -= need
+            else:
+                device.storage.hbm -= need
+        self._last = copy.deepcopy(reserved)
+        return reserved
+
+    @property
+    def last_reserved_topology(self) -> Optional[Topology]:
+        return self._last
+
+
+def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
+                replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+                ) -> Dict[str, Dict[str, object]]:
+    """Per logical table: full bytes, compressed bytes, and bytes on each rank (codebook shards
+    as placed by ``plan`` plus the assignment), for every CCE collection in ``model``."""
+    assign = assignment_bytes_per_rank(model, world_size, replicate_below)
+    rows: Dict[str, Dict[str, object]] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, CCEEmbeddingBagCollection):
+            continue
+        module_plan = plan.get_plan_for_module(path) or {}
+        for t in module.embedding_bag_configs():
+            method = module.tables[t.name]
+            per_rank = [0] * world_size
+            elem = _dtype_bytes(t.data_type)
+            codebook_total = 0
+            for cb in method.codebooks:
+                name = codebook_table_name(t.name, cb.suffix)
+                codebook_total += cb.num_embeddings * cb.embedding_dim * elem
+                ps = module_plan.get(name)
+                if ps is None:
+                    continue
+                if ps.sharding_type == "data_parallel" or ps.sharding_spec is None:
+                    for r in (ps.ranks or range(world_size)):
+                        per_rank[r] += cb.num_embeddings * cb.embedding_dim * elem
+                    continue
+                for shard in ps.sharding_spec.shards:
+                    rank = shard.placement.rank()
+                    per_rank[rank] += shard.shard_sizes[0] * shard.shard_sizes[1] * elem
+            for r, b in enumerate(assign.get(t.name, [0] * world_size)):
+                per_rank[r] += b
+            rows[t.name] = {
+                "method": method.method_name,
+                "full_bytes": t.num_embeddings * t.embedding_dim * elem,
+                "compressed_bytes": codebook_total + (
+                    _assignment_total(method) if isinstance(method, CCETable) else 0),
+                "bytes_per_rank": per_rank,
+            }
+    return rows
+
+
+def _assignment_total(method: CCETable) -> int:
+    itemsize = torch.empty((), dtype=method.assignment_dtype).element_size()
+    return method.num_embeddings * method.chunks * itemsize
+
+
+def format_plan_memory(rows: Dict[str, Dict[str, object]]) -> str:
+    """A printable table of :func:`plan_memory` (MiB)."""
+    if not rows:
+        return "(no CCE collections in the plan)"
+    world = len(next(iter(rows.values()))["bytes_per_rank"])
+    head = f"{'table':<16}{'method':<9}{'full MiB':>12}{'compressed MiB':>16}" + "".join(
+        f"{'rank ' + str(r) + ' MiB':>13}" for r in range(world))
+    lines = [head, "-" * len(head)]
+    mib = 1 << 20
+    for name, row in rows.items():
+        lines.append(f"{name:<16}{row['method']:<9}{row['full_bytes'] / mib:>12.3f}"
+                     f"{row['compressed_bytes'] / mib:>16.3f}"
+                     + "".join(f"{b / mib:>13.3f}" for b in row["bytes_per_rank"]))
+    return "\n".join(lines)
+
+
+def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
+    """``memory_report`` rows for a ``ShardedCCEEmbeddingBagCollection``: global figures from the
+    sharded tensors' global shapes, plus ``local_*`` bytes this rank really holds."""
+    state = sharded.codebooks.state_dict()
+    report: Dict[str, Dict[str, float]] = {}
+    for t in sharded.embedding_bag_configs():
+        method = sharded.tables[t.name]
+        codebook_bytes = local_codebook = params = 0
+        for cb in method.codebooks:
+            value = state[f"embedding_bags.{codebook_table_name(t.name, cb.suffix)}.weight"]
+            elem = value.element_size()
+            numel = int(torch.Size(value.size()).numel())
+            codebook_bytes += numel * elem
+            params += numel
+            if hasattr(value, "local_shards"):
+                local_codebook += sum(s.tensor.numel() * elem for s in value.local_shards())
+            else:
+                local_codebook += numel * elem
+        assignment = local_assignment = 0
+        if isinstance(method, CCETable):
+            assignment = _assignment_total(method)
+            shard = sharded.assignment_shard(t.name)
+            local_assignment = shard.numel() * shard.element_size()
+        full = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
+        report[t.name] = {
+            "method": method.method_name,
+            "full_bytes": full,
+            "codebook_bytes": codebook_bytes,
+            "assignment_bytes": assignment,
+            "compressed_bytes": codebook_bytes + assignment,
+            "full_params": t.num_embeddings * t.embedding_dim,
+            "params": params,
+            "ratio": full / (codebook_bytes + assignment),
+            "local_codebook_bytes": local_codebook,
+            "local_assignment_bytes": local_assignment,
+        }
+    return report

@@ -1,0 +1,82 @@
+"""Distributed re-clustering of a sharded CCE collection.
+
+Every rank contributes the ids *it* saw (its reservoir); k-means sums/counts and the residual
+sums are all-reduced (:func:`~torchrec_cce.clustering.recluster.recluster_table`). The codebooks
+``A``/``B`` of a table are small by design, so each rank assembles them in full (local shards
+placed at their offsets, then an all-reduce), computes the new ones identically, and writes
+back only the shards it stores. Each rank re-assigns the ids of its shard of ``p`` (or, for a
+replicated ``p``, a slice of it, then all ranks gather). The hash generation advances by one on
+every rank. Fused (TBE) optimizer state of the rewritten tables is zeroed.
+"""
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
+
+from torchrec_cce.distributed.tensors import gather_full, local_pieces, scatter_full
+from torchrec_cce.clustering.kmeans import Collective
+from torchrec_cce.clustering.recluster import (
+    DEFAULT_ID_BATCH,
+    ReclusterState,
+    recluster_table,
+    reset_optimizer_state,
+)
+from torchrec_cce.methods import CCETable
+
+
+def _reset_fused_state(sharded: Any, table_names: List[str]) -> int:
+    """Zero the fused optimizer state (e.g. row-wise Adagrad sums) of the given codebook tables."""
+    n = 0
+    opt = sharded.codebooks.fused_optimizer
+    for key, state in opt.state_dict()["state"].items():
+        if not any(str(key).startswith(f"embedding_bags.{t}.") or str(key) == t
+                   for t in table_names):
+            continue
+        for value in state.values():
+            if isinstance(value, (ShardedTensor, DTensor)):
+                for tensor, _ in local_pieces(value):
+                    tensor.zero_()
+                    n += 1
+            elif torch.is_tensor(value) and value.dim() > 0:
+                value.zero_()
+                n += 1
+    return n
+
+
+@torch.no_grad()
+def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
+                      collective: Optional[Collective] = None,
+                      optimizers: Any = ()) -> Dict[str, Dict[str, float]]:
+    """Re-cluster every CCE table of a ``ShardedCCEEmbeddingBagCollection`` (collective)."""
+    out: Dict[str, Dict[str, float]] = {}
+    state = sharded.codebooks.state_dict()
+    for t in sharded.embedding_bag_configs():
+        method = sharded.tables[t.name]
+        if not isinstance(method, CCETable):
+            continue
+        names = [f"{t.name}__cce_A", f"{t.name}__cce_B"]
+        values = [state[f"embedding_bags.{n}.weight"] for n in names]
+        shape = (method.chunks * method.rows, method.chunk_dim)
+        A, B = (gather_full(v, shape, collective) for v in values)
+        rng = sharded.id_range(t.name)
+        if rng is not None:
+            rstate = ReclusterState(method, A, B, sharded.assignment_shard(t.name), rng.lo,
+                                    (rng.lo, rng.hi))
+        else:
+            V, w, r = method.num_embeddings, collective.world_size, collective.rank
+            per = -(-V // w)
+            rstate = ReclusterState(method, A, B, method.assignment, 0,
+                                    (min(V, r * per), min(V, (r + 1) * per)),
+                                    gather_assignment=w > 1)
+        new_a, new_b, stats = recluster_table(rstate, collective, iters, id_batch)
+        scatter_full(values[0], new_a)
+        scatter_full(values[1], new_b)
+        n = _reset_fused_state(sharded, names)
+        dense = [p for name, p in sharded.codebooks.named_parameters()
+                 if any(f".{x}." in f".{name}." for x in names)]
+        n += reset_optimizer_state(dense, optimizers)
+        stats["optimizer_states_reset"] = n
+        out[t.name] = stats
+    return out
