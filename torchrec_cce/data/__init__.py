@@ -1,0 +1,24 @@
+"""Data readers yielding ``torchrec.datasets.utils.Batch``: Criteo (TSV and TorchRec npy),
+Avazu (CSV) and the Criteo-shaped synthetic generator (the default dataset)."""
+
+from torchrec_cce.data.avazu import AVAZU_FEATURES, AvazuCsvDataset, string_id
+from torchrec_cce.data.criteo import (
+    CRITEO_KAGGLE_CARDINALITIES,
+    MISSING_ID,
+    CriteoNpyDataset,
+    CriteoTsvDataset,
+)
+from torchrec_cce.data.synthetic import DEFAULT_SCALE, CriteoSyntheticDataset, scaled_cardinalities
+
+__all__ = [
+    "AVAZU_FEATURES",
+    "AvazuCsvDataset",
+    "CRITEO_KAGGLE_CARDINALITIES",
+    "CriteoNpyDataset",
+    "CriteoSyntheticDataset",
+    "CriteoTsvDataset",
+    "DEFAULT_SCALE",
+    "MISSING_ID",
+    "scaled_cardinalities",
+    "string_id",
+]
