@@ -1,0 +1,130 @@
+"""Shared helpers for the foundation tests: an independent pure-Python reference of the hash
+family (splitmix64 on Python ints, written from the published algorithm, not from the
+package's torch code), a KJT builder, and a plain-indexing reference of every method's pooled
+output computed from a module's own codebook weights."""
+
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from torchrec_cce import CCEConfig, CEConfig, HashingTrickConfig, MEmComConfig, QRConfig
+from torchrec_cce.hashing import derive_seed
+
+M64 = (1 << 64) - 1
+M63 = (1 << 63) - 1
+GOLDEN = 0x9E3779B97F4A7C15
+
+# The tests use tiny tensors: intra-op threads only add contention (embedding_bag on 2 threads
+# was ~15x slower than on 1 here).
+torch.set_num_threads(1)
+
+
+def ref_mix64(x: int) -> int:
+    """The splitmix64 finaliser on an unsigned 64-bit Python int."""
+    x &= M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def ref_hash(x: int, key: int, rows: int) -> int:
+    """hash_ids on one id: mix(mix(id + key * golden) + golden), sign bit dropped, mod rows."""
+    h = ref_mix64((ref_mix64((x + key * GOLDEN) & M64) + GOLDEN) & M64)
+    return (h & M63) % rows
+
+
+def ref_combine(base_key: int, generation: int) -> int:
+    """combine_keys: mix(generation * golden + base_key) with the sign bit dropped."""
+    return ref_mix64((generation * GOLDEN + base_key) & M64) & M63
+
+
+def make_kjt(bags: Dict[str, List[List[int]]],
+             weights: Optional[Dict[str, List[List[float]]]] = None) -> KeyedJaggedTensor:
+    """``{feature: [bag ids, ...]}`` (same batch size for every feature) -> KJT."""
+    keys = list(bags)
+    values = [x for k in keys for bag in bags[k] for x in bag]
+    lengths = [len(bag) for k in keys for bag in bags[k]]
+    w = None
+    if weights is not None:
+        w = torch.tensor([x for k in keys for bag in weights[k] for x in bag], dtype=torch.float32)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=keys, values=torch.tensor(values, dtype=torch.int64),
+        lengths=torch.tensor(lengths, dtype=torch.int64), weights=w)
+
+
+def _weight(ebc, name: str) -> torch.Tensor:
+    return ebc.codebooks.embedding_bags[name].weight
+
+
+def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
+    """The per-id vectors of one id, recomputed from the documented hash keys and layouts.
+
+    Returns one vector for linear methods, ``[Q[q], R[r]]`` for QR."""
+    n, cfg = table.name, ebc.compression.get(table.name)
+    if cfg is None:
+        return [_weight(ebc, n)[x]]
+    if isinstance(cfg, HashingTrickConfig):
+        return [_weight(ebc, f"{n}__hash")[ref_hash(x, derive_seed(cfg.seed, n, 0, "hash"), cfg.rows)]]
+    if isinstance(cfg, CEConfig):
+        w = _weight(ebc, f"{n}__ce")
+        return [torch.cat([w[i * cfg.rows + ref_hash(x, derive_seed(cfg.seed, n, i, "ce"), cfg.rows)]
+                           for i in range(cfg.chunks)])]
+    if isinstance(cfg, MEmComConfig):
+        row = ref_hash(x, derive_seed(cfg.seed, n, 0, "memcom"), cfg.rows)
+        return [ebc.tables[n].id_weight[x % table.num_embeddings] * _weight(ebc, f"{n}__memcom")[row]]
+    if isinstance(cfg, QRConfig):
+        xr = x % table.num_embeddings  # python % is floor-mod, like torch.remainder
+        return [_weight(ebc, f"{n}__qr_q")[xr // cfg.collisions],
+                _weight(ebc, f"{n}__qr_r")[xr % cfg.collisions]]
+    if isinstance(cfg, CCEConfig):
+        m = ebc.tables[n]
+        gen, rows = int(m.h_generation), cfg.rows
+        a, b = _weight(ebc, f"{n}__cce_A"), _weight(ebc, f"{n}__cce_B")
+        chunks = []
+        for i in range(cfg.chunks):
+            if 0 <= x < table.num_embeddings:
+                p = int(m.assignment[x, i])
+            else:
+                p = ref_hash(x, derive_seed(cfg.seed, n, i, "p"), rows)
+            h = ref_hash(x, ref_combine(derive_seed(cfg.seed, n, i, "h"), gen), rows)
+            chunks.append(a[i * rows + p] + b[i * rows + h])
+        return [torch.cat(chunks)]
+    raise TypeError(cfg)
+
+
+def ref_pool(ebc, table: EmbeddingBagConfig, bag: Sequence[int],
+             weights: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """Reference pooled vector of one bag.
+
+    SUM: sum_j w_j e(x_j); MEAN: that sum / len(bag) (empty bag -> 0).
+    QR-mult (not linear) pools each table first: SUM -> (sum_j w_j Q_j) * (sum_j w_j R_j);
+    MEAN -> (sum_j w_j Q_j / n) * (sum_j w_j R_j / n), i.e. mean(Q) * mean(R) as in the DLRM
+    reference's QREmbeddingBag."""
+    cfg = ebc.compression.get(table.name)
+    if not bag:
+        return torch.zeros(table.embedding_dim)
+    w = [1.0] * len(bag) if weights is None else list(weights)
+    per_id = [ref_parts(ebc, table, x) for x in bag]
+    sums = [sum(wj * p[k] for wj, p in zip(w, per_id)) for k in range(len(per_id[0]))]
+    mean = table.pooling == PoolingType.MEAN
+    if isinstance(cfg, QRConfig):
+        if mean:
+            sums = [s / len(bag) for s in sums]
+        if cfg.operation == "mult":
+            return sums[0] * sums[1]
+        return sums[0] + sums[1] if cfg.operation == "add" else torch.cat(sums)
+    return sums[0] / len(bag) if mean else sums[0]
+
+
+def ref_forward(ebc, bags: Dict[str, List[List[int]]],
+                weights: Optional[Dict[str, List[List[float]]]] = None) -> Dict[str, torch.Tensor]:
+    """``{feature: [batch, dim]}`` reference output for the bags given to :func:`make_kjt`."""
+    out = {}
+    for t in ebc.embedding_bag_configs():
+        for f in t.feature_names:
+            out[f] = torch.stack([
+                ref_pool(ebc, t, bag, None if weights is None else weights[f][b])
+                for b, bag in enumerate(bags[f])])
+    return out
