@@ -44,11 +44,7 @@ def test_chunks_not_positive(chunks):
 
 
 @pytest.mark.parametrize("collisions", [
-    pytest.param(0, marks=pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason=(
-        "BUG modules.py CCEEmbeddingBagCollection.__init__ calls _check_budget() (-> "
-        "QRConfig.num_parameters -> quotient_rows: V / collisions) before build_table() runs "
-        "config.validate(), so QRConfig(collisions=0) raises ZeroDivisionError in configs.py "
-        "quotient_rows instead of the ValueError naming the table"))),
+    0,
     -5])
 def test_qr_collisions_not_positive(collisions):
     msg = build_err([tbl()], {"t_user": QRConfig(collisions=collisions)})
@@ -99,10 +95,6 @@ def test_duplicate_table_names():
     assert "duplicate table names" in msg and "t_a" in msg
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "modules.py _validate_tables(): the duplicate-table-name ValueError only lists the names "
-    "(\"duplicate table names in ['t_a', 't_a']\"); it names neither the duplicate alone nor "
-    "the fix (rename one table), unlike every other construction error (DESIGN principle 6)"))
 def test_duplicate_table_names_message_gives_fix():
     msg = build_err([tbl("t_a", features=["x"]), tbl("t_a", features=["y"])])
     assert "rename" in msg.lower() or "unique" in msg.lower()
@@ -129,11 +121,6 @@ def test_unknown_budget_method():
         compression_for_budget([tbl()], "cqr", 1000)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError, reason=(
-    "BUG modules.py:145 _check_budget() runs before build_table() (modules.py:151), so a "
-    "non-config value reaches config.num_parameters and raises AttributeError "
-    "\"'str' object has no attribute 'num_parameters'\" instead of build_table's TypeError "
-    "naming the table and the supported configs"))
 def test_unsupported_config_type():
     with pytest.raises(TypeError, match="'t_user'.*CCEConfig"):
         CCEEmbeddingBagCollection([tbl()], {"t_user": "cce"})

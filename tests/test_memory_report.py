@@ -194,16 +194,7 @@ def test_memcom_budget_below_vocabulary_raises():
         compression_for_budget(BUDGET_TABLES, "memcom", 4000)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG configs.py _qr_collisions_for_budget(): when P/dim < 2*sqrt(V) no QR split fits the "
-    "budget, and it silently returns m = ceil(sqrt(V)) whose tables exceed the cap "
-    "(V=1e6, dim 16, P=16000 -> QRConfig(collisions=1000) with 32000 params) instead of "
-    "raising like the MEmCom branch"))
 def test_qr_budget_infeasible_is_not_silently_exceeded():
     big = [table("big", v=1_000_000)]
-    try:
-        comp = compression_for_budget(big, "qr", 16 * 1000)
-    except ValueError as e:
-        assert "big" in str(e)
-        return
-    assert comp["big"].num_parameters(big[0]) <= 16 * 1000
+    with pytest.raises(ValueError, match="'big'.*raise max_params_per_table"):
+        compression_for_budget(big, "qr", 16 * 1000)

@@ -78,20 +78,11 @@ def check_against_reference(ebc, bags, weights=None, atol=1e-6):
     return got
 
 
-QR_MULT_MEAN_BUG = (
-    "BUG stages.py compose_pooled(): QR-mult MEAN divides the product of the pooled sums once, "
-    "(sum Q)*(sum R)/n, instead of mean(Q)*mean(R) as QRConfig's docstring and the DLRM "
-    "reference say; the MEAN of the bag [x, x] is 2*e(x) instead of e(x)")
-
-
 def _case_params():
     for method in METHODS:
         for pooling in (PoolingType.SUM, PoolingType.MEAN):
             for weighted in (False, True):
-                marks = []
-                if method == "qr_mult" and pooling == PoolingType.MEAN:
-                    marks = [pytest.mark.xfail(strict=True, reason=QR_MULT_MEAN_BUG)]
-                yield pytest.param(method, pooling, weighted, marks=marks,
+                yield pytest.param(method, pooling, weighted,
                                    id=f"{method}-{pooling.name}-{'w' if weighted else 'unw'}")
 
 
@@ -120,7 +111,6 @@ def test_qr_mult_mean_on_single_id_bags_is_q_times_r():
     check_against_reference(ebc, bags)
 
 
-@pytest.mark.xfail(strict=True, reason=QR_MULT_MEAN_BUG)
 def test_qr_mult_mean_of_repeated_id_is_its_embedding():
     ebc = build("qr_mult", PoolingType.MEAN)
     single = ebc(make_kjt({"f0": [[13]], "f1": [[]], "g": [[]]})).to_dict()["f0"]

@@ -155,15 +155,21 @@ class MEmComConfig:
 
 
 CompressionConfig = Union[CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig]
+CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig)
 
 METHOD_NAMES = ("full", "hashing", "ce", "qr", "cce", "memcom")
 
 
-def _qr_collisions_for_budget(num_embeddings: int, budget_rows: int) -> int:
-    """Smallest m with ceil(V/m) + m <= budget_rows (largest quotient table), or sqrt(V)."""
+def _qr_collisions_for_budget(table: EmbeddingBagConfig, budget_rows: int) -> int:
+    """Smallest m with ceil(V/m) + m <= budget_rows (the largest quotient table)."""
+    num_embeddings = table.num_embeddings
     disc = budget_rows * budget_rows - 4 * num_embeddings
     if disc < 0:
-        return max(1, math.isqrt(num_embeddings - 1) + 1)
+        need = 2 * math.isqrt(num_embeddings) * table.embedding_dim
+        raise ValueError(
+            f"table '{table.name}': QR needs at least ~2*sqrt(V)*dim = {need} parameters "
+            f"(V={num_embeddings}); raise max_params_per_table or use another method"
+        )
     m = max(1, math.ceil((budget_rows - math.sqrt(disc)) / 2))
     while math.ceil(num_embeddings / m) + m > budget_rows and m < num_embeddings:
         m += 1
@@ -203,7 +209,7 @@ def compression_for_budget(
         elif method == "hashing":
             out[t.name] = HashingTrickConfig(rows=max(1, budget_rows), seed=seed)
         elif method == "qr":
-            m = _qr_collisions_for_budget(t.num_embeddings, budget_rows)
+            m = _qr_collisions_for_budget(t, budget_rows)
             out[t.name] = QRConfig(collisions=m, operation=qr_operation)
         elif method == "memcom":
             rows = (max_params_per_table - t.num_embeddings) // t.embedding_dim

@@ -23,7 +23,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTens
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
-from torchrec_cce.configs import CompressionConfig
+from torchrec_cce.configs import CONFIG_TYPES, CompressionConfig
 from torchrec_cce.methods import (
     CompressedTable,
     build_table,
@@ -53,7 +53,9 @@ def _validate_tables(
         if t.pooling not in (PoolingType.SUM, PoolingType.MEAN):
             raise ValueError(f"table '{t.name}': pooling must be SUM or MEAN, got {t.pooling}")
     if len(set(names)) != len(names):
-        raise ValueError(f"duplicate table names in {names}")
+        dups = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"duplicate table names {dups} in {names}; give every "
+                         f"EmbeddingBagConfig a unique name")
     unknown = sorted(set(compression) - set(names))
     if unknown:
         raise ValueError(
@@ -69,6 +71,15 @@ def _validate_tables(
                     f"each feature must belong to one table"
                 )
             seen[f] = t.name
+
+
+def _check_config(table: EmbeddingBagConfig, config: object) -> None:
+    if not isinstance(config, CONFIG_TYPES):
+        raise TypeError(
+            f"table '{table.name}': compression config must be one of "
+            f"{[c.__name__ for c in CONFIG_TYPES]}, got {config!r}"
+        )
+    config.validate(table)
 
 
 def _check_budget(table: EmbeddingBagConfig, config: CompressionConfig, allow_larger: bool) -> None:
@@ -142,6 +153,7 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if not t.feature_names:
                 t.feature_names = [t.name]
             if t.name in compression:
+                _check_config(t, compression[t.name])
                 _check_budget(t, compression[t.name], allow_larger)
         self._embedding_bag_configs = tables
         self._compression = compression

@@ -113,12 +113,15 @@ def compose_pooled(
     for t in tables:
         method: CompressedTable = methods[t.name]
         for f in t.feature_names:
-            vec = method.compose([parts[codebook_feature_name(f, s)] for s in method.streams()])
+            streams = [parts[codebook_feature_name(f, s)] for s in method.streams()]
             if t.pooling == PoolingType.MEAN:
+                # Mean-pool every stream before composing: the same for linear compositions,
+                # and mean(Q) * mean(R) for QR-mult (as in the DLRM reference).
                 lens = lengths[f]
                 lens = lens.lengths() if isinstance(lens, JaggedTensor) else lens
-                vec = vec / lens.clamp(min=1).to(vec.dtype).unsqueeze(1)
-            out.append(vec)
+                divisor = lens.clamp(min=1).to(streams[0].dtype).unsqueeze(1)
+                streams = [s / divisor for s in streams]
+            out.append(method.compose(streams))
             keys.append(f)
             dims.append(t.embedding_dim)
     return KeyedTensor(keys=keys, length_per_key=dims, values=torch.cat(out, dim=1))
