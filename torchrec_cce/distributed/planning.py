@@ -13,6 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
 from torchrec.distributed.planner.types import (
     ParameterConstraints,
@@ -162,11 +163,14 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
         codebook_bytes = local_codebook = params = 0
         for cb in method.codebooks:
             value = state[f"embedding_bags.{codebook_table_name(t.name, cb.suffix)}.weight"]
-            elem = value.element_size()
-            numel = int(torch.Size(value.size()).numel())
+            is_sharded = isinstance(value, ShardedTensor)
+            size = value.metadata().size if is_sharded else value.size()
+            dtype = value.metadata().tensor_properties.dtype if is_sharded else value.dtype
+            elem = torch.empty((), dtype=dtype).element_size()
+            numel = int(torch.Size(size).numel())
             codebook_bytes += numel * elem
             params += numel
-            if hasattr(value, "local_shards"):
+            if is_sharded:
                 local_codebook += sum(s.tensor.numel() * elem for s in value.local_shards())
             else:
                 local_codebook += numel * elem
