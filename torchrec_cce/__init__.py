@@ -15,6 +15,8 @@ from torchrec_cce.configs import (
     compression_for_budget,
     total_compression,
 )
+from torchrec_cce.clustering.recluster import recluster
+from torchrec_cce.clustering.schedule import ReclusterSchedule
 from torchrec_cce.memory import memory_report, summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 
@@ -25,8 +27,10 @@ __all__ = [
     "HashingTrickConfig",
     "MEmComConfig",
     "QRConfig",
+    "ReclusterSchedule",
     "compression_for_budget",
     "memory_report",
+    "recluster",
     "summarize",
     "total_compression",
 ]

@@ -47,11 +47,13 @@ def remap_features(
     is_weighted: bool,
     inner_weighted: bool,
     assignments: Optional[Dict[str, torch.Tensor]] = None,
+    observe: bool = True,
 ) -> KeyedJaggedTensor:
     """Remap every served feature of ``features`` to its codebook streams.
 
     ``assignments`` optionally gives CCE's ``p(x)`` per feature (``[n, chunks]``), looked up
-    elsewhere (the sharded module fetches it from the rank owning each id).
+    elsewhere (the sharded module fetches it from the rank owning each id). ``observe=False``
+    leaves the id sample alone (the sharded module observes ids when the batch is computed).
     """
     per_feature: Dict[str, JaggedTensor] = features.to_dict()
     keys: List[str] = []
@@ -64,7 +66,8 @@ def remap_features(
         for f in t.feature_names:
             jt = per_feature[f]
             ids = jt.values()
-            method.observe(ids)
+            if observe:
+                method.observe(ids)
             if assignments is not None and f in assignments:
                 streams = method.streams_from(assignments[f], method.bucket(ids))
             else:

@@ -15,6 +15,7 @@ import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 
+from torchrec_cce.distributed.assignment import lookup_sharded_assignments
 from torchrec_cce.distributed.tensors import gather_full, local_pieces, scatter_full
 from torchrec_cce.clustering.kmeans import Collective
 from torchrec_cce.clustering.recluster import (
@@ -62,8 +63,11 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
         A, B = (gather_full(v, shape, collective) for v in values)
         rng = sharded.id_range(t.name)
         if rng is not None:
-            rstate = ReclusterState(method, A, B, sharded.assignment_shard(t.name), rng.lo,
-                                    (rng.lo, rng.hi))
+            shard = sharded.assignment_shard(t.name)
+            rstate = ReclusterState(
+                method, A, B, shard, rng.lo, (rng.lo, rng.hi),
+                sample_lookup=lambda ids, m=method, s=shard, r=rng: lookup_sharded_assignments(
+                    [(m, ids, s, r)], sharded._pg)[0])
         else:
             V, w, r = method.num_embeddings, collective.world_size, collective.rank
             per = -(-V // w)

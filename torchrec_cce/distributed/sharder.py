@@ -22,7 +22,7 @@ sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes.
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Type
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,9 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
     """The codebook EBC's context plus the bag lengths of MEAN-pooled logical features."""
 
     mean_lengths: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # (table, ids) to add to the re-clustering sample when this batch is computed, so that a
+    # pipeline's early input dist of the next batch does not leak it into the sample.
+    observed_ids: List[Tuple[str, torch.Tensor]] = field(default_factory=list)
 
 
 def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection",
@@ -201,13 +204,22 @@ class ShardedCCEEmbeddingBagCollection(
         per_feature = features.to_dict()
         ctx.mean_lengths = {f: per_feature[f].lengths() for t in self._embedding_bag_configs
                             if t.pooling == PoolingType.MEAN for f in t.feature_names}
+        if self.training:
+            ctx.observed_ids = [(t.name, per_feature[f].values())
+                                for t in self._embedding_bag_configs for f in t.feature_names]
         remapped = remap_features(self._embedding_bag_configs, self.tables, features,
                                   self._is_weighted, self._inner_weighted,
-                                  assignments=self._remote_assignments(features))
+                                  assignments=self._remote_assignments(features), observe=False)
         return self.codebooks.input_dist(ctx, remapped)
+
+    def _observe(self, ctx: CCEEmbeddingBagCollectionContext) -> None:
+        for table, ids in ctx.observed_ids:
+            self.tables[table].observe(ids)
+        ctx.observed_ids = []
 
     def compute(self, ctx: CCEEmbeddingBagCollectionContext,
                 dist_input: KJTList) -> List[torch.Tensor]:
+        self._observe(ctx)
         return self.codebooks.compute(ctx, dist_input)
 
     def output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
@@ -219,6 +231,7 @@ class ShardedCCEEmbeddingBagCollection(
 
     def compute_and_output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        self._observe(ctx)
         awaitable = self.codebooks.compute_and_output_dist(ctx, input)
         awaitable.callbacks.append(partial(_compose_callback, module=self,
                                            lengths=ctx.mean_lengths))

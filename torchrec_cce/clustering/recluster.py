@@ -1,0 +1,243 @@
+"""Re-clustering of CCE tables ("Clustering the Sketch", Tsang & Ahle 2023).
+
+For each CCE table and chunk ``i``:
+
+1. take the table's sample of training ids (its reservoir: frequent ids weigh more), or, if no
+   id was seen yet, a seeded uniform sample of ``[0, V)``;
+2. compute their current chunk vectors ``A_i[p_i(x)] + B_i[h_i(x)]`` from the *old* state;
+3. run k-means with ``k = rows`` (sums/counts all-reduced across ranks);
+4. for every id of ``[0, V)`` (in bounded batches) compute its old vector again, set
+   ``p_i(x)`` = nearest centroid and accumulate the residual ``vector - centroid`` into the
+   bucket ``h'_i(x)`` of a *fresh* hash ``h'`` (next generation);
+5. only then write: ``A_i`` = centroids, ``B_i[j]`` = mean residual of bucket ``j`` (0 if empty),
+   ``h`` = ``h'``, and reset the optimizer state of the rewritten codebook rows.
+
+Every "before" value is read before any state is written (the public reference code mutates
+the hash inside its batch loop and divides by empty counts; this module does neither).
+
+The same code runs in one process and under ``torch.distributed``: everything crossing ranks
+goes through a :class:`~torchrec_cce.clustering.kmeans.Collective`. A rank processes the ids in
+``id_range`` (its shard of ``p``, or its slice of a replicated ``p``), residual sums/counts are
+all-reduced, and a replicated ``p`` is re-assembled by all-gather.
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from torchrec_cce.clustering.kmeans import Collective, default_collective, kmeans, nearest_centroid
+from torchrec_cce.hashing import derive_seed
+from torchrec_cce.methods.cce import CCETable
+
+DEFAULT_ID_BATCH = 1 << 16
+
+
+@dataclass
+class ReclusterState:
+    """What re-clustering reads and writes for one CCE table, wherever it lives.
+
+    ``A``/``B`` are the full stacked codebooks (``chunks * rows`` rows; small by design, so a
+    sharded table gathers them). ``assignment`` holds ``p`` for ids
+    ``[assignment_offset, assignment_offset + len)``; this rank re-assigns ``id_range``.
+    """
+
+    method: CCETable
+    A: torch.Tensor
+    B: torch.Tensor
+    assignment: torch.Tensor
+    assignment_offset: int
+    id_range: Tuple[int, int]
+    gather_assignment: bool = False
+    # p(x) for arbitrary ids when this rank stores only a shard of p (fetched from the owners).
+    sample_lookup: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def _sample_ids(method: CCETable, collective: Collective, generation: int) -> torch.Tensor:
+    """This rank's sample; if no rank saw any id, a seeded uniform sample split across ranks."""
+    local = method.reservoir.sample()
+    total = collective.all_reduce_sum(
+        torch.tensor([float(local.numel())], device=local.device))
+    if float(total) > 0:
+        return local
+    n = min(method.reservoir.capacity, method.num_embeddings)
+    gen = torch.Generator().manual_seed(
+        derive_seed(method.config.seed, method.table_name, generation, "uniform_sample"))
+    ids = torch.randperm(method.num_embeddings, generator=gen)[:n] if n < method.num_embeddings \
+        else torch.arange(method.num_embeddings)
+    return ids[collective.rank::collective.world_size].to(local.device)
+
+
+def chunk_vectors(method: CCETable, A: torch.Tensor, B: torch.Tensor,
+                  p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``[n, chunks, chunk_dim]``: ``A_i[p_i] + B_i[h_i]`` for chunk-local rows ``p``, ``h``."""
+    shift = torch.arange(method.chunks, device=p.device) * method.rows
+    return A[p + shift] + B[h + shift]
+
+
+@torch.no_grad()
+def recluster_table(state: ReclusterState, collective: Optional[Collective] = None,
+                    iters: int = 10, id_batch: int = DEFAULT_ID_BATCH
+                    ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
+    """Re-cluster one CCE table. Writes ``p`` (``state.assignment``) and bumps the hash
+    generation; returns the new ``(A, B)`` for the caller to write into its codebook storage
+    (a plain tensor, a sharded TBE, ...) and per-table statistics."""
+    start = time.perf_counter()
+    collective = collective or default_collective()
+    m, c, rows = state.method, state.method.chunks, state.method.rows
+    A, B = state.A.detach().float(), state.B.detach().float()
+    generation = int(m.h_generation)
+
+    # 1-3: k-means per chunk on the sample's current vectors (old state).
+    sample = _sample_ids(m, collective, generation)
+    p_sample = state.sample_lookup(sample) if state.sample_lookup else _lookup(state, sample)
+    x = chunk_vectors(m, A, B, p_sample, m.bucket(sample))
+    centroids: List[torch.Tensor] = []
+    start_inertia = end_inertia = 0.0
+    reseeded = 0
+    for i in range(c):
+        res = kmeans(x[:, i], k=rows, iters=iters, collective=collective,
+                     seed=derive_seed(m.config.seed, m.table_name, i, f"kmeans{generation}"))
+        centroids.append(res.centroids.to(A.dtype))
+        start_inertia += float(res.inertia_history[0]) if res.inertia_history else float(res.inertia)
+        end_inertia += float(res.inertia)
+        reseeded += int(res.reseeded)
+    cents = torch.stack(centroids)  # [c, rows, chunk_dim]
+
+    # 4: every owned id -> nearest centroid; residuals into buckets of the fresh hash.
+    next_gen = torch.full_like(m.h_generation, generation + 1)
+    sums = torch.zeros(c, rows, m.chunk_dim, device=A.device)
+    counts = torch.zeros(c, rows, device=A.device)
+    lo, hi = state.id_range
+    new_p: List[torch.Tensor] = []
+    residual_sq = 0.0
+    for b_lo in range(lo, hi, id_batch):
+        ids = torch.arange(b_lo, min(hi, b_lo + id_batch), device=A.device)
+        vec = chunk_vectors(m, A, B, _lookup(state, ids), m.bucket(ids))
+        bucket = m.bucket(ids, next_gen)
+        p_batch = torch.empty(ids.numel(), c, dtype=torch.int64, device=A.device)
+        for i in range(c):
+            idx, dist = nearest_centroid(vec[:, i], cents[i])
+            p_batch[:, i] = idx
+            residual_sq += float(dist.sum())
+            sums[i].index_add_(0, bucket[:, i], vec[:, i] - cents[i][idx])
+            counts[i].index_add_(0, bucket[:, i], torch.ones_like(idx, dtype=counts.dtype))
+        new_p.append(p_batch)
+    flat = collective.all_reduce_sum(torch.cat([sums.flatten(), counts.flatten(),
+                                                torch.tensor([residual_sq], device=A.device)]))
+    sums = flat[: sums.numel()].view_as(sums)
+    counts = flat[sums.numel(): sums.numel() + counts.numel()].view_as(counts)
+    residual_sq = float(flat[-1])
+
+    # 5: write the new state (nothing above read anything written here).
+    mine = torch.cat(new_p) if new_p else torch.empty(0, c, dtype=torch.int64, device=A.device)
+    _write_assignment(state, mine, collective)
+    m.h_generation.copy_(next_gen)
+    new_B = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1),
+                        torch.zeros_like(sums))
+    stats = {
+        "kmeans_inertia_start": start_inertia,
+        "kmeans_inertia_end": end_inertia,
+        "reseeded": reseeded,
+        "num_samples": int(collective.all_reduce_sum(
+            torch.tensor([float(sample.numel())], device=A.device))),
+        "num_ids": m.num_embeddings,
+        "mean_residual_sq": residual_sq / max(1, m.num_embeddings),
+        "empty_buckets": int((counts == 0).sum()),
+        "seconds": time.perf_counter() - start,
+    }
+    return cents.reshape(c * rows, -1), new_B.reshape(c * rows, -1), stats
+
+
+def _lookup(state: ReclusterState, ids: torch.Tensor) -> torch.Tensor:
+    return state.method.lookup_assignment(ids, state.assignment, state.assignment_offset)
+
+
+def _write_assignment(state: ReclusterState, mine: torch.Tensor, collective: Collective) -> None:
+    lo, hi = state.id_range
+    if state.gather_assignment:
+        full = collective.all_gather_cat(mine)
+        state.assignment.copy_(full.to(state.assignment.dtype))
+    else:
+        start = lo - state.assignment_offset
+        state.assignment[start: start + (hi - lo)] = mine.to(state.assignment.dtype)
+
+
+def reset_optimizer_state(params: Iterable[nn.Parameter],
+                          optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
+    """Zero the per-row optimizer state (moments, Adagrad sums) of rewritten parameters.
+
+    Looks in ``optimizers`` and in TorchRec's in-backward optimizers
+    (``apply_optimizer_in_backward`` stores them on ``param._in_backward_optimizers``).
+    Adagrad's accumulators go back to the group's ``initial_accumulator_value``. Returns the
+    number of state tensors reset.
+    """
+    n = 0
+    for p in params:
+        opts = list(optimizers) + list(getattr(p, "_in_backward_optimizers", []))
+        for opt in opts:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            init = 0.0
+            for group in opt.param_groups:
+                if any(q is p for q in group["params"]):
+                    init = float(group.get("initial_accumulator_value", 0.0))
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor) and type(value).__name__ in ("Tensor", "Parameter") \
+                        and value.shape == p.shape:
+                    value.fill_(init if key == "sum" else 0.0)
+                    n += 1
+    return n
+
+
+def _unsharded_states(collection: nn.Module, collective: Collective
+                      ) -> Iterable[Tuple[str, ReclusterState, nn.Parameter, nn.Parameter]]:
+    for t in collection.embedding_bag_configs():
+        method = collection.tables[t.name]
+        if not isinstance(method, CCETable):
+            continue
+        wa = collection.codebooks.embedding_bags[f"{t.name}__cce_A"].weight
+        wb = collection.codebooks.embedding_bags[f"{t.name}__cce_B"].weight
+        V, w, r = method.num_embeddings, collective.world_size, collective.rank
+        # A replicated p: each rank re-assigns a contiguous slice, then all ranks gather.
+        per = -(-V // w)
+        rng = (min(V, r * per), min(V, (r + 1) * per))
+        yield t.name, ReclusterState(method, wa, wb, method.assignment, 0, rng,
+                                     gather_assignment=w > 1), wa, wb
+
+
+@torch.no_grad()
+def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
+              iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
+              collective: Optional[Collective] = None) -> Dict[str, Dict[str, float]]:
+    """Re-cluster every CCE table in ``model`` (nested anywhere, sharded or not).
+
+    Args:
+        model: any module containing ``CCEEmbeddingBagCollection``s (or their sharded form).
+        optimizers: dense optimizers whose state for the codebooks must be reset; TorchRec
+            in-backward (fused) optimizers are found automatically.
+        iters: Lloyd iterations per chunk.
+        id_batch: ids re-assigned per batch (bounds memory: never ``V x k`` at once).
+        collective: cross-rank hook; default: the process group if initialised, else local.
+
+    A collective call under ``torch.distributed``: every rank must call it. Returns
+    ``{table: stats}`` (k-means inertia at start/end, empty clusters re-seeded, seconds, ...).
+    """
+    from torchrec_cce.modules import CCEEmbeddingBagCollection
+
+    collective = collective or default_collective()
+    out: Dict[str, Dict[str, float]] = {}
+    for _, module in model.named_modules():
+        if hasattr(module, "cce_recluster"):
+            out.update(module.cce_recluster(iters=iters, id_batch=id_batch, collective=collective))
+        elif isinstance(module, CCEEmbeddingBagCollection):
+            for name, state, wa, wb in _unsharded_states(module, collective):
+                new_a, new_b, stats = recluster_table(state, collective, iters, id_batch)
+                wa.copy_(new_a.to(wa.dtype))
+                wb.copy_(new_b.to(wb.dtype))
+                stats["optimizer_states_reset"] = reset_optimizer_state([wa, wb], optimizers)
+                out[name] = stats
+    return out

@@ -1,0 +1,25 @@
+"""Keeping TorchRec's TrainPipelineSparseDist consistent across a re-clustering.
+
+``TrainPipelineSparseDist.progress`` starts the input dist of batch ``i+1`` before it trains on
+batch ``i``. A CCE table's input dist *is* its remap (``p`` and ``h``), so after re-clustering at
+step ``i`` the already-distributed batch ``i+1`` carries codebook ids of the old state. Call
+:func:`redo_pending_input_dist` right after ``recluster`` to redo that input dist with the new
+state. (The sharded module adds a batch's ids to the re-clustering sample when the batch is
+computed, not at its input dist, so the sample is the same as in a plain loop.)
+"""
+
+from typing import Any
+
+
+def redo_pending_input_dist(pipeline: Any) -> bool:
+    """Re-run the input dist of the batch a ``TrainPipelineSparseDist`` has in flight.
+
+    Returns False if nothing was pending (e.g. a plain, non-pipelined loop)."""
+    batches = getattr(pipeline, "batches", None)
+    if not batches:
+        return False
+    context = pipeline.contexts[0]
+    context.input_dist_tensors_requests.clear()
+    pipeline.start_sparse_data_dist(batches[0], context)
+    pipeline.wait_sparse_data_dist(context)
+    return True
