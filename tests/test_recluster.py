@@ -527,7 +527,9 @@ def _snapshot(state_of) -> Dict[str, Dict[str, torch.Tensor]]:
 
 
 def _check_reset(before, after, reset_value: Dict[str, float]) -> None:
-    """CCE codebooks: every per-row state tensor at its reset value; others bit-identical."""
+    """CCE codebooks: every per-row state tensor at its reset value and the step counter at 0
+    (so Adam's bias correction restarts with its moments); others bit-identical."""
+    reset_value = {**reset_value, "step": 0.0}
     for name, st in after.items():
         for key, value in st.items():
             if name in CCE_PARAMS and key in reset_value:
@@ -597,12 +599,6 @@ def test_in_backward_optimizer_state_reset():
     assert all(bool(torch.isfinite(p).all()) for p in ebc.parameters())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reset_optimizer_state (torchrec_cce/clustering/recluster.py) zeroes Adam's exp_avg and "
-    "exp_avg_sq but keeps the 0-d 'step' (it only resets tensors shaped like the parameter), so "
-    "bias correction is off: the next update is (1-b1)/sqrt(1-b2^(t+1)) * lr = 1.6x lr after 300 "
-    "steps (3.2x for t >= 5000, rising to ~6.5x over the following ~10 steps) instead of a fresh "
-    "Adam's lr"))
 def test_adam_after_reset_steps_like_a_fresh_adam():
     """A reset state should behave like a freshly constructed optimizer's: the first Adam update
     of the rewritten codebooks after re-clustering equals a fresh Adam's on the same batch."""

@@ -171,8 +171,9 @@ def reset_optimizer_state(params: Iterable[nn.Parameter],
 
     Looks in ``optimizers`` and in TorchRec's in-backward optimizers
     (``apply_optimizer_in_backward`` stores them on ``param._in_backward_optimizers``).
-    Adagrad's accumulators go back to the group's ``initial_accumulator_value``. Returns the
-    number of state tensors reset.
+    Adagrad's accumulators go back to the group's ``initial_accumulator_value``; a ``step``
+    counter (Adam's bias correction) goes back to 0. Returns the number of row-state tensors
+    reset.
     """
     n = 0
     for p in params:
@@ -186,10 +187,14 @@ def reset_optimizer_state(params: Iterable[nn.Parameter],
                 if any(q is p for q in group["params"]):
                     init = float(group.get("initial_accumulator_value", 0.0))
             for key, value in st.items():
-                if isinstance(value, torch.Tensor) and type(value).__name__ in ("Tensor", "Parameter") \
-                        and value.shape == p.shape:
+                if not (isinstance(value, torch.Tensor)
+                        and type(value).__name__ in ("Tensor", "Parameter")):
+                    continue
+                if value.shape == p.shape:
                     value.fill_(init if key == "sum" else 0.0)
                     n += 1
+                elif key == "step":  # bias corrections (Adam) restart with the moments
+                    value.zero_()
     return n
 
 
