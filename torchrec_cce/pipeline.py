@@ -16,7 +16,7 @@ def redo_pending_input_dist(pipeline: Any) -> bool:
 
     Returns False if nothing was pending (e.g. a plain, non-pipelined loop)."""
     batches = getattr(pipeline, "batches", None)
-    if not batches:
+    if not batches or not hasattr(pipeline, "contexts"):
         return False
     context = pipeline.contexts[0]
     context.input_dist_tensors_requests.clear()

@@ -35,7 +35,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -246,7 +246,10 @@ def build_model(args: argparse.Namespace, sizes: List[int], dense_in: int) -> Tu
     cap = args.max_params_per_table or max(16, max(sizes) * dim // 16)
     compression = compression_for_budget(tables, args.method, cap, chunks=args.chunks,
                                          seed=args.seed)
-    ebc = CCEEmbeddingBagCollection(tables, compression, device=torch.device("meta"))
+    # MEmCom's per-id weights cannot be sharded yet: its model is built for data parallelism.
+    meta = args.method != "memcom"
+    ebc = CCEEmbeddingBagCollection(tables, compression,
+                                    device=torch.device("meta") if meta else None)
     dense = [int(x) for x in args.dense_arch.split(",")]
     over = [int(x) for x in args.over_arch.split(",")]
     if dense[-1] != dim:
@@ -275,7 +278,14 @@ def sparse_optimizer(name: str) -> Tuple[type, Dict[str, Any]]:
 
 
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
-                ) -> Tuple[DistributedModelParallel, str]:
+                ) -> Tuple[nn.Module, str]:
+    if args.method == "memcom":
+        # Data parallel only (DDP all-reduces every gradient, per-id weights included).
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model.to(device),
+                                      device_ids=[device] if device.type == "cuda" else None)
+        return ddp, "(memcom: embeddings replicated with DDP; MEmCom tables are not shardable)"
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
     apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.parameters(),
                                 {"lr": args.lr, **opt_kw})
@@ -348,8 +358,11 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     dense_opt = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adagrad(params, lr=args.lr))
-    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense_opt])
-    pipeline = TrainPipelineSparseDist(dmp, dense_opt, device)
+    fused = [dmp.fused_optimizer] if isinstance(dmp, DistributedModelParallel) else []
+    optimizer = CombinedOptimizer(fused + [dense_opt])
+    pipeline = (TrainPipelineSparseDist(dmp, dense_opt, device)
+                if isinstance(dmp, DistributedModelParallel)
+                else TrainPipelineBase(dmp, dense_opt, device))
     progress = {"step": 0, "epoch": 0}
     if args.resume:
         if not args.checkpoint_dir or not os.path.isdir(args.checkpoint_dir):
@@ -413,7 +426,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         if args.checkpoint_dir:
             save_checkpoint(args.checkpoint_dir, dmp, optimizer, progress)
 
-    pipeline.detach()  # restore the modules' own forward for evaluation
+    if isinstance(pipeline, TrainPipelineSparseDist):
+        pipeline.detach()  # restore the modules' own forward for evaluation
     metrics: Dict[str, Any] = evaluate(dmp, data.test_batches(), device)
     report = memory_report(dmp)
     totals = summarize(report)

@@ -1,0 +1,111 @@
+"""Per-rank memory of a sharded CCE table and distributed vs single-process re-clustering time.
+
+    .venv/bin/python benchmarks/distributed.py            # V = 10M ids (a few minutes)
+    .venv/bin/python benchmarks/distributed.py --ids 1000000
+
+One CCE table (dim 16, rows 4096, 4 chunks) under DistributedModelParallel at world size 2
+(gloo, CPU, one thread per rank) with its assignment sharded by id range: the memory each
+rank really holds (read from its tensors) and the time of one ``recluster``; then the same
+table unsharded in one process (two threads). Both clusterings use the same number of
+samples (``--samples``). Results: ``benchmarks/results/distributed.json``.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from torchrec import EmbeddingBagConfig  # noqa: E402
+
+from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, memory_report, recluster  # noqa: E402
+
+ROWS, CHUNKS, DIM = 4096, 4, 16
+
+
+def tables(num_ids: int):
+    return [EmbeddingBagConfig(name="big", embedding_dim=DIM, num_embeddings=num_ids,
+                               feature_names=["ids"])]
+
+
+def sample(num_ids: int, n: int, rank: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(rank)
+    return (torch.rand(n, generator=g) ** 4 * num_ids).long()  # skewed, like real traffic
+
+
+def _sharded(rank: int, world: int, num_ids: int, samples: int):
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+
+    sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)
+    module = CCEEmbeddingBagCollection(tables(num_ids), {"big": CCEConfig(ROWS, CHUNKS)},
+                                       device=torch.device("meta"))
+    plan = construct_module_sharding_plan(
+        module, {"big__cce_A": table_wise(rank=0, compute_kernel="fused"),
+                 "big__cce_B": table_wise(rank=1, compute_kernel="fused")},
+        sharder=sharder, local_size=world, world_size=world, device_type="cpu")
+    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   plan=ShardingPlan({"": plan}), sharders=[sharder],
+                                   device=torch.device("cpu"))
+    dmp.module.tables["big"].reservoir.observe(sample(num_ids, samples // world, rank))
+    dist.barrier()
+    start = time.perf_counter()
+    stats = recluster(dmp)["big"]
+    seconds = time.perf_counter() - start
+    row = memory_report(dmp)["big"]
+    return {"rank": rank, "seconds": seconds, "local_assignment_bytes": row["local_assignment_bytes"],
+            "local_codebook_bytes": row["local_codebook_bytes"],
+            "global_compressed_bytes": row["compressed_bytes"], "full_bytes": row["full_bytes"],
+            "kmeans_inertia_end": stats["kmeans_inertia_end"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--ids", type=int, default=10_000_000)
+    p.add_argument("--samples", type=int, default=256 * ROWS // 4)
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "distributed.json"))
+    args = p.parse_args()
+    from multiprocess import run_multiprocess
+
+    ranks = run_multiprocess(_sharded, 2, args.ids, args.samples, timeout=3600)
+    torch.set_num_threads(2)
+    single = CCEEmbeddingBagCollection(tables(args.ids), {"big": CCEConfig(ROWS, CHUNKS)})
+    single.tables["big"].reservoir.observe(torch.cat([sample(args.ids, args.samples // 2, r)
+                                                      for r in range(2)]))
+    start = time.perf_counter()
+    recluster(single)
+    single_seconds = time.perf_counter() - start
+    row = memory_report(single)["big"]
+    result = {
+        "num_ids": args.ids, "rows": ROWS, "chunks": CHUNKS, "dim": DIM, "samples": args.samples,
+        "world_size": 2, "per_rank": ranks,
+        "single_process": {"seconds": single_seconds, "assignment_bytes": row["assignment_bytes"],
+                           "compressed_bytes": row["compressed_bytes"]},
+        "full_table_bytes": row["full_bytes"],
+        "distributed_seconds": max(r["seconds"] for r in ranks),
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    mib = 1 << 20
+    print(f"V={args.ids:,}: full table {row['full_bytes'] / mib:.1f} MiB; single process holds "
+          f"{row['compressed_bytes'] / mib:.2f} MiB (assignment {row['assignment_bytes'] / mib:.2f})")
+    for r in ranks:
+        print(f"  rank {r['rank']}: assignment {r['local_assignment_bytes'] / mib:.2f} MiB, "
+              f"codebooks {r['local_codebook_bytes'] / mib:.3f} MiB, recluster {r['seconds']:.1f} s")
+    print(f"recluster: distributed (2 ranks x 1 thread) {result['distributed_seconds']:.1f} s vs "
+          f"single process (2 threads) {single_seconds:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
