@@ -31,10 +31,15 @@ be closer; everything else falls back to the brute-force matmul. The result is t
 brute force (up to float rounding in near-ties).
 """
 
+import bisect
+import contextlib
+import functools
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -51,7 +56,13 @@ _F32_EPS = 1.2e-7
 # Pruned search: points (sorted by guess) scored per chunk, so temporaries stay small.
 _SEARCH_CHUNK = 1 << 15
 # Neighbour lists are reused (radii recomputed exactly) for this many Lloyd steps.
-_LIST_MAX_AGE = 3
+_LIST_MAX_AGE = 2
+# Lloyd keeps its samples sorted by cluster; re-sorted once this fraction sits in a stale block.
+_RESORT_FRACTION = 0.1
+# A search without guesses gives up on the lists if its first step proves less than this.
+_MIN_PROVEN_COLD = 0.02
+# Sample size of the probe that decides whether the lists can prune at all.
+_PROBE = 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,6 +134,94 @@ def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
+_GROUPED_MM_OK: Optional[bool] = None
+
+
+def _grouped_mm_ok(like: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` works here (CPU support is recent)."""
+    global _GROUPED_MM_OK
+    if like.device.type != "cpu":
+        return False
+    if _GROUPED_MM_OK is None:
+        try:
+            out = torch._grouped_mm(torch.ones(3, 4), torch.ones(2, 4, 4),
+                                    offs=torch.tensor([1, 3], dtype=torch.int32))
+            _GROUPED_MM_OK = bool(torch.all(out == 4))
+        except Exception:  # older torch: the bmm path in search() is used instead
+            _GROUPED_MM_OK = False
+    return _GROUPED_MM_OK
+
+
+_POOL: Optional[ThreadPoolExecutor] = None
+_LOCAL = threading.local()
+
+
+@contextlib.contextmanager
+def _worker_threads() -> Iterator[int]:
+    """Inside: torch ops run single-threaded and :func:`_parallel` supplies the parallelism
+    with ``torch.get_num_threads()`` Python threads (torch releases the GIL in its kernels).
+
+    k-means is many medium-sized ops. Intra-op (OpenMP) threading parallelises them poorly,
+    and on a machine with other busy processes every OpenMP barrier waits for a descheduled
+    thread: 2 threads ran 4x slower than 1 here. Whole chunks on blocking Python threads scale
+    instead, and degrade gracefully under load. Re-entrant; restores the thread count."""
+    outer = getattr(_LOCAL, "workers", None)
+    if outer is not None:
+        yield outer
+        return
+    n = torch.get_num_threads()
+    _LOCAL.workers = n
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
+        _LOCAL.workers = None
+
+
+def _parallel(tasks: Sequence[Callable[[], Any]]) -> List[Any]:
+    """Run independent tasks (that write disjoint outputs) on the worker threads."""
+    global _POOL
+    with _worker_threads() as n:
+        if n <= 1 or len(tasks) <= 1:
+            return [t() for t in tasks]
+        if _POOL is None or _POOL._max_workers < n:
+            _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="kmeans")
+        futures = [_POOL.submit(t) for t in tasks]
+        return [f.result() for f in futures]
+
+
+def _in_worker_threads(fn: Callable) -> Callable:
+    """Run ``fn`` inside :func:`_worker_threads` (and without autograd)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _worker_threads(), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _split(n: int, parts: int, minimum: int = 4096) -> List[Tuple[int, int]]:
+    """``[lo, hi)`` ranges covering ``range(n)``: ``parts`` of them, each >= ``minimum``."""
+    parts = max(1, min(parts, n // max(1, minimum)))
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts) if bounds[i + 1] > bounds[i]]
+
+
+def _workers() -> int:
+    return getattr(_LOCAL, "workers", None) or torch.get_num_threads()
+
+
+def _thread_workspace() -> Dict[str, torch.Tensor]:
+    ws = getattr(_LOCAL, "ws", None)
+    if ws is None:
+        ws = _LOCAL.ws = {}
+    return ws
+
+
 def _workspace(ws: Dict[str, torch.Tensor], name: str, numel: int, like: torch.Tensor
                ) -> torch.Tensor:
     """A flat float32 buffer of at least ``numel`` elements, reused across calls."""
@@ -169,9 +268,14 @@ class CentroidIndex:
         self._bias[:k] = self.sq
         self.neighbors = max(4, min(int(neighbors), k))
         self._graphs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._lists: Optional[torch.Tensor] = None
-        self._age = 0
+        self._lists: Dict[int, torch.Tensor] = {}
+        self._ages: Dict[int, int] = {}
         self._previous = previous
+        if previous is not None:  # keep only its lists: no chain of earlier indexes
+            previous._previous = None
+        self.kdim = _round_up(self.d + 1, 4)  # width of augmented points [x, 1, 0...]
+        if self.neighbors < k:
+            self.neighbors = _round_up(self.neighbors, 4)
 
     # ---- brute force ------------------------------------------------------------------------
     def _rows_per_batch(self, n: int) -> int:
@@ -182,6 +286,7 @@ class CentroidIndex:
         b = min(b, _MAX_BATCH_ELEMENTS // self._kp)
         return max(1, min(b, max(n, 1)))
 
+    @_in_worker_threads
     def brute_force(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """(index int64 [n], squared distance [n]) by exhaustive batched matmul."""
         x = x.to(torch.float32)
@@ -191,10 +296,16 @@ class CentroidIndex:
         if n == 0:
             return idx, best
         b = self._rows_per_batch(n)
+        _parallel([functools.partial(self._brute_rows, x, lo, hi, b, idx, best)
+                   for lo, hi in _split(n, _workers(), minimum=max(b, 256))])
+        return idx, best
+
+    def _brute_rows(self, x: torch.Tensor, start: int, stop: int, b: int, idx: torch.Tensor,
+                    best: torch.Tensor) -> None:
         kp, W = self._kp, _ARGMIN_WIDTH
         buf = torch.empty(b * kp, device=x.device)
-        for lo in range(0, n, b):
-            xb = x[lo: lo + b]
+        for lo in range(start, stop, b):
+            xb = x[lo: min(stop, lo + b)]
             m = xb.shape[0]
             dist_b = buf[: m * kp].view(m, kp)
             torch.addmm(self._bias, xb, self._ct, alpha=-2.0, out=dist_b)
@@ -209,65 +320,58 @@ class CentroidIndex:
                 val, arg = dist_b.min(dim=1)
             idx[lo: lo + m] = arg
             best[lo: lo + m] = val.add_((xb * xb).sum(1)).clamp_(min=0)
-        return idx, best
 
     # ---- pruned search ----------------------------------------------------------------------
     def _err(self, sq_norm: torch.Tensor) -> torch.Tensor:
         """Generous bound on the float32 error of an expanded squared distance."""
         return (sq_norm + self.sq_max) * ((self.d + 16) * _F32_EPS)
 
-    def _levels(self) -> List[int]:
-        L = self.neighbors
-        return [L, 8 * L] if self.k >= 4 * 8 * L else [L]
-
     def _graph(self, L: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(neighbour lists [k, L] with the centroid itself first, squared distance to the
         nearest centroid outside the list minus an error margin [k], scoring weights
-        [k, d + 1, L] = ``[-2 c; |c|^2]`` of each list's centroids).
+        [k, kdim, L] = ``[-2 c; |c|^2; 0]`` of each list's centroids).
 
-        All levels are built in one pass over the ``k x k`` centroid distances. With
-        ``previous`` (an index of the same k, e.g. the last Lloyd step's) its lists are reused
-        and only the radii are recomputed exactly (any list is correct with its exact radius;
-        a fresh top-k is taken every few steps because the lists go stale as centroids move).
+        With ``previous`` (an index of the same k, e.g. the last Lloyd step's) its lists are
+        reused and only the radii are recomputed exactly: any list is correct with its exact
+        radius, and an exact top-k is retaken every few steps, as lists go stale while the
+        centroids move. Either way one pass over the ``k x k`` centroid distances.
         """
         if L not in self._graphs:
             c, k = self.centroids, self.k
-            levels = self._levels()
             prev = self._previous
-            reuse = (prev is not None and prev.k == k and prev._lists is not None
-                     and prev._lists.shape[1] >= levels[-1] and prev._age < _LIST_MAX_AGE)
-            Lmax = levels[-1]
-            lists = prev._lists if reuse else torch.empty(k, Lmax, dtype=torch.int64, device=c.device)
-            r2s = {lv: torch.empty(k, device=c.device) for lv in levels}
+            old = prev._lists.get(L) if prev is not None and prev.k == k else None
+            reuse = old is not None and prev._ages[L] < _LIST_MAX_AGE
+            nbr = old if reuse else torch.empty(k, L, dtype=torch.int64, device=c.device)
+            r2 = torch.empty(k, device=c.device)
             rows = max(1, _TARGET_BATCH_ELEMENTS // k)
             ct = c.t()
-            for lo in range(0, k, rows):
-                cb = c[lo: lo + rows]
-                m = cb.shape[0]
-                d2 = torch.addmm(self.sq, cb, ct, alpha=-2.0).add_(self.sq[lo: lo + m, None])
-                ar = torch.arange(m, device=c.device)
-                d2[ar, ar + lo] = -1.0  # the centroid itself comes first
-                margin = self._err(self.sq[lo: lo + m])
-                if not reuse:
-                    vals, ids = torch.topk(d2, Lmax + 1, dim=1, largest=False, sorted=True)
-                    lists[lo: lo + m] = ids[:, :Lmax]
-                    for lv in levels:
+
+            def block(start: int, stop: int) -> None:  # writes rows [start, stop) only
+                for lo in range(start, stop, rows):
+                    cb = c[lo: min(stop, lo + rows)]
+                    m = cb.shape[0]
+                    d2 = torch.addmm(self.sq, cb, ct, alpha=-2.0).add_(self.sq[lo: lo + m, None])
+                    margin = self._err(self.sq[lo: lo + m])
+                    if reuse:
+                        d2.scatter_(1, nbr[lo: lo + m], float("inf"))
+                        r2[lo: lo + m] = torch.amin(d2, dim=1) * (1 - 1e-6) - margin
+                    else:
+                        ar = torch.arange(m, device=c.device)
+                        d2[ar, ar + lo] = -1.0  # the centroid itself comes first
+                        vals, ids = torch.topk(d2, L + 1, dim=1, largest=False, sorted=True)
+                        nbr[lo: lo + m] = ids[:, :L]
                         # the nearest centroid left out, measured directly and pessimised
-                        direct = ((cb - c[ids[:, lv]]) ** 2).sum(1)
-                        r2s[lv][lo: lo + m] = torch.minimum(vals[:, lv], direct) - margin
-                else:
-                    done = 0
-                    for lv in levels:  # lists are nested: mask the growing prefix
-                        d2.scatter_(1, lists[lo: lo + m, done:lv], float("inf"))
-                        done = lv
-                        r2s[lv][lo: lo + m] = torch.amin(d2, dim=1) * (1 - 1e-6) - margin
-            aug = torch.cat([-2.0 * c, self.sq[:, None]], 1)
-            self._lists = lists
-            self._age = prev._age + 1 if reuse else 0
-            for lv in levels:
-                nbr = lists[:, :lv].contiguous()
-                self._graphs[lv] = (nbr, r2s[lv], aug[nbr].transpose(1, 2).contiguous())
-            self._previous = None  # do not chain every earlier index
+                        direct = ((cb - c[ids[:, L]]) ** 2).sum(1)
+                        r2[lo: lo + m] = torch.minimum(vals[:, L], direct) - margin
+
+            _parallel([functools.partial(block, lo, hi)
+                       for lo, hi in _split(k, _workers(), minimum=rows)])
+            aug = torch.zeros(k, self.kdim, device=c.device)  # 16-byte rows for grouped_mm
+            aug[:, : self.d] = -2.0 * c
+            aug[:, self.d] = self.sq
+            self._lists[L] = nbr
+            self._ages[L] = prev._ages[L] + 1 if reuse else 0
+            self._graphs[L] = (nbr, r2, aug[nbr].transpose(1, 2).contiguous())
         return self._graphs[L]
 
     def _score_chunk(self, x: torch.Tensor, src: torch.Tensor, gs: torch.Tensor, tile: int,
@@ -319,40 +423,135 @@ class CentroidIndex:
         reach = vself.add_(xn).clamp_(min=0).add_(e).sqrt_().add_((b2 + e).sqrt_()).square_()
         return new_g, b2, reach < r2.index_select(0, gs)
 
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """``[x, 1, 0, ...]`` rows of width :attr:`kdim` (the input of :meth:`search_sorted`)."""
+        xa = x.new_zeros(x.shape[0], self.kdim)
+        xa[:, : self.d] = x
+        xa[:, self.d] = 1.0
+        return xa
+
+    @_in_worker_threads
+    def search_sorted(self, xa: torch.Tensor, guess: torch.Tensor, xn: torch.Tensor,
+                      min_proven: float = 0.2, probe: bool = True
+                      ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+        """:meth:`search` for points already sorted by ``guess`` (non-decreasing), given as
+        augmented rows ``xa`` (:meth:`augment`) with squared norms ``xn``.
+
+        The points need no gather or tile packing: one grouped matmul scores every point against
+        its guess' list (Lloyd iterations keep their samples sorted by cluster for this). Falls
+        back to :meth:`search` where ``torch._grouped_mm`` is unavailable.
+        """
+        n, d = xa.shape[0], self.d
+        if not self.can_prune(n) or not _grouped_mm_ok(xa):
+            return self.search(xa[:, :d], guess, min_proven)
+        if probe and self._probe_fails(xa[:, :d], guess, min_proven):
+            idx, best = self.brute_force(xa[:, :d])
+            return idx, best, n
+        nbr, r2, wg = self._graph(self.neighbors)
+        L = wg.shape[2]
+        offs = torch.bincount(guess, minlength=self.k).cumsum_(0).to(torch.int32)
+        best = torch.empty(n, dtype=torch.float32, device=xa.device)
+        vself = torch.empty(n, dtype=torch.float32, device=xa.device)
+        idx = guess.clone()
+        ends = offs.tolist()
+        rows = max(1, (1 << 20) // L)  # rows per grouped matmul: bounded temporaries
+        ranges = []  # (first group, end group, first row, end row): whole groups only
+        g, lo = 0, 0
+        while g < self.k:
+            ge = min(self.k, bisect.bisect_left(ends, lo + rows, g) + 1)
+            if ends[ge - 1] > lo:
+                ranges.append((g, ge, lo, ends[ge - 1]))
+            g, lo = ge, ends[ge - 1]
+
+        def score(g: int, ge: int, lo: int, hi: int) -> None:  # writes disjoint rows only
+            sc = torch._grouped_mm(xa[lo:hi], wg[g:ge], offs=offs[g:ge] - lo)  # [rows, L]
+            torch.amin(sc, dim=1, out=best[lo:hi])
+            vself[lo:hi] = sc[:, 0]
+            better = torch.nonzero(best[lo:hi] < vself[lo:hi]).squeeze(1)
+            if better.numel():
+                j = sc.index_select(0, better).argmin(dim=1)
+                gb = guess[lo:hi].index_select(0, better)
+                idx[lo:hi].index_copy_(0, better, nbr.view(-1).index_select(0, gb.mul_(L).add_(j)))
+
+        _parallel([functools.partial(score, *r) for r in ranges])
+        e = self._err(xn)
+        best.add_(xn).clamp_(min=0)
+        reach = vself.add_(xn).clamp_(min=0).add_(e).sqrt_().add_((best + e).sqrt_()).square_()
+        unproven = torch.nonzero(reach >= r2.index_select(0, guess)).squeeze(1)
+        n_brute = 0
+        if unproven.numel() > (1 - min_proven) * n:  # the lists prove too little here
+            ui, ub = self.brute_force(xa.index_select(0, unproven)[:, :d])
+            n_brute = unproven.numel()
+            idx.index_copy_(0, unproven, ui)
+            best.index_copy_(0, unproven, ub)
+        elif unproven.numel():
+            moved = idx.index_select(0, unproven) != guess.index_select(0, unproven)
+            long_list = 8 * self.neighbors
+            for part, first in ((unproven[moved], None), (unproven[~moved], long_list)):
+                if part.numel() == 0:
+                    continue
+                xp = xa.index_select(0, part)[:, :d]
+                if first is not None and (self.k < 4 * long_list or part.numel() <= 16 * self.k):
+                    ui, ub = self.brute_force(xp)  # few: cheaper than building longer lists
+                    n_brute += part.numel()
+                else:  # moved: continue from the best candidate; stuck: try longer lists
+                    ui, ub, nb = self.search(xp, idx.index_select(0, part), min_proven=0.0,
+                                             first_list=first)
+                    n_brute += nb
+                idx.index_copy_(0, part, ui)
+                best.index_copy_(0, part, ub)
+        return idx, best, n_brute
+
+    def _probe_fails(self, x: torch.Tensor, guess: Optional[torch.Tensor], min_proven: float
+                     ) -> bool:
+        """Search an evenly strided sample of ``_PROBE`` points first: if the lists prove less
+        than ``min_proven`` of it (high intrinsic dimension), skip them for the whole input."""
+        n = x.shape[0]
+        if min_proven <= 0 or n < 8 * _PROBE:
+            return False
+        pick = torch.arange(0, n, n // _PROBE, device=x.device)[:_PROBE]
+        _, _, n_brute = self.search(x.index_select(0, pick),
+                                    None if guess is None else guess.index_select(0, pick),
+                                    min_proven=0.0)
+        return n_brute > (1 - min_proven) * pick.numel()
+
     def can_prune(self, n: int) -> bool:
         """Whether :meth:`search` will try the neighbour lists (enough centroids and points)."""
         return self.k >= 4 * self.neighbors and n >= 64
 
+    @_in_worker_threads
     def search(self, x: torch.Tensor, guess: Optional[torch.Tensor] = None,
-               min_proven: float = 0.2) -> Tuple[torch.Tensor, torch.Tensor, int]:
+               min_proven: float = 0.2, first_list: Optional[int] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
         """(index, squared distance, number of points that needed the brute force).
 
         ``guess`` (int64 [n], optional): a centroid index per point believed to be near it (e.g.
-        the previous assignment). Without it the guess is the nearest of ``~4 sqrt(k)``
+        the previous assignment). Without it the guess is the nearest of ``~sqrt(k)``
         evenly-spaced centroids. If a pass proves fewer than ``min_proven`` of its points (high
         intrinsic dimension: the triangle inequality cannot prune), the rest goes straight to
-        the brute force.
+        the brute force. ``first_list``: list length to start with (default ``neighbors``;
+        longer lists are tried for what the first ones cannot prove).
         """
         x = x.to(torch.float32).contiguous()
         n = x.shape[0]
-        if not self.can_prune(n):
+        if not self.can_prune(n) or self._probe_fails(x, guess, min_proven):
             idx, best = self.brute_force(x)
             return idx, best, n
         c, k, L = self.centroids, self.k, self.neighbors
         if guess is None:
-            m = min(k, max(16, 4 * int(math.sqrt(k))))
+            m = min(k, max(16, int(math.sqrt(k))))
             subset = torch.linspace(0, k - 1, m, device=x.device).round().long()
             g = subset[CentroidIndex(c[subset], batch_size=self.batch_size).brute_force(x)[0]]
             plan = [(L, 6)]
         else:
             g = guess.to(device=x.device, dtype=torch.int64).clamp(0, k - 1)
             plan = [(L, 2)]
-        if len(self._levels()) > 1:
-            plan.append((self._levels()[1], 2))  # longer lists for what short ones cannot prove
+        long_list = 8 * L if k >= 32 * L else 0  # for what the short lists cannot prove
+        if first_list is not None and first_list != L:
+            plan, long_list = [(min(first_list, k - 1), 2)], 0
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         best = torch.empty(n, dtype=torch.float32, device=x.device)
         active: Optional[torch.Tensor] = None  # None = all points
-        ws: Dict[str, torch.Tensor] = {}
         for level, (length, steps) in enumerate(plan):
             graph = self._graph(length)
             stuck: List[torch.Tensor] = []
@@ -362,32 +561,34 @@ class CentroidIndex:
                 src = order if active is None else active.index_select(0, order)
                 m = src.numel()
                 tile = 1 << max(3, min(6, int(math.log2(max(1.0, m / k / 4)))))
-                moved_src: List[torch.Tensor] = []
-                moved_g: List[torch.Tensor] = []
-                n_proven = 0
-                for lo in range(0, m, _SEARCH_CHUNK):
+
+                def chunk(lo: int, src=src, gs=gs, tile=tile, graph=graph):
                     s, gg = src[lo: lo + _SEARCH_CHUNK], gs[lo: lo + _SEARCH_CHUNK]
-                    new_g, b2, proven = self._score_chunk(x, s, gg, tile, graph, ws)
+                    new_g, b2, proven = self._score_chunk(x, s, gg, tile, graph, _thread_workspace())
                     done = torch.nonzero(proven).squeeze(1)
-                    n_proven += done.numel()
-                    dst = s.index_select(0, done)
-                    idx.index_copy_(0, dst, new_g.index_select(0, done))
-                    best.index_copy_(0, dst, b2.index_select(0, done))
                     unproven = ~proven
                     moved = unproven & (new_g != gg)
                     still = unproven & ~moved  # a local optimum of this graph
-                    stuck.append(s[still])
-                    stuck_g.append(gg[still])
-                    moved_src.append(s[moved])
-                    moved_g.append(new_g[moved])
-                active, g = torch.cat(moved_src), torch.cat(moved_g)
-                give_up = n_proven < min_proven * m and (guess is not None or step == steps - 1)
-                if active.numel() == 0 or (level == 0 and give_up):
+                    return (s.index_select(0, done), new_g.index_select(0, done),
+                            b2.index_select(0, done), s[still], gg[still], s[moved], new_g[moved])
+
+                parts = _parallel([functools.partial(chunk, lo) for lo in range(0, m, _SEARCH_CHUNK)])
+                dst = torch.cat([p[0] for p in parts])
+                idx.index_copy_(0, dst, torch.cat([p[1] for p in parts]))
+                best.index_copy_(0, dst, torch.cat([p[2] for p in parts]))
+                stuck += [p[3] for p in parts]
+                stuck_g += [p[4] for p in parts]
+                active, g = torch.cat([p[5] for p in parts]), torch.cat([p[6] for p in parts])
+                if guess is None and step == 0 and dst.numel() < _MIN_PROVEN_COLD * m:
+                    break  # high intrinsic dimension: the lists cannot prove anything
+                if active.numel() == 0:
                     break
             active = torch.cat([active] + stuck)
             g = torch.cat([g] + stuck_g)
-            if active.numel() == 0 or (level == 0 and give_up):
-                break
+            if active.numel() == 0 or (level == 0 and active.numel() > (1 - min_proven) * n):
+                break  # the short lists proved too little: brute-force the rest
+            if level == 0 and long_list and active.numel() > 4 * k:
+                plan.append((long_list, 2))  # cheaper than the brute force for that many
         if active is not None and active.numel():
             ri, rb = self.brute_force(x.index_select(0, active))
             idx.index_copy_(0, active, ri)
@@ -409,6 +610,7 @@ def _faiss_knn1(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor,
 
 
 @torch.no_grad()
+@_in_worker_threads
 def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, batch_size: Optional[int] = None,
                      *, method: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Index (int64 ``[n]``) and squared L2 distance (``[n]``, >= 0) of each row's nearest centroid.
@@ -489,33 +691,38 @@ def _init_pool(x: torch.Tensor, w: torch.Tensor, key: int, pool_size: int,
     return pool[:, :-1].contiguous(), pool[:, -1].contiguous(), total
 
 
-def _d2_to(points: torch.Tensor, sq: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Squared distances of ``points`` to one centre ``c`` (expanded form, clamped at 0)."""
-    return torch.addmv(sq + (c * c).sum(), points, c, alpha=-2.0).clamp_(min=0)
-
-
 def _kmeans_plus_plus(pool: torch.Tensor, w: torch.Tensor, k: int,
                       g: torch.Generator) -> torch.Tensor:
     """Seeded weighted D^2 sampling on the replicated pool.
 
-    Sampling is by inverse CDF (float64 cumsum + searchsorted), so it never divides by zero:
-    once every pool point coincides with a chosen centre the total mass is 0 and the last pool
-    point is taken again (duplicate centroids, as k > distinct points requires).
+    Sampling is by inverse CDF (cumsum + searchsorted), so it never divides by zero: once
+    every pool point coincides with a chosen centre the total mass is 0 and the last pool point
+    is taken again (duplicate centroids, as k > distinct points requires).
     """
     p = pool.shape[0]
     sq = (pool * pool).sum(1)
-    w64 = w.double()
+    pool_cm = pool.t().contiguous().t()  # column-major: a much faster gemv here
+    u = torch.rand(k, generator=g, dtype=torch.float64).to(torch.float32)
+    weighted = bool((w != 1).any())
     chosen = torch.empty(k, dtype=torch.int64)
-    u = torch.rand(k, generator=g, dtype=torch.float64)
-    cdf = torch.cumsum(w64, 0)
-    i = torch.searchsorted(cdf, u[:1] * cdf[-1], right=True).clamp_(max=p - 1)
-    chosen[0] = i[0]
-    d2 = _d2_to(pool, sq, pool[i[0]])
-    for t in range(1, k):
-        cdf = torch.cumsum(d2.double().mul_(w64), 0)
-        i = torch.searchsorted(cdf, u[t: t + 1] * cdf[-1], right=True).clamp_(max=p - 1)
+    mass = w.clone()
+    d2 = torch.empty(p)
+    new = torch.empty(p)
+    cdf = torch.empty(p)
+    for t in range(k):
+        torch.cumsum(mass, 0, out=cdf)
+        i = torch.searchsorted(cdf, cdf[-1:] * u[t], right=True).clamp_(max=p - 1)
         chosen[t] = i[0]
-        torch.minimum(d2, _d2_to(pool, sq, pool[i[0]]), out=d2)
+        torch.addmv(sq, pool_cm, pool[i[0]], alpha=-2.0, out=new)
+        new.add_(sq[i]).clamp_(min=0)
+        if t == 0:
+            d2.copy_(new)
+        else:
+            torch.minimum(d2, new, out=d2)
+        if weighted:
+            torch.mul(d2, w, out=mass)
+        else:
+            mass = d2
     return pool[chosen.to(pool.device)].clone()
 
 
@@ -548,7 +755,35 @@ def _reseed(centroids: torch.Tensor, empty: torch.Tensor, pool: torch.Tensor,
     return m
 
 
+def _local_stats(xs: torch.Tensor, assign: torch.Tensor, dist2: torch.Tensor,
+                 w: Optional[torch.Tensor], prev: Optional[torch.Tensor], k: int) -> torch.Tensor:
+    """This rank's contribution to the one all-reduce of a Lloyd step, float64:
+    ``[sums (k*d), counts (k), inertia, changed assignments]`` (weighted if ``w``)."""
+    n, d = xs.shape
+
+    def part(lo: int, hi: int) -> torch.Tensor:
+        a, x64 = assign[lo:hi], xs[lo:hi].double()
+        out = torch.zeros(k * d + k + 2, dtype=torch.float64, device=xs.device)
+        if w is not None:
+            w64 = w[lo:hi].double()
+            x64.mul_(w64[:, None])
+            out[k * d: k * d + k] = torch.bincount(a, weights=w64, minlength=k)
+            out[-2] = (dist2[lo:hi].double() * w64).sum()
+        else:
+            out[k * d: k * d + k] = torch.bincount(a, minlength=k)
+            out[-2] = dist2[lo:hi].sum(dtype=torch.float64)
+        out[: k * d].view(k, d).index_add_(0, a, x64)
+        out[-1] = (hi - lo) if prev is None else int((a != prev[lo:hi]).sum())
+        return out
+
+    parts = _parallel([functools.partial(part, lo, hi) for lo, hi in _split(n, _workers(), 1 << 16)])
+    if not parts:
+        return torch.zeros(k * d + k + 2, dtype=torch.float64, device=xs.device)
+    return torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+
+
 @torch.no_grad()
+@_in_worker_threads
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
            weights: Optional[torch.Tensor] = None, collective: Optional[Collective] = None,
            init: Union[str, torch.Tensor] = "kmeans++", tol: float = 1e-4, *, pool_size: Optional[int] = None,
@@ -628,38 +863,38 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         centroids = coll.all_reduce_sum(centroids * float(coll.rank == 0))
 
     # ---- Lloyd ----
+    # The samples are kept sorted by a recent assignment ``blk`` (rows of ``xa``; ``perm`` maps
+    # them back), so that the pruned search scores each block's points against that cluster's
+    # neighbour list in one grouped matmul (exact whatever the guess; re-sorted when stale).
     weighted = weights is not None
     history: List[float] = []
     reseeded = 0
     iters_run = 0
-    assign = torch.zeros(n, dtype=torch.int64, device=x.device)
-    prev: Optional[torch.Tensor] = None
-    x64 = None
     index: Optional[CentroidIndex] = None
+    xa: Optional[torch.Tensor] = None
+    perm = torch.arange(n, device=x.device)
+    ws, xn = w, (x * x).sum(1)
+    prev: Optional[torch.Tensor] = None  # the last assignment of each row
+    blk: Optional[torch.Tensor] = None  # non-decreasing block labels of the rows
     skip, backoff = 0, 1  # passes to brute-force before trying the pruned search again
     while True:
         index = CentroidIndex(centroids, batch_size=batch_size, previous=index)
+        if xa is None:
+            xa = index.augment(x)
+        xs = xa[:, :d]
         if method == "auto" and skip == 0 and index.can_prune(n):
-            assign, dist2, n_brute = index.search(x, guess=prev)
+            if prev is None:
+                assign, dist2, n_brute = index.search(xs)
+            else:
+                assign, dist2, n_brute = index.search_sorted(xa, blk, xn, probe=backoff > 1)
             if n_brute > 0.5 * n:  # pruning does not pay on this data (yet): back off
                 skip, backoff = backoff, 2 * backoff
             else:
                 backoff = 1
         else:
             skip = max(0, skip - 1)
-            assign, dist2 = index.brute_force(x)
-        changed = n if prev is None else int((assign != prev).sum())
-        if x64 is None:
-            x64 = x.double() * w.double()[:, None] if weighted else x.double()
-        sums = torch.zeros(k, d, dtype=torch.float64, device=x.device).index_add_(0, assign, x64)
-        if weighted:
-            counts = torch.bincount(assign, weights=w.double(), minlength=k)
-            inertia = (dist2.double() * w.double()).sum()
-        else:
-            counts = torch.bincount(assign, minlength=k).double()
-            inertia = dist2.sum(dtype=torch.float64)
-        packed = torch.cat([sums.flatten(), counts,
-                            inertia.reshape(1), torch.tensor([float(changed)], dtype=torch.float64)])
+            assign, dist2 = index.brute_force(xs)
+        packed = _local_stats(xs, assign, dist2, ws if weighted else None, prev, k)
         packed = coll.all_reduce_sum(packed)
         history.append(float(packed[k * d + k]))
         if iters_run >= iters or (prev is not None and float(packed[-1]) == 0):
@@ -675,8 +910,18 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
             reseeded += _reseed(centroids, empty, pool, pool_w)
             if coll.world_size > 1:
                 centroids = coll.all_reduce_sum(centroids * float(coll.rank == 0))
+        if blk is None or int((assign != blk).sum()) > _RESORT_FRACTION * n:
+            # re-sort the rows by their cluster (stable: mostly already in place)
+            blk, order = torch.sort(assign, stable=True)
+            xa, perm, xn = (xa.index_select(0, order), perm.index_select(0, order),
+                            xn.index_select(0, order))
+            if weighted:
+                ws = ws.index_select(0, order)
+            assign = blk
         prev = assign
         iters_run += 1
 
-    return KMeansResult(centroids=centroids + shift, assignment=assign, inertia=history[-1],
+    assignment = torch.empty_like(assign)
+    assignment[perm] = assign
+    return KMeansResult(centroids=centroids + shift, assignment=assignment, inertia=history[-1],
                         inertia_history=history, reseeded=reseeded, iters_run=iters_run)

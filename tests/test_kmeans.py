@@ -1,0 +1,297 @@
+"""k-means and nearest-centroid search (single process; see test_kmeans_distributed.py for ranks)."""
+
+import pytest
+import torch
+
+from torchrec_cce.clustering.kmeans import (
+    CentroidIndex,
+    Collective,
+    KMeansResult,
+    LocalCollective,
+    _init_pool,
+    _reseed,
+    default_collective,
+    kmeans,
+    nearest_centroid,
+)
+
+
+def _blobs(centres: torch.Tensor, per: int, sigma: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    k, d = centres.shape
+    x = centres.repeat_interleave(per, 0) + sigma * torch.randn(k * per, d, generator=g)
+    return x[torch.randperm(k * per, generator=g)]
+
+
+def _mixture(n: int, d: int, comps: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian mixture with unequal spreads (not trivially separable)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3 * torch.randn(comps, d, generator=g)
+    scale = 0.3 + torch.rand(comps, 1, generator=g)
+    lab = torch.randint(0, comps, (n,), generator=g)
+    return centres[lab] + scale[lab] * torch.randn(n, d, generator=g)
+
+
+def _brute_inertia(x: torch.Tensor, c: torch.Tensor) -> float:
+    return float((torch.cdist(x.double(), c.double()).min(1).values ** 2).sum())
+
+
+# ---------------------------------------------------------------------------------- collectives
+def test_local_collective_is_identity():
+    c = default_collective()  # torch.distributed is not initialised in this process
+    assert isinstance(c, LocalCollective) and isinstance(c, Collective)
+    assert (c.rank, c.world_size) == (0, 1)
+    t = torch.arange(6.0).view(3, 2)
+    assert torch.equal(c.all_reduce_sum(t), t)
+    assert torch.equal(c.all_gather_cat(t), t)
+
+
+# ----------------------------------------------------------------------------- nearest centroid
+@pytest.mark.parametrize("k", [1, 7, 100, 700])
+@pytest.mark.parametrize("method", ["brute", "pruned"])
+def test_nearest_centroid_matches_cdist(k, method):
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3000, 8, generator=g)
+    c = torch.randn(k, 8, generator=g)
+    d2 = torch.cdist(x.double(), c.double()) ** 2
+    ref_d, ref_i = d2.min(1)
+    for batch_size in (None, 128, 1):  # 128 and 1 < n: several batches
+        if batch_size == 1 and method == "pruned":
+            continue
+        idx, dist = nearest_centroid(x, c, batch_size=batch_size, method=method)
+        assert idx.dtype == torch.int64 and idx.shape == (3000,) and dist.shape == (3000,)
+        assert torch.equal(idx, ref_i), (method, batch_size, int((idx != ref_i).sum()))
+        assert torch.allclose(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
+        assert bool((dist >= 0).all())
+
+
+def test_pruned_search_low_dim_uses_graph_and_is_exact():
+    """d = 4 (a CCE chunk of a dim-16 table): most points are proven without the brute force."""
+    g = torch.Generator().manual_seed(1)
+    x = _mixture(40_000, 4, 64, seed=1)
+    c = x[torch.randperm(x.shape[0], generator=g)[:1024]] + 0.01
+    ref = torch.cdist(x, c).argmin(1)
+    index = CentroidIndex(c)
+    idx, _, n_brute = index.search(x)  # cold: guess from sqrt(k) centroids
+    assert torch.equal(idx, ref)
+    assert n_brute < 0.25 * x.shape[0], n_brute
+    c2 = c + 0.05 * torch.randn(c.shape, generator=g)  # "after a Lloyd update"
+    idx2, _, n_brute2 = CentroidIndex(c2).search(x, guess=idx)  # warm: previous assignment
+    assert torch.equal(idx2, torch.cdist(x, c2).argmin(1))
+    assert n_brute2 < 0.1 * x.shape[0], n_brute2
+
+
+def test_nearest_centroid_ties_and_duplicates_are_finite():
+    x = torch.zeros(50, 3)
+    c = torch.zeros(600, 3)  # every centroid ties
+    for method in ("brute", "pruned"):
+        idx, dist = nearest_centroid(x, c, method=method)
+        assert bool(((idx >= 0) & (idx < 600)).all()) and torch.equal(dist, torch.zeros(50))
+
+
+def test_nearest_centroid_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"\[n, d\]"):
+        nearest_centroid(torch.zeros(3, 2), torch.zeros(4, 3))
+
+
+# --------------------------------------------------------------------------------------- kmeans
+def test_recovers_planted_blobs():
+    g = torch.Generator().manual_seed(0)
+    true = 10 * torch.randn(8, 5, generator=g)
+    x = _blobs(true, 250, 0.3)
+    res = kmeans(x, 8, iters=30, seed=0)
+    assert isinstance(res, KMeansResult)
+    assert res.centroids.shape == (8, 5) and res.assignment.shape == (2000,)
+    # match found centroids to true centres: a permutation, each within 0.1
+    dist = torch.cdist(true, res.centroids)
+    match = dist.argmin(1)
+    assert sorted(match.tolist()) == list(range(8))
+    assert float(dist.min(1).values.max()) < 0.1
+    # the assignment is the planted labelling (up to the permutation)
+    planted = torch.cdist(x, true).argmin(1)
+    assert torch.equal(match[planted], res.assignment)
+    # inertia ~ n * d * sigma^2
+    assert abs(res.inertia / (2000 * 5 * 0.09) - 1) < 0.1
+
+
+@pytest.mark.parametrize("init", ["kmeans++", "random"])
+def test_inertia_non_increasing_and_consistent(init):
+    x = _mixture(6000, 6, 40, seed=2)
+    res = kmeans(x, 50, iters=25, seed=3, init=init, tol=0)
+    h = res.inertia_history
+    assert len(h) == res.iters_run + 1 and res.iters_run >= 5
+    for a, b in zip(h, h[1:]):
+        assert b <= a * (1 + 1e-6) + 1e-6, h
+    assert h[-1] < h[0]
+    # inertia, assignment and centroids are consistent with each other
+    assert res.inertia == h[-1]
+    assert abs(res.inertia - _brute_inertia(x, res.centroids)) <= 1e-4 * res.inertia
+    assert torch.equal(res.assignment, torch.cdist(x, res.centroids).argmin(1))
+    # each centroid is the mean of its points
+    means = torch.zeros(50, 6).index_add_(0, res.assignment, x) / \
+        torch.bincount(res.assignment, minlength=50).clamp(min=1)[:, None]
+    if res.iters_run < 25:  # converged: one more update would not move anything
+        assert torch.allclose(means, res.centroids, atol=1e-4)
+
+
+def test_deterministic_and_seed_dependent():
+    x = _mixture(3000, 4, 20, seed=4)
+    a, b = kmeans(x, 30, iters=10, seed=5), kmeans(x, 30, iters=10, seed=5)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.assignment, b.assignment)
+    assert a.inertia_history == b.inertia_history
+    c = kmeans(x, 30, iters=10, seed=6)
+    assert not torch.equal(a.centroids, c.centroids)
+
+
+def test_tol_stops_early():
+    x = _mixture(4000, 4, 30, seed=7)
+    full = kmeans(x, 30, iters=40, seed=0, tol=0)
+    early = kmeans(x, 30, iters=40, seed=0, tol=1e-2)
+    assert early.iters_run < full.iters_run
+    assert early.inertia_history == full.inertia_history[: len(early.inertia_history)]
+
+
+@pytest.mark.parametrize("n,d,k", [(5, 3, 12), (1, 2, 3), (40, 1, 6), (300, 1, 1), (300, 7, 1)])
+def test_edge_shapes_are_finite(n, d, k):
+    x = torch.randn(n, d, generator=torch.Generator().manual_seed(n + d + k))
+    res = kmeans(x, k, iters=10, seed=0)
+    assert res.centroids.shape == (k, d) and res.assignment.shape == (n,)
+    assert bool(torch.isfinite(res.centroids).all()) and res.inertia >= 0
+    assert all(torch.isfinite(torch.tensor(res.inertia_history)))
+    assert bool(((res.assignment >= 0) & (res.assignment < k)).all())
+    if k == 1:
+        assert torch.allclose(res.centroids[0], x.mean(0), atol=1e-5)
+        assert abs(res.inertia - float(((x - x.mean(0)) ** 2).sum())) < 1e-3 * max(1.0, res.inertia)
+    if k >= n:  # every point can have its own centroid
+        assert res.inertia < 1e-4
+
+
+def test_all_points_identical():
+    x = torch.full((100, 4), 3.5)
+    res = kmeans(x, 10, iters=10, seed=0)
+    assert torch.equal(res.centroids, torch.full((10, 4), 3.5))
+    assert res.inertia == 0.0 and bool(torch.isfinite(res.centroids).all())
+    assert res.reseeded >= 9  # 9 clusters cannot get a point (ties go to one index)
+
+
+def test_empty_clusters_are_reseeded():
+    # 3 distinct points (10 copies each) and k = 5: at least 2 clusters must be empty after the
+    # first assignment; they are re-seeded, nothing is NaN, every distinct point is a centroid.
+    pts = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = pts.repeat(10, 1)
+    res = kmeans(x, 5, iters=10, seed=0)
+    assert res.reseeded >= 2
+    assert bool(torch.isfinite(res.centroids).all())
+    assert res.inertia == pytest.approx(0.0, abs=1e-5)
+    assert float(torch.cdist(pts, res.centroids).min(1).values.max()) < 1e-5
+
+
+def test_reseed_moves_empty_cluster_to_farthest_pool_point():
+    centroids = torch.tensor([[0.0], [1.0], [123.0]])
+    empty = torch.tensor([False, False, True])
+    pool = torch.tensor([[0.1], [0.9], [7.0], [3.0]])
+    assert _reseed(centroids, empty, pool, torch.ones(4)) == 1
+    assert torch.equal(centroids, torch.tensor([[0.0], [1.0], [7.0]]))
+    # zero-weight pool points are never chosen
+    centroids = torch.tensor([[0.0], [1.0], [123.0]])
+    _reseed(centroids, empty, pool, torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    assert float(centroids[2]) == 3.0
+
+
+def test_empty_cluster_during_lloyd_is_reseeded():
+    """Clusters that Lloyd empties are re-seeded onto the farthest pool point, without NaN.
+
+    1-D points 0, 1, 2, 3, 12 from centroids 0.5, 2, 100: the first assignment leaves 100
+    empty; it is re-seeded onto 12 (farthest from the updated 0.5 and 17/3); the next assignment
+    then empties the middle cluster (0..3 all go to 0.5), which is re-seeded again."""
+    x = torch.tensor([[0.0], [1.0], [2.0], [3.0], [12.0]])
+    res = kmeans(x, 3, iters=10, init=torch.tensor([[0.5], [2.0], [100.0]]), tol=0)
+    assert res.reseeded >= 2
+    assert bool(torch.isfinite(res.centroids).all())
+    assert float(torch.cdist(x[4:], res.centroids).min()) < 1e-5  # 12 got its own centroid
+    assert res.inertia <= 2.0 + 1e-5  # {0, 1}, {2, 3}, {12} or better
+    # a wrong warm start is rejected
+    with pytest.raises(ValueError, match="initial centroids"):
+        kmeans(x, 2, init=torch.zeros(3, 1))
+
+
+def test_weights_equal_repetition():
+    g = torch.Generator().manual_seed(8)
+    x = _mixture(400, 3, 6, seed=8)
+    w = torch.randint(1, 4, (400,), generator=g)
+    a = kmeans(x, 12, iters=15, seed=1, weights=w.float(), tol=0)
+    b = kmeans(x.repeat_interleave(w, 0), 12, iters=15, seed=1, tol=0)
+    assert torch.allclose(a.centroids, b.centroids, atol=1e-4)
+    assert a.inertia == pytest.approx(b.inertia, rel=1e-5)
+    assert torch.equal(a.assignment.repeat_interleave(w), b.assignment)
+    # zero weights: those points do not move the centroids
+    w0 = torch.cat([torch.ones(400), torch.zeros(50)])
+    x0 = torch.cat([x, 1000 + torch.randn(50, 3, generator=g)])
+    c = kmeans(x0, 12, iters=15, seed=1, weights=w0, tol=0)
+    assert float(c.centroids.abs().max()) < 100
+
+
+def test_subsampled_init_pool():
+    x = _mixture(20_000, 4, 30, seed=9)
+    w = torch.ones(20_000)
+    pool, pool_w, total = _init_pool(x, w, key=123, pool_size=500, collective=LocalCollective())
+    assert total == 20_000 and pool.shape == (500, 4) and torch.equal(pool_w, torch.ones(500))
+    # a subset of x, in the original order, chosen by the key only
+    pos = torch.cdist(pool, x).argmin(1)
+    assert torch.equal(x[pos], pool) and bool((pos[1:] > pos[:-1]).all())
+    again, _, _ = _init_pool(x, w, key=123, pool_size=500, collective=LocalCollective())
+    other, _, _ = _init_pool(x, w, key=124, pool_size=500, collective=LocalCollective())
+    assert torch.equal(pool, again) and not torch.equal(pool, other)
+    # k-means from a small pool is still a sound clustering
+    res = kmeans(x, 32, iters=15, seed=0, pool_size=500)
+    full = kmeans(x, 32, iters=15, seed=0)
+    assert res.inertia < 1.25 * full.inertia
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="k must be positive"):
+        kmeans(torch.zeros(3, 2), 0)
+    with pytest.raises(ValueError, match="init"):
+        kmeans(torch.zeros(3, 2), 2, init="bogus")
+    with pytest.raises(ValueError, match="no samples"):
+        kmeans(torch.zeros(0, 2), 2)
+    with pytest.raises(ValueError, match="weights"):
+        kmeans(torch.zeros(3, 2), 2, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        kmeans(torch.tensor([[float("nan"), 0.0]]), 1)
+
+
+def test_non_contiguous_input():
+    x = _mixture(2000, 8, 10, seed=10).view(2000, 2, 4)[:, 1]  # like recluster's x[:, chunk]
+    a = kmeans(x, 10, iters=10, seed=0)
+    b = kmeans(x.contiguous(), 10, iters=10, seed=0)
+    assert torch.equal(a.centroids, b.centroids)
+
+
+# ------------------------------------------------------------------------- vs sklearn and faiss
+def _reference_data():
+    """Isotropic Gaussian data: k-means' local optima differ by well under 1% in inertia, so the
+    comparison measures the implementation, not the luck of the initialisation."""
+    return torch.randn(20_000, 8, generator=torch.Generator().manual_seed(11)), 64, 20
+
+
+def test_inertia_close_to_sklearn():
+    cluster = pytest.importorskip("sklearn.cluster", reason="scikit-learn is not installed "
+                                  "(pip install scikit-learn) - reference k-means")
+    x, k, iters = _reference_data()
+    ours = kmeans(x, k, iters=iters, seed=0, tol=0)
+    sk = cluster.KMeans(n_clusters=k, n_init=1, init="k-means++", max_iter=iters, tol=0,
+                        random_state=0, algorithm="lloyd").fit(x.double().numpy())
+    assert abs(ours.inertia / sk.inertia_ - 1) < 0.02, (ours.inertia, sk.inertia_)
+
+
+def test_inertia_close_to_faiss():
+    faiss = pytest.importorskip("faiss", reason="faiss is not installed (pip install faiss-cpu) "
+                                "- reference k-means")
+    x, k, iters = _reference_data()
+    ours = kmeans(x, k, iters=iters, seed=0, tol=0)
+    km = faiss.Kmeans(x.shape[1], k, niter=iters, nredo=1, seed=0, spherical=False,
+                      max_points_per_centroid=1_000_000)
+    km.train(x.numpy())
+    theirs = _brute_inertia(x, torch.from_numpy(km.centroids))  # after faiss' last update
+    assert abs(ours.inertia / theirs - 1) < 0.02, (ours.inertia, theirs)
