@@ -81,6 +81,15 @@ def test_pruned_search_low_dim_uses_graph_and_is_exact():
     assert n_brute2 < 0.1 * x.shape[0], n_brute2
 
 
+def test_nearest_centroid_faiss_method_matches_brute():
+    pytest.importorskip("faiss", reason="faiss is not installed (pip install faiss-cpu)")
+    g = torch.Generator().manual_seed(3)
+    x, c = torch.randn(2000, 6, generator=g), torch.randn(300, 6, generator=g)
+    bi, bd = nearest_centroid(x, c, method="brute")
+    fi, fd = nearest_centroid(x, c, method="faiss")
+    assert torch.equal(bi, fi) and torch.allclose(bd, fd, atol=1e-4)
+
+
 def test_nearest_centroid_ties_and_duplicates_are_finite():
     x = torch.zeros(50, 3)
     c = torch.zeros(600, 3)  # every centroid ties
@@ -266,6 +275,28 @@ def test_non_contiguous_input():
     a = kmeans(x, 10, iters=10, seed=0)
     b = kmeans(x.contiguous(), 10, iters=10, seed=0)
     assert torch.equal(a.centroids, b.centroids)
+
+
+def test_worker_threads_give_the_same_result_and_restore_the_thread_count():
+    """With 2 threads the search, brute force and Lloyd sums run on 2 Python workers (one
+    intra-op thread each); the result equals the single-threaded one."""
+    x = _mixture(150_000, 4, 64, seed=12)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kmeans(x, 256, iters=4, seed=0, tol=0)
+        one_nc = nearest_centroid(x, one.centroids, method="pruned")
+        torch.set_num_threads(2)
+        two = kmeans(x, 256, iters=4, seed=0, tol=0)
+        two_nc = nearest_centroid(x, one.centroids, method="pruned")
+        assert torch.get_num_threads() == 2  # restored after the call
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(one.centroids, two.centroids, atol=1e-5)
+    assert torch.equal(one.assignment, two.assignment)
+    assert one.inertia == pytest.approx(two.inertia, rel=1e-9)
+    assert torch.equal(one_nc[0], two_nc[0])
+    assert torch.equal(one_nc[0], torch.cdist(x, one.centroids).argmin(1))
 
 
 # ------------------------------------------------------------------------- vs sklearn and faiss

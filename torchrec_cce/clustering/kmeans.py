@@ -2,19 +2,18 @@
 
 The all-reduce contract
 -----------------------
-Each rank calls :func:`kmeans` with *its own* samples. All communication goes through a
-:class:`Collective`:
+Each rank calls :func:`kmeans` with *its own* samples; all communication goes through a
+:class:`Collective` (``all_reduce_sum``, ``all_gather_cat``):
 
-* once, at initialisation: ``all_gather_cat`` of the sample counts and of a bounded,
-  seeded *init pool* (which samples join it depends only on their global index, i.e. on the
-  concatenation of all ranks' samples in rank order, never on the world size), plus one
-  ``all_reduce_sum`` that makes rank 0's initial centroids everybody's;
-* per Lloyd iteration exactly one ``all_reduce_sum`` of one float64 vector holding the
-  per-centroid sums, the per-centroid counts (weights), the inertia and the number of changed
-  assignments;
-* one more ``all_reduce_sum`` only in an iteration that re-seeds empty clusters, again making
-  rank 0's choice everybody's (it is computed identically everywhere; this only guards against
-  BLAS results that differ between hosts).
+* initialisation: ``all_gather_cat`` of the sample counts and of a bounded, seeded *init pool*
+  (which samples join it depends only on their global index, i.e. on the concatenation of all
+  ranks' samples in rank order, never on the world size); with more than one rank, two
+  ``all_reduce_sum`` calls then make rank 0's centring shift and initial centroids everybody's
+  (they are computed identically everywhere; this guards against reductions or BLAS results
+  that differ between hosts or thread counts);
+* each Lloyd iteration: exactly one ``all_reduce_sum`` of one float64 vector ``[per-centroid
+  sums (k*d), per-centroid counts or weights (k), inertia, changed assignments]``;
+* an iteration that re-seeds empty clusters: one more ``all_reduce_sum`` (rank 0's choice).
 
 So every rank holds the same centroids after every step, and a run over ranks equals a
 single-process run on the concatenated samples (same seed) up to float summation order. With
@@ -22,13 +21,17 @@ single-process run on the concatenated samples (same seed) up to float summation
 
 Speed
 -----
-:func:`nearest_centroid` is a batched ``addmm`` (``||x||^2 - 2 x.c + ||c||^2``) with bounded
-memory. Inside :func:`kmeans` (and for large inputs in :func:`nearest_centroid`) a
-:class:`CentroidIndex` first tries an *exact* pruned search: each point is compared only with
-the ``neighbors`` centroids nearest to a guess (its previous cluster), in one grouped matmul,
-and the answer is accepted only when the triangle inequality proves that no other centroid can
-be closer; everything else falls back to the brute-force matmul. The result is the same as the
-brute force (up to float rounding in near-ties).
+:func:`nearest_centroid` is a batched ``addmm`` (``||x||^2 - 2 x.c + ||c||^2``, at most
+``batch_size x k`` distances at once) followed by a two-stage argmin (a vectorised min over a
+``[b, k / W, W]`` view, then an argmin over ``W``). Inside :func:`kmeans` a
+:class:`CentroidIndex` first tries an *exact* pruned search: each sample is scored only
+against the ``neighbors`` centroids nearest to its previous cluster (one grouped matmul; the
+samples are kept sorted by cluster for it), and the answer is accepted only where the triangle
+inequality proves that no other centroid is closer; the rest takes a few more steps, longer
+neighbour lists, or the brute force. The assignment is that of the brute force (up to float
+rounding in near-ties). Where the triangle inequality cannot prune (high intrinsic dimension,
+found by a small probe) the brute force is used directly. Ops run single-threaded on
+``torch.get_num_threads()`` Python worker threads (see :func:`_worker_threads`).
 """
 
 import bisect
@@ -215,13 +218,6 @@ def _workers() -> int:
     return getattr(_LOCAL, "workers", None) or torch.get_num_threads()
 
 
-def _thread_workspace() -> Dict[str, torch.Tensor]:
-    ws = getattr(_LOCAL, "ws", None)
-    if ws is None:
-        ws = _LOCAL.ws = {}
-    return ws
-
-
 def _workspace(ws: Dict[str, torch.Tensor], name: str, numel: int, like: torch.Tensor
                ) -> torch.Tensor:
     """A flat float32 buffer of at least ``numel`` elements, reused across calls."""
@@ -259,8 +255,10 @@ class CentroidIndex:
         self.sq_max = float(self.sq.max())
         k = self.k
         self.batch_size = batch_size
-        self._two_stage = k >= 4 * _ARGMIN_WIDTH
-        kp = _round_up(k, _ARGMIN_WIDTH) if self._two_stage else k
+        # two-stage argmin width: a power of two, about k / 4 for small k, at most 128
+        self._w = min(_ARGMIN_WIDTH, 1 << max(0, (k // 4).bit_length() - 1))
+        self._two_stage = self._w >= 16
+        kp = _round_up(k, self._w) if self._two_stage else k
         self._kp = kp
         self._ct = torch.zeros(self.d, kp, device=c.device)
         self._ct[:, :k] = c.t()
@@ -302,7 +300,7 @@ class CentroidIndex:
 
     def _brute_rows(self, x: torch.Tensor, start: int, stop: int, b: int, idx: torch.Tensor,
                     best: torch.Tensor) -> None:
-        kp, W = self._kp, _ARGMIN_WIDTH
+        kp, W = self._kp, self._w
         buf = torch.empty(b * kp, device=x.device)
         for lo in range(start, stop, b):
             xb = x[lo: min(stop, lo + b)]
@@ -552,6 +550,7 @@ class CentroidIndex:
         idx = torch.empty(n, dtype=torch.int64, device=x.device)
         best = torch.empty(n, dtype=torch.float32, device=x.device)
         active: Optional[torch.Tensor] = None  # None = all points
+        workspaces: Dict[int, Dict[str, torch.Tensor]] = {}  # per worker thread, this call only
         for level, (length, steps) in enumerate(plan):
             graph = self._graph(length)
             stuck: List[torch.Tensor] = []
@@ -564,7 +563,8 @@ class CentroidIndex:
 
                 def chunk(lo: int, src=src, gs=gs, tile=tile, graph=graph):
                     s, gg = src[lo: lo + _SEARCH_CHUNK], gs[lo: lo + _SEARCH_CHUNK]
-                    new_g, b2, proven = self._score_chunk(x, s, gg, tile, graph, _thread_workspace())
+                    ws = workspaces.setdefault(threading.get_ident(), {})
+                    new_g, b2, proven = self._score_chunk(x, s, gg, tile, graph, ws)
                     done = torch.nonzero(proven).squeeze(1)
                     unproven = ~proven
                     moved = unproven & (new_g != gg)
@@ -673,7 +673,8 @@ def _init_pool(x: torch.Tensor, w: torch.Tensor, key: int, pool_size: int,
     if total == 0:
         raise ValueError("kmeans: no samples on any rank")
     if total <= pool_size:
-        return collective.all_gather_cat(x), collective.all_gather_cat(w), total
+        pool = collective.all_gather_cat(torch.cat([x, w[:, None]], 1))
+        return pool[:, :-1].contiguous(), pool[:, -1].contiguous(), total
     offset = int(sizes[: collective.rank].sum())
     gidx = torch.arange(offset, offset + n, device=x.device)
     h = hash_ids(gidx, key, (1 << 63) - 1)
@@ -810,7 +811,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
             candidates for re-seeding empty clusters.
         batch_size: rows per brute-force distance batch (default: ~1M distances per batch).
         method: ``"auto"`` (exact graph-pruned search when it pays, see :class:`CentroidIndex`)
-            or ``"brute"``.
+            or ``"brute"``; both give the same assignments.
+
+    Threads: torch ops run single-threaded on ``torch.get_num_threads()`` Python worker
+    threads; the global torch thread count is 1 during the call and restored after it.
     """
     if k <= 0:
         raise ValueError(f"kmeans: k must be positive, got {k}")
@@ -881,6 +885,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         index = CentroidIndex(centroids, batch_size=batch_size, previous=index)
         if xa is None:
             xa = index.augment(x)
+            del x  # xa holds the samples from here on
         xs = xa[:, :d]
         if method == "auto" and skip == 0 and index.can_prune(n):
             if prev is None:

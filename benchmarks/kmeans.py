@@ -1,0 +1,167 @@
+"""k-means benchmarks; results are merged into ``benchmarks/results/kmeans.json``.
+
+Sections (``--sections``, comma separated; default: all):
+
+* ``kmeans_vs_faiss``: :func:`torchrec_cce.clustering.kmeans.kmeans` against ``faiss.Kmeans``
+  on the same samples, timed side by side in one run (best of ``--reps``): ``n = 256 k``
+  samples of dim 4 (a dim-16 table cut into 4 CCE chunks) and of dim 16, ``k = 4096``, 10
+  Lloyd iterations, both initialised by a random draw of k samples (the same init budget;
+  faiss: ``niter=10, nredo=1, max_points_per_centroid=256``, fixed seed, not spherical). Two
+  sample distributions: ``gaussian`` (isotropic, no structure: the worst case for pruning)
+  and ``mixture`` (1024 Gaussian components of random scale: clustered, like trained
+  embedding chunks). Both inertias are measured the same way, against the *final* centroids
+  (faiss' own ``obj`` is that of the centroids before its last update).
+  Our run also performs the extra assignment pass that makes ``assignment``/``inertia``
+  consistent with the final centroids (faiss skips it), so it does 11 assignment passes to
+  faiss' 10. ``ours_kmeanspp_s`` is our k-means++ initialisation (on the replicated init
+  pool) for reference; it is not part of the ratio.
+
+Usage::
+
+    python benchmarks/kmeans.py                 # full run (a few minutes on 2 cores)
+    python benchmarks/kmeans.py --quick         # smoke run, k = 256
+    python benchmarks/kmeans.py --sections kmeans_vs_faiss --threads 1
+"""
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from torchrec_cce.clustering.kmeans import kmeans, nearest_centroid  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kmeans.json")
+
+
+def _data(kind: str, n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(n, d, generator=g)
+    if kind == "mixture":
+        comps = 1024
+        centres = 2.0 * torch.randn(comps, d, generator=g)
+        scale = 0.1 + 0.4 * torch.rand(comps, 1, generator=g)
+        lab = torch.randint(0, comps, (n,), generator=g)
+        return centres[lab] + scale[lab] * torch.randn(n, d, generator=g)
+    raise ValueError(kind)
+
+
+def _best_of(reps: int, fn: Callable[[], Any]):
+    best, out = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def _kmeans_vs_faiss_row(faiss, kind: str, d: int, k: int, iters: int, threads: int,
+                         reps: int) -> Dict[str, Any]:
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    load_before = os.getloadavg()[0]
+    n = 256 * k
+    x = _data(kind, n, d, seed=d)
+    xn = x.numpy()
+
+    def ours():
+        return kmeans(x, k, iters=iters, seed=0, init="random", tol=0)
+
+    def theirs():
+        km = faiss.Kmeans(d, k, niter=iters, nredo=1, max_points_per_centroid=256, seed=1234,
+                          spherical=False, verbose=False)
+        km.train(xn)
+        return km
+
+    ours_s = faiss_s = float("inf")
+    res = km = None
+    for _ in range(reps):  # interleaved, so both see the same machine load
+        t, res = _best_of(1, ours)
+        ours_s = min(ours_s, t)
+        t, km = _best_of(1, theirs)
+        faiss_s = min(faiss_s, t)
+    _, fd2 = nearest_centroid(x, torch.from_numpy(km.centroids), method="brute")
+    faiss_inertia = float(fd2.double().sum())
+    pp_s, pp = _best_of(1, lambda: kmeans(x, k, iters=iters, seed=0, init="kmeans++", tol=0))
+    pp_init_s, _ = _best_of(1, lambda: kmeans(x, k, iters=0, seed=0, init="kmeans++"))
+    return dict(dataset=kind, n=n, d=d, k=k, iters=iters, threads=threads,
+                ours_s=round(ours_s, 3), faiss_s=round(faiss_s, 3),
+                ratio=round(ours_s / faiss_s, 3),
+                ours_inertia=round(res.inertia, 2), faiss_inertia=round(faiss_inertia, 2),
+                inertia_ratio=round(res.inertia / faiss_inertia, 4),
+                faiss_obj_last=round(float(km.obj[-1]), 2),
+                ours_iters_run=res.iters_run, ours_reseeded=res.reseeded,
+                ours_kmeanspp_s=round(pp_s, 3), ours_kmeanspp_init_plus_one_pass_s=round(pp_init_s, 3),
+                ours_kmeanspp_inertia=round(pp.inertia, 2),
+                loadavg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
+
+
+def kmeans_vs_faiss(args: argparse.Namespace) -> Dict[str, Any]:
+    """Our k-means vs faiss.Kmeans, same samples, same iterations, same init budget."""
+    import faiss  # the comparison needs it: pip install faiss-cpu
+
+    k = 256 if args.quick else 4096
+    rows: List[Dict[str, Any]] = []
+    for threads, kind, d in itertools.product(
+            [int(t) for t in str(args.threads).split(",")], args.datasets.split(","), (4, 16)):
+        row = _kmeans_vs_faiss_row(faiss, kind, d, k, 10, threads, args.reps)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    meta = dict(torch=torch.__version__, faiss=faiss.__version__, cpu_count=os.cpu_count(),
+                machine=platform.processor() or platform.machine(), reps=args.reps,
+                quick=bool(args.quick), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                note=("ratio = ours_s / faiss_s, each the best of `reps` interleaved runs on a "
+                      "shared machine (loadavg_1min: before/after). Ours: 10 Lloyd updates + 11 "
+                      "assignment passes (the last makes assignment/inertia match the final "
+                      "centroids); faiss: 10 passes. Both inertias are against the final "
+                      "centroids; faiss_obj_last is faiss' own last objective."))
+    return {"kmeans_vs_faiss": rows, "kmeans_vs_faiss_meta": meta}
+
+
+SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict[str, Any]]] = {
+    "kmeans_vs_faiss": kmeans_vs_faiss,
+}
+
+
+def _merge(path: str, update: Dict[str, Any]) -> None:
+    data: Dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data.update(update)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"comma-separated subset of: {', '.join(SECTIONS)}")
+    p.add_argument("--quick", action="store_true", help="small smoke run (k = 256)")
+    p.add_argument("--reps", type=int, default=3, help="timing repetitions (best of)")
+    p.add_argument("--threads", default=str(os.cpu_count() or 1),
+                   help="torch and faiss threads; comma-separated for several runs (e.g. 1,2)")
+    p.add_argument("--datasets", default="gaussian,mixture", help="kmeans_vs_faiss data")
+    p.add_argument("--out", default=RESULTS, help="JSON file to merge the results into")
+    args = p.parse_args(argv)
+    for name in args.sections.split(","):
+        if name not in SECTIONS:
+            p.error(f"unknown section {name!r}; choose from {', '.join(SECTIONS)}")
+    for name in args.sections.split(","):
+        _merge(args.out, SECTIONS[name](args))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
