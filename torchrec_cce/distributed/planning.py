@@ -40,17 +40,12 @@ def assignment_bytes_per_rank(model: nn.Module, world_size: int,
         for name, method in module.tables.items():
             if not isinstance(method, CCETable):
                 continue
-            itemsize = torch.empty((), dtype=method.assignment_dtype).element_size()
-            total = method.num_embeddings * method.chunks * itemsize
+            total = method.logical_assignment_bytes()
             if world_size == 1 or total < replicate_below:
                 out[name] = [total] * world_size
             else:
-                out[name] = [
-                    (IdRange(method.num_embeddings, r, world_size).hi
-                     - IdRange(method.num_embeddings, r, world_size).lo)
-                    * method.chunks * itemsize
-                    for r in range(world_size)
-                ]
+                ranges = [IdRange(method.num_embeddings, r, world_size) for r in range(world_size)]
+                out[name] = [(rng.hi - rng.lo) * method.row_bytes() for rng in ranges]
     return out
 
 
@@ -126,15 +121,10 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
                 "method": method.method_name,
                 "full_bytes": t.num_embeddings * t.embedding_dim * elem,
                 "compressed_bytes": codebook_total + (
-                    _assignment_total(method) if isinstance(method, CCETable) else 0),
+                    method.logical_assignment_bytes() if isinstance(method, CCETable) else 0),
                 "bytes_per_rank": per_rank,
             }
     return rows
-
-
-def _assignment_total(method: CCETable) -> int:
-    itemsize = torch.empty((), dtype=method.assignment_dtype).element_size()
-    return method.num_embeddings * method.chunks * itemsize
 
 
 def format_plan_memory(rows: Dict[str, Dict[str, object]]) -> str:
@@ -176,7 +166,7 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
                 local_codebook += numel * elem
         assignment = local_assignment = 0
         if isinstance(method, CCETable):
-            assignment = _assignment_total(method)
+            assignment = method.logical_assignment_bytes()
             shard = sharded.assignment_shard(t.name)
             local_assignment = shard.numel() * shard.element_size()
         full = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)

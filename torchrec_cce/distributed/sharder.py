@@ -25,7 +25,6 @@ from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
@@ -40,7 +39,6 @@ from torchrec.distributed.types import (
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
-    ShardingType,
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.modules.embedding_configs import PoolingType
@@ -115,9 +113,8 @@ class ShardedCCEEmbeddingBagCollection(
             if not isinstance(src, CCETable):
                 self.tables[t.name] = build_table(t, compression.get(t.name), device=device)
                 continue
-            itemsize = torch.empty((), dtype=src.assignment_dtype).element_size()
             replicate = (world == 1 or
-                         t.num_embeddings * src.chunks * itemsize < replicate_assignment_below)
+                         src.logical_assignment_bytes() < replicate_assignment_below)
             method = build_table(t, compression[t.name], device=device,
                                  store_assignment=replicate)
             if not replicate:
@@ -319,13 +316,8 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
 
 
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 __all__ = [
     "CCEEmbeddingBagCollectionSharder",
     "ShardedCCEEmbeddingBagCollection",
     "CCEEmbeddingBagCollectionContext",
-    "ShardingType",
 ]

@@ -112,5 +112,13 @@ class CCETable(CompressedTable):
             return 0
         return self.assignment.numel() * self.assignment.element_size()
 
+    def row_bytes(self) -> int:
+        """Bytes of ``p`` per id (``chunks`` entries of the assignment dtype)."""
+        return self.chunks * torch.empty((), dtype=self.assignment_dtype).element_size()
+
+    def logical_assignment_bytes(self) -> int:
+        """Bytes of the whole ``p`` (``V x chunks``), wherever and however it is stored."""
+        return self.num_embeddings * self.row_bytes()
+
     def state_bytes(self) -> int:
         return self.assignment_bytes()
