@@ -30,7 +30,7 @@ from torchrec_cce.methods import (
     codebook_feature_name,
     codebook_table_name,
 )
-from torchrec_cce.stages import check_features, compose_pooled, remap_features
+from torchrec_cce.stages import check_features, compose_pooled, empty_pooled, remap_features
 
 
 def _validate_tables(
@@ -197,6 +197,9 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return self.codebooks.embedding_bag_configs()
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.stride() == 0:  # a batch of no examples (stock TorchRec's EBC fails on it)
+            self.check_features(features)
+            return empty_pooled(self._embedding_bag_configs, features.values().device)
         remapped = self.remap(features)
         return self.compose(features, self.codebooks(remapped))
 

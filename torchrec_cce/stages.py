@@ -16,11 +16,13 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.methods import CompressedTable, codebook_feature_name
+from torchrec_cce.validation import check_kjt_layout
 
 
 def check_features(feature_table: Mapping[str, str], served: List[str],
                    features: KeyedJaggedTensor) -> None:
-    """``KeyError`` for KJT keys no table serves or served keys the KJT lacks."""
+    """``KeyError`` for KJT keys no table serves or served keys the KJT lacks; ``ValueError``
+    for inconsistent lengths/values/weights (see :func:`torchrec_cce.validation.check_kjt_layout`)."""
     keys = features.keys()
     unknown = [k for k in keys if k not in feature_table]
     if unknown:
@@ -38,6 +40,16 @@ def check_features(feature_table: Mapping[str, str], served: List[str],
         raise ValueError(
             "variable-batch KJTs (stride per key) are not supported; pad features to one batch size"
         )
+    check_kjt_layout(features)
+
+
+def empty_pooled(tables: List[EmbeddingBagConfig], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> KeyedTensor:
+    """The ``KeyedTensor`` of a batch with no examples: ``[0, sum of dims]``, logical keys."""
+    keys = [f for t in tables for f in t.feature_names]
+    dims = [t.embedding_dim for t in tables for _ in t.feature_names]
+    return KeyedTensor(keys=keys, length_per_key=dims,
+                       values=torch.zeros((0, sum(dims)), dtype=dtype, device=device))
 
 
 def remap_features(

@@ -48,6 +48,7 @@ from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignme
 from torchrec_cce.methods import CCETable, build_table
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.stages import check_features, compose_pooled, remap_features
+from torchrec_cce.validation import check_equal_batch_sizes
 
 # Assignments smaller than this (bytes) are replicated on every rank instead of split by id.
 DEFAULT_REPLICATE_ASSIGNMENT_BELOW = 1 << 20
@@ -61,11 +62,27 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
     # (table, ids) to add to the re-clustering sample when this batch is computed, so that a
     # pipeline's early input dist of the next batch does not leak it into the sample.
     observed_ids: List[Tuple[str, torch.Tensor]] = field(default_factory=list)
+    # A batch of no examples runs as one example of empty bags (so this rank still takes part
+    # in every collective); its output row is dropped again when composing.
+    empty_batch: bool = False
 
 
 def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection",
-                      lengths: Dict[str, torch.Tensor]) -> KeyedTensor:
-    return compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt)
+                      lengths: Dict[str, torch.Tensor], empty_batch: bool = False) -> KeyedTensor:
+    out = compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt)
+    if empty_batch:
+        return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(),
+                           values=out.values()[:0])
+    return out
+
+
+def _one_example_of_empty_bags(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """A batch of no examples as one example whose bags are all empty."""
+    lengths = torch.zeros(len(features.keys()), dtype=features.lengths().dtype,
+                          device=features.lengths().device)
+    weights = features.weights_or_none()
+    return KeyedJaggedTensor(keys=features.keys(), values=features.values()[:0], lengths=lengths,
+                             weights=None if weights is None else weights[:0])
 
 
 class ShardedCCEEmbeddingBagCollection(
@@ -83,8 +100,10 @@ class ShardedCCEEmbeddingBagCollection(
         device: torch.device,
         module_fqn: Optional[str] = None,
         replicate_assignment_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
+        check_batch_sizes: bool = True,
     ) -> None:
         super().__init__()
+        self._check_batch_sizes = check_batch_sizes and env.world_size > 1
         self._env = env
         self._device = device
         self._pg = env.process_group
@@ -198,6 +217,11 @@ class ShardedCCEEmbeddingBagCollection(
     def input_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                    features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         check_features(self._feature_table, self._served, features)
+        if self._check_batch_sizes:
+            check_equal_batch_sizes(features.stride(), self._pg, features.lengths().device)
+        if features.stride() == 0:
+            ctx.empty_batch = True
+            features = _one_example_of_empty_bags(features)
         per_feature = features.to_dict()
         ctx.mean_lengths = {f: per_feature[f].lengths() for t in self._embedding_bag_configs
                             if t.pooling == PoolingType.MEAN for f in t.feature_names}
@@ -223,7 +247,7 @@ class ShardedCCEEmbeddingBagCollection(
                     output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
         awaitable = self.codebooks.output_dist(ctx, output)
         awaitable.callbacks.append(partial(_compose_callback, module=self,
-                                           lengths=ctx.mean_lengths))
+                                           lengths=ctx.mean_lengths, empty_batch=ctx.empty_batch))
         return awaitable
 
     def compute_and_output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
@@ -231,7 +255,7 @@ class ShardedCCEEmbeddingBagCollection(
         self._observe(ctx)
         awaitable = self.codebooks.compute_and_output_dist(ctx, input)
         awaitable.callbacks.append(partial(_compose_callback, module=self,
-                                           lengths=ctx.mean_lengths))
+                                           lengths=ctx.mean_lengths, empty_batch=ctx.empty_batch))
         return awaitable
 
     # ---- module API shared with the unsharded collection ----
@@ -273,6 +297,10 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
             ``fused_params`` to pick the fused optimizer).
         replicate_assignment_below: CCE assignments of fewer bytes are replicated on every rank;
             larger ones are split by id range (``ceil(V / world)`` ids per rank).
+        check_batch_sizes: check (one 1-element all-gather per batch) that every rank has the
+            same number of examples, and raise a clear ``ValueError`` on every rank if not
+            (TorchRec's pooled all-to-all would abort the process). Pass False to skip it when
+            the data loader guarantees equal batches.
     """
 
     def __init__(
@@ -280,8 +308,10 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
         replicate_assignment_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        check_batch_sizes: bool = True,
     ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
+        self.check_batch_sizes = check_batch_sizes
         self._ebc_sharder = ebc_sharder or EmbeddingBagCollectionSharder(
             qcomm_codecs_registry=self.qcomm_codecs_registry)
         self.replicate_assignment_below = replicate_assignment_below
@@ -292,7 +322,8 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         return ShardedCCEEmbeddingBagCollection(
             module, params, ebc_sharder=self._ebc_sharder, env=env,
             device=device or torch.device("cuda"), module_fqn=module_fqn,
-            replicate_assignment_below=self.replicate_assignment_below)
+            replicate_assignment_below=self.replicate_assignment_below,
+            check_batch_sizes=self.check_batch_sizes)
 
     @property
     def fused_params(self) -> Optional[Dict[str, Any]]:

@@ -1,0 +1,334 @@
+"""Property-based (hypothesis) tests of every method's forward on arbitrary KJTs.
+
+Each generated batch either gives exactly the reference computation of tests/conftest.py
+(plain indexing of the module's own codebook weights through the documented hashes) or the
+documented clear exception; never a crash inside fbgemm, a NaN or an out-of-bounds read.
+
+Cases: empty batches, empty bags, single-id batches, huge bags, negative ids and ids up to
+2^63-1 (valid for hashed methods; the documented ValueError for full tables), weighted KJTs with
+zero/negative weights (valid) and NaN/inf weights (ValueError naming the feature), keys in any
+order, missing or extra keys (KeyError), int32 and int64 ids and lengths, lengths that do not
+sum to the values (ValueError). The sharded module (2 processes, gloo) is checked against the
+unsharded one on seeded cases drawn from the same distribution.
+"""
+
+import functools
+import random
+from typing import Dict, List, Optional, Tuple
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from conftest import ref_forward
+from multiprocess import run_multiprocess
+from torchrec_cce import (
+    CCEConfig,
+    CCEEmbeddingBagCollection,
+    CEConfig,
+    HashingTrickConfig,
+    MEmComConfig,
+    QRConfig,
+)
+
+V, V_SIDE = 40, 30
+METHODS = {
+    "full": None,
+    "cce": CCEConfig(rows=5, chunks=2),
+    "ce": CEConfig(rows=7, chunks=2),
+    "hashing": HashingTrickConfig(rows=6),
+    "qr_mult": QRConfig(collisions=7, operation="mult"),
+    "qr_add": QRConfig(collisions=7, operation="add"),
+    "qr_concat": QRConfig(collisions=7, operation="concat"),
+    "memcom": MEmComConfig(rows=5),
+}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
+# Enough examples to cover every method x pooling x weighting several times, small enough for CI.
+FUZZ = settings(max_examples=300, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def make_tables(pooling: PoolingType) -> List[EmbeddingBagConfig]:
+    return [
+        EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=V, feature_names=["f"],
+                           pooling=pooling),
+        EmbeddingBagConfig(name="u", embedding_dim=2, num_embeddings=V_SIDE, feature_names=["g"]),
+    ]
+
+
+@functools.lru_cache(maxsize=None)
+def module(method: str, pooling: PoolingType, weighted: bool) -> CCEEmbeddingBagCollection:
+    """One module per (method, pooling, weighting), with non-trivial learned state."""
+    torch.manual_seed(0)
+    cfg = METHODS[method]
+    ebc = CCEEmbeddingBagCollection(make_tables(pooling), {"t": cfg} if cfg else {},
+                                    is_weighted=weighted)
+    ebc.eval()  # no re-clustering sample: forward is a pure function of the batch
+    with torch.no_grad():
+        m = ebc.tables["t"]
+        if method == "cce":  # a learned-looking p and a later hash generation
+            m.assignment.copy_(torch.randint(0, cfg.rows, m.assignment.shape))
+            m.h_generation.fill_(2)
+        if method == "memcom":
+            m.id_weight.uniform_(-2, 2)
+    return ebc
+
+
+def build_kjt(bags: Dict[str, List[List[int]]], weights: Optional[Dict[str, List[List[float]]]],
+              order: List[str], id_dtype: torch.dtype, len_dtype: torch.dtype) -> KeyedJaggedTensor:
+    values = [x for k in order for bag in bags[k] for x in bag]
+    lengths = [len(bag) for k in order for bag in bags[k]]
+    w = None
+    if weights is not None:
+        w = torch.tensor([x for k in order for bag in weights[k] for x in bag], dtype=torch.float32)
+    return KeyedJaggedTensor(keys=order, values=torch.tensor(values, dtype=id_dtype),
+                             lengths=torch.tensor(lengths, dtype=len_dtype), weights=w)
+
+
+def id_strategy(method: str, id_dtype: torch.dtype, vocab: int) -> st.SearchStrategy[int]:
+    lo, hi = (INT32_MIN, INT32_MAX) if id_dtype == torch.int32 else (INT64_MIN, INT64_MAX)
+    in_range = st.integers(0, vocab - 1)
+    if method == "full":
+        return in_range
+    edges = st.sampled_from([-1, vocab, vocab + 1, lo, hi, lo + 1, hi - 1])
+    return st.one_of(in_range, in_range, st.integers(lo, hi), edges)
+
+
+@st.composite
+def batches(draw):  # noqa: ANN201 - hypothesis composite
+    method = draw(st.sampled_from(sorted(METHODS)))
+    pooling = draw(st.sampled_from([PoolingType.SUM, PoolingType.MEAN]))
+    weighted = draw(st.booleans())
+    id_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    len_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    batch_size = draw(st.sampled_from([0, 1, 1, 2, 3, 5]))
+    bag_len = st.one_of(st.integers(0, 4), st.integers(0, 4), st.just(0), st.integers(200, 400))
+    ids = {"f": id_strategy(method, id_dtype, V), "g": st.integers(0, V_SIDE - 1)}
+    bags = {k: [draw(st.lists(ids[k], min_size=n, max_size=n))
+                for n in [draw(bag_len) for _ in range(batch_size)]] for k in ("f", "g")}
+    weights = None
+    if weighted:
+        w = st.one_of(st.floats(-3, 3, allow_nan=False, width=32), st.just(0.0))
+        weights = {k: [[draw(w) for _ in bag] for bag in bags[k]] for k in bags}
+    order = draw(st.permutations(["f", "g"]))
+    return method, pooling, weighted, bags, weights, list(order), id_dtype, len_dtype
+
+
+@FUZZ
+@given(batches())
+def test_forward_equals_reference(case) -> None:
+    method, pooling, weighted, bags, weights, order, id_dtype, len_dtype = case
+    ebc = module(method, pooling, weighted)
+    out = ebc(build_kjt(bags, weights, order, id_dtype, len_dtype))
+    assert out.keys() == ["f", "g"]  # module order, whatever the KJT's order
+    batch_size = len(bags["f"])
+    assert tuple(out.values().shape) == (batch_size, 6)
+    assert torch.isfinite(out.values()).all()
+    if batch_size == 0:
+        return
+    expected = ref_forward(ebc, bags, weights)
+    got = out.to_dict()
+    for k in ("f", "g"):
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-4, atol=1e-4)
+
+
+@FUZZ
+@given(st.sampled_from(sorted(METHODS)), st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+       st.sampled_from(["f", "g"]), st.integers(0, 7), st.integers(1, 4))
+def test_non_finite_weight_names_the_feature(method: str, bad: float, feature: str, position: int,
+                                             batch_size: int) -> None:
+    ebc = module(method, PoolingType.SUM, True)
+    bags = {"f": [[1, 2]] * batch_size, "g": [[3, 4]] * batch_size}
+    weights = {k: [[1.0, 1.0] for _ in range(batch_size)] for k in bags}
+    flat = position % (2 * batch_size)
+    weights[feature][flat // 2][flat % 2] = bad
+    with pytest.raises(ValueError, match=f"feature '{feature}'.*not finite"):
+        ebc(build_kjt(bags, weights, ["f", "g"], torch.int64, torch.int64))
+
+
+@FUZZ
+@given(st.sampled_from([-1, V, V + 7, INT64_MAX, INT64_MIN]), st.integers(0, 3))
+def test_full_table_rejects_out_of_range_ids(bad: int, position: int) -> None:
+    ebc = module("full", PoolingType.SUM, False)
+    ids = [0, 1, 2, 3]
+    ids[position] = bad
+    with pytest.raises(ValueError, match=r"table 't'.*outside \[0, 40\)"):
+        ebc(build_kjt({"f": [ids], "g": [[0]]}, None, ["f", "g"], torch.int64, torch.int64))
+
+
+@FUZZ
+@given(st.sampled_from(sorted(METHODS)), st.sampled_from(["missing", "extra"]), st.integers(0, 3))
+def test_missing_or_extra_keys_raise(method: str, kind: str, batch_size: int) -> None:
+    ebc = module(method, PoolingType.SUM, False)
+    bags = {"f": [[1]] * batch_size, "g": [[2]] * batch_size}
+    if kind == "missing":
+        del bags["g"]
+        match = r"lacks features \['g'\]"
+    else:
+        bags["h"] = [[3]] * batch_size
+        match = r"features \['h'\] are served by no table"
+    with pytest.raises(KeyError, match=match):
+        ebc(build_kjt(bags, None, list(bags), torch.int64, torch.int64))
+
+
+@FUZZ
+@given(st.sampled_from(sorted(METHODS)), st.integers(1, 4), st.sampled_from([-2, -1, 1, 3]))
+def test_lengths_not_matching_values_raise(method: str, batch_size: int, delta: int) -> None:
+    ebc = module(method, PoolingType.SUM, False)
+    lengths = torch.ones(2 * batch_size, dtype=torch.int64)
+    n = 2 * batch_size + delta
+    if n < 0:
+        return
+    kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.zeros(n, dtype=torch.int64),
+                            lengths=lengths)
+    with pytest.raises(ValueError, match="lengths .* sum to"):
+        ebc(kjt)
+
+
+def test_negative_length_raises() -> None:
+    ebc = module("cce", PoolingType.SUM, False)
+    kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.zeros(2, dtype=torch.int64),
+                            lengths=torch.tensor([2, -1, 1, 0]))
+    with pytest.raises(ValueError, match="feature 'f': KJT lengths must be >= 0"):
+        ebc(kjt)
+
+
+def test_float_ids_raise() -> None:
+    ebc = module("hashing", PoolingType.SUM, False)
+    kjt = KeyedJaggedTensor(keys=["f", "g"], values=torch.zeros(2), lengths=torch.ones(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ids must be int32 or int64"):
+        ebc(kjt)
+
+
+def test_empty_batch_has_gradient_free_empty_output() -> None:
+    """A batch of no examples gives an empty KeyedTensor with the logical keys and widths
+    (stock TorchRec's EBC raises IndexError on it)."""
+    for method in METHODS:
+        ebc = module(method, PoolingType.MEAN, False)
+        kjt = KeyedJaggedTensor(keys=["g", "f"], values=torch.zeros(0, dtype=torch.int64),
+                                lengths=torch.zeros(0, dtype=torch.int64))
+        out = ebc(kjt)
+        assert out.keys() == ["f", "g"] and out.length_per_key() == [4, 2]
+        assert tuple(out.values().shape) == (0, 6)
+
+
+# ---------------------------------------------------------------- sharded (2 processes)
+SHARDED_METHODS = [m for m in sorted(METHODS) if m != "memcom"]  # MEmCom: see the sharder
+SHARDED_CASES = 40
+
+
+def sharded_tables() -> List[EmbeddingBagConfig]:
+    """One table per shardable method (MEAN and SUM pooling alternate); dim 8 so every codebook
+    has a multiple of 4 columns, as fbgemm's sharded kernels require."""
+    return [EmbeddingBagConfig(name=f"t_{m}", embedding_dim=8, num_embeddings=V,
+                               feature_names=[f"f_{m}"],
+                               pooling=PoolingType.MEAN if i % 2 else PoolingType.SUM)
+            for i, m in enumerate(SHARDED_METHODS)]
+
+
+def random_case(rng: random.Random, weighted: bool, batch_size: int
+                ) -> Tuple[Dict[str, List[List[int]]], Optional[Dict[str, List[List[float]]]]]:
+    """A batch drawn like the hypothesis strategy, from a seeded generator."""
+    bags, weights = {}, {}
+    for m in SHARDED_METHODS:
+        feature = f"f_{m}"
+        bags[feature], weights[feature] = [], []
+        for _ in range(batch_size):
+            n = rng.choice([0, 1, 2, 3, 4, 300])
+            if m == "full":
+                ids = [rng.randrange(V) for _ in range(n)]
+            else:
+                ids = [rng.choice([rng.randrange(V), rng.randint(INT64_MIN, INT64_MAX), -1, V,
+                                   INT64_MAX]) for _ in range(n)]
+            bags[feature].append(ids)
+            weights[feature].append([rng.choice([0.0, -1.5, rng.uniform(-3, 3)]) for _ in ids])
+    return bags, (weights if weighted else None)
+
+
+def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+    from torchrec_cce.distributed.tensors import scatter_full
+
+    compression = {f"t_{m}": METHODS[m] for m in SHARDED_METHODS if METHODS[m] is not None}
+    torch.manual_seed(0)
+    ref = CCEEmbeddingBagCollection(sharded_tables(), compression, is_weighted=weighted)
+    ref.eval()
+    with torch.no_grad():
+        m = ref.tables["t_cce"]
+        m.assignment.copy_(torch.randint(0, METHODS["cce"].rows, m.assignment.shape))
+        m.h_generation.fill_(1)
+    # id-range sharded p (replicate_assignment_below=0), codebooks table-wise over both ranks
+    sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)
+    meta = CCEEmbeddingBagCollection(sharded_tables(), compression, is_weighted=weighted,
+                                     device=torch.device("meta"))
+    names = [c.name for c in meta.codebook_table_configs()]
+    plan = ShardingPlan({"": construct_module_sharding_plan(
+        meta, {n: table_wise(rank=i % world, compute_kernel="fused") for i, n in enumerate(names)},
+        sharder=sharder, local_size=world, world_size=world, device_type="cpu")})
+    dmp = DistributedModelParallel(meta, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   plan=plan, sharders=[sharder], device=torch.device("cpu"))
+    full = ref.state_dict()
+    for key, value in dmp.state_dict().items():
+        scatter_full(value, full[key])
+    dmp.eval()
+    failures = []
+    sizes = random.Random(99)  # the batch size is the same on every rank (TorchRec needs it)
+    rng = random.Random(1234 + rank)  # the batches themselves differ
+    for case in range(SHARDED_CASES):
+        bags, weights = random_case(rng, weighted, sizes.choice([0, 1, 2, 3, 5]))
+        order = list(bags)
+        rng.shuffle(order)
+        kjt = build_kjt(bags, weights, order, rng.choice([torch.int64, torch.int32]) if all(
+            -(1 << 31) <= x < (1 << 31) for b in bags.values() for bag in b for x in bag)
+            else torch.int64, torch.int64)
+        got = dmp(kjt).wait()
+        expected = ref(kjt)
+        if got.keys() != expected.keys() or got.values().shape != expected.values().shape:
+            failures.append(f"case {case}: keys/shape {got.keys()} {tuple(got.values().shape)}")
+        elif not torch.allclose(got.values(), expected.values(), rtol=1e-4, atol=1e-4):
+            failures.append(f"case {case}: max diff "
+                            f"{(got.values() - expected.values()).abs().max():.3g}")
+    return failures
+
+
+def _unequal_batches_rank(rank: int, world: int) -> str:
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.types import ShardingEnv
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+
+    compression = {f"t_{m}": METHODS[m] for m in SHARDED_METHODS if METHODS[m] is not None}
+    meta = CCEEmbeddingBagCollection(sharded_tables(), compression, device=torch.device("meta"))
+    sharder = CCEEmbeddingBagCollectionSharder()
+    dmp = DistributedModelParallel(meta, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   sharders=[sharder], device=torch.device("cpu"))
+    bags, _ = random_case(random.Random(rank), False, batch_size=2 + rank)
+    try:
+        dmp(build_kjt(bags, None, list(bags), torch.int64, torch.int64)).wait()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_sharded_unequal_batch_sizes_raise_on_every_rank() -> None:
+    """Different batch sizes per rank: a clear ValueError on both ranks, not a gloo abort."""
+    messages = run_multiprocess(_unequal_batches_rank, 2, timeout=300)
+    for m in messages:
+        assert "batch sizes differ across ranks [2, 3]" in m, m
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sharded_forward_equals_unsharded_on_fuzzed_batches(weighted: bool) -> None:
+    results = run_multiprocess(_sharded_rank, 2, weighted, timeout=600)
+    assert results == [[], []]
