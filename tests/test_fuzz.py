@@ -8,7 +8,8 @@ Cases: empty batches, empty bags, single-id batches, huge bags, negative ids and
 2^63-1 (valid for hashed methods; the documented ValueError for full tables), weighted KJTs with
 zero/negative weights (valid) and NaN/inf weights (ValueError naming the feature), keys in any
 order, missing or extra keys (KeyError), int32 and int64 ids and lengths, lengths that do not
-sum to the values (ValueError). The sharded module (2 processes, gloo) is checked against the
+sum to the values (ValueError). The sharded module (2 processes, gloo; every rank with its own
+batch size, empty batches included, and its own id/length dtypes) is checked against the
 unsharded one on seeded cases drawn from the same distribution.
 """
 
@@ -281,15 +282,14 @@ def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
         scatter_full(value, full[key])
     dmp.eval()
     failures = []
-    sizes = random.Random(99)  # the batch size is the same on every rank (TorchRec needs it)
-    rng = random.Random(1234 + rank)  # the batches themselves differ
+    rng = random.Random(1234 + rank)  # every rank draws its own batches (sizes and dtypes too)
     for case in range(SHARDED_CASES):
-        bags, weights = random_case(rng, weighted, sizes.choice([0, 1, 2, 3, 5]))
+        bags, weights = random_case(rng, weighted, rng.choice([0, 1, 2, 3, 5]))
         order = list(bags)
         rng.shuffle(order)
         kjt = build_kjt(bags, weights, order, rng.choice([torch.int64, torch.int32]) if all(
             -(1 << 31) <= x < (1 << 31) for b in bags.values() for bag in b for x in bag)
-            else torch.int64, torch.int64)
+            else torch.int64, rng.choice([torch.int64, torch.int32]))
         got = dmp(kjt).wait()
         expected = ref(kjt)
         if got.keys() != expected.keys() or got.values().shape != expected.values().shape:
@@ -298,33 +298,6 @@ def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
             failures.append(f"case {case}: max diff "
                             f"{(got.values() - expected.values()).abs().max():.3g}")
     return failures
-
-
-def _unequal_batches_rank(rank: int, world: int) -> str:
-    import torch.distributed as dist
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
-
-    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
-
-    compression = {f"t_{m}": METHODS[m] for m in SHARDED_METHODS if METHODS[m] is not None}
-    meta = CCEEmbeddingBagCollection(sharded_tables(), compression, device=torch.device("meta"))
-    sharder = CCEEmbeddingBagCollectionSharder()
-    dmp = DistributedModelParallel(meta, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   sharders=[sharder], device=torch.device("cpu"))
-    bags, _ = random_case(random.Random(rank), False, batch_size=2 + rank)
-    try:
-        dmp(build_kjt(bags, None, list(bags), torch.int64, torch.int64)).wait()
-    except ValueError as e:
-        return str(e)
-    return "no error"
-
-
-def test_sharded_unequal_batch_sizes_raise_on_every_rank() -> None:
-    """Different batch sizes per rank: a clear ValueError on both ranks, not a gloo abort."""
-    messages = run_multiprocess(_unequal_batches_rank, 2, timeout=300)
-    for m in messages:
-        assert "batch sizes differ across ranks [2, 3]" in m, m
 
 
 @pytest.mark.timeout(900)

@@ -74,25 +74,3 @@ def check_kjt_layout(features: KeyedJaggedTensor) -> None:
             f"upstream"
         )
 
-
-def check_equal_batch_sizes(batch_size: int, group, device: torch.device) -> None:  # noqa: ANN001
-    """Every rank of ``group`` has the same number of examples (one small all-gather).
-
-    TorchRec's sharded ``EmbeddingBagCollection`` exchanges pooled outputs with fixed per-rank
-    batch sizes (variable batches need its VBE KJTs): a rank with a different batch would
-    otherwise abort gloo/NCCL inside the output all-to-all. Every rank sees the same sizes, so
-    every rank raises together instead of one hanging.
-    """
-    import torch.distributed as dist
-
-    world = dist.get_world_size(group)
-    sizes = torch.zeros(world, dtype=torch.int64, device=device)
-    dist.all_gather_into_tensor(sizes, torch.tensor([batch_size], dtype=torch.int64, device=device),
-                                group=group)
-    sizes = sizes.tolist()
-    if len(set(sizes)) > 1:
-        raise ValueError(
-            f"batch sizes differ across ranks {sizes} (rank {dist.get_rank(group)} has "
-            f"{batch_size}); sharded embedding collections need the same number of examples on "
-            f"every rank: pad the last batch or drop it on every rank"
-        )

@@ -48,7 +48,6 @@ from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignme
 from torchrec_cce.methods import CCETable, build_table
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.stages import check_features, compose_pooled, remap_features
-from torchrec_cce.validation import check_equal_batch_sizes
 
 # Assignments smaller than this (bytes) are replicated on every rank instead of split by id.
 DEFAULT_REPLICATE_ASSIGNMENT_BELOW = 1 << 20
@@ -76,6 +75,16 @@ def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection
     return out
 
 
+def _as_int64(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+    """Ids and lengths as int64, so ranks fed int32 and int64 KJTs send the same dtypes through
+    the id and codebook all-to-alls (mixed dtypes would abort gloo/NCCL)."""
+    values, lengths = features.values(), features.lengths()
+    if values.dtype == torch.int64 and lengths.dtype == torch.int64:
+        return features
+    return KeyedJaggedTensor(keys=features.keys(), values=values.to(torch.int64),
+                             lengths=lengths.to(torch.int64), weights=features.weights_or_none())
+
+
 def _one_example_of_empty_bags(features: KeyedJaggedTensor) -> KeyedJaggedTensor:
     """A batch of no examples as one example whose bags are all empty."""
     lengths = torch.zeros(len(features.keys()), dtype=features.lengths().dtype,
@@ -100,10 +109,8 @@ class ShardedCCEEmbeddingBagCollection(
         device: torch.device,
         module_fqn: Optional[str] = None,
         replicate_assignment_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
-        check_batch_sizes: bool = True,
     ) -> None:
         super().__init__()
-        self._check_batch_sizes = check_batch_sizes and env.world_size > 1
         self._env = env
         self._device = device
         self._pg = env.process_group
@@ -217,8 +224,7 @@ class ShardedCCEEmbeddingBagCollection(
     def input_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                    features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         check_features(self._feature_table, self._served, features)
-        if self._check_batch_sizes:
-            check_equal_batch_sizes(features.stride(), self._pg, features.lengths().device)
+        features = _as_int64(features)
         if features.stride() == 0:
             ctx.empty_batch = True
             features = _one_example_of_empty_bags(features)
@@ -297,10 +303,6 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
             ``fused_params`` to pick the fused optimizer).
         replicate_assignment_below: CCE assignments of fewer bytes are replicated on every rank;
             larger ones are split by id range (``ceil(V / world)`` ids per rank).
-        check_batch_sizes: check (one 1-element all-gather per batch) that every rank has the
-            same number of examples, and raise a clear ``ValueError`` on every rank if not
-            (TorchRec's pooled all-to-all would abort the process). Pass False to skip it when
-            the data loader guarantees equal batches.
     """
 
     def __init__(
@@ -308,10 +310,8 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
         replicate_assignment_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
-        check_batch_sizes: bool = True,
     ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
-        self.check_batch_sizes = check_batch_sizes
         self._ebc_sharder = ebc_sharder or EmbeddingBagCollectionSharder(
             qcomm_codecs_registry=self.qcomm_codecs_registry)
         self.replicate_assignment_below = replicate_assignment_below
@@ -322,8 +322,7 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         return ShardedCCEEmbeddingBagCollection(
             module, params, ebc_sharder=self._ebc_sharder, env=env,
             device=device or torch.device("cuda"), module_fqn=module_fqn,
-            replicate_assignment_below=self.replicate_assignment_below,
-            check_batch_sizes=self.check_batch_sizes)
+            replicate_assignment_below=self.replicate_assignment_below)
 
     @property
     def fused_params(self) -> Optional[Dict[str, Any]]:
