@@ -275,7 +275,7 @@ def test_bad_rows_above_threshold(tmp_path):
     assert path in msg and "line 31" in msg and "non_numeric_dense=1" in msg
     assert "wrong_field_count=1" in msg and "--max-bad-fraction" in msg
     # the line number is exact also after a skipped (wrong field count) row
-    lines[30] = "0,v1,2"
+    lines[30] = "0,v1,29"
     lines[50] = "0,v1,2,3"  # line 51
     lines[70] = "0,v1,x"  # line 71
     path = write(tmp_path / "in.csv", "\n".join(lines) + "\n")
