@@ -255,6 +255,12 @@ class Vocabulary:
 
     def encode(self, arr: pa.Array) -> np.ndarray:
         """int32 ids of a string array (0 for values not in the vocabulary)."""
+        if len(arr) > 1024:  # look up each distinct value of the block once
+            d = arr.dictionary_encode()
+            return self._encode(d.dictionary)[d.indices.to_numpy(zero_copy_only=False)]
+        return self._encode(arr)
+
+    def _encode(self, arr: pa.Array) -> np.ndarray:
         n = len(arr)
         if n == 0 or len(self.values) == 0:
             return np.zeros(n, dtype=np.int32)
