@@ -171,6 +171,9 @@ class PreprocessedDataset(IterableDataset):
                     f"{batch_size * world_size}; use a smaller batch size")
             self._cuts = None
         else:
+            if n == 0:
+                raise ValueError(f"{data_dir}: split {split!r} is empty (0 rows); preprocess with a "
+                                 "non-zero fraction for it")
             self._cuts = eval_batch_bounds(n, batch_size, world_size)
             self._num_batches = len(self._cuts)
 
