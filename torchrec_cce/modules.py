@@ -214,4 +214,4 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def compose(self, features: KeyedJaggedTensor, pooled: KeyedTensor) -> KeyedTensor:
         """Compose stage: pooled codebook outputs -> ``KeyedTensor`` of the logical features."""
         return compose_pooled(self._embedding_bag_configs, self.tables,
-                              features.to_dict(), pooled)
+                              features.to_dict(), pooled, self._is_weighted)

@@ -178,7 +178,7 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
             "compressed_bytes": codebook_bytes + assignment,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": params,
-            "ratio": full / (codebook_bytes + assignment),
+            "ratio": full / max(1, codebook_bytes + assignment),
             "local_codebook_bytes": local_codebook,
             "local_assignment_bytes": local_assignment,
         }

@@ -1,0 +1,8 @@
+"""MPE (Mixed-Precision Embeddings): quantiser, training hook and serving export.
+
+The table itself is :class:`torchrec_cce.methods.mpe.MPETable` (built from ``MPEConfig``).
+"""
+
+from torchrec_cce.mpe.hook import MPESchedule, mpe_penalty, mpe_summary, mpe_tables
+
+__all__ = ["MPESchedule", "mpe_penalty", "mpe_summary", "mpe_tables"]
