@@ -198,6 +198,9 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         remapped = self.remap(features)
+        if not self.codebooks.embedding_bag_configs():  # only self-looked-up (MPE) tables
+            empty = torch.empty(features.stride(), 0, device=features.values().device)
+            return self.compose(features, KeyedTensor(keys=[], length_per_key=[], values=empty))
         return self.compose(features, self.codebooks(remapped))
 
     # ---- the two stages (shared with the sharded module: see torchrec_cce/stages.py) ----

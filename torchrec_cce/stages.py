@@ -90,6 +90,10 @@ def remap_features(
                     if w is not None:
                         weights.append(w)
             first_stream += len(cb.streams)
+    if not keys:  # every table looks itself up (MPE): nothing for the codebook EBC
+        empty = torch.empty(0, dtype=torch.int64, device=features.values().device)
+        return KeyedJaggedTensor(keys=[], values=empty, lengths=empty,
+                                 weights=empty.float() if inner_weighted else None)
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.cat(values),
