@@ -457,10 +457,13 @@ def _dmp_worker(rank: int, world: int) -> Dict[str, torch.Tensor]:
     module = make_ebc(config, PoolingType.MEAN, device=torch.device("meta"))
     names = [c.name for c in module.codebook_table_configs()]
     assert names == ["small"]  # the MPE table adds no codebook
+    from torchrec_cce.distributed import plan_memory
     plan = ShardingPlan({"ebc": construct_module_sharding_plan(
         module, {n: table_wise(rank=1) for n in names}, sharder=sharder, local_size=world,
         world_size=world, device_type="cpu")})
-    dmp = DistributedModelParallel(_Values(module), env=ShardingEnv.from_process_group(
+    wrapped = _Values(module)
+    plan_rows = plan_memory(plan, wrapped, world)
+    dmp = DistributedModelParallel(wrapped, env=ShardingEnv.from_process_group(
         dist.GroupMember.WORLD), plan=plan, sharders=[sharder], device=torch.device("cpu"))
     ref = make_ebc(config, PoolingType.MEAN)
     # Same state as the reference (the full table is sharded to rank 1).
@@ -476,7 +479,9 @@ def _dmp_worker(rank: int, world: int) -> Dict[str, torch.Tensor]:
     t = dmp.module.ebc.tables["big"]
     opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "tables.big" in n], lr=0.5)
     ref_opt = torch.optim.SGD(ref.tables["big"].parameters(), lr=0.5)
-    out = {"initial_weight": t.weight.detach().clone()}
+    out = {"initial_weight": t.weight.detach().clone(),
+           "plan_big": torch.tensor(plan_rows["big"]["bytes_per_rank"]),
+           "plan_small": torch.tensor(plan_rows["small"]["bytes_per_rank"])}
     # Search step: forward equals unsharded; DDP-averaged gradients equal the reference's.
     f = [kjt(10 + r, batch=6) for r in range(world)]
     pooled = dmp(f[rank])
@@ -516,3 +521,7 @@ def test_mpe_table_under_dmp_two_processes() -> None:
         assert int(r["serving_bytes"]) == int(r["ref_serving_bytes"])
     assert torch.equal(results[0]["weight"], results[1]["weight"])  # replicated, in step
     assert not torch.equal(results[0]["weight"], results[0]["initial_weight"])  # it trained
+    # The plan's memory table: MPE training state on every rank, the full table on rank 1.
+    state = (V * DIM + 8 * 7 + 7 + DIM) * 4
+    assert results[0]["plan_big"].tolist() == [state, state]
+    assert results[0]["plan_small"].tolist() == [0, 20 * DIM * 4]
