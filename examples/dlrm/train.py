@@ -557,7 +557,9 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     tables = table_configs(data, dim)
     compression, cap = make_compression(tables, args, table_counts(data, tables))
     # MEmCom's per-id weights cannot be sharded yet: its model is built for data parallelism.
-    meta = args.method != "memcom" and len(compression) < len(tables)  # (all-MPE: unsharded)
+    # An all-MPE collection has no codebook for DMP to shard: build it for DDP (like MEmCom).
+    all_mpe = args.method == "mpe" and len(compression) == len(tables)
+    meta = args.method != "memcom" and not all_mpe
     ebc = CCEEmbeddingBagCollection(tables, compression,
                                     device=torch.device("meta") if meta else None)
     dense = [int(x) for x in args.dense_arch.split(",")]
