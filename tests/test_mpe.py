@@ -525,3 +525,17 @@ def test_mpe_table_under_dmp_two_processes() -> None:
     state = (V * DIM + 8 * 7 + 7 + DIM) * 4
     assert results[0]["plan_big"].tolist() == [state, state]
     assert results[0]["plan_small"].tolist() == [0, 20 * DIM * 4]
+
+
+def test_selection_resets_row_wise_optimizer_state() -> None:
+    from torchrec.optim import RowWiseAdagrad
+
+    ebc = make_ebc(MPEConfig(groups=8, counts=zipf_counts()))
+    t = ebc.tables["big"]
+    opt = RowWiseAdagrad([t.weight], lr=0.1)
+    ebc(kjt(0)).values().sum().backward()
+    opt.step()
+    state = opt.state[t.weight]
+    assert any(v.abs().sum() > 0 for v in state.values() if isinstance(v, torch.Tensor))
+    t.select(optimizers=[opt])
+    assert all(float(v.abs().sum()) == 0 for v in state.values() if isinstance(v, torch.Tensor))

@@ -233,6 +233,13 @@ class MPETable(CompressedTable):
         self.selected.copy_(select_bits(self.probabilities(), self.bits))
         self.weight.copy_(self.initial_weight())
         reset_optimizer_state([self.weight], optimizers)
+        for opt in list(optimizers) + list(getattr(self.weight, "_in_backward_optimizers", [])):
+            init = float(opt.param_groups[0].get("initial_accumulator_value", 0.0))
+            for key, value in (opt.state.get(self.weight) or {}).items():  # row-wise ([V], [V, 1])
+                if (isinstance(value, torch.Tensor) and value.dim() >= 1
+                        and value.shape[0] == self.num_embeddings
+                        and value.shape != self.weight.shape):
+                    value.fill_(init if key == "sum" else 0.0)
         self.stage.fill_(RETRAIN)
         return self.selected.clone()
 
