@@ -3,7 +3,7 @@
 Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
-                              QRConfig, MEmComConfig, recluster, memory_report)
+                              QRConfig, MEmComConfig, MPEConfig, recluster, memory_report)
 """
 
 from torchrec_cce.configs import (
@@ -11,6 +11,7 @@ from torchrec_cce.configs import (
     CEConfig,
     HashingTrickConfig,
     MEmComConfig,
+    MPEConfig,
     QRConfig,
     compression_for_budget,
     total_compression,
@@ -19,6 +20,7 @@ from torchrec_cce.clustering.recluster import recluster
 from torchrec_cce.clustering.schedule import ReclusterSchedule
 from torchrec_cce.memory import memory_report, summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
+from torchrec_cce.mpe import MPESchedule, mpe_penalty
 
 __all__ = [
     "CCEEmbeddingBagCollection",
@@ -26,10 +28,13 @@ __all__ = [
     "CEConfig",
     "HashingTrickConfig",
     "MEmComConfig",
+    "MPEConfig",
+    "MPESchedule",
     "QRConfig",
     "ReclusterSchedule",
     "compression_for_budget",
     "memory_report",
+    "mpe_penalty",
     "recluster",
     "summarize",
     "total_compression",

@@ -9,9 +9,10 @@ Parameter counts follow the papers: codebook rows x columns, plus per-id trainab
 :func:`torchrec_cce.memory.memory_report`.
 """
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 from torchrec import EmbeddingBagConfig
 
@@ -154,10 +155,77 @@ class MEmComConfig:
         return self.rows * table.embedding_dim + table.num_embeddings
 
 
-CompressionConfig = Union[CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig]
-CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig)
+MPE_ALLOWED_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16)
 
-METHOD_NAMES = ("full", "hashing", "ce", "qr", "cce", "memcom")
+
+@dataclass(frozen=True)
+class MPEConfig:
+    """Mixed-Precision Embeddings (Li et al., arXiv 2409.20305; public code
+    github.com/Leopold1423/mpe, ``model/embedding.py: OptFP_Embedding``).
+
+    Ids are ranked by training frequency and split into ``groups`` groups of
+    ``ceil(V / groups)`` ids; each group learns a distribution over the candidate ``bits``
+    (0 = the row is pruned to zero) while every row is LSQ+-quantised
+    (:mod:`torchrec_cce.mpe.quantizer`). Search -> select -> retrain is driven by
+    :class:`torchrec_cce.mpe.MPESchedule`; the memory penalty ``lam * sum(p * bits) /
+    group_weight`` is :func:`torchrec_cce.mpe.mpe_penalty`.
+
+    Args:
+        groups: number of frequency groups (paper: 128).
+        bits: candidate bit widths, from ``(0, 1, ..., 8, 16)`` (paper: 0..6).
+        tau: softmax temperature of the group logits (paper: 3e-3).
+        lam: the memory penalty weight lambda (the public code's ``l2_gamma``; paper's
+            Criteo setting 3e-4).
+        seed: seeds the initial weights (regenerated when retraining restarts them).
+        counts: optional per-id training counts (``[V]``, e.g. the preprocessed data's
+            ``counts/<feature>.npy``). Without them the table counts the ids it sees during
+            a warm-up (``MPESchedule(warmup_steps=...)``).
+
+    Parameters (the paper's count): ``V * dim`` fp32 master weights are trained; the
+    compression is in the served (packed) table, see ``memory_report``'s ``serving_bytes``.
+    """
+
+    groups: int = 128
+    bits: Tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+    tau: float = 3e-3
+    lam: float = 3e-4
+    seed: int = 0
+    counts: Optional[Any] = field(default=None, compare=False, repr=False)
+
+    def validate(self, table: EmbeddingBagConfig) -> None:
+        _require_positive(table, "groups", self.groups)
+        if self.groups > table.num_embeddings:
+            raise ValueError(
+                f"table '{table.name}': MPEConfig.groups={self.groups} exceeds the table's "
+                f"{table.num_embeddings} ids; use groups <= num_embeddings"
+            )
+        bits = tuple(self.bits)
+        if not bits or len(set(bits)) != len(bits) or any(b not in MPE_ALLOWED_BITS for b in bits):
+            raise ValueError(
+                f"table '{table.name}': MPEConfig.bits must be distinct values from "
+                f"{MPE_ALLOWED_BITS}, got {self.bits!r}"
+            )
+        if not self.tau > 0:
+            raise ValueError(f"table '{table.name}': MPEConfig.tau must be > 0, got {self.tau}")
+        if not self.lam >= 0:
+            raise ValueError(f"table '{table.name}': MPEConfig.lam must be >= 0, got {self.lam}")
+        if self.counts is not None and len(self.counts) != table.num_embeddings:
+            raise ValueError(
+                f"table '{table.name}': MPEConfig.counts has {len(self.counts)} entries, the "
+                f"table has {table.num_embeddings} ids; pass one count per id"
+            )
+
+    def num_parameters(self, table: EmbeddingBagConfig) -> int:
+        """The trained fp32 master table, ``V * dim`` (the group logits, steps and offsets,
+        ``groups * len(bits) + len(bits) + dim``, are counted by ``memory_report``)."""
+        return table.num_embeddings * table.embedding_dim
+
+
+CompressionConfig = Union[CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig,
+                          MPEConfig]
+CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig)
+
+METHOD_NAMES = ("full", "hashing", "ce", "qr", "cce", "memcom", "mpe")
 
 
 def _qr_collisions_for_budget(table: EmbeddingBagConfig, budget_rows: int) -> int:
@@ -183,6 +251,7 @@ def compression_for_budget(
     chunks: int = 4,
     seed: int = 0,
     qr_operation: QROperation = "mult",
+    mpe: Optional[MPEConfig] = None,
 ) -> Dict[str, CompressionConfig]:
     """The paper's protocol: every table with ``num_embeddings * dim > max_params_per_table``
     is compressed with ``method`` to at most that many parameters; smaller tables stay full.
@@ -190,6 +259,10 @@ def compression_for_budget(
     ``method`` is one of :data:`METHOD_NAMES`. CCE gets ``rows = P // (2 * dim)`` (two
     codebooks), CE and hashing ``P // dim``, QR the collision count that fits both tables in
     the budget, MEmCom ``(P - V) // dim`` rows (its per-id weights count against the budget).
+
+    MPE has no parameter budget (it trains the full fp32 table; its widths, hence its served
+    bytes, are learned under the memory penalty): every table above the cap gets ``mpe`` (an
+    ``MPEConfig``, default ``MPEConfig(seed=seed)``, groups capped at the table's ids).
     """
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown method {method!r}; choose one of {METHOD_NAMES}")
@@ -219,6 +292,9 @@ def compression_for_budget(
                     f"more than max_params_per_table={max_params_per_table}; raise the budget"
                 )
             out[t.name] = MEmComConfig(rows=rows, seed=seed)
+        elif method == "mpe":
+            base = mpe or MPEConfig(seed=seed)
+            out[t.name] = dataclasses.replace(base, groups=min(base.groups, t.num_embeddings))
     return out
 
 

@@ -26,10 +26,36 @@ def _codebook_weight(collection: nn.Module, table: str) -> torch.Tensor:
     return collection.codebooks.embedding_bags[table].weight
 
 
+def _add_training_and_serving(collection: nn.Module,
+                              report: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """``training_bytes`` (what training stores) and ``serving_bytes`` (what serving stores)
+    for every table. They differ only for MPE, which trains fp32 master weights (plus logits,
+    steps, offsets, and a per-id group index when ids are not frequency-ordered) and serves the
+    packed table of :mod:`torchrec_cce.mpe.export`; for MPE ``compressed_bytes`` and ``ratio``
+    are the serving figures (its compression is for storage and serving)."""
+    from torchrec_cce.mpe.export import serving_bytes
+
+    for name, row in report.items():
+        method = collection.tables[name] if name in collection.tables else None
+        if getattr(method, "method_name", "") == "mpe":
+            serving = serving_bytes(method)
+            row.update(training_bytes=method.state_bytes(), serving_bytes=serving,
+                       compressed_bytes=serving, params=method.extra_parameters(),
+                       ratio=row["full_bytes"] / serving)
+        else:
+            row.setdefault("training_bytes", row["compressed_bytes"])
+            row.setdefault("serving_bytes", row["compressed_bytes"])
+    return report
+
+
 def collection_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
-    """Per-table report for one unsharded ``CCEEmbeddingBagCollection``."""
+    """Per-table report for one (unsharded or sharded) ``CCEEmbeddingBagCollection``."""
     if hasattr(collection, "cce_memory_report"):
-        return collection.cce_memory_report()
+        return _add_training_and_serving(collection, collection.cce_memory_report())
+    return _add_training_and_serving(collection, _unsharded_report(collection))
+
+
+def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
     report: Dict[str, Dict[str, float]] = {}
     for t in collection.embedding_bag_configs():
         method: CompressedTable = collection.tables[t.name]
@@ -60,7 +86,10 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
     * ``assignment_bytes``: CCE's learned ``p`` (``V x chunks`` int16/int32), 0 otherwise;
     * ``compressed_bytes``: codebooks + assignment + per-id weights (MEmCom);
     * ``params``: trainable parameters (codebook entries + per-id weights);
-    * ``ratio``: ``full_bytes / compressed_bytes``.
+    * ``ratio``: ``full_bytes / compressed_bytes``;
+    * ``training_bytes`` / ``serving_bytes``: bytes stored while training / when served. Equal
+      to ``compressed_bytes`` except for MPE, which trains fp32 master weights and serves a
+      packed table (its ``compressed_bytes`` is the serving figure).
 
     Full (uncompressed) tables appear with ratio 1. Table names must be unique across
     collections; a repeated name is reported as ``<module path>.<table>``.
@@ -79,6 +108,10 @@ def summarize(report: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     full_bytes = sum(r["full_bytes"] for r in report.values())
     compressed = sum(r["compressed_bytes"] for r in report.values())
     return {
+        "training_bytes": sum(r.get("training_bytes", r["compressed_bytes"])
+                              for r in report.values()),
+        "serving_bytes": sum(r.get("serving_bytes", r["compressed_bytes"])
+                             for r in report.values()),
         "full_bytes": full_bytes,
         "compressed_bytes": compressed,
         "assignment_bytes": sum(r["assignment_bytes"] for r in report.values()),

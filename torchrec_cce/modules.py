@@ -201,6 +201,9 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             self.check_features(features)
             return empty_pooled(self._embedding_bag_configs, features.values().device)
         remapped = self.remap(features)
+        if not self.codebooks.embedding_bag_configs():  # only self-looked-up (MPE) tables
+            empty = torch.empty(features.stride(), 0, device=features.values().device)
+            return self.compose(features, KeyedTensor(keys=[], length_per_key=[], values=empty))
         return self.compose(features, self.codebooks(remapped))
 
     # ---- the two stages (shared with the sharded module: see torchrec_cce/stages.py) ----
@@ -217,4 +220,4 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def compose(self, features: KeyedJaggedTensor, pooled: KeyedTensor) -> KeyedTensor:
         """Compose stage: pooled codebook outputs -> ``KeyedTensor`` of the logical features."""
         return compose_pooled(self._embedding_bag_configs, self.tables,
-                              features.to_dict(), pooled)
+                              features.to_dict(), pooled, self._is_weighted)

@@ -102,6 +102,10 @@ def remap_features(
                     if w is not None:
                         weights.append(w)
             first_stream += len(cb.streams)
+    if not keys:  # every table looks itself up (MPE): nothing for the codebook EBC
+        empty = torch.empty(0, dtype=torch.int64, device=features.values().device)
+        return KeyedJaggedTensor(keys=[], values=empty, lengths=empty,
+                                 weights=empty.float() if inner_weighted else None)
     return KeyedJaggedTensor(
         keys=keys,
         values=torch.cat(values),
@@ -115,11 +119,13 @@ def compose_pooled(
     methods: Mapping[str, nn.Module],
     lengths: Mapping[str, torch.Tensor],
     pooled: KeyedTensor,
+    is_weighted: bool = True,
 ) -> KeyedTensor:
     """Pooled codebook outputs -> ``KeyedTensor`` of the logical features (table order).
 
     ``lengths`` maps each feature with MEAN pooling to its bag lengths (a JaggedTensor or a
-    lengths tensor).
+    lengths tensor), and each feature of a table that looks itself up (``local_lookup``, MPE)
+    to its JaggedTensor (ids, lengths and, if ``is_weighted``, weights).
     """
     parts = pooled.to_dict()
     out: List[torch.Tensor] = []
@@ -128,7 +134,12 @@ def compose_pooled(
     for t in tables:
         method: CompressedTable = methods[t.name]
         for f in t.feature_names:
-            streams = [parts[codebook_feature_name(f, s)] for s in method.streams()]
+            if getattr(method, "local_lookup", False):
+                jt = lengths[f]
+                streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted
+                                                else None)]
+            else:
+                streams = [parts[codebook_feature_name(f, s)] for s in method.streams()]
             if t.pooling == PoolingType.MEAN:
                 # Mean-pool every stream before composing: the same for linear compositions,
                 # and mean(Q) * mean(R) for QR-mult (as in the DLRM reference).

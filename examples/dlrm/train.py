@@ -25,6 +25,7 @@ ranks.
 """
 
 import argparse
+import dataclasses
 import itertools
 import json
 import logging
@@ -69,6 +70,8 @@ from torchrec_cce import (  # noqa: E402
     summarize,
 )
 from torchrec_cce.clustering.schedule import ReclusterSchedule  # noqa: E402
+from torchrec_cce.configs import MPEConfig  # noqa: E402
+from torchrec_cce.mpe import MPESchedule, mpe_penalty, mpe_summary  # noqa: E402
 from torchrec_cce.configs import METHOD_NAMES  # noqa: E402
 from torchrec_cce.data import (  # noqa: E402
     AvazuCsvDataset,
@@ -184,6 +187,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--dcn", action="store_true", help="DLRM_DCN instead of DLRM")
     m.add_argument("--dcn-layers", type=int, default=2)
     m.add_argument("--dcn-low-rank", type=int, default=16)
+    q = p.add_argument_group("MPE (--method mpe: every table above the cap)")
+    q.add_argument("--mpe-bits", default="0,1,2,3,4,5,6", help="candidate bit widths (0 = pruned)")
+    q.add_argument("--mpe-groups", type=int, default=128, help="frequency groups per table")
+    q.add_argument("--mpe-lambda", type=float, default=3e-4, help="memory penalty weight")
+    q.add_argument("--mpe-tau", type=float, default=3e-3, help="softmax temperature")
+    q.add_argument("--mpe-search-steps", type=int, default=None,
+                   help="search length in steps (default: one epoch); then select and retrain")
+    q.add_argument("--mpe-warmup-steps", type=int, default=None,
+                   help="steps counting ids before the search, for data without per-id counts "
+                        "(default: 0 with counts, else a tenth of an epoch)")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=1024, help="per-rank batch size")
@@ -535,6 +548,14 @@ def make_compression(tables: List[EmbeddingBagConfig], args: argparse.Namespace,
     use it."""
     cap = args.max_params_per_table or max(16, max(t.num_embeddings for t in tables)
                                            * args.embedding_dim // 16)
+    if args.method == "mpe":
+        base = MPEConfig(groups=args.mpe_groups, tau=args.mpe_tau, lam=args.mpe_lambda,
+                         bits=tuple(int(b) for b in args.mpe_bits.split(",")), seed=args.seed)
+        compression = compression_for_budget(tables, "mpe", cap, mpe=base)
+        if counts is not None:  # frequency groups from the data's per-id counts
+            compression = {n: dataclasses.replace(c, counts=counts[n])
+                           for n, c in compression.items()}
+        return compression, cap
     return compression_for_budget(tables, args.method, cap, chunks=args.chunks,
                                   seed=args.seed), cap
 
@@ -544,7 +565,9 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     tables = table_configs(data, dim)
     compression, cap = make_compression(tables, args, table_counts(data, tables))
     # MEmCom's per-id weights cannot be sharded yet: its model is built for data parallelism.
-    meta = args.method != "memcom"
+    # An all-MPE collection has no codebook for DMP to shard: build it for DDP (like MEmCom).
+    all_mpe = args.method == "mpe" and len(compression) == len(tables)
+    meta = args.method != "memcom" and not all_mpe
     ebc = CCEEmbeddingBagCollection(tables, compression,
                                     device=torch.device("meta") if meta else None)
     dense = [int(x) for x in args.dense_arch.split(",")]
@@ -560,8 +583,17 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
         dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=data.dense_in,
                     dense_arch_layer_sizes=dense, over_arch_layer_sizes=over,
                     dense_device=torch.device("cpu"))
-    return DLRMTrain(dlrm), {"max_params_per_table": cap, "compressed_tables": len(compression),
+    train_module = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
+    return train_module, {"max_params_per_table": cap, "compressed_tables": len(compression),
                              "tables": {t.name: t.num_embeddings for t in tables}}
+
+
+class MPEDLRMTrain(DLRMTrain):
+    """DLRMTrain whose loss adds MPE's memory penalty (0 outside the search stage)."""
+
+    def forward(self, batch: Batch) -> Tuple[torch.Tensor, Tuple[torch.Tensor, ...]]:
+        loss, outputs = super().forward(batch)
+        return loss + mpe_penalty(self), outputs
 
 
 def sparse_optimizer(name: str) -> Tuple[type, Dict[str, Any]]:
@@ -593,8 +625,10 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
                                       device_ids=[device] if device.type == "cuda" else None)
         return ddp, "(memcom: embeddings replicated with DDP; MEmCom tables are not shardable)"
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
-    apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.parameters(),
-                                {"lr": args.lr, **opt_kw})
+    # MPE tables' own parameters (replicated, DDP) train with the dense optimizer instead.
+    sparse = [p for n, p in model.model.sparse_arch.named_parameters()
+              if not (args.method == "mpe" and ".tables." in n)]
+    apply_optimizer_in_backward(opt_cls, sparse, {"lr": args.lr, **opt_kw})
     sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world,
@@ -807,6 +841,8 @@ class Training:
     samples: int = 0
     recluster_seconds: float = 0.0
     eval_seconds: float = 0.0
+    mpe: Optional[MPESchedule] = None
+    mpe_log: List[Dict[str, Any]] = field(default_factory=list)
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -830,6 +866,13 @@ def setup(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         iters=args.kmeans_iters)
     ctx = Training(args, rank, world, device, data, dmp, optim, pipeline, schedule,
                    Protocol(args.patience), budget, plan_table)
+    if args.method == "mpe":
+        counted = table_counts(data, table_configs(data, args.embedding_dim)) is not None
+        epoch_steps = data.steps_per_epoch or 1
+        warmup = args.mpe_warmup_steps
+        warmup = (0 if counted else max(1, epoch_steps // 10)) if warmup is None else warmup
+        ctx.mpe = MPESchedule(search_steps=args.mpe_search_steps or epoch_steps,
+                              warmup_steps=warmup)
     if args.resume:
         if not args.checkpoint_dir or not os.path.isdir(args.checkpoint_dir):
             raise FileNotFoundError(f"--resume needs an existing --checkpoint-dir, got "
@@ -868,6 +911,13 @@ def train_steps(ctx: Training, batches: Iterator[Batch]) -> int:
             ctx.recluster_log.append({"step": step, "tables": stats})
             secs = sum(s["seconds"] for s in stats.values())
             ctx.say(f"re-clustered {len(stats)} tables at step {step} in {secs:.2f} s")
+        if ctx.mpe is not None and (ctx.mpe.due(step) or step == 1):
+            events = ctx.mpe.step(ctx.dmp, step, optimizers=[ctx.optim.dense])
+            if events:
+                kinds = sorted({e["event"] for e in events.values()})
+                ctx.mpe_log.append({"step": step, "events": kinds,
+                                    "tables": mpe_summary(ctx.dmp)})
+                ctx.say(f"MPE {', '.join(kinds)} for {len(events)} tables at step {step}")
     ctx.pipeline.reset()
     return n
 
@@ -980,6 +1030,9 @@ def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[s
         "eval_seconds": ctx.eval_seconds,
         "embedding_params": totals["params"],
         "embedding_bytes": totals["compressed_bytes"],
+        "embedding_training_bytes": totals["training_bytes"],
+        "embedding_serving_bytes": totals["serving_bytes"],
+        "mpe": ctx.mpe_log,
         "full_embedding_bytes": totals["full_bytes"],
         "full_embedding_params": totals["full_params"],
         "assignment_bytes": totals["assignment_bytes"],

@@ -117,10 +117,13 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
                     per_rank[rank] += shard.shard_sizes[0] * shard.shard_sizes[1] * elem
             for r, b in enumerate(assign.get(t.name, [0] * world_size)):
                 per_rank[r] += b
+            # Self-looked-up tables (MPE) keep their training state on every rank.
+            local = method.state_bytes() if getattr(method, "local_lookup", False) else 0
+            per_rank = [b + local for b in per_rank]
             rows[t.name] = {
                 "method": method.method_name,
                 "full_bytes": t.num_embeddings * t.embedding_dim * elem,
-                "compressed_bytes": codebook_total + (
+                "compressed_bytes": local + codebook_total + (
                     method.logical_assignment_bytes() if isinstance(method, CCETable) else 0),
                 "bytes_per_rank": per_rank,
             }
@@ -178,7 +181,7 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
             "compressed_bytes": codebook_bytes + assignment,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": params,
-            "ratio": full / (codebook_bytes + assignment),
+            "ratio": full / max(1, codebook_bytes + assignment),
             "local_codebook_bytes": local_codebook,
             "local_assignment_bytes": local_assignment,
         }

@@ -68,7 +68,8 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 
 def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection",
                       lengths: Dict[str, torch.Tensor], empty_batch: bool = False) -> KeyedTensor:
-    out = compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt)
+    out = compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt,
+                         module._is_weighted)
     if empty_batch:
         return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(),
                            values=out.values()[:0])
@@ -231,6 +232,10 @@ class ShardedCCEEmbeddingBagCollection(
         per_feature = features.to_dict()
         ctx.mean_lengths = {f: per_feature[f].lengths() for t in self._embedding_bag_configs
                             if t.pooling == PoolingType.MEAN for f in t.feature_names}
+        # Tables that look themselves up in compose (MPE) need the local ids of the batch.
+        ctx.mean_lengths.update({f: per_feature[f] for t in self._embedding_bag_configs
+                                 if getattr(self.tables[t.name], "local_lookup", False)
+                                 for f in t.feature_names})
         if self.training:
             ctx.observed_ids = [(t.name, per_feature[f].values())
                                 for t in self._embedding_bag_configs for f in t.feature_names]

@@ -11,6 +11,7 @@ from torchrec_cce.configs import (
     CompressionConfig,
     HashingTrickConfig,
     MEmComConfig,
+    MPEConfig,
     QRConfig,
 )
 from torchrec_cce.methods.base import (
@@ -24,6 +25,7 @@ from torchrec_cce.methods.ce import CETable
 from torchrec_cce.methods.full import FullTable
 from torchrec_cce.methods.hashing_trick import HashingTrickTable
 from torchrec_cce.methods.memcom import MEmComTable
+from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.methods.qr import QRTable
 
 
@@ -47,9 +49,11 @@ def build_table(
         return QRTable(table, config)
     if isinstance(config, MEmComConfig):
         return MEmComTable(table, config, device=device)
+    if isinstance(config, MPEConfig):
+        return MPETable(table, config, device=device)
     raise TypeError(
         f"table '{table.name}': unsupported compression config {type(config).__name__}; use one "
-        f"of CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig"
+        f"of CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig"
     )
 
 
@@ -61,6 +65,7 @@ __all__ = [
     "FullTable",
     "HashingTrickTable",
     "MEmComTable",
+    "MPETable",
     "QRTable",
     "build_table",
     "codebook_feature_name",
