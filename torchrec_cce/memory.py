@@ -4,13 +4,14 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_configs import DataType, data_type_to_dtype
 
 from torchrec_cce.methods import CompressedTable, codebook_table_name
 
 
 def _dtype_bytes(data_type: DataType) -> int:
-    return 4 if data_type == DataType.FP32 else 2
+    """Bytes per element of a TorchRec ``DataType`` (FP32 4, FP16/BF16 2, INT8 1, ...)."""
+    return torch.empty((), dtype=data_type_to_dtype(data_type)).element_size()
 
 
 def _iter_collections(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:

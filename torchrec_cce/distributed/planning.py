@@ -97,13 +97,14 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
         if not isinstance(module, CCEEmbeddingBagCollection):
             continue
         module_plan = plan.get_plan_for_module(path) or {}
+        codebook_types = {c.name: c.data_type for c in module.codebook_table_configs()}
         for t in module.embedding_bag_configs():
             method = module.tables[t.name]
             per_rank = [0] * world_size
-            elem = _dtype_bytes(t.data_type)
             codebook_total = 0
             for cb in method.codebooks:
                 name = codebook_table_name(t.name, cb.suffix)
+                elem = _dtype_bytes(codebook_types[name])  # codebooks may be float16
                 codebook_total += cb.num_embeddings * cb.embedding_dim * elem
                 ps = module_plan.get(name)
                 if ps is None:
@@ -119,7 +120,7 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
                 per_rank[r] += b
             rows[t.name] = {
                 "method": method.method_name,
-                "full_bytes": t.num_embeddings * t.embedding_dim * elem,
+                "full_bytes": t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type),
                 "compressed_bytes": codebook_total + (
                     method.logical_assignment_bytes() if isinstance(method, CCETable) else 0),
                 "bytes_per_rank": per_rank,
