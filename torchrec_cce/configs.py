@@ -187,12 +187,16 @@ class QRConfig:
 
 @dataclass(frozen=True)
 class MEmComConfig:
-    """MEmCom (Pansare et al., MLSys 2022): ``e(x) = w[x] * H[h(x)]``.
+    """MEmCom (Pansare et al., "Learning Compressed Embeddings for On-Device Inference",
+    MLSys 2022, arXiv 2203.10135): ``e(x) = w[x] * H[h(x)]``.
 
     ``H`` is a hashed table of ``rows`` rows shared by colliding ids; ``w`` holds one trainable
-    scalar per id (initialised to 1) that lets the model tell colliding ids apart. The paper
-    describes exactly these two tables ("one trainable weight per entity"), so no per-id bias
-    is added. Ids outside ``[0, V)`` use ``w[x mod V]``. Parameters: ``rows * dim + V``.
+    scalar per id (initialised to 1) that lets the model tell colliding ids apart. No per-id
+    bias: the paper's abstract specifies exactly two tables, "The first table employs hashing
+    to force multiple entities to share an embedding. The second table contains one trainable
+    weight per entity" -- a bias would be a second per-entity weight. Ids outside ``[0, V)``
+    use ``w[x mod V]``. Parameters: ``rows * dim + V``; bytes: ``H`` plus ``4 * V`` for ``w``
+    (sharded by id range under DistributedModelParallel: ``4 * ceil(V / world)`` per rank).
     """
 
     rows: int

@@ -44,6 +44,7 @@ def collection_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
             "full_bytes": full_bytes,
             "codebook_bytes": codebook_bytes,
             "assignment_bytes": method.assignment_bytes(),
+            "per_id_bytes": method.state_bytes() - method.assignment_bytes(),
             "compressed_bytes": compressed,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": sum(w.numel() for w in weights) + method.extra_parameters(),
@@ -59,6 +60,7 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
     * ``full_bytes``: the uncompressed table (``V * dim * element size``);
     * ``codebook_bytes``: every codebook table of the compressed table;
     * ``assignment_bytes``: CCE's learned ``p`` (``V x chunks`` int16/int32), 0 otherwise;
+    * ``per_id_bytes``: MEmCom's per-id weights (``4 * V``), 0 otherwise;
     * ``compressed_bytes``: codebooks + assignment + per-id weights (MEmCom);
     * ``params``: trainable parameters (codebook entries + per-id weights);
     * ``ratio``: ``full_bytes / compressed_bytes``.

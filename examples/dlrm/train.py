@@ -246,10 +246,7 @@ def build_model(args: argparse.Namespace, sizes: List[int], dense_in: int) -> Tu
     cap = args.max_params_per_table or max(16, max(sizes) * dim // 16)
     compression = compression_for_budget(tables, args.method, cap, chunks=args.chunks,
                                          seed=args.seed)
-    # MEmCom's per-id weights cannot be sharded yet: its model is built for data parallelism.
-    meta = args.method != "memcom"
-    ebc = CCEEmbeddingBagCollection(tables, compression,
-                                    device=torch.device("meta") if meta else None)
+    ebc = CCEEmbeddingBagCollection(tables, compression, device=torch.device("meta"))
     dense = [int(x) for x in args.dense_arch.split(",")]
     over = [int(x) for x in args.over_arch.split(",")]
     if dense[-1] != dim:
@@ -279,13 +276,6 @@ def sparse_optimizer(name: str) -> Tuple[type, Dict[str, Any]]:
 
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
                 ) -> Tuple[nn.Module, str]:
-    if args.method == "memcom":
-        # Data parallel only (DDP all-reduces every gradient, per-id weights included).
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model.to(device),
-                                      device_ids=[device] if device.type == "cuda" else None)
-        return ddp, "(memcom: embeddings replicated with DDP; MEmCom tables are not shardable)"
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
     apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.parameters(),
                                 {"lr": args.lr, **opt_kw})
