@@ -277,8 +277,10 @@ def sparse_optimizer(name: str) -> Tuple[type, Dict[str, Any]]:
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
                 ) -> Tuple[nn.Module, str]:
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
-    apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.parameters(),
-                                {"lr": args.lr, **opt_kw})
+    # Codebooks (2-D) get the fused sparse optimizer; MEmCom's 1-D per-id weights (split by id
+    # range, not TBE tables) are stepped by the dense optimizer below.
+    apply_optimizer_in_backward(opt_cls, [p for p in model.model.sparse_arch.parameters()
+                                          if p.dim() == 2], {"lr": args.lr, **opt_kw})
     sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
     topology = Topology(world_size=world, compute_device=device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
