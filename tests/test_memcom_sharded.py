@@ -67,10 +67,16 @@ def reference() -> CCEEmbeddingBagCollection:
     return ref
 
 
-def shard(kind: str, world: int, sgd: bool = True) -> DistributedModelParallel:
+def shard(kind: str, world: int, sgd: bool = True,
+          per_id_adagrad: bool = False) -> DistributedModelParallel:
     sharder = CCEEmbeddingBagCollectionSharder()
     module = CCEEmbeddingBagCollection(tables(), COMPRESSION, device=torch.device("meta"))
-    if sgd:
+    if per_id_adagrad:  # as train.py: fused SGD on codebooks, in-backward Adagrad on w
+        apply_optimizer_in_backward(SGD, [p for p in module.parameters() if p.dim() == 2],
+                                    {"lr": LR})
+        apply_optimizer_in_backward(torch.optim.Adagrad,
+                                    [p for p in module.parameters() if p.dim() == 1], {"lr": LR})
+    elif sgd:
         apply_optimizer_in_backward(SGD, module.parameters(), {"lr": LR})
     names = [c.name for c in module.codebook_table_configs()]
     gens = {"tw": lambda i: table_wise(rank=i % world, compute_kernel="fused"),
@@ -225,6 +231,49 @@ def test_dcp_reshards_world2_to_world1_and_back(tmp_path) -> None:
     for r, (out, local) in enumerate(loaded):
         torch.testing.assert_close(out, single(batch(600 + r)).values(), atol=1e-6, rtol=0)
         torch.testing.assert_close(local, full[r * 10_001: min(V_MEM, (r + 1) * 10_001)])
+
+
+# ---------------------------------------------------------------- optimizer state (DCP)
+def _adagrad_step_and_save(rank: int, world: int, path: str):
+    import torch.distributed.checkpoint as dcp
+
+    dmp = shard("tw", world, sgd=False, per_id_adagrad=True)
+    load_full_state(dmp, reference().state_dict())
+    out = dmp(batch(100 + rank)).wait().values()
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(rank))).sum().backward()
+    w = dmp.module.tables["mem"].id_weight
+    state_sum = w._in_backward_optimizers[0].state[w]["sum"].clone()
+    dcp.save({"optim": dmp.fused_optimizer.state_dict()}, checkpoint_id=path)
+    # A fresh model with another codebook plan restores this rank's part of the state.
+    fresh = shard("cw", world, sgd=False, per_id_adagrad=True)
+    state = {"optim": fresh.fused_optimizer.state_dict()}
+    dcp.load(state, checkpoint_id=path)
+    fresh.fused_optimizer.load_state_dict(state["optim"])
+    v = fresh.module.tables["mem"].id_weight
+    return state_sum, v._in_backward_optimizers[0].state[v]["sum"].clone(), w.detach().clone()
+
+
+def test_per_id_adagrad_state_checkpointed_with_fused_optimizer(tmp_path) -> None:
+    results = run_multiprocess(_adagrad_step_and_save, 2, str(tmp_path / "optim"), timeout=600)
+    ref = reference()
+    loss = 0
+    for r in range(2):
+        out = ref(batch(100 + r)).values()
+        loss = loss + (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(r))).sum()
+    loss.backward()
+    p = ref.tables["mem"].id_weight
+    mean_grad = 0.5 * p.grad
+    before = p.detach().clone()
+    opt = torch.optim.Adagrad([p], lr=LR)
+    p.grad = mean_grad
+    opt.step()
+    sums = torch.cat([results[0][0], results[1][0]])
+    torch.testing.assert_close(sums, mean_grad ** 2, atol=1e-6, rtol=1e-5)  # Adagrad's sum
+    torch.testing.assert_close(torch.cat([results[0][2], results[1][2]]), p.detach(),
+                               atol=1e-5, rtol=0)  # the in-backward Adagrad step
+    assert (p.detach() - before).abs().max() > 0.1
+    for saved, restored, _ in results:
+        assert torch.equal(saved, restored)
 
 
 # ---------------------------------------------------------------- bytes per rank

@@ -278,9 +278,15 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
                 ) -> Tuple[nn.Module, str]:
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
     # Codebooks (2-D) get the fused sparse optimizer; MEmCom's 1-D per-id weights (split by id
-    # range, not TBE tables) are stepped by the dense optimizer below.
-    apply_optimizer_in_backward(opt_cls, [p for p in model.model.sparse_arch.parameters()
-                                          if p.dim() == 2], {"lr": args.lr, **opt_kw})
+    # range, not TBE tables) get torch's optimizer of the same rule (Adagrad = row-wise Adagrad
+    # on one-element rows), also stepped in backward and checkpointed in dmp.fused_optimizer.
+    sparse = list(model.model.sparse_arch.parameters())
+    apply_optimizer_in_backward(opt_cls, [p for p in sparse if p.dim() == 2],
+                                {"lr": args.lr, **opt_kw})
+    per_id = [p for p in sparse if p.dim() == 1]
+    if per_id:
+        per_id_cls = torch.optim.SGD if args.sparse_optimizer == "sgd" else torch.optim.Adagrad
+        apply_optimizer_in_backward(per_id_cls, per_id, {"lr": args.lr, **opt_kw})
     sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
     topology = Topology(world_size=world, compute_device=device.type,
                         local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))

@@ -95,3 +95,53 @@ class ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
         return grad * ctx.scale, None
+
+
+def id_range_sharded(local: torch.Tensor, rng: IdRange,
+                     group: Optional[dist.ProcessGroup]) -> "ShardedTensor":
+    """``local`` (this rank's ``[hi - lo]`` slice of a length-``V`` tensor) as a ShardedTensor
+    view, so that DCP saves and reshards it."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+    shards = []
+    if rng.hi > rng.lo:
+        meta = ShardMetadata(shard_offsets=[rng.lo], shard_sizes=[rng.hi - rng.lo],
+                             placement=f"rank:{rng.rank}/{local.device}")
+        shards.append(Shard(tensor=local, metadata=meta))
+    return ShardedTensor._init_from_local_shards(shards, (rng.num_ids,), process_group=group)
+
+
+def per_id_fused_optimizer(entries: List[Tuple[str, torch.nn.Parameter, IdRange]],
+                           group: Optional[dist.ProcessGroup]):  # noqa: ANN201 - FusedOptimizer
+    """The in-backward optimizers of the per-id weights as one TorchRec ``FusedOptimizer``
+    whose params and per-id states (e.g. Adagrad's ``sum``) are ShardedTensor views by id
+    range, so ``dmp.fused_optimizer`` checkpoints them with DCP like the codebooks' states.
+    None if no entry has an in-backward optimizer."""
+    from torchrec.optim.fused import FusedOptimizer
+
+    params, state, groups = {}, {}, []
+    for key, param, rng in entries:
+        opts = getattr(param, "_in_backward_optimizers", [])
+        if not opts:
+            continue
+        view = id_range_sharded(param.detach(), rng, group)
+        params[key] = view
+        entry = {}
+        for opt in opts:
+            for name, value in opt.state.get(param, {}).items():
+                per_id = torch.is_tensor(value) and value.shape == param.shape
+                entry[name] = id_range_sharded(value, rng, group) if per_id else value
+            groups.append({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+                           "params": [view]})
+        state[view] = entry
+    if not params:
+        return None
+
+    class _PerIdFusedOptimizer(FusedOptimizer):
+        def step(self, closure=None) -> None:  # noqa: ANN001 - stepped in backward
+            pass
+
+        def zero_grad(self, set_to_none: bool = False) -> None:
+            pass
+
+    return _PerIdFusedOptimizer(params, state, groups)

@@ -42,11 +42,17 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
-from torchrec_cce.distributed.per_id_weights import ScaleGrad, fetch_per_id_weights
+from torchrec_cce.distributed.per_id_weights import (
+    ScaleGrad,
+    fetch_per_id_weights,
+    id_range_sharded,
+    per_id_fused_optimizer,
+)
 from torchrec_cce.methods import CCETable, MEmComTable, build_table, codebook_feature_name
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.stages import check_features, compose_pooled, remap_features
@@ -140,6 +146,13 @@ class ShardedCCEEmbeddingBagCollection(
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_assignment_shards)
         self._register_load_state_dict_pre_hook(
             ShardedCCEEmbeddingBagCollection._load_assignment_shards, with_module=True)
+        # In-backward optimizers of the per-id weights, checkpointed with the codebooks' ones.
+        # DistributedModelParallel collects it (with the codebooks' one) into dmp.fused_optimizer.
+        per_id_optimizer = per_id_fused_optimizer(
+            [(f"tables.{n}.id_weight", self.tables[n].id_weight, rng)
+             for n, rng in self._memcom_ranges.items()], self._pg)
+        if per_id_optimizer is not None:
+            self.per_id_optimizer = _FusedOptimizerHolder(per_id_optimizer)
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_per_id_shards)
         self._register_load_state_dict_pre_hook(
             ShardedCCEEmbeddingBagCollection._load_per_id_shards, with_module=True)
@@ -208,13 +221,8 @@ class ShardedCCEEmbeddingBagCollection(
         return KJTList(out), anchor
 
     def _sharded_per_id(self, table: str) -> ShardedTensor:
-        rng, w = self._memcom_ranges[table], self.tables[table].id_weight
-        shards = []
-        if rng.hi > rng.lo:
-            meta = ShardMetadata(shard_offsets=[rng.lo], shard_sizes=[rng.hi - rng.lo],
-                                 placement=f"rank:{rng.rank}/{w.device}")
-            shards.append(Shard(tensor=w.detach(), metadata=meta))
-        return ShardedTensor._init_from_local_shards(shards, (rng.num_ids,), process_group=self._pg)
+        return id_range_sharded(self.tables[table].id_weight.detach(),
+                                self._memcom_ranges[table], self._pg)
 
     @staticmethod
     def _save_per_id_shards(module: "ShardedCCEEmbeddingBagCollection",
@@ -377,6 +385,18 @@ class ShardedCCEEmbeddingBagCollection(
         from torchrec_cce.distributed.planning import sharded_memory_report
 
         return sharded_memory_report(self)
+
+
+class _FusedOptimizerHolder(nn.Module, FusedOptimizerModule):
+    """A stateless child module exposing a ``FusedOptimizer`` to DistributedModelParallel."""
+
+    def __init__(self, optimizer: Any) -> None:
+        super().__init__()
+        self._optimizer = optimizer
+
+    @property
+    def fused_optimizer(self):  # noqa: ANN201 - KeyedOptimizer
+        return self._optimizer
 
 
 def _in_backward_optimizers(param: nn.Parameter) -> List[Tuple[type, Dict[str, Any]]]:
