@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/distributed.py            # V = 10M ids (a few minutes)
     .venv/bin/python benchmarks/distributed.py --ids 1000000
+    .venv/bin/python benchmarks/distributed.py --memcom-only   # just the MEmCom row (fast)
 
 One CCE table (dim 16, rows 4096, 4 chunks) under DistributedModelParallel at world size 2
 (gloo, CPU, one thread per rank) with its assignment sharded by id range: the memory each
 rank really holds (read from its tensors) and the time of one ``recluster``; then the same
 table unsharded in one process (two threads). Both clusterings use the same number of
-samples (``--samples``). Results: ``benchmarks/results/distributed.json``.
+samples (``--samples``). Then a MEmCom table of the same shape (rows 8192: the same codebook
+bytes as CCE's A + B) under DMP at world size 2: its per-id weights split by id range, the
+bytes each rank holds (read from its tensors) and the time of one training step. Results:
+``benchmarks/results/distributed.json`` (key ``memcom``).
 """
 
 import argparse
@@ -24,7 +28,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from torchrec import EmbeddingBagConfig  # noqa: E402
 
-from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, memory_report, recluster  # noqa: E402
+from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, MEmComConfig,  # noqa: E402
+                          memory_report, recluster)
 
 ROWS, CHUNKS, DIM = 4096, 4, 16
 
@@ -69,12 +74,79 @@ def _sharded(rank: int, world: int, num_ids: int, samples: int):
             "kmeans_inertia_end": stats["kmeans_inertia_end"]}
 
 
+MEMCOM_ROWS = 2 * ROWS  # H: 8192 x 16 fp32 = CCE's A + B bytes
+
+
+def _memcom_sharded(rank: int, world: int, num_ids: int, batch: int):
+    import torch.distributed as dist
+    from torchrec import KeyedJaggedTensor
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.optimizers import SGD
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+
+    sharder = CCEEmbeddingBagCollectionSharder()
+    module = CCEEmbeddingBagCollection(tables(num_ids), {"big": MEmComConfig(MEMCOM_ROWS)},
+                                       device=torch.device("meta"))
+    apply_optimizer_in_backward(SGD, module.parameters(), {"lr": 0.1})
+    plan = construct_module_sharding_plan(
+        module, {"big__memcom": table_wise(rank=0, compute_kernel="fused")},
+        sharder=sharder, local_size=world, world_size=world, device_type="cpu")
+    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   plan=ShardingPlan({"": plan}), sharders=[sharder],
+                                   device=torch.device("cpu"))
+    ids = sample(num_ids, batch, rank)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["ids"], values=ids,
+                                              lengths=torch.ones(batch, dtype=torch.int64))
+    seconds = []
+    for _ in range(6):
+        dist.barrier()
+        start = time.perf_counter()
+        dmp(kjt).wait().values().sum().backward()
+        seconds.append(time.perf_counter() - start)
+    row = memory_report(dmp)["big"]
+    return {"rank": rank, "local_per_id_bytes": row["local_per_id_bytes"],
+            "local_codebook_bytes": row["local_codebook_bytes"],
+            "global_compressed_bytes": row["compressed_bytes"], "full_bytes": row["full_bytes"],
+            "step_seconds_median": sorted(seconds[1:])[len(seconds[1:]) // 2]}
+
+
+def memcom_row(num_ids: int, batch: int) -> dict:
+    from multiprocess import run_multiprocess
+
+    ranks = run_multiprocess(_memcom_sharded, 2, num_ids, batch, timeout=3600)
+    mib = 1 << 20
+    print(f"MEmCom V={num_ids:,} rows={MEMCOM_ROWS}: {ranks[0]['global_compressed_bytes'] / mib:.2f} "
+          f"MiB in all (full {ranks[0]['full_bytes'] / mib:.1f} MiB)")
+    for r in ranks:
+        print(f"  rank {r['rank']}: per-id weights {r['local_per_id_bytes'] / mib:.2f} MiB, "
+              f"codebook {r['local_codebook_bytes'] / mib:.3f} MiB, step "
+              f"{r['step_seconds_median'] * 1e3:.1f} ms (batch {batch}, median of 5)")
+    return {"num_ids": num_ids, "rows": MEMCOM_ROWS, "dim": DIM, "world_size": 2,
+            "batch": batch, "per_rank": ranks}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--ids", type=int, default=10_000_000)
     p.add_argument("--samples", type=int, default=256 * ROWS // 4)
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "distributed.json"))
+    p.add_argument("--memcom-only", action="store_true",
+                   help="only (re)measure the MEmCom row, keeping the CCE results in --out")
+    p.add_argument("--memcom-batch", type=int, default=4096)
     args = p.parse_args()
+    if args.memcom_only:
+        result = {}
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                result = json.load(f)
+        result["memcom"] = memcom_row(args.ids, args.memcom_batch)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        return
     from multiprocess import run_multiprocess
 
     ranks = run_multiprocess(_sharded, 2, args.ids, args.samples, timeout=3600)
@@ -93,6 +165,7 @@ def main() -> None:
                            "compressed_bytes": row["compressed_bytes"]},
         "full_table_bytes": row["full_bytes"],
         "distributed_seconds": max(r["seconds"] for r in ranks),
+        "memcom": memcom_row(args.ids, args.memcom_batch),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -14,7 +14,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
+import torch
 from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType
 
 
 def _require_positive(table: EmbeddingBagConfig, what: str, value: int) -> None:
@@ -35,6 +37,48 @@ def _require_divisible(table: EmbeddingBagConfig, chunks: int) -> None:
         )
 
 
+# Codebook weight precisions a CCE table can train with, as TorchRec data types. TorchRec's
+# unsharded EmbeddingBagCollection stores every non-FP32 table as float16 and fbgemm's CPU TBE
+# has no BF16 kernels (forward raises NotImplementedError), so bfloat16 is refused below
+# rather than silently trained as float16 or failing deep inside fbgemm.
+CODEBOOK_DTYPES = {torch.float32: DataType.FP32, torch.float16: DataType.FP16}
+
+
+def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) -> DataType:
+    """The TorchRec ``DataType`` for codebooks stored as ``dtype``; ``ValueError`` otherwise.
+
+    ``None``: the logical table's ``data_type`` (FP32 unless the table says otherwise).
+
+    * ``torch.float32`` (default) and ``torch.float16`` train everywhere: fbgemm's TBE trains
+      FP16 weights with its fused optimizers (stochastic rounding on by default in TBE), the
+      unsharded module trains float16 ``nn.EmbeddingBag`` weights with any torch optimizer.
+    * ``torch.bfloat16``: refused. TorchRec's unsharded EBC would store it as float16 and
+      fbgemm's CPU TBE has no BF16 forward.
+    * ``torch.int8``: refused for training. INT8 is a serving format (fbgemm's INT8 TBE has no
+      backward): train in float32/float16 and quantise the trained codebooks for serving.
+    """
+    if dtype is None:
+        return table.data_type
+    if dtype in CODEBOOK_DTYPES:
+        return CODEBOOK_DTYPES[dtype]
+    if dtype == torch.bfloat16:
+        raise ValueError(
+            f"table '{table.name}': codebook_dtype=torch.bfloat16 is not supported: TorchRec's "
+            f"unsharded EmbeddingBagCollection stores non-fp32 tables as float16 and fbgemm's "
+            f"CPU TBE has no bfloat16 kernels; use codebook_dtype=torch.float16"
+        )
+    if dtype in (torch.int8, torch.uint8):
+        raise ValueError(
+            f"table '{table.name}': codebook_dtype={dtype} cannot be trained (fbgemm's INT8 "
+            f"embeddings are a serving format without a backward pass); train with "
+            f"torch.float32 or torch.float16 and quantise the trained codebooks for serving"
+        )
+    raise ValueError(
+        f"table '{table.name}': codebook_dtype must be torch.float32 or torch.float16, got "
+        f"{dtype!r}"
+    )
+
+
 @dataclass(frozen=True)
 class CCEConfig:
     """Clustered Compositional Embeddings (Tsang & Ahle, NeurIPS 2023).
@@ -42,15 +86,22 @@ class CCEConfig:
     ``e(x) = concat_i(A_i[p_i(x)] + B_i[h_i(x)])`` over ``chunks`` chunks; ``A_i``, ``B_i`` have
     ``rows`` rows of ``dim / chunks`` columns. ``p`` starts as a hash and is replaced by k-means
     assignments by :func:`torchrec_cce.recluster`. Parameters: ``2 * rows * dim``.
+
+    ``codebook_dtype``: the precision ``A`` and ``B`` are stored and trained in
+    (``torch.float32`` or ``torch.float16``; default None: the logical table's ``data_type``,
+    i.e. float32 for a default ``EmbeddingBagConfig``; see :func:`codebook_data_type` for why
+    bfloat16 and int8 are refused). Float16 halves the codebook bytes; outputs are float32.
     """
 
     rows: int
     chunks: int = 4
     seed: int = 0
+    codebook_dtype: Optional[torch.dtype] = None
 
     def validate(self, table: EmbeddingBagConfig) -> None:
         _require_positive(table, "rows", self.rows)
         _require_divisible(table, self.chunks)
+        codebook_data_type(table, self.codebook_dtype)
 
     def num_parameters(self, table: EmbeddingBagConfig) -> int:
         return 2 * self.rows * table.embedding_dim
@@ -137,12 +188,16 @@ class QRConfig:
 
 @dataclass(frozen=True)
 class MEmComConfig:
-    """MEmCom (Pansare et al., MLSys 2022): ``e(x) = w[x] * H[h(x)]``.
+    """MEmCom (Pansare et al., "Learning Compressed Embeddings for On-Device Inference",
+    MLSys 2022, arXiv 2203.10135): ``e(x) = w[x] * H[h(x)]``.
 
     ``H`` is a hashed table of ``rows`` rows shared by colliding ids; ``w`` holds one trainable
-    scalar per id (initialised to 1) that lets the model tell colliding ids apart. The paper
-    describes exactly these two tables ("one trainable weight per entity"), so no per-id bias
-    is added. Ids outside ``[0, V)`` use ``w[x mod V]``. Parameters: ``rows * dim + V``.
+    scalar per id (initialised to 1) that lets the model tell colliding ids apart. No per-id
+    bias: the paper's abstract specifies exactly two tables, "The first table employs hashing
+    to force multiple entities to share an embedding. The second table contains one trainable
+    weight per entity" -- a bias would be a second per-entity weight. Ids outside ``[0, V)``
+    use ``w[x mod V]``. Parameters: ``rows * dim + V``; bytes: ``H`` plus ``4 * V`` for ``w``
+    (sharded by id range under DistributedModelParallel: ``4 * ceil(V / world)`` per rank).
     """
 
     rows: int

@@ -4,13 +4,14 @@ from typing import Dict, Iterator, Tuple
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import DataType
+from torchrec.modules.embedding_configs import DataType, data_type_to_dtype
 
 from torchrec_cce.methods import CompressedTable, codebook_table_name
 
 
 def _dtype_bytes(data_type: DataType) -> int:
-    return 4 if data_type == DataType.FP32 else 2
+    """Bytes per element of a TorchRec ``DataType`` (FP32 4, FP16/BF16 2, INT8 1, ...)."""
+    return torch.empty((), dtype=data_type_to_dtype(data_type)).element_size()
 
 
 def _iter_collections(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
@@ -69,6 +70,7 @@ def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
             "full_bytes": full_bytes,
             "codebook_bytes": codebook_bytes,
             "assignment_bytes": method.assignment_bytes(),
+            "per_id_bytes": method.state_bytes() - method.assignment_bytes(),
             "compressed_bytes": compressed,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": sum(w.numel() for w in weights) + method.extra_parameters(),
@@ -84,6 +86,7 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
     * ``full_bytes``: the uncompressed table (``V * dim * element size``);
     * ``codebook_bytes``: every codebook table of the compressed table;
     * ``assignment_bytes``: CCE's learned ``p`` (``V x chunks`` int16/int32), 0 otherwise;
+    * ``per_id_bytes``: MEmCom's per-id weights (``4 * V``), 0 otherwise;
     * ``compressed_bytes``: codebooks + assignment + per-id weights (MEmCom);
     * ``params``: trainable parameters (codebook entries + per-id weights);
     * ``ratio``: ``full_bytes / compressed_bytes``;

@@ -108,7 +108,7 @@ def codebook_configs(
             embedding_dim=cb.embedding_dim,
             feature_names=[codebook_feature_name(f, s) for f in features for s in cb.streams],
             pooling=PoolingType.SUM,
-            data_type=table.data_type,
+            data_type=getattr(method, "codebook_data_type", None) or table.data_type,
             weight_init_min=table.get_weight_init_min(),
             weight_init_max=table.get_weight_init_max(),
         )

@@ -150,4 +150,7 @@ def compose_pooled(
             out.append(method.compose(streams))
             keys.append(f)
             dims.append(t.embedding_dim)
-    return KeyedTensor(keys=keys, length_per_key=dims, values=torch.cat(out, dim=1))
+    # float32 out, like fbgemm's TBE (whose output dtype is FP32 whatever the weight precision),
+    # so float16 codebooks give the same output dtype sharded and unsharded.
+    return KeyedTensor(keys=keys, length_per_key=dims,
+                       values=torch.cat(out, dim=1).to(torch.float32))

@@ -564,12 +564,10 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     dim = args.embedding_dim
     tables = table_configs(data, dim)
     compression, cap = make_compression(tables, args, table_counts(data, tables))
-    # MEmCom's per-id weights cannot be sharded yet: its model is built for data parallelism.
-    # An all-MPE collection has no codebook for DMP to shard: build it for DDP (like MEmCom).
+    # An all-MPE collection has no codebook for DMP to shard: build it for DDP.
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
-    meta = args.method != "memcom" and not all_mpe
     ebc = CCEEmbeddingBagCollection(tables, compression,
-                                    device=torch.device("meta") if meta else None)
+                                    device=None if all_mpe else torch.device("meta"))
     dense = [int(x) for x in args.dense_arch.split(",")]
     over = [int(x) for x in args.over_arch.split(",")]
     if dense[-1] != dim:
@@ -617,18 +615,19 @@ def dense_optimizer(name: str, lr: float) -> Callable[[Any], torch.optim.Optimiz
 
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
                 ) -> Tuple[nn.Module, str]:
-    if args.method == "memcom":
-        # Data parallel only (DDP all-reduces every gradient, per-id weights included).
-        from torch.nn.parallel import DistributedDataParallel
-
-        ddp = DistributedDataParallel(model.to(device),
-                                      device_ids=[device] if device.type == "cuda" else None)
-        return ddp, "(memcom: embeddings replicated with DDP; MEmCom tables are not shardable)"
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
+    # Codebooks (2-D) get the fused sparse optimizer; MEmCom's 1-D per-id weights (split by id
+    # range, not TBE tables) get torch's optimizer of the same rule (Adagrad = row-wise Adagrad
+    # on one-element rows), also stepped in backward and checkpointed in dmp.fused_optimizer.
     # MPE tables' own parameters (replicated, DDP) train with the dense optimizer instead.
     sparse = [p for n, p in model.model.sparse_arch.named_parameters()
               if not (args.method == "mpe" and ".tables." in n)]
-    apply_optimizer_in_backward(opt_cls, sparse, {"lr": args.lr, **opt_kw})
+    apply_optimizer_in_backward(opt_cls, [p for p in sparse if p.dim() == 2],
+                                {"lr": args.lr, **opt_kw})
+    per_id = [p for p in sparse if p.dim() == 1]
+    if per_id:
+        per_id_cls = torch.optim.SGD if args.sparse_optimizer == "sgd" else torch.optim.Adagrad
+        apply_optimizer_in_backward(per_id_cls, per_id, {"lr": args.lr, **opt_kw})
     sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world,

@@ -4,6 +4,7 @@ from torchrec_cce.distributed.planning import (
     CCEStorageReservation,
     assignment_bytes_per_rank,
     format_plan_memory,
+    per_id_bytes_per_rank,
     plan_memory,
 )
 from torchrec_cce.distributed.sharder import (
@@ -17,5 +18,6 @@ __all__ = [
     "ShardedCCEEmbeddingBagCollection",
     "assignment_bytes_per_rank",
     "format_plan_memory",
+    "per_id_bytes_per_rank",
     "plan_memory",
 ]

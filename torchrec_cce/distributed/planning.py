@@ -25,7 +25,7 @@ from torchrec.distributed.types import ModuleSharder, ShardingPlan
 from torchrec_cce.distributed.assignment import IdRange
 from torchrec_cce.distributed.sharder import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
 from torchrec_cce.memory import _dtype_bytes
-from torchrec_cce.methods import CCETable, codebook_table_name
+from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 
 
@@ -49,6 +49,31 @@ def assignment_bytes_per_rank(model: nn.Module, world_size: int,
     return out
 
 
+def per_id_bytes_per_rank(model: nn.Module, world_size: int) -> Dict[str, List[int]]:
+    """``{table: [bytes of MEmCom's per-id weights on rank 0, rank 1, ...]}`` (split by id
+    range, ``ceil(V / world)`` float32 weights per rank) for every MEmCom table in ``model``."""
+    out: Dict[str, List[int]] = {}
+    for _, module in model.named_modules():
+        if not isinstance(module, CCEEmbeddingBagCollection):
+            continue
+        for name, method in module.tables.items():
+            if isinstance(method, MEmComTable):
+                elem = method.id_weight.element_size()
+                out[name] = [(r.hi - r.lo) * elem for r in
+                             (IdRange(method.num_embeddings, k, world_size)
+                              for k in range(world_size))]
+    return out
+
+
+def _logical_state_bytes(method: object) -> int:
+    """Bytes of a table's O(V) state: CCE's ``p`` or MEmCom's per-id weights (else 0)."""
+    if isinstance(method, CCETable):
+        return method.logical_assignment_bytes()
+    if isinstance(method, MEmComTable):
+        return method.per_id_bytes()
+    return 0
+
+
 class CCEStorageReservation(StorageReservation):
     """Reserve the CCE assignments' bytes on top of a base reservation.
 
@@ -63,6 +88,7 @@ class CCEStorageReservation(StorageReservation):
         self._base = base or HeuristicalStorageReservation(percentage=0.15)
         self._replicate_below = replicate_below
         self.assignment_bytes: Dict[str, List[int]] = {}
+        self.per_id_bytes: Dict[str, List[int]] = {}
         self._last: Optional[Topology] = None
 
     def reserve(self, topology: Topology, batch_size: int, module: nn.Module,
@@ -72,8 +98,10 @@ class CCEStorageReservation(StorageReservation):
         reserved = copy.deepcopy(reserved)
         self.assignment_bytes = assignment_bytes_per_rank(module, topology.world_size,
                                                           self._replicate_below)
+        self.per_id_bytes = per_id_bytes_per_rank(module, topology.world_size)
         for rank, device in enumerate(reserved.devices):
             need = sum(b[rank] for b in self.assignment_bytes.values())
+            need += sum(b[rank] for b in self.per_id_bytes.values())
             if topology.compute_device == "cpu":
                 device.storage.ddr -= need
             else:
@@ -92,18 +120,20 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
     """Per logical table: full bytes, compressed bytes, and bytes on each rank (codebook shards
     as placed by ``plan`` plus the assignment), for every CCE collection in ``model``."""
     assign = assignment_bytes_per_rank(model, world_size, replicate_below)
+    assign.update(per_id_bytes_per_rank(model, world_size))  # O(V) state: p or per-id weights
     rows: Dict[str, Dict[str, object]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, CCEEmbeddingBagCollection):
             continue
         module_plan = plan.get_plan_for_module(path) or {}
+        codebook_types = {c.name: c.data_type for c in module.codebook_table_configs()}
         for t in module.embedding_bag_configs():
             method = module.tables[t.name]
             per_rank = [0] * world_size
-            elem = _dtype_bytes(t.data_type)
             codebook_total = 0
             for cb in method.codebooks:
                 name = codebook_table_name(t.name, cb.suffix)
+                elem = _dtype_bytes(codebook_types[name])  # codebooks may be float16
                 codebook_total += cb.num_embeddings * cb.embedding_dim * elem
                 ps = module_plan.get(name)
                 if ps is None:
@@ -122,9 +152,8 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
             per_rank = [b + local for b in per_rank]
             rows[t.name] = {
                 "method": method.method_name,
-                "full_bytes": t.num_embeddings * t.embedding_dim * elem,
-                "compressed_bytes": local + codebook_total + (
-                    method.logical_assignment_bytes() if isinstance(method, CCETable) else 0),
+                "full_bytes": t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type),
+                "compressed_bytes": local + codebook_total + _logical_state_bytes(method),
                 "bytes_per_rank": per_rank,
             }
     return rows
@@ -167,22 +196,29 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
                 local_codebook += sum(s.tensor.numel() * elem for s in value.local_shards())
             else:
                 local_codebook += numel * elem
-        assignment = local_assignment = 0
+        assignment = local_assignment = per_id = local_per_id = 0
         if isinstance(method, CCETable):
             assignment = method.logical_assignment_bytes()
             shard = sharded.assignment_shard(t.name)
             local_assignment = shard.numel() * shard.element_size()
+        if isinstance(method, MEmComTable):
+            per_id = method.per_id_bytes()
+            local_per_id = method.state_bytes()  # this rank's id range of the weights
+            params += method.extra_parameters()
         full = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
+        compressed = codebook_bytes + assignment + per_id
         report[t.name] = {
             "method": method.method_name,
             "full_bytes": full,
             "codebook_bytes": codebook_bytes,
             "assignment_bytes": assignment,
-            "compressed_bytes": codebook_bytes + assignment,
+            "per_id_bytes": per_id,
+            "compressed_bytes": compressed,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": params,
-            "ratio": full / max(1, codebook_bytes + assignment),
+            "ratio": full / max(1, compressed),
             "local_codebook_bytes": local_codebook,
             "local_assignment_bytes": local_assignment,
+            "local_per_id_bytes": local_per_id,
         }
     return report

@@ -20,6 +20,7 @@ State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.wei
 sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes.
 """
 
+import inspect
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
@@ -41,11 +42,18 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
+from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
-from torchrec_cce.methods import CCETable, build_table
+from torchrec_cce.distributed.per_id_weights import (
+    ScaleGrad,
+    fetch_per_id_weights,
+    id_range_sharded,
+    per_id_fused_optimizer,
+)
+from torchrec_cce.methods import CCETable, MEmComTable, build_table, codebook_feature_name
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.stages import check_features, compose_pooled, remap_features
 
@@ -121,13 +129,10 @@ class ShardedCCEEmbeddingBagCollection(
         self._feature_table = dict(module._feature_table)
         self._served = module.feature_names()
         compression = module.compression
-        memcom = [n for n, m in module.tables.items() if m.method_name == "memcom"]
-        if memcom:
-            raise ValueError(
-                f"tables {memcom}: MEmCom's per-id weights cannot be sharded yet (their gradient "
-                f"would have to cross the input all-to-all); train MEmCom unsharded or pick "
-                f"another method for these tables"
-            )
+        # Snapshot the per-id weights' in-backward optimizers first: sharding the codebooks
+        # consumes keys of the kwargs dict apply_optimizer_in_backward shares between params.
+        per_id_optimizers = {n: _in_backward_optimizers(m.id_weight)
+                             for n, m in module.tables.items() if isinstance(m, MEmComTable)}
         self.codebooks: ShardedEmbeddingBagCollection = ebc_sharder.shard(
             module.codebooks, table_name_to_parameter_sharding, env=env, device=device,
             module_fqn=append_prefix(module_fqn or "", "codebooks") if module_fqn else None,
@@ -135,8 +140,15 @@ class ShardedCCEEmbeddingBagCollection(
         rank, world = env.rank, env.world_size
         self.tables = nn.ModuleDict()
         self._id_ranges: Dict[str, IdRange] = {}
+        # MEmCom: per-id weights split by id range; stream key -> table, table -> its id range.
+        self._memcom_keys: Dict[str, str] = {}
+        self._memcom_ranges: Dict[str, IdRange] = {}
         for t in self._embedding_bag_configs:
             src = module.tables[t.name]
+            if isinstance(src, MEmComTable):
+                self.tables[t.name] = self._build_memcom(t, src, compression[t.name], rank, world,
+                                                         per_id_optimizers[t.name])
+                continue
             if not isinstance(src, CCETable):
                 self.tables[t.name] = build_table(t, compression.get(t.name), device=device)
                 continue
@@ -161,6 +173,109 @@ class ShardedCCEEmbeddingBagCollection(
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_assignment_shards)
         self._register_load_state_dict_pre_hook(
             ShardedCCEEmbeddingBagCollection._load_assignment_shards, with_module=True)
+        # In-backward optimizers of the per-id weights, checkpointed with the codebooks' ones.
+        # DistributedModelParallel collects it (with the codebooks' one) into dmp.fused_optimizer.
+        per_id_optimizer = per_id_fused_optimizer(
+            [(f"tables.{n}.id_weight", self.tables[n].id_weight, rng)
+             for n, rng in self._memcom_ranges.items()], self._pg)
+        if per_id_optimizer is not None:
+            self.per_id_optimizer = _FusedOptimizerHolder(per_id_optimizer)
+        self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_per_id_shards)
+        self._register_load_state_dict_pre_hook(
+            ShardedCCEEmbeddingBagCollection._load_per_id_shards, with_module=True)
+
+    # ---- MEmCom per-id weights (split by id range, fetched at lookup time) ----
+    def _build_memcom(self, t: Any, src: MEmComTable, config: Any, rank: int, world: int,
+                      optimizers: List[Tuple[type, Dict[str, Any]]]) -> MEmComTable:
+        rng = IdRange(t.num_embeddings, rank, world)
+        method = MEmComTable(t, config, device=self._device, id_shard=(rng.lo, rng.hi))
+        if not src.id_weight.is_meta:
+            with torch.no_grad():
+                method.id_weight.copy_(src.id_weight[rng.lo: rng.hi])
+        _apply_in_backward_optimizers(optimizers, method.id_weight)
+        self._memcom_ranges[t.name] = rng
+        for f in t.feature_names:
+            self._memcom_keys[codebook_feature_name(f, "memcom")] = t.name
+        return method
+
+    def per_id_range(self, table: str) -> Optional[IdRange]:
+        """The id range of MEmCom's per-id weights this rank stores for ``table``."""
+        return self._memcom_ranges.get(table)
+
+    def _resolve_memcom(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
+        """Raw MEmCom ids in the distributed codebook input -> hashed rows, with their per-id
+        weights (fetched from the owning ranks) as per-sample weights. Collective."""
+        if not self._memcom_ranges:
+            return dist_input, None
+        places: Dict[str, List[Tuple[int, int, torch.Tensor]]] = {t: [] for t in self._memcom_ranges}
+        for g, kjt in enumerate(dist_input):
+            bounds = kjt.offset_per_key()
+            for i, key in enumerate(kjt.keys()):
+                table = self._memcom_keys.get(key)
+                if table is not None:
+                    ids = kjt.values()[bounds[i]: bounds[i + 1]]
+                    places[table].append((g, i, ids))
+        # One request per table, in the same table order on every rank (even with no ids here).
+        requests = []
+        for table, rng in self._memcom_ranges.items():
+            m = self.tables[table]
+            ids = [x for _, _, x in places[table]]
+            ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64, device=self._device)
+            requests.append((torch.remainder(ids, m.num_embeddings), rng, m.id_weight))
+        fetched_per_table, anchor = fetch_per_id_weights(requests, self._pg)
+        by_group: Dict[int, Dict[int, Tuple[str, torch.Tensor]]] = {}
+        for table, fetched in zip(self._memcom_ranges, fetched_per_table):
+            sizes = [x.numel() for _, _, x in places[table]]
+            for (g, i, _), w in zip(places[table], fetched.split(sizes)):
+                by_group.setdefault(g, {})[i] = (table, w)
+        world = self._env.world_size
+        out = list(dist_input)
+        for g, segments in by_group.items():
+            kjt = dist_input[g]
+            bounds = kjt.offset_per_key()
+            values = list(kjt.values().split(kjt.length_per_key()))
+            weights = list(kjt.weights().split(kjt.length_per_key()))
+            for i, (table, w) in segments.items():
+                # The ranks' gradients arrive summed (every sharding type): take their mean,
+                # as TorchRec and DDP do for the codebooks.
+                w = ScaleGrad.apply(w, 1.0 / world)
+                values[i] = self.tables[table].bucket(values[i])
+                weights[i] = weights[i] * w.to(weights[i].dtype)
+            out[g] = KeyedJaggedTensor(
+                keys=kjt.keys(), values=torch.cat(values), weights=torch.cat(weights),
+                lengths=kjt.lengths(), stride=kjt.stride(),
+                length_per_key=kjt.length_per_key(), offset_per_key=bounds)
+        return KJTList(out), anchor
+
+    def _sharded_per_id(self, table: str) -> ShardedTensor:
+        return id_range_sharded(self.tables[table].id_weight.detach(),
+                                self._memcom_ranges[table], self._pg)
+
+    @staticmethod
+    def _save_per_id_shards(module: "ShardedCCEEmbeddingBagCollection",
+                            destination: Dict[str, Any], prefix: str, _local_metadata: Any) -> None:
+        for table in module._memcom_ranges:
+            destination[f"{prefix}tables.{table}.id_weight"] = module._sharded_per_id(table)
+
+    def _load_per_id_shards(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+        for table, rng in self._memcom_ranges.items():
+            key = f"{prefix}tables.{table}.id_weight"
+            if key not in state_dict:
+                continue
+            value = state_dict[key]
+            target = self.tables[table].id_weight
+            with torch.no_grad():
+                if isinstance(value, ShardedTensor):
+                    for shard in value.local_shards():
+                        lo, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
+                        target[lo - rng.lo: lo - rng.lo + n].copy_(shard.tensor)
+                elif value.shape[0] == rng.num_ids:  # a full (unsharded) w
+                    target.copy_(value[rng.lo: rng.hi])
+                else:
+                    raise ValueError(
+                        f"{key}: expected a ShardedTensor or the full {rng.num_ids} per-id "
+                        f"weights, got shape {tuple(value.shape)}")
+            state_dict[key] = target  # loaded above; the default loader copies it onto itself
 
     # ---- assignment storage ----
     def id_range(self, table: str) -> Optional[IdRange]:
@@ -252,7 +367,11 @@ class ShardedCCEEmbeddingBagCollection(
     def compute(self, ctx: CCEEmbeddingBagCollectionContext,
                 dist_input: KJTList) -> List[torch.Tensor]:
         self._observe(ctx)
-        return self.codebooks.compute(ctx, dist_input)
+        dist_input, anchor = self._resolve_memcom(dist_input)
+        output = self.codebooks.compute(ctx, dist_input)
+        if anchor is not None:  # every rank joins the per-id backward after every output a2a
+            output = [o + anchor.to(o.dtype) for o in output]
+        return output
 
     def output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                     output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
@@ -263,6 +382,8 @@ class ShardedCCEEmbeddingBagCollection(
 
     def compute_and_output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        if self._memcom_ranges:
+            return self.output_dist(ctx, self.compute(ctx, input))
         self._observe(ctx)
         awaitable = self.codebooks.compute_and_output_dist(ctx, input)
         awaitable.callbacks.append(partial(_compose_callback, module=self,
@@ -283,6 +404,8 @@ class ShardedCCEEmbeddingBagCollection(
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         for fqn, _ in self.codebooks.named_parameters():
             yield append_prefix(prefix, f"codebooks.{fqn}")
+        for table in self._memcom_ranges:  # split by id range: DDP must not all-reduce them
+            yield append_prefix(prefix, f"tables.{table}.id_weight")
 
     @property
     def unsharded_module_type(self) -> Type[CCEEmbeddingBagCollection]:
@@ -297,6 +420,48 @@ class ShardedCCEEmbeddingBagCollection(
         from torchrec_cce.distributed.planning import sharded_memory_report
 
         return sharded_memory_report(self)
+
+
+class _FusedOptimizerHolder(nn.Module, FusedOptimizerModule):
+    """A stateless child module exposing a ``FusedOptimizer`` to DistributedModelParallel."""
+
+    def __init__(self, optimizer: Any) -> None:
+        super().__init__()
+        self._optimizer = optimizer
+
+    @property
+    def fused_optimizer(self):  # noqa: ANN201 - KeyedOptimizer
+        return self._optimizer
+
+
+def _in_backward_optimizers(param: nn.Parameter) -> List[Tuple[type, Dict[str, Any]]]:
+    """(class, kwargs copy) of each optimizer ``apply_optimizer_in_backward`` gave ``param``."""
+    return [(cls, dict(kw)) for cls, kw in zip(getattr(param, "_optimizer_classes", []),
+                                                getattr(param, "_optimizer_kwargs", []))]
+
+
+def _apply_in_backward_optimizers(optimizers: List[Tuple[type, Dict[str, Any]]],
+                                  dst: nn.Parameter) -> None:
+    """Give ``dst`` the in-backward optimizers of :func:`_in_backward_optimizers` (if any).
+
+    ``torchrec.optim.optimizers.SGD/Adam/Adagrad`` only name fbgemm's fused optimizers (their
+    ``step`` raises), so the per-id weights get the ``torch.optim`` class of the same name; and
+    TorchRec's ``RowWiseAdagrad`` needs 2-D rows: on MEmCom's 1-D per-id weights (rows of one
+    element) it equals ``torch.optim.Adagrad``.
+    """
+    if not optimizers:
+        return
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim import optimizers as fused_names
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    torch_equivalent = {fused_names.SGD: torch.optim.SGD, fused_names.Adam: torch.optim.Adam,
+                        fused_names.Adagrad: torch.optim.Adagrad,
+                        RowWiseAdagrad: torch.optim.Adagrad}
+    for cls, kwargs in optimizers:
+        cls = torch_equivalent.get(cls, cls)
+        accepted = inspect.signature(cls.__init__).parameters  # drop fbgemm-only keys
+        apply_optimizer_in_backward(cls, [dst], {k: v for k, v in kwargs.items() if k in accepted})
 
 
 class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagCollection]):

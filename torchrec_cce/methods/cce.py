@@ -22,7 +22,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.clustering.sampling import IdReservoir
-from torchrec_cce.configs import CCEConfig
+from torchrec_cce.configs import CCEConfig, codebook_data_type
 from torchrec_cce.hashing import combine_keys, derive_seed, hash_ids, smallest_int_dtype
 from torchrec_cce.methods.base import Codebook, CompressedTable
 
@@ -36,6 +36,8 @@ class CCETable(CompressedTable):
                  device: Optional[torch.device] = None, store_assignment: bool = True) -> None:
         super().__init__(table)
         self.config = config
+        # TorchRec data type of the A/B codebook tables (read by modules.codebook_configs).
+        self.codebook_data_type = codebook_data_type(table, config.codebook_dtype)
         self.rows, self.chunks = config.rows, config.chunks
         self.chunk_dim = table.embedding_dim // config.chunks
         self.p_keys = [derive_seed(config.seed, table.name, i, "p") for i in range(self.chunks)]

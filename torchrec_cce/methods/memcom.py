@@ -1,10 +1,17 @@
-"""MEmCom (Pansare et al., MLSys 2022): ``e(x) = w[x] * H[h(x)]``.
+"""MEmCom (Pansare et al., "Learning Compressed Embeddings for On-Device Inference", MLSys 2022):
+``e(x) = w[x] * H[h(x)]``.
 
 ``H`` is hashed and shared; ``w`` is one trainable scalar per id, applied as a per-sample
 weight of the pooled lookup, so the codebook stays an ordinary (weighted) EBC table.
+
+Sharded (``id_shard=(lo, hi)``, built by the sharder), the table stores only ``w[lo:hi]`` and
+the two stages move to the rank that computes the codebook lookup: :meth:`remap` passes the raw
+ids through the input all-to-all, and the sharded module hashes them (:meth:`bucket`) and
+fetches their weights from the ranks owning them
+(:mod:`torchrec_cce.distributed.per_id_weights`) right before the lookup.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -19,12 +26,16 @@ class MEmComTable(CompressedTable):
     method_name = "memcom"
 
     def __init__(self, table: EmbeddingBagConfig, config: MEmComConfig,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None,
+                 id_shard: Optional[Tuple[int, int]] = None) -> None:
         super().__init__(table)
         self.rows = config.rows
         self.hash_key = derive_seed(config.seed, table.name, 0, "memcom")
         self.codebooks = [Codebook("memcom", config.rows, table.embedding_dim, ["memcom"])]
-        self.id_weight = nn.Parameter(torch.empty(table.num_embeddings, device=device))
+        self.sharded = id_shard is not None
+        self.id_lo, self.id_hi = id_shard if self.sharded else (0, table.num_embeddings)
+        # w[id_lo:id_hi] (all of w unless sharded by id range).
+        self.id_weight = nn.Parameter(torch.empty(self.id_hi - self.id_lo, device=device))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -32,17 +43,29 @@ class MEmComTable(CompressedTable):
             with torch.no_grad():
                 self.id_weight.fill_(1.0)
 
+    def bucket(self, ids: torch.Tensor) -> torch.Tensor:
+        """``h(x)``: the row of ``H`` (int64 ids of any value)."""
+        return hash_ids(ids, self.hash_key, self.rows)
+
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        return [hash_ids(ids, self.hash_key, self.rows)]
+        if self.sharded:  # hashed where the lookup is computed (see the module docstring)
+            return [ids]
+        return [self.bucket(ids)]
 
     def id_weights(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.sharded:
+            return None
         return self.id_weight[torch.remainder(ids, self.num_embeddings)]
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return pooled[0]
 
+    def per_id_bytes(self) -> int:
+        """Bytes of the whole ``w`` (``V`` floats), wherever it is stored."""
+        return self.num_embeddings * self.id_weight.element_size()
+
     def state_bytes(self) -> int:
         return self.id_weight.numel() * self.id_weight.element_size()
 
     def extra_parameters(self) -> int:
-        return self.id_weight.numel()
+        return self.num_embeddings

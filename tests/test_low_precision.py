@@ -1,0 +1,167 @@
+"""Low-precision CCE codebooks: ``CCEConfig(codebook_dtype=torch.float16)``.
+
+Tolerance (documented in the README): a float16 codebook entry is the float32 value rounded to
+11 significant bits, relative error <= 2^-11. A pooled CCE output is a sum of such entries, so
+each output element of the float16 module differs from the float32 module with the same
+(rounded) initial weights by at most ``2^-10 * sum |terms|`` (rounding plus float16
+accumulation), where the sum runs over the entries pooled into that element.
+"""
+
+from typing import List
+
+import pytest
+import torch
+import torch.distributed as dist
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import DataType
+
+from multiprocess import run_multiprocess
+from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, memory_report
+
+V, DIM, ROWS, CHUNKS = 5000, 16, 64, 4
+
+
+def tables() -> List[EmbeddingBagConfig]:
+    return [EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=V, feature_names=["f"]),
+            EmbeddingBagConfig(name="small", embedding_dim=DIM, num_embeddings=40,
+                               feature_names=["g"])]
+
+
+def module(dtype: torch.dtype, device=None) -> CCEEmbeddingBagCollection:
+    return CCEEmbeddingBagCollection(tables(), {"t": CCEConfig(ROWS, CHUNKS, codebook_dtype=dtype)},
+                                     device=device)
+
+
+def batch(seed: int, batch_size: int = 16) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, 5, (2, batch_size), generator=g)
+    values = [torch.randint(0, V, (int(lens[0].sum()),), generator=g),
+              torch.randint(0, 40, (int(lens[1].sum()),), generator=g)]
+    return KeyedJaggedTensor.from_lengths_sync(keys=["f", "g"], values=torch.cat(values),
+                                               lengths=lens.flatten())
+
+
+def same_init(dtype: torch.dtype):
+    """A float32 module and a ``dtype`` module holding the same (rounded) weights."""
+    torch.manual_seed(0)
+    ref = module(torch.float32)
+    low = module(dtype)
+    state = ref.state_dict()
+    low.load_state_dict({k: v.to(low.state_dict()[k].dtype) for k, v in state.items()})
+    with torch.no_grad():  # round the fp32 weights the same way, so only arithmetic differs
+        for k, v in low.state_dict().items():
+            if v.dtype.is_floating_point:
+                ref.state_dict()[k].copy_(v.float())
+    return ref, low
+
+
+@pytest.mark.parametrize("bad", [torch.bfloat16, torch.int8, torch.float64])
+def test_unsupported_codebook_dtype_names_table_and_fix(bad: torch.dtype) -> None:
+    with pytest.raises(ValueError, match=r"table 't'.*(float16|float32)"):
+        module(bad)
+
+
+def test_fp16_codebooks_are_float16_tables() -> None:
+    m = module(torch.float16)
+    types = {c.name: c.data_type for c in m.codebook_table_configs()}
+    assert types == {"t__cce_A": DataType.FP16, "t__cce_B": DataType.FP16,
+                     "small": DataType.FP32}
+    assert m.codebooks.embedding_bags["t__cce_A"].weight.dtype == torch.float16
+    default = CCEEmbeddingBagCollection(tables(), {"t": CCEConfig(ROWS, CHUNKS)})
+    assert default.codebooks.embedding_bags["t__cce_A"].weight.dtype == torch.float32
+
+
+def test_fp16_outputs_within_tolerance_of_fp32() -> None:
+    ref, low = same_init(torch.float16)
+    for seed in range(3):
+        kjt = batch(seed)
+        out32, out16 = ref(kjt).values(), low(kjt).values()
+        assert out16.dtype == torch.float32
+        # The bound: 2^-10 * sum of |terms| per output element, from an |A|/|B| copy of ref.
+        absref = module(torch.float32)
+        absref.load_state_dict({k: (v.abs() if v.dtype.is_floating_point else v)
+                                for k, v in ref.state_dict().items()})
+        bound = 2.0 ** -10 * absref(kjt).values() + 1e-7
+        err = (out16 - out32).abs()
+        assert torch.all(err <= bound), f"max err/bound {(err / bound).max():.3f}"
+        assert err.max() > 0  # float16 arithmetic really happened
+
+
+def test_fp16_bytes_exactly_halved() -> None:
+    r32 = memory_report(module(torch.float32))["t"]
+    r16 = memory_report(module(torch.float16))["t"]
+    cb32 = 2 * (CHUNKS * ROWS) * (DIM // CHUNKS) * 4
+    assert r32["codebook_bytes"] == cb32
+    assert r16["codebook_bytes"] == cb32 // 2
+    assignment = V * CHUNKS * 2  # int16
+    assert r16["assignment_bytes"] == r32["assignment_bytes"] == assignment
+    assert r16["compressed_bytes"] == cb32 // 2 + assignment
+    assert r16["full_bytes"] == r32["full_bytes"] == V * DIM * 4
+    assert r16["params"] == r32["params"]  # same parameter count, half the bytes
+
+
+def test_fp16_unsharded_trains() -> None:
+    torch.manual_seed(0)
+    m = module(torch.float16)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    kjt = batch(1, 64)
+    target = torch.full((64, 2 * DIM), 0.1)
+    losses = []
+    for _ in range(10):
+        loss = (m(kjt).values() - target).pow(2).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ---------------------------------------------------------------- DMP (2 processes)
+def _train_dmp(rank: int, world: int):
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim.optimizers import SGD
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder, plan_memory
+
+    sharder = CCEEmbeddingBagCollectionSharder()
+    m = module(torch.float16, device=torch.device("meta"))
+    apply_optimizer_in_backward(SGD, m.parameters(), {"lr": 0.5})
+    plan = construct_module_sharding_plan(
+        m, {"t__cce_A": table_wise(rank=0, compute_kernel="fused"),
+            "t__cce_B": table_wise(rank=1, compute_kernel="fused"),
+            "small": table_wise(rank=0, compute_kernel="fused")},
+        sharder=sharder, local_size=world, world_size=world, device_type="cpu")
+    mem = plan_memory(ShardingPlan({"": plan}), m, world)
+    dmp = DistributedModelParallel(m, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   plan=ShardingPlan({"": plan}), sharders=[sharder],
+                                   device=torch.device("cpu"))
+    weights = dmp.state_dict()["codebooks.embedding_bags.t__cce_A.weight"]
+    dtype = weights.metadata().tensor_properties.dtype
+    kjt = batch(10 + rank, 64)
+    target = torch.full((64, 2 * DIM), 0.1)
+    losses = []
+    for _ in range(15):
+        loss = (dmp(kjt).wait().values() - target).pow(2).sum(1).mean()
+        loss.backward()  # fused SGD steps the float16 TBE weights in backward
+        t = loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(float(t) / world)
+    return losses, dtype, memory_report(dmp)["t"], mem["t"]
+
+
+def test_fp16_trains_under_dmp() -> None:
+    results = run_multiprocess(_train_dmp, 2, timeout=600)
+    cb16 = 2 * (CHUNKS * ROWS) * (DIM // CHUNKS) * 2
+    for rank, (losses, dtype, report, planned) in enumerate(results):
+        assert dtype == torch.float16
+        assert losses[-1] < 0.5 * losses[0], losses
+        assert report["codebook_bytes"] == cb16
+        assert report["local_codebook_bytes"] == cb16 // 2  # A on rank 0, B on rank 1
+        assert planned["compressed_bytes"] == cb16 + V * CHUNKS * 2
+    # The planned per-rank bytes count codebooks at float16, plus p (replicated: 40 kB is below
+    # the sharder's replication threshold).
+    planned = results[0][3]["bytes_per_rank"]
+    assert planned == [cb16 // 2 + V * CHUNKS * 2] * 2

@@ -1,0 +1,147 @@
+"""MEmCom's per-id weights (one float per id, O(V)) sharded across ranks by id range.
+
+Rank ``r`` owns ids ``[r * per, min(V, (r + 1) * per))`` with ``per = ceil(V / world)``, the
+same split as CCE's assignment (:class:`~torchrec_cce.distributed.assignment.IdRange`). A
+lookup sends each id to its owner and the owner's weights back with ``all_to_all_single``;
+the reply goes through ``torch.distributed.nn.functional.all_to_all_single``, whose backward
+is the reverse all-to-all, so each weight's gradient arrives at its owner's shard (a plain
+``nn.Parameter``) and is stepped there by its optimizer.
+
+Autograd across ranks needs every rank to run the same backward collectives in the same order:
+:func:`fetch_per_id_weights` returns, besides the weights, a zero scalar that depends on the
+reply; the sharded module adds it to its codebook outputs, so a rank that looked up nothing
+still joins the backward all-to-all, right after the codebooks' output all-to-all like every
+other rank.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+
+from torchrec_cce.distributed.assignment import IdRange
+
+PerIdRequest = Tuple[torch.Tensor, IdRange, torch.Tensor]  # (ids in [0, V), range, local shard)
+
+
+def _all_to_all(values: torch.Tensor, send_counts: List[int], recv_counts: List[int],
+                group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    out = values.new_empty((sum(recv_counts),) + tuple(values.shape[1:]))
+    dist.all_to_all_single(out, values.contiguous(), recv_counts, send_counts, group=group)
+    return out
+
+
+def fetch_per_id_weights(requests: List[PerIdRequest], group: Optional[dist.ProcessGroup] = None
+                         ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """``(weights, anchor)``: ``weights[i][j]`` = the per-id weight of ``requests[i]``'s id ``j``,
+    fetched from its owner (differentiable with respect to every owner's shard); ``anchor`` is
+    a zero scalar to add to the module's output (see the module docstring).
+
+    Every rank must call this once per step with the same tables in the same order (it may
+    pass an empty ``ids`` tensor). Ids must already be reduced to ``[0, V)``.
+    """
+    world = dist.get_world_size(group)
+    device = requests[0][2].device if requests else torch.device("cpu")
+    bases, offset = [], 0
+    for _, rng, _ in requests:
+        bases.append(offset)
+        offset += rng.per
+    codes, owners = [], []
+    for (ids, rng, _), base in zip(requests, bases):
+        owner = torch.div(ids, rng.per, rounding_mode="floor")
+        codes.append(base + ids - owner * rng.per)
+        owners.append(owner)
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    all_codes = torch.cat(codes) if codes else empty
+    all_owners = torch.cat(owners) if owners else empty
+    order = torch.argsort(all_owners, stable=True)
+    send = torch.bincount(all_owners, minlength=world)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    send_counts, recv_counts = send.tolist(), recv.tolist()
+    incoming = _all_to_all(all_codes[order], send_counts, recv_counts, group)
+
+    # Owner side: gather the requested weights from the local shards (differentiably).
+    served = torch.zeros(incoming.numel(), dtype=torch.float32, device=device)
+    if requests:
+        base_t = torch.tensor(bases, dtype=torch.int64, device=device)
+        which = torch.searchsorted(base_t, incoming, right=True) - 1
+        for t, (_, _, shard) in enumerate(requests):
+            sel = torch.nonzero(which == t).squeeze(1)
+            served = served.index_put((sel,), shard[incoming[sel] - bases[t]].float())
+    reply = dist_nn.all_to_all_single(served.new_empty(sum(send_counts)), served,
+                                      output_split_sizes=send_counts,
+                                      input_split_sizes=recv_counts, group=group)
+    # Back in request order.
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=device)
+    in_order = reply[inverse]
+    out, start = [], 0
+    for ids, _, _ in requests:
+        out.append(in_order[start: start + ids.numel()])
+        start += ids.numel()
+    return out, reply.sum() * 0.0
+
+
+class ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # noqa: ANN001
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad * ctx.scale, None
+
+
+def id_range_sharded(local: torch.Tensor, rng: IdRange,
+                     group: Optional[dist.ProcessGroup]) -> "ShardedTensor":
+    """``local`` (this rank's ``[hi - lo]`` slice of a length-``V`` tensor) as a ShardedTensor
+    view, so that DCP saves and reshards it."""
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+    shards = []
+    if rng.hi > rng.lo:
+        meta = ShardMetadata(shard_offsets=[rng.lo], shard_sizes=[rng.hi - rng.lo],
+                             placement=f"rank:{rng.rank}/{local.device}")
+        shards.append(Shard(tensor=local, metadata=meta))
+    return ShardedTensor._init_from_local_shards(shards, (rng.num_ids,), process_group=group)
+
+
+def per_id_fused_optimizer(entries: List[Tuple[str, torch.nn.Parameter, IdRange]],
+                           group: Optional[dist.ProcessGroup]):  # noqa: ANN201 - FusedOptimizer
+    """The in-backward optimizers of the per-id weights as one TorchRec ``FusedOptimizer``
+    whose params and per-id states (e.g. Adagrad's ``sum``) are ShardedTensor views by id
+    range, so ``dmp.fused_optimizer`` checkpoints them with DCP like the codebooks' states.
+    None if no entry has an in-backward optimizer."""
+    from torchrec.optim.fused import FusedOptimizer
+
+    params, state, groups = {}, {}, []
+    for key, param, rng in entries:
+        opts = getattr(param, "_in_backward_optimizers", [])
+        if not opts:
+            continue
+        view = id_range_sharded(param.detach(), rng, group)
+        params[key] = view
+        entry = {}
+        for opt in opts:
+            for name, value in opt.state.get(param, {}).items():
+                per_id = torch.is_tensor(value) and value.shape == param.shape
+                entry[name] = id_range_sharded(value, rng, group) if per_id else value
+            groups.append({**{k: v for k, v in opt.param_groups[0].items() if k != "params"},
+                           "params": [view]})
+        state[view] = entry
+    if not params:
+        return None
+
+    class _PerIdFusedOptimizer(FusedOptimizer):
+        def step(self, closure=None) -> None:  # noqa: ANN001 - stepped in backward
+            pass
+
+        def zero_grad(self, set_to_none: bool = False) -> None:
+            pass
+
+    return _PerIdFusedOptimizer(params, state, groups)
