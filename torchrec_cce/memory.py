@@ -57,8 +57,11 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
 
     * ``full_bytes``: the uncompressed table (``V * dim * element size``);
     * ``codebook_bytes``: every codebook table of the compressed table;
-    * ``assignment_bytes``: CCE's learned ``p`` (``V x chunks`` int16/int32), 0 otherwise;
-    * ``compressed_bytes``: codebooks + assignment + per-id weights (MEmCom);
+    * ``assignment_bytes``: CCE's learned ``p`` (bit-packed ``N x chunks``, ``ceil(log2(rows))``
+      bits per entry, in whole int32 words), 0 otherwise;
+    * ``compressed_bytes``: every stored tensor of the table: codebooks + assignment + per-id
+      weights (MEmCom) + CCE's 8-byte hash generation; it equals the sum of
+      ``numel * element_size`` over the table's state-dict tensors;
     * ``params``: trainable parameters (codebook entries + per-id weights);
     * ``ratio``: ``full_bytes / compressed_bytes``.
 
