@@ -3,9 +3,11 @@
 Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
-                              QRConfig, MEmComConfig, recluster, memory_report)
+                              QRConfig, MEmComConfig, recluster, memory_report,
+                              plan_compression)
 """
 
+from torchrec_cce.budget import CompressionPlan, TablePlan, plan_compression
 from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
@@ -24,13 +26,16 @@ __all__ = [
     "CCEEmbeddingBagCollection",
     "CCEConfig",
     "CEConfig",
+    "CompressionPlan",
     "HashingTrickConfig",
     "MEmComConfig",
     "QRConfig",
     "ReclusterSchedule",
     "compression_for_budget",
     "memory_report",
+    "plan_compression",
     "recluster",
     "summarize",
+    "TablePlan",
     "total_compression",
 ]

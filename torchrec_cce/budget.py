@@ -10,8 +10,9 @@ The rule (no trained model needed):
    worth of ids (``row_bytes = dim * element size``). Its value is the training mass of its
    ``k`` most frequent ids: ``mass_t * F_t(k)``, where ``mass_t`` is the table's total count
    (its share of training occurrences) and ``F_t`` the cumulative frequency curve of its ids
-   from ``counts`` (sorted descending). Without counts every table has mass 1 and uniform ids
-   (``F_t(k) = k / V``), so small tables are filled first. The full table has value ``mass_t``.
+   from ``counts`` (sorted descending). Without counts every table has mass 1 and Zipf(1) ids
+   (``F_t(k) = ln(1 + k) / ln(1 + V)``, the usual shape of recommendation vocabularies). The
+   full table has value ``mass_t``.
 2. **Marginal-value allocation.** Each table starts at its smallest candidate config; bytes
    then go, increment by increment, to the table whose next step on the upper concave hull of
    its (bytes, value) candidates buys the most value per byte (greedy multiple-choice
@@ -177,14 +178,17 @@ class _Curve:
             self.mass = float(c.sum())
             total = self.mass if self.mass > 0 else 1.0
             self.prefix_cum = np.concatenate([[0.0], np.cumsum(c) / total])
-            self.sorted_cum = np.concatenate([[0.0], np.cumsum(np.sort(c)[::-1]) / total])
+            if c.size < 2 or bool((c[1:] <= c[:-1]).all()):  # already frequency-ordered
+                self.sorted_cum = self.prefix_cum
+            else:
+                self.sorted_cum = np.concatenate([[0.0], np.cumsum(np.sort(c)[::-1]) / total])
             if self.mass == 0:
                 self.sorted_cum = self.prefix_cum = None
 
     def top(self, k: float) -> float:
         k = min(max(k, 0.0), float(self.V))
-        if self.sorted_cum is None:
-            return k / self.V
+        if self.sorted_cum is None:  # Zipf(1) prior: H_k / H_V ~ ln(1 + k) / ln(1 + V)
+            return math.log1p(k) / math.log1p(self.V)
         i = int(math.floor(k))
         n = len(self.sorted_cum) - 1
         if i >= n:
@@ -192,8 +196,8 @@ class _Curve:
         return float(self.sorted_cum[i] + (k - i) * (self.sorted_cum[i + 1] - self.sorted_cum[i]))
 
     def prefix(self, n: int) -> float:
-        if self.prefix_cum is None:
-            return min(n, self.V) / self.V
+        if self.prefix_cum is None:  # the Zipf(1) prior, ids frequency-ordered
+            return math.log1p(min(n, self.V)) / math.log1p(self.V)
         return float(self.prefix_cum[min(n, len(self.prefix_cum) - 1)])
 
 
@@ -352,8 +356,8 @@ def plan_compression(
         tables: the logical tables.
         byte_budget: bytes for all embedding tables together (everything they store).
         counts: ``{table or feature name: per-id training counts [V]}`` (a feature's counts
-            are summed into its table), or scalar total counts (uniform ids). Ids are assumed
-            frequency-ordered for CCE's covered prefix ``[0, N)``. None: uniform, equal mass.
+            are summed into its table), or scalar total counts (Zipf(1) ids). Ids are assumed
+            frequency-ordered for CCE's covered prefix ``[0, N)``. None: Zipf(1), equal mass.
         methods: restrict compressed tables to these methods (one: size that method). None:
             :data:`AUTO_ORDER`.
         chunks: CCE/CE chunks (1, 2, 4, 8; must divide every compressed table's dim, else
