@@ -315,7 +315,10 @@ def _sharded_run(rank, world, chunks, assigned, replicate_below):
     stored = state_bytes_by_table(dmp.state_dict(), sharded_tables())
     m = dmp.module.tables["big"]
     local = (m.stored_lo, m.stored_hi, m.assignment.numel() * 4)
+    for t in dmp.module.tables.values():  # the forward above observed its ids: start afresh
+        t.reservoir.reset()
     dmp.module.tables["big"].reservoir.observe(_sample(rank))
+    dmp.module.tables["small"].reservoir.observe(_sample(rank) % 500)
     stats = recluster(dmp)
     state = gathered_state(dmp)
     after = dmp(sharded_batch(200 + rank)).wait().values()
@@ -345,7 +348,10 @@ def test_sharded_packed_equals_unsharded(chunks, assigned, replicate_below):
     if replicate_below == 0:  # the shards are exactly the pieces of the one packed array
         assert bytes_local == ref_report["big"]["assignment_bytes"]
     # Distributed re-clustering == single process on both ranks' samples.
+    for t in ref.tables.values():  # the reference forwards above observed their ids
+        t.reservoir.reset()
     ref.tables["big"].reservoir.observe(torch.cat([_sample(0), _sample(1)]))
+    ref.tables["small"].reservoir.observe(torch.cat([_sample(0), _sample(1)]) % 500)
     ref_stats = recluster(ref)["big"]
     expected = ref.state_dict()
     (_, _, _, _, stats0, state0, _), (_, _, _, _, _, state1, _) = results

@@ -76,6 +76,9 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig])
         return V * dim * elem
     if isinstance(config, CCEConfig):
         n = config.num_assigned(table)
+        dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
+        if dtype is not None:
+            elem = torch.empty((), dtype=dtype).element_size()
         return (2 * config.rows * dim * elem
                 + packed.packed_bytes(n, config.chunks, packed.bits_for(config.rows))
                 + _H_GENERATION_BYTES)
@@ -455,3 +458,34 @@ def plan_compression(
     plan = CompressionPlan(byte_budget=budget, tables=out)
     assert plan.total_bytes <= budget, (plan.total_bytes, budget)
     return plan
+
+
+def _main() -> None:
+    """``python -m torchrec_cce.budget``: the plan for Criteo-Kaggle-shaped tables."""
+    import argparse
+
+    from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("--fraction", type=float, default=16, help="budget = full bytes / this")
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--zipf", type=float, default=None,
+                   help="per-table counts ~ rank^-zipf (default: no counts, the Zipf(1) prior)")
+    p.add_argument("--methods", default=None, help="comma-separated, e.g. cce or qr")
+    p.add_argument("--chunks", type=int, default=4)
+    a = p.parse_args()
+    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=a.dim, num_embeddings=v,
+                                 feature_names=[f"cat_{i}"])
+              for i, v in enumerate(CRITEO_KAGGLE_CARDINALITIES)]
+    counts = None
+    if a.zipf is not None:
+        counts = {t.name: np.arange(1, t.num_embeddings + 1, dtype=np.float64) ** -a.zipf
+                  for t in tables}
+    full = sum(config_bytes(t, None) for t in tables)
+    plan = plan_compression(tables, full / a.fraction, counts=counts,
+                            methods=a.methods.split(",") if a.methods else None, chunks=a.chunks)
+    print(plan.format())
+
+
+if __name__ == "__main__":
+    _main()

@@ -128,7 +128,18 @@ class CCETable(CompressedTable):
         keep = ids < self.assigned_ids
         ids, p = ids[keep], p[keep]
         self._check_stored(ids, "write_assignment")
-        packed.write(self.assignment, ids - self.stored_lo, p, self.assignment_bits)
+        local = ids - self.stored_lo
+        n, align = local.numel(), self.id_alignment()
+        if n and int(local[0]) % align == 0 and torch.equal(
+                local, torch.arange(int(local[0]), int(local[0]) + n, device=local.device)):
+            # A contiguous block from a word boundary (re-clustering, resets): pack it whole,
+            # up to its last full word; the rest goes through the general write.
+            whole = n if int(local[-1]) + 1 == self.stored_hi - self.stored_lo else n // align * align
+            first = packed.num_words(int(local[0]), self.chunks, self.assignment_bits)
+            words = packed.pack(p[:whole], self.assignment_bits)
+            self.assignment[first: first + words.numel()] = words
+            local, p = local[whole:], p[whole:]
+        packed.write(self.assignment, local, p, self.assignment_bits)
 
     def dense_assignment(self) -> torch.Tensor:
         """The stored ``p`` unpacked: ``[stored_hi - stored_lo, chunks]`` int64 (for tests and

@@ -86,9 +86,18 @@ def unpack(words: torch.Tensor, local_ids: torch.Tensor, chunks: int, bits: int)
 def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
     """``[n, chunks]`` ints in ``[0, 2**bits)`` -> int32 words (the packed array)."""
     n, chunks = values.shape
-    words = torch.zeros(num_words(n, chunks, bits), dtype=WORD_DTYPE, device=values.device)
-    write(words, torch.arange(n, device=values.device), values, bits)
-    return words
+    total = num_words(n, chunks, bits)
+    if bits == 0 or n == 0:
+        return torch.zeros(total, dtype=WORD_DTYPE, device=values.device)
+    off = _entry_offsets(torch.arange(n, device=values.device), chunks, bits).flatten()
+    vals = values.to(torch.int64).flatten()
+    k = off >> 5
+    shift = off & (WORD_BITS - 1)
+    acc = torch.zeros(total + 1, dtype=torch.int64, device=values.device)
+    # Entries are disjoint bit ranges: per-word sums of their bit patterns equal their OR.
+    acc.index_add_(0, k, (vals << shift) & _MASK32)
+    acc.index_add_(0, k + 1, vals >> (WORD_BITS - shift))  # spill into the next word (or 0)
+    return _to_words(acc[:total])
 
 
 def write(words: torch.Tensor, local_ids: torch.Tensor, values: torch.Tensor, bits: int) -> None:
