@@ -318,7 +318,7 @@ def _sharded_run(rank, world, chunks, assigned, replicate_below):
     for t in dmp.module.tables.values():  # the forward above observed its ids: start afresh
         t.reservoir.reset()
     dmp.module.tables["big"].reservoir.observe(_sample(rank))
-    dmp.module.tables["small"].reservoir.observe(_sample(rank) % 500)
+    dmp.module.tables["small"].reservoir.observe(_sample(rank)[:1000] % 500)  # < capacity
     stats = recluster(dmp)
     state = gathered_state(dmp)
     after = dmp(sharded_batch(200 + rank)).wait().values()
@@ -351,7 +351,7 @@ def test_sharded_packed_equals_unsharded(chunks, assigned, replicate_below):
     for t in ref.tables.values():  # the reference forwards above observed their ids
         t.reservoir.reset()
     ref.tables["big"].reservoir.observe(torch.cat([_sample(0), _sample(1)]))
-    ref.tables["small"].reservoir.observe(torch.cat([_sample(0), _sample(1)]) % 500)
+    ref.tables["small"].reservoir.observe(torch.cat([_sample(0)[:1000], _sample(1)[:1000]]) % 500)
     ref_stats = recluster(ref)["big"]
     expected = ref.state_dict()
     (_, _, _, _, stats0, state0, _), (_, _, _, _, _, state1, _) = results
