@@ -6,9 +6,10 @@ in int32 words: entry ``(i, j)`` occupies bits ``[(i * chunks + j) * bits, ... +
 (state dict, checkpoints, byte counts): ``4 * ceil(n * chunks * bits / 32)`` bytes, so at most
 3 bytes per array more than ``ceil(n * chunks * bits / 8)``.
 
-Reading an entry gathers the word it starts in and the next one, joins them into 64 bits and
-shifts/masks (entries never span more than two words since ``bits <= 31``); when ``bits``
-divides 32 no entry crosses a word and one gather suffices. Everything is vectorised torch ops.
+Reading gathers, per id, the (at most three) words its row of ``chunks * bits <= 64`` bits
+touches and shifts/masks each entry out of a 64-bit window (wider rows: per entry, the word it
+starts in and the next; entries never span more than two words since ``bits <= 31``).
+Everything is vectorised torch ops.
 
 A block of ids starting at a multiple of :func:`id_alignment` starts on a word boundary, so an
 array can be split by id range into word ranges (how a sharded ``p`` is stored and resharded).
@@ -71,15 +72,31 @@ def unpack(words: torch.Tensor, local_ids: torch.Tensor, chunks: int, bits: int)
     n = local_ids.numel()
     if bits == 0:
         return torch.zeros(n, chunks, dtype=torch.int64, device=local_ids.device)
-    off = _entry_offsets(local_ids, chunks, bits)
+    ids = local_ids.to(torch.int64)
+    cols = torch.arange(0, chunks * bits, bits, device=ids.device, dtype=torch.int64)
+    mask = (1 << bits) - 1
+    last = words.numel() - 1
+    row = chunks * bits
+    if row <= 2 * WORD_BITS:
+        # Per id: its row starts at bit s0 of word k0 and ends within words k0..k0+2. Gather
+        # the three words once (clamped at the end of the array: never needed there), build
+        # the 64-bit windows at bits 0 and 32 of them, take each entry from the window that
+        # holds it whole (shift + bits <= 64, so arithmetic shifts bring no sign bits in).
+        off0 = ids * row
+        k0 = (off0 >> 5).unsqueeze(1)
+        s = (off0 & (WORD_BITS - 1)).unsqueeze(1) + cols
+        x = _unsigned(torch.take(words, torch.clamp(
+            k0 + torch.arange(3, device=ids.device), max=last)))
+        win_a = x[:, 0:1] | (x[:, 1:2] << 32)
+        win_b = x[:, 1:2] | (x[:, 2:3] << 32)
+        return torch.where(s + bits <= 2 * WORD_BITS, win_a >> s,
+                           win_b >> (s - WORD_BITS).clamp(min=0)) & mask
+    # Wide rows: per entry, its word and the next.
+    off = ids.unsqueeze(1) * row + cols
     k = off >> 5
     shift = off & (WORD_BITS - 1)
-    mask = (1 << bits) - 1
-    lo = _unsigned(words[k])
-    if WORD_BITS % bits == 0:  # no entry crosses a word boundary
-        return (lo >> shift) & mask
-    hi = _unsigned(words[torch.clamp(k + 1, max=words.numel() - 1)])
-    # shift + bits <= 63, so the arithmetic shift never brings sign bits into the result.
+    lo = _unsigned(torch.take(words, k))
+    hi = _unsigned(torch.take(words, torch.clamp(k + 1, max=last)))
     return ((lo | (hi << 32)) >> shift) & mask
 
 
