@@ -1,11 +1,14 @@
 """The byte-budget planner (torchrec_cce/budget.py): exact byte accounting, fitting, allocation.
 
 Every plan is built into a real (meta-device) CCEEmbeddingBagCollection and its bytes are read
-back with memory_report, so the planner's arithmetic is checked against the stored tensors.
+back with memory_report, so the planner's arithmetic is checked against the stored tensors;
+``train.py --embedding-budget-mb`` is run in-process and its metrics JSON checked the same way.
 """
 
 import json
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +27,9 @@ from torchrec_cce import (
     plan_compression,
 )
 from torchrec_cce.budget import PLAN_METHODS, config_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "dlrm"))
+import train  # noqa: E402
 
 
 def tbl(name, V, dim=16, fp16=False):
@@ -192,3 +198,56 @@ def test_infeasible_budget_names_tables_and_minimum():
         plan_compression(tables, 10**9, methods=["nope"])
     with pytest.raises(ValueError, match="counts has no entry"):
         plan_compression(tables, 10**9, counts={"huge": 1.0})
+
+
+# ---------------------------------------------------------------- train.py --embedding-budget-mb
+TRAIN = ("--data", "synthetic", "--synthetic-train-batches", "8", "--synthetic-val-batches", "2",
+         "--synthetic-test-batches", "2", "--batch-size", "128", "--no-progress")
+
+
+def train_run(*argv):
+    from test_train_protocol import run
+
+    return run(*TRAIN, *argv)
+
+
+def check_train_plan(m, budget_mib):
+    plan = m["embedding_plan"]
+    assert plan is not None and plan["byte_budget"] == int(budget_mib * 2**20)
+    assert m["embedding_bytes"] == plan["total_bytes"] <= budget_mib * 2**20
+    for name, row in plan["tables"].items():  # what memory_report measured == what was planned
+        assert m["embedding_tables"][name]["compressed_bytes"] == row["bytes"], name
+        assert m["embedding_tables"][name]["method"] == row["method"], name
+    assert all(np.isfinite(v) for _, v in m["train_loss_curve"])
+    return plan
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("chunks,dim", [(1, 16), (8, 32)])
+def test_train_without_method_lets_the_planner_choose(chunks, dim):
+    m = train_run("--embedding-budget-mb", "0.2", "--chunks", str(chunks), "--embedding-dim",
+                  str(dim), "--dense-arch", f"64,{dim}", "--recluster-at", "0.5")
+    plan = check_train_plan(m, 0.2)
+    methods = {r["method"] for r in plan["tables"].values()}
+    assert "full" in methods and "cce" in methods  # small tables stay full
+    assert all(r["chunks"] == chunks for r in plan["tables"].values() if r["method"] == "cce")
+    assert len(m["reclusterings"]) == 1
+    assert "compressed to fit 0.2 MiB" in m["stdout"]
+
+
+@pytest.mark.timeout(900)
+def test_train_with_method_sizes_that_method_to_the_budget():
+    m = train_run("--embedding-budget-mb", "0.3", "--method", "hashing")
+    plan = check_train_plan(m, 0.3)
+    assert {r["method"] for r in plan["tables"].values()} <= {"hashing", "full"}
+    assert m["method"] == "hashing"
+
+
+def test_train_budget_flag_errors():
+    with pytest.raises(SystemExit):
+        train.parse_args([*TRAIN, "--embedding-budget-mb", "1", "--max-params-per-table", "100"])
+    with pytest.raises(SystemExit):
+        train.parse_args([*TRAIN, "--embedding-budget-mb", "-1"])
+    args = train.parse_args([*TRAIN])
+    assert args.method == "cce" and args.planner_methods is None
+
