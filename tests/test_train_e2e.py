@@ -242,7 +242,9 @@ def test_resume_continues_and_matches_straight_run(torchx_cce_epoch1: Dict[str, 
 
 @SLOW
 def test_torchrun_hashing_two_workers(tmp_path: Path) -> None:
-    run = _torchrun(*SMALL, "--method", "hashing", "--epochs", "1",
+    # 8 steps: Adagrad's early jumps dominate; dense lr 0.02 (measured: test log loss 0.531 vs
+    # 0.575 at 0.05) leaves a margin over the constant predictor (0.562)
+    run = _torchrun(*SMALL, "--method", "hashing", "--epochs", "1", "--dense-lr", "0.02",
                     home=tmp_path, metrics_json=tmp_path / "m.json")
     m = _check_one_epoch_metrics(run, "hashing")
     assert m["assignment_bytes"] == 0  # hashing needs no stored assignment

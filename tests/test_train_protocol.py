@@ -379,6 +379,48 @@ def test_resume_is_exact_mid_warmup(tmp_path: Path) -> None:
     assert resumed["test_logloss"] == pytest.approx(straight["test_logloss"], abs=1e-6)
 
 
+# ------------------------------------------------------------------ evaluation at world 2
+
+
+class _DenseLogit(torch.nn.Module):
+    """A stand-in model: the logit is the first dense feature."""
+
+    def forward(self, batch: Any) -> Any:
+        logits = batch.dense_features[:, 0]
+        return logits.sum(), (logits.detach(), logits, batch.labels)
+
+
+def _evaluate_uneven(rank: int, world: int) -> Dict[str, float]:
+    from torchrec_cce.data.common import make_batch
+
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(10, generator=g), (torch.rand(10, generator=g) < 0.4).float()
+    sizes = [[3, 3], [3, 1]][rank]  # same batch count, unequal rows (a smaller last batch)
+    start = [0, 6][rank]
+    batches = []
+    for n in sizes:
+        rows = slice(start, start + n)
+        batches.append(make_batch(logits[rows].view(-1, 1), torch.zeros(n, 1, dtype=torch.long),
+                                  labels[rows], ["f"]))
+        start += n
+    train.quiet_known_warnings()
+    return train.evaluate(_DenseLogit(), batches, torch.device("cpu"))
+
+
+@SLOW
+def test_evaluation_over_two_ranks_with_unequal_batches_is_exact() -> None:
+    from multiprocess import run_multiprocess
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    results = run_multiprocess(_evaluate_uneven, 2, timeout=600)
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(10, generator=g), (torch.rand(10, generator=g) < 0.4).float()
+    probs = torch.sigmoid(logits).double().numpy()
+    for r in results:
+        assert r["auc"] == pytest.approx(roc_auc_score(labels.numpy(), probs), abs=1e-6)
+        assert r["logloss"] == pytest.approx(log_loss(labels.numpy(), probs), abs=1e-6)
+
+
 # ------------------------------------------------------------------ raw readers
 
 
