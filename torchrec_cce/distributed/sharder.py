@@ -17,7 +17,9 @@ keep their name.
 
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,
 ``tables.<t>.assignment``, ``tables.<t>.h_generation``), with ``ShardedTensor`` values for
-sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes.
+sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes. A CCE
+assignment is stored as its bit-packed int32 words (1-D); id-range shards start on word
+boundaries, so each rank's words are one piece of the same packed array at any world size.
 """
 
 from dataclasses import dataclass, field
