@@ -84,8 +84,8 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
         a, b = _weight(ebc, f"{n}__cce_A"), _weight(ebc, f"{n}__cce_B")
         chunks = []
         for i in range(cfg.chunks):
-            if 0 <= x < table.num_embeddings:
-                p = int(m.assignment[x, i])
+            if 0 <= x < m.assigned_ids:
+                p = int(m.read_assignment(torch.tensor([x]))[0, i])
             else:
                 p = ref_hash(x, derive_seed(cfg.seed, n, i, "p"), rows)
             h = ref_hash(x, ref_combine(derive_seed(cfg.seed, n, i, "h"), gen), rows)

@@ -36,28 +36,30 @@ def expect(r, *, method, full, codebook, assignment, compressed, params, full_pa
     assert r["ratio"] == pytest.approx(full / compressed, rel=1e-12)
 
 
-def test_cce_int16_assignment():
+# CCE: codebooks + packed p (ceil(log2 rows) bits per entry, whole int32 words) + the 8-byte
+# hash generation.
+def test_cce_packed_assignment():
     r = report_of(CCEConfig(rows=64, chunks=4))
     cb = 2 * (4 * 64) * (16 // 4) * 4          # two stacked codebooks, fp32
-    asg = 1000 * 4 * 2                          # V x chunks int16
-    assert (cb, asg) == (8192, 8000)
+    asg = 1000 * 4 * 6 // 8                     # V x chunks x 6 bits = 750 int32 words
+    assert (cb, asg) == (8192, 3000)
     expect(r, method="cce", full=1000 * 16 * 4, codebook=cb, assignment=asg,
-           compressed=cb + asg, params=2 * 64 * 16, full_params=16000)
+           compressed=cb + asg + 8, params=2 * 64 * 16, full_params=16000)
 
 
-def test_cce_int32_assignment_above_32768_rows():
+def test_cce_packed_assignment_above_32768_rows():
     r = report_of(CCEConfig(rows=40000, chunks=4), v=100_000, device="meta")
     cb = 2 * (4 * 40000) * 4 * 4
-    asg = 100_000 * 4 * 4                       # int32
+    asg = 100_000 * 4 * 16 // 8                 # 16 bits per entry
     expect(r, method="cce", full=100_000 * 16 * 4, codebook=cb, assignment=asg,
-           compressed=cb + asg, params=2 * 40000 * 16, full_params=1_600_000)
+           compressed=cb + asg + 8, params=2 * 40000 * 16, full_params=1_600_000)
 
 
 def test_cce_fp16_codebooks():
     r = report_of(CCEConfig(rows=64, chunks=2), data_type=DataType.FP16)
     cb = 2 * (2 * 64) * 8 * 2
-    expect(r, method="cce", full=1000 * 16 * 2, codebook=cb, assignment=1000 * 2 * 2,
-           compressed=cb + 4000, params=2 * 64 * 16, full_params=16000)
+    expect(r, method="cce", full=1000 * 16 * 2, codebook=cb, assignment=4 * 375,
+           compressed=cb + 1500 + 8, params=2 * 64 * 16, full_params=16000)
 
 
 def test_ce():
@@ -118,12 +120,12 @@ def test_summarize_totals_and_nested_model():
     assert sorted(rep) == ["a", "b", "c"]
     s = summarize(rep)
     full_bytes = (1000 * 16 + 500 * 8 + 50 * 16) * 4
-    a_bytes = 8192 + 8000
+    a_bytes = 8192 + 3000 + 8
     b_bytes = 20 * 8 * 4 + 500 * 4
     c_bytes = 50 * 16 * 4
     assert s["full_bytes"] == full_bytes
     assert s["compressed_bytes"] == a_bytes + b_bytes + c_bytes
-    assert s["assignment_bytes"] == 8000
+    assert s["assignment_bytes"] == 3000
     assert s["full_params"] == 1000 * 16 + 500 * 8 + 50 * 16
     assert s["params"] == 2 * 64 * 16 + (20 * 8 + 500) + 50 * 16
     assert s["param_ratio"] == pytest.approx(s["full_params"] / s["params"])

@@ -188,8 +188,10 @@ def test_cce_custom_assignment_changes_output():
     kjt_bags = {"f0": [[5], [77]], "f1": [[0], []], "g": [[1], [2]]}
     before = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     with torch.no_grad():
-        m.assignment[:, 0] = 3          # every id -> row 3 of A_0
-        m.assignment[:, 1] = torch.arange(100) % 8
+        p = m.dense_assignment()
+        p[:, 0] = 3                     # every id -> row 3 of A_0
+        p[:, 1] = torch.arange(100) % 8
+        m.write_assignment(torch.arange(100), p)
     after = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     h0 = [ref_hash(x, ref_combine(derive_seed(4, "t0", 0, "h"), 0), 8) for x in (5, 77)]
     for row, x in enumerate((5, 77)):
@@ -204,7 +206,7 @@ def test_cce_out_of_range_ids_ignore_assignment_and_stay_in_bounds():
     ebc = build("cce")
     m = ebc.tables["t0"]
     with torch.no_grad():
-        m.assignment.fill_(7)
+        m.write_assignment(torch.arange(100), torch.full((100, 4), 7))
     ids = torch.tensor([-1, 100, 2**63 - 1, -(2**63), 5])
     p = m.lookup_assignment(ids)
     assert torch.equal(p[:4], m.hash_assignment(ids[:4]))
@@ -230,23 +232,22 @@ def test_cce_h_generation_changes_buckets():
     check_against_reference(ebc, BAGS)
 
 
-@pytest.mark.parametrize("rows,dtype", [(8, torch.int16), (32768, torch.int16),
-                                        (32769, torch.int32), (40000, torch.int32)])
-def test_cce_assignment_dtype(rows, dtype):
+@pytest.mark.parametrize("rows,bits", [(8, 3), (32768, 15), (32769, 16), (40000, 16)])
+def test_cce_assignment_is_packed(rows, bits):
     t = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=100_000,
                             feature_names=["f"])]
     ebc = CCEEmbeddingBagCollection(t, {"t": CCEConfig(rows=rows, chunks=2)},
                                     device=torch.device("meta"))
-    a = ebc.tables["t"].assignment
-    assert a.dtype == dtype and tuple(a.shape) == (100_000, 2)
+    a = ebc.tables["t"].assignment  # ceil(log2 rows) bits per entry, in int32 words
+    assert a.dtype == torch.int32 and tuple(a.shape) == (-(-100_000 * 2 * bits // 32),)
 
 
 def test_cce_initial_assignment_is_hash_of_all_ids():
     ebc = build("cce")
     m = ebc.tables["t1"]
-    assert m.assignment.dtype == torch.int16
+    assert m.assignment.dtype == torch.int32
     expect = [[ref_hash(x, derive_seed(0, "t1", i, "p"), 5) for i in range(2)] for x in range(37)]
-    assert m.assignment.tolist() == expect
+    assert m.dense_assignment().tolist() == expect
 
 
 # ---------------------------------------------------------------- gradients and training

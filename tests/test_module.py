@@ -111,8 +111,8 @@ def test_meta_construction_allocates_nothing_and_reports_exact_bytes(device):
     b = report["t_big"]
     assert b["full_bytes"] == 10_000_000 * 16 * 4
     assert b["codebook_bytes"] == 2 * (4 * 4096) * 4 * 4
-    assert b["assignment_bytes"] == 10_000_000 * 4 * 2        # int16: rows <= 32768
-    assert b["compressed_bytes"] == 2 * (4 * 4096) * 4 * 4 + 10_000_000 * 4 * 2
+    assert b["assignment_bytes"] == 10_000_000 * 4 * 12 // 8   # packed: 12 bits for 4096 rows
+    assert b["compressed_bytes"] == 2 * (4 * 4096) * 4 * 4 + 10_000_000 * 4 * 12 // 8 + 8
     assert report["t_small"]["compressed_bytes"] == 1000 * 16 * 4
     assert report["t_small"]["ratio"] == 1
 
@@ -138,7 +138,8 @@ def test_state_dict_round_trip(method):
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():
             for m in src.tables.values():
-                m.assignment.copy_(torch.randint(0, m.rows, m.assignment.shape, generator=g))
+                m.write_assignment(torch.arange(m.num_embeddings), torch.randint(
+                    0, m.rows, (m.num_embeddings, m.chunks), generator=g))
                 m.h_generation.fill_(3)
     buf = io.BytesIO()
     torch.save(src.state_dict(), buf)
@@ -155,14 +156,16 @@ def test_state_dict_round_trip(method):
     if method == "cce":
         for name, m in dst.tables.items():
             assert torch.equal(m.assignment, src.tables[name].assignment)
-            assert m.assignment.dtype == torch.int16
+            assert torch.equal(m.dense_assignment(), src.tables[name].dense_assignment())
+            assert m.assignment.dtype == torch.int32
             assert int(m.h_generation) == 3
 
 
 def test_cce_state_dict_holds_assignment_and_generation():
     ebc = build("cce")
     sd = ebc.state_dict()
-    assert sd["tables.t_user.assignment"].shape == (100, 4)
+    m = ebc.tables["t_user"]  # packed: 100 ids x 4 chunks x ceil(log2 rows) bits, int32 words
+    assert sd["tables.t_user.assignment"].shape == (-(-100 * 4 * m.assignment_bits // 32),)
     assert sd["tables.t_user.h_generation"].dtype == torch.int64
     assert not any("reservoir" in k for k in sd)  # training state, not model state
 

@@ -73,7 +73,8 @@ def reference() -> CCEEmbeddingBagCollection:
     ref = CCEEmbeddingBagCollection(tables(), COMPRESSION)
     with torch.no_grad():  # a non-trivial hash generation and assignment, so both are tested
         ref.tables["big"].h_generation.fill_(3)
-        ref.tables["big"].assignment[::7] = 5
+        ids = torch.arange(0, V_BIG, 7)
+        ref.tables["big"].write_assignment(ids, torch.full((ids.numel(), 2), 5))
     return ref
 
 
@@ -147,7 +148,10 @@ def _forward_and_update(rank: int, world: int, kind: str, replicate_below: int):
             if p.grad is not None:
                 p -= LR * p.grad
     after = gathered_state(dmp)
-    local_assignment_rows = (dmp.module.assignment_shard("big").shape[0])
+    m = dmp.module.tables["big"]
+    local_assignment_rows = m.stored_hi - m.stored_lo
+    assert dmp.module.assignment_shard("big").numel() * 4 == m.packed_assignment_bytes(
+        local_assignment_rows)
     return forward_err, {k: v for k, v in after.items()}, local_assignment_rows
 
 
@@ -206,12 +210,12 @@ def test_planner_counts_assignment_and_honours_constraints() -> None:
     types, mem, reserved = run_multiprocess(_plan, 2)[0]
     assert types["huge__cce_A"] == "column_wise"
     assert types["huge__cce_B"] == "table_wise"
-    per_rank_assignment = 1_000_000 * 4 * 2  # ceil(V/2) ids x 4 chunks x int16
+    per_rank_assignment = 1_000_000 * 4 * 10 // 8  # ceil(V/2) ids x 4 chunks x 10 bits, packed
     assert reserved["huge"] == [per_rank_assignment, per_rank_assignment]
     codebook_bytes = 2 * (4 * 1024) * 4 * 4  # A and B: chunks*rows rows of dim/chunks fp32
     assert sum(mem["huge"]["bytes_per_rank"]) == codebook_bytes + 2 * per_rank_assignment
     assert all(b >= per_rank_assignment for b in mem["huge"]["bytes_per_rank"])
-    assert mem["huge"]["compressed_bytes"] == codebook_bytes + 2_000_000 * 4 * 2
+    assert mem["huge"]["compressed_bytes"] == codebook_bytes + 2_000_000 * 4 * 10 // 8 + 8
     assert mem["huge"]["full_bytes"] == 2_000_000 * 16 * 4
 
 
@@ -277,7 +281,12 @@ def test_distributed_recluster_equals_single_process(replicate_below: int) -> No
         assert torch.equal(state0[key], state1[key]), key
     assert stats0["num_samples"] == ref_stats["num_samples"] == 6000
     assert int(state0["tables.big.h_generation"]) == int(expected["tables.big.h_generation"]) == 4
-    agree = (state0["tables.big.assignment"] == expected["tables.big.assignment"].long()).float()
+    from torchrec_cce.methods.packed import unpack
+
+    def dense(words):
+        return unpack(words.to(torch.int32), torch.arange(V_BIG), 2, 5)
+    agree = (dense(state0["tables.big.assignment"]) == dense(expected["tables.big.assignment"])
+             ).float()
     assert agree.mean() > 0.999, f"assignments agree on {agree.mean():.5f}"
     for name in ("codebooks.embedding_bags.big__cce_A.weight",
                  "codebooks.embedding_bags.big__cce_B.weight"):
@@ -298,8 +307,9 @@ def _save_world2(rank: int, world: int, path: str):
     load_full_state(dmp, _trained_reference().state_dict())
     with torch.no_grad():  # make the assignment and hash generation distinctive
         m = dmp.module.tables["big"]
-        m.assignment_shard.copy_(torch.randint(0, 32, m.assignment_shard.shape,
-                                               generator=torch.Generator().manual_seed(rank)))
+        ids = torch.arange(m.stored_lo, m.stored_hi)
+        m.write_assignment(ids, torch.randint(0, 32, (ids.numel(), 2),
+                                              generator=torch.Generator().manual_seed(rank)))
         m.h_generation.fill_(9)
     dcp.save(dmp.state_dict(), checkpoint_id=path)
     return [dmp(batch(500 + r)).wait().values() for r in range(world)]
@@ -312,7 +322,7 @@ def _load_world2(rank: int, world: int, path: str):
     state = dmp.state_dict()
     dcp.load(state, checkpoint_id=path)
     dmp.load_state_dict(state)
-    return dmp(batch(600 + rank)).wait().values(), dmp.module.assignment_shard("big").clone()
+    return dmp(batch(600 + rank)).wait().values(), dmp.module.tables["big"].dense_assignment()
 
 
 def test_dcp_world2_to_world1_and_back(tmp_path) -> None:
@@ -330,11 +340,11 @@ def test_dcp_world2_to_world1_and_back(tmp_path) -> None:
     # ... and back: world 1 -> world 2 (a different sharding), assignment included.
     path1 = str(tmp_path / "world1")
     with torch.no_grad():
-        single.tables["big"].assignment.copy_(torch.randint(
-            0, 32, single.tables["big"].assignment.shape, generator=torch.Generator().manual_seed(5)))
+        single.tables["big"].write_assignment(torch.arange(V_BIG), torch.randint(
+            0, 32, (V_BIG, 2), generator=torch.Generator().manual_seed(5)))
     dcp.save(single.state_dict(), checkpoint_id=path1)
     loaded = run_multiprocess(_load_world2, 2, path1)
     for r, (out, shard_p) in enumerate(loaded):
         torch.testing.assert_close(out, single(batch(600 + r)).values(), atol=1e-6, rtol=0)
         half = V_BIG // 2
-        assert torch.equal(shard_p.long(), single.tables["big"].assignment[r * half:(r + 1) * half].long())
+        assert torch.equal(shard_p, single.tables["big"].dense_assignment()[r * half:(r + 1) * half])

@@ -3,9 +3,11 @@
 Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
-                              QRConfig, MEmComConfig, MPEConfig, recluster, memory_report)
+                              QRConfig, MEmComConfig, MPEConfig, recluster, memory_report,
+                              plan_compression)
 """
 
+from torchrec_cce.budget import CompressionPlan, TablePlan, plan_compression
 from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
@@ -26,6 +28,7 @@ __all__ = [
     "CCEEmbeddingBagCollection",
     "CCEConfig",
     "CEConfig",
+    "CompressionPlan",
     "HashingTrickConfig",
     "MEmComConfig",
     "MPEConfig",
@@ -35,7 +38,9 @@ __all__ = [
     "compression_for_budget",
     "memory_report",
     "mpe_penalty",
+    "plan_compression",
     "recluster",
     "summarize",
+    "TablePlan",
     "total_compression",
 ]

@@ -91,17 +91,37 @@ class CCEConfig:
     (``torch.float32`` or ``torch.float16``; default None: the logical table's ``data_type``,
     i.e. float32 for a default ``EmbeddingBagConfig``; see :func:`codebook_data_type` for why
     bfloat16 and int8 are refused). Float16 halves the codebook bytes; outputs are float32.
+
+    ``p`` is stored bit-packed, ``ceil(log2(rows))`` bits per chunk entry. ``assigned_ids``
+    bounds it to the ids ``[0, assigned_ids)`` (with frequency-ordered vocabularies: the most
+    frequent ones); the other ids keep the hashed ``p`` forever. ``None``: every id. Values above
+    the table size mean every id.
     """
 
     rows: int
     chunks: int = 4
     seed: int = 0
     codebook_dtype: Optional[torch.dtype] = None
+    assigned_ids: Optional[int] = None
 
     def validate(self, table: EmbeddingBagConfig) -> None:
         _require_positive(table, "rows", self.rows)
         _require_divisible(table, self.chunks)
         codebook_data_type(table, self.codebook_dtype)
+        if self.rows > 1 << 31:
+            raise ValueError(f"table '{table.name}': CCE rows must be <= 2**31, got {self.rows}")
+        if self.assigned_ids is not None and (
+                not isinstance(self.assigned_ids, int) or self.assigned_ids < 0):
+            raise ValueError(
+                f"table '{table.name}': CCEConfig.assigned_ids must be None (every id) or an "
+                f"int >= 0, got {self.assigned_ids!r}"
+            )
+
+    def num_assigned(self, table: EmbeddingBagConfig) -> int:
+        """How many ids (the prefix ``[0, N)``) have a stored, learned ``p``."""
+        if self.assigned_ids is None:
+            return table.num_embeddings
+        return min(self.assigned_ids, table.num_embeddings)
 
     def num_parameters(self, table: EmbeddingBagConfig) -> int:
         return 2 * self.rows * table.embedding_dim

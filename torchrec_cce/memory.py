@@ -70,7 +70,7 @@ def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
             "full_bytes": full_bytes,
             "codebook_bytes": codebook_bytes,
             "assignment_bytes": method.assignment_bytes(),
-            "per_id_bytes": method.state_bytes() - method.assignment_bytes(),
+            "per_id_bytes": getattr(method, "per_id_bytes", lambda: 0)(),
             "compressed_bytes": compressed,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": sum(w.numel() for w in weights) + method.extra_parameters(),
@@ -85,9 +85,12 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
 
     * ``full_bytes``: the uncompressed table (``V * dim * element size``);
     * ``codebook_bytes``: every codebook table of the compressed table;
-    * ``assignment_bytes``: CCE's learned ``p`` (``V x chunks`` int16/int32), 0 otherwise;
+    * ``assignment_bytes``: CCE's learned ``p`` (bit-packed ``N x chunks``, ``ceil(log2(rows))``
+      bits per entry, in whole int32 words), 0 otherwise;
     * ``per_id_bytes``: MEmCom's per-id weights (``4 * V``), 0 otherwise;
-    * ``compressed_bytes``: codebooks + assignment + per-id weights (MEmCom);
+    * ``compressed_bytes``: every stored tensor of the table: codebooks + assignment + per-id
+      weights (MEmCom) + CCE's 8-byte hash generation; it equals the sum of
+      ``numel * element_size`` over the table's state-dict tensors;
     * ``params``: trainable parameters (codebook entries + per-id weights);
     * ``ratio``: ``full_bytes / compressed_bytes``;
     * ``training_bytes`` / ``serving_bytes``: bytes stored while training / when served. Equal

@@ -67,6 +67,7 @@ from torchrec_cce import (  # noqa: E402
     CCEEmbeddingBagCollection,
     compression_for_budget,
     memory_report,
+    plan_compression,
     summarize,
 )
 from torchrec_cce.clustering.schedule import ReclusterSchedule  # noqa: E402
@@ -176,7 +177,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     d.add_argument("--synthetic-test-batches", type=int, default=None,
                    help="global test batches (default 8 x world)")
     m = p.add_argument_group("model")
-    m.add_argument("--method", choices=list(METHOD_NAMES), default="cce")
+    m.add_argument("--method", choices=list(METHOD_NAMES), default=None,
+                   help="compression method (default cce; with --embedding-budget-mb and no "
+                        "--method the budget planner chooses per table)")
+    m.add_argument("--embedding-budget-mb", type=float, default=None,
+                   help="bytes (MiB, 2**20) for all embedding tables together, everything they "
+                        "store: torchrec_cce.plan_compression sizes --method to it, or without "
+                        "--method chooses per table; replaces --max-params-per-table")
     m.add_argument("--max-params-per-table", type=int, default=None,
                    help="the paper's cap: tables with num_embeddings*dim above it are compressed "
                         "to this many parameters (default: 1/16 of the largest table)")
@@ -233,6 +240,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     o.add_argument("--loss-curve-png", default=None)
     o.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     args = p.parse_args(argv)
+    args.planner_methods = None if args.method is None else [args.method]
+    args.method = args.method or "cce"
+    if args.embedding_budget_mb is not None:
+        if args.embedding_budget_mb <= 0:
+            p.error(f"--embedding-budget-mb must be positive, got {args.embedding_budget_mb}")
+        if args.max_params_per_table is not None:
+            p.error("--embedding-budget-mb and --max-params-per-table are two budgets; pass one")
     if args.recluster_at and args.method != "cce":
         p.error("--recluster-at only applies to --method cce")
     if args.data in ("criteo_tsv", "avazu_csv", "criteo_npy") and not args.train_path:
@@ -563,7 +577,16 @@ def make_compression(tables: List[EmbeddingBagConfig], args: argparse.Namespace,
 def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[str, Any]]:
     dim = args.embedding_dim
     tables = table_configs(data, dim)
-    compression, cap = make_compression(tables, args, table_counts(data, tables))
+    plan = None
+    if args.embedding_budget_mb is not None:  # the byte-budget planner (torchrec_cce.budget)
+        plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
+                                counts=table_counts(data, tables),
+                                methods=args.planner_methods, chunks=args.chunks)
+        compression, cap = plan.compression, None
+        used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
+        args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
+    else:
+        compression, cap = make_compression(tables, args, table_counts(data, tables))
     # An all-MPE collection has no codebook for DMP to shard: build it for DDP.
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
     ebc = CCEEmbeddingBagCollection(tables, compression,
@@ -583,7 +606,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
                     dense_device=torch.device("cpu"))
     train_module = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return train_module, {"max_params_per_table": cap, "compressed_tables": len(compression),
-                             "tables": {t.name: t.num_embeddings for t in tables}}
+                          "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan}
 
 
 class MPEDLRMTrain(DLRMTrain):
@@ -978,9 +1001,10 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     if args.tensorboard_dir and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
         ctx.writer = SummaryWriter(args.tensorboard_dir)
+    limit = (f"<= {ctx.budget['max_params_per_table']} params" if ctx.budget["plan"] is None
+             else f"fit {args.embedding_budget_mb} MiB:\n{ctx.budget['plan'].format()}")
     ctx.say(f"world {world} on {device}; method {args.method}; {len(ctx.budget['tables'])} "
-            f"tables, {ctx.budget['compressed_tables']} compressed to <= "
-            f"{ctx.budget['max_params_per_table']} params\n{ctx.plan_table}")
+            f"tables, {ctx.budget['compressed_tables']} compressed to {limit}\n{ctx.plan_table}")
     for note in ctx.data.notes:
         ctx.say(note)
 
@@ -1011,7 +1035,8 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 
 def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[str, Any]:
     best = ctx.protocol.best
-    totals = summarize(memory_report(ctx.dmp))
+    report = memory_report(ctx.dmp)
+    totals = summarize(report)
     step_seconds = train_seconds - ctx.recluster_seconds - ctx.eval_seconds
     return {
         # the state with the lowest validation log loss
@@ -1038,6 +1063,10 @@ def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[s
         "compression_ratio_params": totals["param_ratio"],
         "compression_ratio_bytes": totals["byte_ratio"],
         "table_rows": ctx.budget["tables"],
+        # per table: method and bytes as stored; with --embedding-budget-mb the planner's choice
+        "embedding_tables": report,
+        "embedding_plan": (ctx.budget["plan"].to_dict() if ctx.budget["plan"] is not None
+                           else None),
         "colliding_features": ([n for n, c in zip(ctx.data.collisions.names,
                                                   ctx.data.collisions.reported) if c]
                                if ctx.data.collisions is not None else []),

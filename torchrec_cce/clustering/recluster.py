@@ -6,9 +6,12 @@ For each CCE table and chunk ``i``:
    id was seen yet, a seeded uniform sample of ``[0, V)``;
 2. compute their current chunk vectors ``A_i[p_i(x)] + B_i[h_i(x)]`` from the *old* state;
 3. run k-means with ``k = rows`` (sums/counts all-reduced across ranks);
-4. for every id of ``[0, V)`` (in bounded batches) compute its old vector again, set
-   ``p_i(x)`` = nearest centroid and accumulate the residual ``vector - centroid`` into the
-   bucket ``h'_i(x)`` of a *fresh* hash ``h'`` (next generation);
+4. for every covered id ``[0, N)`` (``N = CCEConfig.assigned_ids``, default ``V``; in bounded
+   batches) compute its old vector again, set ``p_i(x)`` = nearest centroid and accumulate the
+   residual ``vector - centroid`` into the bucket ``h'_i(x)`` of a *fresh* hash ``h'`` (next
+   generation). Uncovered ids ``[N, V)`` keep their hashed ``p`` and do not enter B's means
+   (their residual to a hashed, not nearest, centroid would swamp the frequent ids' buckets);
+   they still enter the k-means sample of step 1-3;
 5. only then write: ``A_i`` = centroids, ``B_i[j]`` = mean residual of bucket ``j`` (0 if empty),
    ``h`` = ``h'``, and reset the optimizer state of the rewritten codebook rows.
 
@@ -40,8 +43,9 @@ class ReclusterState:
     """What re-clustering reads and writes for one CCE table, wherever it lives.
 
     ``A``/``B`` are the full stacked codebooks (``chunks * rows`` rows; small by design, so a
-    sharded table gathers them). ``assignment`` holds ``p`` for ids
-    ``[assignment_offset, assignment_offset + len)``; this rank re-assigns ``id_range``.
+    sharded table gathers them). ``p`` is read and written through ``method``
+    (``lookup_assignment``/``write_assignment``; ``assignment``/``assignment_offset`` describe
+    its stored words and first id); this rank re-assigns the covered ids ``id_range``.
     """
 
     method: CCETable
@@ -144,7 +148,7 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         "num_samples": int(collective.all_reduce_sum(
             torch.tensor([float(sample.numel())], device=A.device))),
         "num_ids": m.num_embeddings,
-        "mean_residual_sq": residual_sq / max(1, m.num_embeddings),
+        "mean_residual_sq": residual_sq / max(1, m.assigned_ids),
         "empty_buckets": int((counts == 0).sum()),
         "seconds": time.perf_counter() - start,
     }
@@ -152,17 +156,16 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
 
 
 def _lookup(state: ReclusterState, ids: torch.Tensor) -> torch.Tensor:
-    return state.method.lookup_assignment(ids, state.assignment, state.assignment_offset)
+    return state.method.lookup_assignment(ids)
 
 
 def _write_assignment(state: ReclusterState, mine: torch.Tensor, collective: Collective) -> None:
     lo, hi = state.id_range
     if state.gather_assignment:
         full = collective.all_gather_cat(mine)
-        state.assignment.copy_(full.to(state.assignment.dtype))
+        state.method.write_assignment(torch.arange(full.shape[0], device=full.device), full)
     else:
-        start = lo - state.assignment_offset
-        state.assignment[start: start + (hi - lo)] = mine.to(state.assignment.dtype)
+        state.method.write_assignment(torch.arange(lo, hi, device=mine.device), mine)
 
 
 def reset_optimizer_state(params: Iterable[nn.Parameter],
@@ -206,7 +209,8 @@ def _unsharded_states(collection: nn.Module, collective: Collective
             continue
         wa = collection.codebooks.embedding_bags[f"{t.name}__cce_A"].weight
         wb = collection.codebooks.embedding_bags[f"{t.name}__cce_B"].weight
-        V, w, r = method.num_embeddings, collective.world_size, collective.rank
+        # Only covered ids ([0, N)) are re-assigned and enter B's residual means.
+        V, w, r = method.assigned_ids, collective.world_size, collective.rank
         # A replicated p: each rank re-assigns a contiguous slice, then all ranks gather.
         per = -(-V // w)
         rng = (min(V, r * per), min(V, (r + 1) * per))

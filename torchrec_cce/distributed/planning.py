@@ -1,11 +1,10 @@
 """Make TorchRec's planner see the true bytes of CCE tables, and show a plan's memory per rank.
 
 TorchRec 1.8's storage estimator counts only the tensors returned by ``shardable_parameters``
-(the codebooks). A CCE table's assignment ``p`` (``V x chunks`` ints) is invisible to it, yet is
+(the codebooks). A CCE table's assignment ``p`` (bit-packed ``N x chunks``) is invisible to it, yet is
 the only state that grows with the vocabulary. :class:`CCEStorageReservation` wraps any planner
 ``StorageReservation`` and additionally reserves, on every device, the assignment bytes that
-rank will hold (``ceil(V / world) * chunks * itemsize`` when split by id range, everything when
-replicated), so plans that would not fit are rejected by the planner itself.
+rank will hold (the packed words of its id range when split, everything when replicated), so plans that would not fit are rejected by the planner itself.
 """
 
 import copy
@@ -44,8 +43,9 @@ def assignment_bytes_per_rank(model: nn.Module, world_size: int,
             if world_size == 1 or total < replicate_below:
                 out[name] = [total] * world_size
             else:
-                ranges = [IdRange(method.num_embeddings, r, world_size) for r in range(world_size)]
-                out[name] = [(rng.hi - rng.lo) * method.row_bytes() for rng in ranges]
+                ranges = [IdRange(method.assigned_ids, r, world_size, align=method.id_alignment())
+                          for r in range(world_size)]
+                out[name] = [method.packed_assignment_bytes(rng.hi - rng.lo) for rng in ranges]
     return out
 
 
@@ -66,9 +66,10 @@ def per_id_bytes_per_rank(model: nn.Module, world_size: int) -> Dict[str, List[i
 
 
 def _logical_state_bytes(method: object) -> int:
-    """Bytes of a table's O(V) state: CCE's ``p`` or MEmCom's per-id weights (else 0)."""
+    """Bytes of a table's non-codebook state: CCE's packed ``p`` and hash generation, or
+    MEmCom's per-id weights (else 0)."""
     if isinstance(method, CCETable):
-        return method.logical_assignment_bytes()
+        return method.logical_state_bytes()
     if isinstance(method, MEmComTable):
         return method.per_id_bytes()
     return 0
@@ -196,9 +197,10 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
                 local_codebook += sum(s.tensor.numel() * elem for s in value.local_shards())
             else:
                 local_codebook += numel * elem
-        assignment = local_assignment = per_id = local_per_id = 0
+        assignment = local_assignment = per_id = local_per_id = other_state = 0
         if isinstance(method, CCETable):
             assignment = method.logical_assignment_bytes()
+            other_state = method.logical_state_bytes() - assignment  # the hash generation
             shard = sharded.assignment_shard(t.name)
             local_assignment = shard.numel() * shard.element_size()
         if isinstance(method, MEmComTable):
@@ -206,7 +208,7 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
             local_per_id = method.state_bytes()  # this rank's id range of the weights
             params += method.extra_parameters()
         full = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
-        compressed = codebook_bytes + assignment + per_id
+        compressed = codebook_bytes + assignment + other_state + per_id
         report[t.name] = {
             "method": method.method_name,
             "full_bytes": full,

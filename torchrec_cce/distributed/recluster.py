@@ -66,10 +66,10 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
             shard = sharded.assignment_shard(t.name)
             rstate = ReclusterState(
                 method, A, B, shard, rng.lo, (rng.lo, rng.hi),
-                sample_lookup=lambda ids, m=method, s=shard, r=rng: lookup_sharded_assignments(
-                    [(m, ids, s, r)], sharded._pg)[0])
+                sample_lookup=lambda ids, m=method, r=rng: lookup_sharded_assignments(
+                    [(m, ids, r)], sharded._pg)[0])
         else:
-            V, w, r = method.num_embeddings, collective.world_size, collective.rank
+            V, w, r = method.assigned_ids, collective.world_size, collective.rank
             per = -(-V // w)
             rstate = ReclusterState(method, A, B, method.assignment, 0,
                                     (min(V, r * per), min(V, (r + 1) * per)),

@@ -17,7 +17,9 @@ keep their name.
 
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,
 ``tables.<t>.assignment``, ``tables.<t>.h_generation``), with ``ShardedTensor`` values for
-sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes.
+sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes. A CCE
+assignment is stored as its bit-packed int32 words (1-D); id-range shards start on word
+boundaries, so each rank's words are one piece of the same packed array at any world size.
 """
 
 import inspect
@@ -154,21 +156,19 @@ class ShardedCCEEmbeddingBagCollection(
                 continue
             replicate = (world == 1 or
                          src.logical_assignment_bytes() < replicate_assignment_below)
-            method = build_table(t, compression[t.name], device=device,
-                                 store_assignment=replicate)
+            rng = None
             if not replicate:
-                rng = IdRange(t.num_embeddings, rank, world)
-                shard = method.hash_assignment(torch.arange(rng.lo, rng.hi, device=device))
-                method.register_buffer("assignment_shard", shard.to(method.assignment_dtype),
-                                       persistent=False)
+                rng = IdRange(src.assigned_ids, rank, world, align=src.id_alignment())
                 self._id_ranges[t.name] = rng
+            method = build_table(t, compression[t.name], device=device,
+                                 assignment_range=None if replicate else (rng.lo, rng.hi))
+            if not replicate:  # saved and loaded by the hooks below, as a ShardedTensor
+                method.register_buffer("assignment", method.assignment, persistent=False)
             if not src.h_generation.is_meta:
                 method.h_generation.copy_(src.h_generation)
-            if replicate and src.assignment is not None and not src.assignment.is_meta:
-                method.assignment.copy_(src.assignment)
-            elif not replicate and src.assignment is not None and not src.assignment.is_meta:
-                rng = self._id_ranges[t.name]
-                method.assignment_shard.copy_(src.assignment[rng.lo: rng.hi])
+            if not src.assignment.is_meta:  # id ranges start on word boundaries: copy words
+                first = src.packed_assignment_bytes(method.stored_lo) // src.assignment.element_size()
+                method.assignment.copy_(src.assignment[first: first + method.assignment.numel()])
             self.tables[t.name] = method
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_assignment_shards)
         self._register_load_state_dict_pre_hook(
@@ -283,18 +283,24 @@ class ShardedCCEEmbeddingBagCollection(
         return self._id_ranges.get(table)
 
     def assignment_shard(self, table: str) -> torch.Tensor:
+        """The packed words of ``p`` this rank stores for ``table`` (its id range, or all)."""
+        return self.tables[table].assignment
+
+    def _word_offset(self, table: str, first_id: int) -> int:
         m = self.tables[table]
-        return m.assignment if table not in self._id_ranges else m.assignment_shard
+        return m.packed_assignment_bytes(first_id) // m.assignment.element_size()
 
     def _sharded_assignment(self, table: str) -> ShardedTensor:
+        """This rank's packed words as a piece of the one packed array (a 1-D ShardedTensor)."""
         rng, m = self._id_ranges[table], self.tables[table]
         shards = []
-        if rng.hi > rng.lo:
-            meta = ShardMetadata(shard_offsets=[rng.lo, 0], shard_sizes=[rng.hi - rng.lo, m.chunks],
-                                 placement=f"rank:{rng.rank}/{m.assignment_shard.device}")
-            shards.append(Shard(tensor=m.assignment_shard, metadata=meta))
-        return ShardedTensor._init_from_local_shards(
-            shards, (rng.num_ids, m.chunks), process_group=self._pg)
+        if m.assignment.numel():
+            meta = ShardMetadata(shard_offsets=[self._word_offset(table, rng.lo)],
+                                 shard_sizes=[m.assignment.numel()],
+                                 placement=f"rank:{rng.rank}/{m.assignment.device}")
+            shards.append(Shard(tensor=m.assignment, metadata=meta))
+        total = m.logical_assignment_bytes() // m.assignment.element_size()
+        return ShardedTensor._init_from_local_shards(shards, (total,), process_group=self._pg)
 
     @staticmethod
     def _save_assignment_shards(module: "ShardedCCEEmbeddingBagCollection",
@@ -309,14 +315,15 @@ class ShardedCCEEmbeddingBagCollection(
             if key not in state_dict:
                 continue
             value = state_dict.pop(key)
-            target = self.tables[table].assignment_shard
+            target = self.tables[table].assignment
+            first = self._word_offset(table, rng.lo)
             if isinstance(value, ShardedTensor):
                 for shard in value.local_shards():
                     lo = shard.metadata.shard_offsets[0]
                     n = shard.metadata.shard_sizes[0]
-                    target[lo - rng.lo: lo - rng.lo + n].copy_(shard.tensor)
-            else:  # a full (unsharded) assignment
-                target.copy_(value[rng.lo: rng.hi])
+                    target[lo - first: lo - first + n].copy_(shard.tensor)
+            else:  # the full packed array
+                target.copy_(value[first: first + target.numel()])
 
     # ---- ShardedModule ----
     def create_context(self) -> CCEEmbeddingBagCollectionContext:
@@ -332,8 +339,7 @@ class ShardedCCEEmbeddingBagCollection(
                 continue
             m = self.tables[t.name]
             for f in t.feature_names:
-                requests.append((m, per_feature[f].values(), m.assignment_shard,
-                                 self._id_ranges[t.name]))
+                requests.append((m, per_feature[f].values(), self._id_ranges[t.name]))
                 names.append(f)
         return dict(zip(names, lookup_sharded_assignments(requests, self._pg)))
 

@@ -1,6 +1,6 @@
 """One file per compression method; :func:`build_table` picks the class for a config."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
@@ -34,13 +34,15 @@ def build_table(
     config: Optional[CompressionConfig],
     device: Optional[torch.device] = None,
     store_assignment: bool = True,
+    assignment_range: Optional[Tuple[int, int]] = None,
 ) -> CompressedTable:
     """The remap/compose module for ``table`` compressed by ``config`` (None: full table)."""
     if config is None:
         return FullTable(table)
     config.validate(table)
     if isinstance(config, CCEConfig):
-        return CCETable(table, config, device=device, store_assignment=store_assignment)
+        return CCETable(table, config, device=device, store_assignment=store_assignment,
+                        assignment_range=assignment_range)
     if isinstance(config, CEConfig):
         return CETable(table, config)
     if isinstance(config, HashingTrickConfig):

@@ -6,24 +6,29 @@ owns rows ``[i*rows, (i+1)*rows)``), and likewise ``B_i`` in ``<table>__cce_B``.
 
 State besides the codebooks:
 
-* ``assignment`` (``V x chunks``, int16 when ``rows <= 32768`` else int32): ``p_i(x)`` for
-  ids in ``[0, V)``. It starts as a hash (independent of ``h_i``) and is overwritten with
-  k-means assignments by :func:`torchrec_cce.recluster`. Ids outside ``[0, V)`` keep using that
-  initial hash, so they never read out of bounds (after clustering they land on a hashed
-  centroid).
+* ``assignment``: ``p_i(x)`` for the *covered* ids ``[0, N)`` (``N = config.assigned_ids``,
+  default every id), bit-packed at ``ceil(log2(rows))`` bits per chunk entry in int32 words
+  (:mod:`torchrec_cce.methods.packed`; the words are the stored form). It starts as a hash
+  (independent of ``h_i``) and is overwritten with k-means assignments by
+  :func:`torchrec_cce.recluster`. Uncovered ids (``[N, V)``) and ids outside ``[0, V)`` always
+  use that initial hash (so they never read out of bounds; after clustering they land on a
+  hashed centroid). A sharded module's table stores only the packed words of its id range
+  ``[stored_lo, stored_hi)``. Read and write ``p`` only through :meth:`CCETable.read_assignment`,
+  :meth:`CCETable.write_assignment` and :meth:`CCETable.lookup_assignment`.
 * ``h_generation`` (0-d int64): which member of the hash family ``h_i`` is; re-clustering
   increments it to draw fresh hashes.
 * a reservoir of training ids (not saved) that re-clustering samples from.
 """
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.clustering.sampling import IdReservoir
 from torchrec_cce.configs import CCEConfig, codebook_data_type
-from torchrec_cce.hashing import combine_keys, derive_seed, hash_ids, smallest_int_dtype
+from torchrec_cce.hashing import combine_keys, derive_seed, hash_ids
+from torchrec_cce.methods import packed
 from torchrec_cce.methods.base import Codebook, CompressedTable
 
 MAX_RESERVOIR = 1 << 21
@@ -33,7 +38,11 @@ class CCETable(CompressedTable):
     method_name = "cce"
 
     def __init__(self, table: EmbeddingBagConfig, config: CCEConfig,
-                 device: Optional[torch.device] = None, store_assignment: bool = True) -> None:
+                 device: Optional[torch.device] = None, store_assignment: bool = True,
+                 assignment_range: Optional[Tuple[int, int]] = None) -> None:
+        """``assignment_range``: the covered ids ``[lo, hi)`` whose ``p`` this module stores
+        (default all of ``[0, N)``; the sharder passes a rank's id range).
+        ``store_assignment=False`` stores none."""
         super().__init__(table)
         self.config = config
         # TorchRec data type of the A/B codebook tables (read by modules.codebook_configs).
@@ -48,27 +57,117 @@ class CCETable(CompressedTable):
             Codebook("cce_B", self.chunks * self.rows, self.chunk_dim,
                      [f"cce_B{i}" for i in range(self.chunks)]),
         ]
-        self.assignment_dtype = smallest_int_dtype(self.rows)
+        self.assignment_bits = packed.bits_for(self.rows)
+        self.assigned_ids = config.num_assigned(table)
+        lo, hi = assignment_range if assignment_range is not None else (0, self.assigned_ids)
+        if not store_assignment:
+            lo = hi = 0
+        if not 0 <= lo <= hi <= self.assigned_ids:
+            raise ValueError(f"table '{table.name}': assignment_range {(lo, hi)} is not inside "
+                             f"the covered ids [0, {self.assigned_ids})")
+        if lo % self.id_alignment():
+            raise ValueError(f"table '{table.name}': assignment_range must start at a multiple "
+                             f"of {self.id_alignment()} ids (a packed word boundary), got {lo}")
+        self.stored_lo, self.stored_hi = lo, hi
         self.register_buffer("h_generation", torch.zeros((), dtype=torch.int64, device=device))
-        # The sharded module stores the assignment itself (split by id range), not here.
-        if store_assignment:
-            self.register_buffer("assignment", torch.empty(
-                (table.num_embeddings, self.chunks), dtype=self.assignment_dtype, device=device))
-        else:
-            self.assignment = None
+        self.register_buffer("assignment", torch.zeros(
+            packed.num_words(hi - lo, self.chunks, self.assignment_bits),
+            dtype=packed.WORD_DTYPE, device=device))
         self.reservoir = IdReservoir(min(256 * self.rows, MAX_RESERVOIR), seed=config.seed,
                                      device=device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Set ``p`` to its initial hash (no-op on the meta device)."""
-        if self.assignment is not None and not self.assignment.is_meta:
-            ids = torch.arange(self.num_embeddings, device=self.assignment.device)
-            self.assignment.copy_(self.hash_assignment(ids).to(self.assignment_dtype))
+        """Set the stored ``p`` to its initial hash (no-op on the meta device)."""
+        if self.assignment.is_meta:
+            return
+        step = self.id_alignment() * max(1, (1 << 18) // self.id_alignment())
+        device = self.assignment.device
+        for b_lo in range(self.stored_lo, self.stored_hi, step):
+            ids = torch.arange(b_lo, min(self.stored_hi, b_lo + step), device=device)
+            words = packed.pack(self.hash_assignment(ids), self.assignment_bits)
+            first = packed.num_words(b_lo - self.stored_lo, self.chunks, self.assignment_bits)
+            self.assignment[first: first + words.numel()] = words
 
     def hash_assignment(self, ids: torch.Tensor) -> torch.Tensor:
         """The initial ``p`` (a hash): ``[n, chunks]`` int64 codebook rows (chunk-local)."""
         return torch.stack([hash_ids(ids, k, self.rows) for k in self.p_keys], dim=1)
+
+    # ---- the stored assignment (every read and write of p goes through these) ----
+    def id_alignment(self) -> int:
+        """Id blocks that are multiples of this start on a packed word boundary."""
+        return packed.id_alignment(self.chunks, self.assignment_bits)
+
+    def _check_stored(self, ids: torch.Tensor, what: str) -> None:
+        outside = (ids < self.stored_lo) | (ids >= self.stored_hi)
+        if bool(outside.any()):
+            bad = ids[outside][:5].tolist()
+            raise ValueError(
+                f"table '{self.table_name}': {what} ids {bad}... are not stored here (this "
+                f"module stores p for ids [{self.stored_lo}, {self.stored_hi}) of the covered "
+                f"[0, {self.assigned_ids}))")
+
+    def read_assignment(self, ids: torch.Tensor) -> torch.Tensor:
+        """The stored ``p`` of ``ids`` (each in ``[stored_lo, stored_hi)``): ``[n, chunks]``
+        int64."""
+        self._check_stored(ids, "read_assignment")
+        return packed.unpack(self.assignment, ids - self.stored_lo, self.chunks,
+                             self.assignment_bits)
+
+    def write_assignment(self, ids: torch.Tensor, p: torch.Tensor) -> None:
+        """Set ``p`` of ``ids`` (unique, in ``[0, V)``) to ``p`` (``[n, chunks]`` in
+        ``[0, rows)``). Uncovered ids (``>= assigned_ids``) are skipped: they keep the hash.
+        Covered ids must be stored by this module."""
+        ids = ids.to(torch.int64)
+        if p.shape != (ids.numel(), self.chunks):
+            raise ValueError(f"table '{self.table_name}': write_assignment needs p of shape "
+                             f"[{ids.numel()}, {self.chunks}], got {tuple(p.shape)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
+            raise ValueError(f"table '{self.table_name}': write_assignment ids must be in "
+                             f"[0, {self.num_embeddings})")
+        if p.numel() and (int(p.min()) < 0 or int(p.max()) >= self.rows):
+            raise ValueError(f"table '{self.table_name}': p values must be in [0, {self.rows})")
+        keep = ids < self.assigned_ids
+        ids, p = ids[keep], p[keep]
+        self._check_stored(ids, "write_assignment")
+        local = ids - self.stored_lo
+        n, align = local.numel(), self.id_alignment()
+        if n and int(local[0]) % align == 0 and torch.equal(
+                local, torch.arange(int(local[0]), int(local[0]) + n, device=local.device)):
+            # A contiguous block from a word boundary (re-clustering, resets): pack it whole,
+            # up to its last full word; the rest goes through the general write.
+            whole = n if int(local[-1]) + 1 == self.stored_hi - self.stored_lo else n // align * align
+            first = packed.num_words(int(local[0]), self.chunks, self.assignment_bits)
+            words = packed.pack(p[:whole], self.assignment_bits)
+            self.assignment[first: first + words.numel()] = words
+            local, p = local[whole:], p[whole:]
+        packed.write(self.assignment, local, p, self.assignment_bits)
+
+    def dense_assignment(self) -> torch.Tensor:
+        """The stored ``p`` unpacked: ``[stored_hi - stored_lo, chunks]`` int64 (for tests and
+        inspection; ``O(V)`` memory)."""
+        return self.read_assignment(torch.arange(self.stored_lo, self.stored_hi,
+                                                 device=self.assignment.device))
+
+    def lookup_assignment(self, ids: torch.Tensor) -> torch.Tensor:
+        """``p(x)`` for any int64 ids: ``[n, chunks]`` int64 chunk-local rows of ``A``.
+
+        Stored ids read the packed ``p``; uncovered ids (``[N, V)``) and ids outside
+        ``[0, V)`` use the initial hash. A covered id stored on another rank is an error
+        (the sharded module fetches those from their owners).
+        """
+        inside = (ids >= self.stored_lo) & (ids < self.stored_hi)
+        if self.stored_lo > 0 or self.stored_hi < self.assigned_ids:
+            covered = (ids >= 0) & (ids < self.assigned_ids)
+            if bool((covered & ~inside).any()):
+                raise ValueError(
+                    f"table '{self.table_name}': ids stored on another rank; this module holds "
+                    f"p for [{self.stored_lo}, {self.stored_hi}) only")
+        local = torch.where(inside, ids - self.stored_lo, torch.zeros_like(ids))
+        if self.stored_hi == self.stored_lo:
+            return self.hash_assignment(ids)
+        stored = packed.unpack(self.assignment, local, self.chunks, self.assignment_bits)
+        return torch.where(inside.unsqueeze(1), stored, self.hash_assignment(ids))
 
     def h_keys(self, generation: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
         gen = self.h_generation if generation is None else generation
@@ -78,19 +177,6 @@ class CCETable(CompressedTable):
         """``h(x)``: ``[n, chunks]`` int64 chunk-local rows of ``B`` (current generation by
         default)."""
         return torch.stack([hash_ids(ids, k, self.rows) for k in self.h_keys(generation)], dim=1)
-
-    def lookup_assignment(self, ids: torch.Tensor, assignment: Optional[torch.Tensor] = None,
-                          offset: int = 0) -> torch.Tensor:
-        """``p(x)``: ``[n, chunks]`` int64 chunk-local rows of ``A``.
-
-        ``assignment`` holds rows ``[offset, offset + len)`` of ``p`` (the whole of ``p`` by
-        default); ids outside it fall back to the initial hash.
-        """
-        table = self.assignment if assignment is None else assignment
-        local = ids - offset
-        inside = (local >= 0) & (local < table.shape[0])
-        stored = table[torch.where(inside, local, torch.zeros_like(local))].to(torch.int64)
-        return torch.where(inside.unsqueeze(1), stored, self.hash_assignment(ids))
 
     def observe(self, ids: torch.Tensor) -> None:
         if self.training:
@@ -110,17 +196,21 @@ class CCETable(CompressedTable):
         return torch.cat([pooled[i] + pooled[c + i] for i in range(c)], dim=1)
 
     def assignment_bytes(self) -> int:
-        if self.assignment is None:
-            return 0
+        """Bytes of the packed ``p`` this module stores."""
         return self.assignment.numel() * self.assignment.element_size()
 
-    def row_bytes(self) -> int:
-        """Bytes of ``p`` per id (``chunks`` entries of the assignment dtype)."""
-        return self.chunks * torch.empty((), dtype=self.assignment_dtype).element_size()
+    def packed_assignment_bytes(self, num_ids: int) -> int:
+        """Bytes of the packed ``p`` of ``num_ids`` ids (whole int32 words)."""
+        return packed.packed_bytes(num_ids, self.chunks, self.assignment_bits)
 
     def logical_assignment_bytes(self) -> int:
-        """Bytes of the whole ``p`` (``V x chunks``), wherever and however it is stored."""
-        return self.num_embeddings * self.row_bytes()
+        """Bytes of the whole packed ``p`` (covered ids), wherever it is stored."""
+        return self.packed_assignment_bytes(self.assigned_ids)
 
     def state_bytes(self) -> int:
-        return self.assignment_bytes()
+        """Stored non-codebook bytes of this module: its packed ``p`` and the hash generation."""
+        return self.assignment_bytes() + self.h_generation.numel() * self.h_generation.element_size()
+
+    def logical_state_bytes(self) -> int:
+        """:meth:`state_bytes` of the whole table (all of ``p``), wherever it is stored."""
+        return self.logical_assignment_bytes() + self.h_generation.element_size()

@@ -1,0 +1,253 @@
+"""The byte-budget planner (torchrec_cce/budget.py): exact byte accounting, fitting, allocation.
+
+Every plan is built into a real (meta-device) CCEEmbeddingBagCollection and its bytes are read
+back with memory_report, so the planner's arithmetic is checked against the stored tensors;
+``train.py --embedding-budget-mb`` is run in-process and its metrics JSON checked the same way.
+"""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType
+
+from torchrec_cce import (
+    CCEConfig,
+    CCEEmbeddingBagCollection,
+    CEConfig,
+    HashingTrickConfig,
+    MEmComConfig,
+    QRConfig,
+    memory_report,
+    plan_compression,
+)
+from torchrec_cce.budget import PLAN_METHODS, config_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "dlrm"))
+import train  # noqa: E402
+
+
+def tbl(name, V, dim=16, fp16=False):
+    return EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=V,
+                              feature_names=[f"f_{name}"],
+                              data_type=DataType.FP16 if fp16 else DataType.FP32)
+
+
+def built_bytes(tables, compression):
+    ebc = CCEEmbeddingBagCollection(tables, compression, device=torch.device("meta"))
+    return {n: r["compressed_bytes"] for n, r in memory_report(ebc).items()}
+
+
+def zipf_counts(V, exponent, scale=1.0):
+    return scale * 1e6 * np.arange(1, V + 1, dtype=np.float64) ** -exponent
+
+
+def test_config_bytes_equals_memory_report_for_random_configs():
+    rng = random.Random(0)
+    for _ in range(60):
+        V = rng.randint(50, 200_000)
+        dim = rng.choice([4, 8, 16, 32])
+        t = tbl("t", V, dim, fp16=rng.random() < 0.3)
+        kind = rng.choice(["cce", "ce", "hashing", "qr", "memcom", "full"])
+        rows = rng.randint(1, max(1, V // 2))
+        if kind == "cce":
+            cfg = CCEConfig(rows=rows, chunks=rng.choice([c for c in (1, 2, 4, 8) if dim % c == 0]),
+                            assigned_ids=rng.choice([None, rng.randint(0, 2 * V)]))
+        elif kind == "ce":
+            cfg = CEConfig(rows=rows, chunks=rng.choice([1, 2, 4]))
+        elif kind == "hashing":
+            cfg = HashingTrickConfig(rows=rows)
+        elif kind == "qr":
+            cfg = QRConfig(collisions=rng.randint(int(V ** 0.5) + 1, V - 1),
+                           operation=rng.choice(["mult", "add", "concat"]))
+        elif kind == "memcom":
+            cfg = MEmComConfig(rows=max(1, rows // 2))
+        else:
+            cfg = None
+        comp = {} if cfg is None else {"t": cfg}
+        assert config_bytes(t, cfg) == built_bytes([t], comp)["t"], cfg
+
+
+def random_tables(rng, n):
+    out, counts = [], {}
+    for i in range(n):
+        V = int(10 ** rng.uniform(1, 6))
+        dim = rng.choice([4, 8, 16, 32])
+        t = tbl(f"t{i}", V, dim, fp16=rng.random() < 0.2)
+        out.append(t)
+        if rng.random() < 0.7:
+            c = zipf_counts(V, rng.uniform(0.5, 1.5), scale=rng.uniform(0.1, 10))
+            if rng.random() < 0.3:
+                np.random.default_rng(i).shuffle(c)  # not frequency-ordered
+            counts[t.name] = c
+        else:
+            counts[t.name] = float(rng.uniform(1, 100))
+    return out, counts
+
+
+@pytest.mark.parametrize("methods", [None] + [[m] for m in PLAN_METHODS])
+def test_plans_fit_the_budget_and_match_memory_report(methods):
+    rng = random.Random(hash(str(methods)) % 1000)
+    fitted = 0
+    for trial in range(12):
+        tables, counts = random_tables(rng, rng.randint(1, 7))
+        full = sum(config_bytes(t, None) for t in tables)
+        budget = int(full * 10 ** rng.uniform(-3, 0))
+        use_counts = counts if trial % 3 else None
+        try:
+            plan = plan_compression(tables, budget, counts=use_counts, methods=methods)
+        except ValueError as e:  # retry just above the minimum the error names
+            assert "cannot hold even the smallest" in str(e)
+            need = int(str(e).split("at least ")[1].split(" bytes")[0])
+            assert need > budget
+            if need > full:
+                continue
+            budget = int(need + rng.random() * (full - need))
+            plan = plan_compression(tables, budget, counts=use_counts, methods=methods)
+        fitted += 1
+        assert plan.total_bytes <= budget
+        assert built_bytes(tables, plan.compression) == {n: p.bytes for n, p in plan.tables.items()}
+        for n, p in plan.tables.items():
+            assert p.bytes <= p.full_bytes
+            if p.method != "full":
+                assert p.method == (methods[0] if methods else "cce") or methods is None
+        json.dumps(plan.to_dict())
+    assert fitted >= 6
+
+
+def test_budget_above_full_keeps_every_table_full():
+    tables = [tbl("a", 1000), tbl("b", 50_000, 8)]
+    full = sum(config_bytes(t, None) for t in tables)
+    plan = plan_compression(tables, full)
+    assert all(p.method == "full" for p in plan.tables.values()) and plan.compression == {}
+
+
+def test_higher_frequency_tables_get_more_bytes():
+    V = 200_000
+    tables = [tbl(f"t{i}", V) for i in range(3)]
+    full = sum(config_bytes(t, None) for t in tables)
+    for exponent in (0.8, 1.1):
+        for frac in (1 / 8, 1 / 32, 1 / 128):
+            # Same id distribution, 1x / 3x / 10x the training occurrences.
+            counts = {f"t{i}": zipf_counts(V, exponent, s) for i, s in enumerate((1, 3, 10))}
+            for methods in (None, ["cce"], ["hashing"]):
+                plan = plan_compression(tables, full * frac, counts=counts, methods=methods)
+                b = [plan.tables[f"t{i}"].bytes for i in range(3)]
+                assert b[0] < b[1] < b[2], (exponent, frac, methods, b)
+    # A flatter table of the same size and mass needs more rows for the same covered mass.
+    counts = {"t0": zipf_counts(V, 1.4), "t1": zipf_counts(V, 0.7)}
+    counts["t1"] *= counts["t0"].sum() / counts["t1"].sum()
+    plan = plan_compression(tables[:2], full / 3 / 16, counts=counts, methods=["hashing"])
+    assert plan.tables["t1"].bytes > plan.tables["t0"].bytes
+
+
+def test_small_tables_stay_full_and_features_sum_into_tables():
+    tables = [tbl("big", 1_000_000), tbl("tiny", 30),
+              EmbeddingBagConfig(name="multi", embedding_dim=16, num_embeddings=100_000,
+                                 feature_names=["m1", "m2"])]
+    full = sum(config_bytes(t, None) for t in tables)
+    counts = {"big": zipf_counts(1_000_000, 1.0), "tiny": zipf_counts(30, 1.0),
+              "m1": zipf_counts(100_000, 1.0), "m2": zipf_counts(100_000, 1.0)}
+    plan = plan_compression(tables, full / 16, counts=counts)
+    assert plan.tables["tiny"].method == "full"
+    assert plan.tables["big"].method == "cce"
+    # mass shares: the two-feature table carries twice the occurrences of "big"
+    assert plan.tables["multi"].mass_share == pytest.approx(
+        2 * counts["m1"].sum() / (counts["big"].sum() + counts["tiny"].sum() + 2 * counts["m1"].sum()))
+
+
+def test_cce_plan_covers_the_most_frequent_prefix():
+    V = 500_000
+    t = tbl("t", V)
+    counts = {"t": zipf_counts(V, 1.1)}
+    plan = plan_compression([t], config_bytes(t, None) / 64, counts=counts, methods=["cce"])
+    p = plan.tables["t"]
+    cfg = p.config
+    assert isinstance(cfg, CCEConfig) and 0 < cfg.assigned_ids < V and p.assigned_ids == cfg.assigned_ids
+    c = counts["t"]
+    assert p.covered_mass == pytest.approx(c[: cfg.assigned_ids].sum() / c.sum())
+    # about half the bytes go to p (assignment_share=0.5), the rest to the two codebooks
+    rep = memory_report(CCEEmbeddingBagCollection([t], plan.compression, device=torch.device("meta")))
+    assert 0.45 < rep["t"]["assignment_bytes"] / rep["t"]["compressed_bytes"] < 0.55
+    # chunks as a budget choice
+    for chunks in (1, 2, 8):
+        plan_c = plan_compression([t], config_bytes(t, None) / 64, counts=counts,
+                                  methods=["cce"], chunks=chunks)
+        assert plan_c.tables["t"].chunks == chunks
+        assert plan_c.total_bytes <= config_bytes(t, None) / 64
+
+
+def test_infeasible_budget_names_tables_and_minimum():
+    tables = [tbl("huge", 10_000_000), tbl("mid", 100_000)]
+    with pytest.raises(ValueError) as e:
+        plan_compression(tables, 1000, methods=["qr"])
+    msg = str(e.value)
+    assert "'huge'" in msg and "'mid'" in msg and "at least" in msg
+    need = int(msg.split("at least ")[1].split(" bytes")[0])
+    # the named minimum is exactly feasible
+    plan = plan_compression(tables, need, methods=["qr"])
+    assert plan.total_bytes == need
+    with pytest.raises(ValueError, match="cannot hold"):
+        plan_compression(tables, need - 1, methods=["qr"])
+    with pytest.raises(ValueError, match="unknown methods"):
+        plan_compression(tables, 10**9, methods=["nope"])
+    with pytest.raises(ValueError, match="counts has no entry"):
+        plan_compression(tables, 10**9, counts={"huge": 1.0})
+
+
+# ---------------------------------------------------------------- train.py --embedding-budget-mb
+TRAIN = ("--data", "synthetic", "--synthetic-train-batches", "8", "--synthetic-val-batches", "2",
+         "--synthetic-test-batches", "2", "--batch-size", "128", "--no-progress")
+
+
+def train_run(*argv):
+    from test_train_protocol import run
+
+    return run(*TRAIN, *argv)
+
+
+def check_train_plan(m, budget_mib):
+    plan = m["embedding_plan"]
+    assert plan is not None and plan["byte_budget"] == int(budget_mib * 2**20)
+    assert m["embedding_bytes"] == plan["total_bytes"] <= budget_mib * 2**20
+    for name, row in plan["tables"].items():  # what memory_report measured == what was planned
+        assert m["embedding_tables"][name]["compressed_bytes"] == row["bytes"], name
+        assert m["embedding_tables"][name]["method"] == row["method"], name
+    assert all(np.isfinite(v) for _, v in m["train_loss_curve"])
+    return plan
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("chunks,dim", [(1, 16), (8, 32)])
+def test_train_without_method_lets_the_planner_choose(chunks, dim):
+    m = train_run("--embedding-budget-mb", "0.2", "--chunks", str(chunks), "--embedding-dim",
+                  str(dim), "--dense-arch", f"64,{dim}", "--recluster-at", "0.5")
+    plan = check_train_plan(m, 0.2)
+    methods = {r["method"] for r in plan["tables"].values()}
+    assert "full" in methods and "cce" in methods  # small tables stay full
+    assert all(r["chunks"] == chunks for r in plan["tables"].values() if r["method"] == "cce")
+    assert len(m["reclusterings"]) == 1
+    assert "compressed to fit 0.2 MiB" in m["stdout"]
+
+
+@pytest.mark.timeout(900)
+def test_train_with_method_sizes_that_method_to_the_budget():
+    m = train_run("--embedding-budget-mb", "0.3", "--method", "hashing")
+    plan = check_train_plan(m, 0.3)
+    assert {r["method"] for r in plan["tables"].values()} <= {"hashing", "full"}
+    assert m["method"] == "hashing"
+
+
+def test_train_budget_flag_errors():
+    with pytest.raises(SystemExit):
+        train.parse_args([*TRAIN, "--embedding-budget-mb", "1", "--max-params-per-table", "100"])
+    with pytest.raises(SystemExit):
+        train.parse_args([*TRAIN, "--embedding-budget-mb", "-1"])
+    args = train.parse_args([*TRAIN])
+    assert args.method == "cce" and args.planner_methods is None
+

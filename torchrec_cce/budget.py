@@ -1,0 +1,491 @@
+"""Plan per-table compression that fits a byte budget: :func:`plan_compression`.
+
+Bytes are counted exactly as :func:`torchrec_cce.memory_report` counts them (every stored
+tensor: codebooks at the table's dtype, CCE's bit-packed assignment and hash generation,
+MEmCom's fp32 per-id weights), so ``plan.total_bytes`` is what the built model reports.
+
+The rule (no trained model needed):
+
+1. **Value of bytes.** A table given ``b`` bytes can hold about ``k = b / row_bytes`` rows'
+   worth of ids (``row_bytes = dim * element size``). Its value is the training mass of its
+   ``k`` most frequent ids: ``mass_t * F_t(k)``, where ``mass_t`` is the table's total count
+   (its share of training occurrences) and ``F_t`` the cumulative frequency curve of its ids
+   from ``counts`` (sorted descending). Without counts every table has mass 1 and Zipf(1) ids
+   (``F_t(k) = ln(1 + k) / ln(1 + V)``, the usual shape of recommendation vocabularies). The
+   full table has value ``mass_t``.
+2. **Marginal-value allocation.** Each table starts at its smallest candidate config; bytes
+   then go, increment by increment, to the table whose next step on the upper concave hull of
+   its (bytes, value) candidates buys the most value per byte (greedy multiple-choice
+   knapsack). An increment that does not fit is replaced by the best smaller candidate of that
+   table that does. At the end every table's frequency threshold per byte is about equal:
+   tables whose ids carry more mass get more bytes; small tables whose full form is cheap in
+   value per byte stay full.
+3. **Method per table.** ``methods=[M]``: every compressed table uses ``M`` (so methods can be
+   compared at equal bytes). ``methods=None``: each table uses the first method of
+   ``AUTO_ORDER`` that can represent it (QR needs ``~2 sqrt(V)`` rows); the value proxy of
+   step 1 depends on bytes only, so it cannot rank methods: the order is the documented choice,
+   to be revised from the equal-byte benchmark. Full tables are always candidates
+   (``allow_full=False`` forbids them).
+4. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
+   ``m >= ceil(sqrt(V))`` that fit; MEmCom: rows after the ``4 V`` bytes of weights; CCE: the
+   ``chunks`` given, ``assignment_share`` of the bytes for the bit-packed ``p`` of the ``N``
+   most frequent ids (the id prefix ``[0, N)`` of frequency-ordered data; ``N = V`` if it fits)
+   and the rest for ``rows`` (and any bytes ``p`` does not need go to rows).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torchrec import EmbeddingBagConfig
+from torchrec.modules.embedding_configs import DataType
+
+from torchrec_cce.configs import (
+    CCEConfig,
+    CEConfig,
+    CompressionConfig,
+    HashingTrickConfig,
+    MEmComConfig,
+    QRConfig,
+)
+from torchrec_cce.methods import packed
+
+PLAN_METHODS = ("cce", "qr", "ce", "hashing", "memcom")
+AUTO_ORDER = ("cce", "qr", "ce", "hashing", "memcom")
+_GRID_STEPS_PER_DOUBLING = 8
+_H_GENERATION_BYTES = 8
+_MEMCOM_WEIGHT_BYTES = 4
+
+
+def _elem(table: EmbeddingBagConfig) -> int:
+    return 4 if table.data_type == DataType.FP32 else 2
+
+
+def _precision(table: EmbeddingBagConfig) -> str:
+    return str(getattr(table.data_type, "value", table.data_type)).lower()
+
+
+def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig]) -> int:
+    """Stored bytes of ``table`` compressed by ``config`` (None: full), exactly as
+    ``memory_report``'s ``compressed_bytes``."""
+    V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
+    if config is None:
+        return V * dim * elem
+    if isinstance(config, CCEConfig):
+        n = config.num_assigned(table)
+        dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
+        if dtype is not None:
+            elem = torch.empty((), dtype=dtype).element_size()
+        return (2 * config.rows * dim * elem
+                + packed.packed_bytes(n, config.chunks, packed.bits_for(config.rows))
+                + _H_GENERATION_BYTES)
+    if isinstance(config, (CEConfig, HashingTrickConfig)):
+        return config.rows * dim * elem
+    if isinstance(config, QRConfig):
+        return config.num_parameters(table) * elem
+    if isinstance(config, MEmComConfig):
+        return config.rows * dim * elem + V * _MEMCOM_WEIGHT_BYTES
+    raise TypeError(f"table '{table.name}': unsupported config {config!r}")
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """What the planner chose for one table."""
+
+    table: str
+    method: str                      # "full" or a method of PLAN_METHODS
+    bytes: int                       # stored bytes (== memory_report compressed_bytes)
+    full_bytes: int
+    rows: Optional[int] = None       # codebook rows (QR: collisions)
+    chunks: Optional[int] = None
+    assigned_ids: Optional[int] = None  # CCE: ids [0, N) with a learned p
+    precision: str = "fp32"
+    mass_share: float = 0.0          # the table's share of all tables' training mass
+    covered_mass: float = 0.0        # CCE: mass share of [0, N) within the table; full: 1
+    config: Optional[CompressionConfig] = field(default=None, compare=False)
+
+
+@dataclass
+class CompressionPlan:
+    """Per-table choices of :func:`plan_compression`; ``compression`` feeds
+    ``CCEEmbeddingBagCollection(tables, compression=plan.compression)``."""
+
+    byte_budget: int
+    tables: Dict[str, TablePlan]
+
+    @property
+    def compression(self) -> Dict[str, CompressionConfig]:
+        return {n: p.config for n, p in self.tables.items() if p.config is not None}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.bytes for p in self.tables.values())
+
+    @property
+    def full_bytes(self) -> int:
+        return sum(p.full_bytes for p in self.tables.values())
+
+    def to_dict(self) -> Dict[str, object]:
+        rows = {}
+        for n, p in self.tables.items():
+            d = asdict(p)
+            d.pop("config")
+            d["config"] = repr(p.config) if p.config is not None else None
+            rows[n] = d
+        return {"byte_budget": self.byte_budget, "total_bytes": self.total_bytes,
+                "full_bytes": self.full_bytes, "tables": rows}
+
+    def format(self) -> str:
+        """A printable table (MiB)."""
+        mib = 1 << 20
+        head = (f"{'table':<14}{'method':<8}{'rows':>10}{'chunks':>7}{'assigned':>11}"
+                f"{'cov.mass':>9}{'MiB':>10}{'full MiB':>10}")
+        lines = [head, "-" * len(head)]
+        for n, p in self.tables.items():
+            lines.append(
+                f"{n:<14}{p.method:<8}{p.rows if p.rows is not None else '':>10}"
+                f"{p.chunks if p.chunks is not None else '':>7}"
+                f"{p.assigned_ids if p.assigned_ids is not None else '':>11}"
+                f"{p.covered_mass:>9.3f}{p.bytes / mib:>10.3f}{p.full_bytes / mib:>10.3f}")
+        lines.append(f"total {self.total_bytes / mib:.3f} MiB of budget "
+                     f"{self.byte_budget / mib:.3f} MiB (full {self.full_bytes / mib:.3f} MiB)")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+
+# ---------------------------------------------------------------- frequency curves
+class _Curve:
+    """``F(k)``: mass fraction of a table's ``k`` most frequent ids; ``prefix(n)``: of ids
+    ``[0, n)``."""
+
+    def __init__(self, table: EmbeddingBagConfig, counts: Optional[object]) -> None:
+        V = table.num_embeddings
+        self.V = V
+        if counts is None or np.ndim(counts) == 0:
+            self.mass = 1.0 if counts is None else float(counts)
+            self.sorted_cum = None
+            self.prefix_cum = None
+        else:
+            c = counts.detach().cpu().numpy() if torch.is_tensor(counts) else np.asarray(counts)
+            c = c.astype(np.float64).ravel()
+            if c.size > V:
+                raise ValueError(f"table '{table.name}': counts has {c.size} entries, more than "
+                                 f"num_embeddings={V}")
+            if (c < 0).any():
+                raise ValueError(f"table '{table.name}': counts must be >= 0")
+            self.mass = float(c.sum())
+            total = self.mass if self.mass > 0 else 1.0
+            self.prefix_cum = np.concatenate([[0.0], np.cumsum(c) / total])
+            if c.size < 2 or bool((c[1:] <= c[:-1]).all()):  # already frequency-ordered
+                self.sorted_cum = self.prefix_cum
+            else:
+                self.sorted_cum = np.concatenate([[0.0], np.cumsum(np.sort(c)[::-1]) / total])
+            if self.mass == 0:
+                self.sorted_cum = self.prefix_cum = None
+
+    def top(self, k: float) -> float:
+        k = min(max(k, 0.0), float(self.V))
+        if self.sorted_cum is None:  # Zipf(1) prior: H_k / H_V ~ ln(1 + k) / ln(1 + V)
+            return math.log1p(k) / math.log1p(self.V)
+        i = int(math.floor(k))
+        n = len(self.sorted_cum) - 1
+        if i >= n:
+            return float(self.sorted_cum[-1])
+        return float(self.sorted_cum[i] + (k - i) * (self.sorted_cum[i + 1] - self.sorted_cum[i]))
+
+    def prefix(self, n: int) -> float:
+        if self.prefix_cum is None:  # the Zipf(1) prior, ids frequency-ordered
+            return math.log1p(min(n, self.V)) / math.log1p(self.V)
+        return float(self.prefix_cum[min(n, len(self.prefix_cum) - 1)])
+
+
+# ---------------------------------------------------------------- sizing one method
+def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float
+             ) -> Optional[CCEConfig]:
+    """``share`` of the bytes for p (the ``N`` first ids), the rest for rows; if p covers
+    every id, all remaining bytes go to rows."""
+    V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
+    row_cost = 2 * dim * elem
+    max_rows = max(1, V // 2)  # more parameters than the full table is never useful
+    spare = level - _H_GENERATION_BYTES
+    if spare < row_cost:
+        return None
+    rows = max(1, min(max_rows, int((1 - share) * spare) // row_cost))
+    bits = packed.bits_for(rows)
+    words = (spare - rows * row_cost) // (packed.WORD_BITS // 8)
+    n = V if bits == 0 else min(V, words * packed.WORD_BITS // (chunks * bits))
+    if n >= V:  # p covers every id: the most rows that fit next to the full p
+        for b in range(bits, packed.WORD_BITS):
+            r = min(max_rows, 1 << b,
+                    (spare - packed.packed_bytes(V, chunks, b)) // row_cost)
+            if r >= 1 and packed.bits_for(r) == b:
+                rows = max(rows, r)
+            if r < (1 << b):
+                break
+        return CCEConfig(rows=rows, chunks=chunks)
+    return CCEConfig(rows=rows, chunks=chunks, assigned_ids=n)
+
+
+def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share: float,
+         qr_operation: str) -> Optional[CompressionConfig]:
+    """The largest config of ``method`` with at most ``level`` bytes (None if none fits or it
+    would have as many parameters as the full table)."""
+    V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
+    row = dim * elem
+    if method == "cce":
+        return _fit_cce(table, level, chunks, share)
+    if method in ("hashing", "ce"):
+        rows = min(level // row, V - 1)
+        if rows < 1:
+            return None
+        return HashingTrickConfig(rows=rows) if method == "hashing" else CEConfig(rows=rows, chunks=chunks)
+    if method == "memcom":
+        rows = min((level - V * _MEMCOM_WEIGHT_BYTES) // row, (V * dim - V) // dim)
+        return MEmComConfig(rows=rows) if rows >= 1 else None
+    if method == "qr":
+        lo = max(2, math.isqrt(V - 1) + 1)
+        best = None
+        if config_bytes(table, QRConfig(lo, qr_operation)) > level:
+            return None
+        hi = V - 1
+        while lo <= hi:  # bytes grow with m for m >= sqrt(V)
+            mid = (lo + hi) // 2
+            cfg = QRConfig(collisions=mid, operation=qr_operation)
+            if config_bytes(table, cfg) <= level and cfg.num_parameters(table) < V * dim:
+                best, lo = cfg, mid + 1
+            else:
+                hi = mid - 1
+        return best
+    raise ValueError(f"unknown method {method!r}; choose from {PLAN_METHODS}")
+
+
+def _config_fields(config: Optional[CompressionConfig], table: EmbeddingBagConfig
+                   ) -> Dict[str, Optional[int]]:
+    if config is None:
+        return {}
+    if isinstance(config, QRConfig):
+        return {"rows": config.collisions}
+    out: Dict[str, Optional[int]] = {"rows": config.rows}
+    if isinstance(config, (CCEConfig, CEConfig)):
+        out["chunks"] = config.chunks
+    if isinstance(config, CCEConfig):
+        out["assigned_ids"] = config.num_assigned(table)
+    return out
+
+
+# ---------------------------------------------------------------- the planner
+def _table_counts(counts: Optional[Mapping[str, object]], t: EmbeddingBagConfig
+                  ) -> Optional[object]:
+    if counts is None:
+        return None
+    if t.name in counts:
+        return counts[t.name]
+    feats = [f for f in (t.feature_names or []) if f in counts]
+    if not feats:
+        raise ValueError(f"counts has no entry for table '{t.name}' or its features "
+                         f"{t.feature_names}; pass counts for every table (or none)")
+    arrays = [counts[f] for f in feats]
+    if all(np.ndim(a) == 0 for a in arrays):
+        return float(sum(float(a) for a in arrays))
+    n = max(np.size(a) for a in arrays)
+    total = np.zeros(n, dtype=np.float64)
+    for a in arrays:
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else np.asarray(a, dtype=np.float64)
+        total[: a.size] += a
+    return total
+
+
+def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mass: float,
+                allow_full: bool, chunks: int, share: float, qr_operation: str
+                ) -> List[Tuple[int, float, Optional[CompressionConfig]]]:
+    full = config_bytes(t, None)
+    row = t.embedding_dim * _elem(t)
+    out: Dict[int, Tuple[int, float, Optional[CompressionConfig]]] = {}
+    if method is not None:
+        level = float(row)
+        seen = set()
+        while level < full:
+            cfg = _fit(method, t, int(level), chunks, share, qr_operation)
+            if cfg is not None and cfg not in seen:
+                seen.add(cfg)
+                b = config_bytes(t, cfg)
+                if b < full:
+                    out[b] = (b, mass * curve.top(b / row), cfg)
+            level *= 2 ** (1 / _GRID_STEPS_PER_DOUBLING)
+        cfg = _fit(method, t, full - 1, chunks, share, qr_operation)
+        if cfg is not None:
+            b = config_bytes(t, cfg)
+            out.setdefault(b, (b, mass * curve.top(b / row), cfg))
+    if allow_full or not out:
+        out[full] = (full, mass, None)
+    return sorted(out.values(), key=lambda c: c[0])
+
+
+def _hull(points: List[Tuple[int, float, object]]) -> List[int]:
+    """Indices of the upper concave hull of (bytes, value) points, from the first point."""
+    hull: List[int] = [0]
+    for i in range(1, len(points)):
+        if points[i][1] <= points[hull[-1]][1]:
+            continue
+        while len(hull) >= 2:
+            (x0, y0, _), (x1, y1, _) = points[hull[-2]], points[hull[-1]]
+            x2, y2 = points[i][0], points[i][1]
+            if (y1 - y0) * (x2 - x0) <= (y2 - y0) * (x1 - x0):
+                hull.pop()
+            else:
+                break
+        hull.append(i)
+    return hull
+
+
+def plan_compression(
+    tables: Sequence[EmbeddingBagConfig],
+    byte_budget: Union[int, float],
+    counts: Optional[Mapping[str, object]] = None,
+    methods: Optional[Sequence[str]] = None,
+    chunks: int = 4,
+    assignment_share: float = 0.5,
+    allow_full: bool = True,
+    qr_operation: str = "mult",
+) -> CompressionPlan:
+    """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
+
+    Args:
+        tables: the logical tables.
+        byte_budget: bytes for all embedding tables together (everything they store).
+        counts: ``{table or feature name: per-id training counts [V]}`` (a feature's counts
+            are summed into its table), or scalar total counts (Zipf(1) ids). Ids are assumed
+            frequency-ordered for CCE's covered prefix ``[0, N)``. None: Zipf(1), equal mass.
+        methods: restrict compressed tables to these methods (one: size that method). None:
+            :data:`AUTO_ORDER`.
+        chunks: CCE/CE chunks (1, 2, 4, 8; must divide every compressed table's dim, else
+            the largest divisor of dim below it is used).
+        assignment_share: fraction of a CCE table's bytes for its packed assignment.
+        allow_full: whether uncompressed tables are candidates.
+        qr_operation: QR's operation.
+
+    Raises:
+        ValueError: if even the smallest config of every table exceeds the budget (naming
+            the tables and the minimum bytes), or for unknown methods / bad counts.
+    """
+    budget = int(byte_budget)
+    order = list(methods) if methods is not None else list(AUTO_ORDER)
+    unknown = [m for m in order if m not in PLAN_METHODS + ("full",)]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {('full',) + PLAN_METHODS}")
+    allow_full = allow_full or order == ["full"]
+    order = [m for m in order if m != "full"]
+    if not 0 < assignment_share < 1:
+        raise ValueError(f"assignment_share must be in (0, 1), got {assignment_share}")
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    curves = {t.name: _Curve(t, _table_counts(counts, t)) for t in tables}
+    total_mass = sum(c.mass for c in curves.values()) or 1.0
+    cands: Dict[str, List[Tuple[int, float, Optional[CompressionConfig]]]] = {}
+    chosen_method: Dict[str, Optional[str]] = {}
+    for t in tables:
+        c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1) if t.embedding_dim % d == 0)
+        mass = curves[t.name].mass / total_mass
+        best = None
+        for m in order:
+            pts = _candidates(t, m, curves[t.name], mass, allow_full, c, assignment_share,
+                              qr_operation)
+            if any(cfg is not None for _, _, cfg in pts) or m == order[-1]:
+                best = (m, pts)
+                break
+        if best is None:  # only "full"
+            best = (None, _candidates(t, None, curves[t.name], mass, True, c,
+                                      assignment_share, qr_operation))
+        chosen_method[t.name], cands[t.name] = best
+    minimum = {n: pts[0][0] for n, pts in cands.items()}
+    if sum(minimum.values()) > budget:
+        worst = sorted(minimum.items(), key=lambda kv: -kv[1])
+        listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
+        raise ValueError(
+            f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the "
+            f"smallest configs ({'/'.join(order) or 'full'}) of the tables; they need at least "
+            f"{sum(minimum.values())} bytes ({sum(minimum.values()) / 2**20:.3f} MiB): {listing}"
+            f"{' ...' if len(worst) > 10 else ''}. Raise the budget or allow other methods")
+    # Greedy marginal-value allocation over each table's upper concave hull.
+    current = {n: 0 for n in cands}   # index into cands[n]
+    remaining = budget - sum(minimum.values())
+    steps = []
+    for n, pts in cands.items():
+        hull = _hull(pts)
+        for a, b in zip(hull, hull[1:]):
+            slope = (pts[b][1] - pts[a][1]) / (pts[b][0] - pts[a][0])
+            steps.append((-slope, names.index(n), a, b, n))
+    steps.sort()
+    frozen = set()
+    for _, _, a, b, n in steps:
+        if n in frozen or current[n] != a:
+            continue
+        pts = cands[n]
+        cost = pts[b][0] - pts[a][0]
+        if cost <= remaining:
+            current[n] = b
+            remaining -= cost
+            continue
+        # Partial step: the most valuable candidate between a and b that still fits.
+        fits = [i for i in range(a + 1, b) if pts[i][0] - pts[a][0] <= remaining
+                and pts[i][1] > pts[a][1]]
+        if fits:
+            i = max(fits, key=lambda j: pts[j][1])
+            remaining -= pts[i][0] - pts[a][0]
+            current[n] = i
+        frozen.add(n)
+    out: Dict[str, TablePlan] = {}
+    for t in tables:
+        b, _, cfg = cands[t.name][current[t.name]]
+        curve = curves[t.name]
+        if cfg is None:
+            covered = 1.0
+        elif isinstance(cfg, CCEConfig):
+            covered = curve.prefix(cfg.num_assigned(t))
+        else:
+            covered = 0.0
+        out[t.name] = TablePlan(
+            table=t.name, method="full" if cfg is None else chosen_method[t.name], bytes=b,
+            full_bytes=config_bytes(t, None), precision=_precision(t),
+            mass_share=curve.mass / total_mass, covered_mass=covered, config=cfg,
+            **_config_fields(cfg, t))
+    plan = CompressionPlan(byte_budget=budget, tables=out)
+    assert plan.total_bytes <= budget, (plan.total_bytes, budget)
+    return plan
+
+
+def _main() -> None:
+    """``python -m torchrec_cce.budget``: the plan for Criteo-Kaggle-shaped tables."""
+    import argparse
+
+    from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
+
+    p = argparse.ArgumentParser(description=_main.__doc__)
+    p.add_argument("--fraction", type=float, default=16, help="budget = full bytes / this")
+    p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--zipf", type=float, default=None,
+                   help="per-table counts ~ rank^-zipf (default: no counts, the Zipf(1) prior)")
+    p.add_argument("--methods", default=None, help="comma-separated, e.g. cce or qr")
+    p.add_argument("--chunks", type=int, default=4)
+    a = p.parse_args()
+    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=a.dim, num_embeddings=v,
+                                 feature_names=[f"cat_{i}"])
+              for i, v in enumerate(CRITEO_KAGGLE_CARDINALITIES)]
+    counts = None
+    if a.zipf is not None:
+        counts = {t.name: np.arange(1, t.num_embeddings + 1, dtype=np.float64) ** -a.zipf
+                  for t in tables}
+    full = sum(config_bytes(t, None) for t in tables)
+    plan = plan_compression(tables, full / a.fraction, counts=counts,
+                            methods=a.methods.split(",") if a.methods else None, chunks=a.chunks)
+    print(plan.format())
+
+
+if __name__ == "__main__":
+    _main()
