@@ -81,7 +81,6 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
     if isinstance(cfg, CCEConfig):
         m = ebc.tables[n]
         gen, rows = int(m.h_generation), cfg.rows
-        a, b = _weight(ebc, f"{n}__cce_A"), _weight(ebc, f"{n}__cce_B")
         chunks = []
         for i in range(cfg.chunks):
             if 0 <= x < table.num_embeddings:
@@ -89,7 +88,9 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
             else:
                 p = ref_hash(x, derive_seed(cfg.seed, n, i, "p"), rows)
             h = ref_hash(x, ref_combine(derive_seed(cfg.seed, n, i, "h"), gen), rows)
-            chunks.append(a[i * rows + p] + b[i * rows + h])
+            # Chunk i's codebook table: A_i in rows [0, rows), B_i in rows [rows, 2 * rows).
+            w = _weight(ebc, f"{n}__cce_c{i}")
+            chunks.append(w[p] + w[rows + h])
         return [torch.cat(chunks)]
     raise TypeError(cfg)
 

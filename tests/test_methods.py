@@ -175,16 +175,17 @@ def test_remap_helpers_agree_with_first_principles(method):
                                         for x in ids.tolist()]
             hk = ref_combine(derive_seed(4, "t0", i, "h"), 0)
             assert h[:, i].tolist() == [ref_hash(x, hk, 8) for x in ids.tolist()]
-            assert streams[i].tolist() == (p[:, i] + i * 8).tolist()
-            assert streams[cfg.chunks + i].tolist() == (h[:, i] + i * 8).tolist()
+            # Chunk i's table holds A_i in rows [0, 8) and B_i in rows [8, 16): 2 rows per id.
+            assert streams[i].tolist() == [[a, 8 + b] for a, b in zip(p[:, i].tolist(),
+                                                                     h[:, i].tolist())]
 
 
 # ---------------------------------------------------------------- CCE-specific state
 def test_cce_custom_assignment_changes_output():
     ebc = build("cce")
     m = ebc.tables["t0"]
-    a = ebc.codebooks.embedding_bags["t0__cce_A"].weight
-    b = ebc.codebooks.embedding_bags["t0__cce_B"].weight
+    c0 = ebc.codebooks.embedding_bags["t0__cce_c0"].weight  # A_0 rows [0, 8), B_0 [8, 16)
+    c1 = ebc.codebooks.embedding_bags["t0__cce_c1"].weight
     kjt_bags = {"f0": [[5], [77]], "f1": [[0], []], "g": [[1], [2]]}
     before = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     with torch.no_grad():
@@ -193,8 +194,8 @@ def test_cce_custom_assignment_changes_output():
     after = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     h0 = [ref_hash(x, ref_combine(derive_seed(4, "t0", 0, "h"), 0), 8) for x in (5, 77)]
     for row, x in enumerate((5, 77)):
-        torch.testing.assert_close(after[row, :2], a[3] + b[h0[row]])
-        torch.testing.assert_close(after[row, 2:4], a[8 + x % 8] + b[8 + m.bucket(
+        torch.testing.assert_close(after[row, :2], c0[3] + c0[8 + h0[row]])
+        torch.testing.assert_close(after[row, 2:4], c1[x % 8] + c1[8 + m.bucket(
             torch.tensor([x]))[0, 1]])
     assert not torch.allclose(before, after)
     check_against_reference(ebc, BAGS)

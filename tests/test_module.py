@@ -84,8 +84,8 @@ def test_embedding_bag_configs_are_the_logical_tables():
     # ... and the codebook tables are the inner, separate list.
     inner = sorted((c.name, c.num_embeddings, c.embedding_dim)
                    for c in ebc.codebooks.embedding_bag_configs())
-    assert inner == [("t_item__cce_A", 32, 2), ("t_item__cce_B", 32, 2),
-                     ("t_user__cce_A", 32, 2), ("t_user__cce_B", 32, 2)]
+    # CCE: one table per chunk, A_i and B_i stacked (2 * rows rows of dim / chunks columns).
+    assert inner == [(f"{t}__cce_c{i}", 16, 2) for t in ("t_item", "t_user") for i in range(4)]
 
 
 def test_is_weighted():

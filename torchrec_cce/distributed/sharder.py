@@ -11,9 +11,9 @@ offers). This sharder wraps it the way ``FeatureProcessedEmbeddingBagCollectionS
 * ``output_dist``: the codebook EBC's output dist, plus a callback composing the logical
   features' vectors.
 
-Codebook table names, for ``ParameterConstraints``: ``<table>__cce_A`` / ``<table>__cce_B``
-(CCE), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` / ``<table>__qr_r``; full tables
-keep their name.
+Codebook table names, for ``ParameterConstraints``: ``<table>__cce_c<i>`` (CCE, one per
+chunk: ``A_i`` and ``B_i`` stacked), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` /
+``<table>__qr_r``; full tables keep their name.
 
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,
 ``tables.<t>.assignment``, ``tables.<t>.h_generation``), with ``ShardedTensor`` values for
@@ -41,13 +41,18 @@ from torchrec.distributed.types import (
     ShardingEnv,
 )
 from torchrec.distributed.utils import append_prefix
-from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
 from torchrec_cce.methods import CCETable, build_table
 from torchrec_cce.modules import CCEEmbeddingBagCollection
-from torchrec_cce.stages import check_features, compose_pooled, remap_features
+from torchrec_cce.stages import (
+    check_features,
+    compose_pooled,
+    feature_ids,
+    mean_lengths,
+    remap_features,
+)
 
 # Assignments smaller than this (bytes) are replicated on every rank instead of split by id.
 DEFAULT_REPLICATE_ASSIGNMENT_BELOW = 1 << 20
@@ -65,7 +70,8 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 
 def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection",
                       lengths: Dict[str, torch.Tensor]) -> KeyedTensor:
-    return compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt)
+    return compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt,
+                          cache=module._compose_cache)
 
 
 class ShardedCCEEmbeddingBagCollection(
@@ -93,6 +99,10 @@ class ShardedCCEEmbeddingBagCollection(
         self._inner_weighted = module._inner_weighted
         self._feature_table = dict(module._feature_table)
         self._served = module.feature_names()
+        self._fused = module._fused  # None: resolved on first use (see CCEEmbeddingBagCollection)
+        self._fused_resolved: Optional[bool] = None
+        self._remap_cache: Dict[Any, Any] = {}
+        self._compose_cache: Dict[Any, Any] = {}
         compression = module.compression
         memcom = [n for n, m in module.tables.items() if m.method_name == "memcom"]
         if memcom:
@@ -134,6 +144,15 @@ class ShardedCCEEmbeddingBagCollection(
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_assignment_shards)
         self._register_load_state_dict_pre_hook(
             ShardedCCEEmbeddingBagCollection._load_assignment_shards, with_module=True)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the remap runs the fused C++ op (as the unsharded module it was built from)."""
+        if self._fused_resolved is None:
+            from torchrec_cce.ops import fused_default
+
+            self._fused_resolved = fused_default(self._fused)
+        return self._fused_resolved
 
     # ---- assignment storage ----
     def id_range(self, table: str) -> Optional[IdRange]:
@@ -183,14 +202,14 @@ class ShardedCCEEmbeddingBagCollection(
     def _remote_assignments(self, features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
         if not self._id_ranges:
             return {}
-        per_feature = features.to_dict()
+        per_feature = feature_ids(features)
         requests, names = [], []
         for t in self._embedding_bag_configs:
             if t.name not in self._id_ranges:
                 continue
             m = self.tables[t.name]
             for f in t.feature_names:
-                requests.append((m, per_feature[f].values(), m.assignment_shard,
+                requests.append((m, per_feature[f], m.assignment_shard,
                                  self._id_ranges[t.name]))
                 names.append(f)
         return dict(zip(names, lookup_sharded_assignments(requests, self._pg)))
@@ -198,15 +217,15 @@ class ShardedCCEEmbeddingBagCollection(
     def input_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                    features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         check_features(self._feature_table, self._served, features)
-        per_feature = features.to_dict()
-        ctx.mean_lengths = {f: per_feature[f].lengths() for t in self._embedding_bag_configs
-                            if t.pooling == PoolingType.MEAN for f in t.feature_names}
+        ctx.mean_lengths = mean_lengths(self._embedding_bag_configs, features)
         if self.training:
-            ctx.observed_ids = [(t.name, per_feature[f].values())
-                                for t in self._embedding_bag_configs for f in t.feature_names]
+            per_feature = feature_ids(features)
+            ctx.observed_ids = [(t.name, per_feature[f]) for t in self._embedding_bag_configs
+                                for f in t.feature_names]
         remapped = remap_features(self._embedding_bag_configs, self.tables, features,
                                   self._is_weighted, self._inner_weighted,
-                                  assignments=self._remote_assignments(features), observe=False)
+                                  assignments=self._remote_assignments(features), observe=False,
+                                  fused=self.fused, cache=self._remap_cache)
         return self.codebooks.input_dist(ctx, remapped)
 
     def _observe(self, ctx: CCEEmbeddingBagCollectionContext) -> None:

@@ -1,8 +1,14 @@
 """Clustered Compositional Embeddings (Tsang & Ahle, NeurIPS 2023).
 
-``e(x) = concat_i(A_i[p_i(x)] + B_i[h_i(x)])``. The ``chunks`` codebooks ``A_i`` are stacked in
-one table ``<table>__cce_A`` (``chunks * rows`` rows of ``dim / chunks`` columns; chunk ``i``
-owns rows ``[i*rows, (i+1)*rows)``), and likewise ``B_i`` in ``<table>__cce_B``.
+``e(x) = concat_i(A_i[p_i(x)] + B_i[h_i(x)])``. Layout: chunk ``i`` is one codebook table
+``<table>__cce_c<i>`` of ``2 * rows`` rows and ``dim / chunks`` columns, ``A_i`` in rows
+``[0, rows)`` and ``B_i`` in rows ``[rows, 2 * rows)``. Each id puts the two rows
+``p_i(x)`` and ``rows + h_i(x)`` into its chunk's bag, so the codebook EBC's SUM pooling
+computes ``A_i + B_i`` and the concatenation of the per-chunk outputs is the vector (compose is
+a column slice). This is the fastest layout measured (``benchmarks/speed.py --sections
+layout``): fewer, larger bags than one-id bags into stacked ``A``/``B`` tables, and no compose
+arithmetic. Code that reads or writes ``A``/``B`` uses :meth:`CCETable.ab_rows`,
+:meth:`CCETable.stack_ab` and :meth:`CCETable.unstack_ab`, not the layout.
 
 State besides the codebooks:
 
@@ -16,7 +22,7 @@ State besides the codebooks:
 * a reservoir of training ids (not saved) that re-clustering samples from.
 """
 
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
@@ -24,13 +30,14 @@ from torchrec import EmbeddingBagConfig
 from torchrec_cce.clustering.sampling import IdReservoir
 from torchrec_cce.configs import CCEConfig
 from torchrec_cce.hashing import combine_keys, derive_seed, hash_ids, smallest_int_dtype
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 MAX_RESERVOIR = 1 << 21
 
 
 class CCETable(CompressedTable):
     method_name = "cce"
+    concat_compose = True
 
     def __init__(self, table: EmbeddingBagConfig, config: CCEConfig,
                  device: Optional[torch.device] = None, store_assignment: bool = True) -> None:
@@ -40,12 +47,8 @@ class CCETable(CompressedTable):
         self.chunk_dim = table.embedding_dim // config.chunks
         self.p_keys = [derive_seed(config.seed, table.name, i, "p") for i in range(self.chunks)]
         self.h_base_keys = [derive_seed(config.seed, table.name, i, "h") for i in range(self.chunks)]
-        self.codebooks = [
-            Codebook("cce_A", self.chunks * self.rows, self.chunk_dim,
-                     [f"cce_A{i}" for i in range(self.chunks)]),
-            Codebook("cce_B", self.chunks * self.rows, self.chunk_dim,
-                     [f"cce_B{i}" for i in range(self.chunks)]),
-        ]
+        self.codebooks = [Codebook(f"cce_c{i}", 2 * self.rows, self.chunk_dim, [f"cce_c{i}"])
+                          for i in range(self.chunks)]
         self.assignment_dtype = smallest_int_dtype(self.rows)
         self.register_buffer("h_generation", torch.zeros((), dtype=torch.int64, device=device))
         # The sharded module stores the assignment itself (split by id range), not here.
@@ -95,17 +98,54 @@ class CCETable(CompressedTable):
             self.reservoir.observe(ids)
 
     def streams_from(self, p: torch.Tensor, h: torch.Tensor) -> List[torch.Tensor]:
-        """Chunk-local ``p``/``h`` ``[n, chunks]`` -> the ``2 * chunks`` stacked-table row ids."""
-        shift = torch.arange(self.chunks, device=p.device) * self.rows
-        a, b = p + shift, h + shift
-        return [a[:, i] for i in range(self.chunks)] + [b[:, i] for i in range(self.chunks)]
+        """Chunk-local ``p``/``h`` ``[n, chunks]`` -> per chunk ``[n, 2]`` rows of its codebook
+        table: ``(p_i(x), rows + h_i(x))``."""
+        return [torch.stack([p[:, i], h[:, i] + self.rows], dim=1) for i in range(self.chunks)]
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return self.streams_from(self.lookup_assignment(ids), self.bucket(ids))
 
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("cce_pair", self.rows, key=self.p_keys[i], h_key=self.h_base_keys[i],
+                           column=i, num_ids=self.num_embeddings) for i in range(self.chunks)]
+
+    def dense_assignment(self) -> Optional[torch.Tensor]:
+        """``p`` as a dense ``[V, chunks]`` int16/int32 tensor the fused op reads directly, or
+        None (not stored here, or stored in another form: ``p`` is then looked up with
+        :meth:`lookup_assignment` and handed to the op precomputed)."""
+        a = self.assignment
+        if (isinstance(a, torch.Tensor) and a.dim() == 2 and a.shape[1] == self.chunks
+                and a.dtype in (torch.int16, torch.int32)):
+            return a
+        return None
+
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
-        c = self.chunks
-        return torch.cat([pooled[i] + pooled[c + i] for i in range(c)], dim=1)
+        return torch.cat(pooled, dim=1)
+
+    # ---- where A_i and B_i live (re-clustering and tests use these, not the layout) ----
+    def ab_rows(self, chunk: int) -> Tuple[str, slice, slice]:
+        """``(codebook suffix, rows of A_chunk, rows of B_chunk)`` in that codebook table."""
+        return f"cce_c{chunk}", slice(0, self.rows), slice(self.rows, 2 * self.rows)
+
+    def stack_ab(self, weight: Callable[[str], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)``, each ``[chunks * rows, chunk_dim]`` with chunk ``i`` in rows
+        ``[i * rows, (i + 1) * rows)``, from ``weight(suffix)`` (a codebook table's weight)."""
+        a, b = [], []
+        for i in range(self.chunks):
+            suffix, ra, rb = self.ab_rows(i)
+            w = weight(suffix)
+            a.append(w[ra])
+            b.append(w[rb])
+        return torch.cat(a), torch.cat(b)
+
+    def unstack_ab(self, A: torch.Tensor, B: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Inverse of :meth:`stack_ab`: ``{codebook suffix: full codebook table}``."""
+        out = {}
+        for i in range(self.chunks):
+            suffix, _, _ = self.ab_rows(i)
+            rows = slice(i * self.rows, (i + 1) * self.rows)
+            out[suffix] = torch.cat([A[rows], B[rows]])
+        return out
 
     def assignment_bytes(self) -> int:
         if self.assignment is None:

@@ -12,11 +12,12 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.configs import MEmComConfig
 from torchrec_cce.hashing import derive_seed, hash_ids
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 
 class MEmComTable(CompressedTable):
     method_name = "memcom"
+    concat_compose = True
 
     def __init__(self, table: EmbeddingBagConfig, config: MEmComConfig,
                  device: Optional[torch.device] = None) -> None:
@@ -34,6 +35,9 @@ class MEmComTable(CompressedTable):
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return [hash_ids(ids, self.hash_key, self.rows)]
+
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("hash", self.rows, key=self.hash_key)]
 
     def id_weights(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         return self.id_weight[torch.remainder(ids, self.num_embeddings)]
