@@ -267,12 +267,13 @@ def _sharded(rank: int, world: int, replicate_below: int):
     from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
     from torchrec_cce.distributed.tensors import scatter_full
 
-    comp = {"t0": METHODS["cce"], "t1": QRConfig(collisions=9, operation="add")}
+    # fbgemm's fused TBE needs columns divisible by 4: chunks of 4 columns
+    comp = {"t0": CCEConfig(rows=8, chunks=2, seed=4), "t1": QRConfig(collisions=9, operation="add")}
     ts = tables(PoolingType.MEAN)
     torch.manual_seed(0)
     ref = CCEEmbeddingBagCollection(copy.deepcopy(ts), comp, is_weighted=True, fused=False)
     with torch.no_grad():
-        ref.tables["t0"].assignment.copy_(torch.randint(0, 8, (100, 4)))
+        ref.tables["t0"].assignment.copy_(torch.randint(0, 8, (100, 2)))
         ref.tables["t0"].h_generation.fill_(2)
     full_state = ref.state_dict()
     outs, states = {}, {}
