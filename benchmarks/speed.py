@@ -277,8 +277,11 @@ def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor
 
 
 def summarize(samples: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[str, float]]:
-    base = statistics.median(samples[baseline])
-    return {n: {"samples_per_s": statistics.median(v), "ratio": statistics.median(v) / base,
+    """Median samples/s, and the median over rounds of the ratio to ``baseline`` in the same
+    round (robust to load that changes between rounds)."""
+    base = samples[baseline]
+    return {n: {"samples_per_s": statistics.median(v),
+                "ratio": statistics.median([x / b for x, b in zip(v, base)]),
                 "rounds": v} for n, v in samples.items()}
 
 

@@ -88,9 +88,9 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
             else:
                 p = ref_hash(x, derive_seed(cfg.seed, n, i, "p"), rows)
             h = ref_hash(x, ref_combine(derive_seed(cfg.seed, n, i, "h"), gen), rows)
-            # Chunk i's codebook table: A_i in rows [0, rows), B_i in rows [rows, 2 * rows).
-            w = _weight(ebc, f"{n}__cce_c{i}")
-            chunks.append(w[p] + w[rows + h])
+            # One codebook table: chunk i's A_i in rows [2i*rows, (2i+1)*rows), then B_i.
+            w = _weight(ebc, f"{n}__cce")
+            chunks.append(w[2 * i * rows + p] + w[(2 * i + 1) * rows + h])
         return [torch.cat(chunks)]
     raise TypeError(cfg)
 

@@ -175,17 +175,18 @@ def test_remap_helpers_agree_with_first_principles(method):
                                         for x in ids.tolist()]
             hk = ref_combine(derive_seed(4, "t0", i, "h"), 0)
             assert h[:, i].tolist() == [ref_hash(x, hk, 8) for x in ids.tolist()]
-            # Chunk i's table holds A_i in rows [0, 8) and B_i in rows [8, 16): 2 rows per id.
-            assert streams[i].tolist() == [[a, 8 + b] for a, b in zip(p[:, i].tolist(),
-                                                                     h[:, i].tolist())]
+            # Chunk i holds A_i in rows [16i, 16i + 8) and B_i in [16i + 8, 16i + 16) of the
+            # one codebook table: 2 rows per id.
+            assert streams[i].tolist() == [[16 * i + a, 16 * i + 8 + b] for a, b in zip(
+                p[:, i].tolist(), h[:, i].tolist())]
 
 
 # ---------------------------------------------------------------- CCE-specific state
 def test_cce_custom_assignment_changes_output():
     ebc = build("cce")
     m = ebc.tables["t0"]
-    c0 = ebc.codebooks.embedding_bags["t0__cce_c0"].weight  # A_0 rows [0, 8), B_0 [8, 16)
-    c1 = ebc.codebooks.embedding_bags["t0__cce_c1"].weight
+    w = ebc.codebooks.embedding_bags["t0__cce"].weight  # chunk i: A_i, B_i in rows [16i, 16i+16)
+    c0, c1 = w[:16], w[16:32]
     kjt_bags = {"f0": [[5], [77]], "f1": [[0], []], "g": [[1], [2]]}
     before = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     with torch.no_grad():

@@ -192,9 +192,8 @@ def _plan(rank: int, world: int):
     module = CCEEmbeddingBagCollection(big, {"huge": CCEConfig(rows=1024, chunks=4)},
                                        device=torch.device("meta"))
     reservation = CCEStorageReservation()
-    # Chunks 0-1 column-wise, chunks 2-3 table-wise (one codebook table per chunk).
-    constraints = {f"huge__cce_c{i}": ParameterConstraints(
-        sharding_types=["column_wise" if i < 2 else "table_wise"]) for i in range(4)}
+    constraints = {"huge__cce": ParameterConstraints(sharding_types=["column_wise"]),
+                   "other": ParameterConstraints(sharding_types=["table_wise"])}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
                                        constraints=constraints, storage_reservation=reservation)
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
@@ -205,10 +204,11 @@ def _plan(rank: int, world: int):
 
 def test_planner_counts_assignment_and_honours_constraints() -> None:
     types, mem, reserved = run_multiprocess(_plan, 2)[0]
-    assert [types[f"huge__cce_c{i}"] for i in range(4)] == ["column_wise"] * 2 + ["table_wise"] * 2
+    assert types["huge__cce"] == "column_wise"
+    assert types["other"] == "table_wise"
     per_rank_assignment = 1_000_000 * 4 * 2  # ceil(V/2) ids x 4 chunks x int16
     assert reserved["huge"] == [per_rank_assignment, per_rank_assignment]
-    codebook_bytes = 4 * (2 * 1024) * 4 * 4  # 4 chunk tables of 2*rows rows, dim/chunks fp32
+    codebook_bytes = (2 * 4 * 1024) * 4 * 4  # one table: 2*chunks*rows rows of dim/chunks fp32
     assert sum(mem["huge"]["bytes_per_rank"]) == codebook_bytes + 2 * per_rank_assignment
     assert all(b >= per_rank_assignment for b in mem["huge"]["bytes_per_rank"])
     assert mem["huge"]["compressed_bytes"] == codebook_bytes + 2_000_000 * 4 * 2
@@ -279,8 +279,7 @@ def test_distributed_recluster_equals_single_process(replicate_below: int) -> No
     assert int(state0["tables.big.h_generation"]) == int(expected["tables.big.h_generation"]) == 4
     agree = (state0["tables.big.assignment"] == expected["tables.big.assignment"].long()).float()
     assert agree.mean() > 0.999, f"assignments agree on {agree.mean():.5f}"
-    for name in ("codebooks.embedding_bags.big__cce_c0.weight",
-                 "codebooks.embedding_bags.big__cce_c1.weight"):
+    for name in ("codebooks.embedding_bags.big__cce.weight",):
         torch.testing.assert_close(state0[name], expected[name], atol=1e-4, rtol=1e-3)
     assert stats0["kmeans_inertia_end"] == pytest.approx(ref_stats["kmeans_inertia_end"], rel=1e-3)
     # Untouched tables stay untouched.

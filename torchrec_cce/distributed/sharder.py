@@ -11,8 +11,8 @@ offers). This sharder wraps it the way ``FeatureProcessedEmbeddingBagCollectionS
 * ``output_dist``: the codebook EBC's output dist, plus a callback composing the logical
   features' vectors.
 
-Codebook table names, for ``ParameterConstraints``: ``<table>__cce_c<i>`` (CCE, one per
-chunk: ``A_i`` and ``B_i`` stacked), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` /
+Codebook table names, for ``ParameterConstraints``: ``<table>__cce`` (CCE: every chunk's
+``A_i`` and ``B_i`` in one table), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` /
 ``<table>__qr_r``; full tables keep their name.
 
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,

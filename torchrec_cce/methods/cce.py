@@ -1,13 +1,14 @@
 """Clustered Compositional Embeddings (Tsang & Ahle, NeurIPS 2023).
 
-``e(x) = concat_i(A_i[p_i(x)] + B_i[h_i(x)])``. Layout: chunk ``i`` is one codebook table
-``<table>__cce_c<i>`` of ``2 * rows`` rows and ``dim / chunks`` columns, ``A_i`` in rows
-``[0, rows)`` and ``B_i`` in rows ``[rows, 2 * rows)``. Each id puts the two rows
-``p_i(x)`` and ``rows + h_i(x)`` into its chunk's bag, so the codebook EBC's SUM pooling
-computes ``A_i + B_i`` and the concatenation of the per-chunk outputs is the vector (compose is
-a column slice). This is the fastest layout measured (``benchmarks/speed.py --sections
-layout``): fewer, larger bags than one-id bags into stacked ``A``/``B`` tables, and no compose
-arithmetic. Code that reads or writes ``A``/``B`` uses :meth:`CCETable.ab_rows`,
+``e(x) = concat_i(A_i[p_i(x)] + B_i[h_i(x)])``. Layout: one codebook table ``<table>__cce`` of
+``2 * chunks * rows`` rows and ``dim / chunks`` columns; chunk ``i`` owns rows
+``[2i * rows, 2(i+1) * rows)``, ``A_i`` first, then ``B_i``. Each id puts the two rows
+``2i*rows + p_i(x)`` and ``2i*rows + rows + h_i(x)`` into the bag of its chunk's stream
+(feature ``<feature>__cce_c<i>``), so the codebook EBC's SUM pooling computes ``A_i + B_i`` and
+the concatenation of the per-chunk outputs is the vector (compose is a column slice). This is
+the fastest layout measured (``benchmarks/speed.py --sections layout``): fbgemm's CPU backward
+costs 3.6x more with one table per chunk and 1.3x more with one-id bags into stacked ``A`` /
+``B`` tables. Code that reads or writes ``A``/``B`` uses :meth:`CCETable.ab_rows`,
 :meth:`CCETable.stack_ab` and :meth:`CCETable.unstack_ab`, not the layout.
 
 State besides the codebooks:
@@ -47,8 +48,8 @@ class CCETable(CompressedTable):
         self.chunk_dim = table.embedding_dim // config.chunks
         self.p_keys = [derive_seed(config.seed, table.name, i, "p") for i in range(self.chunks)]
         self.h_base_keys = [derive_seed(config.seed, table.name, i, "h") for i in range(self.chunks)]
-        self.codebooks = [Codebook(f"cce_c{i}", 2 * self.rows, self.chunk_dim, [f"cce_c{i}"])
-                          for i in range(self.chunks)]
+        self.codebooks = [Codebook("cce", 2 * self.chunks * self.rows, self.chunk_dim,
+                                   [f"cce_c{i}" for i in range(self.chunks)])]
         self.assignment_dtype = smallest_int_dtype(self.rows)
         self.register_buffer("h_generation", torch.zeros((), dtype=torch.int64, device=device))
         # The sharded module stores the assignment itself (split by id range), not here.
@@ -98,16 +99,19 @@ class CCETable(CompressedTable):
             self.reservoir.observe(ids)
 
     def streams_from(self, p: torch.Tensor, h: torch.Tensor) -> List[torch.Tensor]:
-        """Chunk-local ``p``/``h`` ``[n, chunks]`` -> per chunk ``[n, 2]`` rows of its codebook
-        table: ``(p_i(x), rows + h_i(x))``."""
-        return [torch.stack([p[:, i], h[:, i] + self.rows], dim=1) for i in range(self.chunks)]
+        """Chunk-local ``p``/``h`` ``[n, chunks]`` -> per chunk ``[n, 2]`` rows of the codebook
+        table: ``(2i*rows + p_i(x), 2i*rows + rows + h_i(x))``."""
+        r = self.rows
+        return [torch.stack([p[:, i] + 2 * i * r, h[:, i] + (2 * i + 1) * r], dim=1)
+                for i in range(self.chunks)]
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return self.streams_from(self.lookup_assignment(ids), self.bucket(ids))
 
     def stream_specs(self) -> List[StreamSpec]:
-        return [StreamSpec("cce_pair", self.rows, key=self.p_keys[i], h_key=self.h_base_keys[i],
-                           column=i, num_ids=self.num_embeddings) for i in range(self.chunks)]
+        return [StreamSpec("cce_pair", self.rows, offset=2 * i * self.rows, key=self.p_keys[i],
+                           h_key=self.h_base_keys[i], column=i, num_ids=self.num_embeddings)
+                for i in range(self.chunks)]
 
     def dense_assignment(self) -> Optional[torch.Tensor]:
         """``p`` as a dense ``[V, chunks]`` int16/int32 tensor the fused op reads directly, or
@@ -125,7 +129,8 @@ class CCETable(CompressedTable):
     # ---- where A_i and B_i live (re-clustering and tests use these, not the layout) ----
     def ab_rows(self, chunk: int) -> Tuple[str, slice, slice]:
         """``(codebook suffix, rows of A_chunk, rows of B_chunk)`` in that codebook table."""
-        return f"cce_c{chunk}", slice(0, self.rows), slice(self.rows, 2 * self.rows)
+        first = 2 * chunk * self.rows
+        return "cce", slice(first, first + self.rows), slice(first + self.rows, first + 2 * self.rows)
 
     def stack_ab(self, weight: Callable[[str], torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)``, each ``[chunks * rows, chunk_dim]`` with chunk ``i`` in rows
@@ -140,12 +145,12 @@ class CCETable(CompressedTable):
 
     def unstack_ab(self, A: torch.Tensor, B: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Inverse of :meth:`stack_ab`: ``{codebook suffix: full codebook table}``."""
-        out = {}
+        parts: Dict[str, List[torch.Tensor]] = {}
         for i in range(self.chunks):
             suffix, _, _ = self.ab_rows(i)
             rows = slice(i * self.rows, (i + 1) * self.rows)
-            out[suffix] = torch.cat([A[rows], B[rows]])
-        return out
+            parts.setdefault(suffix, []).extend([A[rows], B[rows]])
+        return {suffix: torch.cat(p) for suffix, p in parts.items()}
 
     def assignment_bytes(self) -> int:
         if self.assignment is None:
