@@ -276,6 +276,19 @@ def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor
     return out
 
 
+def fbgemm_ms_per_step(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int):
+    """(forward, backward) self CPU ms per step inside fbgemm's TBE ops (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(n_steps):
+            fn(batches[i % len(batches)])
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    fw = sum(t for k, t in times.items() if "split_embedding" in k and "forward" in k)
+    bw = sum(t for k, t in times.items() if "split_embedding" in k and "backward" in k)
+    return fw / 1e3 / n_steps, bw / 1e3 / n_steps
+
+
 def summarize(samples: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[str, float]]:
     """Median samples/s, and the median over rounds of the ratio to ``baseline`` in the same
     round (robust to load that changes between rounds)."""
@@ -298,15 +311,20 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections/dims already in --out")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
     args = p.parse_args()
     if args.quick:
-        args.batch, args.cap, args.reps, args.steps, args.warmup = 256, 20_000, 2, 2, 1
-        args.dims = "16"
+        args.batch, args.cap, args.reps, args.steps, args.warmup = 128, 20_000, 1, 1, 1
+        args.dims, args.tables = "16", 6
+        if args.sections == p.get_default("sections"):
+            args.sections = "embedding,dlrm"
     if args.threads:
         torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    result = {"setup": {k: getattr(args, k) for k in ("batch", "tables", "cap", "reps", "steps")},
+    result = {"setup": {k: getattr(args, k) for k in ("batch", "tables", "cap", "reps", "steps",
+                                                      "warmup")},
               "device": "cpu", "threads": torch.get_num_threads(),
               "cce": {"rows": CCE_ROWS, "chunks": CHUNKS}}
     from torchrec_cce.ops import fused_available
@@ -327,6 +345,13 @@ def main() -> None:
                 build = build_embedding if section == "embedding" else build_dlrm
                 steps = {m: build(m, tables, dim)[1] for m in methods}
             samples = time_interleaved(steps, batches, args.reps, args.steps, args.warmup)
+            if section == "layout":  # CPU time inside fbgemm, less sensitive to machine load
+                for name, fn in steps.items():
+                    fw, bw = fbgemm_ms_per_step(fn, batches, args.steps)
+                    result[f"layout_d{dim}_{name}_fbgemm_forward_ms"] = fw
+                    result[f"layout_d{dim}_{name}_fbgemm_backward_ms"] = bw
+                    print(f"  {name:<16} fbgemm forward {fw:8.1f} ms/step, backward "
+                          f"{bw:8.1f} ms/step")
             rows = summarize(samples, "full")
             for name, row in rows.items():
                 result[f"{section}_d{dim}_{name}_ratio"] = row["ratio"]
@@ -339,6 +364,11 @@ def main() -> None:
             sys.stdout.flush()
     if not args.quick or args.out != p.get_default("out"):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        if args.merge and os.path.exists(args.out):  # add to an earlier run's sections
+            with open(args.out) as fh:
+                old = json.load(fh)
+            rounds = {**old.get("rounds", {}), **result.get("rounds", {})}
+            result = {**old, **result, "rounds": rounds}
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"wrote {args.out}")
