@@ -10,7 +10,7 @@ Setup (the issue's protocol): 26 Criteo-Kaggle-shaped tables (cardinalities capp
 CE and QR at the same parameter budget; MEmCom ``rows=2*4096``), under
 ``DistributedModelParallel`` at world size 1 (gloo; table-wise fused TBE codebooks,
 ``RowWiseAdagrad`` applied in backward). MEmCom cannot be sharded, so it runs unsharded (stock
-EBC, same fused kernels are not used: its row says so).
+EBC lookups, dense Adagrad): its ratio is not a like-for-like comparison.
 
 Sections:
 
@@ -18,9 +18,10 @@ Sections:
 * ``dlrm``: a whole ``torchrec.models.dlrm.DLRM`` step (dense arch 512-256-dim, over arch
   512-256-1, BCE loss, dense Adagrad) around the same embedding collection;
 * ``layout``: stock TorchRec EBCs only, ids precomputed (no remap): CCE's codebooks as
-  2c one-id bags into two stacked tables (the old layout), c bags of 2 ids in one table, and
-  c bags of 2 ids in c per-chunk tables (the current layout); CE as one stacked table vs c
-  tables.
+  2c one-id bags into two stacked tables (the old layout), c bags of 2 ids in one table (the
+  current layout), and c bags of 2 ids in c per-chunk tables; CE as one stacked table (the
+  current layout) vs c tables. Also reports fbgemm's CPU time per step (torch.profiler), which
+  the machine's load disturbs less than wall time.
 
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
 method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
