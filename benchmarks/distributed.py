@@ -56,8 +56,7 @@ def _sharded(rank: int, world: int, num_ids: int, samples: int):
     module = CCEEmbeddingBagCollection(tables(num_ids), {"big": CCEConfig(ROWS, CHUNKS)},
                                        device=torch.device("meta"))
     plan = construct_module_sharding_plan(
-        module, {"big__cce_A": table_wise(rank=0, compute_kernel="fused"),
-                 "big__cce_B": table_wise(rank=1, compute_kernel="fused")},
+        module, {"big__cce": table_wise(rank=0, compute_kernel="fused")},
         sharder=sharder, local_size=world, world_size=world, device_type="cpu")
     dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    plan=ShardingPlan({"": plan}), sharders=[sharder],

@@ -33,7 +33,7 @@ def one(num_ids: int, iters: int) -> dict:
     ebc = CCEEmbeddingBagCollection(t, {"t": CCEConfig(rows=ROWS, chunks=CHUNKS)})
     with torch.no_grad():  # trained-looking codebooks: a few clusters plus noise
         g = torch.Generator().manual_seed(0)
-        for name in ("t__cce_A", "t__cce_B"):
+        for name in ("t__cce",):
             w = ebc.codebooks.embedding_bags[name].weight
             w.copy_(torch.randn(w.shape, generator=g))
     reservoir = ebc.tables["t"].reservoir

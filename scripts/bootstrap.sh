@@ -18,7 +18,14 @@ fi
 DEPS="tensordict torchmetrics==1.0.3 tqdm pyarrow pyre-extensions numpy iopath pytest pytest-timeout hypothesis matplotlib tensorboard faiss-cpu scikit-learn"
 
 stamp="$VENV/.torchrec_cce-$(echo "$TORCH $TORCHREC $TORCHX $FBGEMM $DEPS" | cksum | cut -d' ' -f1)"
+# The fused remap op (torchrec_cce/ops/csrc), JIT-built once per source version into build/;
+# without a compiler this prints one notice and the package uses its torch-ops path.
+op_stamp="build/.torchrec_cce_ops-$(cat torchrec_cce/ops/csrc/* | cksum | cut -d' ' -f1)"
+build_op() {
+  if [ ! -f "$op_stamp" ] && "$VENV/bin/python" -m torchrec_cce.ops; then mkdir -p build && touch "$op_stamp"; fi
+}
 if [ -f "$stamp" ]; then
+  build_op
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
@@ -31,3 +38,4 @@ $PIP "$TORCHX" $DEPS "$TORCH"
 $PIP --no-deps -e .
 "$VENV/bin/python" -c "import torchrec, fbgemm_gpu, torchx, torchrec_cce; print('bootstrap ok: torch', __import__('torch').__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec,'__version__') else '1.8.0')"
 touch "$stamp"
+build_op

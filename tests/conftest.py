@@ -81,7 +81,6 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
     if isinstance(cfg, CCEConfig):
         m = ebc.tables[n]
         gen, rows = int(m.h_generation), cfg.rows
-        a, b = _weight(ebc, f"{n}__cce_A"), _weight(ebc, f"{n}__cce_B")
         chunks = []
         for i in range(cfg.chunks):
             if 0 <= x < m.assigned_ids:
@@ -89,7 +88,9 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
             else:
                 p = ref_hash(x, derive_seed(cfg.seed, n, i, "p"), rows)
             h = ref_hash(x, ref_combine(derive_seed(cfg.seed, n, i, "h"), gen), rows)
-            chunks.append(a[i * rows + p] + b[i * rows + h])
+            # One codebook table: chunk i's A_i in rows [2i*rows, (2i+1)*rows), then B_i.
+            w = _weight(ebc, f"{n}__cce")
+            chunks.append(w[2 * i * rows + p] + w[(2 * i + 1) * rows + h])
         return [torch.cat(chunks)]
     raise TypeError(cfg)
 

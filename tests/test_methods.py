@@ -175,16 +175,18 @@ def test_remap_helpers_agree_with_first_principles(method):
                                         for x in ids.tolist()]
             hk = ref_combine(derive_seed(4, "t0", i, "h"), 0)
             assert h[:, i].tolist() == [ref_hash(x, hk, 8) for x in ids.tolist()]
-            assert streams[i].tolist() == (p[:, i] + i * 8).tolist()
-            assert streams[cfg.chunks + i].tolist() == (h[:, i] + i * 8).tolist()
+            # Chunk i holds A_i in rows [16i, 16i + 8) and B_i in [16i + 8, 16i + 16) of the
+            # one codebook table: 2 rows per id.
+            assert streams[i].tolist() == [[16 * i + a, 16 * i + 8 + b] for a, b in zip(
+                p[:, i].tolist(), h[:, i].tolist())]
 
 
 # ---------------------------------------------------------------- CCE-specific state
 def test_cce_custom_assignment_changes_output():
     ebc = build("cce")
     m = ebc.tables["t0"]
-    a = ebc.codebooks.embedding_bags["t0__cce_A"].weight
-    b = ebc.codebooks.embedding_bags["t0__cce_B"].weight
+    w = ebc.codebooks.embedding_bags["t0__cce"].weight  # chunk i: A_i, B_i in rows [16i, 16i+16)
+    c0, c1 = w[:16], w[16:32]
     kjt_bags = {"f0": [[5], [77]], "f1": [[0], []], "g": [[1], [2]]}
     before = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     with torch.no_grad():
@@ -195,8 +197,8 @@ def test_cce_custom_assignment_changes_output():
     after = ebc(make_kjt(kjt_bags)).to_dict()["f0"]
     h0 = [ref_hash(x, ref_combine(derive_seed(4, "t0", 0, "h"), 0), 8) for x in (5, 77)]
     for row, x in enumerate((5, 77)):
-        torch.testing.assert_close(after[row, :2], a[3] + b[h0[row]])
-        torch.testing.assert_close(after[row, 2:4], a[8 + x % 8] + b[8 + m.bucket(
+        torch.testing.assert_close(after[row, :2], c0[3] + c0[8 + h0[row]])
+        torch.testing.assert_close(after[row, 2:4], c1[x % 8] + c1[8 + m.bucket(
             torch.tensor([x]))[0, 1]])
     assert not torch.allclose(before, after)
     check_against_reference(ebc, BAGS)

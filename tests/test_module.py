@@ -84,8 +84,8 @@ def test_embedding_bag_configs_are_the_logical_tables():
     # ... and the codebook tables are the inner, separate list.
     inner = sorted((c.name, c.num_embeddings, c.embedding_dim)
                    for c in ebc.codebooks.embedding_bag_configs())
-    assert inner == [("t_item__cce_A", 32, 2), ("t_item__cce_B", 32, 2),
-                     ("t_user__cce_A", 32, 2), ("t_user__cce_B", 32, 2)]
+    # CCE: one table, A_i and B_i of every chunk stacked (2 * chunks * rows rows of dim / chunks).
+    assert inner == [("t_item__cce", 64, 2), ("t_user__cce", 64, 2)]
 
 
 def test_is_weighted():

@@ -63,6 +63,15 @@ def weight(ebc, name: str) -> torch.Tensor:
     return ebc.codebooks.embedding_bags[name].weight
 
 
+def stacked_ab(ebc, name: str):
+    """CCE table ``name``'s ``(A, B)``, each ``[chunks * rows, dim / chunks]`` (chunk by chunk),
+    read from its codebook table ``<name>__cce`` (chunk i: A_i in rows [2i*rows, (2i+1)*rows),
+    then B_i)."""
+    rows, c = ebc.compression[name].rows, ebc.compression[name].chunks
+    w = weight(ebc, f"{name}__cce").detach().view(c, 2, rows, -1)
+    return w[:, 0].reshape(c * rows, -1), w[:, 1].reshape(c * rows, -1)
+
+
 def train_random(ebc, steps: int, seed: int = 0, batch: int = 64,
                  ids_for: Optional[Dict[str, torch.Tensor]] = None,
                  optimizers: Optional[List[torch.optim.Optimizer]] = None, lr: float = 0.05
@@ -111,8 +120,7 @@ def check_recluster_state(ebc, name: str, old: torch.Tensor, old_gen: int,
     V, dim = old.shape
     c, rows = cfg.chunks, cfg.rows
     cd = dim // c
-    A = weight(ebc, f"{name}__cce_A").detach().view(c, rows, cd)
-    B = weight(ebc, f"{name}__cce_B").detach().view(c, rows, cd)
+    A, B = (x.view(c, rows, cd) for x in stacked_ab(ebc, name))
     assert bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())
     assert int(m.h_generation) == old_gen + 1
     p = m.dense_assignment()
@@ -194,7 +202,7 @@ def test_centroids_are_kmeans_of_the_sample(reclustered):
         cfg = ebc.compression[name]
         c, rows = cfg.chunks, cfg.rows
         cd = old[name].shape[1] // c
-        A = weight(ebc, f"{name}__cce_A").detach().view(c, rows, cd).double()
+        A = stacked_ab(ebc, name)[0].view(c, rows, cd).double()
         x = old[name][samples[name]].view(-1, c, cd).double()
         assert samples[name].numel() == stats[name]["num_samples"] > 0
         inertia = lloyd_gain_max = 0.0
@@ -219,7 +227,7 @@ def test_centroids_are_kmeans_of_the_sample(reclustered):
 def test_recluster_only_touches_cce_state(reclustered):
     ebc, old, untouched, _, _, _ = reclustered
     for k, v in ebc.named_parameters():
-        if "__cce_" not in k:
+        if not k.endswith("__cce.weight"):
             assert torch.equal(v, untouched[k]), k
     for name in ("other", "full"):
         torch.testing.assert_close(embed(ebc, name, torch.arange(old[name].shape[0])),
@@ -379,7 +387,7 @@ def test_result_does_not_depend_on_id_batch_and_repeats_cleanly():
     train_random(b, steps=15)
     recluster(a)
     recluster(b, id_batch=7)
-    for name in ("t__cce_A", "t__cce_B"):
+    for name in ("t__cce",):
         torch.testing.assert_close(weight(a, name), weight(b, name), atol=1e-6, rtol=1e-5)
     assert torch.equal(a.tables["t"].dense_assignment(), b.tables["t"].dense_assignment())
     train_random(a, steps=15, seed=1)
@@ -423,8 +431,8 @@ def test_vocabulary_smaller_than_rows_keeps_every_embedding():
     scale = float((old ** 2).sum(1).mean())  # float rounding only, relative to the vectors
     assert stats["kmeans_inertia_end"] < 1e-6 * scale * stats["num_samples"]
     assert stats["mean_residual_sq"] < 1e-6 * scale
-    B = weight(ebc, "t__cce_B").detach()
-    assert float(B.abs().max()) < 1e-5 and bool(torch.isfinite(weight(ebc, "t__cce_A")).all())
+    A, B = stacked_ab(ebc, "t")
+    assert float(B.abs().max()) < 1e-5 and bool(torch.isfinite(A).all())
     # and it keeps training
     train_random(ebc, steps=3, seed=1)
     assert bool(torch.isfinite(embed(ebc, "t", torch.arange(V))).all())
@@ -445,8 +453,9 @@ def test_all_vectors_identical(observed):
     ebc = build([("t", V, dim, CCEConfig(rows=8, chunks=2))])
     v = torch.tensor([0.5, -1.0, 2.0, 0.25])  # one chunk's vector
     with torch.no_grad():
-        weight(ebc, "t__cce_A").copy_(v.expand(16, 4))
-        weight(ebc, "t__cce_B").zero_()
+        for i in range(2):  # A_i = v, B_i = 0
+            weight(ebc, "t__cce")[16 * i: 16 * i + 8] = v
+            weight(ebc, "t__cce")[16 * i + 8: 16 * i + 16] = 0
     if observed:  # a train-mode forward fills the reservoir (no optimizer step)
         ebc.train()
         ebc(single_id_kjt(ebc, "f_t", torch.randint(0, V, (300,))))
@@ -457,8 +466,9 @@ def test_all_vectors_identical(observed):
     new = embed(ebc, "t", torch.arange(V))
     assert bool(torch.isfinite(new).all())
     torch.testing.assert_close(new, old, atol=1e-6, rtol=0)
-    assert bool(torch.isfinite(weight(ebc, "t__cce_A")).all())
-    assert float(weight(ebc, "t__cce_B").detach().abs().max()) < 1e-6
+    A, B = stacked_ab(ebc, "t")
+    assert bool(torch.isfinite(A).all())
+    assert float(B.abs().max()) < 1e-6
     assert stats["kmeans_inertia_end"] < 1e-8
     assert stats["num_samples"] == (300 if observed else V)
     check_recluster_state(ebc, "t", old, 0, atol=1e-6)
@@ -467,7 +477,7 @@ def test_all_vectors_identical(observed):
 def test_chunks_of_dimension_one():
     V, dim = 200, 4
     ebc = build([("t", V, dim, CCEConfig(rows=8, chunks=4, seed=2))])
-    assert weight(ebc, "t__cce_A").shape == (32, 1)
+    assert weight(ebc, "t__cce").shape == (64, 1)  # A_i and B_i, 8 rows each, 4 chunks
     train_random(ebc, steps=30)
     old = embed(ebc, "t", torch.arange(V))
     stats = recluster(ebc)["t"]
@@ -514,7 +524,7 @@ OPT_SPECS = [
     ("e", 200, 8, CEConfig(rows=16, chunks=2)),
     ("u", 30, 4, None),
 ]
-CCE_PARAMS = ("c__cce_A", "c__cce_B")
+CCE_PARAMS = ("c__cce",)
 
 
 def _codebook_params(ebc) -> Dict[str, torch.nn.Parameter]:
@@ -564,7 +574,7 @@ def test_dense_optimizer_state_reset(kind):
     stats = recluster(ebc, optimizers=opts)["c"]
     after = _snapshot(states())  # read back from the optimizers
     _check_reset(before, after, reset)
-    assert stats["optimizer_states_reset"] == 2 * len(reset)
+    assert stats["optimizer_states_reset"] == len(CCE_PARAMS) * len(reset)
     # training goes on from the reset state without NaN
     train_random(ebc, steps=2, seed=1, optimizers=opts)
     assert all(bool(torch.isfinite(p).all()) for p in ebc.parameters())
@@ -579,9 +589,9 @@ def test_in_backward_optimizer_state_reset():
         warnings.simplefilter("ignore", DeprecationWarning)
         apply_optimizer_in_backward(torch.optim.Adagrad, ebc.parameters(),
                                     {"lr": 0.1, "initial_accumulator_value": 0.05})
-    a_before = params["c__cce_A"].detach().clone()
+    a_before = params["c__cce"].detach().clone()
     train_random(ebc, steps=5, optimizers=[])  # backward alone updates the parameters
-    assert not torch.equal(a_before, params["c__cce_A"])
+    assert not torch.equal(a_before, params["c__cce"])
 
     def states():
         out = {}
@@ -594,7 +604,7 @@ def test_in_backward_optimizer_state_reset():
     stats = recluster(ebc)["c"]  # found without being passed
     after = _snapshot(states())
     _check_reset(before, after, {"sum": 0.05})
-    assert stats["optimizer_states_reset"] == 2
+    assert stats["optimizer_states_reset"] == len(CCE_PARAMS)  # one Adagrad sum per table
     train_random(ebc, steps=2, seed=1, optimizers=[])
     assert all(bool(torch.isfinite(p).all()) for p in ebc.parameters())
 

@@ -196,8 +196,8 @@ def _plan(rank: int, world: int):
     module = CCEEmbeddingBagCollection(big, {"huge": CCEConfig(rows=1024, chunks=4)},
                                        device=torch.device("meta"))
     reservation = CCEStorageReservation()
-    constraints = {"huge__cce_A": ParameterConstraints(sharding_types=["column_wise"]),
-                   "huge__cce_B": ParameterConstraints(sharding_types=["table_wise"])}
+    constraints = {"huge__cce": ParameterConstraints(sharding_types=["column_wise"]),
+                   "other": ParameterConstraints(sharding_types=["table_wise"])}
     planner = EmbeddingShardingPlanner(topology=Topology(world_size=world, compute_device="cpu"),
                                        constraints=constraints, storage_reservation=reservation)
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
@@ -208,11 +208,11 @@ def _plan(rank: int, world: int):
 
 def test_planner_counts_assignment_and_honours_constraints() -> None:
     types, mem, reserved = run_multiprocess(_plan, 2)[0]
-    assert types["huge__cce_A"] == "column_wise"
-    assert types["huge__cce_B"] == "table_wise"
+    assert types["huge__cce"] == "column_wise"
+    assert types["other"] == "table_wise"
     per_rank_assignment = 1_000_000 * 4 * 10 // 8  # ceil(V/2) ids x 4 chunks x 10 bits, packed
     assert reserved["huge"] == [per_rank_assignment, per_rank_assignment]
-    codebook_bytes = 2 * (4 * 1024) * 4 * 4  # A and B: chunks*rows rows of dim/chunks fp32
+    codebook_bytes = (2 * 4 * 1024) * 4 * 4  # one table: 2*chunks*rows rows of dim/chunks fp32
     assert sum(mem["huge"]["bytes_per_rank"]) == codebook_bytes + 2 * per_rank_assignment
     assert all(b >= per_rank_assignment for b in mem["huge"]["bytes_per_rank"])
     assert mem["huge"]["compressed_bytes"] == codebook_bytes + 2_000_000 * 4 * 10 // 8 + 8
@@ -288,8 +288,7 @@ def test_distributed_recluster_equals_single_process(replicate_below: int) -> No
     agree = (dense(state0["tables.big.assignment"]) == dense(expected["tables.big.assignment"])
              ).float()
     assert agree.mean() > 0.999, f"assignments agree on {agree.mean():.5f}"
-    for name in ("codebooks.embedding_bags.big__cce_A.weight",
-                 "codebooks.embedding_bags.big__cce_B.weight"):
+    for name in ("codebooks.embedding_bags.big__cce.weight",):
         torch.testing.assert_close(state0[name], expected[name], atol=1e-4, rtol=1e-3)
     assert stats0["kmeans_inertia_end"] == pytest.approx(ref_stats["kmeans_inertia_end"], rel=1e-3)
     # Untouched tables stay untouched.

@@ -30,7 +30,13 @@ from torchrec_cce.methods import (
     codebook_feature_name,
     codebook_table_name,
 )
-from torchrec_cce.stages import check_features, compose_pooled, empty_pooled, remap_features
+from torchrec_cce.stages import (
+    check_features,
+    compose_pooled,
+    empty_pooled,
+    mean_lengths,
+    remap_features,
+)
 
 
 def _validate_tables(
@@ -127,6 +133,9 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         device: where to build (``torch.device("meta")`` for planning/DMP).
         allow_larger: a config with more parameters than its full table raises ``ValueError``
             unless this is True (then it only warns).
+        fused: remap with the fused C++ op (``torchrec_cce.ops``) instead of the torch-ops
+            reference path; None (default): fused unless ``TORCHREC_CCE_FUSED=0`` or the op
+            cannot be built/loaded (then one logged notice). Both give identical results.
 
     Example::
 
@@ -145,6 +154,7 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         is_weighted: bool = False,
         device: Optional[torch.device] = None,
         allow_larger: bool = False,
+        fused: Optional[bool] = None,
     ) -> None:
         super().__init__()
         compression = dict(compression or {})
@@ -158,6 +168,10 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._embedding_bag_configs = tables
         self._compression = compression
         self._is_weighted = is_weighted
+        self._fused = fused
+        self._fused_resolved: Optional[bool] = None
+        self._remap_cache: Dict[object, object] = {}
+        self._compose_cache: Dict[object, object] = {}
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self.tables: nn.ModuleDict = nn.ModuleDict(
             {t.name: build_table(t, compression.get(t.name), device=device) for t in tables}
@@ -211,13 +225,35 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         """Raise ``KeyError`` if the KJT has keys no table serves or lacks served keys."""
         check_features(self._feature_table, self.feature_names(), features)
 
+    @property
+    def fused(self) -> bool:
+        """Whether the remap runs the fused C++ op (resolved on first use)."""
+        if self._fused_resolved is None:
+            from torchrec_cce.ops import fused_default
+
+            self._fused_resolved = fused_default(self._fused)
+        return self._fused_resolved
+
     def remap(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         """Remap stage: logical KJT -> KJT of codebook row ids (keys ``<feature>__<stream>``)."""
         self.check_features(features)
         return remap_features(self._embedding_bag_configs, self.tables, features,
-                              self._is_weighted, self._inner_weighted)
+                              self._is_weighted, self._inner_weighted, fused=self.fused,
+                              cache=self._remap_cache)
+
+    def _compose_lengths(self, features: KeyedJaggedTensor) -> Dict[str, object]:
+        """What compose needs of the input: MEAN features' bag lengths, and the JaggedTensor of
+        every feature of a table that looks itself up (MPE)."""
+        lengths: Dict[str, object] = dict(mean_lengths(self._embedding_bag_configs, features))
+        local = [f for t in self._embedding_bag_configs
+                 if getattr(self.tables[t.name], "local_lookup", False) for f in t.feature_names]
+        if local:
+            per_feature = features.to_dict()
+            lengths.update({f: per_feature[f] for f in local})
+        return lengths
 
     def compose(self, features: KeyedJaggedTensor, pooled: KeyedTensor) -> KeyedTensor:
         """Compose stage: pooled codebook outputs -> ``KeyedTensor`` of the logical features."""
         return compose_pooled(self._embedding_bag_configs, self.tables,
-                              features.to_dict(), pooled, self._is_weighted)
+                              self._compose_lengths(features), pooled, self._is_weighted,
+                              cache=self._compose_cache)

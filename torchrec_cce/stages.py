@@ -2,12 +2,18 @@
 sharded collection.
 
 * :func:`remap_features`: logical KJT -> KJT of codebook row ids, keys ``<feature>__<stream>``
-  (for each table: codebook by codebook, feature by feature, stream by stream).
+  (for each table: codebook by codebook, feature by feature, stream by stream); a stream with
+  ``k`` rows per id (CCE's ``(p_i(x), rows + h_i(x))``) has ``k`` times the bag lengths. Two
+  implementations with identical output: the fused C++ op (default where it builds) and the
+  torch-ops reference.
 * :func:`compose_pooled`: pooled codebook outputs -> ``KeyedTensor`` of the logical features;
   MEAN tables divide by the bag length here (codebook tables always pool with SUM).
 """
 
-from typing import Dict, List, Mapping, Optional
+import itertools
+import re
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -52,6 +58,28 @@ def empty_pooled(tables: List[EmbeddingBagConfig], device: torch.device,
                        values=torch.zeros((0, sum(dims)), dtype=dtype, device=device))
 
 
+def mean_lengths(tables: List[EmbeddingBagConfig], features: KeyedJaggedTensor
+                 ) -> Dict[str, torch.Tensor]:
+    """Bag lengths of the MEAN-pooled features (views into the KJT's lengths)."""
+    mean = [f for t in tables if t.pooling == PoolingType.MEAN for f in t.feature_names]
+    if not mean:
+        return {}
+    batch, lengths = features.stride(), features.lengths()
+    index = {k: i for i, k in enumerate(features.keys())}
+    return {f: lengths[index[f] * batch: (index[f] + 1) * batch] for f in mean}
+
+
+def feature_ids(features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
+    """``{feature: its ids}`` as views into the KJT's values (no split of lengths/weights)."""
+    ids, offsets = features.values(), features.offset_per_key()
+    return {k: ids[offsets[i]: offsets[i + 1]] for i, k in enumerate(features.keys())}
+
+
+def _uses(method: nn.Module, name: str) -> bool:
+    """Whether ``method`` overrides the base class's ``name`` (observe, id_weights)."""
+    return getattr(type(method), name) is not getattr(CompressedTable, name)
+
+
 def remap_features(
     tables: List[EmbeddingBagConfig],
     methods: Mapping[str, nn.Module],
@@ -60,13 +88,20 @@ def remap_features(
     inner_weighted: bool,
     assignments: Optional[Dict[str, torch.Tensor]] = None,
     observe: bool = True,
+    fused: bool = False,
+    cache: Optional[Dict[Any, "FusedRemapPlan"]] = None,
 ) -> KeyedJaggedTensor:
     """Remap every served feature of ``features`` to its codebook streams.
 
     ``assignments`` optionally gives CCE's ``p(x)`` per feature (``[n, chunks]``), looked up
     elsewhere (the sharded module fetches it from the rank owning each id). ``observe=False``
     leaves the id sample alone (the sharded module observes ids when the batch is computed).
+    ``fused=True`` runs the one-pass C++ op (:mod:`torchrec_cce.ops`; ``cache`` keeps its
+    per-key-order plans); the default torch-ops path is the reference it must equal exactly.
     """
+    if fused:
+        return fused_remap_features(tables, methods, features, is_weighted, inner_weighted,
+                                    assignments, observe, cache if cache is not None else {})
     per_feature: Dict[str, JaggedTensor] = features.to_dict()
     keys: List[str] = []
     values: List[torch.Tensor] = []
@@ -96,11 +131,13 @@ def remap_features(
             for f in t.feature_names:
                 streams, w, lens = remapped[f]
                 for j, s in enumerate(cb.streams):
+                    rows = streams[first_stream + j]
+                    k = rows.shape[1] if rows.dim() == 2 else 1
                     keys.append(codebook_feature_name(f, s))
-                    values.append(streams[first_stream + j])
-                    lengths.append(lens)
+                    values.append(rows.reshape(-1))
+                    lengths.append(lens * k if k > 1 else lens)
                     if w is not None:
-                        weights.append(w)
+                        weights.append(w.repeat_interleave(k) if k > 1 else w)
             first_stream += len(cb.streams)
     if not keys:  # every table looks itself up (MPE): nothing for the codebook EBC
         empty = torch.empty(0, dtype=torch.int64, device=features.values().device)
@@ -114,43 +151,211 @@ def remap_features(
     )
 
 
+@dataclass
+class FusedRemapPlan:
+    """The fused op's spec for one input key order (built once, cached by the module)."""
+
+    spec: torch.Tensor                 # [streams, 12] int64, CPU
+    keys: List[str]                    # output keys (codebook features), stream order
+    stream_feature: List[int]          # input feature index of each stream
+    stream_k: List[int]                # rows per id of each stream
+    stream_table: List[str]            # logical table of each stream (error messages)
+    generation_tables: List[str]       # CCE tables whose h_generation is passed, in order
+    assignment_tables: List[str]       # CCE tables whose dense assignment is passed, in order
+
+
+def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
+                keys: List[str], precomputed: Dict[str, int]) -> FusedRemapPlan:
+    from torchrec_cce.ops import spec_row
+
+    index = {k: i for i, k in enumerate(keys)}
+    rows, out_keys, feats, ks, owners, gens, assigns = [], [], [], [], [], [], []
+    for t in tables:
+        method: CompressedTable = methods[t.name]
+        specs = method.stream_specs()
+        gen = assign = -1
+        if any(sp.kind == "cce_pair" for sp in specs):
+            gen = len(gens)
+            gens.append(t.name)
+            if any(f not in precomputed for f in t.feature_names):
+                assign = len(assigns)
+                assigns.append(t.name)
+        first = 0
+        for cb in method.codebooks:
+            for f in t.feature_names:
+                for j, s in enumerate(cb.streams):
+                    sp = specs[first + j]
+                    pair = sp.kind == "cce_pair"
+                    rows.append(spec_row(
+                        index[f], sp.kind, sp.rows, offset=sp.offset, key=sp.key, h_key=sp.h_key,
+                        generation=gen if pair else -1,
+                        assignment=assign if pair and f not in precomputed else -1,
+                        precomputed=precomputed.get(f, -1) if pair else -1,
+                        column=sp.column, num_ids=sp.num_ids))
+                    out_keys.append(codebook_feature_name(f, s))
+                    feats.append(index[f])
+                    ks.append(2 if pair else 1)
+                    owners.append(t.name)
+            first += len(cb.streams)
+    spec = torch.tensor(rows, dtype=torch.int64).reshape(-1, 12)
+    return FusedRemapPlan(spec, out_keys, feats, ks, owners, gens, assigns)
+
+
+_OUT_OF_RANGE = re.compile(r"id (-?\d+) is outside \[0, (\d+)\) in stream (\d+)")
+
+
+def fused_remap_features(
+    tables: List[EmbeddingBagConfig],
+    methods: Mapping[str, nn.Module],
+    features: KeyedJaggedTensor,
+    is_weighted: bool,
+    inner_weighted: bool,
+    assignments: Optional[Dict[str, torch.Tensor]],
+    observe: bool,
+    cache: Dict[Any, FusedRemapPlan],
+) -> KeyedJaggedTensor:
+    """:func:`remap_features` through one call of ``torch.ops.torchrec_cce.remap``."""
+    from torchrec_cce import ops
+
+    keys = features.keys()
+    ids, lengths = features.values(), features.lengths()
+    batch = features.stride()
+    offsets = features.offset_per_key()
+    index = {k: i for i, k in enumerate(keys)}
+
+    def feature_ids(f: str) -> torch.Tensor:
+        i = index[f]
+        return ids[offsets[i]: offsets[i + 1]]
+
+    precomputed: Dict[str, int] = {}
+    pre_tensors: List[torch.Tensor] = []
+    id_weight_features: Dict[str, torch.Tensor] = {}
+    for t in tables:
+        method = methods[t.name]
+        cce = hasattr(method, "fused_assignment_table")
+        dense = method.fused_assignment_table() if cce else None
+        for f in t.feature_names:
+            if observe and _uses(method, "observe"):
+                method.observe(feature_ids(f))
+            if cce and ((assignments is not None and f in assignments) or dense is None):
+                p = (assignments[f] if assignments is not None and f in assignments
+                     else method.lookup_assignment(feature_ids(f)))
+                precomputed[f] = len(pre_tensors)
+                pre_tensors.append(p)
+            if _uses(method, "id_weights"):
+                id_weight_features[f] = method.id_weights(feature_ids(f))
+    cache_key = (tuple(keys), tuple(sorted(precomputed)))
+    plan = cache.get(cache_key)
+    if plan is None:
+        plan = cache[cache_key] = _build_plan(tables, methods, list(keys), precomputed)
+
+    weights = None
+    if inner_weighted:
+        weights = features.weights_or_none() if is_weighted else None
+        if id_weight_features:
+            pieces = []
+            for i, k in enumerate(keys):
+                w = (weights[offsets[i]: offsets[i + 1]] if weights is not None
+                     else torch.ones(offsets[i + 1] - offsets[i], device=ids.device))
+                pieces.append(w * id_weight_features[k] if k in id_weight_features else w)
+            weights = torch.cat(pieces) if pieces else ids.new_empty(0, dtype=torch.float32)
+        elif weights is None:
+            weights = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+    try:
+        values, out_lengths, out_weights = ops.remap(
+            ids, lengths, weights, batch, plan.spec,
+            [methods[n].h_generation for n in plan.generation_tables],
+            [methods[n].fused_assignment_table() for n in plan.assignment_tables], pre_tensors)
+    except RuntimeError as e:
+        m = _OUT_OF_RANGE.search(str(e))
+        if m is None:
+            raise
+        table = plan.stream_table[int(m.group(3))]
+        raise ValueError(
+            f"table '{table}': id {m.group(1)} is outside [0, {m.group(2)}); take ids modulo "
+            f"num_embeddings upstream or compress the table with a hashing-based method"
+        ) from None
+    per_key = features.length_per_key()
+    length_per_key = [k * per_key[f] for f, k in zip(plan.stream_feature, plan.stream_k)]
+    return KeyedJaggedTensor(
+        keys=plan.keys, values=values, lengths=out_lengths, weights=out_weights,
+        stride=batch, length_per_key=length_per_key,
+        offset_per_key=[0] + list(itertools.accumulate(length_per_key)),
+    )
+
+
+def _compose_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
+                  pooled_keys: List[str], pooled_dims: List[int]) -> Dict[str, Any]:
+    """Column ranges of every logical feature's streams in the pooled values, and whether the
+    whole compose is a no-op (every method concatenates, no MEAN, streams already in order)."""
+    starts = dict(zip(pooled_keys, itertools.accumulate([0] + pooled_dims)))
+    dims = dict(zip(pooled_keys, pooled_dims))
+    features, columns = [], []
+    simple = True
+    for t in tables:
+        method: CompressedTable = methods[t.name]
+        simple &= method.concat_compose and t.pooling == PoolingType.SUM
+        for f in t.feature_names:
+            ranges = []
+            for s in method.streams():
+                k = codebook_feature_name(f, s)
+                ranges.append((starts[k], starts[k] + dims[k]))
+                columns.extend(range(starts[k], starts[k] + dims[k]))
+            features.append((t, method, f, ranges))
+    identity = simple and columns == list(range(sum(pooled_dims)))
+    return {"features": features, "simple": simple, "identity": identity,
+            "columns": torch.tensor(columns, dtype=torch.int64),
+            "keys": [f for _, _, f, _ in features],
+            "dims": [t.embedding_dim for t, _, _, _ in features]}
+
+
 def compose_pooled(
     tables: List[EmbeddingBagConfig],
     methods: Mapping[str, nn.Module],
     lengths: Mapping[str, torch.Tensor],
     pooled: KeyedTensor,
     is_weighted: bool = True,
+    cache: Optional[Dict[Any, Dict[str, Any]]] = None,
 ) -> KeyedTensor:
     """Pooled codebook outputs -> ``KeyedTensor`` of the logical features (table order).
 
     ``lengths`` maps each feature with MEAN pooling to its bag lengths (a JaggedTensor or a
     lengths tensor), and each feature of a table that looks itself up (``local_lookup``, MPE)
-    to its JaggedTensor (ids, lengths and, if ``is_weighted``, weights).
+    to its JaggedTensor (ids, lengths and, if ``is_weighted``, weights). When every table
+    concatenates its streams (full, hashing, CE, CCE, MEmCom, QR-concat) with SUM pooling, compose
+    is a column permutation of the pooled values (no-op when already in order); ``cache`` keeps
+    that plan per pooled key order. The output is float32, like fbgemm's TBE output whatever the
+    weight precision, so float16 codebooks give the same output dtype sharded and unsharded.
     """
-    parts = pooled.to_dict()
+    pooled_keys, pooled_dims = pooled.keys(), pooled.length_per_key()
+    cache_key = (tuple(pooled_keys), tuple(pooled_dims))
+    plan = cache.get(cache_key) if cache is not None else None
+    if plan is None:
+        plan = _compose_plan(tables, methods, pooled_keys, pooled_dims)
+        if cache is not None:
+            cache[cache_key] = plan
+    values = pooled.values()
+    if plan["identity"]:
+        return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"],
+                           values=values.to(torch.float32))
+    if plan["simple"]:
+        columns = plan["columns"].to(values.device)
+        return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"],
+                           values=values.index_select(1, columns).to(torch.float32))
     out: List[torch.Tensor] = []
-    keys: List[str] = []
-    dims: List[int] = []
-    for t in tables:
-        method: CompressedTable = methods[t.name]
-        for f in t.feature_names:
-            if getattr(method, "local_lookup", False):
-                jt = lengths[f]
-                streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted
-                                                else None)]
-            else:
-                streams = [parts[codebook_feature_name(f, s)] for s in method.streams()]
-            if t.pooling == PoolingType.MEAN:
-                # Mean-pool every stream before composing: the same for linear compositions,
-                # and mean(Q) * mean(R) for QR-mult (as in the DLRM reference).
-                lens = lengths[f]
-                lens = lens.lengths() if isinstance(lens, JaggedTensor) else lens
-                divisor = lens.clamp(min=1).to(streams[0].dtype).unsqueeze(1)
-                streams = [s / divisor for s in streams]
-            out.append(method.compose(streams))
-            keys.append(f)
-            dims.append(t.embedding_dim)
-    # float32 out, like fbgemm's TBE (whose output dtype is FP32 whatever the weight precision),
-    # so float16 codebooks give the same output dtype sharded and unsharded.
-    return KeyedTensor(keys=keys, length_per_key=dims,
+    for t, method, f, ranges in plan["features"]:
+        if getattr(method, "local_lookup", False):
+            jt = lengths[f]
+            streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
+        else:
+            streams = [values[:, lo:hi] for lo, hi in ranges]
+        if t.pooling == PoolingType.MEAN:
+            # Mean-pool every stream before composing: the same for linear compositions,
+            # and mean(Q) * mean(R) for QR-mult (as in the DLRM reference).
+            lens = lengths[f]
+            lens = lens.lengths() if isinstance(lens, JaggedTensor) else lens
+            divisor = lens.clamp(min=1).to(streams[0].dtype).unsqueeze(1)
+            streams = [s / divisor for s in streams]
+        out.append(method.compose(streams))
+    return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"],
                        values=torch.cat(out, dim=1).to(torch.float32))

@@ -33,6 +33,7 @@ from torch import nn
 
 from torchrec_cce.clustering.kmeans import Collective, default_collective, kmeans, nearest_centroid
 from torchrec_cce.hashing import derive_seed
+from torchrec_cce.methods.base import codebook_table_name
 from torchrec_cce.methods.cce import CCETable
 
 DEFAULT_ID_BATCH = 1 << 16
@@ -42,10 +43,11 @@ DEFAULT_ID_BATCH = 1 << 16
 class ReclusterState:
     """What re-clustering reads and writes for one CCE table, wherever it lives.
 
-    ``A``/``B`` are the full stacked codebooks (``chunks * rows`` rows; small by design, so a
-    sharded table gathers them). ``p`` is read and written through ``method``
-    (``lookup_assignment``/``write_assignment``; ``assignment``/``assignment_offset`` describe
-    its stored words and first id); this rank re-assigns the covered ids ``id_range``.
+    ``A``/``B`` are the full codebooks stacked chunk by chunk (``chunks * rows`` rows, see
+    ``CCETable.stack_ab``; small by design, so a sharded table gathers them). ``p`` is read and
+    written through ``method`` (``lookup_assignment``/``write_assignment``;
+    ``assignment``/``assignment_offset`` describe its stored words and first id); this rank
+    re-assigns the covered ids ``id_range``.
     """
 
     method: CCETable
@@ -202,20 +204,21 @@ def reset_optimizer_state(params: Iterable[nn.Parameter],
 
 
 def _unsharded_states(collection: nn.Module, collective: Collective
-                      ) -> Iterable[Tuple[str, ReclusterState, nn.Parameter, nn.Parameter]]:
+                      ) -> Iterable[Tuple[str, ReclusterState, Dict[str, nn.Parameter]]]:
     for t in collection.embedding_bag_configs():
         method = collection.tables[t.name]
         if not isinstance(method, CCETable):
             continue
-        wa = collection.codebooks.embedding_bags[f"{t.name}__cce_A"].weight
-        wb = collection.codebooks.embedding_bags[f"{t.name}__cce_B"].weight
+        weights = {cb.suffix: collection.codebooks.embedding_bags[
+            codebook_table_name(t.name, cb.suffix)].weight for cb in method.codebooks}
+        wa, wb = method.stack_ab(weights.__getitem__)
         # Only covered ids ([0, N)) are re-assigned and enter B's residual means.
         V, w, r = method.assigned_ids, collective.world_size, collective.rank
         # A replicated p: each rank re-assigns a contiguous slice, then all ranks gather.
         per = -(-V // w)
         rng = (min(V, r * per), min(V, (r + 1) * per))
         yield t.name, ReclusterState(method, wa, wb, method.assignment, 0, rng,
-                                     gather_assignment=w > 1), wa, wb
+                                     gather_assignment=w > 1), weights
 
 
 @torch.no_grad()
@@ -243,10 +246,11 @@ def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
         if hasattr(module, "cce_recluster"):
             out.update(module.cce_recluster(iters=iters, id_batch=id_batch, collective=collective))
         elif isinstance(module, CCEEmbeddingBagCollection):
-            for name, state, wa, wb in _unsharded_states(module, collective):
+            for name, state, weights in _unsharded_states(module, collective):
                 new_a, new_b, stats = recluster_table(state, collective, iters, id_batch)
-                wa.copy_(new_a.to(wa.dtype))
-                wb.copy_(new_b.to(wb.dtype))
-                stats["optimizer_states_reset"] = reset_optimizer_state([wa, wb], optimizers)
+                for suffix, new in state.method.unstack_ab(new_a, new_b).items():
+                    weights[suffix].copy_(new.to(weights[suffix].dtype))
+                stats["optimizer_states_reset"] = reset_optimizer_state(weights.values(),
+                                                                        optimizers)
                 out[name] = stats
     return out

@@ -24,7 +24,7 @@ from torchrec_cce.clustering.recluster import (
     recluster_table,
     reset_optimizer_state,
 )
-from torchrec_cce.methods import CCETable
+from torchrec_cce.methods import CCETable, codebook_table_name
 
 
 def _reset_fused_state(sharded: Any, table_names: List[str]) -> int:
@@ -57,10 +57,12 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
         method = sharded.tables[t.name]
         if not isinstance(method, CCETable):
             continue
-        names = [f"{t.name}__cce_A", f"{t.name}__cce_B"]
-        values = [state[f"embedding_bags.{n}.weight"] for n in names]
-        shape = (method.chunks * method.rows, method.chunk_dim)
-        A, B = (gather_full(v, shape, collective) for v in values)
+        suffixes = [cb.suffix for cb in method.codebooks]
+        names = [codebook_table_name(t.name, x) for x in suffixes]
+        values = {x: state[f"embedding_bags.{n}.weight"] for x, n in zip(suffixes, names)}
+        full = {x: gather_full(values[x], (cb.num_embeddings, cb.embedding_dim), collective)
+                for x, cb in zip(suffixes, method.codebooks)}
+        A, B = method.stack_ab(full.__getitem__)
         rng = sharded.id_range(t.name)
         if rng is not None:
             shard = sharded.assignment_shard(t.name)
@@ -75,8 +77,8 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
                                     (min(V, r * per), min(V, (r + 1) * per)),
                                     gather_assignment=w > 1)
         new_a, new_b, stats = recluster_table(rstate, collective, iters, id_batch)
-        scatter_full(values[0], new_a)
-        scatter_full(values[1], new_b)
+        for suffix, new in method.unstack_ab(new_a, new_b).items():
+            scatter_full(values[suffix], new)
         n = _reset_fused_state(sharded, names)
         dense = [p for name, p in sharded.codebooks.named_parameters()
                  if any(f".{x}." in f".{name}." for x in names)]

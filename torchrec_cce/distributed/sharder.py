@@ -11,9 +11,9 @@ offers). This sharder wraps it the way ``FeatureProcessedEmbeddingBagCollectionS
 * ``output_dist``: the codebook EBC's output dist, plus a callback composing the logical
   features' vectors.
 
-Codebook table names, for ``ParameterConstraints``: ``<table>__cce_A`` / ``<table>__cce_B``
-(CCE), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` / ``<table>__qr_r``; full tables
-keep their name.
+Codebook table names, for ``ParameterConstraints``: ``<table>__cce`` (CCE: every chunk's
+``A_i`` and ``B_i`` in one table), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` /
+``<table>__qr_r``; full tables keep their name.
 
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,
 ``tables.<t>.assignment``, ``tables.<t>.h_generation``), with ``ShardedTensor`` values for
@@ -57,7 +57,13 @@ from torchrec_cce.distributed.per_id_weights import (
 )
 from torchrec_cce.methods import CCETable, MEmComTable, build_table, codebook_feature_name
 from torchrec_cce.modules import CCEEmbeddingBagCollection
-from torchrec_cce.stages import check_features, compose_pooled, remap_features
+from torchrec_cce.stages import (
+    check_features,
+    compose_pooled,
+    feature_ids,
+    mean_lengths,
+    remap_features,
+)
 
 # Assignments smaller than this (bytes) are replicated on every rank instead of split by id.
 DEFAULT_REPLICATE_ASSIGNMENT_BELOW = 1 << 20
@@ -79,7 +85,7 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
 def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection",
                       lengths: Dict[str, torch.Tensor], empty_batch: bool = False) -> KeyedTensor:
     out = compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt,
-                         module._is_weighted)
+                         module._is_weighted, cache=module._compose_cache)
     if empty_batch:
         return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(),
                            values=out.values()[:0])
@@ -130,6 +136,10 @@ class ShardedCCEEmbeddingBagCollection(
         self._inner_weighted = module._inner_weighted
         self._feature_table = dict(module._feature_table)
         self._served = module.feature_names()
+        self._fused = module._fused  # None: resolved on first use (see CCEEmbeddingBagCollection)
+        self._fused_resolved: Optional[bool] = None
+        self._remap_cache: Dict[Any, Any] = {}
+        self._compose_cache: Dict[Any, Any] = {}
         compression = module.compression
         # Snapshot the per-id weights' in-backward optimizers first: sharding the codebooks
         # consumes keys of the kwargs dict apply_optimizer_in_backward shares between params.
@@ -277,6 +287,15 @@ class ShardedCCEEmbeddingBagCollection(
                         f"weights, got shape {tuple(value.shape)}")
             state_dict[key] = target  # loaded above; the default loader copies it onto itself
 
+    @property
+    def fused(self) -> bool:
+        """Whether the remap runs the fused C++ op (as the unsharded module it was built from)."""
+        if self._fused_resolved is None:
+            from torchrec_cce.ops import fused_default
+
+            self._fused_resolved = fused_default(self._fused)
+        return self._fused_resolved
+
     # ---- assignment storage ----
     def id_range(self, table: str) -> Optional[IdRange]:
         """The id range of ``p`` this rank stores for ``table`` (None: replicated)."""
@@ -332,14 +351,14 @@ class ShardedCCEEmbeddingBagCollection(
     def _remote_assignments(self, features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
         if not self._id_ranges:
             return {}
-        per_feature = features.to_dict()
+        per_feature = feature_ids(features)
         requests, names = [], []
         for t in self._embedding_bag_configs:
             if t.name not in self._id_ranges:
                 continue
             m = self.tables[t.name]
             for f in t.feature_names:
-                requests.append((m, per_feature[f].values(), self._id_ranges[t.name]))
+                requests.append((m, per_feature[f], self._id_ranges[t.name]))
                 names.append(f)
         return dict(zip(names, lookup_sharded_assignments(requests, self._pg)))
 
@@ -350,19 +369,21 @@ class ShardedCCEEmbeddingBagCollection(
         if features.stride() == 0:
             ctx.empty_batch = True
             features = _one_example_of_empty_bags(features)
-        per_feature = features.to_dict()
-        ctx.mean_lengths = {f: per_feature[f].lengths() for t in self._embedding_bag_configs
-                            if t.pooling == PoolingType.MEAN for f in t.feature_names}
+        ctx.mean_lengths = mean_lengths(self._embedding_bag_configs, features)
         # Tables that look themselves up in compose (MPE) need the local ids of the batch.
-        ctx.mean_lengths.update({f: per_feature[f] for t in self._embedding_bag_configs
-                                 if getattr(self.tables[t.name], "local_lookup", False)
-                                 for f in t.feature_names})
+        local = [f for t in self._embedding_bag_configs
+                 if getattr(self.tables[t.name], "local_lookup", False) for f in t.feature_names]
+        if local:
+            per_feature = features.to_dict()
+            ctx.mean_lengths.update({f: per_feature[f] for f in local})
         if self.training:
-            ctx.observed_ids = [(t.name, per_feature[f].values())
-                                for t in self._embedding_bag_configs for f in t.feature_names]
+            per_feature = feature_ids(features)
+            ctx.observed_ids = [(t.name, per_feature[f]) for t in self._embedding_bag_configs
+                                for f in t.feature_names]
         remapped = remap_features(self._embedding_bag_configs, self.tables, features,
                                   self._is_weighted, self._inner_weighted,
-                                  assignments=self._remote_assignments(features), observe=False)
+                                  assignments=self._remote_assignments(features), observe=False,
+                                  fused=self.fused, cache=self._remap_cache)
         return self.codebooks.input_dist(ctx, remapped)
 
     def _observe(self, ctx: CCEEmbeddingBagCollectionContext) -> None:

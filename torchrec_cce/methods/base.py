@@ -3,7 +3,9 @@
 A method is a small ``nn.Module`` with two pure stages around a stock TorchRec EBC:
 
 * ``remap(ids)``: the logical table's ids -> one tensor of codebook row ids per *stream*
-  (a stream is one pooled lookup into one codebook table, e.g. CCE's ``A_2``);
+  (a stream is one pooled lookup into one codebook table, e.g. CCE's chunk 2). A stream tensor
+  is ``[n]`` (one row per id) or ``[n, k]`` (``k`` rows per id, all pooled into the same bag:
+  CCE's ``(A_i, B_i)`` pair, so the codebook EBC's SUM pooling does ``A_i + B_i``);
 * ``compose(pooled)``: the pooled stream outputs (SUM-pooled, in stream order) -> the logical
   table's pooled ``[batch, dim]`` vectors.
 
@@ -11,10 +13,13 @@ Codebooks are declared as :class:`Codebook` (name suffix, rows, columns, stream 
 become ordinary 2-D tables of the inner ``EmbeddingBagCollection``; their names are
 ``<table>__<suffix>`` and their features ``<feature>__<stream>`` (an empty suffix/stream keeps
 the logical name: full tables pass through unchanged).
+
+``stream_specs()`` describes the same remap for the fused C++ op (``torchrec_cce.ops``): one
+:class:`StreamSpec` per stream; the torch-ops ``remap`` stays the reference.
 """
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
@@ -32,6 +37,27 @@ class Codebook:
     streams: List[str]
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """One stream of the fused remap op (see ``torchrec_cce/ops/csrc/remap.h``).
+
+    ``kind``: ``"identity"`` (``x``, range-checked against ``rows``), ``"hash"``
+    (``h_key(x) mod rows``), ``"cce_pair"`` (two rows per id: ``p_column(x)`` and
+    ``rows + h(x)``; ``key`` is p's fallback hash, ``h_key`` h's base key combined with the
+    table's hash generation), ``"qr_quotient"`` / ``"qr_remainder"`` (``(x mod num_ids)`` divided
+    by / modulo ``rows``). ``offset`` is added to every row id.
+    """
+
+    kind: str
+    rows: int
+    offset: int = 0
+    key: int = 0
+    h_key: int = 0
+    column: int = 0
+    num_ids: int = 1
+    extra: dict = field(default_factory=dict, compare=False)
+
+
 def codebook_table_name(table: str, suffix: str) -> str:
     return f"{table}__{suffix}" if suffix else table
 
@@ -44,6 +70,8 @@ class CompressedTable(nn.Module, abc.ABC):
     """Base class: remap + compose for one logical table. Subclasses fill ``codebooks``."""
 
     method_name: str = ""
+    # True when compose(pooled) == torch.cat(pooled, dim=1): compose is then a column slice.
+    concat_compose: bool = False
 
     def __init__(self, table: EmbeddingBagConfig) -> None:
         super().__init__()
@@ -54,7 +82,13 @@ class CompressedTable(nn.Module, abc.ABC):
 
     @abc.abstractmethod
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        """int64 ids -> one int64 row-id tensor per stream (same length as ``ids``)."""
+        """int64 ids -> one int64 row-id tensor per stream, ``[n]`` or ``[n, k]`` (``k`` rows
+        per id)."""
+
+    def stream_specs(self) -> Optional[List[StreamSpec]]:
+        """The fused op's description of :meth:`remap` (one per stream), or None (reference
+        path only)."""
+        return None
 
     def id_weights(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         """Optional per-id multipliers applied to every stream's lookup (MEmCom); else None."""

@@ -11,11 +11,12 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.configs import CEConfig
 from torchrec_cce.hashing import derive_seed, hash_ids
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 
 class CETable(CompressedTable):
     method_name = "ce"
+    concat_compose = True
 
     def __init__(self, table: EmbeddingBagConfig, config: CEConfig) -> None:
         super().__init__(table)
@@ -28,6 +29,10 @@ class CETable(CompressedTable):
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return [hash_ids(ids, key, self.rows) + i * self.rows for i, key in enumerate(self.hash_keys)]
+
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("hash", self.rows, offset=i * self.rows, key=key)
+                for i, key in enumerate(self.hash_keys)]
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return torch.cat(pooled, dim=1)

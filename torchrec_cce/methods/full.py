@@ -5,13 +5,14 @@ from typing import List
 import torch
 from torchrec import EmbeddingBagConfig
 
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 
 class FullTable(CompressedTable):
     """Identity remap. Ids outside ``[0, num_embeddings)`` raise instead of reading out of bounds."""
 
     method_name = "full"
+    concat_compose = True
 
     def __init__(self, table: EmbeddingBagConfig) -> None:
         super().__init__(table)
@@ -27,6 +28,9 @@ class FullTable(CompressedTable):
                     f"compress the table with a hashing-based method"
                 )
         return [ids]
+
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("identity", self.num_embeddings)]
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return pooled[0]

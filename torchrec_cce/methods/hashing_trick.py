@@ -7,11 +7,12 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.configs import HashingTrickConfig
 from torchrec_cce.hashing import derive_seed, hash_ids
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 
 class HashingTrickTable(CompressedTable):
     method_name = "hashing"
+    concat_compose = True
 
     def __init__(self, table: EmbeddingBagConfig, config: HashingTrickConfig) -> None:
         super().__init__(table)
@@ -21,6 +22,9 @@ class HashingTrickTable(CompressedTable):
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return [hash_ids(ids, self.hash_key, self.rows)]
+
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("hash", self.rows, key=self.hash_key)]
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return pooled[0]

@@ -19,11 +19,12 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.configs import MEmComConfig
 from torchrec_cce.hashing import derive_seed, hash_ids
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 
 class MEmComTable(CompressedTable):
     method_name = "memcom"
+    concat_compose = True
 
     def __init__(self, table: EmbeddingBagConfig, config: MEmComConfig,
                  device: Optional[torch.device] = None,
@@ -51,6 +52,9 @@ class MEmComTable(CompressedTable):
         if self.sharded:  # hashed where the lookup is computed (see the module docstring)
             return [ids]
         return [self.bucket(ids)]
+
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("hash", self.rows, key=self.hash_key)]
 
     def id_weights(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         if self.sharded:

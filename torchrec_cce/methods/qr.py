@@ -10,7 +10,7 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.configs import QRConfig
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 
 class QRTable(CompressedTable):
@@ -19,6 +19,7 @@ class QRTable(CompressedTable):
     def __init__(self, table: EmbeddingBagConfig, config: QRConfig) -> None:
         super().__init__(table)
         self.collisions, self.operation = config.collisions, config.operation
+        self.concat_compose = self.operation == "concat"
         dim = table.embedding_dim
         q_dim, r_dim = (dim // 2, dim - dim // 2) if self.operation == "concat" else (dim, dim)
         self.codebooks = [
@@ -29,6 +30,10 @@ class QRTable(CompressedTable):
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         ids = torch.remainder(ids, self.num_embeddings)
         return [torch.div(ids, self.collisions, rounding_mode="floor"), ids % self.collisions]
+
+    def stream_specs(self) -> List[StreamSpec]:
+        return [StreamSpec("qr_quotient", self.collisions, num_ids=self.num_embeddings),
+                StreamSpec("qr_remainder", self.collisions, num_ids=self.num_embeddings)]
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         q, r = pooled

@@ -1,0 +1,379 @@
+"""Training-step speed of every method relative to the full (uncompressed) fused TBE table.
+
+    .venv/bin/python benchmarks/speed.py                 # dims 16 and 64, batch 4096, 26 tables
+    .venv/bin/python benchmarks/speed.py --quick         # CI-size smoke run (seconds)
+    .venv/bin/python benchmarks/speed.py --sections layout --dims 16
+
+Setup (the issue's protocol): 26 Criteo-Kaggle-shaped tables (cardinalities capped at
+``--cap``, one single-hot feature each, Zipf ids), every table larger than the budget of
+``2 * rows * dim`` parameters compressed with the method (CCE ``rows=4096, chunks=4``; hashing,
+CE and QR at the same parameter budget; MEmCom ``rows=2*4096``), under
+``DistributedModelParallel`` at world size 1 (gloo; table-wise fused TBE codebooks,
+``RowWiseAdagrad`` applied in backward). MEmCom cannot be sharded, so it runs unsharded (stock
+EBC lookups, dense Adagrad): its ratio is not a like-for-like comparison.
+
+Sections:
+
+* ``embedding``: embedding forward + backward + fused update (loss = sum of the pooled output);
+* ``dlrm``: a whole ``torchrec.models.dlrm.DLRM`` step (dense arch 512-256-dim, over arch
+  512-256-1, BCE loss, dense Adagrad) around the same embedding collection;
+* ``layout``: stock TorchRec EBCs only, ids precomputed (no remap): CCE's codebooks as
+  2c one-id bags into two stacked tables (the old layout), c bags of 2 ids in one table (the
+  current layout), and c bags of 2 ids in c per-chunk tables; CE as one stacked table (the
+  current layout) vs c tables. Also reports fbgemm's CPU time per step (torch.profiler), which
+  the machine's load disturbs less than wall time.
+
+Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
+method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
+over rounds and its ratio to full. ``cce`` uses the fused remap op, ``cce_ref`` the torch-ops
+reference path (likewise ``ce``/``ce_ref`` ...). Results: ``benchmarks/results/speed.json``.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor  # noqa: E402
+
+from torchrec_cce import (  # noqa: E402
+    CCEConfig,
+    CCEEmbeddingBagCollection,
+    MEmComConfig,
+)
+from torchrec_cce.configs import compression_for_budget  # noqa: E402
+from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
+
+CCE_ROWS, CHUNKS = 4096, 4
+DEFAULT_METHODS = ("full", "hashing", "hashing_ref", "ce", "ce_ref", "qr", "qr_ref", "memcom",
+                   "cce", "cce_ref")
+
+
+def logical_tables(cap: int, dim: int, num_tables: int) -> List[EmbeddingBagConfig]:
+    cards = [min(cap, c) for c in CRITEO_KAGGLE_CARDINALITIES[:num_tables]]
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=dim, num_embeddings=c,
+                               feature_names=[f"f{i}"]) for i, c in enumerate(cards)]
+
+
+def zipf_batch(tables: List[EmbeddingBagConfig], batch: int, seed: int,
+               exponent: float = 1.05) -> KeyedJaggedTensor:
+    """One single-hot id per sample and table: Zipf ranks (inverse CDF of a continuous power
+    law) mapped to ids by a fixed affine permutation, so hot ids are spread over the table."""
+    g = torch.Generator().manual_seed(seed)
+    values = []
+    for t in tables:
+        v = t.num_embeddings
+        u = torch.rand(batch, generator=g, dtype=torch.float64)
+        # P(rank <= r) ~ r^(1 - s): inverse CDF of a Pareto with exponent s, truncated at v.
+        rank = ((1 - u * (1 - v ** (1 - exponent))) ** (1 / (1 - exponent))).long() - 1
+        rank = rank.clamp(0, v - 1)
+        values.append((rank * 2654435761 + 97) % v)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=[f for t in tables for f in t.feature_names], values=torch.cat(values),
+        lengths=torch.ones(batch * len(tables), dtype=torch.int64))
+
+
+def compression(method: str, tables: List[EmbeddingBagConfig], dim: int) -> Dict[str, object]:
+    base = method.replace("_ref", "")
+    cap = 2 * CCE_ROWS * dim
+    if base == "memcom":
+        return {t.name: MEmComConfig(rows=2 * CCE_ROWS) for t in tables
+                if t.num_embeddings * dim > cap}
+    if base == "cce":
+        return {t.name: CCEConfig(rows=CCE_ROWS, chunks=CHUNKS) for t in tables
+                if t.num_embeddings * dim > cap}
+    return compression_for_budget(tables, base, cap, chunks=CHUNKS)
+
+
+def _init_pg() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+
+
+def sharded(module: torch.nn.Module, ebc_path: str = "") -> torch.nn.Module:
+    """``module`` under DMP at world size 1: table-wise fused codebooks, RowWiseAdagrad."""
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.optim import RowWiseAdagrad
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+
+    _init_pg()
+    ebc = module.get_submodule(ebc_path) if ebc_path else module
+    apply_optimizer_in_backward(RowWiseAdagrad, ebc.parameters(), {"lr": 0.01, "eps": 1e-8})
+    if isinstance(ebc, CCEEmbeddingBagCollection):
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+        sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
+        names = [c.name for c in ebc.codebook_table_configs()]
+    else:
+        from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+        sharder = EmbeddingBagCollectionSharder()
+        names = [c.name for c in ebc.embedding_bag_configs()]
+    plan = construct_module_sharding_plan(
+        ebc, {n: table_wise(rank=0, compute_kernel="fused") for n in names}, sharder=sharder,
+        local_size=1, world_size=1, device_type="cpu")
+    return DistributedModelParallel(
+        module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+        plan=ShardingPlan({ebc_path: plan}), sharders=[sharder], device=torch.device("cpu"))
+
+
+def build_embedding(method: str, tables: List[EmbeddingBagConfig], dim: int):
+    """(module, step function) for the embedding-only step."""
+    fused = not method.endswith("_ref")
+    if method == "full":
+        module = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    else:
+        device = torch.device("cpu") if method.startswith("memcom") else torch.device("meta")
+        module = CCEEmbeddingBagCollection(tables, compression(method, tables, dim),
+                                           device=device, allow_larger=True, fused=fused)
+    if method.startswith("memcom"):
+        # Not shardable: stock (unfused) EBC lookups and a dense Adagrad on every parameter.
+        opt = torch.optim.Adagrad(module.parameters(), lr=0.01)
+
+        def step(kjt: KeyedJaggedTensor) -> None:
+            opt.zero_grad(set_to_none=True)
+            module(kjt).values().sum().backward()
+            opt.step()
+
+        return module, step
+    dmp = sharded(module)
+
+    def step(kjt: KeyedJaggedTensor) -> None:
+        dmp(kjt).values().sum().backward()
+
+    return dmp, step
+
+
+def build_dlrm(method: str, tables: List[EmbeddingBagConfig], dim: int):
+    """(module, step function) for a whole DLRM training step."""
+    from torchrec.models.dlrm import DLRM
+
+    fused = not method.endswith("_ref")
+    if method == "full":
+        ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
+    else:
+        device = torch.device("cpu") if method.startswith("memcom") else torch.device("meta")
+        ebc = CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
+                                        allow_larger=True, fused=fused)
+    dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=13,
+                dense_arch_layer_sizes=[512, 256, dim], over_arch_layer_sizes=[512, 256, 1],
+                dense_device=torch.device("cpu"))
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    if method.startswith("memcom"):
+        model = dlrm
+        opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
+    else:
+        model = sharded(dlrm, "sparse_arch.embedding_bag_collection")
+        opt = torch.optim.Adagrad([p for n, p in model.named_parameters()
+                                   if "embedding_bag_collection" not in n], lr=0.01)
+    g = torch.Generator().manual_seed(1)
+    batch = None
+
+    def step(kjt: KeyedJaggedTensor) -> None:
+        nonlocal batch
+        n = kjt.stride()
+        if batch is None or batch[0].shape[0] != n:
+            batch = (torch.randn(n, 13, generator=g), (torch.rand(n, generator=g) < 0.25).float())
+        opt.zero_grad(set_to_none=True)
+        logits = model(batch[0], kjt).squeeze(-1)
+        loss_fn(logits, batch[1]).backward()
+        opt.step()
+
+    return model, step
+
+
+def build_layout(variant: str, tables: List[EmbeddingBagConfig], dim: int,
+                 batches: List[KeyedJaggedTensor]):
+    """Stock-EBC layout experiment: (module, step) where step consumes precomputed codebook KJTs
+    (the remap is done once, outside the timing)."""
+    big = [t for t in tables if t.num_embeddings * dim > 2 * CCE_ROWS * dim]
+    small = [t for t in tables if t not in big]
+    c, cd, rows = CHUNKS, dim // CHUNKS, CCE_ROWS
+    cfgs = [EmbeddingBagConfig(name=t.name, embedding_dim=dim, num_embeddings=t.num_embeddings,
+                               feature_names=t.feature_names) for t in small]
+    streams = {}  # codebook feature -> (ids per logical id, function of ids)
+    for t in big:
+        f = t.feature_names[0]
+        rows_c = 2 * rows if variant.startswith("cce") else rows
+        if variant == "cce_stacked":  # old layout: A and B stacked, 2c one-id bags
+            for s in ("A", "B"):
+                cfgs.append(EmbeddingBagConfig(name=f"{t.name}_{s}", embedding_dim=cd,
+                                               num_embeddings=c * rows,
+                                               feature_names=[f"{f}_{s}{i}" for i in range(c)]))
+                for i in range(c):
+                    streams[f"{f}_{s}{i}"] = (f, 1, i * rows)
+        elif variant in ("cce_one_table", "ce_one_table"):
+            cfgs.append(EmbeddingBagConfig(name=f"{t.name}_cb", embedding_dim=cd,
+                                           num_embeddings=c * rows_c,
+                                           feature_names=[f"{f}_c{i}" for i in range(c)]))
+            for i in range(c):
+                streams[f"{f}_c{i}"] = (f, 2 if variant.startswith("cce") else 1, i * rows_c)
+        else:  # cce_per_chunk / ce_per_chunk
+            for i in range(c):
+                cfgs.append(EmbeddingBagConfig(name=f"{t.name}_c{i}", embedding_dim=cd,
+                                               num_embeddings=rows_c,
+                                               feature_names=[f"{f}_c{i}"]))
+                streams[f"{f}_c{i}"] = (f, 2 if variant.startswith("cce") else 1, 0)
+    module = EmbeddingBagCollection(tables=cfgs, device=torch.device("meta"))
+    keys = [f for cfg in cfgs for f in cfg.feature_names]
+    pre = {}
+    for b in batches:
+        d = b.to_dict()
+        values, lengths = [], []
+        for k in keys:
+            if k in d:
+                values.append(d[k].values())
+                lengths.append(d[k].lengths())
+                continue
+            f, per, shift = streams[k]
+            ids = d[f].values()
+            rows_per = rows
+            ids = torch.stack([(ids * (j + 3) + 7) % rows_per + j * rows_per for j in range(per)],
+                              dim=1).reshape(-1) + shift
+            values.append(ids)
+            lengths.append(d[f].lengths() * per)
+        pre[id(b)] = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(values),
+                                                         lengths=torch.cat(lengths))
+    dmp = sharded(module)
+
+    def step(kjt: KeyedJaggedTensor) -> None:
+        out = dmp(pre[id(kjt)]).values()
+        out.sum().backward()
+
+    return dmp, step
+
+
+def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor], reps: int,
+                     n_steps: int, warmup: int) -> Dict[str, List[float]]:
+    """samples/s of every entry per round, rounds interleaved across entries."""
+    batch = batches[0].stride()
+    for name, fn in steps.items():
+        for i in range(warmup):
+            fn(batches[i % len(batches)])
+    out: Dict[str, List[float]] = {n: [] for n in steps}
+    for r in range(reps):
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            for i in range(n_steps):
+                fn(batches[(r * n_steps + i) % len(batches)])
+            out[name].append(n_steps * batch / (time.perf_counter() - start))
+    return out
+
+
+def fbgemm_ms_per_step(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int):
+    """(forward, backward) self CPU ms per step inside fbgemm's TBE ops (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(n_steps):
+            fn(batches[i % len(batches)])
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    fw = sum(t for k, t in times.items() if "split_embedding" in k and "forward" in k)
+    bw = sum(t for k, t in times.items() if "split_embedding" in k and "backward" in k)
+    return fw / 1e3 / n_steps, bw / 1e3 / n_steps
+
+
+def summarize(samples: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[str, float]]:
+    """Median samples/s, and the median over rounds of the ratio to ``baseline`` in the same
+    round (robust to load that changes between rounds)."""
+    base = samples[baseline]
+    return {n: {"samples_per_s": statistics.median(v),
+                "ratio": statistics.median([x / b for x, b in zip(v, base)]),
+                "rounds": v} for n, v in samples.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI-size smoke run")
+    p.add_argument("--sections", default="embedding,dlrm,layout")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--dims", default="16,64")
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--tables", type=int, default=26)
+    p.add_argument("--cap", type=int, default=1_000_000)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other sections/dims already in --out")
+    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
+    args = p.parse_args()
+    if args.quick:
+        args.batch, args.cap, args.reps, args.steps, args.warmup = 128, 20_000, 1, 1, 1
+        args.dims, args.tables = "16", 6
+        if args.sections == p.get_default("sections"):
+            args.sections = "embedding,dlrm"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = [m for m in args.methods.split(",") if m]
+    result = {"setup": {k: getattr(args, k) for k in ("batch", "tables", "cap", "reps", "steps",
+                                                      "warmup")},
+              "device": "cpu", "threads": torch.get_num_threads(),
+              "cce": {"rows": CCE_ROWS, "chunks": CHUNKS}}
+    from torchrec_cce.ops import fused_available
+
+    result["fused_op_available"] = fused_available()
+    for dim in [int(d) for d in args.dims.split(",")]:
+        tables = logical_tables(args.cap, dim, args.tables)
+        batches = [zipf_batch(tables, args.batch, seed) for seed in range(3)]
+        for section in args.sections.split(","):
+            if section == "layout":
+                variants = ["full", "cce_stacked", "cce_one_table", "cce_per_chunk",
+                            "ce_one_table", "ce_per_chunk"]
+                steps = {}
+                for v in variants:
+                    steps[v] = (build_embedding("full", tables, dim)[1] if v == "full"
+                                else build_layout(v, tables, dim, batches)[1])
+            else:
+                build = build_embedding if section == "embedding" else build_dlrm
+                steps = {m: build(m, tables, dim)[1] for m in methods}
+            samples = time_interleaved(steps, batches, args.reps, args.steps, args.warmup)
+            if section == "layout":  # CPU time inside fbgemm, less sensitive to machine load
+                for name, fn in steps.items():
+                    fw, bw = fbgemm_ms_per_step(fn, batches, args.steps)
+                    result[f"layout_d{dim}_{name}_fbgemm_forward_ms"] = fw
+                    result[f"layout_d{dim}_{name}_fbgemm_backward_ms"] = bw
+                    print(f"  {name:<16} fbgemm forward {fw:8.1f} ms/step, backward "
+                          f"{bw:8.1f} ms/step")
+            rows = summarize(samples, "full")
+            for name, row in rows.items():
+                result[f"{section}_d{dim}_{name}_ratio"] = row["ratio"]
+                result[f"{section}_d{dim}_{name}_samples_per_s"] = row["samples_per_s"]
+            result.setdefault("rounds", {})[f"{section}_d{dim}"] = {
+                n: r["rounds"] for n, r in rows.items()}
+            print(f"\n{section}, dim {dim}, batch {args.batch} (median of {args.reps} rounds)")
+            for name, row in rows.items():
+                print(f"  {name:<16}{row['samples_per_s']:>12,.0f} samples/s  {row['ratio']:.3f}x")
+            sys.stdout.flush()
+    if not args.quick or args.out != p.get_default("out"):
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        if args.merge and os.path.exists(args.out):  # add to an earlier run's sections
+            with open(args.out) as fh:
+                old = json.load(fh)
+            rounds = {**old.get("rounds", {}), **result.get("rounds", {})}
+            result = {**old, **result, "rounds": rounds}
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The fused remap op ``torch.ops.torchrec_cce.remap`` (C++ CPU kernel, CUDA kernel where CUDA
+exists), JIT-built with ``torch.utils.cpp_extension.load`` on first use.
+
+One call turns a whole logical KJT into the codebook KJT: every stream of every table (hash,
+CCE's assignment lookup with its hash fallback or a precomputed ``p``, QR's quotient and
+remainder, the full table's range check), its lengths and weights. Sources: ``csrc/``; the
+stream encoding: ``csrc/remap.h``.
+
+Build: ``scripts/bootstrap.sh`` calls :func:`load` (``python -m torchrec_cce.ops``) so the
+library is compiled at install time, into ``build/torchrec_cce_ops`` next to the package (or
+``$TORCHREC_CCE_BUILD_DIR``). Where it cannot be built or loaded (no compiler), :func:`load`
+logs one line (:data:`NOTICE`) and the modules use the torch-ops reference path.
+``TORCHREC_CCE_FUSED=0`` selects the reference path without trying to build.
+"""
+
+import logging
+import os
+import threading
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+log = logging.getLogger("torchrec_cce")
+
+NOTICE = ("torchrec_cce: the fused remap op could not be built or loaded ({reason}); using the "
+          "torch-ops reference path (slower)")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_lock = threading.Lock()
+_state: dict = {"loaded": None, "error": None}
+
+
+def build_directory() -> str:
+    """Where the extension is built: ``$TORCHREC_CCE_BUILD_DIR`` or ``<repo>/build/torchrec_cce_ops``."""
+    env = os.environ.get("TORCHREC_CCE_BUILD_DIR")
+    if env:
+        return env
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return os.path.join(repo, "build", "torchrec_cce_ops")
+
+
+def _build(verbose: bool) -> None:
+    from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
+
+    sources = [os.path.join(_CSRC, "remap.cpp")]
+    cuda = torch.cuda.is_available() and CUDA_HOME is not None
+    if cuda:
+        sources.append(os.path.join(_CSRC, "remap_cuda.cu"))
+    directory = build_directory()
+    os.makedirs(directory, exist_ok=True)
+    cpp_load(name="torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops", sources=sources,
+             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             extra_cuda_cflags=["-O3"], extra_include_paths=[_CSRC],
+             build_directory=directory, is_python_module=False, verbose=verbose)
+
+
+def load(verbose: bool = False) -> bool:
+    """Build (if needed) and load the op once per process; False (with one logged notice) if
+    that fails. ``TORCHREC_CCE_FORCE_NO_FUSED=1`` simulates a failed build (tests)."""
+    with _lock:
+        if _state["loaded"] is not None:
+            return _state["loaded"]
+        try:
+            if os.environ.get("TORCHREC_CCE_FORCE_NO_FUSED") == "1":
+                raise RuntimeError("TORCHREC_CCE_FORCE_NO_FUSED=1")
+            if not hasattr(torch.ops.torchrec_cce, "remap"):
+                _build(verbose)
+            _register_python_side()
+            _state["loaded"] = True
+        except Exception as e:  # no compiler, failed build, incompatible library ...
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            _state["loaded"], _state["error"] = False, reason
+            log.warning(NOTICE.format(reason=reason))
+        return _state["loaded"]
+
+
+def fused_available() -> bool:
+    """Whether the fused op is usable in this process (builds/loads it on first call)."""
+    return load()
+
+
+def fused_default(requested: Optional[bool] = None) -> bool:
+    """Whether a module with ``fused=requested`` uses the op: None follows
+    ``TORCHREC_CCE_FUSED`` (default on); on only where the op is available."""
+    if requested is None:
+        requested = os.environ.get("TORCHREC_CCE_FUSED", "1") != "0"
+    return bool(requested) and fused_available()
+
+
+# ---------------------------------------------------------------- the op's Python side
+_registered = False
+
+
+def _register_python_side() -> None:
+    """Autograd (gradient w.r.t. the weights input) and a fake kernel for tracing."""
+    global _registered
+    if _registered:
+        return
+
+    def setup_context(ctx, inputs, output):  # noqa: ANN001
+        ids, lengths, weights, batch, spec = inputs[:5]
+        ctx.save_for_backward(lengths, spec)
+        ctx.batch, ctx.num_ids = batch, ids.numel()
+        ctx.list_sizes = [len(x) for x in inputs[5:8]]
+
+    def backward(ctx, grad_values, grad_lengths, grad_weights):  # noqa: ANN001
+        lengths, spec = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[2] and grad_weights is not None:
+            grad = torch.ops.torchrec_cce.remap_weight_grad(grad_weights, lengths, ctx.batch,
+                                                            spec, ctx.num_ids)
+        lists = [[None] * n for n in ctx.list_sizes]
+        return (None, None, grad, None, None, *lists)
+
+    torch.library.register_autograd("torchrec_cce::remap", backward, setup_context=setup_context)
+
+    @torch.library.register_fake("torchrec_cce::remap")
+    def _(ids, lengths, weights, batch, spec, generations, assignments, precomputed):  # noqa: ANN001
+        n = torch.library.get_ctx().new_dynamic_size()
+        w = weights.new_empty(n) if weights is not None else ids.new_empty(0, dtype=torch.float32)
+        return ids.new_empty(n), lengths.new_empty(spec.shape[0] * batch), w
+
+    @torch.library.register_fake("torchrec_cce::remap_weight_grad")
+    def _(grad, lengths, batch, spec, num_ids):  # noqa: ANN001
+        return grad.new_empty(num_ids)
+
+    _registered = True
+
+
+KINDS = {"identity": 0, "hash": 1, "cce_pair": 2, "qr_quotient": 3, "qr_remainder": 4}
+SPEC_COLUMNS = 12
+
+
+def remap(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
+          batch_size: int, spec: torch.Tensor, generations: Sequence[torch.Tensor] = (),
+          assignments: Sequence[torch.Tensor] = (), precomputed: Sequence[torch.Tensor] = ()
+          ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """``torch.ops.torchrec_cce.remap``: (values, lengths, weights or None) of the codebook KJT.
+
+    Args:
+        ids, lengths, weights: the logical KJT's values, lengths (``features x batch_size``)
+            and optional per-id weights.
+        spec: ``[streams, 12]`` int64 (CPU), one row per output key (``csrc/remap.h``).
+        generations: CCE hash generations (0-d int64), referenced by spec column ``kGen``.
+        assignments: dense ``[L, chunks]`` int16/int32 CCE assignments (``kAssign``, first id
+            ``kAssignLo``); ids outside use the hash fallback.
+        precomputed: ``[n_f, chunks]`` int64 ``p`` per feature (``kPre``), e.g. fetched from
+            the ranks owning the ids or unpacked from a packed assignment.
+    """
+    if not _state["loaded"] and not load():
+        raise RuntimeError(NOTICE.format(reason=_state["error"]))
+    values, out_lengths, out_weights = torch.ops.torchrec_cce.remap(
+        ids, lengths, weights, batch_size, spec, list(generations), list(assignments),
+        list(precomputed))
+    return values, out_lengths, (out_weights if weights is not None else None)
+
+
+def spec_row(feature: int, kind: str, rows: int, offset: int = 0, key: int = 0, h_key: int = 0,
+             generation: int = -1, assignment: int = -1, assignment_lo: int = 0,
+             precomputed: int = -1, column: int = 0, num_ids: int = 1) -> List[int]:
+    """One row of ``spec`` (column order of ``csrc/remap.h``)."""
+    return [feature, KINDS[kind], rows, offset, key, h_key, generation, assignment,
+            assignment_lo, precomputed, column, num_ids]
+
+
+__all__ = ["NOTICE", "build_directory", "fused_available", "fused_default", "load", "remap",
+           "spec_row"]

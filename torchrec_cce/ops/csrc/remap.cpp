@@ -1,0 +1,311 @@
+// torchrec_cce::remap: a logical KJT's ids -> every codebook stream in one pass (CPU kernel,
+// op schema). The CUDA kernel lives in remap_cuda.cu and is compiled only where CUDA exists.
+//
+// Output (one key per row of ``spec``, in spec order):
+//   values:  int64, stream s holds k_s values per id of its input feature (k = 2 for CCE's
+//            (p, rows + h) pair, else 1), id by id;
+//   lengths: [S * B], k_s * the feature's bag lengths (same dtype as the input lengths);
+//   weights: the input weight of each value's id (empty when no weights are given).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "remap.h"
+
+namespace torchrec_cce {
+namespace {
+
+struct Layout {
+  int64_t num_features = 0;
+  std::vector<int64_t> feat_off;   // [F + 1] value offset of each input feature
+  std::vector<int64_t> seg_in;     // [S + 1] cumulative input ids over streams (work split)
+  std::vector<int64_t> seg_out;    // [S + 1] value offset of each output stream
+};
+
+template <typename index_t>
+Layout make_layout(const index_t* len, int64_t num_lengths, int64_t batch, const int64_t* spec,
+                   int64_t num_streams) {
+  Layout l;
+  l.num_features = batch > 0 ? num_lengths / batch : 0;
+  const int64_t F = l.num_features;
+  std::vector<int64_t> counts(F, 0);
+  at::parallel_for(0, F, 1, [&](int64_t b, int64_t e) {
+    for (int64_t f = b; f < e; ++f) {
+      int64_t n = 0;
+      for (int64_t i = 0; i < batch; ++i) n += static_cast<int64_t>(len[f * batch + i]);
+      counts[f] = n;
+    }
+  });
+  l.feat_off.assign(F + 1, 0);
+  for (int64_t f = 0; f < F; ++f) l.feat_off[f + 1] = l.feat_off[f] + counts[f];
+  l.seg_in.assign(num_streams + 1, 0);
+  l.seg_out.assign(num_streams + 1, 0);
+  for (int64_t s = 0; s < num_streams; ++s) {
+    const int64_t* row = spec + s * kSpecCols;
+    const int64_t f = row[kFeature];
+    TORCH_CHECK(f >= 0 && f < F, "torchrec_cce::remap: stream ", s, " reads feature ", f,
+                " but the KJT has ", F, " features");
+    const int64_t n = counts[f];
+    l.seg_in[s + 1] = l.seg_in[s] + n;
+    l.seg_out[s + 1] = l.seg_out[s] + values_per_id(row[kKind]) * n;
+  }
+  return l;
+}
+
+struct AssignmentView {
+  const void* data = nullptr;
+  bool is_int16 = false;
+  int64_t num_rows = 0;
+  int64_t stride = 0;
+  int64_t at(int64_t row, int64_t col) const {
+    return is_int16 ? static_cast<const int16_t*>(data)[row * stride + col]
+                    : static_cast<const int32_t*>(data)[row * stride + col];
+  }
+};
+
+// Values of ids [j0, j1) (feature-local positions) of stream ``row`` into ``out``.
+void fill_stream(const int64_t* row, const int64_t* ids, int64_t j0, int64_t j1, int64_t* out,
+                 const std::vector<int64_t>& gen_values,
+                 const std::vector<AssignmentView>& assigns,
+                 const std::vector<at::Tensor>& pres, std::atomic<int64_t>* bad_id,
+                 std::atomic<int64_t>* bad_stream, int64_t stream) {
+  const int64_t kind = row[kKind], rows = row[kRows], offset = row[kOffset];
+  switch (kind) {
+    case kIdentity:
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t x = ids[j];
+        if (x < 0 || x >= rows) {
+          int64_t expected = -1;
+          if (bad_stream->compare_exchange_strong(expected, stream)) bad_id->store(x);
+        }
+        out[j] = x + offset;
+      }
+      break;
+    case kHash: {
+      const int64_t key = row[kKey];
+      for (int64_t j = j0; j < j1; ++j) out[j] = hash_id(ids[j], key, rows) + offset;
+      break;
+    }
+    case kQRQuotient:
+    case kQRRemainder: {
+      const int64_t V = row[kNumIds];
+      const bool quotient = kind == kQRQuotient;
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t x = floor_mod(ids[j], V);
+        out[j] = (quotient ? x / rows : x % rows) + offset;
+      }
+      break;
+    }
+    case kCCEPair: {
+      const int64_t pkey = row[kKey], col = row[kColumn];
+      const int64_t hkey = row[kGen] >= 0 ? combine_key(row[kHKey], gen_values[row[kGen]])
+                                          : row[kHKey];
+      const int64_t* pre = nullptr;
+      int64_t pre_stride = 0;
+      if (row[kPre] >= 0) {
+        pre = pres[row[kPre]].data_ptr<int64_t>();
+        pre_stride = pres[row[kPre]].size(1);
+      }
+      const AssignmentView* a = row[kAssign] >= 0 ? &assigns[row[kAssign]] : nullptr;
+      const int64_t lo = row[kAssignLo];
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t x = ids[j];
+        int64_t p;
+        if (pre != nullptr) {
+          p = pre[j * pre_stride + col];
+        } else if (a != nullptr && x - lo >= 0 && x - lo < a->num_rows) {
+          p = a->at(x - lo, col);
+        } else {
+          p = hash_id(x, pkey, rows);
+        }
+        out[2 * j] = p + offset;
+        out[2 * j + 1] = rows + hash_id(x, hkey, rows) + offset;
+      }
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "torchrec_cce::remap: unknown stream kind ", kind);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
+    const at::Tensor& ids_in, const at::Tensor& lengths_in,
+    const c10::optional<at::Tensor>& weights_in, int64_t batch, const at::Tensor& spec_in,
+    at::TensorList generations, at::TensorList assignments, at::TensorList precomputed) {
+  TORCH_CHECK(ids_in.scalar_type() == at::kLong, "torchrec_cce::remap: ids must be int64");
+  TORCH_CHECK(batch >= 0, "torchrec_cce::remap: negative batch size");
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor lengths = lengths_in.contiguous();
+  const at::Tensor spec = spec_in.to(at::kCPU, at::kLong).contiguous();
+  TORCH_CHECK(spec.dim() == 2 && spec.size(1) == kSpecCols,
+              "torchrec_cce::remap: spec must be [streams, ", kSpecCols, "]");
+  TORCH_CHECK(batch == 0 || lengths.numel() % batch == 0,
+              "torchrec_cce::remap: lengths (", lengths.numel(), ") is not features x batch ",
+              batch);
+  const int64_t S = spec.size(0);
+  const int64_t* sp = spec.data_ptr<int64_t>();
+
+  std::vector<int64_t> gen_values;
+  for (const auto& g : generations) gen_values.push_back(g.item<int64_t>());
+  std::vector<at::Tensor> keep;
+  std::vector<AssignmentView> assigns;
+  for (const auto& a : assignments) {
+    TORCH_CHECK(a.dim() == 2 && (a.scalar_type() == at::kShort || a.scalar_type() == at::kInt),
+                "torchrec_cce::remap: a dense assignment must be a 2-D int16/int32 tensor");
+    at::Tensor c = a.contiguous();
+    keep.push_back(c);
+    assigns.push_back({c.data_ptr(), c.scalar_type() == at::kShort, c.size(0), c.size(1)});
+  }
+  std::vector<at::Tensor> pres;
+  for (const auto& p : precomputed) pres.push_back(p.to(at::kLong).contiguous());
+
+  Layout l;
+  AT_DISPATCH_INDEX_TYPES(lengths.scalar_type(), "torchrec_cce_remap_layout", [&] {
+    l = make_layout<index_t>(lengths.data_ptr<index_t>(), lengths.numel(), batch, sp, S);
+  });
+  TORCH_CHECK(l.feat_off.back() == ids.numel(), "torchrec_cce::remap: lengths sum to ",
+              l.feat_off.back(), " but there are ", ids.numel(), " ids");
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* row = sp + s * kSpecCols;
+    const int64_t n = l.feat_off[row[kFeature] + 1] - l.feat_off[row[kFeature]];
+    TORCH_CHECK(row[kRows] > 0, "torchrec_cce::remap: stream ", s, " has rows <= 0");
+    if (row[kPre] >= 0) {
+      TORCH_CHECK(row[kPre] < static_cast<int64_t>(pres.size()) &&
+                      pres[row[kPre]].dim() == 2 && pres[row[kPre]].size(0) == n &&
+                      row[kColumn] < pres[row[kPre]].size(1),
+                  "torchrec_cce::remap: precomputed p of stream ", s, " must be [", n,
+                  ", chunks]");
+    }
+    TORCH_CHECK(row[kAssign] < static_cast<int64_t>(assigns.size()) &&
+                    (row[kAssign] < 0 || row[kColumn] < assigns[row[kAssign]].stride),
+                "torchrec_cce::remap: bad assignment index in stream ", s);
+    TORCH_CHECK(row[kGen] < static_cast<int64_t>(gen_values.size()),
+                "torchrec_cce::remap: bad generation index in stream ", s);
+  }
+
+  at::Tensor out_lengths = at::empty({S * batch}, lengths.options());
+  AT_DISPATCH_INDEX_TYPES(lengths.scalar_type(), "torchrec_cce_remap_lengths", [&] {
+    const index_t* len = lengths.data_ptr<index_t>();
+    index_t* out = out_lengths.data_ptr<index_t>();
+    at::parallel_for(0, S * batch, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t s = i / batch, k = i % batch;
+        const int64_t* row = sp + s * kSpecCols;
+        out[i] = static_cast<index_t>(values_per_id(row[kKind])) * len[row[kFeature] * batch + k];
+      }
+    });
+  });
+
+  at::Tensor values = at::empty({l.seg_out[S]}, ids.options());
+  const int64_t* idp = ids.data_ptr<int64_t>();
+  int64_t* vp = values.data_ptr<int64_t>();
+  std::atomic<int64_t> bad_id{0}, bad_stream{-1};
+  at::parallel_for(0, l.seg_in[S], 2048, [&](int64_t begin, int64_t end) {
+    int64_t s = std::upper_bound(l.seg_in.begin(), l.seg_in.end(), begin) - l.seg_in.begin() - 1;
+    int64_t pos = begin;
+    while (pos < end && s < S) {
+      const int64_t stop = std::min(end, l.seg_in[s + 1]);
+      const int64_t* row = sp + s * kSpecCols;
+      const int64_t f0 = l.feat_off[row[kFeature]];
+      const int64_t j0 = pos - l.seg_in[s], j1 = stop - l.seg_in[s];
+      // The stream's output is indexed by feature-local position j (k values per id).
+      fill_stream(row, idp + f0, j0, j1, vp + l.seg_out[s], gen_values, assigns, pres, &bad_id,
+                  &bad_stream, s);
+      pos = stop;
+      ++s;
+    }
+  });
+  TORCH_CHECK(bad_stream.load() < 0, "torchrec_cce::remap: id ", bad_id.load(),
+              " is outside [0, ",
+              bad_stream.load() >= 0 ? sp[bad_stream.load() * kSpecCols + kRows] : 0,
+              ") in stream ", bad_stream.load());
+
+  at::Tensor out_weights;
+  if (weights_in.has_value() && weights_in->defined()) {
+    const at::Tensor w = weights_in->contiguous();
+    TORCH_CHECK(w.numel() == ids.numel(), "torchrec_cce::remap: weights and ids differ in size");
+    out_weights = at::empty({l.seg_out[S]}, w.options());
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(),
+                                    "torchrec_cce_remap_weights", [&] {
+      const scalar_t* wp = w.data_ptr<scalar_t>();
+      scalar_t* op = out_weights.data_ptr<scalar_t>();
+      at::parallel_for(0, S, 1, [&](int64_t b, int64_t e) {
+        for (int64_t s = b; s < e; ++s) {
+          const int64_t* row = sp + s * kSpecCols;
+          const int64_t f0 = l.feat_off[row[kFeature]];
+          const int64_t n = l.feat_off[row[kFeature] + 1] - f0;
+          const int64_t k = values_per_id(row[kKind]);
+          scalar_t* o = op + l.seg_out[s];
+          for (int64_t j = 0; j < n; ++j)
+            for (int64_t r = 0; r < k; ++r) o[j * k + r] = wp[f0 + j];
+        }
+      });
+    });
+  } else {
+    out_weights = at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  }
+  return {values, out_lengths, out_weights};
+}
+
+// Gradient of remap's weights output w.r.t. its weights input: every value's gradient goes back
+// to the id it came from (summed over streams and over CCE's pair).
+at::Tensor remap_weight_grad_cpu(const at::Tensor& grad_in, const at::Tensor& lengths_in,
+                                 int64_t batch, const at::Tensor& spec_in, int64_t num_ids) {
+  const at::Tensor grad = grad_in.contiguous();
+  const at::Tensor lengths = lengths_in.contiguous();
+  const at::Tensor spec = spec_in.to(at::kCPU, at::kLong).contiguous();
+  const int64_t S = spec.size(0);
+  const int64_t* sp = spec.data_ptr<int64_t>();
+  Layout l;
+  AT_DISPATCH_INDEX_TYPES(lengths.scalar_type(), "torchrec_cce_remap_grad_layout", [&] {
+    l = make_layout<index_t>(lengths.data_ptr<index_t>(), lengths.numel(), batch, sp, S);
+  });
+  TORCH_CHECK(l.feat_off.back() == num_ids && grad.numel() == l.seg_out[S],
+              "torchrec_cce::remap_weight_grad: sizes do not match the forward");
+  at::Tensor out = at::zeros({num_ids}, grad.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "torchrec_cce_remap_grad", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    // Parallel over features: streams of one feature are summed by one thread, no races.
+    at::parallel_for(0, l.num_features, 1, [&](int64_t b, int64_t e) {
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t* row = sp + s * kSpecCols;
+        const int64_t f = row[kFeature];
+        if (f < b || f >= e) continue;
+        const int64_t f0 = l.feat_off[f], n = l.feat_off[f + 1] - f0;
+        const int64_t k = values_per_id(row[kKind]);
+        const scalar_t* g = gp + l.seg_out[s];
+        for (int64_t j = 0; j < n; ++j) {
+          scalar_t acc = op[f0 + j];
+          for (int64_t r = 0; r < k; ++r) acc += g[j * k + r];
+          op[f0 + j] = acc;
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torchrec_cce, m) {
+  m.def(
+      "remap(Tensor ids, Tensor lengths, Tensor? weights, int batch_size, Tensor spec, "
+      "Tensor[] generations, Tensor[] assignments, Tensor[] precomputed) -> "
+      "(Tensor values, Tensor lengths, Tensor weights)");
+  m.def(
+      "remap_weight_grad(Tensor grad, Tensor lengths, int batch_size, Tensor spec, "
+      "int num_ids) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchrec_cce, CPU, m) {
+  m.impl("remap", &remap_cpu);
+  m.impl("remap_weight_grad", &remap_weight_grad_cpu);
+}
+
+}  // namespace torchrec_cce

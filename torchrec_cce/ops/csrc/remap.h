@@ -1,0 +1,72 @@
+// Shared definitions of the fused remap op (CPU and CUDA).
+//
+// One row of the int64 ``spec`` tensor describes one output stream (one key of the codebook
+// KJT); see torchrec_cce/ops/__init__.py for the Python side that builds it.
+#pragma once
+#include <cstdint>
+
+namespace torchrec_cce {
+
+enum SpecColumn : int64_t {
+  kFeature = 0,    // index of the input feature (KJT key order)
+  kKind = 1,       // StreamKind
+  kRows = 2,       // hash modulus / QR collisions m / V for the identity range check
+  kOffset = 3,     // added to every value of the stream
+  kKey = 4,        // hash key (kHash) or p's fallback hash key (kCCEPair)
+  kHKey = 5,       // CCE: h's base key, combined with generations[kGen] (or final if kGen < 0)
+  kGen = 6,        // CCE: index into the generations list, -1: kHKey is the final key
+  kAssign = 7,     // CCE: index into the dense assignment list, -1: none
+  kAssignLo = 8,   // CCE: first id stored in that assignment
+  kPre = 9,        // CCE: index into the precomputed-p list, -1: none
+  kColumn = 10,    // CCE: chunk column of the assignment / precomputed p
+  kNumIds = 11,    // V: QR reduces ids mod V
+  kSpecCols = 12,
+};
+
+enum StreamKind : int64_t {
+  kIdentity = 0,      // x (must lie in [0, rows))
+  kHash = 1,          // h(x) mod rows
+  kCCEPair = 2,       // two values per id: p(x), rows + h(x)
+  kQRQuotient = 3,    // (x mod V) / m
+  kQRRemainder = 4,   // (x mod V) % m
+};
+
+constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
+constexpr uint64_t kMul1 = 0xBF58476D1CE4E5B9ULL;
+constexpr uint64_t kMul2 = 0x94D049BB133111EBULL;
+constexpr uint64_t kMask63 = (1ULL << 63) - 1;
+
+#ifdef __CUDACC__
+#define TRCCE_HD __host__ __device__ __forceinline__
+#else
+#define TRCCE_HD inline
+#endif
+
+// splitmix64 finaliser: torchrec_cce.hashing.mix64 on the same 64 bits.
+TRCCE_HD uint64_t mix64(uint64_t x) {
+  x = (x ^ (x >> 30)) * kMul1;
+  x = (x ^ (x >> 27)) * kMul2;
+  return x ^ (x >> 31);
+}
+
+// torchrec_cce.hashing.hash_ids for one id.
+TRCCE_HD int64_t hash_id(int64_t id, int64_t key, int64_t rows) {
+  uint64_t x = static_cast<uint64_t>(id) + static_cast<uint64_t>(key) * kGolden;
+  x = mix64(mix64(x) + kGolden);
+  return static_cast<int64_t>((x & kMask63) % static_cast<uint64_t>(rows));
+}
+
+// torchrec_cce.hashing.combine_keys.
+TRCCE_HD int64_t combine_key(int64_t base, int64_t generation) {
+  return static_cast<int64_t>(
+      mix64(static_cast<uint64_t>(generation) * kGolden + static_cast<uint64_t>(base)) & kMask63);
+}
+
+TRCCE_HD int64_t floor_mod(int64_t x, int64_t m) {
+  int64_t r = x % m;
+  return r < 0 ? r + m : r;
+}
+
+TRCCE_HD int64_t values_per_id(int64_t kind) { return kind == kCCEPair ? 2 : 1; }
+
+}  // namespace torchrec_cce
