@@ -72,7 +72,7 @@ def module(method: str, pooling: PoolingType, weighted: bool) -> CCEEmbeddingBag
     with torch.no_grad():
         m = ebc.tables["t"]
         if method == "cce":  # a learned-looking p and a later hash generation
-            m.assignment.copy_(torch.randint(0, cfg.rows, m.assignment.shape))
+            m.write_assignment(torch.arange(V), torch.randint(0, cfg.rows, (V, cfg.chunks)))
             m.h_generation.fill_(2)
         if method == "memcom":
             m.id_weight.uniform_(-2, 2)
@@ -265,7 +265,8 @@ def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
     ref.eval()
     with torch.no_grad():
         m = ref.tables["t_cce"]
-        m.assignment.copy_(torch.randint(0, METHODS["cce"].rows, m.assignment.shape))
+        m.write_assignment(torch.arange(V), torch.randint(0, METHODS["cce"].rows,
+                                                          (V, METHODS["cce"].chunks)))
         m.h_generation.fill_(1)
     # id-range sharded p (replicate_assignment_below=0), codebooks table-wise over both ranks
     sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)

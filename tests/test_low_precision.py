@@ -64,11 +64,10 @@ def test_unsupported_codebook_dtype_names_table_and_fix(bad: torch.dtype) -> Non
 def test_fp16_codebooks_are_float16_tables() -> None:
     m = module(torch.float16)
     types = {c.name: c.data_type for c in m.codebook_table_configs()}
-    assert types == {"t__cce_A": DataType.FP16, "t__cce_B": DataType.FP16,
-                     "small": DataType.FP32}
-    assert m.codebooks.embedding_bags["t__cce_A"].weight.dtype == torch.float16
+    assert types == {"t__cce": DataType.FP16, "small": DataType.FP32}
+    assert m.codebooks.embedding_bags["t__cce"].weight.dtype == torch.float16
     default = CCEEmbeddingBagCollection(tables(), {"t": CCEConfig(ROWS, CHUNKS)})
-    assert default.codebooks.embedding_bags["t__cce_A"].weight.dtype == torch.float32
+    assert default.codebooks.embedding_bags["t__cce"].weight.dtype == torch.float32
 
 
 def test_fp16_outputs_within_tolerance_of_fp32() -> None:
@@ -93,9 +92,10 @@ def test_fp16_bytes_exactly_halved() -> None:
     cb32 = 2 * (CHUNKS * ROWS) * (DIM // CHUNKS) * 4
     assert r32["codebook_bytes"] == cb32
     assert r16["codebook_bytes"] == cb32 // 2
-    assignment = V * CHUNKS * 2  # int16
+    bits = (ROWS - 1).bit_length()  # packed p: ceil(log2 rows) bits per entry, int32 words
+    assignment = -(-V * CHUNKS * bits // 32) * 4
     assert r16["assignment_bytes"] == r32["assignment_bytes"] == assignment
-    assert r16["compressed_bytes"] == cb32 // 2 + assignment
+    assert r16["compressed_bytes"] == cb32 // 2 + assignment + 8  # + the int64 hash generation
     assert r16["full_bytes"] == r32["full_bytes"] == V * DIM * 4
     assert r16["params"] == r32["params"]  # same parameter count, half the bytes
 
@@ -130,15 +130,14 @@ def _train_dmp(rank: int, world: int):
     m = module(torch.float16, device=torch.device("meta"))
     apply_optimizer_in_backward(SGD, m.parameters(), {"lr": 0.5})
     plan = construct_module_sharding_plan(
-        m, {"t__cce_A": table_wise(rank=0, compute_kernel="fused"),
-            "t__cce_B": table_wise(rank=1, compute_kernel="fused"),
-            "small": table_wise(rank=0, compute_kernel="fused")},
+        m, {"t__cce": table_wise(rank=0, compute_kernel="fused"),
+            "small": table_wise(rank=1, compute_kernel="fused")},
         sharder=sharder, local_size=world, world_size=world, device_type="cpu")
     mem = plan_memory(ShardingPlan({"": plan}), m, world)
     dmp = DistributedModelParallel(m, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    plan=ShardingPlan({"": plan}), sharders=[sharder],
                                    device=torch.device("cpu"))
-    weights = dmp.state_dict()["codebooks.embedding_bags.t__cce_A.weight"]
+    weights = dmp.state_dict()["codebooks.embedding_bags.t__cce.weight"]
     dtype = weights.metadata().tensor_properties.dtype
     kjt = batch(10 + rank, 64)
     target = torch.full((64, 2 * DIM), 0.1)

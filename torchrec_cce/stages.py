@@ -99,7 +99,9 @@ def remap_features(
     ``fused=True`` runs the one-pass C++ op (:mod:`torchrec_cce.ops`; ``cache`` keeps its
     per-key-order plans); the default torch-ops path is the reference it must equal exactly.
     """
-    if fused:
+    # Tables without a fused description (MPE, serving tables) take the reference path.
+    if fused and all(getattr(methods[t.name], "stream_specs", lambda: None)() is not None
+                     for t in tables):
         return fused_remap_features(tables, methods, features, is_weighted, inner_weighted,
                                     assignments, observe, cache if cache is not None else {})
     per_feature: Dict[str, JaggedTensor] = features.to_dict()
@@ -218,7 +220,8 @@ def fused_remap_features(
     from torchrec_cce import ops
 
     keys = features.keys()
-    ids, lengths = features.values(), features.lengths()
+    # The op takes int64 (a KJT may carry int32 ids/lengths; casting is a no-op for int64).
+    ids, lengths = features.values().to(torch.int64), features.lengths().to(torch.int64)
     batch = features.stride()
     offsets = features.offset_per_key()
     index = {k: i for i, k in enumerate(keys)}
