@@ -154,13 +154,15 @@ def _train_dmp(rank: int, world: int):
 def test_fp16_trains_under_dmp() -> None:
     results = run_multiprocess(_train_dmp, 2, timeout=600)
     cb16 = 2 * (CHUNKS * ROWS) * (DIM // CHUNKS) * 2
+    packed = -(-V * CHUNKS * (ROWS - 1).bit_length() // 32) * 4  # bit-packed p, int32 words
     for rank, (losses, dtype, report, planned) in enumerate(results):
         assert dtype == torch.float16
         assert losses[-1] < 0.5 * losses[0], losses
         assert report["codebook_bytes"] == cb16
-        assert report["local_codebook_bytes"] == cb16 // 2  # A on rank 0, B on rank 1
-        assert planned["compressed_bytes"] == cb16 + V * CHUNKS * 2
-    # The planned per-rank bytes count codebooks at float16, plus p (replicated: 40 kB is below
+        # the one CCE codebook table is on rank 0 (table-wise), the small full table on rank 1
+        assert report["local_codebook_bytes"] == (cb16 if rank == 0 else 0)
+        assert planned["compressed_bytes"] == cb16 + packed + 8  # + the int64 hash generation
+    # The planned per-rank bytes count codebooks at float16, plus p (replicated: it is below
     # the sharder's replication threshold).
     planned = results[0][3]["bytes_per_rank"]
-    assert planned == [cb16 // 2 + V * CHUNKS * 2] * 2
+    assert planned == [cb16 + packed, packed]
