@@ -86,7 +86,11 @@ def dlrm(
             the workspace (this repo) is copied on top of it. Unused by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         env: extra environment variables for every worker (e.g. ENV1=v1,ENV2=v2)
-        max_retries: the number of scheduler retries allowed
+        max_retries: restarts allowed after a worker fails: passed to torchrun as
+            --max_restarts (every worker is restarted in place; train.py with
+            --checkpoint-dir DIR --resume continues from its last complete checkpoint) and to
+            the scheduler as its retry count (slurm requeue, kubernetes maxRetry) for failures
+            torchrun cannot recover from, such as a lost node
         rdzv_port: port on rank0's host for the c10d rendezvous store (multi-node only;
             single-node jobs pick a free port)
         mounts: mounts for container schedulers (ex. type=bind,src=/data,dst=/data[,readonly])
@@ -119,4 +123,12 @@ def dlrm(
         mounts=mounts,
         debug=debug,
     )
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if max_retries:
+        (role,) = app.roles
+        cmd = role.args[1]
+        if not cmd.startswith("torchrun "):  # dist.ddp's command layout changed: fail loudly
+            raise RuntimeError(f"unexpected torchrun command from dist.ddp: {cmd!r}")
+        role.args[1] = f"torchrun --max_restarts {max_retries} " + cmd[len("torchrun "):]
     return app
