@@ -43,7 +43,9 @@ GLOBAL_BATCHES = 12  # per epoch
 EPOCHS = 2
 EVERY = 4
 RECLUSTER_AT = [3, 7]
-CONFIG = {"method": "cce", "rows": 4, "dim": DIM}
+ROWS = 2  # CCE rows per chunk: reservoir capacity 256 x 2 = 512 ids, exceeded in training
+CAPACITY = 256 * ROWS
+CONFIG = {"method": "cce", "rows": ROWS, "dim": DIM}
 
 
 def tables() -> List[EmbeddingBagConfig]:
@@ -51,14 +53,14 @@ def tables() -> List[EmbeddingBagConfig]:
                                feature_names=[f]) for f, n in SIZES.items()]
 
 
-def compression(rows: int = 4) -> Dict[str, Any]:
+def compression(rows: int = ROWS) -> Dict[str, Any]:
     return {"t_user": CCEConfig(rows=rows, chunks=2, seed=1), "t_item": HashingTrickConfig(rows=64)}
 
 
 class Tiny(nn.Module):
     """Pooled embeddings -> MLP with dropout -> BCE loss."""
 
-    def __init__(self, rows: int = 4, device: Optional[torch.device] = None) -> None:
+    def __init__(self, rows: int = ROWS, device: Optional[torch.device] = None) -> None:
         super().__init__()
         self.ebc = CCEEmbeddingBagCollection(tables(), compression(rows), device=device)
         self.dense = nn.Sequential(nn.Linear(len(SIZES) * DIM, 8, device=device), nn.ReLU(),
@@ -138,6 +140,19 @@ def local_state(dmp: nn.Module) -> Dict[str, torch.Tensor]:
     return out
 
 
+def fused_state(optimizer: Any) -> Dict[str, torch.Tensor]:
+    """This rank's fused (row-wise Adagrad) optimizer state, as plain tensors by key."""
+    from torchrec_cce.distributed.tensors import local_pieces
+
+    out = {}
+    for param, state in optimizer.state_dict()["state"].items():
+        for name, v in state.items():
+            if hasattr(v, "local_shards"):
+                for t, _ in local_pieces(v):
+                    out[f"{param}.{name}"] = t.detach().clone()
+    return out
+
+
 def train(rank: int, world: int, ckpt_dir: str, stop_after: Optional[int] = None,
           resume: bool = False, keep: int = 2) -> Dict[str, Any]:
     dmp, dense, optimizer = build_dmp(rank, world)
@@ -174,6 +189,7 @@ def train(rank: int, world: int, ckpt_dir: str, stop_after: Optional[int] = None
     with torch.no_grad():
         probe_loss = float(dmp(probe, probe_labels))
     return {"losses": losses, "state": local_state(dmp), "reservoirs": reservoirs(dmp),
+            "fused": fused_state(optimizer),
             "probe_loss": probe_loss, "rng": torch.get_rng_state(),
             "resumed_step": None if resumed is None else resumed.step,
             "checkpoints": sorted(os.listdir(ckpt_dir))}
@@ -226,7 +242,7 @@ def test_resume_mid_epoch_equals_straight_run(straight, tmp_path) -> None:
         for k in ref["state"]:
             assert torch.equal(got["state"][k], ref["state"][k]), (rank, k)
         for name, res in ref["reservoirs"].items():
-            assert res["seen"] > 1024  # past its capacity: the replacement RNG was exercised
+            assert res["seen"] > CAPACITY  # past its capacity: the replacement RNG was exercised
             assert got["reservoirs"][name]["seen"] == res["seen"]
             assert torch.equal(got["reservoirs"][name]["ids"], res["ids"])
             assert torch.equal(got["reservoirs"][name]["rng"], res["rng"])
@@ -250,7 +266,7 @@ def _load_world1(rank: int, world: int, ckpt_dir: str, batch_size: int):
         loss = float(dmp(probe, labels))
     return {"progress": resumed.progress, "probe_loss": loss, "reservoirs": reservoirs(dmp),
             "world": resumed.world_size,
-            "momentum": {k: v for k, v in optimizer.state_dict()["state"].items()}}
+            "fused": fused_state(optimizer)}
 
 
 @pytest.mark.timeout(1800)
@@ -265,32 +281,38 @@ def test_reshard_world2_to_world1(straight) -> None:
     assert one["progress"] == {"epoch": 2, "step": 24, "step_in_epoch": 0}
     # Model resharded: the same function as the world-2 model (eval mode, no dropout).
     assert abs(one["probe_loss"] - straight["ranks"][0]["probe_loss"]) < 1e-6
+    # Fused optimizer state resharded: every table now on the one rank, with the values of the
+    # rank that held it at world 2 (table-wise sharding).
+    world2 = {**straight["ranks"][0]["fused"], **straight["ranks"][1]["fused"]}
+    assert one["fused"].keys() == world2.keys() and len(world2) == 4
+    for k, v in world2.items():
+        assert torch.equal(one["fused"][k], v), k
     # Re-clustering samples: both ranks' reservoirs merged into the one rank's.
     name = "ebc.tables.t_user"
     parts = [straight["ranks"][r]["reservoirs"][name] for r in range(2)]
     merged = one["reservoirs"][name]
     assert merged["seen"] == parts[0]["seen"] + parts[1]["seen"]
-    assert merged["ids"].numel() == 1024  # full (capacity 256 x rows)
+    assert merged["ids"].numel() == CAPACITY  # full
     union = torch.cat([p["ids"] for p in parts])
     union_counts = torch.bincount(union, minlength=SIZES["user"])
     merged_counts = torch.bincount(merged["ids"], minlength=SIZES["user"])
     assert bool((merged_counts <= union_counts).all())  # a sub-multiset of the two samples
-    # 24 rows of 32 per rank cannot continue at 1 x 48: the error names it and the fix.
-    (bad,) = run_multiprocess(_load_world1, 1, only, 48, timeout=900)
-    assert "step_12" in bad["error"] and "1 ranks x 48 rows cannot continue" in bad["error"]
+    # 768 rows (12 x 2 x 32) are not a whole number of 1 x 40 batches: the error says so.
+    (bad,) = run_multiprocess(_load_world1, 1, only, 40, timeout=900)
+    assert "step_12" in bad["error"] and "1 ranks x 40 rows cannot continue" in bad["error"]
 
 
 @pytest.mark.timeout(900)
 def test_nonfinite_guard_is_collective() -> None:
     for messages in run_multiprocess(_nan_guard, 2, timeout=900):
         assert len(messages) == 2
-        assert "the loss is nan" in messages[0] and "step 11" in messages[0]
+        assert "step 11: the loss is non-finite (rank 1: nan)" in messages[0]
         assert "embedding table 't_user' (codebook 't_user__cce_B'): 1 non-finite" in messages[1]
 
 
 # ---------------------------------------------------------------- single process
 class Small(nn.Module):
-    def __init__(self, rows: int = 4) -> None:
+    def __init__(self, rows: int = ROWS) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.ebc = CCEEmbeddingBagCollection(tables(), compression(rows))
@@ -301,7 +323,7 @@ class Small(nn.Module):
         return nn.functional.binary_cross_entropy_with_logits(logits, labels)
 
 
-def small_setup(rows: int = 4):
+def small_setup(rows: int = ROWS):
     model = Small(rows)
     opt = torch.optim.Adagrad(model.parameters(), lr=0.1)
     return model, opt
@@ -333,7 +355,7 @@ def saved_run(d: str, steps: List[int], keep: int = 0, log: Optional[list] = Non
     return model, opt, manager, snaps
 
 
-def load_fresh(d: str, log: Optional[list] = None, config=CONFIG, rows: int = 4,
+def load_fresh(d: str, log: Optional[list] = None, config=CONFIG, rows: int = ROWS,
                batch_size: int = 8):
     model, opt = small_setup(rows)
     manager = CheckpointManager(d, config=config, batch_size=batch_size,
@@ -465,9 +487,9 @@ def test_other_model_config_is_refused(tmp_path) -> None:
     assert "same model flags" in str(e.value)
     # Same declared config but a different model (more CCE rows): the shapes give it away.
     with pytest.raises(CheckpointMismatchError) as e:
-        load_fresh(d, rows=8)
+        load_fresh(d, rows=4)
     assert "does not fit this model" in str(e.value)
-    assert "model.ebc.codebooks.embedding_bags.t_user__cce_A.weight: (8, 4) there, (16, 4) here" \
+    assert "model.ebc.codebooks.embedding_bags.t_user__cce_A.weight: (4, 4) there, (8, 4) here" \
         in str(e.value)
 
 
@@ -495,7 +517,7 @@ def test_nonfinite_codebook_stops_without_writing(tmp_path) -> None:
     with pytest.raises(NonFiniteError, match="embedding table 't_user'"):
         guard_loss(torch.tensor(float("nan")), 3, model)
     clean = Small()
-    with pytest.raises(NonFiniteError, match="step 9: the loss is inf"):
+    with pytest.raises(NonFiniteError, match=r"step 9: the loss is non-finite \(rank 0: inf\)"):
         guard_loss(torch.tensor(float("inf")), 9, clean)
     guard_loss(torch.tensor(0.7), 9, clean)  # finite: no error
 

@@ -293,15 +293,18 @@ def guard_loss(loss: torch.Tensor, step: int, model: Optional[nn.Module] = None,
     """Raise :class:`NonFiniteError` on every rank when any rank's loss is NaN/inf.
 
     With ``model``, the message also names the tables that turned non-finite (if any)."""
-    flag = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0])
+    value = float(loss.detach().float().sum())
+    losses = torch.zeros(_world(), dtype=torch.float64)
+    losses[_rank()] = value
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if float(flag) == 0:
+        dist.all_reduce(losses)  # every rank's loss in its own slot (NaN stays in its slot)
+    if bool(torch.isfinite(losses).all()):
         return
     if model is not None:
         check_finite(model, step, last_good)  # raises naming the table if one is non-finite
-    raise NonFiniteError(_nonfinite_message(f"the loss is {float(loss):g} (non-finite)", step,
-                                            last_good))
+    bad = ", ".join(f"rank {r}: {float(v):g}" for r, v in enumerate(losses.tolist())
+                    if not torch.isfinite(torch.tensor(v)))
+    raise NonFiniteError(_nonfinite_message(f"the loss is non-finite ({bad})", step, last_good))
 
 
 # ---------------------------------------------------------------- the manager
