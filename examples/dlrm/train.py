@@ -2,7 +2,8 @@
 
     torchx run launch/components.py:dlrm -j 1x2 -- --data synthetic --method cce --epochs 1
     torchrun --nproc_per_node 2 examples/dlrm/train.py --data synthetic --method cce
-    python examples/dlrm/train.py --data criteo_tsv --train-path train.txt --method cce
+    python -m torchrec_cce.data.preprocess --format csv --input my.csv ... --out my_data
+    python examples/dlrm/train.py --data preprocessed --data-dir my_data --method full --epochs 5
 
 Reads RANK / WORLD_SIZE / LOCAL_RANK (torchrun, TorchX); a plain ``python`` run is a world of
 one. Backend: ``$TORCHREC_CCE_BACKEND``, else NCCL with CUDA, else gloo.
@@ -10,19 +11,33 @@ one. Backend: ``$TORCHREC_CCE_BACKEND``, else NCCL with CUDA, else gloo.
 Pipeline: data (torchrec_cce.data) -> TorchRec DLRM whose EBC is a CCEEmbeddingBagCollection ->
 planner (with the CCE storage reservation) -> DistributedModelParallel with the CCE sharder ->
 fused sparse optimizer (apply_optimizer_in_backward) + dense optimizer -> TrainPipelineSparseDist.
-Re-clustering runs as a training-loop hook (ReclusterSchedule). Evaluation: torchmetrics AUROC
-and mean BCE (log loss), synchronised across ranks.
+Re-clustering runs as a training-loop hook (ReclusterSchedule).
+
+Protocol: the validation split is evaluated at the end of every epoch (and every
+``--eval-every`` steps); each evaluation also evaluates the test split on the same model
+state, and the reported ``test_logloss``/``test_auc`` are those of the evaluation with the
+lowest validation log loss (``best_epoch``/``best_step``). That is exact (the test numbers of
+that very state, nothing restored) and cheap (one forward pass over test per evaluation, no
+copy of the model). ``--patience N`` stops after N evaluations without a new best. The
+learning rate of the dense and of the fused sparse optimizers warms up linearly over
+``--warmup-steps``. Metrics: torchmetrics AUROC and mean BCE (log loss), synchronised across
+ranks.
 """
 
 import argparse
+import itertools
 import json
-import math
+import logging
 import os
+import re
 import socket
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -34,13 +49,16 @@ from torchrec import EmbeddingBagConfig
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
@@ -64,31 +82,89 @@ from torchrec_cce.distributed import (  # noqa: E402
     format_plan_memory,
     plan_memory,
 )
+from torchrec_cce.hashing import derive_seed  # noqa: E402
 from torchrec_cce.pipeline import redo_pending_input_dist  # noqa: E402
 
 BACKEND_ENV = "TORCHREC_CCE_BACKEND"
+DATA_CHOICES = ["synthetic", "preprocessed", "criteo_tsv", "avazu_csv", "criteo_npy"]
 
 
+# ---------------------------------------------------------------- console
+class _DropMessages(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(self.prefixes)
+
+
+def quiet_known_warnings() -> None:
+    """Silence the TorchRec/fbgemm/torch messages every run prints that are known to be harmless
+    here (each matched by its exact text, so any other warning still shows)."""
+    # TorchRec's modules call torch.fx's is_fx_tracing(); the message is about torch.export
+    # telling the two apart, and this script never exports.
+    logging.getLogger("torch.fx._symbolic_trace").addFilter(
+        _DropMessages("is_fx_tracing will return true"))
+    # Data-parallel (replicated) tables have no sharding spec by design: the planner's plan
+    # validation logs one line per such table.
+    logging.getLogger().addFilter(_DropMessages("Sharding spec not found for"))
+    # Replicated tables never use a cache, so the (default) caching params are simply unused.
+    logging.getLogger("torchrec.distributed.utils").addFilter(
+        _DropMessages("Sharding Type is data_parallel, caching params will be ignored"))
+    # Emitted on construction even when dense_tensor_estimate is passed, which is the fix the
+    # warning asks for (shard_model passes it).
+    warnings.filterwarnings("ignore", message="HeuristicalStorageReservation is known to cause",
+                            category=FutureWarning)
+    # TorchRec (not this script) builds its DDP wrappers with the deprecated keyword; same
+    # behaviour as the new one for our use (buffers broadcast once at init).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated",
+                            category=FutureWarning)
+    # fbgemm's dense (data-parallel) TBE op has its backward inside the CPU kernel but no
+    # Autograd-key registration; gradients are right (pytorch/FBGEMM#5886 adds the key; see
+    # also meta-pytorch/torchrec#2657), only torch.compile could be affected.
+    warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function: "
+                            "an autograd kernel was not registered", category=UserWarning)
+
+
+# ---------------------------------------------------------------- args
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = p.add_argument_group("data")
-    d.add_argument("--data", choices=["synthetic", "criteo_tsv", "criteo_npy", "avazu_csv"],
-                   default="synthetic")
+    d.add_argument(
+        "--data", choices=DATA_CHOICES, default="synthetic",
+        help="preprocessed: a directory written by `python -m torchrec_cce.data.preprocess` "
+             "(tables = the vocabulary sizes, so --method full is collision-free; shuffled per "
+             "epoch). criteo_tsv / avazu_csv stream raw files in file order and take ids "
+             "modulo table sizes: Criteo Kaggle's cardinalities for criteo_tsv and 24/7/"
+             "--max-ids-per-feature for avazu_csv unless --num-embeddings-per-feature, i.e. "
+             "hashed tables for any other file (a warning names the colliding features); "
+             "preprocess your files for real vocabularies. criteo_npy: TorchRec's npy layout. "
+             "synthetic: the Criteo-shaped generator (known Bayes floor).")
+    d.add_argument("--data-dir", default=None, help="the preprocessed directory (--data preprocessed)")
     d.add_argument("--train-path", default=None,
                    help="file (tsv/csv) or comma-separated prefix list for npy: "
                         "'<dir>/day_0' -> day_0_{dense,sparse,labels}.npy")
+    d.add_argument("--val-path", default=None, help="validation file (criteo_tsv, avazu_csv)")
     d.add_argument("--test-path", default=None)
     d.add_argument("--test-fraction", type=float, default=0.1,
-                   help="without --test-path: every round(1/f)-th batch is held out for test")
+                   help="criteo_tsv/avazu_csv without --test-path (--val-path): batch i of a rank "
+                        "goes to test if i %% round(1/f) == 0, to val if it is 1, else to train")
     d.add_argument("--num-embeddings-per-feature", default=None,
-                   help="comma-separated table sizes; ids are taken modulo these")
+                   help="comma-separated table sizes for the raw readers; ids are taken modulo these")
     d.add_argument("--max-ids-per-feature", type=int, default=10_000_000,
-                   help="cap on default table sizes (the data's own cardinalities)")
+                   help="cap on the raw readers' default table sizes")
     d.add_argument("--synthetic-scale", type=float, default=0.001,
                    help="synthetic cardinalities = Criteo Kaggle's x scale")
     d.add_argument("--synthetic-train-batches", type=int, default=None,
-                   help="global train batches per epoch (synthetic)")
-    d.add_argument("--synthetic-test-batches", type=int, default=None)
+                   help="global train batches per epoch (synthetic; default 64 x world)")
+    d.add_argument("--synthetic-val-batches", type=int, default=None,
+                   help="global val batches (default: --synthetic-test-batches)")
+    d.add_argument("--synthetic-test-batches", type=int, default=None,
+                   help="global test batches (default 8 x world)")
     m = p.add_argument_group("model")
     m.add_argument("--method", choices=list(METHOD_NAMES), default="cce")
     m.add_argument("--max-params-per-table", type=int, default=None,
@@ -104,16 +180,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=int, default=1)
     t.add_argument("--batch-size", type=int, default=1024, help="per-rank batch size")
-    t.add_argument("--lr", type=float, default=0.05)
+    t.add_argument("--lr", type=float, default=0.05, help="sparse (embedding) learning rate")
     t.add_argument("--sparse-optimizer", choices=["rowwise_adagrad", "adagrad", "sgd"],
                    default="rowwise_adagrad")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dense-optimizer", choices=["adam", "adagrad", "sgd"], default="adam")
+    t.add_argument("--dense-lr", type=float, default=1e-3, help="dense (MLP) learning rate")
+    t.add_argument("--warmup-steps", type=int, default=100,
+                   help="linear learning-rate warm-up of both optimizers: step s (1-based) "
+                        "uses lr * min(1, s / N); 0 = none")
+    t.add_argument("--seed", type=int, default=0,
+                   help="model init, hashes and the shuffled training order")
     t.add_argument("--recluster-at", default="",
                    help="fractions of the first epoch, e.g. 0.25,0.5 (CCE only)")
     t.add_argument("--recluster-every-epoch", type=int, default=0,
                    help="also re-cluster at the end of each of the first N epochs")
     t.add_argument("--kmeans-iters", type=int, default=10)
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-every", type=int, default=None,
+                   help="also evaluate every N steps (val and test; always at each epoch's end)")
+    e.add_argument("--patience", type=int, default=None,
+                   help="stop after N evaluations in a row without a lower val log loss")
     o = p.add_argument_group("output")
     o.add_argument("--checkpoint-dir", default=None, help="DCP checkpoint written each epoch")
     o.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
@@ -124,8 +211,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.recluster_at and args.method != "cce":
         p.error("--recluster-at only applies to --method cce")
-    if args.data != "synthetic" and not args.train_path:
+    if args.data in ("criteo_tsv", "avazu_csv", "criteo_npy") and not args.train_path:
         p.error(f"--data {args.data} needs --train-path")
+    if args.data == "preprocessed":
+        if not args.data_dir:
+            p.error("--data preprocessed needs --data-dir (a `python -m torchrec_cce.data."
+                    "preprocess ... --out DIR` directory)")
+        if args.num_embeddings_per_feature:
+            p.error("--num-embeddings-per-feature does not apply to --data preprocessed: tables "
+                    "have the vocabulary sizes (pick a compression --method instead)")
+    for flag in ("eval_every", "patience"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     return args
 
 
@@ -149,73 +249,167 @@ def init_distributed() -> Tuple[int, int, torch.device]:
 
 
 # ---------------------------------------------------------------- data
+@dataclass
 class Data:
-    """Train/test iterables for this rank, table sizes, and the data's Bayes floor if known."""
+    """This rank's splits and what the model needs to know about the features.
 
-    def __init__(self, args: argparse.Namespace, rank: int, world: int) -> None:
-        sizes = ([int(x) for x in args.num_embeddings_per_feature.split(",")]
-                 if args.num_embeddings_per_feature else None)
-        self.bayes_logloss: Optional[float] = None
-        self.steps_per_epoch: Optional[int] = None
-        self.holdout_every = 0
-        bs = args.batch_size
-        if args.data == "synthetic":
-            kw = dict(batch_size=bs, rank=rank, world_size=world, seed=args.seed,
-                      scale=args.synthetic_scale, num_embeddings_per_feature=sizes)
-            train_batches = args.synthetic_train_batches or 64 * world
-            test_batches = args.synthetic_test_batches or 8 * world
-            self.train = CriteoSyntheticDataset("train", num_batches=train_batches, **kw)
-            self.test = CriteoSyntheticDataset("test", num_batches=test_batches, **kw)
-            self.sizes = self.train.num_embeddings_per_feature
-            self.steps_per_epoch = len(self.train)
-            self.bayes_logloss = self.test.bayes_logloss()
-            self.dense_in = 13
-        elif args.data in ("criteo_tsv", "avazu_csv"):
-            if sizes is None:
-                cards = (CriteoTsvDataset if args.data == "criteo_tsv"
-                         else AvazuCsvDataset)(args.train_path, bs).cardinalities
-                sizes = [min(c or args.max_ids_per_feature, args.max_ids_per_feature)
-                         for c in cards]
-            cls = CriteoTsvDataset if args.data == "criteo_tsv" else AvazuCsvDataset
-            extra = {} if args.data == "criteo_tsv" else {"constant_dense": True}
-            self.train = cls(args.train_path, bs, rank=rank, world_size=world,
-                             num_embeddings_per_feature=sizes, **extra)
-            if args.test_path:
-                self.test = cls(args.test_path, bs, rank=rank, world_size=world,
-                                num_embeddings_per_feature=sizes, **extra)
-            else:
-                self.test = self.train
-                self.holdout_every = max(2, round(1 / args.test_fraction))
-            self.sizes = sizes
-            self.dense_in = 13 if args.data == "criteo_tsv" else 1
-            rows = _count_lines(args.train_path) - (args.data == "avazu_csv")
-            self.steps_per_epoch = max(1, rows // (bs * world))
-            if self.holdout_every:
-                self.steps_per_epoch -= self.steps_per_epoch // self.holdout_every
-        else:  # criteo_npy
-            prefixes = args.train_path.split(",")
-            paths = [[f"{x}_{kind}.npy" for x in prefixes] for kind in ("dense", "sparse", "labels")]
-            sizes = sizes or [args.max_ids_per_feature] * 26
-            self.train = CriteoNpyDataset(*paths, batch_size=bs, rank=rank, world_size=world,
-                                          num_embeddings_per_feature=sizes, stage="train")
-            test_prefixes = (args.test_path or args.train_path).split(",")
-            tpaths = [[f"{x}_{kind}.npy" for x in test_prefixes]
-                      for kind in ("dense", "sparse", "labels")]
-            self.test = CriteoNpyDataset(*tpaths, batch_size=bs, rank=rank, world_size=world,
-                                         num_embeddings_per_feature=sizes, stage="test")
-            self.sizes = sizes
-            self.dense_in = 13
-            self.steps_per_epoch = len(self.train)
+    ``train(epoch)`` yields the epoch's training batches (in that epoch's shuffled order where
+    the source supports it); ``val()``/``test()`` the evaluation batches. ``counts(feature)`` is
+    the per-id training frequency (int64 ``[V]``) when the data has it, else None.
+    """
 
-    def train_batches(self) -> Iterator[Batch]:
-        for i, batch in enumerate(self.train):
-            if not self.holdout_every or i % self.holdout_every:
-                yield batch
+    feature_names: List[str]
+    sizes: List[int]
+    dense_in: int
+    train: Callable[[int], Iterable[Batch]]
+    val: Callable[[], Iterable[Batch]]
+    test: Callable[[], Iterable[Batch]]
+    steps_per_epoch: Optional[int] = None
+    bayes_logloss: Optional[float] = None
+    counts: Callable[[str], Optional[np.ndarray]] = lambda feature: None
+    collisions: Optional["ModuloIds"] = None
+    notes: List[str] = field(default_factory=list)
 
-    def test_batches(self) -> Iterator[Batch]:
-        for i, batch in enumerate(self.test):
-            if not self.holdout_every or i % self.holdout_every == 0:
-                yield batch
+
+def load_data(args: argparse.Namespace, rank: int, world: int) -> Data:
+    builders = {"synthetic": synthetic_data, "preprocessed": preprocessed_data,
+                "criteo_tsv": raw_file_data, "avazu_csv": raw_file_data, "criteo_npy": npy_data}
+    return builders[args.data](args, rank, world)
+
+
+def synthetic_data(args: argparse.Namespace, rank: int, world: int) -> Data:
+    """The Criteo-shaped generator; the training order of its (fixed) batches is a permutation
+    drawn per epoch from ``(seed, epoch)``, the same on every rank."""
+    sizes = _sizes_flag(args)
+    kw = dict(batch_size=args.batch_size, rank=rank, world_size=world, seed=args.seed,
+              scale=args.synthetic_scale, num_embeddings_per_feature=sizes)
+    n_train = args.synthetic_train_batches or 64 * world
+    n_test = args.synthetic_test_batches or 8 * world
+    n_val = args.synthetic_val_batches or n_test
+    train = CriteoSyntheticDataset("train", num_batches=n_train, **kw)
+    val = CriteoSyntheticDataset("val", num_batches=n_val, **kw)
+    test = CriteoSyntheticDataset("test", num_batches=n_test, **kw)
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(derive_seed(args.seed, "train/order", epoch))
+        order = torch.randperm(n_train, generator=g).tolist()
+        return (train.batch(i) for i in order[rank::world])
+
+    return Data(feature_names=list(train.keys), sizes=train.num_embeddings_per_feature,
+                dense_in=13, train=train_batches, val=lambda: iter(val), test=lambda: iter(test),
+                steps_per_epoch=len(train), bayes_logloss=test.bayes_logloss())
+
+
+def preprocessed_data(args: argparse.Namespace, rank: int, world: int) -> Data:
+    """A ``torchrec_cce.data.preprocess`` directory: one table per feature of exactly the
+    vocabulary size (ids are already contiguous, nothing is taken modulo anything)."""
+    from torchrec_cce.data.preprocessed import PreprocessedDataset, load_meta
+
+    meta = load_meta(args.data_dir)
+    kw = dict(batch_size=args.batch_size, rank=rank, world_size=world)
+    splits = {}
+    for split in ("train", "val", "test"):
+        rows = int(meta["splits"].get(split, {}).get("rows", 0))
+        if rows == 0:
+            raise ValueError(f"{args.data_dir}: the {split} split is empty; re-run "
+                             "`python -m torchrec_cce.data.preprocess` with --split (or "
+                             "--split-by-order / --test-input) giving it rows")
+        splits[split] = PreprocessedDataset(args.data_dir, split=split, shuffle=split == "train",
+                                            seed=args.seed, **kw)
+    train = splits["train"]
+    fix = (lambda b: b) if train.dense_names else constant_dense
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        train.set_epoch(epoch)
+        return map(fix, train)
+
+    notes = [] if train.dense_names else [
+        "no dense features: DLRM gets one constant-1 dense column (its dense MLP learns a bias)"]
+    return Data(feature_names=list(train.feature_names), sizes=[int(v) for v in train.vocab_sizes],
+                dense_in=max(1, len(train.dense_names)), train=train_batches,
+                val=lambda: map(fix, splits["val"]), test=lambda: map(fix, splits["test"]),
+                steps_per_epoch=len(train), counts=train.counts, notes=notes)
+
+
+def constant_dense(batch: Batch) -> Batch:
+    """The batch with a constant-1 dense column in place of its (empty) dense features.
+
+    TorchRec's DLRM needs ``dense_in_features >= 1``; a constant input makes the dense arch's
+    output a learned vector, exactly what a dense-free model has (DLRM's bias terms)."""
+    ones = torch.ones(batch.labels.shape[0], 1, dtype=torch.float32)
+    return Batch(dense_features=ones, sparse_features=batch.sparse_features, labels=batch.labels)
+
+
+def raw_file_data(args: argparse.Namespace, rank: int, world: int) -> Data:
+    """Stream raw Criteo TSV / Avazu CSV files. Ids are taken modulo the table sizes here
+    (:class:`ModuloIds`, which also reports collisions); missing val/test files are replaced by
+    batches held out of the training stream."""
+    criteo = args.data == "criteo_tsv"
+    cls = CriteoTsvDataset if criteo else AvazuCsvDataset
+    extra = {} if criteo else {"constant_dense": True}
+    bs = args.batch_size
+
+    def reader(path: str) -> Any:
+        return cls(path, bs, rank=rank, world_size=world, **extra)  # raw ids, no modulo
+
+    train = reader(args.train_path)
+    sizes = _sizes_flag(args) or [min(c or args.max_ids_per_feature, args.max_ids_per_feature)
+                                  for c in train.cardinalities]
+    names = list(train.keys)
+    modulo = ModuloIds(names, sizes)
+    held = []  # residues of the batch index held out of train: 0 = test, 1 = val
+    if not args.test_path:
+        held.append(0)
+    if not args.val_path:
+        held.append(1)
+    period = max(len(held) + 1, round(1 / args.test_fraction)) if held else 0
+
+    def part(path: Optional[str], residue: int) -> Callable[[], Iterator[Batch]]:
+        if path:
+            return lambda: map(modulo, reader(path))
+        return lambda: (modulo(b) for i, b in enumerate(train) if i % period == residue)
+
+    def train_batches(epoch: int) -> Iterator[Batch]:
+        return (modulo(b) for i, b in enumerate(train) if not held or i % period not in held)
+
+    rows = _count_lines(args.train_path) - (not criteo)
+    steps = max(1, rows // (bs * world))
+    steps -= sum(1 for i in range(steps) if held and i % period in held)
+    notes = [f"{'Criteo TSV' if criteo else 'Avazu CSV'} streamed in file order (not shuffled); "
+             f"table sizes {'from the flag' if args.num_embeddings_per_feature else 'Criteo Kaggle cardinalities' if criteo else '24/7/--max-ids-per-feature'}"]
+    if held:
+        parts = {0: "test (batch index % {p} == 0)", 1: "val (== 1)"}
+        notes.append(f"held out of --train-path for " + ", ".join(
+            parts[r].format(p=period) for r in held) + ": these batches are never trained on")
+    return Data(feature_names=names, sizes=sizes, dense_in=13 if criteo else 1,
+                train=train_batches, val=part(args.val_path, 1), test=part(args.test_path, 0),
+                steps_per_epoch=max(1, steps), collisions=modulo, notes=notes)
+
+
+def npy_data(args: argparse.Namespace, rank: int, world: int) -> Data:
+    """TorchRec's Criteo npy layout: val/test are the first/second half of the test prefixes'
+    files (TorchRec's convention; pass --test-path, e.g. day_23, for data disjoint from train)."""
+    sizes = _sizes_flag(args) or [args.max_ids_per_feature] * 26
+    kw = dict(batch_size=args.batch_size, rank=rank, world_size=world,
+              num_embeddings_per_feature=sizes)
+
+    def paths(prefixes: str) -> List[List[str]]:
+        return [[f"{x}_{kind}.npy" for x in prefixes.split(",")]
+                for kind in ("dense", "sparse", "labels")]
+
+    train = CriteoNpyDataset(*paths(args.train_path), stage="train", **kw)
+    test_prefixes = args.test_path or args.train_path
+    val = CriteoNpyDataset(*paths(test_prefixes), stage="val", **kw)
+    test = CriteoNpyDataset(*paths(test_prefixes), stage="test", **kw)
+    return Data(feature_names=list(train.keys), sizes=sizes, dense_in=13,
+                train=lambda epoch: iter(train), val=lambda: iter(val), test=lambda: iter(test),
+                steps_per_epoch=len(train))
+
+
+def _sizes_flag(args: argparse.Namespace) -> Optional[List[int]]:
+    if not args.num_embeddings_per_feature:
+        return None
+    return [int(x) for x in args.num_embeddings_per_feature.split(",")]
 
 
 def _count_lines(path: str) -> int:
@@ -223,7 +417,69 @@ def _count_lines(path: str) -> int:
         return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
-def in_step(batches: Iterator[Batch], stop_after: Optional[int] = None) -> Iterator[Batch]:
+class ModuloIds:
+    """Takes raw ids modulo the table sizes and detects collisions on the way.
+
+    Per feature, it remembers the first raw id seen at every table row (an int64 array of the
+    table's size) while ``tracking``; a row reached by a second, different raw id is a
+    collision: two of the data's values share an embedding, even with ``--method full``.
+    Tracking covers the first epoch (about one table's worth of int64 per feature, freed at the
+    first collision or at :meth:`stop`); it sees this rank's rows only, so it can only miss
+    collisions, never invent one.
+    """
+
+    def __init__(self, names: Sequence[str], sizes: Sequence[int]) -> None:
+        self.names = list(names)
+        self.sizes = [int(n) for n in sizes]
+        self._sizes = torch.tensor(self.sizes, dtype=torch.int64).view(-1, 1)
+        self._first: Dict[int, torch.Tensor] = {
+            f: torch.full((n,), -1, dtype=torch.int64) for f, n in enumerate(self.sizes)}
+        self.collided = [False] * len(self.sizes)
+        self.reported = [False] * len(self.sizes)
+
+    def __call__(self, batch: Batch) -> Batch:
+        kjt = batch.sparse_features
+        stride = kjt.stride()
+        values = kjt.values().view(len(self.sizes), stride)  # one id per sample and feature
+        if self._first:
+            self._observe(values)
+        remapped = torch.remainder(values, self._sizes).reshape(-1)
+        kjt = KeyedJaggedTensor(keys=kjt.keys(), values=remapped, lengths=kjt.lengths(),
+                                stride=stride)
+        return Batch(dense_features=batch.dense_features, sparse_features=kjt,
+                     labels=batch.labels)
+
+    def _observe(self, values: torch.Tensor) -> None:
+        for f in list(self._first):
+            first, raw = self._first[f], values[f]
+            rows = torch.remainder(raw, self.sizes[f])
+            unseen = first[rows] < 0
+            first[rows[unseen]] = raw[unseen]
+            if bool((first[rows] != raw).any()):
+                self.collided[f] = True
+                del self._first[f]
+
+    def stop(self) -> None:
+        self._first.clear()
+
+    def report(self) -> Optional[str]:
+        """Collective: the newly found colliding features over all ranks, as one line (or None)."""
+        flags = torch.tensor([int(c) for c in self.collided])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        new = [f for f, c in enumerate(flags.tolist()) if c and not self.reported[f]]
+        for f in new:
+            self.reported[f] = self.collided[f] = True
+        if not new:
+            return None
+        shown = ", ".join(f"{self.names[f]} ({self.sizes[f]} rows)" for f in new[:6])
+        more = f" and {len(new) - 6} more" if len(new) > 6 else ""
+        return (f"warning: ids taken modulo the table size collide in {len(new)} feature(s): "
+                f"{shown}{more}; distinct values share rows even with --method full. Preprocess "
+                "the files (python -m torchrec_cce.data.preprocess) and use --data preprocessed "
+                "for tables of the true vocabulary sizes.")
+
+
+def in_step(batches: Iterable[Batch], stop_after: Optional[int] = None) -> Iterator[Batch]:
     """Yield while *every* rank still has a batch (ranks of a streamed file may differ by one;
     a rank running ahead would hang the collectives)."""
     it = iter(batches)
@@ -239,13 +495,43 @@ def in_step(batches: Iterator[Batch], stop_after: Optional[int] = None) -> Itera
 
 
 # ---------------------------------------------------------------- model
-def build_model(args: argparse.Namespace, sizes: List[int], dense_in: int) -> Tuple[nn.Module, Dict]:
+def table_configs(data: Data, dim: int) -> List[EmbeddingBagConfig]:
+    """One table ``t_<feature>`` per feature, ``num_embeddings`` = the data's table size."""
+    tables, seen = [], set()
+    for feature, n in zip(data.feature_names, data.sizes):
+        name = "t_" + re.sub(r"\W", "_", feature)
+        if name in seen:
+            raise ValueError(f"features {data.feature_names} give the table name {name!r} twice "
+                             "(non-alphanumeric characters become '_'): rename a feature")
+        seen.add(name)
+        tables.append(EmbeddingBagConfig(name=name, embedding_dim=dim, num_embeddings=int(n),
+                                         feature_names=[feature]))
+    return tables
+
+
+def table_counts(data: Data, tables: List[EmbeddingBagConfig]) -> Optional[Dict[str, np.ndarray]]:
+    """``{table: per-id training frequency}`` when the data has counts, else None."""
+    counts = {t.name: data.counts(t.feature_names[0]) for t in tables}
+    return None if any(c is None for c in counts.values()) else counts
+
+
+def make_compression(tables: List[EmbeddingBagConfig], args: argparse.Namespace,
+                     counts: Optional[Dict[str, np.ndarray]]) -> Tuple[Dict, int]:
+    """The compression configs of ``--method`` at the per-table cap.
+
+    ``counts`` (table -> int64 ``[num_embeddings]`` training frequencies, or None) is the hook
+    for frequency-aware methods and planning (MPE's frequency groups); the methods here do not
+    use it."""
+    cap = args.max_params_per_table or max(16, max(t.num_embeddings for t in tables)
+                                           * args.embedding_dim // 16)
+    return compression_for_budget(tables, args.method, cap, chunks=args.chunks,
+                                  seed=args.seed), cap
+
+
+def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[str, Any]]:
     dim = args.embedding_dim
-    tables = [EmbeddingBagConfig(name=f"t_cat_{i}", embedding_dim=dim, num_embeddings=n,
-                                 feature_names=[f"cat_{i}"]) for i, n in enumerate(sizes)]
-    cap = args.max_params_per_table or max(16, max(sizes) * dim // 16)
-    compression = compression_for_budget(tables, args.method, cap, chunks=args.chunks,
-                                         seed=args.seed)
+    tables = table_configs(data, dim)
+    compression, cap = make_compression(tables, args, table_counts(data, tables))
     # MEmCom's per-id weights cannot be sharded yet: its model is built for data parallelism.
     meta = args.method != "memcom"
     ebc = CCEEmbeddingBagCollection(tables, compression,
@@ -255,15 +541,16 @@ def build_model(args: argparse.Namespace, sizes: List[int], dense_in: int) -> Tu
     if dense[-1] != dim:
         raise ValueError(f"--dense-arch must end with the embedding dim {dim}, got {dense}")
     if args.dcn:
-        dlrm = DLRM_DCN(embedding_bag_collection=ebc, dense_in_features=dense_in,
+        dlrm = DLRM_DCN(embedding_bag_collection=ebc, dense_in_features=data.dense_in,
                         dense_arch_layer_sizes=dense, over_arch_layer_sizes=over,
                         dcn_num_layers=args.dcn_layers, dcn_low_rank_dim=args.dcn_low_rank,
                         dense_device=torch.device("cpu"))
     else:
-        dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=dense_in,
+        dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=data.dense_in,
                     dense_arch_layer_sizes=dense, over_arch_layer_sizes=over,
                     dense_device=torch.device("cpu"))
-    return DLRMTrain(dlrm), {"max_params_per_table": cap, "compressed_tables": len(compression)}
+    return DLRMTrain(dlrm), {"max_params_per_table": cap, "compressed_tables": len(compression),
+                             "tables": {t.name: t.num_embeddings for t in tables}}
 
 
 def sparse_optimizer(name: str) -> Tuple[type, Dict[str, Any]]:
@@ -275,6 +562,14 @@ def sparse_optimizer(name: str) -> Tuple[type, Dict[str, Any]]:
     if name == "adagrad":
         return torch.optim.Adagrad, {"eps": 1e-8}
     return SGD, {}
+
+
+def dense_optimizer(name: str, lr: float) -> Callable[[Any], torch.optim.Optimizer]:
+    if name == "adam":
+        return lambda params: torch.optim.Adam(params, lr=lr)
+    if name == "adagrad":
+        return lambda params: torch.optim.Adagrad(params, lr=lr, eps=1e-8)
+    return lambda params: torch.optim.SGD(params, lr=lr)
 
 
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
@@ -290,20 +585,96 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
     apply_optimizer_in_backward(opt_cls, model.model.sparse_arch.parameters(),
                                 {"lr": args.lr, **opt_kw})
     sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
-    topology = Topology(world_size=world, compute_device=device.type,
-                        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    topology = TopologyFactory.create_topology(
+        TrainerConfig(world_size=world,
+                      local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
+        kernel_config=KernelConfig(compute_device=device.type))
+    # TorchRec's default reservation, with the dense parts' size given explicitly (its own
+    # heuristic: 6 x the dense parameter bytes, for weights, optimizer state and DDP buckets).
+    dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                      if "sparse_arch" not in n)
+    base = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size,
-                                       storage_reservation=CCEStorageReservation())
+                                       storage_reservation=CCEStorageReservation(base=base))
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
-    table = format_plan_memory(plan_memory(plan, model, world))  # before DMP swaps modules
+    table = format_plan(plan_memory(plan, model, world))  # before DMP swaps modules
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    plan=plan, sharders=[sharder], device=device)
     return dmp, table
 
 
+def format_plan(rows: Dict[str, Dict[str, Any]], max_rows: int = 8) -> str:
+    """The plan's memory table; beyond ``max_rows`` tables, the uncompressed ones are summed
+    into one line so the table stays short."""
+    if len(rows) <= max_rows:
+        return format_plan_memory(rows)
+    kept = {k: r for k, r in rows.items() if r["method"] != "full"}
+    full = [r for r in rows.values() if r["method"] == "full"]
+    mib = 1 << 20
+    text = format_plan_memory(kept) if kept else ""
+    if full:
+        total = sum(r["full_bytes"] for r in full) / mib
+        ranks = [sum(r["bytes_per_rank"][i] for r in full) / mib
+                 for i in range(len(full[0]["bytes_per_rank"]))]
+        line = (f"{f'+{len(full)} full':<16}{'full':<9}{total:>12.3f}{total:>16.3f}"
+                + "".join(f"{b:>13.3f}" for b in ranks))
+        text = f"{text}\n{line}" if text else line
+    return text
+
+
+# ---------------------------------------------------------------- optimizers
+class Optimizers:
+    """The dense optimizer (stepped by the pipeline), the fused sparse optimizers (run inside
+    backward by fbgemm / DDP) and one learning-rate knob over all of them.
+
+    The fused TBE optimizers read their lr from ``dmp.fused_optimizer``'s param groups only
+    when that KeyedOptimizer's ``zero_grad``/``step`` runs (nothing else calls them when the
+    update happens in backward), so :meth:`set_lr` writes the groups and then calls
+    ``zero_grad``. Replicated (data-parallel) tables keep their torch optimizers on
+    ``param._in_backward_optimizers``; their groups are written directly.
+    """
+
+    def __init__(self, dmp: nn.Module, args: argparse.Namespace) -> None:
+        self.dense = KeyedOptimizerWrapper(
+            dict(in_backward_optimizer_filter(dmp.named_parameters())),
+            dense_optimizer(args.dense_optimizer, args.dense_lr))
+        self.fused = dmp.fused_optimizer if isinstance(dmp, DistributedModelParallel) else None
+        self.combined = CombinedOptimizer(([self.fused] if self.fused else []) + [self.dense])
+        fused_ids = {id(g) for g in (self.fused.param_groups if self.fused else [])}
+        self.in_backward = [opt for p in dmp.parameters()
+                            for opt in getattr(p, "_in_backward_optimizers", [])
+                            if not any(id(g) in fused_ids for g in opt.param_groups)]
+        self.dense_lr, self.sparse_lr = args.dense_lr, args.lr
+        self.warmup = args.warmup_steps
+        self._factor: Optional[float] = None
+
+    def factor(self, step: int) -> float:
+        """Linear warm-up: the multiplier of training step ``step`` (1-based)."""
+        return 1.0 if self.warmup <= 0 else min(1.0, step / self.warmup)
+
+    def before_step(self, step: int) -> None:
+        """Set the learning rates for training step ``step`` (1-based) if they change."""
+        f = self.factor(step)
+        if f != self._factor:
+            self.set_lr(self.dense_lr * f, self.sparse_lr * f)
+            self._factor = f
+
+    def set_lr(self, dense_lr: float, sparse_lr: float) -> None:
+        for group in self.dense.param_groups:
+            group["lr"] = dense_lr
+        if self.fused is not None:
+            for group in self.fused.param_groups:
+                group["lr"] = sparse_lr
+            self.fused.zero_grad()  # pushes the groups' lr into the fbgemm TBE modules
+        for opt in self.in_backward:
+            for group in opt.param_groups:
+                group["lr"] = sparse_lr
+
+
 # ---------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(dmp: nn.Module, batches: Iterator[Batch], device: torch.device) -> Dict[str, float]:
+def evaluate(dmp: nn.Module, batches: Iterable[Batch], device: torch.device) -> Dict[str, float]:
+    """Log loss (mean BCE) and AUC of ``dmp`` on ``batches``, over all ranks."""
     dmp.eval()
     auroc = torchmetrics.classification.BinaryAUROC().to(device)
     logloss = torchmetrics.MeanMetric().to(device)
@@ -315,33 +686,225 @@ def evaluate(dmp: nn.Module, batches: Iterator[Batch], device: torch.device) -> 
         logloss.update(nn.functional.binary_cross_entropy_with_logits(
             logits.float(), labels.float(), reduction="none"))
     dmp.train()
-    return {"test_auc": float(auroc.compute()), "test_logloss": float(logloss.compute())}
+    return {"logloss": float(logloss.compute()), "auc": float(auroc.compute())}
+
+
+class Protocol:
+    """Every evaluation, the best one (lowest validation log loss; ties: the earlier), and the
+    early-stopping rule: stop after ``patience`` evaluations in a row without a new best."""
+
+    def __init__(self, patience: Optional[int] = None) -> None:
+        self.patience = patience
+        self.evaluations: List[Dict[str, Any]] = []
+
+    def add(self, record: Dict[str, Any]) -> bool:
+        """Record an evaluation; True if it is the new best."""
+        self.evaluations.append(record)
+        return self.best is record
+
+    @property
+    def best(self) -> Optional[Dict[str, Any]]:
+        if not self.evaluations:
+            return None
+        return min(self.evaluations, key=lambda r: r["val_logloss"])  # first of equal minima
+
+    @property
+    def since_best(self) -> int:
+        best = self.best
+        return 0 if best is None else len(self.evaluations) - 1 - self.evaluations.index(best)
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
+
+    def last_step(self) -> Optional[int]:
+        return self.evaluations[-1]["step"] if self.evaluations else None
+
+    def state(self) -> str:
+        return json.dumps(self.evaluations)
+
+    def load(self, state: str) -> None:
+        self.evaluations = json.loads(state) if state else []
+
+
+def run_evaluation(ctx: "Training", epoch: int) -> Dict[str, Any]:
+    """Evaluate val and test on the current state; record it in the protocol."""
+    if isinstance(ctx.pipeline, TrainPipelineSparseDist):
+        ctx.pipeline.detach()  # the modules' own forward; progress() re-attaches
+    t0 = time.perf_counter()
+    val = evaluate(ctx.dmp, ctx.data.val(), ctx.device)
+    test = evaluate(ctx.dmp, ctx.data.test(), ctx.device)
+    record = {"epoch": epoch, "step": ctx.progress["step"],
+              "val_logloss": val["logloss"], "val_auc": val["auc"],
+              "test_logloss": test["logloss"], "test_auc": test["auc"]}
+    best = ctx.protocol.add(record)
+    ctx.eval_seconds += time.perf_counter() - t0
+    if ctx.writer:
+        for k in ("val_logloss", "val_auc", "test_logloss", "test_auc"):
+            ctx.writer.add_scalar(k.replace("_", "/", 1), record[k], record["step"])
+    ctx.say(f"eval epoch {epoch} step {record['step']}: val log loss {val['logloss']:.4f} "
+            f"AUC {val['auc']:.4f}{'  (best)' if best else ''}")
+    return record
 
 
 # ---------------------------------------------------------------- checkpoints
-def checkpoint_state(dmp: nn.Module, optimizer: CombinedOptimizer, progress: Dict[str, int]
-                     ) -> Dict[str, Any]:
+def checkpoint_state(dmp: nn.Module, optimizer: CombinedOptimizer, progress: Dict[str, int],
+                     protocol: str = "") -> Dict[str, Any]:
     return {"model": dmp.state_dict(), "optim": optimizer.state_dict(),
-            "progress": {k: torch.tensor(v) for k, v in progress.items()}}
+            "progress": {k: torch.tensor(v) for k, v in progress.items()},
+            "protocol": protocol}
 
 
 def save_checkpoint(path: str, dmp: nn.Module, optimizer: CombinedOptimizer,
-                    progress: Dict[str, int]) -> None:
-    dcp.save(checkpoint_state(dmp, optimizer, progress), checkpoint_id=path)
+                    progress: Dict[str, int], protocol: Protocol) -> None:
+    dcp.save(checkpoint_state(dmp, optimizer, progress, protocol.state()), checkpoint_id=path)
 
 
-def load_checkpoint(path: str, dmp: nn.Module, optimizer: CombinedOptimizer) -> Dict[str, int]:
+def load_checkpoint(path: str, dmp: nn.Module, optimizer: CombinedOptimizer,
+                    protocol: Protocol) -> Dict[str, int]:
     optimizer.init_state()
     state = checkpoint_state(dmp, optimizer, {"step": 0, "epoch": 0})
     dcp.load(state, checkpoint_id=path)
     dmp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optim"])
+    protocol.load(state["protocol"])
     return {k: int(v) for k, v in state["progress"].items()}
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- training
+@dataclass
+class Training:
+    """Everything the training loop touches (one run, this rank)."""
+
+    args: argparse.Namespace
+    rank: int
+    world: int
+    device: torch.device
+    data: Data
+    dmp: nn.Module
+    optim: Optimizers
+    pipeline: Any
+    schedule: ReclusterSchedule
+    protocol: Protocol
+    budget: Dict[str, Any]
+    plan_table: str
+    progress: Dict[str, int] = field(default_factory=lambda: {"step": 0, "epoch": 0})
+    writer: Any = None
+    bar: Any = None
+    losses: List[Tuple[int, float]] = field(default_factory=list)
+    recluster_log: List[Dict[str, Any]] = field(default_factory=list)
+    samples: int = 0
+    recluster_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(text)
+
+
+def setup(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Training:
+    """Data, model, sharding, optimizers, pipeline and (with --resume) the checkpoint."""
+    torch.manual_seed(args.seed)
+    data = load_data(args, rank, world)
+    model, budget = build_model(args, data)
+    dmp, plan_table = shard_model(model, args, world, device)
+    optim = Optimizers(dmp, args)
+    pipeline = (TrainPipelineSparseDist(dmp, optim.dense, device)
+                if isinstance(dmp, DistributedModelParallel)
+                else TrainPipelineBase(dmp, optim.dense, device))
+    schedule = ReclusterSchedule.from_epochs(
+        data.steps_per_epoch or 1,
+        [float(x) for x in args.recluster_at.split(",") if x],
+        every_epoch=args.recluster_every_epoch if args.method == "cce" else 0,
+        iters=args.kmeans_iters)
+    ctx = Training(args, rank, world, device, data, dmp, optim, pipeline, schedule,
+                   Protocol(args.patience), budget, plan_table)
+    if args.resume:
+        if not args.checkpoint_dir or not os.path.isdir(args.checkpoint_dir):
+            raise FileNotFoundError(f"--resume needs an existing --checkpoint-dir, got "
+                                    f"{args.checkpoint_dir!r}")
+        ctx.progress = load_checkpoint(args.checkpoint_dir, dmp, optim.combined, ctx.protocol)
+    return ctx
+
+
+def train_steps(ctx: Training, batches: Iterator[Batch]) -> int:
+    """Train on ``batches`` until they run out; the pipeline is drained and reset at the end
+    (so an evaluation can follow). Returns the number of steps."""
+    n = 0
+    while True:
+        ctx.optim.before_step(ctx.progress["step"] + 1)
+        try:
+            loss, _, labels = ctx.pipeline.progress(batches)
+        except StopIteration:
+            break
+        n += 1
+        step = ctx.progress["step"] = ctx.progress["step"] + 1
+        ctx.samples += labels.numel() * ctx.world
+        value = float(loss)
+        ctx.losses.append((step, value))
+        if ctx.writer:
+            ctx.writer.add_scalar("train/loss", value, step)
+        if ctx.bar is not None:
+            ctx.bar.set_postfix(loss=f"{value:.4f}")
+            ctx.bar.update(1)
+        if ctx.data.collisions is not None and step == 100 and ctx.progress["epoch"] == 0:
+            report_collisions(ctx)
+        if ctx.schedule.due(step):
+            t_rc = time.perf_counter()
+            stats = ctx.schedule.step(ctx.dmp, step, optimizers=[ctx.optim.dense])
+            redo_pending_input_dist(ctx.pipeline)
+            ctx.recluster_seconds += time.perf_counter() - t_rc
+            ctx.recluster_log.append({"step": step, "tables": stats})
+            secs = sum(s["seconds"] for s in stats.values())
+            ctx.say(f"re-clustered {len(stats)} tables at step {step} in {secs:.2f} s")
+    ctx.pipeline.reset()
+    return n
+
+
+def report_collisions(ctx: Training) -> None:
+    line = ctx.data.collisions.report()
+    if line:
+        ctx.say(line)
+
+
+def train_epoch(ctx: Training, epoch: int) -> bool:
+    """One epoch with its evaluations; False when training should stop (patience, max steps)."""
+    args = ctx.args
+    steps_left = None if args.max_steps is None else args.max_steps - ctx.progress["step"]
+    batches = in_step(ctx.data.train(epoch), steps_left)
+    ctx.bar = tqdm(total=ctx.data.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
+                   disable=ctx.rank != 0 or args.no_progress, dynamic_ncols=True)
+    if ctx.bar.disable:
+        ctx.bar = None
+    while True:
+        segment = None
+        if args.eval_every:
+            segment = args.eval_every - ctx.progress["step"] % args.eval_every
+        ran = train_steps(ctx, itertools.islice(batches, segment) if segment else batches)
+        if segment is None or ran < segment:
+            break  # this epoch's data (or --max-steps) ran out
+        run_evaluation(ctx, epoch + 1)
+        if ctx.protocol.should_stop:
+            break
+    if ctx.bar is not None:
+        ctx.bar.close()
+        ctx.bar = None
+    if ctx.data.collisions is not None:  # the first epoch's check (or a resumed run's first)
+        report_collisions(ctx)
+        ctx.data.collisions.stop()
+    ctx.progress["epoch"] = epoch + 1
+    if ctx.protocol.last_step() != ctx.progress["step"]:
+        run_evaluation(ctx, epoch + 1)
+    if args.checkpoint_dir:
+        save_checkpoint(args.checkpoint_dir, ctx.dmp, ctx.optim.combined, ctx.progress,
+                        ctx.protocol)
+    hit_max = args.max_steps is not None and ctx.progress["step"] >= args.max_steps
+    return not (ctx.protocol.should_stop or hit_max)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    quiet_known_warnings()
     rank, world, device = init_distributed()
     try:
         return train(args, rank, world, device)
@@ -350,112 +913,31 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
-    torch.manual_seed(args.seed)
     start = time.perf_counter()
-    data = Data(args, rank, world)
-    model, budget = build_model(args, data.sizes, data.dense_in)
-    dmp, plan_table = shard_model(model, args, world, device)
-    dense_opt = KeyedOptimizerWrapper(
-        dict(in_backward_optimizer_filter(dmp.named_parameters())),
-        lambda params: torch.optim.Adagrad(params, lr=args.lr))
-    fused = [dmp.fused_optimizer] if isinstance(dmp, DistributedModelParallel) else []
-    optimizer = CombinedOptimizer(fused + [dense_opt])
-    pipeline = (TrainPipelineSparseDist(dmp, dense_opt, device)
-                if isinstance(dmp, DistributedModelParallel)
-                else TrainPipelineBase(dmp, dense_opt, device))
-    progress = {"step": 0, "epoch": 0}
-    if args.resume:
-        if not args.checkpoint_dir or not os.path.isdir(args.checkpoint_dir):
-            raise FileNotFoundError(f"--resume needs an existing --checkpoint-dir, got "
-                                    f"{args.checkpoint_dir!r}")
-        progress = load_checkpoint(args.checkpoint_dir, dmp, optimizer)
-    schedule = ReclusterSchedule.from_epochs(
-        data.steps_per_epoch or 1,
-        [float(x) for x in args.recluster_at.split(",") if x],
-        every_epoch=args.recluster_every_epoch if args.method == "cce" else 0,
-        iters=args.kmeans_iters)
-    writer = None
+    ctx = setup(args, rank, world, device)
     if args.tensorboard_dir and rank == 0:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(args.tensorboard_dir)
-    if rank == 0:
-        print(f"world {world} on {device}; method {args.method}; "
-              f"{budget['compressed_tables']} tables compressed to <= "
-              f"{budget['max_params_per_table']} params\n{plan_table}", flush=True)
+        ctx.writer = SummaryWriter(args.tensorboard_dir)
+    ctx.say(f"world {world} on {device}; method {args.method}; {len(ctx.budget['tables'])} "
+            f"tables, {ctx.budget['compressed_tables']} compressed to <= "
+            f"{ctx.budget['max_params_per_table']} params\n{ctx.plan_table}")
+    for note in ctx.data.notes:
+        ctx.say(note)
 
-    losses: List[Tuple[int, float]] = []
-    recluster_log: List[Dict[str, Any]] = []
-    samples, train_seconds, recluster_seconds = 0, 0.0, 0.0
-    for epoch in range(progress["epoch"], args.epochs):
-        steps_left = None if args.max_steps is None else args.max_steps - progress["step"]
-        if steps_left is not None and steps_left <= 0:
+    t0 = time.perf_counter()
+    keep_going = not ctx.protocol.should_stop
+    for epoch in range(ctx.progress["epoch"], args.epochs):
+        if not keep_going or (args.max_steps is not None and ctx.progress["step"] >= args.max_steps):
             break
-        it = in_step(data.train_batches(), steps_left)
-        bar = tqdm(total=data.steps_per_epoch, desc=f"epoch {epoch}",
-                   disable=rank != 0 or args.no_progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        epoch_samples = 0
-        while True:
-            try:
-                loss, _, labels = pipeline.progress(it)
-            except StopIteration:
-                break
-            progress["step"] += 1
-            epoch_samples += labels.numel() * world
-            value = float(loss)
-            losses.append((progress["step"], value))
-            if writer:
-                writer.add_scalar("train/loss", value, progress["step"])
-            bar.set_postfix(loss=f"{value:.4f}", samples_per_s=f"{epoch_samples / max(1e-9, time.perf_counter() - t0 - recluster_seconds):.0f}")
-            bar.update(1)
-            if schedule.due(progress["step"]):
-                t_rc = time.perf_counter()
-                stats = schedule.step(dmp, progress["step"], optimizers=[dense_opt])
-                redo_pending_input_dist(pipeline)
-                recluster_seconds += time.perf_counter() - t_rc
-                recluster_log.append({"step": progress["step"], "tables": stats})
-                if rank == 0:
-                    secs = sum(s["seconds"] for s in stats.values())
-                    bar.write(f"re-clustered {len(stats)} tables at step {progress['step']} "
-                              f"in {secs:.2f} s")
-        bar.close()
-        pipeline.reset()
-        train_seconds += time.perf_counter() - t0
-        samples += epoch_samples
-        progress["epoch"] = epoch + 1
-        if args.checkpoint_dir:
-            save_checkpoint(args.checkpoint_dir, dmp, optimizer, progress)
-
-    if isinstance(pipeline, TrainPipelineSparseDist):
-        pipeline.detach()  # restore the modules' own forward for evaluation
-    metrics: Dict[str, Any] = evaluate(dmp, data.test_batches(), device)
-    report = memory_report(dmp)
-    totals = summarize(report)
-    metrics.update({
-        # Throughput of training steps; re-clustering time is reported on its own.
-        "train_samples_per_s": samples / max(1e-9, train_seconds - recluster_seconds),
-        "recluster_seconds": recluster_seconds,
-        "embedding_params": totals["params"],
-        "embedding_bytes": totals["compressed_bytes"],
-        "full_embedding_bytes": totals["full_bytes"],
-        "full_embedding_params": totals["full_params"],
-        "assignment_bytes": totals["assignment_bytes"],
-        "compression_ratio_params": totals["param_ratio"],
-        "compression_ratio_bytes": totals["byte_ratio"],
-        "bayes_logloss": data.bayes_logloss,
-        "world_size": world,
-        "method": args.method,
-        "steps": progress["step"],
-        "epochs": progress["epoch"],
-        "train_loss_curve": losses,
-        "reclusterings": recluster_log,
-        "wall_seconds": time.perf_counter() - start,
-        "args": vars(args),
-    })
-    if writer:
-        writer.add_scalar("test/logloss", metrics["test_logloss"], progress["step"])
-        writer.add_scalar("test/auc", metrics["test_auc"], progress["step"])
-        writer.close()
+        keep_going = train_epoch(ctx, epoch)
+    train_seconds = time.perf_counter() - t0
+    if ctx.protocol.last_step() != ctx.progress["step"] or not ctx.protocol.evaluations:
+        run_evaluation(ctx, ctx.progress["epoch"])  # e.g. resumed past the last epoch
+    if isinstance(ctx.pipeline, TrainPipelineSparseDist):
+        ctx.pipeline.detach()  # leave the modules' own forward for the caller
+    metrics = collect_metrics(ctx, train_seconds, start)
+    if ctx.writer:
+        ctx.writer.close()
     if rank == 0:
         print_summary(metrics)
         if args.metrics_json:
@@ -463,17 +945,62 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
             with open(args.metrics_json, "w") as f:
                 json.dump(metrics, f, indent=1)
         if args.loss_curve_png:
-            plot_loss(losses, recluster_log, metrics, args.loss_curve_png)
+            plot_loss(ctx.losses, ctx.recluster_log, metrics, args.loss_curve_png)
     return metrics
+
+
+def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[str, Any]:
+    best = ctx.protocol.best
+    totals = summarize(memory_report(ctx.dmp))
+    step_seconds = train_seconds - ctx.recluster_seconds - ctx.eval_seconds
+    return {
+        # the state with the lowest validation log loss
+        "test_logloss": best["test_logloss"],
+        "test_auc": best["test_auc"],
+        "val_logloss": best["val_logloss"],
+        "val_auc": best["val_auc"],
+        "best_epoch": best["epoch"],
+        "best_step": best["step"],
+        "evaluations": ctx.protocol.evaluations,
+        "stopped_early": ctx.protocol.should_stop,
+        # Throughput of training steps; re-clustering and evaluation time are reported apart.
+        "train_samples_per_s": ctx.samples / max(1e-9, step_seconds),
+        "recluster_seconds": ctx.recluster_seconds,
+        "eval_seconds": ctx.eval_seconds,
+        "embedding_params": totals["params"],
+        "embedding_bytes": totals["compressed_bytes"],
+        "full_embedding_bytes": totals["full_bytes"],
+        "full_embedding_params": totals["full_params"],
+        "assignment_bytes": totals["assignment_bytes"],
+        "compression_ratio_params": totals["param_ratio"],
+        "compression_ratio_bytes": totals["byte_ratio"],
+        "table_rows": ctx.budget["tables"],
+        "colliding_features": ([n for n, c in zip(ctx.data.collisions.names,
+                                                  ctx.data.collisions.reported) if c]
+                               if ctx.data.collisions is not None else []),
+        "bayes_logloss": ctx.data.bayes_logloss,
+        "world_size": ctx.world,
+        "method": ctx.args.method,
+        "steps": ctx.progress["step"],
+        "epochs": ctx.progress["epoch"],
+        "train_loss_curve": ctx.losses,
+        "reclusterings": ctx.recluster_log,
+        "wall_seconds": time.perf_counter() - start,
+        "args": vars(ctx.args),
+    }
 
 
 def print_summary(m: Dict[str, Any]) -> None:
     mib = 1 << 20
     floor = "n/a" if m["bayes_logloss"] is None else f"{m['bayes_logloss']:.4f}"
+    stopped = ", stopped early" if m["stopped_early"] else ""
     print(
-        f"\n== {m['method']} on {m['world_size']} ranks, {m['steps']} steps ==\n"
-        f"test log loss      {m['test_logloss']:.4f}   (Bayes floor {floor})\n"
-        f"test AUC           {m['test_auc']:.4f}\n"
+        f"\n== {m['method']} on {m['world_size']} ranks, {m['steps']} steps, "
+        f"{len(m['evaluations'])} evaluations{stopped} ==\n"
+        f"best (min val log loss): epoch {m['best_epoch']}, step {m['best_step']}\n"
+        f"val  log loss      {m['val_logloss']:.4f}   AUC {m['val_auc']:.4f}\n"
+        f"test log loss      {m['test_logloss']:.4f}   AUC {m['test_auc']:.4f}   "
+        f"(Bayes floor {floor})\n"
         f"train throughput   {m['train_samples_per_s']:.0f} samples/s\n"
         f"embedding memory   {m['full_embedding_bytes'] / mib:.2f} MiB full -> "
         f"{m['embedding_bytes'] / mib:.2f} MiB compressed "
@@ -481,7 +1008,8 @@ def print_summary(m: Dict[str, Any]) -> None:
         f"compression        {m['compression_ratio_params']:.1f}x parameters, "
         f"{m['compression_ratio_bytes']:.1f}x bytes\n"
         f"re-clusterings     {len(m['reclusterings'])} ({m['recluster_seconds']:.1f} s)\n"
-        f"wall time          {m['wall_seconds']:.1f} s", flush=True)
+        f"wall time          {m['wall_seconds']:.1f} s (evaluation {m['eval_seconds']:.1f} s)",
+        flush=True)
 
 
 def plot_loss(losses: List[Tuple[int, float]], reclusters: List[Dict[str, Any]],
@@ -499,9 +1027,13 @@ def plot_loss(losses: List[Tuple[int, float]], reclusters: List[Dict[str, Any]],
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, values, alpha=0.3, label="train loss (per step)")
     ax.plot(steps, smooth, label=f"train loss (mean of {window})")
+    evals = metrics["evaluations"]
+    ax.plot([e["step"] for e in evals], [e["val_logloss"] for e in evals], "o-", color="C1",
+            label="val log loss")
     if metrics.get("bayes_logloss") is not None:
         ax.axhline(metrics["bayes_logloss"], color="k", ls="--", label="Bayes floor (test)")
-    ax.axhline(metrics["test_logloss"], color="C3", ls=":", label="test log loss")
+    ax.axhline(metrics["test_logloss"], color="C3", ls=":",
+               label=f"test log loss at best val (step {metrics['best_step']})")
     for r in reclusters:
         ax.axvline(r["step"], color="C2", alpha=0.5)
     ax.set_xlabel("step")

@@ -1,0 +1,825 @@
+"""Vocabulary preprocessing: raw click logs -> contiguous ids, per-id counts and encoded splits.
+
+``python -m torchrec_cce.data.preprocess --format criteo_tsv|avazu_csv|csv --input FILE[,FILE...]
+[--test-input FILE[,...]] [--split 0.8,0.1,0.1 | --split-by-order 0.8,0.1,0.1]
+[--label-column C --categorical-columns a,b --dense-columns x,y --multi-hot-columns g
+--multi-hot-separator '|'] [--min-count N] --out DIR``
+
+Two streaming passes over the input (bounded memory: one pyarrow block at a time plus the
+per-feature tables of distinct training values):
+
+1. parse, validate and split every row; count every categorical value of the training rows
+   (vectorised ``group_by`` per block, merged geometrically), rows and clicks per split;
+2. build the vocabularies (id 0 = out-of-vocabulary; ids ``1..V-1`` = training values seen
+   ``>= --min-count`` times, in descending training frequency, ties in first-seen order),
+   then parse again, encode every value and write ``DIR/{train,val,test}.parquet``.
+
+``DIR`` also gets ``meta.json``, ``counts/<feature>.npy`` (int64 ``[V]``, training occurrences
+per id; ``counts[0]`` sums the values that fell below ``--min-count``) and
+``vocab/<feature>.parquet`` (``id``, ``value``, ``count``; ``value`` is null for id 0).
+
+Rows: a categorical cell is a string (empty is a value of its own, ``""``); a dense cell is a
+number (empty = missing = 0, then the ``--dense-transform``); a multi-hot cell is split on
+``--multi-hot-separator`` (empty pieces dropped, so an empty cell is an empty bag). Malformed
+rows (wrong field count, non-numeric dense value, bad Avazu hour) are skipped and counted per
+reason; above ``--max-bad-fraction`` a ``ValueError`` names the file, the first bad line and
+the fix. A missing column, an empty file or a label other than 0/1 are errors.
+
+Splits: ``--split`` assigns each row to train/val/test by a seeded hash of its position
+(``--seed``), so the assignment does not depend on block boundaries and is the same in both
+passes; ``--split-by-order`` takes the first fraction of the data lines (over all input files, in
+order) as train, the next as val, the rest as test (for time-ordered data); ``--test-input``
+makes those files the test split and splits ``--input`` into train/val.
+"""
+
+import argparse
+import gzip
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+CRITEO_DENSE = [f"int_{i}" for i in range(13)]  # TorchRec's DEFAULT_INT_NAMES
+CRITEO_CATEGORICAL = [f"cat_{i}" for i in range(26)]  # TorchRec's DEFAULT_CAT_NAMES
+AVAZU_COLUMNS = (
+    "id,click,hour,C1,banner_pos,site_id,site_domain,site_category,app_id,app_domain,"
+    "app_category,device_id,device_ip,device_model,device_type,device_conn_type,"
+    "C14,C15,C16,C17,C18,C19,C20,C21"
+).split(",")
+# Avazu's hour (YYMMDDHH) becomes hour-of-day and weekday, as in AvazuCsvDataset.
+AVAZU_CATEGORICAL = ["hour_of_day", "weekday"] + AVAZU_COLUMNS[3:]
+MIN_ROWS_FOR_BAD_CHECK = 10_000
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+# ----------------------------------------------------------------------------------------- spec
+@dataclass
+class Spec:
+    """What to read from each file and how."""
+
+    fmt: str
+    label: str
+    dense: List[str]
+    categorical: List[str]  # output single-hot features (for Avazu includes the derived ones)
+    multi_hot: List[str]
+    separator: str = "|"
+    delimiter: str = ","
+    header: bool = True
+    column_names: Optional[List[str]] = None  # for header-less files
+    quoting: bool = True
+    dense_transform: str = "none"
+
+    @property
+    def features(self) -> List[Tuple[str, str]]:
+        """``(name, kind)`` in output (meta) order: categorical first, then multi-hot."""
+        return [(n, "categorical") for n in self.categorical] + [(n, "multi_hot") for n in self.multi_hot]
+
+    def source_columns(self) -> List[str]:
+        """Columns read from the file."""
+        if self.fmt == "avazu_csv":
+            return ["click", "hour"] + AVAZU_COLUMNS[3:]
+        return [self.label] + self.dense + self.categorical + self.multi_hot
+
+
+def _split_list(text: Optional[str]) -> List[str]:
+    return [s.strip() for s in text.split(",") if s.strip()] if text else []
+
+
+def read_header(path: str, delimiter: str) -> List[str]:
+    """Column names of a headered file (first line); clear errors for missing/empty files."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file (check --input/--test-input)")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="") as f:
+        line = f.readline()
+    if not line.strip():
+        raise ValueError(f"{path}: empty file (no header line); nothing to preprocess")
+    import csv
+
+    return [c.strip() for c in next(csv.reader([line.rstrip("\r\n")], delimiter=delimiter))]
+
+
+def build_spec(args: argparse.Namespace, header: Optional[List[str]], first_file: str) -> Spec:
+    """The reading spec of ``--format`` (``header`` = the first file's column names, if any)."""
+    transform = args.dense_transform
+    if args.format == "criteo_tsv":
+        return Spec("criteo_tsv", "label", list(CRITEO_DENSE), list(CRITEO_CATEGORICAL), [],
+                    delimiter="\t", header=False, quoting=False,
+                    column_names=["label"] + CRITEO_DENSE + CRITEO_CATEGORICAL,
+                    dense_transform="log" if transform == "auto" else transform)
+    if args.format == "avazu_csv":
+        return Spec("avazu_csv", "click", [], list(AVAZU_CATEGORICAL), [], delimiter=",",
+                    dense_transform="none" if transform == "auto" else transform)
+    # generic csv
+    label = args.label_column or "label"
+    dense = _split_list(args.dense_columns)
+    multi = _split_list(args.multi_hot_columns)
+    ignore = set(_split_list(args.ignore_columns))
+    if args.categorical_columns:
+        cats = _split_list(args.categorical_columns)
+    else:
+        taken = {label, *dense, *multi, *ignore}
+        cats = [c for c in header if c not in taken]
+    named = [label] + dense + cats + multi
+    dup = sorted({c for c in named if named.count(c) > 1})
+    if dup:
+        raise ValueError(f"columns {dup} are given more than once among --label-column, "
+                         "--dense-columns, --categorical-columns and --multi-hot-columns")
+    if not cats and not multi:
+        raise ValueError(f"{first_file}: no categorical or multi-hot columns to encode; pass "
+                         "--categorical-columns and/or --multi-hot-columns")
+    return Spec("csv", label, dense, cats, multi, separator=args.multi_hot_separator,
+                delimiter=args.delimiter, dense_transform="none" if transform == "auto" else transform)
+
+
+def check_columns(spec: Spec, path: str, header: List[str]) -> None:
+    """Every column the spec reads must be in ``header``."""
+    if spec.fmt == "avazu_csv":
+        need = {"id": "the Avazu header", "click": "the label", "hour": "the Avazu header"}
+        need.update({c: "the Avazu header" for c in AVAZU_COLUMNS[3:]})
+    else:
+        need = {spec.label: "--label-column"}
+        need.update({c: "--dense-columns" for c in spec.dense})
+        need.update({c: "--categorical-columns" for c in spec.categorical})
+        need.update({c: "--multi-hot-columns" for c in spec.multi_hot})
+    for col, flag in need.items():
+        if col not in header:
+            raise ValueError(f"{path}: column {col!r} (from {flag}) is not in the header; the "
+                             f"header has {header}. Fix the column name or the file.")
+
+
+def check_feature_names(spec: Spec) -> None:
+    for name, _ in spec.features:
+        if name == "label" or name in spec.dense:
+            raise ValueError(f"feature name {name!r} clashes with the label or a dense column; "
+                             "rename the column")
+        if not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(f"feature name {name!r} cannot be a file name; rename the column")
+
+
+# ------------------------------------------------------------------------------------- hashing
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def row_uniform(seed: int, keys: np.ndarray) -> np.ndarray:
+    """A uniform [0, 1) number per row key, a pure function of (seed, key)."""
+    with np.errstate(over="ignore"):
+        base = splitmix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))[0]
+        h = splitmix64(keys.astype(np.uint64) + base)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+# --------------------------------------------------------------------------- string lookup keys
+_MAX_KEY_BYTES = 64
+
+
+def _string_parts(arr: pa.Array) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, lengths, data bytes)`` of a string array, zero-copy."""
+    arr = pc.cast(arr, pa.string()) if arr.type != pa.string() else arr
+    n = len(arr)
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int32, count=n + 1, offset=arr.offset * 4)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None and bufs[2].size else np.zeros(1, np.uint8)
+    return offsets[:-1].astype(np.int64), np.diff(offsets).astype(np.int64), data
+
+
+def string_keys(arr: pa.Array, width: int, seed: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """uint64 lookup keys of a string array and the byte lengths.
+
+    ``seed=None``: the bytes zero-padded into one uint64 (exact for strings of <= 8 bytes, up to
+    trailing NUL bytes, which the caller resolves with the lengths). Otherwise a seeded hash of
+    the length and the first ``min(width, 64)`` bytes; the caller verifies hits exactly.
+    """
+    starts, lengths, data = _string_parts(arr)
+    w8 = max(8, -(-min(max(width, 1), _MAX_KEY_BYTES) // 8) * 8)
+    n = len(lengths)
+    mat = np.zeros((n, w8), dtype=np.uint8)
+    cols = np.arange(w8, dtype=np.int64)
+    valid = cols[None, :] < lengths[:, None]
+    if valid.any():
+        mat[valid] = data[(starts[:, None] + cols[None, :])[valid]]
+    words = mat.view("<u8")
+    if seed is None:
+        return words[:, 0].copy(), lengths
+    with np.errstate(over="ignore"):
+        h = splitmix64(lengths.astype(np.uint64) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+        for j in range(words.shape[1]):
+            h = splitmix64(h ^ words[:, j])
+    return h, lengths
+
+
+class Vocabulary:
+    """Raw value strings -> ids (``values[i]`` has id ``i + 1``; everything else is id 0)."""
+
+    def __init__(self, name: str, values: pa.Array):
+        self.name = name
+        self.values = values
+        _, self.lengths, _ = _string_parts(values) if len(values) else (None, np.zeros(0, np.int64), None)
+        self.width = int(self.lengths.max()) if len(values) else 0
+        self.seed: Optional[int] = None if self.width <= 8 else 1
+        for _attempt in range(8):
+            keys, _ = string_keys(values, self.width, self.seed)
+            order = np.argsort(keys, kind="stable")
+            sorted_keys = keys[order]
+            if not (len(keys) > 1 and (sorted_keys[1:] == sorted_keys[:-1]).any()):
+                break
+            self.seed = 1 if self.seed is None else self.seed + 1  # key collision: rehash
+        else:  # pragma: no cover - needs eight 64-bit collisions in a row
+            raise RuntimeError(f"feature {name!r}: could not find collision-free lookup keys")
+        self.order, self.sorted_keys = order, sorted_keys
+
+    def __len__(self) -> int:
+        return len(self.values) + 1
+
+    def encode(self, arr: pa.Array) -> np.ndarray:
+        """int32 ids of a string array (0 for values not in the vocabulary)."""
+        n = len(arr)
+        if n == 0 or len(self.values) == 0:
+            return np.zeros(n, dtype=np.int32)
+        keys, lengths = string_keys(arr, self.width, self.seed)
+        pos = np.minimum(np.searchsorted(self.sorted_keys, keys), len(self.sorted_keys) - 1)
+        idx = self.order[pos]
+        hit = (self.sorted_keys[pos] == keys) & (self.lengths[idx] == lengths)
+        if self.seed is not None and hit.any():  # hashed keys: confirm the strings are equal
+            where = np.flatnonzero(hit)
+            same = pc.equal(self.values.take(pa.array(idx[where])), arr.take(pa.array(where)))
+            hit[where] = same.to_numpy(zero_copy_only=False)
+        return np.where(hit, idx + 1, 0).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------ counting tables
+def _named(t: pa.Table, names: Dict[str, str]) -> pa.Table:
+    """Columns of ``t`` selected and renamed by ``{old: new}`` (aggregate's order varies)."""
+    return pa.table({new: t.column(old) for old, new in names.items()})
+
+
+class ValueCounter:
+    """Occurrences and first-seen position of every value of one feature (training rows).
+
+    Per block a vectorised ``group_by``; block results are merged into the running table
+    whenever they outgrow it (so every value is merged O(log) times).
+    """
+
+    def __init__(self):
+        self.table: Optional[pa.Table] = None
+        self.pending: List[pa.Table] = []
+        self.pending_rows = 0
+
+    def add(self, values: pa.Array, order_keys: np.ndarray) -> None:
+        if len(values) == 0:
+            return
+        t = pa.table({"v": values, "first": pa.array(order_keys, pa.int64())})
+        g = t.group_by("v", use_threads=False).aggregate([("first", "min"), ("first", "count")])
+        g = _named(g, {"v": "v", "first_min": "first", "first_count": "count"})
+        self.pending.append(g)
+        self.pending_rows += g.num_rows
+        if self.pending_rows >= max(1 << 20, self.table.num_rows if self.table is not None else 0):
+            self._merge()
+
+    def _merge(self) -> None:
+        parts = ([self.table] if self.table is not None else []) + self.pending
+        self.pending, self.pending_rows = [], 0
+        if not parts:
+            return
+        t = pa.concat_tables(parts)
+        if len(parts) > 1:
+            t = t.group_by("v", use_threads=False).aggregate([("first", "min"), ("count", "sum")])
+            t = _named(t, {"v": "v", "first_min": "first", "count_sum": "count"})
+        self.table = t
+
+    def result(self) -> pa.Table:
+        """``v``, ``first``, ``count`` of every distinct value."""
+        self._merge()
+        if self.table is None:
+            return pa.table({"v": pa.array([], pa.string()), "first": pa.array([], pa.int64()),
+                             "count": pa.array([], pa.int64())})
+        return self.table
+
+
+def build_vocabulary(name: str, table: pa.Table, min_count: int) -> Tuple[Vocabulary, np.ndarray, int]:
+    """``(vocabulary, counts [V], distinct values)``: values with ``count >= min_count`` in
+    descending count, ties by first-seen position; ``counts[0]`` = occurrences of the rest."""
+    count = table.column("count").to_numpy().astype(np.int64)
+    first = table.column("first").to_numpy()
+    keep = count >= min_count
+    idx = np.flatnonzero(keep)
+    order = idx[np.lexsort((first[idx], -count[idx]))]
+    values = table.column("v").combine_chunks().take(pa.array(order, pa.int64()))
+    counts = np.concatenate([[int(count[~keep].sum())], count[order]]).astype(np.int64)
+    return Vocabulary(name, values), counts, int(len(count))
+
+
+# ------------------------------------------------------------------------------------- parsing
+@dataclass
+class BadRows:
+    """Malformed rows per reason and the first one seen."""
+
+    counts: Dict[str, int] = field(default_factory=dict)
+    first: Optional[Tuple[str, int, str, str]] = None  # (path, line, reason, text)
+    rows: int = 0  # good + bad
+
+    def add(self, path: str, line: int, reason: str, text: str, n: int = 1) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + n
+        if self.first is None:
+            self.first = (path, line, reason, text)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def check(self, max_bad_fraction: float, final: bool) -> None:
+        if not self.total or (not final and self.rows < MIN_ROWS_FOR_BAD_CHECK):
+            return
+        if self.total > max_bad_fraction * self.rows:
+            path, line, reason, text = self.first
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+            raise ValueError(
+                f"{path}: {self.total} of {self.rows} rows read are malformed ({reasons}), more "
+                f"than --max-bad-fraction={max_bad_fraction}; the first is line {line} "
+                f"({reason}): {text[:200]!r}. Check --format/--delimiter and the column flags "
+                "against the file, fix or drop those lines, or raise --max-bad-fraction.")
+
+
+@dataclass
+class Block:
+    """One parsed block of good rows."""
+
+    path: str
+    lines: np.ndarray  # 1-based physical line of every good row
+    order: np.ndarray  # int64 global order key (file index << 40 | line)
+    label: np.ndarray  # int8
+    dense: np.ndarray  # float32 [n, n_dense]
+    cats: Dict[str, pa.Array]  # string arrays
+    multi: Dict[str, Tuple[pa.Array, np.ndarray]]  # (flat string values, int64 row of each)
+
+
+def _label_error(path: str, column: str, line: int, value) -> ValueError:
+    return ValueError(
+        f"{path}:{line}: label column {column!r} has value {value!r}; labels must be 0 or 1. "
+        "Binarise the label first (e.g. rating >= 4 -> 1) or point --label-column at the "
+        "click column.")
+
+
+class FileReader:
+    """Streams one file block by block (pyarrow), yielding :class:`Block` s of good rows."""
+
+    def __init__(self, spec: Spec, path: str, file_index: int, block_size: int,
+                 max_bad_fraction: float):
+        self.spec, self.path, self.file_index, self.block_size = spec, path, file_index, block_size
+        self._max_bad = max_bad_fraction
+        self.skipped: List[int] = []  # physical lines of rows with a wrong field count
+        self.skipped_text: List[str] = []
+        self.raw: Optional[pa.NativeFile] = None
+
+    def _handler(self, row) -> str:
+        self.skipped.append(row.number)
+        self.skipped_text.append(row.text)
+        return "skip"
+
+    def _open(self):
+        spec = self.spec
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"{self.path}: no such file (check --input/--test-input)")
+        if os.path.getsize(self.path) == 0:
+            raise ValueError(f"{self.path}: empty file; nothing to preprocess")
+        self.raw = pa.OSFile(self.path, "rb")
+        stream = pa.CompressedInputStream(self.raw, "gzip") if self.path.endswith(".gz") else self.raw
+        cols = spec.source_columns()
+        read = pcsv.ReadOptions(use_threads=False, block_size=self.block_size,
+                                column_names=spec.column_names)
+        parse = pcsv.ParseOptions(delimiter=spec.delimiter, quote_char='"' if spec.quoting else False,
+                                  ignore_empty_lines=False, invalid_row_handler=self._handler)
+        conv = pcsv.ConvertOptions(column_types={c: pa.string() for c in cols}, include_columns=cols,
+                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
+        try:
+            return pcsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=conv)
+        except pa.ArrowInvalid as e:
+            if "Empty CSV file" in str(e):
+                raise ValueError(f"{self.path}: empty file; nothing to preprocess") from None
+            raise ValueError(f"{self.path}: cannot read as {spec.fmt}: {e}") from None
+
+    def position(self) -> int:
+        """Bytes of the file consumed so far (for the progress bar)."""
+        try:
+            return self.raw.tell() if self.raw is not None else 0
+        except Exception:
+            return 0
+
+    def _lines(self, first_good: int, n: int) -> np.ndarray:
+        """Physical lines of good rows ``first_good .. first_good + n - 1`` (0-based)."""
+        base = 1 + int(self.spec.header)  # line of the first data row
+        k = np.arange(first_good, first_good + n, dtype=np.int64)
+        if not self.skipped:
+            return k + base
+        s = np.asarray(self.skipped, dtype=np.int64)
+        at = s - base - np.arange(len(s))  # number of good rows before each skipped line
+        return k + base + np.searchsorted(at, k, side="right")
+
+    def blocks(self, bad: BadRows):
+        spec = self.spec
+        reader = self._open()
+        good_seen = 0  # rows pyarrow returned so far
+        reported = 0
+        rows_in_file = 0
+        for rb in reader:
+            n = rb.num_rows
+            lines = self._lines(good_seen, n)
+            good_seen += n
+            for line, text in zip(self.skipped[reported:], self.skipped_text[reported:]):
+                bad.add(self.path, line, "wrong_field_count", text)
+            bad.rows += len(self.skipped) - reported
+            reported = len(self.skipped)
+            keep = np.ones(n, dtype=bool)
+            # blank lines come back as all-empty rows: drop them silently
+            blank = np.ones(n, dtype=bool)
+            for c in rb.column_names:
+                blank &= pc.equal(pc.binary_length(rb.column(c)), 0).to_numpy(zero_copy_only=False)
+            keep &= ~blank
+            label_col = rb.column("click" if spec.fmt == "avazu_csv" else spec.label)
+            is01 = pc.is_in(label_col, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
+            badlabel = keep & ~is01
+            if badlabel.any():
+                i = int(np.flatnonzero(badlabel)[0])
+                raise _label_error(self.path, spec.label, int(lines[i]), label_col[i].as_py())
+            dense = np.zeros((n, len(spec.dense)), dtype=np.float64)
+            nonnum = np.zeros(n, dtype=bool)
+            for j, c in enumerate(spec.dense):
+                col = rb.column(c)
+                empty = pc.equal(pc.binary_length(col), 0)
+                col = pc.if_else(empty, pa.scalar(None, pa.string()), col)
+                try:
+                    vals = pc.cast(col, pa.float64())
+                    ok = np.ones(n, dtype=bool)
+                except pa.ArrowInvalid:
+                    ok = pc.fill_null(pc.match_substring_regex(
+                        col, r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"), True)
+                    ok = ok.to_numpy(zero_copy_only=False)
+                    vals = pc.cast(pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string())), pa.float64())
+                v = pc.fill_null(vals, 0.0).to_numpy(zero_copy_only=False)
+                ok &= np.isfinite(v)
+                nonnum |= keep & ~ok
+                dense[:, j] = np.where(ok, v, 0.0)
+            self._bad_mask(bad, nonnum, lines, rb, "non_numeric_dense")
+            keep &= ~nonnum
+            cats: Dict[str, pa.Array] = {}
+            if spec.fmt == "avazu_csv":
+                ts = pc.strptime(rb.column("hour"), format="%y%m%d%H", unit="s", error_is_null=True)
+                badhour = keep & ~pc.is_valid(ts).to_numpy(zero_copy_only=False)
+                self._bad_mask(bad, badhour, lines, rb, "bad_hour")
+                keep &= ~badhour
+                ts = pc.fill_null(ts, pa.scalar(0, pa.timestamp("s")))
+                cats["hour_of_day"] = pc.cast(pc.hour(ts), pa.string())
+                cats["weekday"] = pc.cast(pc.day_of_week(ts), pa.string())
+            nb = int(keep.sum())
+            bad.rows += int((~blank).sum())
+            rows_in_file += nb + int(nonnum.sum())
+            bad.check(self._max_bad, final=False)
+            if nb == 0:
+                continue
+            mask = pa.array(keep)
+            label = label_col.filter(mask)
+            label = pc.equal(label, "1").to_numpy(zero_copy_only=False).astype(np.int8)
+            for c in spec.categorical:
+                if c not in cats:
+                    cats[c] = rb.column(c)
+                cats[c] = cats[c].filter(mask) if nb < n else cats[c]
+            multi = {}
+            for c in spec.multi_hot:
+                col = rb.column(c).filter(mask) if nb < n else rb.column(c)
+                lists = pc.split_pattern(col, pattern=spec.separator)
+                flat = lists.flatten()
+                parent = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False).astype(np.int64)
+                nonempty = pc.greater(pc.binary_length(flat), 0)
+                if not pc.all(nonempty).as_py():
+                    flat = flat.filter(nonempty)
+                    parent = parent[nonempty.to_numpy(zero_copy_only=False)]
+                multi[c] = (flat, parent)
+            good_lines = lines[keep]
+            order = (np.int64(self.file_index) << np.int64(40)) | good_lines
+            yield Block(self.path, good_lines, order, label, dense[keep].astype(np.float32),
+                        cats, multi)
+        for line, text in zip(self.skipped[reported:], self.skipped_text[reported:]):
+            bad.add(self.path, line, "wrong_field_count", text)
+        bad.rows += len(self.skipped) - reported
+        rows_in_file += len(self.skipped)
+        if rows_in_file == 0:
+            raise ValueError(f"{self.path}: no data rows (empty file{' after the header' if spec.header else ''})")
+
+    def _bad_mask(self, bad: BadRows, mask: np.ndarray, lines: np.ndarray, rb, reason: str) -> None:
+        if mask.any():
+            i = int(np.flatnonzero(mask)[0])
+            text = self.spec.delimiter.join(str(rb.column(c)[i].as_py()) for c in rb.column_names)
+            bad.add(self.path, int(lines[i]), reason, text, n=int(mask.sum()))
+
+
+def count_data_lines(path: str, header: bool) -> int:
+    """Physical data lines of a file (newline count, plus an unterminated last line)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    n, last = 0, b"\n"
+    with opener(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 24)
+            if not chunk:
+                break
+            n += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        n += 1
+    return max(0, n - int(header))
+
+
+# ------------------------------------------------------------------------------------ splitting
+class Splitter:
+    """Split of each row from its order key (0 = train, 1 = val, 2 = test)."""
+
+    def __init__(self, fractions: Sequence[float], by_order: bool, seed: int, num_inputs: int,
+                 file_bases: Optional[List[int]], total_lines: int, header: bool):
+        self.cum = np.cumsum(fractions)
+        self.by_order, self.seed, self.num_inputs = by_order, seed, num_inputs
+        self.file_bases, self.total, self.header = file_bases, total_lines, header
+
+    def assign(self, file_index: int, order: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        if file_index >= self.num_inputs:  # --test-input files
+            return np.full(len(order), 2, dtype=np.int8)
+        if self.by_order:
+            pos = self.file_bases[file_index] + lines - 1 - int(self.header)
+            cuts = np.floor(self.cum[:2] * self.total).astype(np.int64)
+            return np.searchsorted(cuts, pos, side="right").astype(np.int8)
+        u = row_uniform(self.seed, order)
+        return np.searchsorted(self.cum[:2], u, side="right").astype(np.int8)
+
+
+def parse_fractions(text: str, test_input: bool) -> List[float]:
+    try:
+        fr = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--split/--split-by-order {text!r}: expected fractions like 0.8,0.1,0.1") from None
+    if test_input:
+        if len(fr) == 3 and fr[2] != 0:
+            raise ValueError(f"with --test-input the split {text!r} gives train,val fractions of "
+                             "--input (e.g. 0.9,0.1); the test split is the --test-input files")
+        fr = fr[:2] + [0.0]
+    if len(fr) != 3 or any(f < 0 for f in fr) or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
+        raise ValueError(f"--split/--split-by-order {text!r}: need three non-negative fractions "
+                         "train,val,test summing to 1 (two, train,val, with --test-input)")
+    return fr
+
+
+# ----------------------------------------------------------------------------------------- main
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
+    """Run the command line ``argv``; returns the written meta dict."""
+    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    inputs = _split_list(args.input)
+    tests = _split_list(args.test_input)
+    if not inputs:
+        raise ValueError("--input: give at least one file")
+    if args.split and args.split_by_order:
+        raise ValueError("give either --split or --split-by-order, not both")
+    by_order = args.split_by_order is not None
+    fractions = parse_fractions(args.split_by_order or args.split or ("0.9,0.1" if tests else "0.8,0.1,0.1"),
+                                bool(tests))
+    if args.min_count < 1:
+        raise ValueError(f"--min-count must be >= 1, got {args.min_count}")
+    if not 0 <= args.max_bad_fraction <= 1:
+        raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    files = inputs + tests
+    headered = args.format != "criteo_tsv"
+    delimiter = "\t" if args.format == "criteo_tsv" else (args.delimiter if args.format == "csv" else ",")
+    headers = {p: read_header(p, delimiter) for p in files} if headered else {}
+    for p in files:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p}: no such file (check --input/--test-input)")
+    spec = build_spec(args, headers.get(files[0]), files[0])
+    for p in files:
+        if headered:
+            check_columns(spec, p, headers[p])
+    check_feature_names(spec)
+
+    bases, total = None, 0
+    if by_order:
+        bases = []
+        for p in inputs:
+            bases.append(total)
+            total += count_data_lines(p, spec.header)
+    splitter = Splitter(fractions, by_order, args.seed, len(inputs), bases, total, spec.header)
+    sizes = [os.path.getsize(p) for p in files]
+    progress = not args.no_progress
+
+    # ---- pass 1: count
+    counters = {name: ValueCounter() for name, _ in spec.features}
+    rows = np.zeros(3, dtype=np.int64)
+    clicks = np.zeros(3, dtype=np.int64)
+    bad1 = BadRows()
+    file_stats = []
+    with _progress(sum(sizes), "pass 1/2 (count)", progress) as bar:
+        for fi, p in enumerate(files):
+            reader = FileReader(spec, p, fi, args.block_size, args.max_bad_fraction)
+            good, done = 0, 0
+            for b in reader.blocks(bad1):
+                split = splitter.assign(fi, b.order, b.lines)
+                rows += np.bincount(split, minlength=3)
+                clicks += np.bincount(split, weights=b.label, minlength=3).astype(np.int64)
+                good += len(split)
+                tr = split == 0
+                if tr.any():
+                    trm = pa.array(tr)
+                    for name in spec.categorical:
+                        counters[name].add(b.cats[name].filter(trm), b.order[tr])
+                    for name in spec.multi_hot:
+                        flat, parent = b.multi[name]
+                        sel = tr[parent]
+                        counters[name].add(flat.filter(pa.array(sel)), b.order[parent[sel]])
+                pos = reader.position()
+                bar.update(pos - done)
+                done = pos
+            bar.update(sizes[fi] - done) if sizes[fi] > done else None
+            file_stats.append({"path": os.path.abspath(p), "bytes": sizes[fi], "rows": good})
+    bad1.check(args.max_bad_fraction, final=True)
+    if bad1.total:
+        logger.warning("skipped %d malformed rows of %d: %s", bad1.total, bad1.rows, bad1.counts)
+    if rows[0] == 0:
+        raise ValueError(f"the train split is empty ({int(rows.sum())} good rows in {files}); "
+                         "check --split and the input")
+
+    # ---- vocabularies
+    os.makedirs(os.path.join(args.out, "counts"), exist_ok=True)
+    os.makedirs(os.path.join(args.out, "vocab"), exist_ok=True)
+    vocabs: Dict[str, Vocabulary] = {}
+    features_meta = []
+    for name, kind in spec.features:
+        vocab, counts, distinct = build_vocabulary(name, counters.pop(name).result(), args.min_count)
+        vocabs[name] = vocab
+        np.save(os.path.join(args.out, "counts", f"{name}.npy"), counts)
+        pq.write_table(pa.table({
+            "id": pa.array(np.arange(len(vocab), dtype=np.int32)),
+            "value": pa.concat_arrays([pa.array([None], pa.string()), vocab.values.cast(pa.string())]),
+            "count": pa.array(counts),
+        }), os.path.join(args.out, "vocab", f"{name}.parquet"))
+        features_meta.append({"name": name, "kind": kind, "vocab_size": len(vocab), "oov_id": 0,
+                              "distinct_train_values": distinct, "oov_train_rows": 0})
+
+    # ---- pass 2: encode and write
+    schema_fields = [pa.field("label", pa.int8())] + [pa.field(c, pa.float32()) for c in spec.dense]
+    schema_fields += [pa.field(n, pa.int32()) for n in spec.categorical]
+    schema_fields += [pa.field(n, pa.list_(pa.int32())) for n in spec.multi_hot]
+    schema = pa.schema(schema_fields)
+    tmp_paths = {s: os.path.join(args.out, f".{s}.parquet.tmp") for s in SPLITS}
+    writers = {s: pq.ParquetWriter(tmp_paths[s], schema) for s in SPLITS}
+    oov_rows = {name: 0 for name, _ in spec.features}
+    bad2 = BadRows()
+    rows2 = np.zeros(3, dtype=np.int64)
+    try:
+        with _progress(sum(sizes), "pass 2/2 (encode)", progress) as bar:
+            for fi, p in enumerate(files):
+                reader = FileReader(spec, p, fi, args.block_size, args.max_bad_fraction)
+                done = 0
+                for b in reader.blocks(bad2):
+                    split = splitter.assign(fi, b.order, b.lines)
+                    n = len(split)
+                    cols = {"label": pa.array(b.label)}
+                    for j, c in enumerate(spec.dense):
+                        d = b.dense[:, j]
+                        if spec.dense_transform == "log":
+                            d = np.log1p(np.maximum(d, 0.0))
+                        cols[c] = pa.array(d.astype(np.float32))
+                    for name in spec.categorical:
+                        ids = vocabs[name].encode(b.cats[name])
+                        oov_rows[name] += int(((ids == 0) & (split == 0)).sum())
+                        cols[name] = pa.array(ids)
+                    for name in spec.multi_hot:
+                        flat, parent = b.multi[name]
+                        ids = vocabs[name].encode(flat)
+                        lengths = np.bincount(parent, minlength=n)
+                        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+                        oov_rows[name] += int(np.unique(parent[(ids == 0) & (split[parent] == 0)]).size)
+                        cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
+                    table = pa.table(cols, schema=schema)
+                    for si, s in enumerate(SPLITS):
+                        sel = split == si
+                        if sel.any():
+                            writers[s].write_table(table.filter(pa.array(sel)))
+                            rows2[si] += int(sel.sum())
+                    pos = reader.position()
+                    bar.update(pos - done)
+                    done = pos
+                bar.update(sizes[fi] - done) if sizes[fi] > done else None
+    finally:
+        for w in writers.values():
+            w.close()
+    if not np.array_equal(rows, rows2):  # the passes must agree row for row
+        raise RuntimeError(f"pass 2 read {rows2.tolist()} rows per split, pass 1 {rows.tolist()}: "
+                           "the input changed during preprocessing?")
+    for s in SPLITS:
+        os.replace(tmp_paths[s], os.path.join(args.out, f"{s}.parquet"))
+    for fm in features_meta:
+        fm["oov_train_rows"] = oov_rows[fm["name"]]
+
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "command": ["python", "-m", "torchrec_cce.data.preprocess"] + argv,
+        "source": {
+            "format": spec.fmt, "inputs": file_stats[: len(inputs)], "test_inputs": file_stats[len(inputs):],
+            "split": {"fractions": fractions, "by_order": by_order, "seed": args.seed,
+                      "test_from_test_input": bool(tests)},
+            "delimiter": spec.delimiter, "multi_hot_separator": spec.separator if spec.multi_hot else None,
+            "dense_transform": spec.dense_transform,
+            "bad_rows": {"total": bad1.total, "rows_read": bad1.rows, "by_reason": bad1.counts,
+                         "first": None if bad1.first is None else {"path": bad1.first[0], "line": bad1.first[1],
+                                                                   "reason": bad1.first[2]}},
+        },
+        "label": spec.label,
+        "dense_features": list(spec.dense),
+        "features": features_meta,
+        "splits": {s: {"rows": int(rows[i]), "click_rate": float(clicks[i] / rows[i]) if rows[i] else None}
+                   for i, s in enumerate(SPLITS)},
+        "min_count": args.min_count,
+    }
+    with open(os.path.join(args.out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m torchrec_cce.data.preprocess",
+        description="Build vocabularies (contiguous ids, OOV id 0, descending training frequency), "
+        "per-id training counts and encoded train/val/test parquet splits from a click log.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--format", required=True, choices=["criteo_tsv", "avazu_csv", "csv"],
+                   help="criteo_tsv: Criteo Kaggle train.txt (label, 13 ints, 26 hex categoricals, no "
+                   "header); avazu_csv: Avazu train.csv (header; all columns but id/click categorical, "
+                   "hour -> hour_of_day + weekday); csv: any headered CSV, columns given by the flags below")
+    p.add_argument("--input", required=True, help="comma-separated input files (.gz ok)")
+    p.add_argument("--test-input", default=None,
+                   help="comma-separated files that form the test split (then --split is train,val of --input)")
+    p.add_argument("--split", default=None, help="random train,val,test fractions (default 0.8,0.1,0.1; "
+                   "0.9,0.1 with --test-input), seeded by --seed")
+    p.add_argument("--split-by-order", default=None,
+                   help="like --split but in file order: the first fraction of lines is train, etc.")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split")
+    p.add_argument("--label-column", default=None, help="csv: the 0/1 label column (default 'label')")
+    p.add_argument("--categorical-columns", default=None,
+                   help="csv: categorical columns (default: every column not named by another flag)")
+    p.add_argument("--dense-columns", default=None, help="csv: numeric columns (float32 dense features)")
+    p.add_argument("--multi-hot-columns", default=None, help="csv: columns holding several values per cell")
+    p.add_argument("--multi-hot-separator", default="|", help="csv: separator inside multi-hot cells")
+    p.add_argument("--ignore-columns", default=None,
+                   help="csv: columns not to use when --categorical-columns is not given")
+    p.add_argument("--delimiter", default=",", help="csv: field delimiter")
+    p.add_argument("--dense-transform", default="auto", choices=["auto", "none", "log"],
+                   help="log: log(1 + max(x, 0)) (auto = log for criteo_tsv, none otherwise); empty = 0")
+    p.add_argument("--min-count", type=int, default=1,
+                   help="values seen fewer times in the train split share the OOV id 0")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="fail when more than this fraction of rows is malformed")
+    p.add_argument("--block-size", type=int, default=16 << 20, help="bytes per pyarrow CSV block")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="output directory")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        meta = preprocess(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s, v in meta["splits"].items():
+        print(f"{s}: {v['rows']} rows, click rate {v['click_rate']}")
+    print("vocabulary sizes: " + ", ".join(f"{f['name']}={f['vocab_size']}" for f in meta["features"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
