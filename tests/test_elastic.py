@@ -64,7 +64,14 @@ def _run(cmd: Sequence[str], home: Path, metrics: Path, **extra: str) -> Dict[st
         os.killpg(proc.pid, signal.SIGKILL)  # the session this test started
         out, _ = proc.communicate()
         pytest.fail(f"timed out: {' '.join(cmd)}\n{out[-4000:]}")
-    assert proc.returncode == 0 and metrics.exists(), f"$ {' '.join(cmd)}\n{out[-6000:]}"
+    log_file = metrics.with_suffix(".log")
+    log_file.write_text(out)
+    events = "\n".join(line for line in out.splitlines()
+                       if any(w in line for w in ("fresh", "injected", "resumed", "Error",
+                                                  "SIGTERM", "failed")))
+    assert proc.returncode == 0 and metrics.exists(), (
+        f"$ {' '.join(cmd)}\nexit {proc.returncode}; full log {log_file}\n{events[-3000:]}\n"
+        f"...\n{out[-3000:]}")
     return {"log": out, "metrics": json.loads(metrics.read_text())}
 
 

@@ -37,7 +37,6 @@ Example::
         manager.save(step, dmp, optimizer, {"epoch": e, "step": step, "step_in_epoch": i})
 """
 
-import io
 import json
 import logging
 import os
@@ -46,6 +45,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -264,12 +264,14 @@ def check_finite(model: nn.Module, step: Optional[int] = None, last_good: Option
     Collective under ``torch.distributed`` (every rank checks its shards, flags are all-reduced,
     every rank raises the same error)."""
     state = model.state_dict()
-    keys = sorted(k for k, v in state.items()
-                  if (torch.is_tensor(v) or hasattr(v, "local_shards")) and v.dtype.is_floating_point)
-    bad = torch.zeros(len(keys), dtype=torch.float64)
-    for i, k in enumerate(keys):
-        for piece, _ in local_pieces(state[k]):
-            bad[i] += float((~torch.isfinite(piece.detach())).sum())
+    with warnings.catch_warnings():  # TorchRec's ShardedTensors warn of their own deprecation
+        warnings.simplefilter("ignore", FutureWarning)
+        keys = sorted(k for k, v in state.items() if (torch.is_tensor(v) or hasattr(
+            v, "local_shards")) and v.dtype.is_floating_point)
+        bad = torch.zeros(len(keys), dtype=torch.float64)
+        for i, k in enumerate(keys):
+            for piece, _ in local_pieces(state[k]):
+                bad[i] += float((~torch.isfinite(piece.detach())).sum())
     if dist.is_initialized():
         dist.all_reduce(bad)
     if float(bad.sum()) == 0:
