@@ -525,3 +525,22 @@ def test_nonfinite_codebook_stops_without_writing(tmp_path) -> None:
 def test_keep_must_be_non_negative(tmp_path) -> None:
     with pytest.raises(ValueError, match="keep must be >= 0"):
         CheckpointManager(str(tmp_path), keep=-1)
+
+
+def test_unwritable_directory_and_same_step_twice(tmp_path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    model, opt = small_setup()
+    with pytest.raises(CheckpointError, match="cannot create the checkpoint directory"):
+        CheckpointManager(str(blocker)).save(1, model, opt, {"step": 1})
+    # Saving a step that already exists (e.g. a restart reaching it again) replaces it whole.
+    d = str(tmp_path / "ck")
+    manager = CheckpointManager(d, config=CONFIG, batch_size=8)
+    manager.save(1, model, opt, {"epoch": 0, "step": 1, "step_in_epoch": 1})
+    step_once(model, opt, 1)
+    snap = snapshot(model)
+    manager.save(1, model, opt, {"epoch": 0, "step": 1, "step_in_epoch": 1})
+    assert sorted(os.listdir(d)) == ["step_1"]
+    loaded, _, resumed = load_fresh(d)
+    assert resumed.step == 1
+    assert_state(loaded, snap)

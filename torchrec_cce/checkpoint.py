@@ -67,6 +67,7 @@ FORMAT_VERSION = 1
 DEFAULT_POSITION_KEYS = ("step", "step_in_epoch")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _TMP_DIR = re.compile(r"^\.tmp-step_(\d+)$")
+_OLD_DIR = re.compile(r"^step_(\d+)\.old$")
 _WRAPPERS = ("_dmp_wrapped_module.", "module.")
 
 
@@ -379,18 +380,23 @@ class CheckpointManager:
         final = os.path.join(self.directory, f"{CHECKPOINT_PREFIX}{step}")
         tmp = os.path.join(self.directory, f"{TMP_PREFIX}{step}")
         t0 = time.perf_counter()
+        error: Optional[BaseException] = None
         if _rank() == 0:
-            os.makedirs(self.directory, exist_ok=True)
-            for name in os.listdir(self.directory):  # leftovers of a crash during a save
-                if _TMP_DIR.match(name):
-                    self.log(f"removing {os.path.join(self.directory, name)}: a partial write "
-                             f"left by an interrupted save")
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-            os.makedirs(tmp)
-        _barrier()
+            try:
+                os.makedirs(self.directory, exist_ok=True)
+                for name in os.listdir(self.directory):  # leftovers of a crash during a save
+                    if _TMP_DIR.match(name) or _OLD_DIR.match(name):
+                        self.log(f"removing {os.path.join(self.directory, name)}: a partial "
+                                 f"write left by an interrupted save")
+                        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                os.makedirs(tmp)
+            except OSError as e:
+                error = e
+        if not _all_ok(error is None):  # (also the barrier before writing)
+            raise CheckpointError(f"cannot create the checkpoint directory {tmp}: "
+                                  f"{error or 'failed on rank 0'}; check --checkpoint-dir")
         dcp.save(self._state(model, optimizer), checkpoint_id=tmp)
         _barrier()  # every rank has written its shards (and rank 0 DCP's .metadata)
-        error = None
         if _rank() == 0:
             try:
                 meta = {"format": FORMAT_VERSION, "step": int(step), "world_size": _world(),
