@@ -51,6 +51,7 @@ def train_flags(a: argparse.Namespace, ckpt: Path, metrics: Path) -> List[str]:
     return ["--data", "synthetic", "--batch-size", str(a.batch_size),
             "--synthetic-train-batches", str(2 * a.steps_per_epoch),
             "--synthetic-test-batches", "8", "--epochs", str(a.epochs), "--no-progress",
+            "--warmup-steps", "10",
             "--method", "cce", "--recluster-at", fractions, "--kmeans-iters", str(a.kmeans_iters),
             "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(a.checkpoint_every),
             "--keep-checkpoints", "2", "--resume", "--metrics-json", str(metrics)]
@@ -89,10 +90,16 @@ def faults(log: str) -> List[Dict[str, int]]:
 
 
 def summary(job: Dict[str, Any]) -> Dict[str, Any]:
-    m = job["metrics"]
+    """Final metrics (of the last attempt) and, from the log, what every attempt did."""
+    m, log = job["metrics"], job["log"]
+    reclustered = [int(s) for s in re.findall(r"re-clustered \d+ tables at step (\d+)", log)]
+    writes = sorted(float(s) for s in re.findall(r"checkpoint \S+ written in ([\d.]+) s", log))
     return {"wall_seconds": round(job["wall_seconds"], 1), "steps": m["steps"],
             "test_logloss": m["test_logloss"], "test_auc": m["test_auc"],
-            "best_epoch": m.get("best_epoch"), "reclusterings": len(m["reclusterings"]),
+            "val_logloss": m.get("val_logloss"), "best_epoch": m.get("best_epoch"),
+            "reclusterings_run": len(reclustered), "reclustering_steps": sorted(set(reclustered)),
+            "checkpoints_written": len(writes),
+            "checkpoint_write_seconds_median": writes[len(writes) // 2] if writes else None,
             "restart_count": m.get("restart_count")}
 
 
