@@ -218,7 +218,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     o.add_argument("--checkpoint-every", type=int, default=None,
                    help="also checkpoint every N training steps (mid-epoch resume is exact)")
     o.add_argument("--keep-checkpoints", type=int, default=2,
-                   help="complete checkpoints kept (older ones are pruned); 0 = all")
+                   help="complete checkpoints kept (older ones are pruned); 0 = all (default 2)")
     o.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in --checkpoint-dir, or "
                         "start fresh (logged) if there is none yet: one command line serves "
