@@ -130,6 +130,9 @@ def quiet_known_warnings() -> None:
     # list of slices: deprecated spelling of the same tuple index; exact at world 2 (tested).
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional",
                             category=UserWarning, module=r"torchmetrics\.utilities\.distributed")
+    # --checkpoint-dir holds the latest epoch by design: each epoch overwrites the previous one.
+    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in",
+                            category=UserWarning)
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered", category=UserWarning)
 
@@ -1097,7 +1100,7 @@ def plot_loss(losses: List[Tuple[int, float]], reclusters: List[Dict[str, Any]],
     ax.plot(steps, values, alpha=0.3, label="train loss (per step)")
     ax.plot(steps, smooth, label=f"train loss (mean of {window})")
     evals = metrics["evaluations"]
-    ax.plot([e["step"] for e in evals], [e["val_logloss"] for e in evals], "o-", color="C1",
+    ax.plot([e["step"] for e in evals], [e["val_logloss"] for e in evals], "o-", color="C4",
             label="val log loss")
     if metrics.get("bayes_logloss") is not None:
         ax.axhline(metrics["bayes_logloss"], color="k", ls="--", label="Bayes floor (test)")

@@ -255,6 +255,12 @@ class Vocabulary:
 
     def encode(self, arr: pa.Array) -> np.ndarray:
         """int32 ids of a string array (0 for values not in the vocabulary)."""
+        if len(arr) > 1024:  # look up each distinct value of the block once
+            d = arr.dictionary_encode()
+            return self._encode(d.dictionary)[d.indices.to_numpy(zero_copy_only=False)]
+        return self._encode(arr)
+
+    def _encode(self, arr: pa.Array) -> np.ndarray:
         n = len(arr)
         if n == 0 or len(self.values) == 0:
             return np.zeros(n, dtype=np.int32)
@@ -342,8 +348,8 @@ class BadRows:
 
     def add(self, path: str, line: int, reason: str, text: str, n: int = 1) -> None:
         self.counts[reason] = self.counts.get(reason, 0) + n
-        if self.first is None:
-            self.first = (path, line, reason, text)
+        if self.first is None or (self.first[0] == path and line < self.first[1]):
+            self.first = (path, line, reason, text)  # the earliest line of the first bad file
 
     @property
     def total(self) -> int:
@@ -368,7 +374,7 @@ class Block:
 
     path: str
     lines: np.ndarray  # 1-based physical line of every good row
-    order: np.ndarray  # int64 global order key (file index << 40 | line)
+    order: np.ndarray  # int64 global order key (file index << 40 | line; < 2**55)
     label: np.ndarray  # int8
     dense: np.ndarray  # float32 [n, n_dense]
     cats: Dict[str, pa.Array]  # string arrays
@@ -565,7 +571,7 @@ class Splitter:
             return np.full(len(order), 2, dtype=np.int8)
         if self.by_order:
             pos = self.file_bases[file_index] + lines - 1 - int(self.header)
-            cuts = np.floor(self.cum[:2] * self.total).astype(np.int64)
+            cuts = np.floor(self.cum[:2] * self.total + 1e-6).astype(np.int64)  # 0.7+0.2 < 0.9
             return np.searchsorted(cuts, pos, side="right").astype(np.int8)
         u = row_uniform(self.seed, order)
         return np.searchsorted(self.cum[:2], u, side="right").astype(np.int8)
@@ -613,6 +619,8 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
     if not 0 <= args.max_bad_fraction <= 1:
         raise ValueError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
     files = inputs + tests
+    if len(files) > 1 << 14:
+        raise ValueError(f"{len(files)} input files; at most {1 << 14} (concatenate some)")
     headered = args.format != "criteo_tsv"
     delimiter = "\t" if args.format == "criteo_tsv" else (args.delimiter if args.format == "csv" else ",")
     headers = {p: read_header(p, delimiter) for p in files} if headered else {}
@@ -658,7 +666,10 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
                     for name in spec.multi_hot:
                         flat, parent = b.multi[name]
                         sel = tr[parent]
-                        counters[name].add(flat.filter(pa.array(sel)), b.order[parent[sel]])
+                        # first-seen position of a bag value: (row, place in the bag)
+                        place = np.arange(len(parent)) - np.searchsorted(parent, parent)
+                        key = (b.order[parent] << np.int64(8)) | np.minimum(place, 255)
+                        counters[name].add(flat.filter(pa.array(sel)), key[sel])
                 pos = reader.position()
                 bar.update(pos - done)
                 done = pos

@@ -127,38 +127,42 @@ class PreprocessedDataset(IterableDataset):
         self.dense_names: List[str] = list(self.meta["dense_features"])
         self.epoch = 0
 
-        table = pq.read_table(_split_file(data_dir, split))
-        self.num_rows = table.num_rows
-        expected = int(self.meta["splits"][split]["rows"])
-        if self.num_rows != expected:
-            raise ValueError(f"{data_dir}: {split}.parquet has {self.num_rows} rows, meta.json says "
-                             f"{expected}; re-run the preprocessing")
-        names = table.column_names
+        path = _split_file(data_dir, split)
+        names = pq.read_schema(path).names if os.path.isfile(path) else pq.ParquetDataset(path).schema.names
         for c in ["label"] + self.dense_names + self.feature_names:
             if c not in names:
-                raise ValueError(f"{data_dir}: column {c!r} missing from {split}.parquet")
-        self.labels = table.column("label").to_numpy().astype(np.float32)
-        n = self.num_rows
+                raise ValueError(f"{data_dir}: column {c!r} missing from {split}.parquet; re-run the preprocessing")
+
+        def column(name):  # one column at a time: peak memory ~ the numpy arrays
+            return pq.read_table(path, columns=[name]).column(0).combine_chunks()
+
+        self.labels = column("label").to_numpy().astype(np.float32)
+        n = self.num_rows = len(self.labels)
+        expected = int(self.meta["splits"][split]["rows"])
+        if n != expected:
+            raise ValueError(f"{data_dir}: {split}.parquet has {n} rows, meta.json says "
+                             f"{expected}; re-run the preprocessing")
         self.dense = np.empty((n, len(self.dense_names)), dtype=np.float32)
         for j, c in enumerate(self.dense_names):
-            self.dense[:, j] = table.column(c).to_numpy()
+            self.dense[:, j] = column(c).to_numpy()
+        # ids are stored as int32 (vocabularies < 2**31) and widened to int64 per batch
+        id_dtype = np.int32 if max(self.vocab_sizes, default=1) < (1 << 31) else np.int64
         single = [f for f, k in zip(self.feature_names, self.kinds) if k == "categorical"]
-        self.ids = np.empty((n, len(single)), dtype=np.int64)
+        self.ids = np.empty((n, len(single)), dtype=id_dtype)
         for j, c in enumerate(single):
-            self.ids[:, j] = table.column(c).to_numpy()
+            self.ids[:, j] = column(c).to_numpy()
         self._single_col = {f: j for j, f in enumerate(single)}
         self.bags: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # name -> (offsets, values)
         for f, k in zip(self.feature_names, self.kinds):
             if k == "multi_hot":
-                col = table.column(f).combine_chunks()
+                col = column(f)
                 offs = col.offsets.to_numpy().astype(np.int64)
-                vals = col.values.to_numpy().astype(np.int64)
+                vals = col.values.to_numpy().astype(id_dtype)
                 self.bags[f] = (offs - offs[0], vals[offs[0]: offs[-1]])
         for f, v in zip(self.feature_names, self.vocab_sizes):
             arr = self.ids[:, self._single_col[f]] if f in self._single_col else self.bags[f][1]
             if arr.size and (arr.min() < 0 or arr.max() >= v):
                 raise ValueError(f"{data_dir}: ids of {f!r} outside [0, {v}); re-run the preprocessing")
-        del table
         if self.drop_last:
             self._num_batches = n // (batch_size * world_size)
             if self._num_batches == 0:
@@ -167,6 +171,9 @@ class PreprocessedDataset(IterableDataset):
                     f"{batch_size * world_size}; use a smaller batch size")
             self._cuts = None
         else:
+            if n == 0:
+                raise ValueError(f"{data_dir}: split {split!r} is empty (0 rows); preprocess with a "
+                                 "non-zero fraction for it")
             self._cuts = eval_batch_bounds(n, batch_size, world_size)
             self._num_batches = len(self._cuts)
 
@@ -203,12 +210,18 @@ class PreprocessedDataset(IterableDataset):
     def make_batch(self, rows: np.ndarray) -> Batch:
         """The ``Batch`` of the given row indices (vectorised gather)."""
         b = len(rows)
-        ids = self.ids[rows]  # [b, n_single]
+        ids = self.ids[rows].T.astype(np.int64)  # [n_single, b], feature-major
+        if not self.bags:  # all single-hot: the KJT values are the transposed id matrix
+            kjt = KeyedJaggedTensor(keys=self.feature_names, values=torch.from_numpy(ids.reshape(-1)),
+                                    lengths=torch.from_numpy(np.ones(b * len(self.feature_names), np.int32)),
+                                    stride=b)
+            return Batch(dense_features=torch.from_numpy(self.dense[rows]), sparse_features=kjt,
+                         labels=torch.from_numpy(self.labels[rows]))
         values, lengths = [], []
         for f in self.feature_names:
             j = self._single_col.get(f)
             if j is not None:
-                values.append(ids[:, j])
+                values.append(ids[j])
                 lengths.append(np.ones(b, dtype=np.int32))
             else:
                 offs, vals = self.bags[f]
@@ -216,7 +229,7 @@ class PreprocessedDataset(IterableDataset):
                 total = int(lens.sum())
                 ends = np.cumsum(lens)
                 pos = np.arange(total, dtype=np.int64) + np.repeat(starts - (ends - lens), lens)
-                values.append(vals[pos])
+                values.append(vals[pos].astype(np.int64))
                 lengths.append(lens.astype(np.int32))
         kjt = KeyedJaggedTensor(
             keys=self.feature_names,
