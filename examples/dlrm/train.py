@@ -130,9 +130,6 @@ def quiet_known_warnings() -> None:
     # list of slices: deprecated spelling of the same tuple index; exact at world 2 (tested).
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional",
                             category=UserWarning, module=r"torchmetrics\.utilities\.distributed")
-    # --checkpoint-dir holds the latest epoch by design: each epoch overwrites the previous one.
-    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in",
-                            category=UserWarning)
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered", category=UserWarning)
 
