@@ -65,8 +65,9 @@ METHODS: Dict[str, List[str]] = {
     "qr_add": ["--method", "qr", "--qr-operation", "add"],
     "qr_concat": ["--method", "qr", "--qr-operation", "concat"],
     "memcom": ["--method", "memcom"],
-    "cce_no_recluster": ["--method", "cce", "--no-recluster"],
-    "cce": ["--method", "cce"],
+    "cce_no_recluster": ["--method", "cce"],
+    # the paper's multi-epoch schedule: early in the first epoch, then once per epoch
+    "cce": ["--method", "cce", "--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3"],
     "mpe": ["--method", "mpe"],
     "planner": [],
 }

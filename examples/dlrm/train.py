@@ -186,6 +186,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="the paper's cap: tables with num_embeddings*dim above it are compressed "
                         "to this many parameters (default: 1/16 of the largest table)")
     m.add_argument("--chunks", type=int, default=4)
+    m.add_argument("--qr-operation", choices=["mult", "add", "concat"], default="mult",
+                   help="how QR combines its quotient and remainder rows (--method qr)")
     m.add_argument("--embedding-dim", type=int, default=16)
     m.add_argument("--dense-arch", default="64,16", help="dense MLP sizes (last = embedding dim)")
     m.add_argument("--over-arch", default="64,32,1")
@@ -583,7 +585,7 @@ def make_compression(tables: List[EmbeddingBagConfig], args: argparse.Namespace,
                            for n, c in compression.items()}
         return compression, cap
     return compression_for_budget(tables, args.method, cap, chunks=args.chunks,
-                                  seed=args.seed), cap
+                                  seed=args.seed, qr_operation=args.qr_operation), cap
 
 
 def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -593,7 +595,8 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     if args.embedding_budget_mb is not None:  # the byte-budget planner (torchrec_cce.budget)
         plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
                                 counts=table_counts(data, tables),
-                                methods=args.planner_methods, chunks=args.chunks)
+                                methods=args.planner_methods, chunks=args.chunks,
+                                qr_operation=args.qr_operation)
         compression, cap = plan.compression, None
         used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
         args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
@@ -832,8 +835,9 @@ def run_evaluation(ctx: "Training", epoch: int) -> Dict[str, Any]:
 # benchmarks/soak.py).
 FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 # Settings a checkpoint must have been written with (they change the model or its state).
-MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "dense_arch", "over_arch", "dcn",
-               "dcn_layers", "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed")
+MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
+               "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
+               "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed")
 
 
 def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
