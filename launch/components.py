@@ -43,6 +43,9 @@ TRAIN_SCRIPT = "examples/dlrm/train.py"
 BACKEND_ENV = "TORCHREC_CCE_BACKEND"
 """Env var naming the ``torch.distributed`` backend ``train.py`` should use (``gloo`` or ``nccl``)."""
 
+UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+"""Set to 1 for jobs with restarts: each attempt's rank 0 hosts a fresh c10d store."""
+
 
 def dlrm(
     *script_args: str,
@@ -86,7 +89,11 @@ def dlrm(
             the workspace (this repo) is copied on top of it. Unused by local_cwd and slurm
         name: job name: {experimentname}/{runname}, {experimentname}/, /{runname} or {runname}
         env: extra environment variables for every worker (e.g. ENV1=v1,ENV2=v2)
-        max_retries: the number of scheduler retries allowed
+        max_retries: restarts allowed after a worker fails: passed to torchrun as
+            --max_restarts (every worker is restarted in place; train.py with
+            --checkpoint-dir DIR --resume continues from its last complete checkpoint) and to
+            the scheduler as its retry count (slurm requeue, kubernetes maxRetry) for failures
+            torchrun cannot recover from, such as a lost node
         rdzv_port: port on rank0's host for the c10d rendezvous store (multi-node only;
             single-node jobs pick a free port)
         mounts: mounts for container schedulers (ex. type=bind,src=/data,dst=/data[,readonly])
@@ -102,6 +109,11 @@ def dlrm(
 
     env = dict(env or {})  # never mutate the caller's dict (ddp writes into it)
     env.setdefault(BACKEND_ENV, "nccl" if resource.gpu > 0 else "gloo")
+    if max_retries:
+        # Workers sharing torchrun's rendezvous TCPStore read the previous attempt's gloo/NCCL
+        # addresses after a restart ("Connection refused", pytorch/pytorch#135712): give every
+        # attempt its own store instead.
+        env.setdefault(UNSHARED_STORE_ENV, "1")
 
     app = ddp(
         *script_args,
@@ -119,4 +131,12 @@ def dlrm(
         mounts=mounts,
         debug=debug,
     )
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if max_retries:
+        (role,) = app.roles
+        cmd = role.args[1]
+        if not cmd.startswith("torchrun "):  # dist.ddp's command layout changed: fail loudly
+            raise RuntimeError(f"unexpected torchrun command from dist.ddp: {cmd!r}")
+        role.args[1] = f"torchrun --max_restarts {max_retries} " + cmd[len("torchrun "):]
     return app

@@ -188,6 +188,27 @@ def test_env_debug_image_mounts_name_retries() -> None:
     assert (mount.src_path, mount.dst_path, mount.read_only) == ("/data", "/data", True)
 
 
+def test_max_retries_restarts_workers_and_the_job() -> None:
+    # torchrun restarts every worker in place after a failure (TorchX's local_cwd honours no
+    # scheduler retries, so this is what recovers a killed worker locally) ...
+    cmd = _torchrun_cmd(dlrm(*SCRIPT_ARGS, j="1x2", max_retries=2))
+    assert _opt(cmd, "--max_restarts") == "2"
+    assert cmd.index("--max_restarts") < cmd.index(TRAIN_SCRIPT)
+    assert _script_args(cmd) == list(SCRIPT_ARGS)
+    # ... and the scheduler gets the same retry count (lost nodes).
+    (role,) = dlrm(j="2x4", max_retries=2).roles
+    assert role.max_retries == 2
+    assert "--max_restarts" not in _torchrun_cmd(dlrm(j="1x2"))  # default: no restarts
+    # Restarted workers must not read the previous attempt's addresses from a shared store.
+    assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in dlrm(j="1x2").roles[0].env
+    with pytest.raises(ValueError, match="max_retries must be >= 0"):
+        dlrm(j="1x2", max_retries=-1)
+    app = materialize_appdef(dlrm, ["-j", "1x2", "--max_retries", "1", "--", "--resume"])
+    cmd = _torchrun_cmd(app)
+    assert _opt(cmd, "--max_restarts") == "1" and _script_args(cmd) == ["--resume"]
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

@@ -184,7 +184,9 @@ def test_torchx_component_cce_two_workers(torchx_cce_epoch1: Dict[str, Any]) -> 
         assert stats["kmeans_inertia_end"] <= stats["kmeans_inertia_start"] + 1e-6, (name, stats)
     assert m["recluster_seconds"] > 0
     ckpt: Path = torchx_cce_epoch1["ckpt"]
-    assert (ckpt / ".metadata").is_file() and len(list(ckpt.glob("*.distcp"))) == WORLD
+    step = ckpt / f"step_{STEPS_PER_EPOCH}"  # the epoch-end checkpoint, complete marker last
+    assert (step / "complete").is_file() and (step / ".metadata").is_file()
+    assert len(list(step.glob("*.distcp"))) == WORLD
 
 
 # ------------------------------------------------------------------ 3. resume (2 workers)
@@ -215,7 +217,7 @@ def test_resume_continues_and_matches_straight_run(torchx_cce_epoch1: Dict[str, 
     assert [s for s, _ in b["train_loss_curve"]] == list(range(STEPS_PER_EPOCH + 1, 2 * STEPS_PER_EPOCH + 1))
     assert b["reclusterings"] == []  # the epoch-1 re-clustering is not redone on resume
     assert [r["step"] for r in a["reclusterings"]] == [STEPS_PER_EPOCH // 2]
-    assert (ckpt / ".metadata").is_file()
+    assert (ckpt / f"step_{2 * STEPS_PER_EPOCH}" / "complete").is_file()
 
     # the comparison below is only meaningful if the data and training are deterministic:
     # the straight run's first epoch must reproduce the checkpointed run's
@@ -335,11 +337,16 @@ def test_bad_flags_fail_with_usage_error(tmp_path: Path, args: List[str], names:
 
 
 @SLOW
-def test_resume_without_checkpoint_fails(tmp_path: Path) -> None:
+def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
+    # One command line serves the first start and every restart: no checkpoint yet -> fresh.
     missing = tmp_path / "no_such_ck"
-    run = _run([PYTHON, TRAIN, *SMALL, "--method", "hashing", "--resume", "--checkpoint-dir",
-                str(missing), "--metrics-json", str(tmp_path / "m.json")], tmp_path, tmp_path / "m.json")
-    assert run.returncode != 0, run.log()
-    assert "--resume needs an existing --checkpoint-dir" in run.stderr, run.log()
-    assert str(missing) in run.stderr
-    assert run.metrics is None and not missing.exists()  # no silent fresh start
+    run = _run([PYTHON, TRAIN, *SMALL, "--method", "hashing", "--max-steps", "2", "--resume",
+                "--checkpoint-dir", str(missing), "--metrics-json", str(tmp_path / "m.json")],
+               tmp_path, tmp_path / "m.json")
+    assert run.returncode == 0, run.log()
+    assert f"no checkpoint in {missing} yet: starting fresh" in run.stdout, run.log()
+    assert run.metrics["steps"] == 2 and run.metrics["resumed_from_step"] is None
+    assert (missing / "step_2" / "complete").is_file()
+    # --resume without a checkpoint directory is a usage error.
+    bad = _run([PYTHON, TRAIN, *SMALL, "--resume"], tmp_path)
+    assert bad.returncode == 2 and "--resume needs --checkpoint-dir" in bad.stderr, bad.log()

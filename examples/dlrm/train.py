@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import time
@@ -41,7 +42,6 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torchmetrics
 from torch import nn
 from tqdm import tqdm
@@ -70,6 +70,7 @@ from torchrec_cce import (  # noqa: E402
     plan_compression,
     summarize,
 )
+from torchrec_cce.checkpoint import CheckpointManager, guard_loss  # noqa: E402
 from torchrec_cce.clustering.schedule import ReclusterSchedule  # noqa: E402
 from torchrec_cce.configs import MPEConfig  # noqa: E402
 from torchrec_cce.mpe import MPESchedule, mpe_penalty, mpe_summary  # noqa: E402
@@ -133,9 +134,6 @@ def quiet_known_warnings() -> None:
     # list of slices: deprecated spelling of the same tuple index; exact at world 2 (tested).
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional",
                             category=UserWarning, module=r"torchmetrics\.utilities\.distributed")
-    # --checkpoint-dir holds the latest epoch by design: each epoch overwrites the previous one.
-    warnings.filterwarnings("ignore", message="Detected an existing checkpoint in",
-                            category=UserWarning)
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered", category=UserWarning)
 
@@ -188,6 +186,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="the paper's cap: tables with num_embeddings*dim above it are compressed "
                         "to this many parameters (default: 1/16 of the largest table)")
     m.add_argument("--chunks", type=int, default=4)
+    m.add_argument("--qr-operation", choices=["mult", "add", "concat"], default="mult",
+                   help="how QR combines its quotient and remainder rows (--method qr)")
     m.add_argument("--embedding-dim", type=int, default=16)
     m.add_argument("--dense-arch", default="64,16", help="dense MLP sizes (last = embedding dim)")
     m.add_argument("--over-arch", default="64,32,1")
@@ -233,8 +233,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     e.add_argument("--patience", type=int, default=None,
                    help="stop after N evaluations in a row without a lower val log loss")
     o = p.add_argument_group("output")
-    o.add_argument("--checkpoint-dir", default=None, help="DCP checkpoint written each epoch")
-    o.add_argument("--resume", action="store_true", help="continue from --checkpoint-dir")
+    o.add_argument("--checkpoint-dir", default=None,
+                   help="DCP checkpoints <dir>/step_<N>, written at each epoch's end (and every "
+                        "--checkpoint-every steps) atomically: a crash mid-write never leaves a "
+                        "broken newest checkpoint")
+    o.add_argument("--checkpoint-every", type=int, default=None,
+                   help="also checkpoint every N training steps (mid-epoch resume is exact)")
+    o.add_argument("--keep-checkpoints", type=int, default=2,
+                   help="complete checkpoints kept (older ones are pruned); 0 = all (default 2)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in --checkpoint-dir, or "
+                        "start fresh (logged) if there is none yet: one command line serves "
+                        "the first start and every restart")
     o.add_argument("--metrics-json", default=None)
     o.add_argument("--tensorboard-dir", default=None)
     o.add_argument("--loss-curve-png", default=None)
@@ -258,7 +268,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if args.num_embeddings_per_feature:
             p.error("--num-embeddings-per-feature does not apply to --data preprocessed: tables "
                     "have the vocabulary sizes (pick a compression --method instead)")
-    for flag in ("eval_every", "patience"):
+    if args.resume and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir (where the checkpoints are, or will be)")
+    if args.keep_checkpoints < 0:
+        p.error(f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}")
+    for flag in ("eval_every", "patience", "checkpoint_every"):
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {value}")
@@ -571,7 +585,7 @@ def make_compression(tables: List[EmbeddingBagConfig], args: argparse.Namespace,
                            for n, c in compression.items()}
         return compression, cap
     return compression_for_budget(tables, args.method, cap, chunks=args.chunks,
-                                  seed=args.seed), cap
+                                  seed=args.seed, qr_operation=args.qr_operation), cap
 
 
 def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -581,7 +595,8 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     if args.embedding_budget_mb is not None:  # the byte-budget planner (torchrec_cce.budget)
         plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
                                 counts=table_counts(data, tables),
-                                methods=args.planner_methods, chunks=args.chunks)
+                                methods=args.planner_methods, chunks=args.chunks,
+                                qr_operation=args.qr_operation)
         compression, cap = plan.compression, None
         used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
         args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
@@ -815,27 +830,58 @@ def run_evaluation(ctx: "Training", epoch: int) -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------- checkpoints
-def checkpoint_state(dmp: nn.Module, optimizer: CombinedOptimizer, progress: Dict[str, int],
-                     protocol: str = "") -> Dict[str, Any]:
-    return {"model": dmp.state_dict(), "optim": optimizer.state_dict(),
-            "progress": {k: torch.tensor(v) for k, v in progress.items()},
-            "protocol": protocol}
+# Test hook: "N[,M,...]" makes rank 1 SIGKILL itself right after step N in the first attempt
+# (TORCHELASTIC_RESTART_COUNT=0), after step M in the second, ... (tests/test_elastic.py,
+# benchmarks/soak.py).
+FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
+# Settings a checkpoint must have been written with (they change the model or its state).
+MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
+               "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
+               "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed")
 
 
-def save_checkpoint(path: str, dmp: nn.Module, optimizer: CombinedOptimizer,
-                    progress: Dict[str, int], protocol: Protocol) -> None:
-    dcp.save(checkpoint_state(dmp, optimizer, progress, protocol.state()), checkpoint_id=path)
+def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
+                       log: Callable[[str], None]) -> Optional[CheckpointManager]:
+    if not args.checkpoint_dir:
+        return None
+    config = {k: getattr(args, k) for k in MODEL_FLAGS}
+    config.update(max_params_per_table=budget["max_params_per_table"], tables=budget["tables"])
+    return CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints, config=config,
+                             batch_size=args.batch_size, log=log)
 
 
-def load_checkpoint(path: str, dmp: nn.Module, optimizer: CombinedOptimizer,
-                    protocol: Protocol) -> Dict[str, int]:
-    optimizer.init_state()
-    state = checkpoint_state(dmp, optimizer, {"step": 0, "epoch": 0})
-    dcp.load(state, checkpoint_id=path)
-    dmp.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optim"])
-    protocol.load(state["protocol"])
-    return {k: int(v) for k, v in state["progress"].items()}
+def save_checkpoint(ctx: "Training") -> None:
+    if ctx.checkpoints is None:
+        return
+    progress = {**ctx.progress, "protocol": ctx.protocol.state()}
+    ctx.last_checkpoint = ctx.checkpoints.save(ctx.progress["step"], ctx.dmp, ctx.optim.combined,
+                                               progress)
+
+
+def load_checkpoint(ctx: "Training") -> None:
+    """Continue from the newest usable checkpoint (model, optimizers, re-clustering reservoirs,
+    RNG states, data position, evaluations so far); nothing yet: a fresh start."""
+    resumed = ctx.checkpoints.load(ctx.dmp, ctx.optim.combined)
+    if resumed is None:
+        return
+    progress = dict(resumed.progress)
+    ctx.protocol.load(progress.pop("protocol", ""))
+    ctx.progress = {"step": int(progress["step"]), "epoch": int(progress["epoch"]),
+                    "step_in_epoch": int(progress.get("step_in_epoch", 0))}
+    ctx.resumed_from, ctx.last_checkpoint = resumed.step, resumed.path
+
+
+def inject_fault(ctx: "Training", step: int) -> None:
+    """The ``$TORCHREC_CCE_FAULT_AT_STEP`` test hook (see FAULT_ENV)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    steps = [int(x) for x in spec.split(",") if x.strip()]
+    if attempt < len(steps) and step == steps[attempt] and ctx.rank == min(1, ctx.world - 1):
+        print(f"injected fault: SIGKILL of rank {ctx.rank} after step {step} "
+              f"(attempt {attempt})", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- training
@@ -855,7 +901,11 @@ class Training:
     protocol: Protocol
     budget: Dict[str, Any]
     plan_table: str
-    progress: Dict[str, int] = field(default_factory=lambda: {"step": 0, "epoch": 0})
+    progress: Dict[str, int] = field(
+        default_factory=lambda: {"step": 0, "epoch": 0, "step_in_epoch": 0})
+    checkpoints: Optional[CheckpointManager] = None
+    last_checkpoint: Optional[str] = None
+    resumed_from: Optional[int] = None
     writer: Any = None
     bar: Any = None
     losses: List[Tuple[int, float]] = field(default_factory=list)
@@ -895,11 +945,9 @@ def setup(args: argparse.Namespace, rank: int, world: int, device: torch.device)
         warmup = (0 if counted else max(1, epoch_steps // 10)) if warmup is None else warmup
         ctx.mpe = MPESchedule(search_steps=args.mpe_search_steps or epoch_steps,
                               warmup_steps=warmup)
+    ctx.checkpoints = checkpoint_manager(args, budget, ctx.say)
     if args.resume:
-        if not args.checkpoint_dir or not os.path.isdir(args.checkpoint_dir):
-            raise FileNotFoundError(f"--resume needs an existing --checkpoint-dir, got "
-                                    f"{args.checkpoint_dir!r}")
-        ctx.progress = load_checkpoint(args.checkpoint_dir, dmp, optim.combined, ctx.protocol)
+        load_checkpoint(ctx)
     return ctx
 
 
@@ -915,6 +963,9 @@ def train_steps(ctx: Training, batches: Iterator[Batch]) -> int:
             break
         n += 1
         step = ctx.progress["step"] = ctx.progress["step"] + 1
+        ctx.progress["step_in_epoch"] += 1
+        guard_loss(loss, step, ctx.dmp, ctx.last_checkpoint)  # NaN/inf: stop, nothing saved
+        inject_fault(ctx, step)
         ctx.samples += labels.numel() * ctx.world
         value = float(loss)
         ctx.losses.append((step, value))
@@ -954,34 +1005,41 @@ def train_epoch(ctx: Training, epoch: int) -> bool:
     """One epoch with its evaluations; False when training should stop (patience, max steps)."""
     args = ctx.args
     steps_left = None if args.max_steps is None else args.max_steps - ctx.progress["step"]
-    batches = in_step(ctx.data.train(epoch), steps_left)
-    ctx.bar = tqdm(total=ctx.data.steps_per_epoch, desc=f"epoch {epoch + 1}", leave=False,
-                   disable=ctx.rank != 0 or args.no_progress, dynamic_ncols=True)
+    done = ctx.progress["step_in_epoch"]  # > 0: resumed mid-epoch, these batches are trained
+    source = ctx.data.train(epoch)
+    batches = in_step(itertools.islice(source, done, None) if done else source, steps_left)
+    ctx.bar = tqdm(total=ctx.data.steps_per_epoch, initial=done, desc=f"epoch {epoch + 1}",
+                   leave=False, disable=ctx.rank != 0 or args.no_progress, dynamic_ncols=True)
     if ctx.bar.disable:
         ctx.bar = None
-    while True:
-        segment = None
-        if args.eval_every:
-            segment = args.eval_every - ctx.progress["step"] % args.eval_every
+    every = [n for n in (args.eval_every, args.checkpoint_every) if n]
+    while True:  # segments end at evaluation and checkpoint steps (the pipeline is drained)
+        segment = min((n - ctx.progress["step"] % n for n in every), default=None)
         ran = train_steps(ctx, itertools.islice(batches, segment) if segment else batches)
         if segment is None or ran < segment:
             break  # this epoch's data (or --max-steps) ran out
-        run_evaluation(ctx, epoch + 1)
-        if ctx.protocol.should_stop:
-            break
+        step = ctx.progress["step"]
+        if args.eval_every and step % args.eval_every == 0:
+            run_evaluation(ctx, epoch + 1)
+            if ctx.protocol.should_stop:
+                break
+        if (args.checkpoint_every and step % args.checkpoint_every == 0
+                and ctx.progress["step_in_epoch"] != ctx.data.steps_per_epoch):  # (epoch end follows)
+            save_checkpoint(ctx)
     if ctx.bar is not None:
         ctx.bar.close()
         ctx.bar = None
     if ctx.data.collisions is not None:  # the first epoch's check (or a resumed run's first)
         report_collisions(ctx)
         ctx.data.collisions.stop()
-    ctx.progress["epoch"] = epoch + 1
+    hit_max = args.max_steps is not None and ctx.progress["step"] >= args.max_steps
+    if not (hit_max and ctx.progress["step_in_epoch"] != ctx.data.steps_per_epoch):
+        # the epoch's data ran out (--max-steps mid-epoch keeps the position for a resume)
+        ctx.progress["epoch"] = epoch + 1
+        ctx.progress["step_in_epoch"] = 0
     if ctx.protocol.last_step() != ctx.progress["step"]:
         run_evaluation(ctx, epoch + 1)
-    if args.checkpoint_dir:
-        save_checkpoint(args.checkpoint_dir, ctx.dmp, ctx.optim.combined, ctx.progress,
-                        ctx.protocol)
-    hit_max = args.max_steps is not None and ctx.progress["step"] >= args.max_steps
+    save_checkpoint(ctx)
     return not (ctx.protocol.should_stop or hit_max)
 
 
@@ -1075,6 +1133,10 @@ def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[s
         "method": ctx.args.method,
         "steps": ctx.progress["step"],
         "epochs": ctx.progress["epoch"],
+        # this attempt: torchrun's restart count, the checkpoint step it resumed from (or None)
+        "restart_count": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        "resumed_from_step": ctx.resumed_from,
+        "last_checkpoint": ctx.last_checkpoint,
         "train_loss_curve": ctx.losses,
         "reclusterings": ctx.recluster_log,
         "wall_seconds": time.perf_counter() - start,
