@@ -651,3 +651,71 @@ def test_schedule_rejects_bad_steps():
         ReclusterSchedule.from_epochs(steps_per_epoch=0, fractions=[0.5])
     with pytest.raises(ValueError):
         ReclusterSchedule(at_steps=[0, 10])
+
+
+# ------------------------------------------------------------------ non-finite codebooks
+def _state_copy(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("codebook", ["A", "B"])
+def test_non_finite_codebook_refused_naming_table_and_chunk_state_untouched(bad, codebook):
+    """A NaN/inf in chunk 1 of the *second* CCE table: recluster raises naming that table and
+    chunk and the fix, and no table (not even the first, healthy one) was changed."""
+    spec = [("first", 120, 8, CCEConfig(rows=8, chunks=2, seed=1)),
+            ("second", 90, 8, CCEConfig(rows=8, chunks=4, seed=2))]
+    ebc = build(spec)
+    opts = train_random(ebc, steps=5)
+    with torch.no_grad():
+        w = weight(ebc, f"second__cce_{codebook}")
+        w[1 * 8 + 3, 1] = bad  # chunk 1 (rows 8..15 of the stacked codebook)
+    before = _state_copy(ebc)
+    opt_before = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
+                  for o in opts for p, st in o.state.items()}
+    with pytest.raises(ValueError, match=r"table 'second', chunk 1: codebook "
+                       rf"{codebook} .*NaN/inf.*learning rate.*checkpoint"):
+        recluster(ebc, optimizers=opts)
+    after = ebc.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v) or (torch.isnan(v).any() and torch.equal(
+            torch.nan_to_num(after[k]), torch.nan_to_num(v))), k
+    for o in opts:  # optimizer state not reset either
+        for p, st in o.state.items():
+            for k, v in opt_before[id(p)].items():
+                assert torch.equal(st[k], v), k
+
+
+def _sharded_nan_recluster(rank: int, world: int, replicate_below: int):
+    from test_sharding import _trained_reference, gathered_state, load_full_state, shard
+
+    ref = _trained_reference()
+    with torch.no_grad():
+        w = ref.codebooks.embedding_bags["big__cce_B"].weight  # rows=32, chunks=2
+        w[32 + 5, 0] = float("nan")  # chunk 1
+    dmp, _ = shard("tw", replicate_below, world, rank)
+    load_full_state(dmp, ref.state_dict())
+    dmp.module.tables["big"].reservoir.observe(torch.arange(100 * rank, 100 * rank + 500))
+    before = gathered_state(dmp)
+    try:
+        recluster(dmp)
+        message = None
+    except ValueError as e:
+        message = str(e)
+    return message, before, gathered_state(dmp)
+
+
+@pytest.mark.parametrize("replicate_below", [0, 1 << 30], ids=["id_range", "replicated"])
+def test_non_finite_codebook_refused_sharded_state_untouched(replicate_below):
+    """2 ranks (gloo): both refuse with the table and chunk named; every rank's state (the
+    codebook shards, the id-range or replicated p, the hash generation) is unchanged."""
+    from multiprocess import run_multiprocess
+
+    results = run_multiprocess(_sharded_nan_recluster, 2, replicate_below)
+    for message, before, after in results:
+        assert message is not None and "table 'big', chunk 1: codebook B" in message, message
+        assert set(before) == set(after)
+        for k, v in before.items():
+            assert torch.equal(torch.nan_to_num(after[k]), torch.nan_to_num(v)), k
+            assert torch.equal(torch.isnan(after[k]), torch.isnan(v)), k

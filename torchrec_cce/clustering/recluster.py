@@ -280,12 +280,23 @@ def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
         id_batch: ids re-assigned per batch (bounds memory: never ``V x k`` at once).
         collective: cross-rank hook; default: the process group if initialised, else local.
 
-    A collective call under ``torch.distributed``: every rank must call it. Returns
+    Raises ``ValueError`` naming the table and chunk if any CCE codebook holds NaN/inf, before
+    any state is written. A collective call under ``torch.distributed``: every rank must call
+    it. Returns
     ``{table: stats}`` (k-means inertia at start/end, empty clusters re-seeded, seconds, ...).
     """
     from torchrec_cce.modules import CCEEmbeddingBagCollection
 
     collective = collective or default_collective()
+    # Refuse before writing anything if any CCE codebook anywhere holds NaN/inf.
+    for _, module in model.named_modules():
+        if hasattr(module, "cce_recluster"):
+            from torchrec_cce.distributed.recluster import check_sharded_codebooks  # noqa: PLC0415
+
+            check_sharded_codebooks(module, collective)
+        elif isinstance(module, CCEEmbeddingBagCollection):
+            for _, state, _, _ in _unsharded_states(module, collective):
+                check_finite_codebooks(state)
     out: Dict[str, Dict[str, float]] = {}
     for _, module in model.named_modules():
         if hasattr(module, "cce_recluster"):
