@@ -354,3 +354,33 @@ def test_inertia_close_to_faiss():
     km.train(x.numpy())
     theirs = _brute_inertia(x, torch.from_numpy(km.centroids))  # after faiss' last update
     assert abs(ours.inertia / theirs - 1) < 0.02, (ours.inertia, theirs)
+
+
+def test_kernel_build_failure_falls_back_to_torch_with_one_notice(tmp_path):
+    """No usable compiler: one RuntimeWarning naming the cause, then the torch path, with the
+    same (exact) answers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from torchrec_cce.clustering import native\n"
+        "from torchrec_cce.clustering.kmeans import nearest_centroid, kmeans\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x, c = torch.randn(500, 4), torch.randn(40, 4)\n"
+        "    idx, _ = nearest_centroid(x, c)\n"
+        "    kmeans(x, 8, iters=2)\n"
+        "assert not native.available()\n"
+        "ref = ((x.double()[:, None] - c.double()[None]) ** 2).sum(-1).argmin(1)\n"
+        "assert torch.equal(idx, ref)\n"
+        "msgs = [str(m.message) for m in w if 'kernel unavailable' in str(m.message)]\n"
+        "assert len(msgs) == 1 and 'pure-torch path' in msgs[0], msgs\n"
+        "print('OK', msgs[0])\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
+               TORCHREC_CCE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

@@ -19,10 +19,10 @@
 namespace {
 
 #ifndef CCE_R
-#define CCE_R 4
+#define CCE_R 2
 #endif
 #ifndef CCE_J
-#define CCE_J 2
+#define CCE_J 4
 #endif
 
 // ct: [d, kp] (kp a multiple of 8), bias: [kp]. Scalar reference path (any CPU).
