@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from torchrec_cce.clustering import native
 from torchrec_cce.clustering.kmeans import (
-    CentroidIndex,
     Collective,
     KMeansResult,
     LocalCollective,
@@ -47,38 +47,66 @@ def test_local_collective_is_identity():
 
 
 # ----------------------------------------------------------------------------- nearest centroid
+def _methods():
+    """Search paths under test: torch always, the compiled kernel where it builds here."""
+    return ["torch"] + (["native"] if native.available() else [])
+
+
+def test_native_kernel_builds_here():
+    """This machine has a C++ compiler: the fast path must not silently fall back."""
+    import shutil
+    if not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("no C++ compiler: the torch path is used (covered by the other tests)")
+    assert native.available()
+
+
 @pytest.mark.parametrize("k", [1, 7, 100, 700])
-@pytest.mark.parametrize("method", ["brute", "pruned"])
-def test_nearest_centroid_matches_cdist(k, method):
-    g = torch.Generator().manual_seed(k)
-    x = torch.randn(3000, 8, generator=g)
-    c = torch.randn(k, 8, generator=g)
-    d2 = torch.cdist(x.double(), c.double()) ** 2
+@pytest.mark.parametrize("d", [1, 3, 4, 8, 16, 20])
+def test_nearest_centroid_matches_float64_argmin(k, d):
+    """Both paths (and several batch sizes) give the float64 argmin exactly (d = 20: the
+    kernel does d <= 16, so auto falls back to torch)."""
+    g = torch.Generator().manual_seed(k + 100 * d)
+    x = torch.randn(3000, d, generator=g)
+    c = torch.randn(k, d, generator=g)
+    d2 = ((x.double()[:, None, :] - c.double()[None]) ** 2).sum(-1)
     ref_d, ref_i = d2.min(1)
-    for batch_size in (None, 128, 1):  # 128 and 1 < n: several batches
-        if batch_size == 1 and method == "pruned":
+    for method in _methods() + ["auto"]:
+        if method == "native" and d > 16:
             continue
-        idx, dist = nearest_centroid(x, c, batch_size=batch_size, method=method)
-        assert idx.dtype == torch.int64 and idx.shape == (3000,) and dist.shape == (3000,)
-        assert torch.equal(idx, ref_i), (method, batch_size, int((idx != ref_i).sum()))
-        assert torch.allclose(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
-        assert bool((dist >= 0).all())
+        for batch_size in (None, 128, 1):  # 128 and 1 < n: several batches
+            if batch_size == 1 and d != 4:
+                continue
+            idx, dist = nearest_centroid(x, c, batch_size=batch_size, method=method)
+            assert idx.dtype == torch.int64 and idx.shape == (3000,) and dist.shape == (3000,)
+            assert torch.equal(idx, ref_i), (method, batch_size, int((idx != ref_i).sum()))
+            assert torch.allclose(dist.double(), ref_d, atol=1e-4, rtol=1e-4)
+            assert bool((dist >= 0).all())
 
 
-def test_pruned_search_low_dim_uses_graph_and_is_exact():
-    """d = 4 (a CCE chunk of a dim-16 table): most points are proven without the brute force."""
-    g = torch.Generator().manual_seed(1)
-    x = _mixture(40_000, 4, 64, seed=1)
-    c = x[torch.randperm(x.shape[0], generator=g)[:1024]] + 0.01
-    ref = torch.cdist(x, c).argmin(1)
-    index = CentroidIndex(c)
-    idx, _, n_brute = index.search(x)  # cold: guess from sqrt(k) centroids
-    assert torch.equal(idx, ref)
-    assert n_brute < 0.25 * x.shape[0], n_brute
-    c2 = c + 0.05 * torch.randn(c.shape, generator=g)  # "after a Lloyd update"
-    idx2, _, n_brute2 = CentroidIndex(c2).search(x, guess=idx)  # warm: previous assignment
-    assert torch.equal(idx2, torch.cdist(x, c2).argmin(1))
-    assert n_brute2 < 0.1 * x.shape[0], n_brute2
+@pytest.mark.parametrize("method", ["torch", "native"])
+def test_near_ties_are_decided_in_float64(method):
+    """Points placed on (and 1 ulp off) the bisector of two centroids, where float32 scores
+    cannot tell: the answer is still the float64 argmin, lowest index on exact ties."""
+    if method == "native" and not native.available():
+        pytest.skip("compiled kernel unavailable")
+    g = torch.Generator().manual_seed(5)
+    c = torch.randn(64, 4, generator=g) * 10
+    c[1] = c[0] + torch.tensor([1e-3, 0.0, 0.0, 0.0])  # two nearly coincident centroids
+    mid = (c[0] + c[1]) / 2
+    x = mid + torch.zeros(4000, 4)
+    x[:, 0] += torch.linspace(-2e-4, 2e-4, 4000)  # crosses the bisector
+    x[:, 1:] += 1e-3 * torch.randn(4000, 3, generator=g)
+    d2 = ((x.double()[:, None, :] - c.double()[None]) ** 2).sum(-1)
+    ref_i = d2.argmin(1)
+    assert 0 < int((ref_i == 0).sum()) < 4000  # both sides are populated
+    idx, _ = nearest_centroid(x, c, method=method)
+    assert torch.equal(idx, ref_i), int((idx != ref_i).sum())
+    # exact duplicates: the lower index wins
+    cd = torch.cat([c[:10], c[3:4], c[10:]])  # index 10 duplicates index 3
+    xi = c[3] + 1e-4 * torch.randn(500, 4, generator=g)
+    idx, _ = nearest_centroid(xi, cd, method=method)
+    ref = ((xi.double()[:, None, :] - cd.double()[None]) ** 2).sum(-1).argmin(1)
+    assert torch.equal(idx, ref) and not bool((idx == 10).any())
 
 
 def test_nearest_centroid_faiss_method_matches_brute():
@@ -93,7 +121,7 @@ def test_nearest_centroid_faiss_method_matches_brute():
 def test_nearest_centroid_ties_and_duplicates_are_finite():
     x = torch.zeros(50, 3)
     c = torch.zeros(600, 3)  # every centroid ties
-    for method in ("brute", "pruned"):
+    for method in _methods():
         idx, dist = nearest_centroid(x, c, method=method)
         assert bool(((idx >= 0) & (idx < 600)).all()) and torch.equal(dist, torch.zeros(50))
 
@@ -285,10 +313,10 @@ def test_worker_threads_give_the_same_result_and_restore_the_thread_count():
     try:
         torch.set_num_threads(1)
         one = kmeans(x, 256, iters=4, seed=0, tol=0)
-        one_nc = nearest_centroid(x, one.centroids, method="pruned")
+        one_nc = nearest_centroid(x, one.centroids)
         torch.set_num_threads(2)
         two = kmeans(x, 256, iters=4, seed=0, tol=0)
-        two_nc = nearest_centroid(x, one.centroids, method="pruned")
+        two_nc = nearest_centroid(x, one.centroids)
         assert torch.get_num_threads() == 2  # restored after the call
     finally:
         torch.set_num_threads(before)
@@ -326,3 +354,33 @@ def test_inertia_close_to_faiss():
     km.train(x.numpy())
     theirs = _brute_inertia(x, torch.from_numpy(km.centroids))  # after faiss' last update
     assert abs(ours.inertia / theirs - 1) < 0.02, (ours.inertia, theirs)
+
+
+def test_kernel_build_failure_falls_back_to_torch_with_one_notice(tmp_path):
+    """No usable compiler: one RuntimeWarning naming the cause, then the torch path, with the
+    same (exact) answers."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import warnings, torch\n"
+        "from torchrec_cce.clustering import native\n"
+        "from torchrec_cce.clustering.kmeans import nearest_centroid, kmeans\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    x, c = torch.randn(500, 4), torch.randn(40, 4)\n"
+        "    idx, _ = nearest_centroid(x, c)\n"
+        "    kmeans(x, 8, iters=2)\n"
+        "assert not native.available()\n"
+        "ref = ((x.double()[:, None] - c.double()[None]) ** 2).sum(-1).argmin(1)\n"
+        "assert torch.equal(idx, ref)\n"
+        "msgs = [str(m.message) for m in w if 'kernel unavailable' in str(m.message)]\n"
+        "assert len(msgs) == 1 and 'pure-torch path' in msgs[0], msgs\n"
+        "print('OK', msgs[0])\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
+               TORCHREC_CCE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

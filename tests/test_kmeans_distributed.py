@@ -21,7 +21,7 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "kmeans++": dict(n=2000, d=6, comps=12, split=700, k=16, iters=15, init="kmeans++"),
     "weights_random_subsampled_pool": dict(n=6000, d=4, comps=20, split=3500, k=40, iters=12,
                                            init="random", pool_size=500, weighted=True),
-    "pruned_search": dict(n=40_000, d=4, comps=64, split=20_000, k=256, iters=8, init="kmeans++"),
+    "d4_many_points": dict(n=40_000, d=4, comps=64, split=20_000, k=256, iters=8, init="kmeans++"),
     "k_exceeds_n_empty_rank": dict(n=6, d=3, comps=3, split=0, k=10, iters=5, init="kmeans++"),
 }
 

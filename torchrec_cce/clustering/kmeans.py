@@ -19,53 +19,45 @@ So every rank holds the same centroids after every step, and a run over ranks eq
 single-process run on the concatenated samples (same seed) up to float summation order. With
 :class:`LocalCollective` (a world of one) the very same code runs locally.
 
-Speed
------
-:func:`nearest_centroid` is a batched ``addmm`` (``||x||^2 - 2 x.c + ||c||^2``, at most
-``batch_size x k`` distances at once) followed by a two-stage argmin (a vectorised min over a
-``[b, k / W, W]`` view, then an argmin over ``W``). Inside :func:`kmeans` a
-:class:`CentroidIndex` first tries an *exact* pruned search: each sample is scored only
-against the ``neighbors`` centroids nearest to its previous cluster (one grouped matmul; the
-samples are kept sorted by cluster for it), and the answer is accepted only where the triangle
-inequality proves that no other centroid is closer; the rest takes a few more steps, longer
-neighbour lists, or the brute force. The assignment is that of the brute force (up to float
-rounding in near-ties). Where the triangle inequality cannot prune (high intrinsic dimension,
-found by a small probe) the brute force is used directly. Ops run single-threaded on
+Nearest centroid, exactly
+-------------------------
+:class:`CentroidIndex` scores every centroid (brute force): with the compiled kernel
+(:mod:`torchrec_cce.clustering.native`, CPU, ``d <= 16``) in one fused pass per row that keeps
+the best and second-best score ``||c||^2 - 2 x.c`` in registers (no ``n x k`` matrix is ever
+written: at CCE's chunk dims that memory traffic, not the arithmetic, is what BLAS + argmin
+pays), else by batched ``addmm`` + argmin in torch. Either way the float32 answer is then made
+*exact*: a row whose best and second-best float32 scores lie within the float32 error bound of
+each other is re-scored against all centroids in float64. The assignment is therefore the
+argmin of the float64 distance from the float32 point to the float32 centroids (ties: lowest
+index), whichever path, thread count or batch size computed it. Rows are split over
 ``torch.get_num_threads()`` Python worker threads (see :func:`_worker_threads`).
 """
 
-import bisect
 import contextlib
 import functools
-import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
+from torchrec_cce.clustering import native
 from torchrec_cce.hashing import derive_seed, hash_ids
 
-# Brute force: rows per batch are chosen so that one batch holds about this many distances
-# (4 MiB of float32: stays in cache; the brief's hard bound is ~16M floats).
+# torch path: rows per batch so that one batch holds about this many distances (4 MiB of
+# float32: stays in cache), never more than the hard bound.
 _TARGET_BATCH_ELEMENTS = 1 << 20
 _MAX_BATCH_ELEMENTS = 1 << 24
-# Two-stage argmin: min over "rows" of a [b, k / W, W] view (vectorised), then argmin over W.
+# compiled path: rows per kernel call (bounds the per-call temporaries of a worker)
+_NATIVE_ROWS = 1 << 16
+# Two-stage argmin of the torch path: min over "rows" of a [b, k / W, W] view, then over W.
 _ARGMIN_WIDTH = 128
 _F32_EPS = 1.2e-7
-# Pruned search: points (sorted by guess) scored per chunk, so temporaries stay small.
-_SEARCH_CHUNK = 1 << 15
-# Neighbour lists are reused (radii recomputed exactly) for this many Lloyd steps.
-_LIST_MAX_AGE = 2
-# Lloyd keeps its samples sorted by cluster; re-sorted once this fraction sits in a stale block.
-_RESORT_FRACTION = 0.1
-# A search without guesses gives up on the lists if its first step proves less than this.
-_MIN_PROVEN_COLD = 0.02
-# Sample size of the probe that decides whether the lists can prune at all.
-_PROBE = 4096
+# float64 re-scoring of near-ties: distances per batch
+_EXACT_BATCH_ELEMENTS = 1 << 20
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,24 +129,6 @@ def _round_up(v: int, m: int) -> int:
     return (v + m - 1) // m * m
 
 
-_GROUPED_MM_OK: Optional[bool] = None
-
-
-def _grouped_mm_ok(like: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` works here (CPU support is recent)."""
-    global _GROUPED_MM_OK
-    if like.device.type != "cpu":
-        return False
-    if _GROUPED_MM_OK is None:
-        try:
-            out = torch._grouped_mm(torch.ones(3, 4), torch.ones(2, 4, 4),
-                                    offs=torch.tensor([1, 3], dtype=torch.int32))
-            _GROUPED_MM_OK = bool(torch.all(out == 4))
-        except Exception:  # older torch: the bmm path in search() is used instead
-            _GROUPED_MM_OK = False
-    return _GROUPED_MM_OK
-
-
 _POOL: Optional[ThreadPoolExecutor] = None
 _LOCAL = threading.local()
 
@@ -218,383 +192,146 @@ def _workers() -> int:
     return getattr(_LOCAL, "workers", None) or torch.get_num_threads()
 
 
-def _workspace(ws: Dict[str, torch.Tensor], name: str, numel: int, like: torch.Tensor
-               ) -> torch.Tensor:
-    """A flat float32 buffer of at least ``numel`` elements, reused across calls."""
-    buf = ws.get(name)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, int(1.25 * numel)), dtype=torch.float32, device=like.device)
-        ws[name] = buf
-    return buf[:numel]
-
 
 class CentroidIndex:
     """Exact nearest-centroid search over a fixed set of centroids ``[k, d]``.
 
-    :meth:`brute_force` is a batched ``addmm`` (at most ``batch_size x k`` distances at once).
-
-    :meth:`search` first uses k-nearest-neighbour lists of the centroids (``neighbors`` and, for
-    what that cannot settle, ``8 * neighbors`` entries): a point with guess ``a`` (e.g. its
-    previous cluster) is scored against the list of ``a`` only, all points at once in one
-    batched matmul. With ``u = |x - c_a|`` and ``b`` the best distance in the list, the nearest
-    centroid lies within ``u + b`` of ``c_a``; when ``u + b`` is below the distance from ``c_a``
-    to the nearest centroid *not* in the list, the answer is proven exact (with a float-error
-    margin). Unproven points move to their best candidate and try again; what remains goes to
-    the brute force. Build once, search many batches: the lists cost about a brute-force pass
-    over ``k`` points.
-    """
+    Build once, query many batches. ``method``: ``"auto"`` (the compiled kernel when it is
+    available and ``d <= 16`` on CPU, else torch), ``"native"`` (the kernel, or an error) or
+    ``"torch"`` (batched ``addmm``, at most ``batch_size x k`` distances at once). All give the
+    same assignments (see the module docstring: float32 scoring, float64 re-scoring of
+    near-ties)."""
 
     def __init__(self, centroids: torch.Tensor, batch_size: Optional[int] = None,
-                 neighbors: int = 32, previous: Optional["CentroidIndex"] = None) -> None:
+                 method: str = "auto") -> None:
         c = centroids.detach().to(torch.float32).contiguous()
         if c.dim() != 2 or c.shape[0] == 0:
             raise ValueError(f"CentroidIndex: centroids must be [k, d] with k >= 1, got {tuple(c.shape)}")
+        if method not in ("auto", "native", "torch"):
+            raise ValueError(f"CentroidIndex: method must be 'auto', 'native' or 'torch', got {method!r}")
         self.centroids = c
         self.k, self.d = c.shape
         self.sq = (c * c).sum(1)
         self.sq_max = float(self.sq.max())
-        k = self.k
         self.batch_size = batch_size
-        # two-stage argmin width: a power of two, about k / 4 for small k, at most 128
-        self._w = min(_ARGMIN_WIDTH, 1 << max(0, (k // 4).bit_length() - 1))
-        self._two_stage = self._w >= 16
-        kp = _round_up(k, self._w) if self._two_stage else k
+        fits = c.device.type == "cpu" and self.d <= 16
+        if method == "native" and not (fits and native.available()):
+            raise RuntimeError("CentroidIndex(method='native'): the compiled kernel needs CPU "
+                               "tensors with d <= 16 and a C++ compiler (see torchrec_cce."
+                               "clustering.native)")
+        self.native = method != "torch" and fits and native.available()
+        k = self.k
+        if self.native:
+            kp = _round_up(k, 32)
+        else:  # two-stage argmin width: a power of two, about k / 4 for small k, at most 128
+            self._w = min(_ARGMIN_WIDTH, 1 << max(0, (k // 4).bit_length() - 1))
+            self._two_stage = self._w >= 16
+            kp = _round_up(k, self._w) if self._two_stage else k
         self._kp = kp
         self._ct = torch.zeros(self.d, kp, device=c.device)
         self._ct[:, :k] = c.t()
         self._bias = torch.full((kp,), float("inf"), device=c.device)
         self._bias[:k] = self.sq
-        self.neighbors = max(4, min(int(neighbors), k))
-        self._graphs: Dict[int, Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._lists: Dict[int, torch.Tensor] = {}
-        self._ages: Dict[int, int] = {}
-        self._previous = previous
-        if previous is not None:  # keep only its lists: no chain of earlier indexes
-            previous._previous = None
-        self.kdim = _round_up(self.d + 1, 4)  # width of augmented points [x, 1, 0...]
-        if self.neighbors < k:
-            self.neighbors = _round_up(self.neighbors, 4)
 
-    # ---- brute force ------------------------------------------------------------------------
+    def _err(self, sq_norm: torch.Tensor) -> torch.Tensor:
+        """Generous bound on the float32 error of a score ``||c||^2 - 2 x.c``."""
+        return (sq_norm + self.sq_max) * ((self.d + 16) * _F32_EPS)
+
+    def _exact(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """float64 argmin (lowest index on ties) and distance of each row, for the few rows
+        whose float32 scores cannot decide: only the centroids within the float32 error
+        margin of the best score are re-scored, as ``sum((x - c)^2)`` in float64."""
+        n = x.shape[0]
+        idx = torch.empty(n, dtype=torch.int64, device=x.device)
+        best = torch.empty(n, dtype=torch.float32, device=x.device)
+        c64 = self.centroids.double()
+        rows = max(1, _EXACT_BATCH_ELEMENTS // self._kp)
+        for lo in range(0, n, rows):
+            xb = x[lo: lo + rows]
+            m = xb.shape[0]
+            s = torch.addmm(self._bias, xb, self._ct, alpha=-2.0)
+            margin = self._err((xb * xb).sum(1)).mul_(2.0)
+            r, col = torch.nonzero(s <= (s.amin(1) + margin)[:, None], as_tuple=True)
+            d64 = (xb.double().index_select(0, r) - c64.index_select(0, col)).square_().sum(1)
+            dmin = torch.full((m,), float("inf"), dtype=torch.float64, device=x.device)
+            dmin.scatter_reduce_(0, r, d64, reduce="amin")
+            cand = torch.where(d64 == dmin.index_select(0, r), col, torch.full_like(col, self.k))
+            win = torch.full((m,), self.k, dtype=torch.int64, device=x.device)
+            win.scatter_reduce_(0, r, cand, reduce="amin")
+            idx[lo: lo + m] = win
+            best[lo: lo + m] = dmin.float()
+        return idx, best
+
     def _rows_per_batch(self, n: int) -> int:
         if self.batch_size is not None:
             b = int(self.batch_size)
         else:
-            b = _TARGET_BATCH_ELEMENTS // self._kp
-        b = min(b, _MAX_BATCH_ELEMENTS // self._kp)
+            b = _NATIVE_ROWS if self.native else _TARGET_BATCH_ELEMENTS // self._kp
+        if not self.native:
+            b = min(b, _MAX_BATCH_ELEMENTS // self._kp)
         return max(1, min(b, max(n, 1)))
 
-    @_in_worker_threads
+    @torch.no_grad()
     def brute_force(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(index int64 [n], squared distance [n]) by exhaustive batched matmul."""
-        x = x.to(torch.float32)
-        n = x.shape[0]
-        idx = torch.empty(n, dtype=torch.int64, device=x.device)
-        best = torch.empty(n, dtype=torch.float32, device=x.device)
-        if n == 0:
+        """(index int64 [n], squared distance [n] >= 0) of each row's nearest centroid."""
+        with _worker_threads():
+            x = x.detach().to(torch.float32).contiguous()
+            n = x.shape[0]
+            idx = torch.empty(n, dtype=torch.int64, device=x.device)
+            best = torch.empty(n, dtype=torch.float32, device=x.device)
+            if n == 0:
+                return idx, best
+            b = self._rows_per_batch(n)
+            tie_parts = _parallel([functools.partial(self._rows, x, lo, hi, b, idx, best)
+                                   for lo, hi in _split(n, _workers(), minimum=min(b, 4096))])
+            ties = torch.cat(tie_parts)
+            if ties.numel():  # near-ties of the float32 scores: decide them in float64
+                ti, tb = self._exact(x.index_select(0, ties))
+                idx.index_copy_(0, ties, ti)
+                best.index_copy_(0, ties, tb)
             return idx, best
-        b = self._rows_per_batch(n)
-        _parallel([functools.partial(self._brute_rows, x, lo, hi, b, idx, best)
-                   for lo, hi in _split(n, _workers(), minimum=max(b, 256))])
-        return idx, best
 
-    def _brute_rows(self, x: torch.Tensor, start: int, stop: int, b: int, idx: torch.Tensor,
-                    best: torch.Tensor) -> None:
-        kp, W = self._kp, self._w
-        buf = torch.empty(b * kp, device=x.device)
+    def _rows(self, x: torch.Tensor, start: int, stop: int, b: int, idx: torch.Tensor,
+              best: torch.Tensor) -> torch.Tensor:
+        """Score rows ``[start, stop)``; returns the rows whose answer float32 cannot settle."""
+        ties: List[torch.Tensor] = []
+        buf = None if self.native else torch.empty(b * self._kp, device=x.device)
         for lo in range(start, stop, b):
             xb = x[lo: min(stop, lo + b)]
             m = xb.shape[0]
-            dist_b = buf[: m * kp].view(m, kp)
-            torch.addmm(self._bias, xb, self._ct, alpha=-2.0, out=dist_b)
-            if self._two_stage:
-                # min over each residue class j (mod W): a vectorised vertical reduction, then
-                # argmin over W classes and over the k / W entries of the winning class.
-                v3 = dist_b.view(m, kp // W, W)
-                val, j = torch.amin(v3, dim=1).min(dim=1)
-                col = torch.gather(v3, 2, j.view(m, 1, 1).expand(m, kp // W, 1)).view(m, kp // W)
-                arg = col.argmin(dim=1).mul_(W).add_(j)
+            xn = (xb * xb).sum(1)
+            if self.native:
+                arg, val, close = native.nearest2(xb, self._ct, self._bias)
+                close = close.sub_(val)  # gap to the second-best score
             else:
-                val, arg = dist_b.min(dim=1)
+                val, arg, close = self._torch_rows(xb, buf)
             idx[lo: lo + m] = arg
-            best[lo: lo + m] = val.add_((xb * xb).sum(1)).clamp_(min=0)
+            margin = self._err(xn).mul_(2.0)
+            tie = torch.nonzero(close <= margin).squeeze(1)
+            if tie.numel():
+                ties.append(tie + lo)
+            best[lo: lo + m] = val.add_(xn).clamp_(min=0)
+        return torch.cat(ties) if ties else torch.empty(0, dtype=torch.int64, device=x.device)
 
-    # ---- pruned search ----------------------------------------------------------------------
-    def _err(self, sq_norm: torch.Tensor) -> torch.Tensor:
-        """Generous bound on the float32 error of an expanded squared distance."""
-        return (sq_norm + self.sq_max) * ((self.d + 16) * _F32_EPS)
-
-    def _graph(self, L: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(neighbour lists [k, L] with the centroid itself first, squared distance to the
-        nearest centroid outside the list minus an error margin [k], scoring weights
-        [k, kdim, L] = ``[-2 c; |c|^2; 0]`` of each list's centroids).
-
-        With ``previous`` (an index of the same k, e.g. the last Lloyd step's) its lists are
-        reused and only the radii are recomputed exactly: any list is correct with its exact
-        radius, and an exact top-k is retaken every few steps, as lists go stale while the
-        centroids move. Either way one pass over the ``k x k`` centroid distances.
-        """
-        if L not in self._graphs:
-            c, k = self.centroids, self.k
-            prev = self._previous
-            old = prev._lists.get(L) if prev is not None and prev.k == k else None
-            reuse = old is not None and prev._ages[L] < _LIST_MAX_AGE
-            nbr = old if reuse else torch.empty(k, L, dtype=torch.int64, device=c.device)
-            r2 = torch.empty(k, device=c.device)
-            rows = max(1, _TARGET_BATCH_ELEMENTS // k)
-            ct = c.t()
-
-            def block(start: int, stop: int) -> None:  # writes rows [start, stop) only
-                for lo in range(start, stop, rows):
-                    cb = c[lo: min(stop, lo + rows)]
-                    m = cb.shape[0]
-                    d2 = torch.addmm(self.sq, cb, ct, alpha=-2.0).add_(self.sq[lo: lo + m, None])
-                    margin = self._err(self.sq[lo: lo + m])
-                    if reuse:
-                        d2.scatter_(1, nbr[lo: lo + m], float("inf"))
-                        r2[lo: lo + m] = torch.amin(d2, dim=1) * (1 - 1e-6) - margin
-                    else:
-                        ar = torch.arange(m, device=c.device)
-                        d2[ar, ar + lo] = -1.0  # the centroid itself comes first
-                        vals, ids = torch.topk(d2, L + 1, dim=1, largest=False, sorted=True)
-                        nbr[lo: lo + m] = ids[:, :L]
-                        # the nearest centroid left out, measured directly and pessimised
-                        direct = ((cb - c[ids[:, L]]) ** 2).sum(1)
-                        r2[lo: lo + m] = torch.minimum(vals[:, L], direct) - margin
-
-            _parallel([functools.partial(block, lo, hi)
-                       for lo, hi in _split(k, _workers(), minimum=rows)])
-            aug = torch.zeros(k, self.kdim, device=c.device)  # 16-byte rows for grouped_mm
-            aug[:, : self.d] = -2.0 * c
-            aug[:, self.d] = self.sq
-            self._lists[L] = nbr
-            self._ages[L] = prev._ages[L] + 1 if reuse else 0
-            self._graphs[L] = (nbr, r2, aug[nbr].transpose(1, 2).contiguous())
-        return self._graphs[L]
-
-    def _score_chunk(self, x: torch.Tensor, src: torch.Tensor, gs: torch.Tensor, tile: int,
-                     graph: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                     ws: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Score points ``src`` (sorted by guess ``gs``) against their guess' list.
-
-        Points are packed into tiles of ``tile`` rows sharing one guess, so one ``bmm``
-        ``[T, tile, d + 1] @ [T, d + 1, L]`` scores every point; an argmin is only taken for
-        the points whose best candidate is not the guess itself (candidate 0).
-        Returns (best candidate, its squared distance, proven exact). ``ws`` keeps the large
-        temporaries between chunks (fresh multi-MB allocations page-fault on every chunk).
-        """
-        nbr, r2, wg = graph
-        _, kdim, L = wg.shape
-        d, m, dev = self.d, src.numel(), x.device
-        g0 = int(gs[0])
-        span = int(gs[-1]) - g0 + 1
-        loc = gs - g0
-        cnt = torch.bincount(loc, minlength=span)
-        start = torch.cumsum(cnt, 0).sub_(cnt)
-        tiles_per = cnt.add(tile - 1).div_(tile, rounding_mode="floor")
-        tile_start = torch.cumsum(tiles_per, 0).sub_(tiles_per)
-        row = tile_start.index_select(0, loc).mul_(tile).add_(
-            torch.arange(m, device=dev).sub_(start.index_select(0, loc)))
-        n_tiles = int(tiles_per.sum())
-        xs = x.index_select(0, src)
-        buf = _workspace(ws, "tiles", n_tiles * tile * kdim, x).view(n_tiles * tile, kdim)
-        buf.zero_()
-        buf[:, d] = 1.0
-        buf[:, :d].index_copy_(0, row, xs)
-        tile_c = torch.repeat_interleave(torch.arange(g0, g0 + span, device=dev), tiles_per,
-                                         output_size=n_tiles)
-        scores = _workspace(ws, "scores", n_tiles * tile * L, x).view(n_tiles, tile, L)
-        torch.bmm(buf.view(n_tiles, tile, kdim), wg.index_select(0, tile_c), out=scores)
-        scores = scores.view(n_tiles * tile, L)  # ||c||^2 - 2 x.c; candidate 0 is the guess
-        vmin = torch.amin(scores, dim=1).index_select(0, row)
-        vself = scores[:, 0].index_select(0, row)
-        new_g = gs.clone()
-        better = torch.nonzero(vmin < vself).squeeze(1)
-        if better.numel():
-            j = scores.index_select(0, row.index_select(0, better)).argmin(dim=1)
-            new_g.index_copy_(0, better, nbr.view(-1).index_select(
-                0, gs.index_select(0, better).mul_(L).add_(j)))
-        xn = (xs * xs).sum(1)
-        e = self._err(xn)
-        b2 = vmin.add_(xn).clamp_(min=0)
-        # the nearest centroid lies within |x - c_g| + |x - best| of c_g
-        reach = vself.add_(xn).clamp_(min=0).add_(e).sqrt_().add_((b2 + e).sqrt_()).square_()
-        return new_g, b2, reach < r2.index_select(0, gs)
-
-    def augment(self, x: torch.Tensor) -> torch.Tensor:
-        """``[x, 1, 0, ...]`` rows of width :attr:`kdim` (the input of :meth:`search_sorted`)."""
-        xa = x.new_zeros(x.shape[0], self.kdim)
-        xa[:, : self.d] = x
-        xa[:, self.d] = 1.0
-        return xa
-
-    @_in_worker_threads
-    def search_sorted(self, xa: torch.Tensor, guess: torch.Tensor, xn: torch.Tensor,
-                      min_proven: float = 0.2, probe: bool = True
-                      ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """:meth:`search` for points already sorted by ``guess`` (non-decreasing), given as
-        augmented rows ``xa`` (:meth:`augment`) with squared norms ``xn``.
-
-        The points need no gather or tile packing: one grouped matmul scores every point against
-        its guess' list (Lloyd iterations keep their samples sorted by cluster for this). Falls
-        back to :meth:`search` where ``torch._grouped_mm`` is unavailable.
-        """
-        n, d = xa.shape[0], self.d
-        if not self.can_prune(n) or not _grouped_mm_ok(xa):
-            return self.search(xa[:, :d], guess, min_proven)
-        if probe and self._probe_fails(xa[:, :d], guess, min_proven):
-            idx, best = self.brute_force(xa[:, :d])
-            return idx, best, n
-        nbr, r2, wg = self._graph(self.neighbors)
-        L = wg.shape[2]
-        offs = torch.bincount(guess, minlength=self.k).cumsum_(0).to(torch.int32)
-        best = torch.empty(n, dtype=torch.float32, device=xa.device)
-        vself = torch.empty(n, dtype=torch.float32, device=xa.device)
-        idx = guess.clone()
-        ends = offs.tolist()
-        rows = max(1, (1 << 20) // L)  # rows per grouped matmul: bounded temporaries
-        ranges = []  # (first group, end group, first row, end row): whole groups only
-        g, lo = 0, 0
-        while g < self.k:
-            ge = min(self.k, bisect.bisect_left(ends, lo + rows, g) + 1)
-            if ends[ge - 1] > lo:
-                ranges.append((g, ge, lo, ends[ge - 1]))
-            g, lo = ge, ends[ge - 1]
-
-        def score(g: int, ge: int, lo: int, hi: int) -> None:  # writes disjoint rows only
-            sc = torch._grouped_mm(xa[lo:hi], wg[g:ge], offs=offs[g:ge] - lo)  # [rows, L]
-            torch.amin(sc, dim=1, out=best[lo:hi])
-            vself[lo:hi] = sc[:, 0]
-            better = torch.nonzero(best[lo:hi] < vself[lo:hi]).squeeze(1)
-            if better.numel():
-                j = sc.index_select(0, better).argmin(dim=1)
-                gb = guess[lo:hi].index_select(0, better)
-                idx[lo:hi].index_copy_(0, better, nbr.view(-1).index_select(0, gb.mul_(L).add_(j)))
-
-        _parallel([functools.partial(score, *r) for r in ranges])
-        e = self._err(xn)
-        best.add_(xn).clamp_(min=0)
-        reach = vself.add_(xn).clamp_(min=0).add_(e).sqrt_().add_((best + e).sqrt_()).square_()
-        unproven = torch.nonzero(reach >= r2.index_select(0, guess)).squeeze(1)
-        n_brute = 0
-        if unproven.numel() > (1 - min_proven) * n:  # the lists prove too little here
-            ui, ub = self.brute_force(xa.index_select(0, unproven)[:, :d])
-            n_brute = unproven.numel()
-            idx.index_copy_(0, unproven, ui)
-            best.index_copy_(0, unproven, ub)
-        elif unproven.numel():
-            moved = idx.index_select(0, unproven) != guess.index_select(0, unproven)
-            long_list = 8 * self.neighbors
-            for part, first in ((unproven[moved], None), (unproven[~moved], long_list)):
-                if part.numel() == 0:
-                    continue
-                xp = xa.index_select(0, part)[:, :d]
-                if first is not None and (self.k < 4 * long_list or part.numel() <= 16 * self.k):
-                    ui, ub = self.brute_force(xp)  # few: cheaper than building longer lists
-                    n_brute += part.numel()
-                else:  # moved: continue from the best candidate; stuck: try longer lists
-                    ui, ub, nb = self.search(xp, idx.index_select(0, part), min_proven=0.0,
-                                             first_list=first)
-                    n_brute += nb
-                idx.index_copy_(0, part, ui)
-                best.index_copy_(0, part, ub)
-        return idx, best, n_brute
-
-    def _probe_fails(self, x: torch.Tensor, guess: Optional[torch.Tensor], min_proven: float
-                     ) -> bool:
-        """Search an evenly strided sample of ``_PROBE`` points first: if the lists prove less
-        than ``min_proven`` of it (high intrinsic dimension), skip them for the whole input."""
-        n = x.shape[0]
-        if min_proven <= 0 or n < 8 * _PROBE:
-            return False
-        pick = torch.arange(0, n, n // _PROBE, device=x.device)[:_PROBE]
-        _, _, n_brute = self.search(x.index_select(0, pick),
-                                    None if guess is None else guess.index_select(0, pick),
-                                    min_proven=0.0)
-        return n_brute > (1 - min_proven) * pick.numel()
-
-    def can_prune(self, n: int) -> bool:
-        """Whether :meth:`search` will try the neighbour lists (enough centroids and points)."""
-        return self.k >= 4 * self.neighbors and n >= 64
-
-    @_in_worker_threads
-    def search(self, x: torch.Tensor, guess: Optional[torch.Tensor] = None,
-               min_proven: float = 0.2, first_list: Optional[int] = None
-               ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-        """(index, squared distance, number of points that needed the brute force).
-
-        ``guess`` (int64 [n], optional): a centroid index per point believed to be near it (e.g.
-        the previous assignment). Without it the guess is the nearest of ``~sqrt(k)``
-        evenly-spaced centroids. If a pass proves fewer than ``min_proven`` of its points (high
-        intrinsic dimension: the triangle inequality cannot prune), the rest goes straight to
-        the brute force. ``first_list``: list length to start with (default ``neighbors``;
-        longer lists are tried for what the first ones cannot prove).
-        """
-        x = x.to(torch.float32).contiguous()
-        n = x.shape[0]
-        if not self.can_prune(n) or self._probe_fails(x, guess, min_proven):
-            idx, best = self.brute_force(x)
-            return idx, best, n
-        c, k, L = self.centroids, self.k, self.neighbors
-        if guess is None:
-            m = min(k, max(16, int(math.sqrt(k))))
-            subset = torch.linspace(0, k - 1, m, device=x.device).round().long()
-            g = subset[CentroidIndex(c[subset], batch_size=self.batch_size).brute_force(x)[0]]
-            plan = [(L, 6)]
+    def _torch_rows(self, xb: torch.Tensor, buf: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(best score, index, 0 where another score lies within the margin else inf)."""
+        kp, W, m = self._kp, getattr(self, "_w", 1), xb.shape[0]
+        dist_b = buf[: m * kp].view(m, kp)
+        torch.addmm(self._bias, xb, self._ct, alpha=-2.0, out=dist_b)
+        if self._two_stage:
+            # min over each residue class j (mod W): a vectorised vertical reduction, then
+            # argmin over W classes and over the k / W entries of the winning class.
+            v3 = dist_b.view(m, kp // W, W)
+            val, j = torch.amin(v3, dim=1).min(dim=1)
+            col = torch.gather(v3, 2, j.view(m, 1, 1).expand(m, kp // W, 1)).view(m, kp // W)
+            arg = col.argmin(dim=1).mul_(W).add_(j)
         else:
-            g = guess.to(device=x.device, dtype=torch.int64).clamp(0, k - 1)
-            plan = [(L, 2)]
-        long_list = 8 * L if k >= 32 * L else 0  # for what the short lists cannot prove
-        if first_list is not None and first_list != L:
-            plan, long_list = [(min(first_list, k - 1), 2)], 0
-        idx = torch.empty(n, dtype=torch.int64, device=x.device)
-        best = torch.empty(n, dtype=torch.float32, device=x.device)
-        active: Optional[torch.Tensor] = None  # None = all points
-        workspaces: Dict[int, Dict[str, torch.Tensor]] = {}  # per worker thread, this call only
-        for level, (length, steps) in enumerate(plan):
-            graph = self._graph(length)
-            stuck: List[torch.Tensor] = []
-            stuck_g: List[torch.Tensor] = []
-            for step in range(steps):
-                gs, order = torch.sort(g)
-                src = order if active is None else active.index_select(0, order)
-                m = src.numel()
-                tile = 1 << max(3, min(6, int(math.log2(max(1.0, m / k / 4)))))
-
-                def chunk(lo: int, src=src, gs=gs, tile=tile, graph=graph):
-                    s, gg = src[lo: lo + _SEARCH_CHUNK], gs[lo: lo + _SEARCH_CHUNK]
-                    ws = workspaces.setdefault(threading.get_ident(), {})
-                    new_g, b2, proven = self._score_chunk(x, s, gg, tile, graph, ws)
-                    done = torch.nonzero(proven).squeeze(1)
-                    unproven = ~proven
-                    moved = unproven & (new_g != gg)
-                    still = unproven & ~moved  # a local optimum of this graph
-                    return (s.index_select(0, done), new_g.index_select(0, done),
-                            b2.index_select(0, done), s[still], gg[still], s[moved], new_g[moved])
-
-                parts = _parallel([functools.partial(chunk, lo) for lo in range(0, m, _SEARCH_CHUNK)])
-                dst = torch.cat([p[0] for p in parts])
-                idx.index_copy_(0, dst, torch.cat([p[1] for p in parts]))
-                best.index_copy_(0, dst, torch.cat([p[2] for p in parts]))
-                stuck += [p[3] for p in parts]
-                stuck_g += [p[4] for p in parts]
-                active, g = torch.cat([p[5] for p in parts]), torch.cat([p[6] for p in parts])
-                if guess is None and step == 0 and dst.numel() < _MIN_PROVEN_COLD * m:
-                    break  # high intrinsic dimension: the lists cannot prove anything
-                if active.numel() == 0:
-                    break
-            active = torch.cat([active] + stuck)
-            g = torch.cat([g] + stuck_g)
-            if active.numel() == 0 or (level == 0 and active.numel() > (1 - min_proven) * n):
-                break  # the short lists proved too little: brute-force the rest
-            if level == 0 and long_list and active.numel() > 4 * k:
-                plan.append((long_list, 2))  # cheaper than the brute force for that many
-        if active is not None and active.numel():
-            ri, rb = self.brute_force(x.index_select(0, active))
-            idx.index_copy_(0, active, ri)
-            best.index_copy_(0, active, rb)
-            return idx, best, int(active.numel())
-        return idx, best, 0
+            val, arg = dist_b.min(dim=1)
+        margin = self._err((xb * xb).sum(1)).mul_(2.0)
+        near = (dist_b <= (val + margin)[:, None]).sum(1) > 1
+        gap = torch.where(near, torch.zeros_like(val), torch.full_like(val, float("inf")))
+        return val, arg, gap
 
 
 def _faiss_knn1(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -610,42 +347,29 @@ def _faiss_knn1(x: torch.Tensor, centroids: torch.Tensor) -> Tuple[torch.Tensor,
 
 
 @torch.no_grad()
-@_in_worker_threads
 def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, batch_size: Optional[int] = None,
                      *, method: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Index (int64 ``[n]``) and squared L2 distance (``[n]``, >= 0) of each row's nearest centroid.
 
-    Distances are ``||x||^2 - 2 x.c + ||c||^2`` by one ``addmm`` per batch of ``batch_size``
-    rows (default: about 1M distances per batch), never an ``n x k`` matrix; ties go to one of
-    the tied centroids. ``method``:
-
-    * ``"brute"``: exhaustive batched matmul;
-    * ``"pruned"``: the exact graph-pruned :meth:`CentroidIndex.search` (same answers);
-    * ``"faiss"``: ``faiss.knn`` (CPU, needs faiss-cpu);
-    * ``"auto"`` (default): ``"faiss"`` if the environment sets ``TORCHREC_CCE_KNN=faiss``,
-      else ``"pruned"`` when ``n >= 16 k`` (building the graph pays off), else ``"brute"``.
-
-    For many calls with the same centroids build one :class:`CentroidIndex` and call its
-    ``search`` (the graph is built once).
+    Exact (float64 decides near-ties; ties go to the lowest index) and never an ``n x k``
+    matrix. ``method``: ``"auto"`` (compiled kernel if available, else torch), ``"native"``,
+    ``"torch"`` (``"brute"`` is an alias), all with the same answers, or ``"faiss"``
+    (``faiss.knn``, needs faiss-cpu; float32, not re-checked). ``batch_size``: rows per batch.
+    For many calls with the same centroids build one :class:`CentroidIndex`.
     """
-    if method not in ("auto", "brute", "pruned", "faiss"):
-        raise ValueError("nearest_centroid: method must be 'auto', 'brute', 'pruned' or 'faiss', "
-                         f"got {method!r}")
+    if method not in ("auto", "native", "torch", "brute", "faiss"):
+        raise ValueError("nearest_centroid: method must be 'auto', 'native', 'torch', 'brute' "
+                         f"or 'faiss', got {method!r}")
     if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
         raise ValueError(f"nearest_centroid: x [n, d] and centroids [k, d] required, got "
                          f"{tuple(x.shape)} and {tuple(centroids.shape)}")
-    if method == "auto" and os.environ.get("TORCHREC_CCE_KNN", "torch") == "faiss":
-        method = "faiss"
     if method == "faiss":
         if x.shape[0] == 0:
             return (torch.empty(0, dtype=torch.int64, device=x.device),
                     torch.empty(0, device=x.device))
         return _faiss_knn1(x, centroids)
-    index = CentroidIndex(centroids, batch_size=batch_size)
-    x = x.to(torch.float32)
-    if method == "pruned" or (method == "auto" and x.shape[0] >= 16 * index.k):
-        idx, best, _ = index.search(x)
-        return idx, best
+    index = CentroidIndex(centroids, batch_size=batch_size,
+                          method="torch" if method == "brute" else method)
     return index.brute_force(x)
 
 
@@ -810,8 +534,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         pool_size: size of the init pool (default ``min(total, max(4096, 8 k))``); also the
             candidates for re-seeding empty clusters.
         batch_size: rows per brute-force distance batch (default: ~1M distances per batch).
-        method: ``"auto"`` (exact graph-pruned search when it pays, see :class:`CentroidIndex`)
-            or ``"brute"``; both give the same assignments.
+        method: nearest-centroid search, ``"auto"`` (compiled kernel when available),
+            ``"native"`` or ``"torch"`` (``"brute"``: alias); all give the same assignments.
 
     Threads: torch ops run single-threaded on ``torch.get_num_threads()`` Python worker
     threads; the global torch thread count is 1 during the call and restored after it.
@@ -826,8 +550,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
                              f"{tuple(init.shape)}")
     elif init not in ("kmeans++", "random"):
         raise ValueError(f"kmeans: init must be 'kmeans++' or 'random', got {init!r}")
-    if method not in ("auto", "brute"):
-        raise ValueError(f"kmeans: method must be 'auto' or 'brute', got {method!r}")
+    if method not in ("auto", "native", "torch", "brute"):
+        raise ValueError(f"kmeans: method must be 'auto', 'native', 'torch' or 'brute', got {method!r}")
     coll = collective if collective is not None else default_collective()
     x = x.detach().to(torch.float32).contiguous()
     n, d = x.shape
@@ -867,39 +591,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         centroids = coll.all_reduce_sum(centroids * float(coll.rank == 0))
 
     # ---- Lloyd ----
-    # The samples are kept sorted by a recent assignment ``blk`` (rows of ``xa``; ``perm`` maps
-    # them back), so that the pruned search scores each block's points against that cluster's
-    # neighbour list in one grouped matmul (exact whatever the guess; re-sorted when stale).
     weighted = weights is not None
     history: List[float] = []
     reseeded = 0
     iters_run = 0
-    index: Optional[CentroidIndex] = None
-    xa: Optional[torch.Tensor] = None
-    perm = torch.arange(n, device=x.device)
-    ws, xn = w, (x * x).sum(1)
-    prev: Optional[torch.Tensor] = None  # the last assignment of each row
-    blk: Optional[torch.Tensor] = None  # non-decreasing block labels of the rows
-    skip, backoff = 0, 1  # passes to brute-force before trying the pruned search again
+    prev: Optional[torch.Tensor] = None  # the last assignment
+    search = "torch" if method == "brute" else method
     while True:
-        index = CentroidIndex(centroids, batch_size=batch_size, previous=index)
-        if xa is None:
-            xa = index.augment(x)
-            del x  # xa holds the samples from here on
-        xs = xa[:, :d]
-        if method == "auto" and skip == 0 and index.can_prune(n):
-            if prev is None:
-                assign, dist2, n_brute = index.search(xs)
-            else:
-                assign, dist2, n_brute = index.search_sorted(xa, blk, xn, probe=backoff > 1)
-            if n_brute > 0.5 * n:  # pruning does not pay on this data (yet): back off
-                skip, backoff = backoff, 2 * backoff
-            else:
-                backoff = 1
-        else:
-            skip = max(0, skip - 1)
-            assign, dist2 = index.brute_force(xs)
-        packed = _local_stats(xs, assign, dist2, ws if weighted else None, prev, k)
+        assign, dist2 = CentroidIndex(centroids, batch_size=batch_size,
+                                      method=search).brute_force(x)
+        packed = _local_stats(x, assign, dist2, w if weighted else None, prev, k)
         packed = coll.all_reduce_sum(packed)
         history.append(float(packed[k * d + k]))
         if iters_run >= iters or (prev is not None and float(packed[-1]) == 0):
@@ -915,18 +616,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
             reseeded += _reseed(centroids, empty, pool, pool_w)
             if coll.world_size > 1:
                 centroids = coll.all_reduce_sum(centroids * float(coll.rank == 0))
-        if blk is None or int((assign != blk).sum()) > _RESORT_FRACTION * n:
-            # re-sort the rows by their cluster (stable: mostly already in place)
-            blk, order = torch.sort(assign, stable=True)
-            xa, perm, xn = (xa.index_select(0, order), perm.index_select(0, order),
-                            xn.index_select(0, order))
-            if weighted:
-                ws = ws.index_select(0, order)
-            assign = blk
         prev = assign
         iters_run += 1
 
-    assignment = torch.empty_like(assign)
-    assignment[perm] = assign
-    return KMeansResult(centroids=centroids + shift, assignment=assignment, inertia=history[-1],
+    return KMeansResult(centroids=centroids + shift, assignment=assign, inertia=history[-1],
                         inertia_history=history, reseeded=reseeded, iters_run=iters_run)

@@ -31,12 +31,12 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from torchrec_cce.clustering.kmeans import Collective, default_collective, kmeans, nearest_centroid
-from torchrec_cce.hashing import derive_seed
+from torchrec_cce.clustering.kmeans import CentroidIndex, Collective, default_collective, kmeans
+from torchrec_cce.hashing import derive_seed, hash_ids
 from torchrec_cce.methods.base import codebook_table_name
 from torchrec_cce.methods.cce import CCETable
 
-DEFAULT_ID_BATCH = 1 << 16
+DEFAULT_ID_BATCH = 1 << 18
 
 
 @dataclass
@@ -83,16 +83,76 @@ def chunk_vectors(method: CCETable, A: torch.Tensor, B: torch.Tensor,
     return A[p + shift] + B[h + shift]
 
 
+def _buckets(method: CCETable, ids: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
+    """``h(x)`` of ``generation`` for all chunks at once (``[n, chunks]``): the same values as
+    ``method.bucket`` in one broadcast hash instead of one per chunk."""
+    keys = torch.stack(method.h_keys(generation)).to(ids.device)
+    return hash_ids(ids.unsqueeze(1), keys.unsqueeze(0), method.rows)
+
+
+def check_finite_codebooks(state: ReclusterState) -> None:
+    """Refuse to re-cluster from a codebook holding NaN/inf (it would spread to every id)."""
+    m = state.method
+    for name, W in (("A", state.A), ("B", state.B)):
+        bad = ~torch.isfinite(W.detach().view(m.chunks, m.rows, -1)).all(-1)
+        if bool(bad.any()):
+            chunk = int(torch.nonzero(bad.any(1)).flatten()[0])
+            raise ValueError(
+                f"recluster: table {m.table_name!r}, chunk {chunk}: codebook {name} has "
+                f"{int(bad[chunk].sum())} row(s) with NaN/inf (training diverged); nothing was "
+                "changed. Lower the learning rate or restore the last good checkpoint, then "
+                "re-cluster.")
+
+
+def _assign_all_ids(state: ReclusterState, A: torch.Tensor, B: torch.Tensor,
+                    cents: torch.Tensor, next_gen: torch.Tensor, id_batch: int
+                    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """Step 4 on this rank's ids, in batches of ``id_batch``: each id's old chunk vectors
+    (``A_i[p_i] + B_i[h_i]``, gathered per chunk), their exact nearest new centroid
+    (:class:`~torchrec_cce.clustering.kmeans.CentroidIndex`, built once per chunk) and the
+    residual sums/counts per bucket of the fresh hash. Returns ``(new p [n, chunks] int64,
+    sums [chunks, rows, chunk_dim] float64, counts [chunks, rows] float64, sum of squared
+    residuals)`` for the local ids (sums/counts not yet all-reduced)."""
+    m, c, rows = state.method, state.method.chunks, state.method.rows
+    dev = A.device
+    A3, B3 = A.view(c, rows, -1), B.view(c, rows, -1)
+    indexes = [CentroidIndex(cents[i]) for i in range(c)]
+    sums = torch.zeros(c, rows, m.chunk_dim, dtype=torch.float64, device=dev)
+    counts = torch.zeros(c, rows, dtype=torch.float64, device=dev)
+    lo, hi = state.id_range
+    new_p = torch.empty(max(0, hi - lo), c, dtype=torch.int64, device=dev)
+    residual_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for b_lo in range(lo, hi, id_batch):
+        b_hi = min(hi, b_lo + id_batch)
+        ids = torch.arange(b_lo, b_hi, device=dev)
+        p_old = _assignment_rows(state, b_lo, b_hi)
+        h_old = _buckets(m, ids, m.h_generation)
+        h_new = _buckets(m, ids, next_gen)
+        for i in range(c):
+            vec = A3[i].index_select(0, p_old[:, i]).add_(B3[i].index_select(0, h_old[:, i]))
+            idx, dist = indexes[i].brute_force(vec)
+            new_p[b_lo - lo: b_hi - lo, i] = idx
+            residual_sq += dist.sum(dtype=torch.float64)
+            resid = vec.sub_(cents[i].index_select(0, idx)).double()
+            sums[i].index_add_(0, h_new[:, i], resid)
+            counts[i] += torch.bincount(h_new[:, i], minlength=rows).to(torch.float64)
+    return new_p, sums, counts, float(residual_sq)
+
+
 @torch.no_grad()
 def recluster_table(state: ReclusterState, collective: Optional[Collective] = None,
                     iters: int = 10, id_batch: int = DEFAULT_ID_BATCH
                     ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
     """Re-cluster one CCE table. Writes ``p`` (``state.assignment``) and bumps the hash
     generation; returns the new ``(A, B)`` for the caller to write into its codebook storage
-    (a plain tensor, a sharded TBE, ...) and per-table statistics."""
+    (a plain tensor, a sharded TBE, ...) and per-table statistics.
+
+    Raises ``ValueError`` naming the table and chunk, before anything is written, if a codebook
+    holds NaN/inf (every rank checks the same gathered codebooks, so all ranks refuse)."""
     start = time.perf_counter()
     collective = collective or default_collective()
     m, c, rows = state.method, state.method.chunks, state.method.rows
+    check_finite_codebooks(state)
     A, B = state.A.detach().float(), state.B.detach().float()
     generation = int(m.h_generation)
 
@@ -111,38 +171,23 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         end_inertia += float(res.inertia)
         reseeded += int(res.reseeded)
     cents = torch.stack(centroids)  # [c, rows, chunk_dim]
+    kmeans_seconds = time.perf_counter() - start
 
     # 4: every owned id -> nearest centroid; residuals into buckets of the fresh hash.
     next_gen = torch.full_like(m.h_generation, generation + 1)
-    sums = torch.zeros(c, rows, m.chunk_dim, device=A.device)
-    counts = torch.zeros(c, rows, device=A.device)
-    lo, hi = state.id_range
-    new_p: List[torch.Tensor] = []
-    residual_sq = 0.0
-    for b_lo in range(lo, hi, id_batch):
-        ids = torch.arange(b_lo, min(hi, b_lo + id_batch), device=A.device)
-        vec = chunk_vectors(m, A, B, _lookup(state, ids), m.bucket(ids))
-        bucket = m.bucket(ids, next_gen)
-        p_batch = torch.empty(ids.numel(), c, dtype=torch.int64, device=A.device)
-        for i in range(c):
-            idx, dist = nearest_centroid(vec[:, i], cents[i])
-            p_batch[:, i] = idx
-            residual_sq += float(dist.sum())
-            sums[i].index_add_(0, bucket[:, i], vec[:, i] - cents[i][idx])
-            counts[i].index_add_(0, bucket[:, i], torch.ones_like(idx, dtype=counts.dtype))
-        new_p.append(p_batch)
+    mine, sums, counts, residual_sq = _assign_all_ids(state, A, B, cents, next_gen, id_batch)
     flat = collective.all_reduce_sum(torch.cat([sums.flatten(), counts.flatten(),
-                                                torch.tensor([residual_sq], device=A.device)]))
+                                                torch.tensor([residual_sq], dtype=torch.float64,
+                                                             device=A.device)]))
     sums = flat[: sums.numel()].view_as(sums)
     counts = flat[sums.numel(): sums.numel() + counts.numel()].view_as(counts)
     residual_sq = float(flat[-1])
 
     # 5: write the new state (nothing above read anything written here).
-    mine = torch.cat(new_p) if new_p else torch.empty(0, c, dtype=torch.int64, device=A.device)
     _write_assignment(state, mine, collective)
     m.h_generation.copy_(next_gen)
     new_B = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1),
-                        torch.zeros_like(sums))
+                        torch.zeros_like(sums)).to(A.dtype)
     stats = {
         "kmeans_inertia_start": start_inertia,
         "kmeans_inertia_end": end_inertia,
@@ -152,9 +197,15 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         "num_ids": m.num_embeddings,
         "mean_residual_sq": residual_sq / max(1, m.assigned_ids),
         "empty_buckets": int((counts == 0).sum()),
+        "kmeans_seconds": kmeans_seconds,
         "seconds": time.perf_counter() - start,
     }
     return cents.reshape(c * rows, -1), new_B.reshape(c * rows, -1), stats
+
+
+def _assignment_rows(state: ReclusterState, lo: int, hi: int) -> torch.Tensor:
+    """Stored ``p`` of the owned (covered) ids ``[lo, hi)``, ``[n, c]`` int64 (unpacked)."""
+    return state.method.lookup_assignment(torch.arange(lo, hi, device=state.A.device))
 
 
 def _lookup(state: ReclusterState, ids: torch.Tensor) -> torch.Tensor:
@@ -235,12 +286,23 @@ def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
         id_batch: ids re-assigned per batch (bounds memory: never ``V x k`` at once).
         collective: cross-rank hook; default: the process group if initialised, else local.
 
-    A collective call under ``torch.distributed``: every rank must call it. Returns
+    Raises ``ValueError`` naming the table and chunk if any CCE codebook holds NaN/inf, before
+    any state is written. A collective call under ``torch.distributed``: every rank must call
+    it. Returns
     ``{table: stats}`` (k-means inertia at start/end, empty clusters re-seeded, seconds, ...).
     """
     from torchrec_cce.modules import CCEEmbeddingBagCollection
 
     collective = collective or default_collective()
+    # Refuse before writing anything if any CCE codebook anywhere holds NaN/inf.
+    for _, module in model.named_modules():
+        if hasattr(module, "cce_recluster"):
+            from torchrec_cce.distributed.recluster import check_sharded_codebooks  # noqa: PLC0415
+
+            check_sharded_codebooks(module, collective)
+        elif isinstance(module, CCEEmbeddingBagCollection):
+            for _, state, _, _ in _unsharded_states(module, collective):
+                check_finite_codebooks(state)
     out: Dict[str, Dict[str, float]] = {}
     for _, module in model.named_modules():
         if hasattr(module, "cce_recluster"):

@@ -9,7 +9,7 @@ replicated ``p``, a slice of it, then all ranks gather). The hash generation adv
 every rank. Fused (TBE) optimizer state of the rewritten tables is zeroed.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -17,10 +17,11 @@ from torch.distributed.tensor import DTensor
 
 from torchrec_cce.distributed.assignment import lookup_sharded_assignments
 from torchrec_cce.distributed.tensors import gather_full, local_pieces, scatter_full
-from torchrec_cce.clustering.kmeans import Collective
+from torchrec_cce.clustering.kmeans import Collective, default_collective
 from torchrec_cce.clustering.recluster import (
     DEFAULT_ID_BATCH,
     ReclusterState,
+    check_finite_codebooks,
     recluster_table,
     reset_optimizer_state,
 )
@@ -46,12 +47,10 @@ def _reset_fused_state(sharded: Any, table_names: List[str]) -> int:
     return n
 
 
-@torch.no_grad()
-def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
-                      collective: Optional[Collective] = None,
-                      optimizers: Any = ()) -> Dict[str, Dict[str, float]]:
-    """Re-cluster every CCE table of a ``ShardedCCEEmbeddingBagCollection`` (collective)."""
-    out: Dict[str, Dict[str, float]] = {}
+def _sharded_states(sharded: Any, collective: Collective
+                    ) -> Iterator[Tuple[str, List[str], List[Any], ReclusterState]]:
+    """``(table, codebook names, their state_dict values, ReclusterState)`` per CCE table, with
+    ``A``/``B`` gathered in full on every rank (collective)."""
     state = sharded.codebooks.state_dict()
     for t in sharded.embedding_bag_configs():
         method = sharded.tables[t.name]
@@ -76,13 +75,37 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
             rstate = ReclusterState(method, A, B, method.assignment, 0,
                                     (min(V, r * per), min(V, (r + 1) * per)),
                                     gather_assignment=w > 1)
+        yield t.name, names, values, rstate
+
+
+@torch.no_grad()
+def check_sharded_codebooks(sharded: Any, collective: Optional[Collective] = None) -> None:
+    """Raise (on every rank) if any CCE codebook holds NaN/inf; see
+    :func:`~torchrec_cce.clustering.recluster.check_finite_codebooks`."""
+    collective = collective or default_collective()
+    for _, _, _, rstate in _sharded_states(sharded, collective):
+        check_finite_codebooks(rstate)
+
+
+@torch.no_grad()
+def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
+                      collective: Optional[Collective] = None,
+                      optimizers: Any = ()) -> Dict[str, Dict[str, float]]:
+    """Re-cluster every CCE table of a ``ShardedCCEEmbeddingBagCollection`` (collective).
+
+    Every table's codebooks are checked for NaN/inf first, so a refusal leaves all of them
+    untouched."""
+    collective = collective or default_collective()
+    check_sharded_codebooks(sharded, collective)
+    out: Dict[str, Dict[str, float]] = {}
+    for name, names, values, rstate in _sharded_states(sharded, collective):
         new_a, new_b, stats = recluster_table(rstate, collective, iters, id_batch)
         for suffix, new in method.unstack_ab(new_a, new_b).items():
             scatter_full(values[suffix], new)
         n = _reset_fused_state(sharded, names)
-        dense = [p for name, p in sharded.codebooks.named_parameters()
-                 if any(f".{x}." in f".{name}." for x in names)]
+        dense = [p for pname, p in sharded.codebooks.named_parameters()
+                 if any(f".{x}." in f".{pname}." for x in names)]
         n += reset_optimizer_state(dense, optimizers)
         stats["optimizer_states_reset"] = n
-        out[t.name] = stats
+        out[name] = stats
     return out
