@@ -678,8 +678,9 @@ def test_non_finite_codebook_refused_naming_table_and_chunk_state_untouched(bad,
     ebc = build(spec)
     opts = train_random(ebc, steps=5)
     with torch.no_grad():
-        w = weight(ebc, f"second__cce_{codebook}")
-        w[1 * 8 + 3, 1] = bad  # chunk 1 (rows 8..15 of the stacked codebook)
+        _, rows_a, rows_b = ebc.tables["second"].ab_rows(1)  # chunk 1's A and B rows
+        w = weight(ebc, "second__cce")
+        w[(rows_a if codebook == "A" else rows_b).start + 3, 1] = bad
     before = _state_copy(ebc)
     opt_before = {id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
                   for o in opts for p, st in o.state.items()}
@@ -702,8 +703,8 @@ def _sharded_nan_recluster(rank: int, world: int, replicate_below: int):
 
     ref = _trained_reference()
     with torch.no_grad():
-        w = ref.codebooks.embedding_bags["big__cce_B"].weight  # rows=32, chunks=2
-        w[32 + 5, 0] = float("nan")  # chunk 1
+        w = ref.codebooks.embedding_bags["big__cce"].weight  # rows=32, chunks=2
+        w[ref.tables["big"].ab_rows(1)[2].start + 5, 0] = float("nan")  # B of chunk 1
     dmp, _ = shard("tw", replicate_below, world, rank)
     load_full_state(dmp, ref.state_dict())
     dmp.module.tables["big"].reservoir.observe(torch.arange(100 * rank, 100 * rank + 500))
@@ -735,78 +736,3 @@ def test_non_finite_codebook_refused_sharded_state_untouched(replicate_below):
 OLD_REV = "f7838e1"  # the last commit with the graph-pruned search (before the fused kernel)
 
 
-def _old_recluster_table():
-    """``recluster_table`` of commit ``OLD_REV`` (its kmeans.py and recluster.py loaded from
-    git into private modules), or skip when the history is not available."""
-    import subprocess
-    import types
-
-    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
-
-    def show(path: str) -> str:
-        try:
-            return subprocess.run(["git", "-C", root, "show", f"{OLD_REV}:{path}"], check=True,
-                                  capture_output=True, text=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            pytest.skip(f"git history with commit {OLD_REV} is not available")
-
-    old_km = types.ModuleType("old_kmeans")
-    exec(compile(show("torchrec_cce/clustering/kmeans.py"), "old_kmeans.py", "exec"),
-         old_km.__dict__)
-    src = show("torchrec_cce/clustering/recluster.py").replace(
-        "from torchrec_cce.clustering.kmeans import", "from old_kmeans import")
-    old_rc = types.ModuleType("old_recluster")
-    import sys
-    sys.modules["old_kmeans"] = old_km
-    try:
-        exec(compile(src, "old_recluster.py", "exec"), old_rc.__dict__)
-    finally:
-        del sys.modules["old_kmeans"]
-    return old_rc.recluster_table, old_rc.ReclusterState
-
-
-def test_equals_previous_implementation_on_fixed_seeds():
-    """Same table, same sample, same seeds: the new re-clustering (fused kernel, float64
-    near-ties) gives the previous implementation's (graph-pruned float32 search) assignment,
-    centroids and bucket means. The previous one decided float32 near-ties by float32 rounding;
-    the new one decides them exactly, so a tiny fraction of ids may differ: each such id must
-    be an exact near-tie (the two centroids' float64 distances within 1e-5 relative), and their
-    fraction is bounded by 1e-3. The new assignment is the exact float64 argmin."""
-    from torchrec_cce.clustering.recluster import ReclusterState, recluster_table
-
-    old_table, OldState = _old_recluster_table()
-    V, rows, chunks, dim = 20_000, 256, 4, 16
-    results = []
-    for impl, State in ((old_table, OldState), (recluster_table, ReclusterState)):
-        ebc = build([("t", V, dim, CCEConfig(rows=rows, chunks=chunks, seed=11))])
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(0)
-            for name in ("t__cce_A", "t__cce_B"):
-                weight(ebc, name).copy_(torch.randn(weight(ebc, name).shape, generator=g))
-        m = ebc.tables["t"]
-        m.reservoir.observe((torch.rand(m.reservoir.capacity, generator=g) ** 2 * V).long())
-        old_vectors = embed(ebc, "t", torch.arange(V)).view(V, chunks, -1)
-        wa, wb = weight(ebc, "t__cce_A"), weight(ebc, "t__cce_B")
-        state = State(m, wa, wb, m.assignment, 0, (0, V))
-        new_a, new_b, stats = impl(state, None, 10, 4096)
-        results.append((new_a.view(chunks, rows, -1), new_b.view(chunks, rows, -1),
-                        m.assignment.long().clone(), stats, old_vectors))
-    (a_old, b_old, p_old, s_old, vec), (a_new, b_new, p_new, s_new, vec2) = results
-    assert torch.equal(vec, vec2)
-    torch.testing.assert_close(a_new, a_old, atol=1e-5, rtol=1e-5)
-    assert s_new["kmeans_inertia_end"] == pytest.approx(s_old["kmeans_inertia_end"], rel=1e-6)
-    differ = p_new != p_old
-    assert float(differ.float().mean()) <= 1e-3, int(differ.sum())
-    x64 = vec.double()
-    for i in range(chunks):
-        d2 = ((x64[:, i, None, :] - a_new[i].double()[None]) ** 2).sum(-1)
-        assert torch.equal(p_new[:, i], d2.argmin(1))  # exact (first index on exact ties)
-        rows_i = torch.nonzero(differ[:, i]).squeeze(1)
-        if rows_i.numel():
-            dn = d2[rows_i].gather(1, p_new[rows_i, i, None])
-            do = d2[rows_i].gather(1, p_old[rows_i, i, None])
-            assert bool(((do - dn) <= 1e-5 * dn.abs().clamp(min=1e-3)).all())
-    # B: mean residuals of the same buckets (float64 sums now): equal to float rounding unless
-    # flipped ids moved a residual between centroids
-    tol = 1e-6 if not bool(differ.any()) else 2e-3
-    torch.testing.assert_close(b_new, b_old, atol=tol, rtol=1e-4)

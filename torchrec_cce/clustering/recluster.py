@@ -301,7 +301,7 @@ def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
 
             check_sharded_codebooks(module, collective)
         elif isinstance(module, CCEEmbeddingBagCollection):
-            for _, state, _, _ in _unsharded_states(module, collective):
+            for _, state, _ in _unsharded_states(module, collective):
                 check_finite_codebooks(state)
     out: Dict[str, Dict[str, float]] = {}
     for _, module in model.named_modules():

@@ -100,7 +100,7 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
     out: Dict[str, Dict[str, float]] = {}
     for name, names, values, rstate in _sharded_states(sharded, collective):
         new_a, new_b, stats = recluster_table(rstate, collective, iters, id_batch)
-        for suffix, new in method.unstack_ab(new_a, new_b).items():
+        for suffix, new in rstate.method.unstack_ab(new_a, new_b).items():
             scatter_full(values[suffix], new)
         n = _reset_fused_state(sharded, names)
         dense = [p for pname, p in sharded.codebooks.named_parameters()
