@@ -205,7 +205,7 @@ def _nan_guard(rank: int, world: int) -> List[str]:
         messages.append(str(e))
     with torch.no_grad():
         for k, v in dmp.state_dict().items():
-            if k.endswith("t_user__cce_B.weight"):
+            if k.endswith("t_user__cce.weight"):
                 for shard in v.local_shards():
                     shard.tensor[0, 0] = float("inf")
     try:
@@ -284,7 +284,8 @@ def test_reshard_world2_to_world1(straight) -> None:
     # Fused optimizer state resharded: every table now on the one rank, with the values of the
     # rank that held it at world 2 (table-wise sharding).
     world2 = {**straight["ranks"][0]["fused"], **straight["ranks"][1]["fused"]}
-    assert one["fused"].keys() == world2.keys() and len(world2) == 4
+    # one state per codebook table: t_user__cce, t_item__hash, t_ctx
+    assert one["fused"].keys() == world2.keys() and len(world2) == 3
     for k, v in world2.items():
         assert torch.equal(one["fused"][k], v), k
     # Re-clustering samples: both ranks' reservoirs merged into the one rank's.
@@ -307,7 +308,7 @@ def test_nonfinite_guard_is_collective() -> None:
     for messages in run_multiprocess(_nan_guard, 2, timeout=900):
         assert len(messages) == 2
         assert "step 11: the loss is non-finite (rank 1: nan)" in messages[0]
-        assert "embedding table 't_user' (codebook 't_user__cce_B'): 1 non-finite" in messages[1]
+        assert "embedding table 't_user' (codebook 't_user__cce'): 1 non-finite" in messages[1]
 
 
 # ---------------------------------------------------------------- single process
@@ -489,7 +490,7 @@ def test_other_model_config_is_refused(tmp_path) -> None:
     with pytest.raises(CheckpointMismatchError) as e:
         load_fresh(d, rows=4)
     assert "does not fit this model" in str(e.value)
-    assert "model.ebc.codebooks.embedding_bags.t_user__cce_A.weight: (4, 4) there, (8, 4) here" \
+    assert "model.ebc.codebooks.embedding_bags.t_user__cce.weight: (8, 4) there, (16, 4) here" \
         in str(e.value)
 
 
@@ -507,11 +508,11 @@ def test_nonfinite_codebook_stops_without_writing(tmp_path) -> None:
     d = str(tmp_path)
     model, opt, manager, _ = saved_run(d, [2])
     with torch.no_grad():
-        model.ebc.codebooks.embedding_bags["t_user__cce_A"].weight[3, 1] = float("nan")
+        model.ebc.codebooks.embedding_bags["t_user__cce"].weight[3, 1] = float("nan")
     with pytest.raises(NonFiniteError) as e:
         manager.save(3, model, opt, {"epoch": 0, "step": 3, "step_in_epoch": 3})
     msg = str(e.value)
-    assert "embedding table 't_user' (codebook 't_user__cce_A'): 1 non-finite values" in msg
+    assert "embedding table 't_user' (codebook 't_user__cce'): 1 non-finite values" in msg
     assert "step_2 is untouched" in msg
     assert sorted(os.listdir(d)) == ["step_2"]
     with pytest.raises(NonFiniteError, match="embedding table 't_user'"):

@@ -246,7 +246,9 @@ def fused_remap_features(
                 precomputed[f] = len(pre_tensors)
                 pre_tensors.append(p)
             if _uses(method, "id_weights"):
-                id_weight_features[f] = method.id_weights(feature_ids(f))
+                w = method.id_weights(feature_ids(f))
+                if w is not None:
+                    id_weight_features[f] = w
     cache_key = (tuple(keys), tuple(sorted(precomputed)))
     plan = cache.get(cache_key)
     if plan is None:

@@ -53,7 +53,9 @@ class MEmComTable(CompressedTable):
             return [ids]
         return [self.bucket(ids)]
 
-    def stream_specs(self) -> List[StreamSpec]:
+    def stream_specs(self) -> Optional[List[StreamSpec]]:
+        if self.sharded:  # raw ids pass through (no fused description): the reference path
+            return None
         return [StreamSpec("hash", self.rows, key=self.hash_key)]
 
     def id_weights(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
