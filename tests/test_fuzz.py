@@ -218,7 +218,7 @@ def test_empty_batch_has_gradient_free_empty_output() -> None:
 
 
 # ---------------------------------------------------------------- sharded (2 processes)
-SHARDED_METHODS = [m for m in sorted(METHODS) if m != "memcom"]  # MEmCom: see the sharder
+SHARDED_METHODS = sorted(METHODS)
 SHARDED_CASES = 40
 
 
@@ -268,6 +268,7 @@ def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
         m.write_assignment(torch.arange(V), torch.randint(0, METHODS["cce"].rows,
                                                           (V, METHODS["cce"].chunks)))
         m.h_generation.fill_(1)
+        ref.tables["t_memcom"].id_weight.uniform_(-2, 2)  # per-id weights split by id range
     # id-range sharded p (replicate_assignment_below=0), codebooks table-wise over both ranks
     sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)
     meta = CCEEmbeddingBagCollection(sharded_tables(), compression, is_weighted=weighted,
