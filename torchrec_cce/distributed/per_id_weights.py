@@ -18,18 +18,10 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 
-from torchrec_cce.distributed.assignment import IdRange
+from torchrec_cce.distributed.id_routing import IdRange, return_to_requesters, route_to_owners
 
 PerIdRequest = Tuple[torch.Tensor, IdRange, torch.Tensor]  # (ids in [0, V), range, local shard)
-
-
-def _all_to_all(values: torch.Tensor, send_counts: List[int], recv_counts: List[int],
-                group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    out = values.new_empty((sum(recv_counts),) + tuple(values.shape[1:]))
-    dist.all_to_all_single(out, values.contiguous(), recv_counts, send_counts, group=group)
-    return out
 
 
 def fetch_per_id_weights(requests: List[PerIdRequest], group: Optional[dist.ProcessGroup] = None
@@ -41,47 +33,17 @@ def fetch_per_id_weights(requests: List[PerIdRequest], group: Optional[dist.Proc
     Every rank must call this once per step with the same tables in the same order (it may
     pass an empty ``ids`` tensor). Ids must already be reduced to ``[0, V)``.
     """
-    world = dist.get_world_size(group)
-    device = requests[0][2].device if requests else torch.device("cpu")
-    bases, offset = [], 0
-    for _, rng, _ in requests:
-        bases.append(offset)
-        offset += rng.per
-    codes, owners = [], []
-    for (ids, rng, _), base in zip(requests, bases):
-        owner = torch.div(ids, rng.per, rounding_mode="floor")
-        codes.append(base + ids - owner * rng.per)
-        owners.append(owner)
-    empty = torch.empty(0, dtype=torch.int64, device=device)
-    all_codes = torch.cat(codes) if codes else empty
-    all_owners = torch.cat(owners) if owners else empty
-    order = torch.argsort(all_owners, stable=True)
-    send = torch.bincount(all_owners, minlength=world)
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    send_counts, recv_counts = send.tolist(), recv.tolist()
-    incoming = _all_to_all(all_codes[order], send_counts, recv_counts, group)
-
+    routed = route_to_owners([ids for ids, _, _ in requests], [rng for _, rng, _ in requests],
+                             group)
     # Owner side: gather the requested weights from the local shards (differentiably).
-    served = torch.zeros(incoming.numel(), dtype=torch.float32, device=device)
-    if requests:
-        base_t = torch.tensor(bases, dtype=torch.int64, device=device)
-        which = torch.searchsorted(base_t, incoming, right=True) - 1
-        for t, (_, _, shard) in enumerate(requests):
-            sel = torch.nonzero(which == t).squeeze(1)
-            served = served.index_put((sel,), shard[incoming[sel] - bases[t]].float())
-    reply = dist_nn.all_to_all_single(served.new_empty(sum(send_counts)), served,
-                                      output_split_sizes=send_counts,
-                                      input_split_sizes=recv_counts, group=group)
-    # Back in request order.
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=device)
-    in_order = reply[inverse]
-    out, start = [], 0
-    for ids, _, _ in requests:
-        out.append(in_order[start: start + ids.numel()])
-        start += ids.numel()
-    return out, reply.sum() * 0.0
+    served = torch.zeros(routed.incoming.numel(), dtype=torch.float32,
+                         device=routed.incoming.device)
+    for t, (_, _, shard) in enumerate(requests):
+        sel, rows = routed.rows_for(t)
+        served = served.index_put((sel,), shard[rows].float())
+    out = return_to_requesters(routed, served, group, differentiable=True)
+    anchor = torch.cat(out).sum() * 0.0 if out else served.sum() * 0.0
+    return out, anchor
 
 
 class ScaleGrad(torch.autograd.Function):
