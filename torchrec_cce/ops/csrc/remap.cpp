@@ -56,21 +56,15 @@ Layout make_layout(const index_t* len, int64_t num_lengths, int64_t batch, const
   return l;
 }
 
-struct AssignmentView {
-  const void* data = nullptr;
-  bool is_int16 = false;
-  int64_t num_rows = 0;
-  int64_t stride = 0;
-  int64_t at(int64_t row, int64_t col) const {
-    return is_int16 ? static_cast<const int16_t*>(data)[row * stride + col]
-                    : static_cast<const int32_t*>(data)[row * stride + col];
-  }
+struct PackedView {
+  const int32_t* words = nullptr;
+  int64_t num_words = 0;
 };
 
 // Values of ids [j0, j1) (feature-local positions) of stream ``row`` into ``out``.
 void fill_stream(const int64_t* row, const int64_t* ids, int64_t j0, int64_t j1, int64_t* out,
                  const std::vector<int64_t>& gen_values,
-                 const std::vector<AssignmentView>& assigns,
+                 const std::vector<PackedView>& assigns,
                  const std::vector<at::Tensor>& pres, std::atomic<int64_t>* bad_id,
                  std::atomic<int64_t>* bad_stream, int64_t stream) {
   const int64_t kind = row[kKind], rows = row[kRows], offset = row[kOffset];
@@ -110,15 +104,16 @@ void fill_stream(const int64_t* row, const int64_t* ids, int64_t j0, int64_t j1,
         pre = pres[row[kPre]].data_ptr<int64_t>();
         pre_stride = pres[row[kPre]].size(1);
       }
-      const AssignmentView* a = row[kAssign] >= 0 ? &assigns[row[kAssign]] : nullptr;
-      const int64_t lo = row[kAssignLo];
+      const PackedView* a = row[kAssign] >= 0 ? &assigns[row[kAssign]] : nullptr;
+      const int64_t lo = row[kAssignLo], count = a != nullptr ? row[kAssignCount] : 0;
+      const int64_t bits = row[kBits], chunks = row[kChunks];
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t x = ids[j];
         int64_t p;
         if (pre != nullptr) {
           p = pre[j * pre_stride + col];
-        } else if (a != nullptr && x - lo >= 0 && x - lo < a->num_rows) {
-          p = a->at(x - lo, col);
+        } else if (x - lo >= 0 && x - lo < count) {
+          p = packed_entry(a->words, a->num_words, x - lo, chunks, col, bits);
         } else {
           p = hash_id(x, pkey, rows);
         }
@@ -152,13 +147,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
   std::vector<int64_t> gen_values;
   for (const auto& g : generations) gen_values.push_back(g.item<int64_t>());
   std::vector<at::Tensor> keep;
-  std::vector<AssignmentView> assigns;
+  std::vector<PackedView> assigns;
   for (const auto& a : assignments) {
-    TORCH_CHECK(a.dim() == 2 && (a.scalar_type() == at::kShort || a.scalar_type() == at::kInt),
-                "torchrec_cce::remap: a dense assignment must be a 2-D int16/int32 tensor");
+    TORCH_CHECK(a.dim() == 1 && a.scalar_type() == at::kInt && a.device().is_cpu(),
+                "torchrec_cce::remap: a packed assignment must be a 1-D int32 CPU tensor");
     at::Tensor c = a.contiguous();
     keep.push_back(c);
-    assigns.push_back({c.data_ptr(), c.scalar_type() == at::kShort, c.size(0), c.size(1)});
+    assigns.push_back({c.data_ptr<int32_t>(), c.numel()});
   }
   std::vector<at::Tensor> pres;
   for (const auto& p : precomputed) pres.push_back(p.to(at::kLong).contiguous());
@@ -180,9 +175,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
                   "torchrec_cce::remap: precomputed p of stream ", s, " must be [", n,
                   ", chunks]");
     }
-    TORCH_CHECK(row[kAssign] < static_cast<int64_t>(assigns.size()) &&
-                    (row[kAssign] < 0 || row[kColumn] < assigns[row[kAssign]].stride),
+    TORCH_CHECK(row[kAssign] < static_cast<int64_t>(assigns.size()),
                 "torchrec_cce::remap: bad assignment index in stream ", s);
+    if (row[kKind] == kCCEPair && row[kAssign] >= 0) {
+      TORCH_CHECK(row[kBits] >= 0 && row[kBits] < 32 && row[kChunks] > 0 &&
+                      row[kColumn] >= 0 && row[kColumn] < row[kChunks] &&
+                      row[kAssignCount] >= 0 && (row[kBits] == 0 || (1LL << row[kBits]) >= row[kRows]),
+                  "torchrec_cce::remap: bad packed assignment layout in stream ", s);
+      TORCH_CHECK(assigns[row[kAssign]].num_words >=
+                      packed_num_words(row[kAssignCount], row[kChunks], row[kBits]),
+                  "torchrec_cce::remap: packed assignment of stream ", s, " has ",
+                  assigns[row[kAssign]].num_words, " words, fewer than ", row[kAssignCount],
+                  " ids need");
+    }
     TORCH_CHECK(row[kGen] < static_cast<int64_t>(gen_values.size()),
                 "torchrec_cce::remap: bad generation index in stream ", s);
   }
