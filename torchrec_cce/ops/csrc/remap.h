@@ -56,7 +56,9 @@ TRCCE_HD uint64_t mix64(uint64_t x) {
 TRCCE_HD int64_t hash_id(int64_t id, int64_t key, int64_t rows) {
   uint64_t x = static_cast<uint64_t>(id) + static_cast<uint64_t>(key) * kGolden;
   x = mix64(mix64(x) + kGolden);
-  return static_cast<int64_t>((x & kMask63) % static_cast<uint64_t>(rows));
+  const uint64_t r = static_cast<uint64_t>(rows);
+  // (x & kMask63) % r; for a power of two r (< 2**63) that is x & (r - 1), without a division.
+  return static_cast<int64_t>((r & (r - 1)) == 0 ? x & (r - 1) : (x & kMask63) % r);
 }
 
 // torchrec_cce.hashing.combine_keys.
