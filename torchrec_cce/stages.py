@@ -369,22 +369,23 @@ def fused_remap_features(
 
 def _compose_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
                   pooled_keys: List[str], pooled_dims: List[int]) -> Dict[str, Any]:
-    """Column ranges of every logical feature's streams in the pooled values, and whether the
+    """Indices of every logical feature's streams among the pooled keys, and whether the
     whole compose is a no-op (every method concatenates, no MEAN, streams already in order)."""
     starts = dict(zip(pooled_keys, itertools.accumulate([0] + pooled_dims)))
     dims = dict(zip(pooled_keys, pooled_dims))
+    part_index = {k: i for i, k in enumerate(pooled_keys)}
     features, columns = [], []
     simple = True
     for t in tables:
         method: CompressedTable = methods[t.name]
         simple &= method.concat_compose and t.pooling == PoolingType.SUM
         for f in t.feature_names:
-            ranges = []
+            parts = []  # indices of the feature's streams among the pooled keys
             for s in method.streams():
                 k = codebook_feature_name(f, s)
-                ranges.append((starts[k], starts[k] + dims[k]))
+                parts.append(part_index[k])
                 columns.extend(range(starts[k], starts[k] + dims[k]))
-            features.append((t, method, f, ranges))
+            features.append((t, method, f, parts))
     identity = simple and columns == list(range(sum(pooled_dims)))
     return {"features": features, "simple": simple, "identity": identity,
             "columns": torch.tensor(columns, dtype=torch.int64),
@@ -426,12 +427,15 @@ def compose_pooled(
         return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"],
                            values=values.index_select(1, columns).to(torch.float32))
     out: List[torch.Tensor] = []
-    for t, method, f, ranges in plan["features"]:
+    # One split (its backward is one cat), not a slice per stream: every slice's backward
+    # would materialise a zero gradient of the whole pooled output.
+    parts = values.split(pooled_dims, dim=1) if pooled_dims else ()
+    for t, method, f, indices in plan["features"]:
         if getattr(method, "local_lookup", False):
             jt = lengths[f]
             streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
         else:
-            streams = [values[:, lo:hi] for lo, hi in ranges]
+            streams = [parts[i] for i in indices]
         if t.pooling == PoolingType.MEAN:
             # Mean-pool every stream before composing: the same for linear compositions,
             # and mean(Q) * mean(R) for QR-mult (as in the DLRM reference).
