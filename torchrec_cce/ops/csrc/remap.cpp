@@ -97,25 +97,32 @@ void fill_cce_group(const int64_t* const* rows, int64_t g, const int64_t* ids, i
   const PackedView* a = (pre == nullptr && r0[kAssign] >= 0) ? &assigns[r0[kAssign]] : nullptr;
   const int64_t lo = r0[kAssignLo], count = a != nullptr ? r0[kAssignCount] : 0;
   const int64_t bits = r0[kBits], chunks = r0[kChunks];
-  constexpr int64_t kAhead = 8;  // prefetch the packed p of the id this many positions ahead
-  for (int64_t j = j0; j < j1; ++j) {
-    const int64_t x = ids[j];
-    if (a != nullptr && bits > 0 && j + kAhead < j1) {
-      const int64_t y = ids[j + kAhead] - lo;
-      if (y >= 0 && y < count) __builtin_prefetch(a->words + ((y * chunks * bits) >> 5));
-    }
-    const bool inside = x - lo >= 0 && x - lo < count;
-    for (int64_t c = 0; c < g; ++c) {
-      int64_t p;
-      if (pre != nullptr) {
-        p = pre[j * pre_stride + col[c]];
-      } else if (inside) {
-        p = packed_entry(a->words, a->num_words, x - lo, chunks, col[c], bits);
-      } else {
-        p = hash_id(x, pkey[c], nrows);
+  // Blocks of ids: first prefetch every packed p of the block (independent loads, so their
+  // cache misses overlap), then compute.
+  constexpr int64_t kBlock = 64;
+  for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+    const int64_t b1 = std::min(j1, b0 + kBlock);
+    if (a != nullptr && bits > 0) {
+      for (int64_t j = b0; j < b1; ++j) {
+        const int64_t y = ids[j] - lo;
+        if (y >= 0 && y < count) __builtin_prefetch(a->words + ((y * chunks * bits) >> 5));
       }
-      outs[c][2 * j] = p + offset[c];
-      outs[c][2 * j + 1] = nrows + hash_id(x, hkey[c], nrows) + offset[c];
+    }
+    for (int64_t j = b0; j < b1; ++j) {
+      const int64_t x = ids[j];
+      const bool inside = x - lo >= 0 && x - lo < count;
+      for (int64_t c = 0; c < g; ++c) {
+        int64_t p;
+        if (pre != nullptr) {
+          p = pre[j * pre_stride + col[c]];
+        } else if (inside) {
+          p = packed_entry(a->words, a->num_words, x - lo, chunks, col[c], bits);
+        } else {
+          p = hash_id(x, pkey[c], nrows);
+        }
+        outs[c][2 * j] = p + offset[c];
+        outs[c][2 * j + 1] = nrows + hash_id(x, hkey[c], nrows) + offset[c];
+      }
     }
   }
 }
@@ -225,11 +232,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
   AT_DISPATCH_INDEX_TYPES(lengths.scalar_type(), "torchrec_cce_remap_lengths", [&] {
     const index_t* len = lengths.data_ptr<index_t>();
     index_t* out = out_lengths.data_ptr<index_t>();
-    at::parallel_for(0, S * batch, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t s = i / batch, k = i % batch;
+    at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(batch, 1)),
+                     [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
         const int64_t* row = sp + s * kSpecCols;
-        out[i] = static_cast<index_t>(values_per_id(row[kKind])) * len[row[kFeature] * batch + k];
+        const index_t k = static_cast<index_t>(values_per_id(row[kKind]));
+        const index_t* in = len + row[kFeature] * batch;
+        index_t* o = out + s * batch;
+        for (int64_t i = 0; i < batch; ++i) o[i] = k * in[i];
       }
     });
   });
