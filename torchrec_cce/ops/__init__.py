@@ -2,8 +2,10 @@
 exists), JIT-built with ``torch.utils.cpp_extension.load`` on first use.
 
 One call turns a whole logical KJT into the codebook KJT: every stream of every table (hash,
-CCE's assignment lookup with its hash fallback or a precomputed ``p``, QR's quotient and
-remainder, the full table's range check), its lengths and weights. Sources: ``csrc/``; the
+CCE's assignment lookup, read from the bit-packed ``p`` with its hash fallback or passed
+precomputed, QR's quotient and remainder, the full table's range check), its lengths and
+weights. A CCE table's chunk streams are computed together, id by id, so each id's packed ``p``
+is fetched from memory once. Sources: ``csrc/``; the
 stream encoding: ``csrc/remap.h``.
 
 Build: ``scripts/bootstrap.sh`` calls :func:`load` (``python -m torchrec_cce.ops``) so the
