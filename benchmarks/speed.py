@@ -27,7 +27,10 @@ Sections:
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
 method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
 over rounds and its ratio to full. ``cce`` uses the fused remap op, ``cce_ref`` the torch-ops
-reference path (likewise ``ce``/``ce_ref`` ...). Results: ``benchmarks/results/speed.json``.
+reference path (likewise ``ce``/``ce_ref`` ...). ``--profile`` adds, per method, the self CPU
+ms per step inside fbgemm's TBE forward/backward, its bounds check, the remap op and all other
+ops, and the wall time (key ``profile`` of the JSON). Results:
+``benchmarks/results/speed.json``.
 """
 
 import argparse
