@@ -285,14 +285,17 @@ def run_steps(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int, firs
 
 def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor], reps: int,
                      n_steps: int, warmup: int) -> Dict[str, List[float]]:
-    """samples/s of every entry per round, rounds interleaved across entries."""
+    """samples/s of every entry per round, rounds interleaved across entries; round ``r``
+    starts at entry ``r`` (rotated), so no entry always runs first or after the same one."""
     batch = batches[0].stride()
     for fn in steps.values():
         run_steps(fn, batches, warmup)
-    out: Dict[str, List[float]] = {n: [] for n in steps}
+    names = list(steps)
+    out: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(reps):
-        for name, fn in steps.items():
-            out[name].append(n_steps * batch / run_steps(fn, batches, n_steps, r * n_steps))
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name].append(n_steps * batch / run_steps(steps[name], batches, n_steps,
+                                                         r * n_steps))
     return out
 
 
