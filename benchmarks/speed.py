@@ -20,13 +20,17 @@ Sections:
 * ``layout``: stock TorchRec EBCs only, ids precomputed (no remap): CCE's codebooks as
   2c one-id bags into two stacked tables (the old layout), c bags of 2 ids in one table (the
   current layout), and c bags of 2 ids in c per-chunk tables; CE as one stacked table (the
-  current layout) vs c tables. Also reports fbgemm's CPU time per step (torch.profiler), which
+  current layout) vs c tables; and every CCE table's codebook stacked into one table
+  (``cce_all_tables``). Also reports fbgemm's CPU time per step (torch.profiler), which
   the machine's load disturbs less than wall time.
 
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
 method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
 over rounds and its ratio to full. ``cce`` uses the fused remap op, ``cce_ref`` the torch-ops
-reference path (likewise ``ce``/``ce_ref`` ...). Results: ``benchmarks/results/speed.json``.
+reference path (likewise ``ce``/``ce_ref`` ...). ``--profile`` adds, per method, the self CPU
+ms per step inside fbgemm's TBE forward/backward, its bounds check, the remap op and all other
+ops, and the wall time (key ``profile`` of the JSON). Results:
+``benchmarks/results/speed.json``.
 """
 
 import argparse
@@ -225,6 +229,16 @@ def build_layout(variant: str, tables: List[EmbeddingBagConfig], dim: int,
                                            feature_names=[f"{f}_c{i}" for i in range(c)]))
             for i in range(c):
                 streams[f"{f}_c{i}"] = (f, 2 if variant.startswith("cce") else 1, i * rows_c)
+        elif variant == "cce_all_tables":  # every CCE table's codebook stacked in one table
+            if not any(cfg.name == "cce_all" for cfg in cfgs):
+                cfgs.append(EmbeddingBagConfig(name="cce_all", embedding_dim=cd,
+                                               num_embeddings=len(big) * c * rows_c,
+                                               feature_names=[]))
+            cfg = next(cfg for cfg in cfgs if cfg.name == "cce_all")
+            first = big.index(t) * c * rows_c
+            for i in range(c):
+                cfg.feature_names.append(f"{f}_c{i}")
+                streams[f"{f}_c{i}"] = (f, 2, first + i * rows_c)
         else:  # cce_per_chunk / ce_per_chunk
             for i in range(c):
                 cfgs.append(EmbeddingBagConfig(name=f"{t.name}_c{i}", embedding_dim=cd,
@@ -260,34 +274,59 @@ def build_layout(variant: str, tables: List[EmbeddingBagConfig], dim: int,
     return dmp, step
 
 
+def run_steps(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int, first: int = 0) -> float:
+    """Run ``n_steps`` steps of ``fn`` on batches ``first, first + 1, ...`` (cyclically); the
+    wall time in seconds. The one loop every measurement here goes through."""
+    start = time.perf_counter()
+    for i in range(n_steps):
+        fn(batches[(first + i) % len(batches)])
+    return time.perf_counter() - start
+
+
 def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor], reps: int,
                      n_steps: int, warmup: int) -> Dict[str, List[float]]:
-    """samples/s of every entry per round, rounds interleaved across entries."""
+    """samples/s of every entry per round, rounds interleaved across entries; round ``r``
+    starts at entry ``r`` (rotated), so no entry always runs first or after the same one."""
     batch = batches[0].stride()
-    for name, fn in steps.items():
-        for i in range(warmup):
-            fn(batches[i % len(batches)])
-    out: Dict[str, List[float]] = {n: [] for n in steps}
+    for fn in steps.values():
+        run_steps(fn, batches, warmup)
+    names = list(steps)
+    out: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(reps):
-        for name, fn in steps.items():
-            start = time.perf_counter()
-            for i in range(n_steps):
-                fn(batches[(r * n_steps + i) % len(batches)])
-            out[name].append(n_steps * batch / (time.perf_counter() - start))
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            out[name].append(n_steps * batch / run_steps(steps[name], batches, n_steps,
+                                                         r * n_steps))
     return out
 
 
-def fbgemm_ms_per_step(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int):
-    """(forward, backward) self CPU ms per step inside fbgemm's TBE ops (torch.profiler)."""
+# Profile categories: (name, predicate on the op name). First match wins; the rest is "other".
+PROFILE_CATEGORIES = (
+    ("tbe_backward", lambda k: "split_embedding" in k and "backward" in k),
+    ("tbe_forward", lambda k: "split_embedding" in k and "forward" in k),
+    ("bounds_check", lambda k: "bounds_check_indices" in k),
+    ("remap_op", lambda k: k.startswith("torchrec_cce::")),
+)
+
+
+def profile_ms_per_step(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int
+                        ) -> Dict[str, float]:
+    """Self CPU ms per step by category (torch.profiler), plus ``ops_total`` (all ops) and
+    ``wall`` (the profiled steps' wall time, so ``wall - ops_total`` is Python and framework
+    time outside ops). CPU time inside ops is less disturbed by the machine's load than wall
+    time."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for i in range(n_steps):
-            fn(batches[i % len(batches)])
-    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
-    fw = sum(t for k, t in times.items() if "split_embedding" in k and "forward" in k)
-    bw = sum(t for k, t in times.items() if "split_embedding" in k and "backward" in k)
-    return fw / 1e3 / n_steps, bw / 1e3 / n_steps
+        wall = run_steps(fn, batches, n_steps)
+    out = {name: 0.0 for name, _ in PROFILE_CATEGORIES}
+    out["other_ops"] = 0.0
+    for e in prof.key_averages():
+        ms = e.self_cpu_time_total / 1e3 / n_steps
+        name = next((n for n, pred in PROFILE_CATEGORIES if pred(e.key)), "other_ops")
+        out[name] += ms
+    out["ops_total"] = sum(out.values())
+    out["wall"] = wall * 1e3 / n_steps
+    return out
 
 
 def summarize(samples: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[str, float]]:
@@ -312,6 +351,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true",
+                   help="also record where each method's step time goes (torch.profiler)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections/dims already in --out")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
@@ -337,7 +378,7 @@ def main() -> None:
         for section in args.sections.split(","):
             if section == "layout":
                 variants = ["full", "cce_stacked", "cce_one_table", "cce_per_chunk",
-                            "ce_one_table", "ce_per_chunk"]
+                            "cce_all_tables", "ce_one_table", "ce_per_chunk"]
                 steps = {}
                 for v in variants:
                     steps[v] = (build_embedding("full", tables, dim)[1] if v == "full"
@@ -346,13 +387,15 @@ def main() -> None:
                 build = build_embedding if section == "embedding" else build_dlrm
                 steps = {m: build(m, tables, dim)[1] for m in methods}
             samples = time_interleaved(steps, batches, args.reps, args.steps, args.warmup)
-            if section == "layout":  # CPU time inside fbgemm, less sensitive to machine load
+            if section == "layout" or args.profile:  # where the time goes (ms per step)
                 for name, fn in steps.items():
-                    fw, bw = fbgemm_ms_per_step(fn, batches, args.steps)
-                    result[f"layout_d{dim}_{name}_fbgemm_forward_ms"] = fw
-                    result[f"layout_d{dim}_{name}_fbgemm_backward_ms"] = bw
-                    print(f"  {name:<16} fbgemm forward {fw:8.1f} ms/step, backward "
-                          f"{bw:8.1f} ms/step")
+                    prof = profile_ms_per_step(fn, batches, args.steps)
+                    result.setdefault("profile", {})[f"{section}_d{dim}_{name}"] = prof
+                    if section == "layout":  # the keys of earlier runs
+                        result[f"layout_d{dim}_{name}_fbgemm_forward_ms"] = prof["tbe_forward"]
+                        result[f"layout_d{dim}_{name}_fbgemm_backward_ms"] = prof["tbe_backward"]
+                    print(f"  {name:<16} " + ", ".join(f"{k} {v:.1f}" for k, v in prof.items())
+                          + " (ms/step)")
             rows = summarize(samples, "full")
             for name, row in rows.items():
                 result[f"{section}_d{dim}_{name}_ratio"] = row["ratio"]
@@ -368,8 +411,8 @@ def main() -> None:
         if args.merge and os.path.exists(args.out):  # add to an earlier run's sections
             with open(args.out) as fh:
                 old = json.load(fh)
-            rounds = {**old.get("rounds", {}), **result.get("rounds", {})}
-            result = {**old, **result, "rounds": rounds}
+            merged = {k: {**old.get(k, {}), **result.get(k, {})} for k in ("rounds", "profile")}
+            result = {**old, **result, **{k: v for k, v in merged.items() if v}}
         with open(args.out, "w") as fh:
             json.dump(result, fh, indent=1)
         print(f"wrote {args.out}")

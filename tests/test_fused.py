@@ -144,37 +144,49 @@ def test_op_hash_equals_hashing_module_bit_for_bit():
 
 
 @needs_op
-def test_op_cce_pair_dense_offset_and_precomputed_assignment():
-    """p from a dense int16/int32 assignment holding ids [lo, lo + L) (others: the hash
-    fallback), or precomputed; h from the generation. (The modules store p bit-packed and
-    pass it precomputed; the op's dense-table mode is kept for a dense-p caller.)"""
+@pytest.mark.parametrize("rows,chunks", [(64, 2), (40000, 2), (5, 3), (1, 4), (1000, 4),
+                                         (2 ** 16 + 3, 3), (2 ** 30 + 1, 2)])
+def test_op_cce_pair_packed_offset_and_precomputed_assignment(rows, chunks):
+    """p read from the packed words holding ids [lo, lo + L) (others: the hash fallback), or
+    precomputed; h from the generation. Rows 2^k and not, entries that straddle int32 words
+    (bits 3, 10, 17, 31), 0-bit entries (rows 1). Reference: packed.unpack of the same words."""
+    from torchrec_cce.methods import packed
     from torchrec_cce.methods.cce import CCETable
 
-    t = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=1000, feature_names=["f"])
-    for rows, dtype in ((64, torch.int16), (40000, torch.int32)):
-        m = CCETable(t, CCEConfig(rows=rows, chunks=2, seed=9))
-        m.h_generation.fill_(5)
-        lo, shard = 300, torch.randint(0, rows, (250, 2)).to(dtype)
-        ids = torch.tensor([-5, 0, 299, 300, 301, 549, 550, 999, 1000, 2 ** 60, 420])
-        # reference p: the shard's row for ids in [lo, lo + 250), the initial hash otherwise
-        local = ids - lo
-        inside = ((local >= 0) & (local < shard.shape[0])).unsqueeze(1)
-        p = torch.where(inside, shard[local.clamp(0, shard.shape[0] - 1)].long(),
-                        m.hash_assignment(ids))
-        h = m.bucket(ids)
-        want = torch.cat([torch.stack([p[:, i], rows + h[:, i]], 1).reshape(-1) for i in range(2)])
-        specs = m.stream_specs()
-        dense = torch.tensor([ops.spec_row(0, "cce_pair", rows, key=s.key, h_key=s.h_key,
-                                           generation=0, assignment=0, assignment_lo=lo,
-                                           column=s.column) for s in specs])
-        pre = torch.tensor([ops.spec_row(0, "cce_pair", rows, key=s.key, h_key=s.h_key,
-                                         generation=0, precomputed=0, column=s.column)
-                            for s in specs])
-        lens = torch.tensor([3, 0, 8])
-        got, out_lens, _ = ops.remap(ids, lens, None, 3, dense, [m.h_generation], [shard])
-        assert torch.equal(got, want) and out_lens.tolist() == [6, 0, 16, 6, 0, 16]
-        got, _, _ = ops.remap(ids, lens, None, 3, pre, [m.h_generation], [], [p])
-        assert torch.equal(got, want)
+    t = EmbeddingBagConfig(name="t", embedding_dim=12, num_embeddings=1000, feature_names=["f"])
+    m = CCETable(t, CCEConfig(rows=rows, chunks=chunks, seed=9))
+    m.h_generation.fill_(5)
+    bits = packed.bits_for(rows)
+    g = torch.Generator().manual_seed(rows)
+    lo, count = 300, 250
+    stored = torch.randint(0, rows, (count, chunks), generator=g)
+    words = packed.pack(stored, bits)
+    ids = torch.tensor([-5, 0, 299, 300, 301, 549, 550, 999, 1000, 2 ** 60, 420, -(2 ** 63)])
+    local = ids - lo
+    inside = ((local >= 0) & (local < count)).unsqueeze(1)
+    p = torch.where(inside, packed.unpack(words, local.clamp(0, count - 1), chunks, bits),
+                    m.hash_assignment(ids))
+    h = m.bucket(ids)
+    want = torch.cat([torch.stack([p[:, i], rows + h[:, i]], 1).reshape(-1) + 2 * i * rows
+                      for i in range(chunks)])
+    specs = m.stream_specs()
+    from_words = torch.tensor([ops.spec_row(0, "cce_pair", rows, offset=s.offset, key=s.key,
+                                            h_key=s.h_key, generation=0, assignment=0,
+                                            assignment_lo=lo, assignment_count=count, bits=bits,
+                                            chunks=chunks, column=s.column) for s in specs])
+    pre = torch.tensor([ops.spec_row(0, "cce_pair", rows, offset=s.offset, key=s.key,
+                                     h_key=s.h_key, generation=0, precomputed=0,
+                                     column=s.column) for s in specs])
+    lens = torch.tensor([3, 0, 9])
+    got, out_lens, _ = ops.remap(ids, lens, None, 3, from_words, [m.h_generation], [words])
+    assert torch.equal(got, want) and out_lens.tolist() == [6, 0, 18] * chunks
+    got, _, _ = ops.remap(ids, lens, None, 3, pre, [m.h_generation], [], [p])
+    assert torch.equal(got, want)
+    if bits == 0:  # nothing stored (0 words): every covered id reads p = 0
+        return
+    # a words tensor too short for the layout is rejected, not read out of bounds
+    with pytest.raises(RuntimeError, match="words|packed"):
+        ops.remap(ids, lens, None, 3, from_words, [m.h_generation], [words[: len(words) // 2]])
 
 
 # ---------------------------------------------------------------- unsharded: every method
@@ -249,17 +261,86 @@ def test_fused_full_table_rejects_out_of_range_ids_like_reference():
 
 
 @needs_op
-def test_precomputed_assignment_path_equals_dense():
-    """A CCE table whose p is not a dense tensor (e.g. a packed form) goes through
-    lookup_assignment and the op's precomputed input: same result."""
+def test_precomputed_assignment_path_equals_packed():
+    """A CCE table whose p the op cannot read itself (fused_assignment() is None, as for a
+    sharded id range) goes through lookup_assignment and the op's precomputed input: same
+    result as the packed read and as the reference."""
     fused, ref = pair("cce", PoolingType.SUM, True)
-    packed = copy.deepcopy(fused)
-    for m in packed.tables.values():
-        if hasattr(m, "dense_assignment"):
-            m.dense_assignment = lambda: None  # pretend p is stored in another form
+    pre = copy.deepcopy(fused)
+    for m in pre.tables.values():
+        if hasattr(m, "fused_assignment"):
+            m.fused_assignment = lambda: None
     kjt = random_kjt(3, weighted=True)
-    assert_same_kjt(packed.remap(kjt), ref.remap(kjt))
-    assert torch.equal(packed(kjt).values(), ref(kjt).values())
+    assert_same_kjt(pre.remap(kjt), ref.remap(kjt))
+    assert_same_kjt(fused.remap(kjt), ref.remap(kjt))
+    assert torch.equal(pre(kjt).values(), ref(kjt).values())
+    plans = [v for v in fused._remap_cache.values() if hasattr(v, "assignment_tables")]
+    assert plans and all(p.assignment_tables == ["t0", "t1"] for p in plans)
+    plans = [v for v in pre._remap_cache.values() if hasattr(v, "assignment_tables")]
+    assert plans and all(p.assignment_tables == [] for p in plans)
+
+
+@needs_op
+@pytest.mark.parametrize("weighted", [False, True], ids=["unw", "w"])
+@pytest.mark.parametrize("rows,chunks,assigned", [
+    (16, 4, None),        # 2^k rows, 4 bits: 16 bits per id, whole words every 2 ids
+    (1000, 4, 37),        # 10 bits (straddles words), p stored for 37 of 100 ids
+    (3, 2, 0),            # nothing stored: every id takes the hash fallback
+    (2 ** 17 + 1, 2, 90),  # 18 bits
+    (1, 2, None),         # 0 bits
+])
+def test_fused_packed_p_equals_reference(rows, chunks, assigned, weighted):
+    """The op reads the packed p inside the kernel (frequency-bounded assigned_ids < V, ids
+    outside [0, V), empty and multi-hot bags, weighted): KJT, pooled output, gradients and
+    optimizer updates equal the reference path exactly."""
+    cfg = CCEConfig(rows=rows, chunks=chunks, seed=11, assigned_ids=assigned)
+
+    def make(fused):
+        torch.manual_seed(0)
+        ebc = CCEEmbeddingBagCollection(tables(PoolingType.SUM), {"t0": cfg, "t1": cfg},
+                                        is_weighted=weighted, allow_larger=True, fused=fused)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in ebc.tables.values():
+                if hasattr(m, "fused_assignment"):
+                    ids = torch.arange(m.num_embeddings)
+                    m.write_assignment(ids, torch.randint(0, rows, (ids.numel(), chunks),
+                                                          generator=g))
+                    m.h_generation.fill_(2)
+        return ebc
+
+    fused, ref = make(True), make(False)
+    ref.load_state_dict(fused.state_dict())
+    assert fused.fused and fused.tables["t0"].fused_assignment() is not None
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (fused, ref)]
+    for step in range(2):
+        kjt = random_kjt(20 + step, batch=9, weighted=weighted)
+        assert_same_kjt(fused.remap(kjt), ref.remap(kjt))
+        outs = [m(kjt).values() for m in (fused, ref)]
+        assert torch.equal(outs[0], outs[1])
+        for out, opt in zip(outs, opts):
+            opt.zero_grad()
+            (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+        for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert torch.equal(p.grad, q.grad), n
+        for opt in opts:
+            opt.step()
+        for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert torch.equal(p, q), n
+    # the stored p really is used (not only the hash): a write changes the fused output
+    if assigned != 0 and rows > 1:
+        m = fused.tables["t0"]
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["a", "b", "c", "d"], values=torch.tensor([0, 1, 2, 3]),
+            lengths=torch.tensor([1, 1, 1, 1]))
+        before = fused.remap(kjt).values().clone()
+        with torch.no_grad():
+            p0 = m.lookup_assignment(torch.tensor([0]))
+            m.write_assignment(torch.tensor([0]), (p0 + 1) % rows)
+        after = fused.remap(kjt).values()
+        assert not torch.equal(before, after)
+        ref.tables["t0"].write_assignment(torch.tensor([0]), (p0 + 1) % rows)
+        assert torch.equal(after, ref.remap(kjt).values())
 
 
 # ---------------------------------------------------------------- sharded (2 processes)

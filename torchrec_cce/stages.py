@@ -89,21 +89,43 @@ def remap_features(
     assignments: Optional[Dict[str, torch.Tensor]] = None,
     observe: bool = True,
     fused: bool = False,
-    cache: Optional[Dict[Any, "FusedRemapPlan"]] = None,
+    cache: Optional[Dict[Any, Any]] = None,
 ) -> KeyedJaggedTensor:
     """Remap every served feature of ``features`` to its codebook streams.
 
     ``assignments`` optionally gives CCE's ``p(x)`` per feature (``[n, chunks]``), looked up
     elsewhere (the sharded module fetches it from the rank owning each id). ``observe=False``
     leaves the id sample alone (the sharded module observes ids when the batch is computed).
-    ``fused=True`` runs the one-pass C++ op (:mod:`torchrec_cce.ops`; ``cache`` keeps its
-    per-key-order plans); the default torch-ops path is the reference it must equal exactly.
+    ``fused=True`` runs the one-pass C++ op (:mod:`torchrec_cce.ops`); ``cache`` (one dict per
+    module, kept across batches) holds what does not change between batches: whether every
+    table has a fused description and the op's per-key-order plans. Methods' stream specs are
+    fixed at construction (re-clustering changes ``h_generation``, passed as a tensor, and the
+    packed ``p`` words, read in place), so the cache needs no invalidation. The default
+    torch-ops path is the reference the fused one must equal exactly.
     """
-    # Tables without a fused description (MPE, serving tables) take the reference path.
-    if fused and all(getattr(methods[t.name], "stream_specs", lambda: None)() is not None
-                     for t in tables):
-        return fused_remap_features(tables, methods, features, is_weighted, inner_weighted,
-                                    assignments, observe, cache if cache is not None else {})
+    if fused:
+        cache = cache if cache is not None else {}
+        static = cache.get(_STATIC)
+        if static is None:
+            static = cache[_STATIC] = _static_tables(tables, methods)
+        # Tables without a fused description (MPE, serving tables) take the reference path.
+        if static is not _NOT_FUSED:
+            return fused_remap_features(tables, methods, features, is_weighted, inner_weighted,
+                                        assignments, observe, cache, static)
+    return reference_remap_features(tables, methods, features, is_weighted, inner_weighted,
+                                    assignments, observe)
+
+
+def reference_remap_features(
+    tables: List[EmbeddingBagConfig],
+    methods: Mapping[str, nn.Module],
+    features: KeyedJaggedTensor,
+    is_weighted: bool,
+    inner_weighted: bool,
+    assignments: Optional[Dict[str, torch.Tensor]] = None,
+    observe: bool = True,
+) -> KeyedJaggedTensor:
+    """:func:`remap_features` in torch ops, feature by feature (the reference path)."""
     per_feature: Dict[str, JaggedTensor] = features.to_dict()
     keys: List[str] = []
     values: List[torch.Tensor] = []
@@ -153,17 +175,50 @@ def remap_features(
     )
 
 
+_STATIC = "__static_tables__"
+_NOT_FUSED = "not fused"
+
+
+@dataclass
+class _TableInfo:
+    """What the fused path needs of one table on every batch, computed once per module."""
+
+    name: str
+    method: nn.Module
+    features: List[str]
+    observes: bool          # overrides CompressedTable.observe (CCE's id reservoir)
+    id_weights: bool        # overrides CompressedTable.id_weights (MEmCom)
+    cce: bool               # has a stored assignment p
+    packed: bool            # the op reads p's packed words itself (p stored for all covered ids)
+
+
+def _static_tables(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module]):
+    """Per-table :class:`_TableInfo` list, or ``_NOT_FUSED`` if some table has no fused
+    description (``stream_specs() is None``)."""
+    infos = []
+    for t in tables:
+        method = methods[t.name]
+        if getattr(method, "stream_specs", lambda: None)() is None:
+            return _NOT_FUSED
+        cce = hasattr(method, "fused_assignment")
+        infos.append(_TableInfo(t.name, method, list(t.feature_names), _uses(method, "observe"),
+                                _uses(method, "id_weights"), cce,
+                                cce and method.fused_assignment() is not None))
+    return infos
+
+
 @dataclass
 class FusedRemapPlan:
     """The fused op's spec for one input key order (built once, cached by the module)."""
 
-    spec: torch.Tensor                 # [streams, 12] int64, CPU
+    spec: torch.Tensor                 # [streams, 15] int64, CPU
     keys: List[str]                    # output keys (codebook features), stream order
     stream_feature: List[int]          # input feature index of each stream
     stream_k: List[int]                # rows per id of each stream
     stream_table: List[str]            # logical table of each stream (error messages)
     generation_tables: List[str]       # CCE tables whose h_generation is passed, in order
-    assignment_tables: List[str]       # CCE tables whose dense assignment is passed, in order
+    assignment_tables: List[str]       # CCE tables whose packed assignment is passed, in order
+    feature_index: Dict[str, int]      # input key -> its index in the KJT
 
 
 def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
@@ -176,10 +231,16 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
         method: CompressedTable = methods[t.name]
         specs = method.stream_specs()
         gen = assign = -1
+        packed = None
         if any(sp.kind == "cce_pair" for sp in specs):
             gen = len(gens)
             gens.append(t.name)
             if any(f not in precomputed for f in t.feature_names):
+                packed = method.fused_assignment()
+                if packed is None:
+                    raise ValueError(f"table '{t.name}': p is stored only for ids "
+                                     f"[{method.stored_lo}, {method.stored_hi}); pass it "
+                                     f"precomputed (assignments=...) for the other ids")
                 assign = len(assigns)
                 assigns.append(t.name)
         first = 0
@@ -188,10 +249,15 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                 for j, s in enumerate(cb.streams):
                     sp = specs[first + j]
                     pair = sp.kind == "cce_pair"
+                    read_packed = pair and f not in precomputed
                     rows.append(spec_row(
                         index[f], sp.kind, sp.rows, offset=sp.offset, key=sp.key, h_key=sp.h_key,
                         generation=gen if pair else -1,
-                        assignment=assign if pair and f not in precomputed else -1,
+                        assignment=assign if read_packed else -1,
+                        assignment_lo=packed[1] if read_packed else 0,
+                        assignment_count=packed[2] if read_packed else 0,
+                        bits=method.assignment_bits if read_packed else 0,
+                        chunks=method.chunks if read_packed else 1,
                         precomputed=precomputed.get(f, -1) if pair else -1,
                         column=sp.column, num_ids=sp.num_ids))
                     out_keys.append(codebook_feature_name(f, s))
@@ -199,8 +265,10 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                     ks.append(2 if pair else 1)
                     owners.append(t.name)
             first += len(cb.streams)
-    spec = torch.tensor(rows, dtype=torch.int64).reshape(-1, 12)
-    return FusedRemapPlan(spec, out_keys, feats, ks, owners, gens, assigns)
+    from torchrec_cce.ops import SPEC_COLUMNS
+
+    spec = torch.tensor(rows, dtype=torch.int64).reshape(-1, SPEC_COLUMNS)
+    return FusedRemapPlan(spec, out_keys, feats, ks, owners, gens, assigns, index)
 
 
 _OUT_OF_RANGE = re.compile(r"id (-?\d+) is outside \[0, (\d+)\) in stream (\d+)")
@@ -214,39 +282,47 @@ def fused_remap_features(
     inner_weighted: bool,
     assignments: Optional[Dict[str, torch.Tensor]],
     observe: bool,
-    cache: Dict[Any, FusedRemapPlan],
+    cache: Dict[Any, Any],
+    static: Optional[List[_TableInfo]] = None,
 ) -> KeyedJaggedTensor:
     """:func:`remap_features` through one call of ``torch.ops.torchrec_cce.remap``."""
     from torchrec_cce import ops
 
+    if static is None:
+        static = _static_tables(tables, methods)
     keys = features.keys()
     # The op takes int64 (a KJT may carry int32 ids/lengths; casting is a no-op for int64).
-    ids, lengths = features.values().to(torch.int64), features.lengths().to(torch.int64)
+    ids, lengths = features.values(), features.lengths()
+    if ids.dtype != torch.int64:
+        ids = ids.to(torch.int64)
+    if lengths.dtype != torch.int64:
+        lengths = lengths.to(torch.int64)
     batch = features.stride()
-    offsets = features.offset_per_key()
-    index = {k: i for i, k in enumerate(keys)}
-
-    def feature_ids(f: str) -> torch.Tensor:
-        i = index[f]
-        return ids[offsets[i]: offsets[i + 1]]
+    offsets = None  # computed only if some table needs its features' ids in Python
 
     precomputed: Dict[str, int] = {}
     pre_tensors: List[torch.Tensor] = []
     id_weight_features: Dict[str, torch.Tensor] = {}
-    for t in tables:
-        method = methods[t.name]
-        cce = hasattr(method, "fused_assignment_table")
-        dense = method.fused_assignment_table() if cce else None
-        for f in t.feature_names:
-            if observe and _uses(method, "observe"):
-                method.observe(feature_ids(f))
-            if cce and ((assignments is not None and f in assignments) or dense is None):
+    for info in static:
+        if not (info.observes and observe) and not info.id_weights and not (
+                info.cce and (assignments or not info.packed)):
+            continue  # nothing per feature in Python (the common case)
+        if offsets is None:
+            offsets = features.offset_per_key()
+            index = {k: i for i, k in enumerate(keys)}
+        method = info.method
+        for f in info.features:
+            i = index[f]
+            f_ids = ids[offsets[i]: offsets[i + 1]]
+            if observe and info.observes:
+                method.observe(f_ids)
+            if info.cce and ((assignments is not None and f in assignments) or not info.packed):
                 p = (assignments[f] if assignments is not None and f in assignments
-                     else method.lookup_assignment(feature_ids(f)))
+                     else method.lookup_assignment(f_ids))
                 precomputed[f] = len(pre_tensors)
                 pre_tensors.append(p)
-            if _uses(method, "id_weights"):
-                w = method.id_weights(feature_ids(f))
+            if info.id_weights:
+                w = method.id_weights(f_ids)
                 if w is not None:
                     id_weight_features[f] = w
     cache_key = (tuple(keys), tuple(sorted(precomputed)))
@@ -258,6 +334,8 @@ def fused_remap_features(
     if inner_weighted:
         weights = features.weights_or_none() if is_weighted else None
         if id_weight_features:
+            if offsets is None:
+                offsets = features.offset_per_key()
             pieces = []
             for i, k in enumerate(keys):
                 w = (weights[offsets[i]: offsets[i + 1]] if weights is not None
@@ -270,7 +348,7 @@ def fused_remap_features(
         values, out_lengths, out_weights = ops.remap(
             ids, lengths, weights, batch, plan.spec,
             [methods[n].h_generation for n in plan.generation_tables],
-            [methods[n].fused_assignment_table() for n in plan.assignment_tables], pre_tensors)
+            [methods[n].assignment for n in plan.assignment_tables], pre_tensors)
     except RuntimeError as e:
         m = _OUT_OF_RANGE.search(str(e))
         if m is None:
@@ -291,22 +369,23 @@ def fused_remap_features(
 
 def _compose_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
                   pooled_keys: List[str], pooled_dims: List[int]) -> Dict[str, Any]:
-    """Column ranges of every logical feature's streams in the pooled values, and whether the
+    """Indices of every logical feature's streams among the pooled keys, and whether the
     whole compose is a no-op (every method concatenates, no MEAN, streams already in order)."""
     starts = dict(zip(pooled_keys, itertools.accumulate([0] + pooled_dims)))
     dims = dict(zip(pooled_keys, pooled_dims))
+    part_index = {k: i for i, k in enumerate(pooled_keys)}
     features, columns = [], []
     simple = True
     for t in tables:
         method: CompressedTable = methods[t.name]
         simple &= method.concat_compose and t.pooling == PoolingType.SUM
         for f in t.feature_names:
-            ranges = []
+            parts = []  # indices of the feature's streams among the pooled keys
             for s in method.streams():
                 k = codebook_feature_name(f, s)
-                ranges.append((starts[k], starts[k] + dims[k]))
+                parts.append(part_index[k])
                 columns.extend(range(starts[k], starts[k] + dims[k]))
-            features.append((t, method, f, ranges))
+            features.append((t, method, f, parts))
     identity = simple and columns == list(range(sum(pooled_dims)))
     return {"features": features, "simple": simple, "identity": identity,
             "columns": torch.tensor(columns, dtype=torch.int64),
@@ -348,12 +427,15 @@ def compose_pooled(
         return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"],
                            values=values.index_select(1, columns).to(torch.float32))
     out: List[torch.Tensor] = []
-    for t, method, f, ranges in plan["features"]:
+    # One split (its backward is one cat), not a slice per stream: every slice's backward
+    # would materialise a zero gradient of the whole pooled output.
+    parts = values.split(pooled_dims, dim=1) if pooled_dims else ()
+    for t, method, f, indices in plan["features"]:
         if getattr(method, "local_lookup", False):
             jt = lengths[f]
             streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
         else:
-            streams = [values[:, lo:hi] for lo, hi in ranges]
+            streams = [parts[i] for i in indices]
         if t.pooling == PoolingType.MEAN:
             # Mean-pool every stream before composing: the same for linear compositions,
             # and mean(Q) * mean(R) for QR-mult (as in the DLRM reference).

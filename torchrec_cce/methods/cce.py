@@ -8,7 +8,9 @@
 the concatenation of the per-chunk outputs is the vector (compose is a column slice). This is
 the fastest layout measured (``benchmarks/speed.py --sections layout``): fbgemm's CPU backward
 costs 3.6x more with one table per chunk and 1.3x more with one-id bags into stacked ``A`` /
-``B`` tables. Code that reads or writes ``A``/``B`` uses :meth:`CCETable.ab_rows`,
+``B`` tables; stacking every CCE table's codebook into one table measured the same within the
+machine's noise (0.77x vs 0.74x of the full table's step, ids precomputed), so each table keeps
+its own. Code that reads or writes ``A``/``B`` uses :meth:`CCETable.ab_rows`,
 :meth:`CCETable.stack_ab` and :meth:`CCETable.unstack_ab`, not the layout.
 
 State besides the codebooks:
@@ -201,11 +203,15 @@ class CCETable(CompressedTable):
                            h_key=self.h_base_keys[i], column=i, num_ids=self.num_embeddings)
                 for i in range(self.chunks)]
 
-    def fused_assignment_table(self) -> Optional[torch.Tensor]:
-        """``p`` as a dense ``[V, chunks]`` int16/int32 tensor the fused op could read directly,
-        or None. ``p`` is stored bit-packed, so this is None: the fused op receives ``p``
-        precomputed by :meth:`lookup_assignment` (a packed-reading kernel is future work)."""
-        return None
+    def fused_assignment(self) -> Optional[Tuple[torch.Tensor, int, int]]:
+        """``(packed words, first id, id count)`` for the fused op to read ``p`` from directly
+        (:mod:`torchrec_cce.ops`; ids outside ``[first, first + count)`` use the hash fallback,
+        as in :meth:`lookup_assignment`), or None when this module stores ``p`` for only part
+        of the covered ids (a sharded id range: ``p`` of the others is fetched from their
+        owners and passed to the op precomputed)."""
+        if self.stored_lo != 0 or self.stored_hi != self.assigned_ids:
+            return None
+        return self.assignment, self.stored_lo, self.stored_hi - self.stored_lo
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return torch.cat(pooled, dim=1)

@@ -2,8 +2,10 @@
 exists), JIT-built with ``torch.utils.cpp_extension.load`` on first use.
 
 One call turns a whole logical KJT into the codebook KJT: every stream of every table (hash,
-CCE's assignment lookup with its hash fallback or a precomputed ``p``, QR's quotient and
-remainder, the full table's range check), its lengths and weights. Sources: ``csrc/``; the
+CCE's assignment lookup, read from the bit-packed ``p`` with its hash fallback or passed
+precomputed, QR's quotient and remainder, the full table's range check), its lengths and
+weights. A CCE table's chunk streams are computed together, id by id, so each id's packed ``p``
+is fetched from memory once. Sources: ``csrc/``; the
 stream encoding: ``csrc/remap.h``.
 
 Build: ``scripts/bootstrap.sh`` calls :func:`load` (``python -m torchrec_cce.ops``) so the
@@ -127,7 +129,7 @@ def _register_python_side() -> None:
 
 
 KINDS = {"identity": 0, "hash": 1, "cce_pair": 2, "qr_quotient": 3, "qr_remainder": 4}
-SPEC_COLUMNS = 12
+SPEC_COLUMNS = 15
 
 
 def remap(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
@@ -139,10 +141,12 @@ def remap(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tens
     Args:
         ids, lengths, weights: the logical KJT's values, lengths (``features x batch_size``)
             and optional per-id weights.
-        spec: ``[streams, 12]`` int64 (CPU), one row per output key (``csrc/remap.h``).
+        spec: ``[streams, 15]`` int64 (CPU), one row per output key (``csrc/remap.h``).
         generations: CCE hash generations (0-d int64), referenced by spec column ``kGen``.
-        assignments: dense ``[L, chunks]`` int16/int32 CCE assignments (``kAssign``, first id
-            ``kAssignLo``); ids outside use the hash fallback.
+        assignments: bit-packed CCE assignments (1-D int32 words of
+            :mod:`torchrec_cce.methods.packed`, ``kAssign``), holding ids
+            ``[kAssignLo, kAssignLo + kAssignCount)`` at ``kBits`` bits x ``kChunks`` entries
+            per id; other ids use the hash fallback.
         precomputed: ``[n_f, chunks]`` int64 ``p`` per feature (``kPre``), e.g. fetched from
             the ranks owning the ids or unpacked from a packed assignment.
     """
@@ -156,10 +160,11 @@ def remap(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tens
 
 def spec_row(feature: int, kind: str, rows: int, offset: int = 0, key: int = 0, h_key: int = 0,
              generation: int = -1, assignment: int = -1, assignment_lo: int = 0,
-             precomputed: int = -1, column: int = 0, num_ids: int = 1) -> List[int]:
+             precomputed: int = -1, column: int = 0, num_ids: int = 1,
+             assignment_count: int = 0, bits: int = 0, chunks: int = 1) -> List[int]:
     """One row of ``spec`` (column order of ``csrc/remap.h``)."""
     return [feature, KINDS[kind], rows, offset, key, h_key, generation, assignment,
-            assignment_lo, precomputed, column, num_ids]
+            assignment_lo, precomputed, column, num_ids, assignment_count, bits, chunks]
 
 
 __all__ = ["NOTICE", "build_directory", "fused_available", "fused_default", "load", "remap",

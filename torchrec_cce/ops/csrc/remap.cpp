@@ -56,22 +56,80 @@ Layout make_layout(const index_t* len, int64_t num_lengths, int64_t batch, const
   return l;
 }
 
-struct AssignmentView {
-  const void* data = nullptr;
-  bool is_int16 = false;
-  int64_t num_rows = 0;
-  int64_t stride = 0;
-  int64_t at(int64_t row, int64_t col) const {
-    return is_int16 ? static_cast<const int16_t*>(data)[row * stride + col]
-                    : static_cast<const int32_t*>(data)[row * stride + col];
-  }
+struct PackedView {
+  const int32_t* words = nullptr;
+  int64_t num_words = 0;
 };
+
+// Whether streams s - 1 and s are chunks of one CCE table read for one feature: they are then
+// computed together, id by id, so each id's packed p (its chunks are adjacent bits) is fetched
+// from memory once, not once per chunk.
+bool same_cce_group(const int64_t* prev, const int64_t* row) {
+  return prev[kKind] == kCCEPair && row[kKind] == kCCEPair && prev[kFeature] == row[kFeature] &&
+         prev[kAssign] == row[kAssign] && prev[kPre] == row[kPre] && prev[kGen] == row[kGen] &&
+         prev[kRows] == row[kRows];
+}
+
+constexpr int64_t kMaxGroup = 64;
+
+// Values of ids [j0, j1) (feature-local positions) of the CCE streams ``rows[0..g)`` (one
+// table's chunks, one feature) into ``outs[c]``: per id, (p_c(x), rows + h_c(x)) + offset_c.
+void fill_cce_group(const int64_t* const* rows, int64_t g, const int64_t* ids, int64_t j0,
+                    int64_t j1, int64_t* const* outs, const std::vector<int64_t>& gen_values,
+                    const std::vector<PackedView>& assigns,
+                    const std::vector<at::Tensor>& pres) {
+  const int64_t* r0 = rows[0];
+  const int64_t nrows = r0[kRows];
+  int64_t pkey[kMaxGroup], hkey[kMaxGroup], offset[kMaxGroup], col[kMaxGroup];
+  for (int64_t c = 0; c < g; ++c) {
+    const int64_t* row = rows[c];
+    pkey[c] = row[kKey];
+    hkey[c] = row[kGen] >= 0 ? combine_key(row[kHKey], gen_values[row[kGen]]) : row[kHKey];
+    offset[c] = row[kOffset];
+    col[c] = row[kColumn];
+  }
+  const int64_t* pre = nullptr;
+  int64_t pre_stride = 0;
+  if (r0[kPre] >= 0) {
+    pre = pres[r0[kPre]].data_ptr<int64_t>();
+    pre_stride = pres[r0[kPre]].size(1);
+  }
+  const PackedView* a = (pre == nullptr && r0[kAssign] >= 0) ? &assigns[r0[kAssign]] : nullptr;
+  const int64_t lo = r0[kAssignLo], count = a != nullptr ? r0[kAssignCount] : 0;
+  const int64_t bits = r0[kBits], chunks = r0[kChunks];
+  // Blocks of ids: first prefetch every packed p of the block (independent loads, so their
+  // cache misses overlap), then compute.
+  constexpr int64_t kBlock = 64;
+  for (int64_t b0 = j0; b0 < j1; b0 += kBlock) {
+    const int64_t b1 = std::min(j1, b0 + kBlock);
+    if (a != nullptr && bits > 0) {
+      for (int64_t j = b0; j < b1; ++j) {
+        const int64_t y = ids[j] - lo;
+        if (y >= 0 && y < count) __builtin_prefetch(a->words + ((y * chunks * bits) >> 5));
+      }
+    }
+    for (int64_t j = b0; j < b1; ++j) {
+      const int64_t x = ids[j];
+      const bool inside = x - lo >= 0 && x - lo < count;
+      for (int64_t c = 0; c < g; ++c) {
+        int64_t p;
+        if (pre != nullptr) {
+          p = pre[j * pre_stride + col[c]];
+        } else if (inside) {
+          p = packed_entry(a->words, a->num_words, x - lo, chunks, col[c], bits);
+        } else {
+          p = hash_id(x, pkey[c], nrows);
+        }
+        outs[c][2 * j] = p + offset[c];
+        outs[c][2 * j + 1] = nrows + hash_id(x, hkey[c], nrows) + offset[c];
+      }
+    }
+  }
+}
 
 // Values of ids [j0, j1) (feature-local positions) of stream ``row`` into ``out``.
 void fill_stream(const int64_t* row, const int64_t* ids, int64_t j0, int64_t j1, int64_t* out,
-                 const std::vector<int64_t>& gen_values,
-                 const std::vector<AssignmentView>& assigns,
-                 const std::vector<at::Tensor>& pres, std::atomic<int64_t>* bad_id,
+                 std::atomic<int64_t>* bad_id,
                  std::atomic<int64_t>* bad_stream, int64_t stream) {
   const int64_t kind = row[kKind], rows = row[kRows], offset = row[kOffset];
   switch (kind) {
@@ -100,33 +158,6 @@ void fill_stream(const int64_t* row, const int64_t* ids, int64_t j0, int64_t j1,
       }
       break;
     }
-    case kCCEPair: {
-      const int64_t pkey = row[kKey], col = row[kColumn];
-      const int64_t hkey = row[kGen] >= 0 ? combine_key(row[kHKey], gen_values[row[kGen]])
-                                          : row[kHKey];
-      const int64_t* pre = nullptr;
-      int64_t pre_stride = 0;
-      if (row[kPre] >= 0) {
-        pre = pres[row[kPre]].data_ptr<int64_t>();
-        pre_stride = pres[row[kPre]].size(1);
-      }
-      const AssignmentView* a = row[kAssign] >= 0 ? &assigns[row[kAssign]] : nullptr;
-      const int64_t lo = row[kAssignLo];
-      for (int64_t j = j0; j < j1; ++j) {
-        const int64_t x = ids[j];
-        int64_t p;
-        if (pre != nullptr) {
-          p = pre[j * pre_stride + col];
-        } else if (a != nullptr && x - lo >= 0 && x - lo < a->num_rows) {
-          p = a->at(x - lo, col);
-        } else {
-          p = hash_id(x, pkey, rows);
-        }
-        out[2 * j] = p + offset;
-        out[2 * j + 1] = rows + hash_id(x, hkey, rows) + offset;
-      }
-      break;
-    }
     default:
       TORCH_CHECK(false, "torchrec_cce::remap: unknown stream kind ", kind);
   }
@@ -152,13 +183,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
   std::vector<int64_t> gen_values;
   for (const auto& g : generations) gen_values.push_back(g.item<int64_t>());
   std::vector<at::Tensor> keep;
-  std::vector<AssignmentView> assigns;
+  std::vector<PackedView> assigns;
   for (const auto& a : assignments) {
-    TORCH_CHECK(a.dim() == 2 && (a.scalar_type() == at::kShort || a.scalar_type() == at::kInt),
-                "torchrec_cce::remap: a dense assignment must be a 2-D int16/int32 tensor");
+    TORCH_CHECK(a.dim() == 1 && a.scalar_type() == at::kInt && a.device().is_cpu(),
+                "torchrec_cce::remap: a packed assignment must be a 1-D int32 CPU tensor");
     at::Tensor c = a.contiguous();
     keep.push_back(c);
-    assigns.push_back({c.data_ptr(), c.scalar_type() == at::kShort, c.size(0), c.size(1)});
+    assigns.push_back({c.data_ptr<int32_t>(), c.numel()});
   }
   std::vector<at::Tensor> pres;
   for (const auto& p : precomputed) pres.push_back(p.to(at::kLong).contiguous());
@@ -180,9 +211,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
                   "torchrec_cce::remap: precomputed p of stream ", s, " must be [", n,
                   ", chunks]");
     }
-    TORCH_CHECK(row[kAssign] < static_cast<int64_t>(assigns.size()) &&
-                    (row[kAssign] < 0 || row[kColumn] < assigns[row[kAssign]].stride),
+    TORCH_CHECK(row[kAssign] < static_cast<int64_t>(assigns.size()),
                 "torchrec_cce::remap: bad assignment index in stream ", s);
+    if (row[kKind] == kCCEPair && row[kAssign] >= 0) {
+      TORCH_CHECK(row[kBits] >= 0 && row[kBits] < 32 && row[kChunks] > 0 &&
+                      row[kColumn] >= 0 && row[kColumn] < row[kChunks] &&
+                      row[kAssignCount] >= 0 && (row[kBits] == 0 || (1LL << row[kBits]) >= row[kRows]),
+                  "torchrec_cce::remap: bad packed assignment layout in stream ", s);
+      TORCH_CHECK(assigns[row[kAssign]].num_words >=
+                      packed_num_words(row[kAssignCount], row[kChunks], row[kBits]),
+                  "torchrec_cce::remap: packed assignment of stream ", s, " has ",
+                  assigns[row[kAssign]].num_words, " words, fewer than ", row[kAssignCount],
+                  " ids need");
+    }
     TORCH_CHECK(row[kGen] < static_cast<int64_t>(gen_values.size()),
                 "torchrec_cce::remap: bad generation index in stream ", s);
   }
@@ -191,11 +232,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
   AT_DISPATCH_INDEX_TYPES(lengths.scalar_type(), "torchrec_cce_remap_lengths", [&] {
     const index_t* len = lengths.data_ptr<index_t>();
     index_t* out = out_lengths.data_ptr<index_t>();
-    at::parallel_for(0, S * batch, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
-        const int64_t s = i / batch, k = i % batch;
+    at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(batch, 1)),
+                     [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
         const int64_t* row = sp + s * kSpecCols;
-        out[i] = static_cast<index_t>(values_per_id(row[kKind])) * len[row[kFeature] * batch + k];
+        const index_t k = static_cast<index_t>(values_per_id(row[kKind]));
+        const index_t* in = len + row[kFeature] * batch;
+        index_t* o = out + s * batch;
+        for (int64_t i = 0; i < batch; ++i) o[i] = k * in[i];
       }
     });
   });
@@ -204,19 +248,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cpu(
   const int64_t* idp = ids.data_ptr<int64_t>();
   int64_t* vp = values.data_ptr<int64_t>();
   std::atomic<int64_t> bad_id{0}, bad_stream{-1};
-  at::parallel_for(0, l.seg_in[S], 2048, [&](int64_t begin, int64_t end) {
-    int64_t s = std::upper_bound(l.seg_in.begin(), l.seg_in.end(), begin) - l.seg_in.begin() - 1;
+  // Work units: single streams, or a CCE table's chunk streams for one feature (a group).
+  std::vector<int64_t> group_first{0}, group_in{0};
+  for (int64_t s = 1; s <= S; ++s) {
+    if (s < S && s - group_first.back() < kMaxGroup &&
+        same_cce_group(sp + (s - 1) * kSpecCols, sp + s * kSpecCols))
+      continue;
+    group_first.push_back(s);
+    group_in.push_back(group_in.back() + l.seg_in[s] - l.seg_in[s - 1]);
+  }
+  const int64_t G = static_cast<int64_t>(group_first.size()) - 1;
+  at::parallel_for(0, group_in[G], 2048, [&](int64_t begin, int64_t end) {
+    int64_t q = std::upper_bound(group_in.begin(), group_in.end(), begin) - group_in.begin() - 1;
     int64_t pos = begin;
-    while (pos < end && s < S) {
-      const int64_t stop = std::min(end, l.seg_in[s + 1]);
-      const int64_t* row = sp + s * kSpecCols;
+    while (pos < end && q < G) {
+      const int64_t stop = std::min(end, group_in[q + 1]);
+      const int64_t s0 = group_first[q], g = group_first[q + 1] - s0;
+      const int64_t* row = sp + s0 * kSpecCols;
       const int64_t f0 = l.feat_off[row[kFeature]];
-      const int64_t j0 = pos - l.seg_in[s], j1 = stop - l.seg_in[s];
-      // The stream's output is indexed by feature-local position j (k values per id).
-      fill_stream(row, idp + f0, j0, j1, vp + l.seg_out[s], gen_values, assigns, pres, &bad_id,
-                  &bad_stream, s);
+      // Outputs are indexed by the feature-local position j (k values per id).
+      const int64_t j0 = pos - group_in[q], j1 = stop - group_in[q];
+      if (row[kKind] == kCCEPair) {
+        const int64_t* rows[kMaxGroup];
+        int64_t* outs[kMaxGroup];
+        for (int64_t c = 0; c < g; ++c) {
+          rows[c] = sp + (s0 + c) * kSpecCols;
+          outs[c] = vp + l.seg_out[s0 + c];
+        }
+        fill_cce_group(rows, g, idp + f0, j0, j1, outs, gen_values, assigns, pres);
+      } else {
+        fill_stream(row, idp + f0, j0, j1, vp + l.seg_out[s0], &bad_id, &bad_stream, s0);
+      }
       pos = stop;
-      ++s;
+      ++q;
     }
   });
   TORCH_CHECK(bad_stream.load() < 0, "torchrec_cce::remap: id ", bad_id.load(),

@@ -15,12 +15,15 @@ enum SpecColumn : int64_t {
   kKey = 4,        // hash key (kHash) or p's fallback hash key (kCCEPair)
   kHKey = 5,       // CCE: h's base key, combined with generations[kGen] (or final if kGen < 0)
   kGen = 6,        // CCE: index into the generations list, -1: kHKey is the final key
-  kAssign = 7,     // CCE: index into the dense assignment list, -1: none
+  kAssign = 7,     // CCE: index into the packed assignment list (int32 words), -1: none
   kAssignLo = 8,   // CCE: first id stored in that assignment
   kPre = 9,        // CCE: index into the precomputed-p list, -1: none
   kColumn = 10,    // CCE: chunk column of the assignment / precomputed p
   kNumIds = 11,    // V: QR reduces ids mod V
-  kSpecCols = 12,
+  kAssignCount = 12,  // CCE: ids stored in the packed assignment ([lo, lo + count))
+  kBits = 13,      // CCE: bits per packed entry (0..31)
+  kChunks = 14,    // CCE: entries per id in the packed assignment
+  kSpecCols = 15,
 };
 
 enum StreamKind : int64_t {
@@ -53,7 +56,9 @@ TRCCE_HD uint64_t mix64(uint64_t x) {
 TRCCE_HD int64_t hash_id(int64_t id, int64_t key, int64_t rows) {
   uint64_t x = static_cast<uint64_t>(id) + static_cast<uint64_t>(key) * kGolden;
   x = mix64(mix64(x) + kGolden);
-  return static_cast<int64_t>((x & kMask63) % static_cast<uint64_t>(rows));
+  const uint64_t r = static_cast<uint64_t>(rows);
+  // (x & kMask63) % r; for a power of two r (< 2**63) that is x & (r - 1), without a division.
+  return static_cast<int64_t>((r & (r - 1)) == 0 ? x & (r - 1) : (x & kMask63) % r);
 }
 
 // torchrec_cce.hashing.combine_keys.
@@ -65,6 +70,25 @@ TRCCE_HD int64_t combine_key(int64_t base, int64_t generation) {
 TRCCE_HD int64_t floor_mod(int64_t x, int64_t m) {
   int64_t r = x % m;
   return r < 0 ? r + m : r;
+}
+
+// Entry (local, col) of a bit-packed [n, chunks] array (torchrec_cce/methods/packed.py): one
+// little-endian bit stream in int32 words, entry (i, j) at bits [(i * chunks + j) * bits, +bits).
+// An entry spans at most two words (bits <= 31).
+TRCCE_HD int64_t packed_entry(const int32_t* words, int64_t num_words, int64_t local,
+                              int64_t chunks, int64_t col, int64_t bits) {
+  if (bits == 0) return 0;
+  const int64_t off = (local * chunks + col) * bits;
+  const int64_t k = off >> 5, shift = off & 31;
+  uint64_t w = static_cast<uint32_t>(words[k]);
+  if (shift + bits > 32 && k + 1 < num_words)
+    w |= static_cast<uint64_t>(static_cast<uint32_t>(words[k + 1])) << 32;
+  return static_cast<int64_t>((w >> shift) & ((1ULL << bits) - 1));
+}
+
+// int32 words of a packed [n, chunks] array of ``bits``-bit entries.
+TRCCE_HD int64_t packed_num_words(int64_t n, int64_t chunks, int64_t bits) {
+  return (n * chunks * bits + 31) / 32;
 }
 
 TRCCE_HD int64_t values_per_id(int64_t kind) { return kind == kCCEPair ? 2 : 1; }

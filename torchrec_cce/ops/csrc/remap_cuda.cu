@@ -14,13 +14,11 @@ namespace torchrec_cce {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxTables = 64;  // dense assignments / precomputed p per call (device pointers)
+constexpr int kMaxTables = 64;  // packed assignments / precomputed p per call (device pointers)
 
 struct DeviceTables {
-  const void* assign[kMaxTables];
-  int64_t assign_rows[kMaxTables];
-  int64_t assign_stride[kMaxTables];
-  int32_t assign_int16[kMaxTables];
+  const int32_t* assign[kMaxTables];  // packed p words (torchrec_cce/methods/packed.py)
+  int64_t assign_words[kMaxTables];
   const int64_t* pre[kMaxTables];
   int64_t pre_stride[kMaxTables];
   const int64_t* gens[kMaxTables];
@@ -37,8 +35,8 @@ __device__ int64_t find_stream(const int64_t* seg_in, int64_t num_streams, int64
 
 __global__ void remap_kernel(const int64_t* ids, const int64_t* spec, int64_t num_streams,
                              const int64_t* feat_off, const int64_t* seg_in,
-                             const int64_t* seg_out, DeviceTables t, int64_t total,
-                             int64_t* values, int64_t* bad) {
+                             const int64_t* seg_out, DeviceTables t, int64_t* values,
+                             int64_t* bad, int64_t total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   const int64_t s = find_stream(seg_in, num_streams, i);
@@ -68,10 +66,8 @@ __global__ void remap_kernel(const int64_t* ids, const int64_t* spec, int64_t nu
         p = t.pre[row[kPre]][j * t.pre_stride[row[kPre]] + col];
       } else {
         const int64_t a = row[kAssign], local = x - row[kAssignLo];
-        if (a >= 0 && local >= 0 && local < t.assign_rows[a]) {
-          const int64_t k = local * t.assign_stride[a] + col;
-          p = t.assign_int16[a] ? static_cast<const int16_t*>(t.assign[a])[k]
-                                : static_cast<const int32_t*>(t.assign[a])[k];
+        if (a >= 0 && local >= 0 && local < row[kAssignCount]) {
+          p = packed_entry(t.assign[a], t.assign_words[a], local, row[kChunks], col, row[kBits]);
         } else {
           p = hash_id(x, row[kKey], rows);
         }
@@ -90,7 +86,7 @@ __global__ void remap_kernel(const int64_t* ids, const int64_t* spec, int64_t nu
 template <typename scalar_t>
 __global__ void weights_kernel(const scalar_t* w, const int64_t* spec, int64_t num_streams,
                                const int64_t* feat_off, const int64_t* seg_in,
-                               const int64_t* seg_out, int64_t total, scalar_t* out) {
+                               const int64_t* seg_out, scalar_t* out, int64_t total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   const int64_t s = find_stream(seg_in, num_streams, i);
@@ -104,7 +100,7 @@ __global__ void weights_kernel(const scalar_t* w, const int64_t* spec, int64_t n
 template <typename scalar_t>
 __global__ void weight_grad_kernel(const scalar_t* g, const int64_t* spec, int64_t num_streams,
                                    const int64_t* feat_off, const int64_t* seg_in,
-                                   const int64_t* seg_out, int64_t total, float* out) {
+                                   const int64_t* seg_out, float* out, int64_t total) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= total) return;
   const int64_t s = find_stream(seg_in, num_streams, i);
@@ -114,6 +110,15 @@ __global__ void weight_grad_kernel(const scalar_t* g, const int64_t* spec, int64
   float acc = 0;
   for (int64_t r = 0; r < k; ++r) acc += static_cast<float>(g[seg_out[s] + j * k + r]);
   atomicAdd(out + feat_off[row[kFeature]] + j, acc);
+}
+
+// One thread per (stream, id) pair: launches ``kernel`` over ``total`` threads (none if 0).
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t total, Args... args) {
+  if (total <= 0) return;
+  const int blocks = static_cast<int>((total + kThreads - 1) / kThreads);
+  kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(args..., total);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 struct CudaLayout {
@@ -166,12 +171,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cuda(
   DeviceTables t{};
   std::vector<at::Tensor> keep;
   for (size_t i = 0; i < assignments.size(); ++i) {
-    at::Tensor a = assignments[i].contiguous();
+    TORCH_CHECK(assignments[i].dim() == 1 && assignments[i].scalar_type() == at::kInt,
+                "torchrec_cce::remap: a packed assignment must be a 1-D int32 tensor");
+    at::Tensor a = assignments[i].to(ids.device()).contiguous();
     keep.push_back(a);
-    t.assign[i] = a.data_ptr();
-    t.assign_rows[i] = a.size(0);
-    t.assign_stride[i] = a.size(1);
-    t.assign_int16[i] = a.scalar_type() == at::kShort;
+    t.assign[i] = a.data_ptr<int32_t>();
+    t.assign_words[i] = a.numel();
+  }
+  const int64_t* spec_host = spec_cpu.data_ptr<int64_t>();
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t* row = spec_host + s * kSpecCols;
+    TORCH_CHECK(row[kAssign] < static_cast<int64_t>(assignments.size()),
+                "torchrec_cce::remap: bad assignment index in stream ", s);
+    if (row[kKind] == kCCEPair && row[kAssign] >= 0) {
+      TORCH_CHECK(row[kBits] >= 0 && row[kBits] < 32 && row[kChunks] > 0 &&
+                      row[kColumn] >= 0 && row[kColumn] < row[kChunks] &&
+                      t.assign_words[row[kAssign]] >=
+                          packed_num_words(row[kAssignCount], row[kChunks], row[kBits]),
+                  "torchrec_cce::remap: bad packed assignment layout in stream ", s);
+    }
   }
   for (size_t i = 0; i < precomputed.size(); ++i) {
     at::Tensor p = precomputed[i].to(at::kLong).contiguous();
@@ -187,15 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cuda(
   const int64_t total = l.host_seg_in[S];
   at::Tensor values = at::empty({l.host_seg_out[S]}, ids.options());
   at::Tensor bad = at::zeros({1}, ids.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const int blocks = static_cast<int>((total + kThreads - 1) / kThreads);
-  if (total > 0) {
-    remap_kernel<<<blocks, kThreads, 0, stream>>>(
-        ids.data_ptr<int64_t>(), l.spec.data_ptr<int64_t>(), S, l.feat_off.data_ptr<int64_t>(),
-        l.seg_in.data_ptr<int64_t>(), l.seg_out.data_ptr<int64_t>(), t, total,
-        values.data_ptr<int64_t>(), bad.data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  launch(remap_kernel, total, ids.data_ptr<int64_t>(), l.spec.data_ptr<int64_t>(), S,
+         l.feat_off.data_ptr<int64_t>(), l.seg_in.data_ptr<int64_t>(),
+         l.seg_out.data_ptr<int64_t>(), t, values.data_ptr<int64_t>(), bad.data_ptr<int64_t>());
   // Output lengths: k_s * the stream's feature lengths (torch ops on the device).
   std::vector<at::Tensor> parts;
   at::Tensor lens2d = lengths.view({-1, batch});
@@ -213,13 +225,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cuda(
     out_weights = at::empty({l.host_seg_out[S]}, w.options());
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(),
                                     "torchrec_cce_remap_weights_cuda", [&] {
-      if (total > 0) {
-        weights_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-            w.data_ptr<scalar_t>(), l.spec.data_ptr<int64_t>(), S,
-            l.feat_off.data_ptr<int64_t>(), l.seg_in.data_ptr<int64_t>(),
-            l.seg_out.data_ptr<int64_t>(), total, out_weights.data_ptr<scalar_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      launch(weights_kernel<scalar_t>, total, w.data_ptr<scalar_t>(),
+             l.spec.data_ptr<int64_t>(), S, l.feat_off.data_ptr<int64_t>(),
+             l.seg_in.data_ptr<int64_t>(), l.seg_out.data_ptr<int64_t>(),
+             out_weights.data_ptr<scalar_t>());
     });
   }
   return {values, out_lengths, out_weights};
@@ -236,14 +245,9 @@ at::Tensor remap_weight_grad_cuda(const at::Tensor& grad_in, const at::Tensor& l
   at::Tensor out = at::zeros({num_ids}, grad.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "torchrec_cce_remap_grad_cuda", [&] {
-    if (total > 0) {
-      const int blocks = static_cast<int>((total + kThreads - 1) / kThreads);
-      weight_grad_kernel<scalar_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          grad.data_ptr<scalar_t>(), l.spec.data_ptr<int64_t>(), S,
-          l.feat_off.data_ptr<int64_t>(), l.seg_in.data_ptr<int64_t>(),
-          l.seg_out.data_ptr<int64_t>(), total, out.data_ptr<float>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    launch(weight_grad_kernel<scalar_t>, total, grad.data_ptr<scalar_t>(),
+           l.spec.data_ptr<int64_t>(), S, l.feat_off.data_ptr<int64_t>(),
+           l.seg_in.data_ptr<int64_t>(), l.seg_out.data_ptr<int64_t>(), out.data_ptr<float>());
   });
   return out.to(grad.scalar_type());
 }
