@@ -620,3 +620,44 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     if isinstance(tree, (list, tuple)):
         return _flatten(dict(enumerate(tree)), prefix)
     return {prefix[:-1]: tree}
+
+
+@pytest.mark.timeout(2400)
+def test_mpe_resume_mid_search_and_retrain_two_processes(tmp_path) -> None:
+    """The same at world size 2 under torchrun (MPE tables replicated by DMP's DDP, the other
+    tables sharded): stopped after step 4 (search) and 9 (retrain), resumed each time; every
+    step's loss, the selection and the final DCP checkpoint equal one uninterrupted run."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train_e2e import _torchrun
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    args = [a for a in MPE_RUN]
+    args[args.index("--synthetic-train-batches") + 1] = "16"  # 8 steps an epoch per rank
+
+    def launch(name: str, *extra: str):  # noqa: ANN202
+        home = tmp_path / name
+        home.mkdir(exist_ok=True)
+        r = _torchrun(*args, *extra, home=home, metrics_json=home / "m.json")
+        assert r.returncode == 0, r.log()
+        return r.metrics
+
+    ck, ck_straight = str(tmp_path / "ck"), str(tmp_path / "ck_straight")
+    straight = launch("straight", "--checkpoint-dir", ck_straight)
+    parts = [launch("a", "--checkpoint-dir", ck, "--max-steps", "4"),
+             launch("b", "--checkpoint-dir", ck, "--max-steps", "9", "--resume"),
+             launch("c", "--checkpoint-dir", ck, "--resume")]
+    assert straight["world_size"] == 2 and straight["steps"] == 16
+    curve = [x for p in parts for x in p["train_loss_curve"]]
+    assert curve == straight["train_loss_curve"]  # steps and losses, bitwise
+    assert [e["step"] for e in straight["mpe"]] == [2, 6]
+    assert [e for p in parts for e in p["mpe"]] == straight["mpe"]
+    dcp_to_torch_save(os.path.join(ck_straight, "step_16"), str(tmp_path / "a.pt"))
+    dcp_to_torch_save(os.path.join(ck, "step_16"), str(tmp_path / "b.pt"))
+    a = _flatten(torch.load(str(tmp_path / "a.pt"), weights_only=False))
+    b = _flatten(torch.load(str(tmp_path / "b.pt"), weights_only=False))
+    assert a.keys() == b.keys() and any(k.endswith(".selected") for k in a)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
