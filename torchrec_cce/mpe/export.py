@@ -23,8 +23,9 @@ each fbgemm row stores ``u = c + 2^(b-1)`` with ``scale = 1`` and ``bias = -2^(b
 in fp16), the quantised EBC returns the exact pooled codes ``sum_j w_j c_j``, and the loader
 multiplies them by ``alpha_b`` and adds ``beta * sum_j w_j`` over the bag's non-pruned ids
 (pooling is linear). The outputs equal the in-training quantised outputs up to fp32 summation
-order only (no fp16 rounding anywhere): ``|served - trained| <= 4 * n * eps32 * sum_j |w_j| *
-(|c_j alpha| + |beta|)`` for a bag of ``n`` ids (``eps32 = 2^-24``), see the tests. The packed layout
+order only (no fp16 rounding anywhere): ``|served - trained| <= (n + 3) * 2^-23 * sum_j |w_j| *
+(|c_j alpha| + |beta|)`` for a bag of ``n`` ids (fp32 rounding of each product and partial sum),
+tested in ``tests/test_mpe.py`` (observed: 0 difference on the test batches). The packed layout
 dequantises rows with the training's own operations and is bit-exact.
 
 Layout of one exported table (a dict of tensors; saved with ``torch.save`` by :func:`save_mpe`):
