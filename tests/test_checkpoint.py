@@ -576,7 +576,8 @@ def test_mpe_resume_mid_warmup_search_and_retrain_is_exact(tmp_path) -> None:
     parts = []
     for stop in (1, 4, 9, None):
         extra = ("--max-steps", str(stop)) if stop else ()
-        parts.append(run(*MPE_RUN, "--checkpoint-dir", ck, *extra, *(("--resume",) if parts else ())))
+        resume = ("--resume",) if parts else ()
+        parts.append(run(*MPE_RUN, "--checkpoint-dir", ck, *extra, *resume))
     assert straight["steps"] == 16
     assert [[s for s, _ in p["train_loss_curve"]][:1] for p in parts] == [[1], [2], [5], [10]]
     assert sum((losses(p) for p in parts), []) == losses(straight)  # bitwise, every step

@@ -93,7 +93,8 @@ def test_criteo_reader_epoch_orders(tmp_path: Path) -> None:
     other = CriteoTsvDataset(str(path), 16, max_bad_fraction=0.1, shuffle_buffer=40, seed=8)
     assert row_numbers(other) != epochs[0]
     # rank split first, then each rank shuffles its own rows
-    ranks = [CriteoTsvDataset(str(path), 16, max_bad_fraction=0.1, rank=r, world_size=2, shuffle_buffer=40, seed=7)
+    ranks = [CriteoTsvDataset(str(path), 16, max_bad_fraction=0.1, rank=r, world_size=2,
+                              shuffle_buffer=40, seed=7)
              for r in range(2)]
     got = [row_numbers(r) for r in ranks]
     assert sorted(got[0] + got[1]) == numbers

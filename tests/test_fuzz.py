@@ -182,8 +182,8 @@ def test_non_finite_weight_names_the_feature(method: str, bad: float, feature: s
 
 
 @FUZZ
-@given(st.sampled_from(sorted(IN_RANGE_ONLY)), st.sampled_from([-1, V, V + 7, INT64_MAX, INT64_MIN]),
-       st.integers(0, 3))
+@given(st.sampled_from(sorted(IN_RANGE_ONLY)),
+       st.sampled_from([-1, V, V + 7, INT64_MAX, INT64_MIN]), st.integers(0, 3))
 def test_full_and_mpe_tables_reject_out_of_range_ids(method: str, bad: int, position: int) -> None:
     ebc = module(method, PoolingType.SUM, False)
     ids = [0, 1, 2, 3]

@@ -379,7 +379,8 @@ def serving_bound(ebc: CCEEmbeddingBagCollection, features: KeyedJaggedTensor) -
     sum_j |w_j| (|c_j alpha| + |beta|)`` over each bag of ``n`` ids (fp32 summation order;
     fbgemm's fp16 scale 1 and bias -2^(b-1) are exact)."""
     t = ebc.tables["big"]
-    rows = (t.quantized_rows(torch.arange(V)).detach() - t.beta.detach()).abs() + t.beta.detach().abs()
+    beta = t.beta.detach()
+    rows = (t.quantized_rows(torch.arange(V)).detach() - beta).abs() + beta.abs()
     out = []
     for f in ("a", "b"):
         jt = features[f]

@@ -4,7 +4,8 @@ block selection and the bounded shuffle buffer of the streaming readers."""
 import gzip
 import logging
 from collections import Counter
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar,
+                    Union)
 
 import numpy as np
 import torch

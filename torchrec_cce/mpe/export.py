@@ -242,7 +242,8 @@ class MPEServingTable(nn.Module):
         bits = state["bits"].to(torch.int64)
         self.fbgemm_widths = [b for b in candidates.tolist() if f"rows_int{b}" in state]
         self.packed_widths = [b for b in candidates.tolist() if f"codes_{b}" in state]
-        self.widths = [b for b in candidates.tolist() if b in self.fbgemm_widths + self.packed_widths]
+        stored = self.fbgemm_widths + self.packed_widths
+        self.widths = [b for b in candidates.tolist() if b in stored]
         if "row_of" in state:
             self.row_of = state["row_of"].to(torch.int64)
         else:
@@ -271,7 +272,8 @@ class MPEServingTable(nn.Module):
         from torchrec import EmbeddingBagConfig
         from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
-        tables = [EmbeddingBagConfig(name=f"{self.table_name}__int{b}", embedding_dim=self.embedding_dim,
+        tables = [EmbeddingBagConfig(name=f"{self.table_name}__int{b}",
+                                     embedding_dim=self.embedding_dim,
                                      num_embeddings=self._stored(b).shape[0],
                                      feature_names=[f"int{b}"], data_type=_fbgemm_data_type(b))
                   for b in self.fbgemm_widths]
@@ -409,7 +411,8 @@ def _mpe_tables(model: nn.Module) -> Dict[str, nn.Module]:
     return out
 
 
-def export_mpe(model: nn.Module, layout: str = DEFAULT_LAYOUT) -> Dict[str, Dict[str, torch.Tensor]]:
+def export_mpe(model: nn.Module,
+               layout: str = DEFAULT_LAYOUT) -> Dict[str, Dict[str, torch.Tensor]]:
     """``{table name: exported state}`` for every MPE table in ``model`` (unsharded or DMP:
     MPE tables are replicated, so every rank exports the same)."""
     return {name: export_table(t, layout) for name, t in _mpe_tables(model).items()}
