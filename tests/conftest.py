@@ -134,7 +134,9 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
     if isinstance(cfg, MPEConfig):
         if not 0 <= x < table.num_embeddings:
             raise ValueError(f"MPE id {x} outside [0, {table.num_embeddings})")
-        return [ref_mpe_row(ebc.tables[n], cfg, table, x)]
+        # a served (exported) table is checked against the trained table it was exported from
+        trained = getattr(ebc, "trained_mpe_tables", {}).get(n, ebc.tables[n])
+        return [ref_mpe_row(trained, cfg, table, x)]
     if isinstance(cfg, QRConfig):
         xr = x % table.num_embeddings  # python % is floor-mod, like torch.remainder
         return [_weight(ebc, f"{n}__qr_q")[xr // cfg.collisions],

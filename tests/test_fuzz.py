@@ -37,6 +37,7 @@ from torchrec_cce import (
     QRConfig,
 )
 from torchrec_cce.methods.mpe import RETRAIN, SEARCH
+from torchrec_cce.mpe.export import MPEServingTable, export_table, install_serving_tables
 
 V, V_SIDE = 40, 30
 METHODS = {
@@ -55,9 +56,14 @@ METHODS = {
                             counts=[100 - 2 * i for i in range(V)]),
     "mpe_retrain": MPEConfig(groups=4, bits=(0, 1, 2, 3, 4, 8), tau=1.0,
                              counts=[(7 * i) % 23 for i in range(V)]),
+    # The retrained table exported (torchrec layout: 2/4/8-bit rows in TorchRec's quantised
+    # EBC, the rest packed) and served; checked against the trained table's reference.
+    "mpe_served": MPEConfig(groups=4, bits=(0, 1, 2, 3, 4, 8), tau=1.0,
+                            counts=[(7 * i) % 23 for i in range(V)]),
 }
-IN_RANGE_ONLY = {"full", "mpe_search", "mpe_retrain"}  # the documented error for other ids
+IN_RANGE_ONLY = {"full", "mpe_search", "mpe_retrain", "mpe_served"}  # documented error otherwise
 MPE_RETRAIN_WIDTHS = [0, 3, 8, 1]
+MPE_SERVED_WIDTHS = [4, 2, 0, 8]
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 # Enough examples to cover every method x pooling x weighting several times, small enough for CI.
@@ -90,6 +96,11 @@ def module(method: str, pooling: PoolingType, weighted: bool) -> CCEEmbeddingBag
             m.id_weight.uniform_(-2, 2)
         if method.startswith("mpe"):
             randomise_mpe(m)
+        if method == "mpe_served":
+            m.selected.copy_(torch.tensor(MPE_SERVED_WIDTHS))
+            ebc.trained_mpe_tables = {"t": m}
+            install_serving_tables(ebc, {"t": MPEServingTable(export_table(m), "t")})
+            assert ebc.tables["t"].quantized is not None
     return ebc
 
 
@@ -100,7 +111,7 @@ def randomise_mpe(m) -> None:  # noqa: ANN001
         m.logits.uniform_(-2, 2)
         m.beta.uniform_(-0.02, 0.02)
         m.alpha.mul_(torch.linspace(0.5, 1.5, m.alpha.numel()))
-        if m.config is METHODS["mpe_retrain"]:
+        if m.config is METHODS["mpe_retrain"] or m.config is METHODS["mpe_served"]:
             m.select()
             m.selected.copy_(torch.tensor(MPE_RETRAIN_WIDTHS))
             m.weight.add_(torch.randn_like(m.weight) * 0.01)  # retrained a little
@@ -256,7 +267,7 @@ def test_empty_batch_has_gradient_free_empty_output() -> None:
 # and compares the sharded output with the independent reference (tests/conftest.py) and with
 # the unsharded module. Hypothesis cannot shrink across the process boundary, so a failure is
 # reported with the full failing case (the batches are small enough to read).
-SHARDED_METHODS = sorted(METHODS)
+SHARDED_METHODS = sorted(m for m in METHODS if m != "mpe_served")  # serving is unsharded
 SHARDED_EXAMPLES = 60  # per weighting: 2 x 60 cases, each two per-rank batches
 
 

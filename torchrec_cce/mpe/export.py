@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from torchrec_cce.methods.base import CompressedTable
 from torchrec_cce.mpe.quantizer import code_range, dequantize
 
 _CHUNK_ROWS = 1 << 16
@@ -217,7 +218,7 @@ def _fbgemm_data_type(bits: int):  # noqa: ANN202
     return {8: DataType.INT8, 4: DataType.INT4, 2: DataType.INT2}[bits]
 
 
-class MPEServingTable(nn.Module):
+class MPEServingTable(CompressedTable):
     """An exported MPE table for serving: drop-in for an ``MPETable`` inside a
     ``CCEEmbeddingBagCollection`` (see :func:`install_serving_tables`); no trainable state.
 
@@ -229,7 +230,7 @@ class MPEServingTable(nn.Module):
     local_lookup = True
 
     def __init__(self, state: Dict[str, torch.Tensor], table_name: str = "") -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # CompressedTable's defaults, built from the export, not a config
         V, dim, groups = (int(x) for x in state["header"])
         self.table_name = table_name
         self.num_embeddings, self.embedding_dim, self.num_groups = V, dim, groups
@@ -322,9 +323,13 @@ class MPEServingTable(nn.Module):
         return out
 
     def _check_ids(self, ids: torch.Tensor) -> None:
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_embeddings):
-            raise ValueError(f"table '{self.table_name}': ids must be in [0, "
-                             f"{self.num_embeddings})")
+        if ids.numel():
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_embeddings:
+                raise ValueError(
+                    f"table '{self.table_name}': id {lo if lo < 0 else hi} is outside "
+                    f"[0, {self.num_embeddings}); MPE tables need ids in range (map raw values "
+                    f"to vocabulary ids upstream, e.g. torchrec_cce.data.preprocess)")
 
     def pooled_lookup(self, jt: JaggedTensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
         """SUM-pooled rows of every bag of ``jt`` (``[batch, dim]``)."""
