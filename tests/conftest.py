@@ -1,7 +1,11 @@
 """Shared helpers for the foundation tests: an independent pure-Python reference of the hash
 family (splitmix64 on Python ints, written from the published algorithm, not from the
 package's torch code), a KJT builder, and a plain-indexing reference of every method's pooled
-output computed from a module's own codebook weights."""
+output computed from a module's own codebook weights (for MPE: from its master weights, logits,
+steps and offsets through the documented LSQ+ formula, not through the module's forward)."""
+
+import functools
+import math
 
 from typing import Dict, List, Optional, Sequence
 
@@ -9,7 +13,7 @@ import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
-from torchrec_cce import CCEConfig, CEConfig, HashingTrickConfig, MEmComConfig, QRConfig
+from torchrec_cce import CCEConfig, CEConfig, HashingTrickConfig, MEmComConfig, MPEConfig, QRConfig
 from torchrec_cce.hashing import derive_seed
 
 M64 = (1 << 64) - 1
@@ -58,6 +62,59 @@ def _weight(ebc, name: str) -> torch.Tensor:
     return ebc.codebooks.embedding_bags[name].weight
 
 
+def ref_mpe_group(cfg: MPEConfig, num_embeddings: int, x: int) -> int:
+    """MPE's documented grouping: ids ranked by descending training count (stable), groups of
+    ``ceil(V / groups)`` consecutive ranks; ids already frequency-ordered (counts of ids 1..V-1
+    non-increasing, the OOV id 0 first) keep rank = id."""
+    size = -(-num_embeddings // cfg.groups)
+    return _ref_mpe_rank(tuple(int(c) for c in cfg.counts), x) // size
+
+
+@functools.lru_cache(maxsize=64)
+def _ref_mpe_ranks(counts: tuple) -> Dict[int, int]:
+    if all(counts[i] >= counts[i + 1] for i in range(1, len(counts) - 1)):
+        return {i: i for i in range(len(counts))}
+    order = sorted(range(len(counts)), key=lambda i: -counts[i])  # sorted() is stable
+    return {x: r for r, x in enumerate(order)}
+
+
+def _ref_mpe_rank(counts: tuple, x: int) -> int:
+    return _ref_mpe_ranks(counts)[x]
+
+
+def ref_lsq(w: torch.Tensor, alpha: float, beta: torch.Tensor, bits: int) -> torch.Tensor:
+    """LSQ+ value of one fp32 row at ``bits`` (the quantiser's documented formula):
+    ``clamp(round((w - beta) / a), -2^(b-1), 2^(b-1) - 1) * a + beta`` with ``a = |alpha| +
+    1e-10``; 0 bits = pruned (0, no offset). fp32 element-wise ops, so the rounding points are
+    those of fp32 arithmetic."""
+    if bits == 0:
+        return torch.zeros_like(w)
+    a = torch.tensor(abs(alpha), dtype=torch.float32) + torch.tensor(1e-10, dtype=torch.float32)
+    u = (w - beta) / a
+    codes = torch.tensor([min(max(round(float(v)), -2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+                          for v in u], dtype=torch.float32)
+    return codes * a + beta
+
+
+def ref_mpe_row(m, cfg: MPEConfig, table: EmbeddingBagConfig, x: int) -> torch.Tensor:
+    """One MPE row as the model uses it: search = ``sum_b softmax(logits_g / tau)_b * q_b(w)``
+    (softmax in float64 here), retrain = ``q_{selected_g}(w)``, warm-up = ``w``."""
+    w, beta = m.weight.detach()[x].float(), m.beta.detach().float()
+    stage = int(m.stage)
+    if stage == 0:
+        return w.clone()
+    g = ref_mpe_group(cfg, table.num_embeddings, x)
+    alphas = [float(a) for a in m.alpha.detach()]
+    if stage == 2:
+        b = int(m.selected[g])
+        return ref_lsq(w, alphas[list(cfg.bits).index(b)], beta, b)
+    z = [float(v) / cfg.tau for v in m.logits.detach()[g]]
+    top = max(z)
+    e = [math.exp(v - top) for v in z]
+    p = [v / sum(e) for v in e]
+    return sum(pb * ref_lsq(w, a, beta, b) for pb, a, b in zip(p, alphas, cfg.bits))
+
+
 def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
     """The per-id vectors of one id, recomputed from the documented hash keys and layouts.
 
@@ -74,6 +131,12 @@ def ref_parts(ebc, table: EmbeddingBagConfig, x: int) -> List[torch.Tensor]:
     if isinstance(cfg, MEmComConfig):
         row = ref_hash(x, derive_seed(cfg.seed, n, 0, "memcom"), cfg.rows)
         return [ebc.tables[n].id_weight[x % table.num_embeddings] * _weight(ebc, f"{n}__memcom")[row]]
+    if isinstance(cfg, MPEConfig):
+        if not 0 <= x < table.num_embeddings:
+            raise ValueError(f"MPE id {x} outside [0, {table.num_embeddings})")
+        # a served (exported) table is checked against the trained table it was exported from
+        trained = getattr(ebc, "trained_mpe_tables", {}).get(n, ebc.tables[n])
+        return [ref_mpe_row(trained, cfg, table, x)]
     if isinstance(cfg, QRConfig):
         xr = x % table.num_embeddings  # python % is floor-mod, like torch.remainder
         return [_weight(ebc, f"{n}__qr_q")[xr // cfg.collisions],

@@ -545,3 +545,120 @@ def test_unwritable_directory_and_same_step_twice(tmp_path) -> None:
     loaded, _, resumed = load_fresh(d)
     assert resumed.step == 1
     assert_state(loaded, snap)
+
+
+# ---------------------------------------------------------------- MPE through train.py + DCP
+MPE_RUN = ("--data", "synthetic", "--batch-size", "64", "--synthetic-train-batches", "8",
+           "--synthetic-val-batches", "2", "--synthetic-test-batches", "2", "--method", "mpe",
+           "--max-params-per-table", "1000", "--mpe-groups", "8", "--mpe-warmup-steps", "2",
+           "--mpe-search-steps", "4", "--mpe-tau", "0.5", "--warmup-steps", "0", "--epochs", "2",
+           "--no-progress")
+
+
+@pytest.mark.timeout(1800)
+def test_mpe_resume_mid_warmup_search_and_retrain_is_exact(tmp_path) -> None:
+    """``train.py --method mpe`` (no counts: ids counted in a 2-step warm-up, search steps 3-6,
+    selection after step 6, retraining to step 16) stopped after step 1 (warm-up), 4 (search)
+    and 9 (retrain), each time resumed from its DCP checkpoint: the loss of every step, the
+    selection, the evaluations and the final MPE state equal one uninterrupted run. So the
+    stage, the warm-up counts, groups, logits, LSQ+ steps/offsets, selected widths, master
+    weights and their optimizer state round-trip, and the retrain restart (initial weights
+    regenerated from the seed) happens at the same step with the same values."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train_protocol import losses, run
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ck, ck_straight = str(tmp_path / "ck"), str(tmp_path / "ck_straight")
+    straight = run(*MPE_RUN, "--checkpoint-dir", ck_straight)
+    parts = []
+    for stop in (1, 4, 9, None):
+        extra = ("--max-steps", str(stop)) if stop else ()
+        resume = ("--resume",) if parts else ()
+        parts.append(run(*MPE_RUN, "--checkpoint-dir", ck, *extra, *resume))
+    assert straight["steps"] == 16
+    assert [[s for s, _ in p["train_loss_curve"]][:1] for p in parts] == [[1], [2], [5], [10]]
+    assert sum((losses(p) for p in parts), []) == losses(straight)  # bitwise, every step
+    events = {e["step"]: e for p in parts for e in p["mpe"]}
+    assert sorted(events) == [2, 6] == [e["step"] for e in straight["mpe"]]
+    for e in straight["mpe"]:
+        assert events[e["step"]]["events"] == e["events"]
+        assert events[e["step"]]["tables"] == e["tables"]
+    # Evaluations at the same steps agree (a --max-steps stop adds its own evaluation, kept
+    # in the checkpoint, so the interrupted run has more of them and may pick another best).
+    got = {v["step"]: v for v in parts[-1]["evaluations"]}
+    assert sorted(got) == [1, 4, 8, 9, 16], sorted(got)
+    for v in straight["evaluations"]:
+        for k in ("val_logloss", "val_auc", "test_logloss", "test_auc"):
+            assert got[v["step"]][k] == v[k], (v["step"], k)
+    # The final checkpoints (model and optimizer state, every MPE buffer) are identical.
+    dcp_to_torch_save(os.path.join(ck_straight, "step_16"), str(tmp_path / "a.pt"))
+    dcp_to_torch_save(os.path.join(ck, "step_16"), str(tmp_path / "b.pt"))
+    a = torch.load(str(tmp_path / "a.pt"), weights_only=False)
+    b = torch.load(str(tmp_path / "b.pt"), weights_only=False)
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    mpe_keys = [k for k in flat_a if ".tables." in k and k.rsplit(".", 1)[-1] in (
+        "weight", "logits", "alpha", "beta", "stage", "selected", "group_of", "seen_counts")]
+    assert {k.rsplit(".", 1)[-1] for k in mpe_keys} >= {"logits", "alpha", "beta", "stage",
+                                                        "selected", "seen_counts", "group_of"}
+    for k in flat_a:
+        if isinstance(flat_a[k], torch.Tensor):
+            assert torch.equal(flat_a[k], flat_b[k]), k
+    for k in mpe_keys:
+        if k.endswith(".stage"):
+            assert int(flat_a[k]) == 2  # retrain
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(tree, dict):
+        out: Dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(tree, (list, tuple)):
+        return _flatten(dict(enumerate(tree)), prefix)
+    return {prefix[:-1]: tree}
+
+
+@pytest.mark.timeout(2400)
+def test_mpe_resume_mid_search_and_retrain_two_processes(tmp_path) -> None:
+    """The same at world size 2 under torchrun (MPE tables replicated by DMP's DDP, the other
+    tables sharded): stopped after step 4 (search) and 9 (retrain), resumed each time; every
+    step's loss, the selection and the final DCP checkpoint equal one uninterrupted run."""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_train_e2e import _torchrun
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    args = [a for a in MPE_RUN]
+    args[args.index("--synthetic-train-batches") + 1] = "16"  # 8 steps an epoch per rank
+
+    def launch(name: str, *extra: str):  # noqa: ANN202
+        home = tmp_path / name
+        home.mkdir(exist_ok=True)
+        r = _torchrun(*args, *extra, home=home, metrics_json=home / "m.json")
+        assert r.returncode == 0, r.log()
+        return r.metrics
+
+    ck, ck_straight = str(tmp_path / "ck"), str(tmp_path / "ck_straight")
+    straight = launch("straight", "--checkpoint-dir", ck_straight)
+    parts = [launch("a", "--checkpoint-dir", ck, "--max-steps", "4"),
+             launch("b", "--checkpoint-dir", ck, "--max-steps", "9", "--resume"),
+             launch("c", "--checkpoint-dir", ck, "--resume")]
+    assert straight["world_size"] == 2 and straight["steps"] == 16
+    curve = [x for p in parts for x in p["train_loss_curve"]]
+    assert curve == straight["train_loss_curve"]  # steps and losses, bitwise
+    assert [e["step"] for e in straight["mpe"]] == [2, 6]
+    assert [e for p in parts for e in p["mpe"]] == straight["mpe"]
+    dcp_to_torch_save(os.path.join(ck_straight, "step_16"), str(tmp_path / "a.pt"))
+    dcp_to_torch_save(os.path.join(ck, "step_16"), str(tmp_path / "b.pt"))
+    a = _flatten(torch.load(str(tmp_path / "a.pt"), weights_only=False))
+    b = _flatten(torch.load(str(tmp_path / "b.pt"), weights_only=False))
+    assert a.keys() == b.keys() and any(k.endswith(".selected") for k in a)
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k

@@ -8,13 +8,14 @@ Cases: empty batches, empty bags, single-id batches, huge bags, negative ids and
 2^63-1 (valid for hashed methods; the documented ValueError for full tables), weighted KJTs with
 zero/negative weights (valid) and NaN/inf weights (ValueError naming the feature), keys in any
 order, missing or extra keys (KeyError), int32 and int64 ids and lengths, lengths that do not
-sum to the values (ValueError). The sharded module (2 processes, gloo; every rank with its own
-batch size, empty batches included, and its own id/length dtypes) is checked against the
-unsharded one on seeded cases drawn from the same distribution.
+sum to the values (ValueError). Methods: full, CCE, CE, hashing, QR (mult/add/concat), MEmCom and
+MPE in its search and retrain stages. The sharded module (2 processes, gloo; every rank with its
+own batch size, empty batches included, and its own id/length dtypes) is checked against the
+reference and the unsharded module on hypothesis-drawn cases run in one spawned job (see the
+sharded section).
 """
 
 import functools
-import random
 from typing import Dict, List, Optional, Tuple
 
 import pytest
@@ -32,8 +33,11 @@ from torchrec_cce import (
     CEConfig,
     HashingTrickConfig,
     MEmComConfig,
+    MPEConfig,
     QRConfig,
 )
+from torchrec_cce.methods.mpe import RETRAIN, SEARCH
+from torchrec_cce.mpe.export import MPEServingTable, export_table, install_serving_tables
 
 V, V_SIDE = 40, 30
 METHODS = {
@@ -45,7 +49,21 @@ METHODS = {
     "qr_add": QRConfig(collisions=7, operation="add"),
     "qr_concat": QRConfig(collisions=7, operation="concat"),
     "memcom": MEmComConfig(rows=5),
+    # MPE in its two trained stages. Search: frequency-ordered counts (groups = id ranges), a
+    # temperature that keeps the width mixture non-degenerate. Retrain: shuffled counts (a per-id
+    # group index), widths set to cover pruning and several code ranges.
+    "mpe_search": MPEConfig(groups=4, bits=(0, 1, 2, 3, 4, 8), tau=1.0,
+                            counts=[100 - 2 * i for i in range(V)]),
+    "mpe_retrain": MPEConfig(groups=4, bits=(0, 1, 2, 3, 4, 8), tau=1.0,
+                             counts=[(7 * i) % 23 for i in range(V)]),
+    # The retrained table exported (torchrec layout: 2/4/8-bit rows in TorchRec's quantised
+    # EBC, the rest packed) and served; checked against the trained table's reference.
+    "mpe_served": MPEConfig(groups=4, bits=(0, 1, 2, 3, 4, 8), tau=1.0,
+                            counts=[(7 * i) % 23 for i in range(V)]),
 }
+IN_RANGE_ONLY = {"full", "mpe_search", "mpe_retrain", "mpe_served"}  # documented error otherwise
+MPE_RETRAIN_WIDTHS = [0, 3, 8, 1]
+MPE_SERVED_WIDTHS = [4, 2, 0, 8]
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 INT32_MIN, INT32_MAX = -(1 << 31), (1 << 31) - 1
 # Enough examples to cover every method x pooling x weighting several times, small enough for CI.
@@ -76,7 +94,30 @@ def module(method: str, pooling: PoolingType, weighted: bool) -> CCEEmbeddingBag
             m.h_generation.fill_(2)
         if method == "memcom":
             m.id_weight.uniform_(-2, 2)
+        if method.startswith("mpe"):
+            randomise_mpe(m)
+        if method == "mpe_served":
+            m.selected.copy_(torch.tensor(MPE_SERVED_WIDTHS))
+            ebc.trained_mpe_tables = {"t": m}
+            install_serving_tables(ebc, {"t": MPEServingTable(export_table(m), "t")})
+            assert ebc.tables["t"].quantized is not None
     return ebc
+
+
+def randomise_mpe(m) -> None:  # noqa: ANN001
+    """Learned-looking MPE state: mixed logits and a non-zero offset; in the retrain variant,
+    selection has run (weights restarted) and the widths cover pruning and 1/3/8 bits."""
+    with torch.no_grad():
+        m.logits.uniform_(-2, 2)
+        m.beta.uniform_(-0.02, 0.02)
+        m.alpha.mul_(torch.linspace(0.5, 1.5, m.alpha.numel()))
+        if m.config is METHODS["mpe_retrain"] or m.config is METHODS["mpe_served"]:
+            m.select()
+            m.selected.copy_(torch.tensor(MPE_RETRAIN_WIDTHS))
+            m.weight.add_(torch.randn_like(m.weight) * 0.01)  # retrained a little
+            assert int(m.stage) == RETRAIN
+        else:
+            assert int(m.stage) == SEARCH
 
 
 def build_kjt(bags: Dict[str, List[List[int]]], weights: Optional[Dict[str, List[List[float]]]],
@@ -93,7 +134,7 @@ def build_kjt(bags: Dict[str, List[List[int]]], weights: Optional[Dict[str, List
 def id_strategy(method: str, id_dtype: torch.dtype, vocab: int) -> st.SearchStrategy[int]:
     lo, hi = (INT32_MIN, INT32_MAX) if id_dtype == torch.int32 else (INT64_MIN, INT64_MAX)
     in_range = st.integers(0, vocab - 1)
-    if method == "full":
+    if method in IN_RANGE_ONLY:
         return in_range
     edges = st.sampled_from([-1, vocab, vocab + 1, lo, hi, lo + 1, hi - 1])
     return st.one_of(in_range, in_range, st.integers(lo, hi), edges)
@@ -152,9 +193,10 @@ def test_non_finite_weight_names_the_feature(method: str, bad: float, feature: s
 
 
 @FUZZ
-@given(st.sampled_from([-1, V, V + 7, INT64_MAX, INT64_MIN]), st.integers(0, 3))
-def test_full_table_rejects_out_of_range_ids(bad: int, position: int) -> None:
-    ebc = module("full", PoolingType.SUM, False)
+@given(st.sampled_from(sorted(IN_RANGE_ONLY)),
+       st.sampled_from([-1, V, V + 7, INT64_MAX, INT64_MIN]), st.integers(0, 3))
+def test_full_and_mpe_tables_reject_out_of_range_ids(method: str, bad: int, position: int) -> None:
+    ebc = module(method, PoolingType.SUM, False)
     ids = [0, 1, 2, 3]
     ids[position] = bad
     with pytest.raises(ValueError, match=r"table 't'.*outside \[0, 40\)"):
@@ -218,8 +260,15 @@ def test_empty_batch_has_gradient_free_empty_output() -> None:
 
 
 # ---------------------------------------------------------------- sharded (2 processes)
-SHARDED_METHODS = sorted(METHODS)
-SHARDED_CASES = 40
+# A 2-process gloo job per hypothesis example would cost seconds each, so the examples are drawn
+# by hypothesis in the parent (a @given function that only records what it is given, derandomised
+# so CI draws the same cases every run) and ONE spawned job runs them all: each rank takes its own
+# batch of every case (its own batch size, empty batches included, and its own id/length dtypes),
+# and compares the sharded output with the independent reference (tests/conftest.py) and with
+# the unsharded module. Hypothesis cannot shrink across the process boundary, so a failure is
+# reported with the full failing case (the batches are small enough to read).
+SHARDED_METHODS = sorted(m for m in METHODS if m != "mpe_served")  # serving is unsharded
+SHARDED_EXAMPLES = 60  # per weighting: 2 x 60 cases, each two per-rank batches
 
 
 def sharded_tables() -> List[EmbeddingBagConfig]:
@@ -231,26 +280,43 @@ def sharded_tables() -> List[EmbeddingBagConfig]:
             for i, m in enumerate(SHARDED_METHODS)]
 
 
-def random_case(rng: random.Random, weighted: bool, batch_size: int
-                ) -> Tuple[Dict[str, List[List[int]]], Optional[Dict[str, List[List[float]]]]]:
-    """A batch drawn like the hypothesis strategy, from a seeded generator."""
-    bags, weights = {}, {}
-    for m in SHARDED_METHODS:
-        feature = f"f_{m}"
-        bags[feature], weights[feature] = [], []
-        for _ in range(batch_size):
-            n = rng.choice([0, 1, 2, 3, 4, 300])
-            if m == "full":
-                ids = [rng.randrange(V) for _ in range(n)]
-            else:
-                ids = [rng.choice([rng.randrange(V), rng.randint(INT64_MIN, INT64_MAX), -1, V,
-                                   INT64_MAX]) for _ in range(n)]
-            bags[feature].append(ids)
-            weights[feature].append([rng.choice([0.0, -1.5, rng.uniform(-3, 3)]) for _ in ids])
-    return bags, (weights if weighted else None)
+@st.composite
+def rank_batches(draw, weighted: bool):  # noqa: ANN001, ANN201 - hypothesis composite
+    """One rank's batch for every sharded table: ``(bags, weights, key order, id dtype,
+    length dtype)``, drawn from the same distribution as the unsharded property."""
+    batch_size = draw(st.sampled_from([0, 1, 1, 2, 3, 5]))
+    bag_len = st.one_of(st.integers(0, 4), st.integers(0, 4), st.just(0), st.integers(200, 300))
+    id_dtype = draw(st.sampled_from([torch.int64, torch.int32]))
+    bags = {f"f_{m}": [draw(st.lists(id_strategy(m, id_dtype, V), min_size=n, max_size=n))
+                       for n in [draw(bag_len) for _ in range(batch_size)]]
+            for m in SHARDED_METHODS}
+    weights = None
+    if weighted:
+        w = st.one_of(st.floats(-3, 3, allow_nan=False, width=32), st.just(0.0))
+        weights = {k: [[draw(w) for _ in bag] for bag in bags[k]] for k in bags}
+    order = list(draw(st.permutations(sorted(bags))))
+    return bags, weights, order, id_dtype, draw(st.sampled_from([torch.int64, torch.int32]))
 
 
-def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
+def draw_sharded_cases(weighted: bool, world: int = 2) -> List[Tuple]:
+    """``SHARDED_EXAMPLES`` hypothesis examples, each a tuple of one batch per rank."""
+    cases: List[Tuple] = []
+
+    @settings(max_examples=SHARDED_EXAMPLES, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.tuples(*[rank_batches(weighted)] * world))
+    def record(case: Tuple) -> None:
+        cases.append(case)
+
+    record()
+    return cases
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _sharded_rank(rank: int, world: int, weighted: bool, cases: List[Tuple]) -> Dict[str, object]:
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
@@ -269,6 +335,8 @@ def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
                                                           (V, METHODS["cce"].chunks)))
         m.h_generation.fill_(1)
         ref.tables["t_memcom"].id_weight.uniform_(-2, 2)  # per-id weights split by id range
+        randomise_mpe(ref.tables["t_mpe_search"])
+        randomise_mpe(ref.tables["t_mpe_retrain"])
     # id-range sharded p (replicate_assignment_below=0), codebooks table-wise over both ranks
     sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)
     meta = CCEEmbeddingBagCollection(sharded_tables(), compression, is_weighted=weighted,
@@ -283,27 +351,44 @@ def _sharded_rank(rank: int, world: int, weighted: bool) -> List[str]:
     for key, value in dmp.state_dict().items():
         scatter_full(value, full[key])
     dmp.eval()
-    failures = []
-    rng = random.Random(1234 + rank)  # every rank draws its own batches (sizes and dtypes too)
-    for case in range(SHARDED_CASES):
-        bags, weights = random_case(rng, weighted, rng.choice([0, 1, 2, 3, 5]))
-        order = list(bags)
-        rng.shuffle(order)
-        kjt = build_kjt(bags, weights, order, rng.choice([torch.int64, torch.int32]) if all(
-            -(1 << 31) <= x < (1 << 31) for b in bags.values() for bag in b for x in bag)
-            else torch.int64, rng.choice([torch.int64, torch.int32]))
+    failures, checked = [], 0
+    for index, case in enumerate(cases):
+        bags, weights, order, id_dtype, len_dtype = case[rank]
+        if id_dtype == torch.int32 and not all(INT32_MIN <= x <= INT32_MAX for b in bags.values()
+                                               for bag in b for x in bag):
+            id_dtype = torch.int64  # (the strategy draws int32-range ids for int32 batches)
+        kjt = build_kjt(bags, weights, order, id_dtype, len_dtype)
         got = dmp(kjt).wait()
-        expected = ref(kjt)
-        if got.keys() != expected.keys() or got.values().shape != expected.values().shape:
-            failures.append(f"case {case}: keys/shape {got.keys()} {tuple(got.values().shape)}")
-        elif not torch.allclose(got.values(), expected.values(), rtol=1e-4, atol=1e-4):
-            failures.append(f"case {case}: max diff "
-                            f"{(got.values() - expected.values()).abs().max():.3g}")
-    return failures
+        unsharded = ref(kjt)
+        batch_size = len(next(iter(bags.values())))
+        expected = torch.zeros(0, 8 * len(SHARDED_METHODS))
+        if batch_size:
+            reference = ref_forward(ref, bags, weights)
+            expected = torch.cat([reference[f"f_{m}"] for m in SHARDED_METHODS], dim=1)
+        what = (f"case {index} rank {rank}: batch {batch_size}, ids {dtype_name(id_dtype)}, "
+                f"lengths {dtype_name(len_dtype)}, order {order}")
+        if got.keys() != [f"f_{m}" for m in SHARDED_METHODS] or got.keys() != unsharded.keys():
+            failures.append(f"{what}: keys {got.keys()}")
+        elif tuple(got.values().shape) != tuple(expected.shape):
+            failures.append(f"{what}: shape {tuple(got.values().shape)} != {tuple(expected.shape)}")
+        elif not torch.isfinite(got.values()).all():
+            failures.append(f"{what}: non-finite output; bags {bags} weights {weights}")
+        elif not (torch.allclose(got.values(), expected, rtol=1e-4, atol=1e-4)
+                  and torch.allclose(got.values(), unsharded.values(), rtol=1e-5, atol=1e-6)):
+            diff = (got.values() - expected).abs()
+            col = int(diff.max(dim=0).values.argmax()) // 8
+            failures.append(f"{what}: table t_{SHARDED_METHODS[col]} max diff {diff.max():.3g} "
+                            f"(vs unsharded {(got.values() - unsharded.values()).abs().max():.3g});"
+                            f" bags {bags} weights {weights}")
+        checked += 1
+    return {"failures": failures, "checked": checked}
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("weighted", [False, True])
-def test_sharded_forward_equals_unsharded_on_fuzzed_batches(weighted: bool) -> None:
-    results = run_multiprocess(_sharded_rank, 2, weighted, timeout=600)
-    assert results == [[], []]
+def test_sharded_forward_equals_reference_on_hypothesis_batches(weighted: bool) -> None:
+    cases = draw_sharded_cases(weighted)
+    assert len(cases) == SHARDED_EXAMPLES
+    results = run_multiprocess(_sharded_rank, 2, weighted, cases, timeout=1200)
+    assert [r["failures"] for r in results] == [[], []]
+    assert [r["checked"] for r in results] == [SHARDED_EXAMPLES, SHARDED_EXAMPLES]

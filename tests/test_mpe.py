@@ -374,10 +374,36 @@ def test_warmup_counts_observed_ids_then_searches() -> None:
 
 
 # ---- export ----
+def serving_bound(ebc: CCEEmbeddingBagCollection, features: KeyedJaggedTensor) -> torch.Tensor:
+    """The documented bound of the torchrec layout, per output element: ``(n + 3) * 2^-23 *
+    sum_j |w_j| (|c_j alpha| + |beta|)`` over each bag of ``n`` ids (fp32 summation order;
+    fbgemm's fp16 scale 1 and bias -2^(b-1) are exact)."""
+    t = ebc.tables["big"]
+    beta = t.beta.detach()
+    rows = (t.quantized_rows(torch.arange(V)).detach() - beta).abs() + beta.abs()
+    out = []
+    for f in ("a", "b"):
+        jt = features[f]
+        w = jt.weights() if ebc._is_weighted else torch.ones(jt.values().numel())
+        terms = F_embedding_bag(jt.values(), rows, jt.offsets(), w.abs())
+        n = jt.lengths().to(torch.float32).unsqueeze(1)
+        out.append((n + 3) * 2.0 ** -23 * terms)
+    out.append(torch.zeros(out[0].shape[0], DIM))  # "c": a full table, the same lookup
+    return torch.cat(out, dim=1)
+
+
+def F_embedding_bag(ids, rows, offsets, w):  # noqa: ANN001, ANN201, N802
+    return torch.nn.functional.embedding_bag(ids, rows, offsets, mode="sum",
+                                             per_sample_weights=w, include_last_offset=True)
+
+
+@pytest.mark.parametrize("layout", ["torchrec", "packed"])
 @pytest.mark.parametrize("ordered", [True, False])
 @pytest.mark.parametrize("pooling,weighted", [(PoolingType.SUM, True), (PoolingType.MEAN, False)])
-def test_packed_export_round_trip_is_exact(ordered: bool, pooling: PoolingType,
+def test_export_round_trip_equals_training(layout: str, ordered: bool, pooling: PoolingType,
                                            weighted: bool) -> None:
+    """Packed layout: bit-exact. torchrec layout (fbgemm INT2/4/8 rows in TorchRec's quantised
+    EBC, the other widths packed): within the documented fp32 summation bound."""
     ebc = make_ebc(MPEConfig(groups=8, bits=(0, 1, 2, 3, 4, 5, 6, 8, 16),
                              counts=zipf_counts(ordered=ordered)), pooling, weighted)
     t = ebc.tables["big"]
@@ -389,38 +415,75 @@ def test_packed_export_round_trip_is_exact(ordered: bool, pooling: PoolingType,
         opt.step()
         if step == 3:
             t.select(optimizers=[opt])
-            t.selected.copy_(torch.tensor([16, 8, 6, 5, 3, 2, 1, 0]))  # every width, one pruned
+            t.selected.copy_(torch.tensor([16, 8, 6, 5, 4, 2, 1, 0]))  # every kind, one pruned
     ebc.eval()
     features = [kjt(100 + i, batch=16, weighted=weighted, max_len=6) for i in range(3)]
     expected = [ebc(f).values().detach() for f in features]
+    bounds = [serving_bound(ebc, f) for f in features]
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "mpe.pt")
-        sizes = save_mpe(ebc, path)
+        sizes = save_mpe(ebc, path, layout=layout)
         loaded = load_mpe(path)
         assert os.path.getsize(path) > sizes["big"]
-    state = export_mpe(ebc)["big"]
-    # Serving bytes: exact, from an independent formula.
+    state = export_mpe(ebc, layout=layout)["big"]
+    # Serving bytes: exact, from an independent formula (fbgemm rows: + 4 B fp16 scale/bias).
     group_sizes = np.bincount(ref_groups(t, zipf_counts(ordered=ordered)), minlength=8)
-    widths = [16, 8, 6, 5, 3, 2, 1, 0]
-    rows = sum(int(n) * -(-DIM * b // 8) for n, b in zip(group_sizes, widths))
+    widths = [16, 8, 6, 5, 4, 2, 1, 0]
+    fbgemm = {2, 4, 8} if layout == "torchrec" else set()
+    rows = sum(int(n) * (-(-DIM * b // 8) + 4 * (b in fbgemm)) for n, b in zip(group_sizes, widths))
     header = 3 * 8 + len(t.bits) * (1 + 4) + DIM * 4 + 8
     id_map = 0 if ordered else 4 * V
-    assert packed_bytes(state) == serving_bytes(t) == sizes["big"] == rows + header + id_map
+    assert packed_bytes(state) == serving_bytes(t, layout) == sizes["big"] == rows + header + id_map
     assert "codes_0" not in state and ("row_of" in state) != ordered
     for b, n in zip(widths[:-1], group_sizes[:-1]):
-        assert tuple(state[f"codes_{b}"].shape) == (n, -(-DIM * b // 8))
+        key = f"rows_int{b}" if b in fbgemm else f"codes_{b}"
+        assert tuple(state[key].shape) == (n, -(-DIM * b // 8) + 4 * (b in fbgemm)), key
     report = memory_report(ebc)["big"]
     assert report["serving_bytes"] == serving_bytes(t) == report["compressed_bytes"]
     assert report["training_bytes"] == (V * DIM + 8 * 9 + 9 + DIM) * 4 + (0 if ordered else 2 * V)
     assert report["full_bytes"] == V * DIM * 4
-    # The loaded tables give exactly the in-training quantised outputs.
     install_serving_tables(ebc, loaded)
-    assert isinstance(ebc.tables["big"], MPEServingTable)
-    for f, e in zip(features, expected):
-        assert torch.equal(ebc(f).values(), e)
-    # Pruned ids read as 0.
+    serving = ebc.tables["big"]
+    assert isinstance(serving, MPEServingTable)
+    if layout == "torchrec":
+        # The fbgemm widths are looked up by TorchRec's quantised EBC, whose TBE holds exactly
+        # the exported rows (serving bytes = stored bytes of the served form).
+        from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
+
+        assert isinstance(serving.quantized, QuantEBC) and serving.fbgemm_widths == [2, 4, 8]
+        held = [w for m in serving.quantized._emb_modules
+                for w, _ in m.split_embedding_weights(split_scale_shifts=False)]
+        assert [tuple(w.shape) for w in held] == [tuple(state[f"rows_int{b}"].shape)
+                                                  for b in (2, 4, 8)]
+        assert all(torch.equal(w, state[f"rows_int{b}"]) for w, b in zip(held, (2, 4, 8)))
+        for f, e, bound in zip(features, expected, bounds):
+            got = ebc(f).values()
+            diff = (got - e).abs()
+            assert bool((diff <= bound).all()), float((diff - bound).max())
+            assert not torch.equal(bound, torch.zeros_like(bound))
+    else:
+        assert serving.quantized is None
+        for f, e in zip(features, expected):
+            assert torch.equal(ebc(f).values(), e)
+    # Decoded rows (fbgemm rows decoded from their bytes) are the training's rows exactly;
+    # pruned ids read as 0.
+    ids = torch.arange(V)
+    assert torch.equal(serving.rows(ids), t.quantized_rows(ids).detach())
     pruned = torch.from_numpy(np.flatnonzero(ref_groups(t, zipf_counts(ordered=ordered)) == 7))
-    assert torch.equal(ebc.tables["big"].rows(pruned[:5]), torch.zeros(5, DIM))
+    assert torch.equal(serving.rows(pruned[:5]), torch.zeros(5, DIM))
+
+
+def test_fbgemm_widths_and_layout_bytes() -> None:
+    """Which widths ride fbgemm rows, and the row bytes both ways at dim 16 (the choice in the
+    export's docstring: 3 bits as INT4 would cost 12 B a row vs 6 B packed)."""
+    from torchrec_cce.mpe.export import served_by_fbgemm, stored_row_bytes
+
+    assert [b for b in (1, 2, 3, 4, 5, 6, 7, 8, 16) if served_by_fbgemm(b)] == [2, 4, 8]
+    assert not any(served_by_fbgemm(b, "packed") for b in (2, 4, 8))
+    assert [stored_row_bytes(16, b) for b in (1, 2, 3, 4, 5, 6, 8)] == [2, 8, 6, 12, 10, 12, 20]
+    assert [stored_row_bytes(16, b, "packed") for b in (2, 4, 8)] == [4, 8, 16]
+    with pytest.raises(ValueError, match="layout must be one of"):
+        stored_row_bytes(16, 4, "int4")
 
 
 def test_summary_and_serving_far_below_full_after_penalised_search() -> None:

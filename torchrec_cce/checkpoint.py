@@ -186,8 +186,10 @@ def _rank_state(model: nn.Module) -> Dict[str, Any]:
     state: Dict[str, Any] = {
         "torch_rng": torch.get_rng_state(),
         "python_rng": pickle.dumps(random.getstate()),
-        "reservoirs": {name: _reservoir_state(t) for name, t in cce_tables(model).items()},
     }
+    reservoirs = {name: _reservoir_state(t) for name, t in cce_tables(model).items()}
+    if reservoirs:  # an empty dict saves no key, and DCP's load would then miss it
+        state["reservoirs"] = reservoirs
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda_rng"] = pickle.dumps([s.cpu() for s in torch.cuda.get_rng_state_all()])
     try:
@@ -643,7 +645,7 @@ class CheckpointManager:
         seed = int(cand["step"]) * 1_000_003 + rank
         for name, table in cce_tables(model).items():
             _restore_reservoir(table, [s["reservoirs"][name] for s in saved if name in
-                                       s["reservoirs"]], seed)
+                                       s.get("reservoirs", {})], seed)
         if old_world != new_world:
             self.log(f"checkpoint {path} was written by {old_world} ranks, resuming on "
                      f"{new_world}: model and optimizer resharded by DCP; re-clustering samples "

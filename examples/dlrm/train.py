@@ -75,6 +75,7 @@ from torchrec_cce.clustering.schedule import ReclusterSchedule  # noqa: E402
 from torchrec_cce.configs import MPEConfig  # noqa: E402
 from torchrec_cce.mpe import MPESchedule, mpe_penalty, mpe_summary  # noqa: E402
 from torchrec_cce.configs import METHOD_NAMES  # noqa: E402
+from torchrec_cce.data.common import DEFAULT_SHUFFLE_BUFFER  # noqa: E402
 from torchrec_cce.data import (  # noqa: E402
     AvazuCsvDataset,
     CriteoNpyDataset,
@@ -146,7 +147,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--data", choices=DATA_CHOICES, default="synthetic",
         help="preprocessed: a directory written by `python -m torchrec_cce.data.preprocess` "
              "(tables = the vocabulary sizes, so --method full is collision-free; shuffled per "
-             "epoch). criteo_tsv / avazu_csv stream raw files in file order and take ids "
+             "epoch). criteo_tsv / avazu_csv stream raw files through a bounded shuffle buffer "
+             "(--shuffle-buffer) and take ids "
              "modulo table sizes: Criteo Kaggle's cardinalities for criteo_tsv and 24/7/"
              "--max-ids-per-feature for avazu_csv unless --num-embeddings-per-feature, i.e. "
              "hashed tables for any other file (a warning names the colliding features); "
@@ -162,6 +164,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="criteo_tsv/avazu_csv without --test-path (--val-path): batch i of a rank "
                         "goes to test if i %% round(1/f) == 0, to val if it is 1, else to train "
                         "(default 0.1)")
+    d.add_argument("--shuffle-buffer", type=int, default=DEFAULT_SHUFFLE_BUFFER,
+                   help="criteo_tsv/avazu_csv: rows per rank held by the streaming shuffle buffer, "
+                        "seeded by --seed and the epoch (default %(default)s, ~130 MB of Criteo "
+                        "rows; 0 = file order). Held-out val/test batches are chosen before it.")
     d.add_argument("--num-embeddings-per-feature", default=None,
                    help="comma-separated table sizes for the raw readers; ids are taken modulo these")
     d.add_argument("--max-ids-per-feature", type=int, default=10_000_000,
@@ -401,33 +407,38 @@ def raw_file_data(args: argparse.Namespace, rank: int, world: int) -> Data:
     extra = {} if criteo else {"constant_dense": True}
     bs = args.batch_size
 
-    def reader(path: str) -> Any:
-        return cls(path, bs, rank=rank, world_size=world, **extra)  # raw ids, no modulo
+    def reader(path: str, **order: Any) -> Any:
+        return cls(path, bs, rank=rank, world_size=world, **extra, **order)  # raw ids, no modulo
 
-    train = reader(args.train_path)
-    sizes = _sizes_flag(args) or [min(c or args.max_ids_per_feature, args.max_ids_per_feature)
-                                  for c in train.cardinalities]
-    names = list(train.keys)
-    modulo = ModuloIds(names, sizes)
-    held = []  # residues of the batch index held out of train: 0 = test, 1 = val
+    held = []  # residues of the (unshuffled) batch index held out of train: 0 = test, 1 = val
     if not args.test_path:
         held.append(0)
     if not args.val_path:
         held.append(1)
     period = max(len(held) + 1, round(1 / args.test_fraction)) if held else 0
+    # Held-out blocks are removed before the shuffle buffer, so they are the same every epoch.
+    train = reader(args.train_path, shuffle_buffer=args.shuffle_buffer, seed=args.seed,
+                   blocks=(lambda i: i % period not in held) if held else None)
+    sizes = _sizes_flag(args) or [min(c or args.max_ids_per_feature, args.max_ids_per_feature)
+                                  for c in train.cardinalities]
+    names = list(train.keys)
+    modulo = ModuloIds(names, sizes)
 
     def part(path: Optional[str], residue: int) -> Callable[[], Iterator[Batch]]:
         if path:
             return lambda: map(modulo, reader(path))
-        return lambda: (modulo(b) for i, b in enumerate(train) if i % period == residue)
+        return lambda: map(modulo, reader(args.train_path, blocks=lambda i: i % period == residue))
 
     def train_batches(epoch: int) -> Iterator[Batch]:
-        return (modulo(b) for i, b in enumerate(train) if not held or i % period not in held)
+        train.set_epoch(epoch)  # the epoch's shuffle order: the same on a resume
+        return map(modulo, train)
 
     rows = _count_lines(args.train_path) - (not criteo)
     steps = max(1, rows // (bs * world))
     steps -= sum(1 for i in range(steps) if held and i % period in held)
-    notes = [f"{'Criteo TSV' if criteo else 'Avazu CSV'} streamed in file order (not shuffled); "
+    order = (f"through a {args.shuffle_buffer:,}-row shuffle buffer" if args.shuffle_buffer > 1
+             else "in file order (not shuffled)")
+    notes = [f"{'Criteo TSV' if criteo else 'Avazu CSV'} streamed {order}; "
              f"table sizes {'from the flag' if args.num_embeddings_per_feature else 'Criteo Kaggle cardinalities' if criteo else '24/7/--max-ids-per-feature'}"]
     if held:
         parts = {0: "test (batch index % {p} == 0)", 1: "val (== 1)"}

@@ -13,7 +13,7 @@ with ``constant_dense=True`` for models that need at least one dense input.
 
 import datetime
 import functools
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from torchrec.datasets.utils import Batch
 from torchrec_cce.data.common import (
     BadLines,
     PathOrPaths,
+    StreamOrder,
     check_num_embeddings,
     check_rank,
     make_batch,
@@ -59,13 +60,16 @@ def split_hour(hour: str) -> tuple:
     return hh, datetime.date(2000 + yy, mm, dd).weekday()
 
 
-class AvazuCsvDataset(IterableDataset):
+class AvazuCsvDataset(StreamOrder, IterableDataset):
     """Streams Avazu CSV files as ``Batch`` es with keys ``cat_0 .. cat_22``.
 
     ``cat_i`` is the feature ``AVAZU_FEATURES[i]`` (``feature_names``). Row ``i`` (over all
     files, headers excluded) goes to rank ``i % world_size``. Bad lines (wrong column count,
     click not 0/1, malformed hour) are skipped and counted in :attr:`bad_lines`; too many
     (fraction above ``max_bad_fraction``) raise a ``ValueError`` naming file and line.
+
+    Order: file order by default; ``shuffle_buffer``, ``seed``, :meth:`set_epoch` and
+    ``blocks`` work as in :class:`~torchrec_cce.data.criteo.CriteoTsvDataset`.
 
     Attributes:
         cardinalities: known distinct values per feature (24 and 7 for the hour split, None
@@ -84,10 +88,14 @@ class AvazuCsvDataset(IterableDataset):
         constant_dense: bool = False,
         max_bad_fraction: float = 0.01,
         min_lines_for_check: int = 10_000,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        blocks: Optional[Callable[[int], bool]] = None,
     ) -> None:
         check_rank(rank, world_size)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._init_order(shuffle_buffer, seed, blocks)
         self.paths: List[str] = [paths] if isinstance(paths, str) else list(paths)
         for path in self.paths:
             self._check_header(path)
@@ -128,11 +136,10 @@ class AvazuCsvDataset(IterableDataset):
         dense = torch.ones(len(labels), int(self.constant_dense))
         return make_batch(dense, ids_t, torch.tensor(labels), self.keys)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _rows(self) -> Iterator[tuple]:
+        """This rank's good rows ``(label, ids)`` in file order (bad lines counted)."""
         self._bad = BadLines(self.max_bad_fraction, self.min_lines_for_check)
         names = AVAZU_COLUMNS[3:]
-        labels: List[int] = []
-        ids: List[List[int]] = []
         lines = rank_lines(self.paths, self.rank, self.world_size, skip_header=True)
         for path, line_number, line in lines:
             fields = line.split(",")
@@ -148,11 +155,11 @@ class AvazuCsvDataset(IterableDataset):
                 self._bad.bad(path, line_number, "bad_hour")
                 continue
             self._bad.good()
-            labels.append(int(fields[1]))
-            ids.append([hour_of_day, weekday] + [string_id(n, v) for n, v in zip(names, fields[3:])])
-            if len(labels) == self.batch_size:
-                yield self._to_batch(labels, ids)
-                labels, ids = [], []
+            yield int(fields[1]), [hour_of_day, weekday] + [string_id(n, v) for n, v in
+                                                            zip(names, fields[3:])]
         self._bad.finish()
-        if labels and not self.drop_last:
-            yield self._to_batch(labels, ids)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for rows in self.ordered_batches(self._rows()):
+            labels, ids = zip(*rows)
+            yield self._to_batch(list(labels), list(ids))

@@ -1,10 +1,13 @@
-"""Helpers shared by the readers: batch building, id remapping, rank split, bad-line accounting."""
+"""Helpers shared by the readers: batch building, id remapping, rank split, bad-line accounting,
+block selection and the bounded shuffle buffer of the streaming readers."""
 
 import gzip
 import logging
 from collections import Counter
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar,
+                    Union)
 
+import numpy as np
 import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -12,6 +15,69 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 logger = logging.getLogger(__name__)
 
 PathOrPaths = Union[str, Sequence[str]]
+T = TypeVar("T")
+
+# Default rows held by a streaming reader's shuffle buffer: a parsed Criteo row is ~1.3 KB of
+# Python objects, so 100k rows are ~130 MB per rank.
+DEFAULT_SHUFFLE_BUFFER = 100_000
+_DRAWS = 4096  # random indices drawn per numpy call
+
+
+def shuffle_rows(rows: Iterable[T], buffer_size: int, seed: int) -> Iterator[T]:
+    """Bounded shuffle of a stream (the streaming analogue of a per-epoch permutation).
+
+    The first ``buffer_size`` rows fill a buffer; then every incoming row replaces a uniformly
+    drawn buffered row, which is emitted; at the end of the stream the remaining buffer is
+    emitted in a random permutation. Every row is emitted exactly once, a row moves at most
+    ``buffer_size`` places earlier, and the order is a pure function of ``(rows, buffer_size,
+    seed)`` (numpy's PCG64 seeded with ``seed``). ``buffer_size <= 1`` keeps the order.
+    """
+    if buffer_size < 0:
+        raise ValueError(f"shuffle buffer size must be >= 0 rows, got {buffer_size} (0 = off)")
+    if buffer_size <= 1:
+        yield from rows
+        return
+    rng = np.random.default_rng(seed)
+    buffer: List[T] = []
+    draws: List[int] = []
+    for row in rows:
+        if len(buffer) < buffer_size:
+            buffer.append(row)
+            continue
+        if not draws:
+            draws = rng.integers(0, buffer_size, _DRAWS).tolist()[::-1]
+        j = draws.pop()
+        yield buffer[j]
+        buffer[j] = row
+    for j in rng.permutation(len(buffer)).tolist():
+        yield buffer[j]
+
+
+def select_blocks(rows: Iterable[T], block_size: int,
+                  keep: Optional[Callable[[int], bool]]) -> Iterator[T]:
+    """The rows whose block ``row_index // block_size`` satisfies ``keep`` (all when None).
+
+    With ``block_size`` = the batch size, block ``i`` is exactly the unshuffled stream's batch
+    ``i``, so a split by batch index is made *before* shuffling and stays the same every epoch.
+    """
+    if keep is None:
+        yield from rows
+        return
+    for i, row in enumerate(rows):
+        if keep(i // block_size):
+            yield row
+
+
+def batched(rows: Iterable[T], batch_size: int, drop_last: bool) -> Iterator[List[T]]:
+    """Consecutive lists of ``batch_size`` rows (the last one shorter unless ``drop_last``)."""
+    chunk: List[T] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield chunk
+            chunk = []
+    if chunk and not drop_last:
+        yield chunk
 
 
 def check_rank(rank: int, world_size: int) -> None:
@@ -147,3 +213,43 @@ class BadLines:
                 f"more than max_bad_fraction={self.max_bad_fraction}. Check the file format "
                 "or raise max_bad_fraction."
             )
+
+
+class StreamOrder:
+    """Row order of a streaming reader: optional block selection, then the bounded shuffle.
+
+    Readers set ``batch_size``, ``rank``, ``drop_last``, ``shuffle_buffer``, ``seed`` and
+    ``blocks`` and call :meth:`ordered_batches` on their parsed-row generator. The shuffle seed
+    is derived from ``(seed, epoch, rank)``: call :meth:`set_epoch` before each epoch for a new
+    order; the same epoch always gives the same order (what an exact resume needs).
+    """
+
+    batch_size: int
+    rank: int
+    drop_last: bool
+    shuffle_buffer: int = 0
+    seed: int = 0
+    epoch: int = 0
+    blocks: Optional[Callable[[int], bool]] = None
+
+    def _init_order(self, shuffle_buffer: int, seed: int,
+                    blocks: Optional[Callable[[int], bool]]) -> None:
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0 rows (0 = file order), got "
+                             f"{shuffle_buffer}")
+        self.shuffle_buffer, self.seed, self.blocks, self.epoch = shuffle_buffer, seed, blocks, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use epoch ``epoch``'s shuffle order for the next pass."""
+        self.epoch = int(epoch)
+
+    def shuffle_seed(self) -> int:
+        from torchrec_cce.hashing import derive_seed
+
+        return derive_seed(self.seed, "raw_stream_shuffle", self.epoch, f"rank{self.rank}")
+
+    def ordered_batches(self, rows: Iterable[T]) -> Iterator[List[T]]:
+        """This pass's batches of parsed rows: selected blocks, shuffled, batched."""
+        rows = select_blocks(rows, self.batch_size, self.blocks)
+        rows = shuffle_rows(rows, self.shuffle_buffer, self.shuffle_seed())
+        return batched(rows, self.batch_size, self.drop_last)

@@ -5,7 +5,7 @@ id per sample for each of ``cat_0 .. cat_25`` (TorchRec's ``DEFAULT_CAT_NAMES``)
 ``[B]``.
 """
 
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from torchrec.datasets.utils import Batch
 from torchrec_cce.data.common import (
     BadLines,
     PathOrPaths,
+    StreamOrder,
     check_num_embeddings,
     check_rank,
     make_batch,
@@ -67,7 +68,7 @@ def log_transform(dense: torch.Tensor) -> torch.Tensor:
     return torch.log1p(dense.to(torch.float64).clamp_min(0)).to(torch.float32)
 
 
-class CriteoTsvDataset(IterableDataset):
+class CriteoTsvDataset(StreamOrder, IterableDataset):
     """Streams Criteo Kaggle ``train.txt``-format TSV files as ``Batch`` es.
 
     Columns: label, 13 integers (empty -> 0, then ``log(1 + max(x, 0))``), 26 categoricals as
@@ -77,6 +78,12 @@ class CriteoTsvDataset(IterableDataset):
     ``ValueError`` naming the file and line is raised when their fraction exceeds
     ``max_bad_fraction`` (checked continuously after ``min_lines_for_check`` lines, and at the
     end). Counts cover this rank's rows of the most recent pass.
+
+    Order: file order by default. ``shuffle_buffer=N`` passes this rank's rows through a
+    bounded shuffle buffer of ``N`` rows (:func:`~torchrec_cce.data.common.shuffle_rows`) seeded
+    by ``(seed, epoch, rank)``; :meth:`set_epoch` selects the epoch. ``blocks`` keeps only the
+    rows of the blocks ``i`` (``row // batch_size`` of the unshuffled stream, i.e. its batch
+    ``i``) with ``blocks(i)`` true, selected before shuffling (a held-out split).
 
     Attributes:
         cardinalities: distinct ids per feature of the full Kaggle set (the data's own).
@@ -93,10 +100,14 @@ class CriteoTsvDataset(IterableDataset):
         drop_last: bool = False,
         max_bad_fraction: float = 0.01,
         min_lines_for_check: int = 10_000,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        blocks: Optional[Callable[[int], bool]] = None,
     ) -> None:
         check_rank(rank, world_size)
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._init_order(shuffle_buffer, seed, blocks)
         self.paths = paths
         self.batch_size = batch_size
         self.rank = rank
@@ -128,26 +139,22 @@ class CriteoTsvDataset(IterableDataset):
         dense_t = log_transform(torch.from_numpy(np.array(dense, dtype=np.int64)))
         return make_batch(dense_t, ids_t, torch.tensor(labels), self.keys)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _rows(self) -> Iterator[tuple]:
+        """This rank's good rows ``(label, dense, ids)`` in file order (bad lines counted)."""
         self._bad = BadLines(self.max_bad_fraction, self.min_lines_for_check)
-        labels: List[int] = []
-        dense: List[List[int]] = []
-        ids: List[List[int]] = []
         for path, line_number, line in rank_lines(self.paths, self.rank, self.world_size):
             parsed = _parse_line(line.split("\t"))
             if isinstance(parsed, str):
                 self._bad.bad(path, line_number, parsed)
                 continue
             self._bad.good()
-            labels.append(parsed[0])
-            dense.append(parsed[1])
-            ids.append(parsed[2])
-            if len(labels) == self.batch_size:
-                yield self._to_batch(labels, dense, ids)
-                labels, dense, ids = [], [], []
+            yield parsed
         self._bad.finish()
-        if labels and not self.drop_last:
-            yield self._to_batch(labels, dense, ids)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for rows in self.ordered_batches(self._rows()):
+            labels, dense, ids = zip(*rows)
+            yield self._to_batch(list(labels), list(dense), list(ids))
 
 
 class _BinaryPipe(InMemoryBinaryCriteoIterDataPipe):
