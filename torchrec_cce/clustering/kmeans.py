@@ -26,7 +26,8 @@ Nearest centroid, exactly
 ``addmm`` + argmin in torch. The kernels never write an ``n x k`` matrix (at CCE's chunk dims
 that memory traffic, not the arithmetic, is what BLAS + argmin pays): per row they keep the
 best and second-best score ``||c||^2 - 2 x.c`` in registers. For ``k >= 256`` the *grouped*
-kernel first splits the centroids into bounding boxes of 64 (a balanced k-d tree) and scans
+kernel first splits the centroids into bounding boxes of ``k / 32`` (32 to 128; a balanced
+k-d tree) and scans
 only the boxes that can hold a centroid within the near-tie margin of the best one found
 (3-4x fewer operations at d = 4); if a batch shows the boxes do not prune (most are scanned,
 as for isotropic data at d = 16), that index switches to the plain brute-force kernel.
@@ -66,10 +67,11 @@ _EXACT_BATCH_ELEMENTS = 1 << 20
 # Grouped (pruned) search: centroids per bounding box, the smallest k and largest d it is
 # tried at, and the fraction of boxes scanned above which a query batch falls back to the
 # brute force for the rest of the index's life.
-_GROUP_LEAF = int(os.environ.get("TORCHREC_CCE_GROUP_LEAF", "64"))
+_GROUP_LEAF = int(os.environ.get("TORCHREC_CCE_GROUP_LEAF", "0"))  # 0: k / 32 in [32, 128]
 _GROUP_MIN_K = 256
 _GROUP_MAX_D = int(os.environ.get("TORCHREC_CCE_GROUP_MAX_D", "16"))
 _GROUP_MAX_VISIT = 0.6
+_GROUP_PROBE = 4096  # rows of the probe batch that decides
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,9 +255,11 @@ class CentroidIndex:
         self._bias[:k] = self.sq
         self.groups: Optional[native.CentroidGroups] = None
         self._forced = method == "grouped"
+        self._pruning = False  # set once a probe batch showed that the boxes prune
         if self._forced or (method == "auto" and self.native and native.grouped_supported()
                             and k >= _GROUP_MIN_K and self.d <= _GROUP_MAX_D):
-            self.groups = native.CentroidGroups(c, self.sq, _GROUP_LEAF)
+            leaf = _GROUP_LEAF or min(128, max(32, k // 32))
+            self.groups = native.CentroidGroups(c, self.sq, leaf)
 
     def _err(self, sq_norm: torch.Tensor) -> torch.Tensor:
         """Generous bound on the float32 error of a score ``||c||^2 - 2 x.c``."""
@@ -320,8 +324,11 @@ class CentroidIndex:
         """Score rows ``[start, stop)``; returns the rows whose answer float32 cannot settle."""
         ties: List[torch.Tensor] = []
         buf = None if self.native else torch.empty(b * self._kp, device=x.device)
-        for lo in range(start, stop, b):
-            xb = x[lo: min(stop, lo + b)]
+        lo = start
+        while lo < stop:
+            # until the boxes have proved they prune, query them with a small probe batch
+            probing = self.groups is not None and not self._forced and not self._pruning
+            xb = x[lo: min(stop, lo + (min(b, _GROUP_PROBE) if probing else b))]
             m = xb.shape[0]
             xn = (xb * xb).sum(1)
             margin = self._err(xn).mul_(2.0)
@@ -329,8 +336,11 @@ class CentroidIndex:
             if groups is not None:
                 arg, val, close, visited = native.nearest2_grouped(xb, groups, xn, margin)
                 close = close.sub_(val)
-                if not self._forced and visited > _GROUP_MAX_VISIT * m * groups.num_groups:
-                    self.groups = None  # the boxes do not prune here: brute force from now on
+                if not self._forced and not self._pruning:
+                    if visited > _GROUP_MAX_VISIT * m * groups.num_groups:
+                        self.groups = None  # the boxes do not prune: brute force from now on
+                    else:
+                        self._pruning = True
             elif self.native:
                 arg, val, close = native.nearest2(xb, self._ct, self._bias)
                 close = close.sub_(val)  # gap to the second-best score
@@ -341,6 +351,7 @@ class CentroidIndex:
             if tie.numel():
                 ties.append(tie + lo)
             best[lo: lo + m] = val.add_(xn).clamp_(min=0)
+            lo += m
         return torch.cat(ties) if ties else torch.empty(0, dtype=torch.int64, device=x.device)
 
     def _torch_rows(self, xb: torch.Tensor, buf: torch.Tensor
