@@ -87,9 +87,12 @@ def main() -> None:
                     key=lambda r: r["num_ids"])
     result["recluster_scaling"] = {
         "rows": ROWS, "chunks": CHUNKS, "dim": DIM, "iters": args.iters, "threads": 2,
-        "native_kernel": native.available(), "results": merged,
+        "native_kernel": native.available(), "grouped_kernel": native.grouped_supported(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": merged,
         "note": ("one run per V on a shared 2-core VM (loadavg_1min before/after each run: "
-                 "other jobs were running); cpu_seconds = process CPU time")}
+                 "other jobs were running, so wall >> cpu / 2); cpu_seconds = process CPU "
+                 "time; phases: wall (all_ids_* sub-phases: seconds summed over the worker "
+                 "threads) and process CPU")}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -123,7 +123,7 @@ def _float64_argmin(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("kind", ["gaussian", "clustered", "duplicates", "grid"])
 @pytest.mark.parametrize("d", [1, 2, 4, 7, 16])
 def test_grouped_search_equals_cdist_argmin(kind, d):
-    """The bounding-box pruned kernel (what ``auto`` uses for k >= 256) returns exactly the
+    """The bounding-box pruned kernel (what ``auto`` uses for k >= 2048) returns exactly the
     float64 argmin, on data where its boxes prune a lot (clustered), a little (gaussian), with
     duplicate centroids (exact ties) and on a lattice (many exact ties between boxes)."""
     if not native.grouped_supported():

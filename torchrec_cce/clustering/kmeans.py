@@ -25,7 +25,7 @@ Nearest centroid, exactly
 (:mod:`torchrec_cce.clustering.native`, CPU, ``d <= 16``) when they build, else by batched
 ``addmm`` + argmin in torch. The kernels never write an ``n x k`` matrix (at CCE's chunk dims
 that memory traffic, not the arithmetic, is what BLAS + argmin pays): per row they keep the
-best and second-best score ``||c||^2 - 2 x.c`` in registers. For ``k >= 256`` the *grouped*
+best and second-best score ``||c||^2 - 2 x.c`` in registers. For ``k >= 2048`` the *grouped*
 kernel first splits the centroids into bounding boxes of ``k / 32`` (32 to 128; a balanced
 k-d tree) and scans
 only the boxes that can hold a centroid within the near-tie margin of the best one found
@@ -68,7 +68,7 @@ _EXACT_BATCH_ELEMENTS = 1 << 20
 # tried at, and the fraction of boxes scanned above which a query batch falls back to the
 # brute force for the rest of the index's life.
 _GROUP_LEAF = int(os.environ.get("TORCHREC_CCE_GROUP_LEAF", "0"))  # 0: k / 32 in [32, 128]
-_GROUP_MIN_K = 256
+_GROUP_MIN_K = 2048  # measured: slower than the brute force below (build + per-row overhead)
 _GROUP_MAX_D = int(os.environ.get("TORCHREC_CCE_GROUP_MAX_D", "16"))
 _GROUP_MAX_VISIT = 0.6
 _GROUP_PROBE = 4096  # rows of the probe batch that decides

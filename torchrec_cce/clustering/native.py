@@ -168,24 +168,25 @@ class CentroidGroups:
             cut = int(round(ids.numel() * left_leaves / n_leaves))
             parts.append((order[cut:], n_leaves - left_leaves))
             parts.append((order[:cut], left_leaves))
-        sizes = [(int(g.numel()) + 7) // 8 * 8 for g in leaves]
-        kp = sum(sizes)
         self.num_groups = G = len(leaves)
+        sizes = torch.tensor([g.numel() for g in leaves], dtype=torch.int64)
+        padded = (sizes + 7) // 8 * 8
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), padded.cumsum(0)])
+        order = torch.cat(leaves)
+        group = torch.repeat_interleave(torch.arange(G), sizes)
+        first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+        cols = self.offsets[group] + torch.arange(k) - first
+        kp = int(self.offsets[-1])
         gp = (G + 7) // 8 * 8
+        pts = c[order]
         self.ct = torch.zeros(d, kp)
+        self.ct[:, cols] = pts.t()
         self.bias = torch.full((kp,), float("inf"))
-        self.perm = torch.zeros(kp, dtype=torch.int64)
-        self.lo = torch.full((d, gp), float("inf"))
-        self.hi = torch.full((d, gp), float("inf"))
-        offsets = [0]
-        for g, (ids, size) in enumerate(zip(leaves, sizes)):
-            a, m = offsets[-1], ids.numel()
-            self.ct[:, a: a + m] = c[ids].t()
-            self.bias[a: a + m] = sq[ids]
-            self.perm[a: a + size] = ids[0]
-            self.perm[a: a + m] = ids
-            pts = c[ids]
-            self.lo[:, g] = pts.amin(0)
-            self.hi[:, g] = pts.amax(0)
-            offsets.append(a + size)
-        self.offsets = torch.tensor(offsets, dtype=torch.int64)
+        self.bias[cols] = sq[order]
+        self.perm = torch.zeros(kp, dtype=torch.int64)  # padding: any valid index (never wins)
+        self.perm[cols] = order
+        where = group[:, None].expand(k, d)
+        self.lo = torch.full((gp, d), float("inf")).scatter_reduce_(0, where, pts, "amin").t().contiguous()
+        self.hi = torch.full((gp, d), float("inf"))
+        self.hi[:G] = -float("inf")
+        self.hi = self.hi.scatter_reduce_(0, where, pts, "amax").t().contiguous()
