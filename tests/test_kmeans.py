@@ -508,3 +508,33 @@ def test_kernel_build_failure_falls_back_to_torch_with_one_notice(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_build_without_avx2_uses_the_brute_force_kernel(tmp_path):
+    """A build for a CPU without AVX2 has no grouped kernel: ``auto`` then takes the scalar
+    brute-force kernel at k >= 2048 (no error), with the same exact answers."""
+    import os
+    import subprocess
+    import sys
+
+    if not native.available():
+        pytest.skip("compiled kernel unavailable")
+    code = (
+        "import torch\n"
+        "from torchrec_cce.clustering import native\n"
+        "native._FLAGS = [f for f in native._FLAGS if f != '-march=native'] + ['-march=x86-64']\n"
+        "from torchrec_cce.clustering.kmeans import nearest_centroid, CentroidIndex\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, c = torch.randn(3000, 4, generator=g), torch.randn(2048, 4, generator=g)\n"
+        "assert native.available() and not native.grouped_supported()\n"
+        "assert CentroidIndex(c).groups is None and CentroidIndex(c).native\n"
+        "idx, _ = nearest_centroid(x, c)\n"
+        "ref = torch.cdist(x.double(), c.double(), "
+        "compute_mode='donot_use_mm_for_euclid_dist').argmin(1)\n"
+        "assert torch.equal(idx, ref)\n"
+        "print('OK')\n")
+    env = dict(os.environ, TORCHREC_CCE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

@@ -110,10 +110,15 @@ def nearest2(x: torch.Tensor, ct: torch.Tensor, bias: torch.Tensor,
 
 def grouped_supported() -> bool:
     """Whether the grouped (pruned) kernel exists in this build (it needs AVX2 + FMA)."""
-    return available() and _GROUPED_OK
+    global _GROUPED_OK
+    if not available():
+        return False
+    if _GROUPED_OK is None:
+        _GROUPED_OK = bool(_LIB.cce_grouped_available())
+    return _GROUPED_OK
 
 
-_GROUPED_OK = True
+_GROUPED_OK: Optional[bool] = None
 
 
 def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor,
@@ -122,9 +127,8 @@ def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor
     bounding-box groups (:class:`CentroidGroups`): boxes whose distance from a row exceeds
     ``||x||^2 + best + 2 margin`` are skipped. ``xn``: ``||x||^2`` per row; ``margin``: the
     caller's near-tie margin per row (score units). Also returns the number of boxes scanned."""
-    global _GROUPED_OK
-    if not available():
-        raise RuntimeError("nearest2_grouped: the compiled kernel is not available")
+    if not grouped_supported():
+        raise RuntimeError("nearest2_grouped: this build has no grouped kernel (needs AVX2)")
     x, xn, margin = x.contiguous(), xn.contiguous(), margin.contiguous()
     n, d = x.shape
     idx, best, second = torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n)
@@ -135,9 +139,6 @@ def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor
         gr.offsets.data_ptr(), gr.num_groups, gr.lo.shape[1], gr.lo.data_ptr(), gr.hi.data_ptr(),
         xn.data_ptr(), margin.data_ptr(), gr.perm.data_ptr(), idx.data_ptr(), best.data_ptr(),
         second.data_ptr(), visited.data_ptr())
-    if rc == -2:
-        _GROUPED_OK = False
-        raise RuntimeError("nearest2_grouped: this build has no AVX2")
     if rc != 0:
         raise ValueError(f"nearest2_grouped: unsupported shapes x {tuple(x.shape)}")
     return idx, best, second, int(visited)

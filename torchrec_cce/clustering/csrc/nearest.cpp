@@ -326,3 +326,12 @@ extern "C" int cce_nearest2_grouped(const float* x, int64_t n, int64_t d, const 
   return -2;
 #endif
 }
+
+// 1 if this build has the grouped kernel (AVX2 + FMA), else 0.
+extern "C" int cce_grouped_available() {
+#ifdef CCE_AVX2
+  return 1;
+#else
+  return 0;
+#endif
+}
