@@ -2,6 +2,8 @@
 
 Sections (``--sections``, comma separated; default: all):
 
+* ``search_vs_faiss_knn``: one exact nearest-centroid pass, our paths vs ``faiss.knn``
+  (1 thread, CPU microseconds per row).
 * ``kmeans_vs_faiss``: :func:`torchrec_cce.clustering.kmeans.kmeans` against ``faiss.Kmeans``
   on the same samples, timed side by side in one run (best of ``--reps``): ``n = 256 k``
   samples of dim 4 (a dim-16 table cut into 4 CCE chunks) and of dim 16, ``k = 4096``, 10
@@ -13,7 +15,10 @@ Sections (``--sections``, comma separated; default: all):
   (faiss' own ``obj`` is that of the centroids before its last update).
   Our run also performs the extra assignment pass that makes ``assignment``/``inertia``
   consistent with the final centroids (faiss skips it), so it does 11 assignment passes to
-  faiss' 10. Ours is the exact brute force (compiled kernel when it builds: ``native_kernel``).
+  faiss' 10. Ours is the exact search of :class:`~torchrec_cce.clustering.kmeans.CentroidIndex`
+  (compiled kernels when they build: ``native_kernel``; bounding-box pruned where a probe shows
+  the boxes prune: ``grouped_kernel``). ``*_cpu_s``: process CPU seconds (both use 2 threads),
+  ``cpu_ratio`` their ratio (less sensitive to other jobs on a shared machine than ``ratio``).
   ``ours_kmeanspp_s`` is our k-means++ initialisation (on the replicated init
   pool) for reference; it is not part of the ratio.
 
@@ -25,6 +30,7 @@ Usage::
 """
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -82,13 +88,15 @@ def _kmeans_vs_faiss_row(faiss, kind: str, d: int, k: int, iters: int, threads: 
         km.train(xn)
         return km
 
-    ours_s = faiss_s = float("inf")
+    ours_s = faiss_s = ours_cpu = faiss_cpu = float("inf")
     res = km = None
     for _ in range(reps):  # interleaved, so both see the same machine load
+        c = time.process_time()
         t, res = _best_of(1, ours)
-        ours_s = min(ours_s, t)
+        ours_s, ours_cpu = min(ours_s, t), min(ours_cpu, time.process_time() - c)
+        c = time.process_time()
         t, km = _best_of(1, theirs)
-        faiss_s = min(faiss_s, t)
+        faiss_s, faiss_cpu = min(faiss_s, t), min(faiss_cpu, time.process_time() - c)
     _, fd2 = nearest_centroid(x, torch.from_numpy(km.centroids), method="auto")
     faiss_inertia = float(fd2.double().sum())
     extra = {}
@@ -100,12 +108,14 @@ def _kmeans_vs_faiss_row(faiss, kind: str, d: int, k: int, iters: int, threads: 
                      ours_kmeanspp_inertia=round(pp.inertia, 2))
     return dict(dataset=kind, n=n, d=d, k=k, iters=iters, threads=threads,
                 ours_s=round(ours_s, 3), faiss_s=round(faiss_s, 3),
-                ratio=round(ours_s / faiss_s, 3),
+                ratio=round(ours_s / faiss_s, 3), ours_cpu_s=round(ours_cpu, 3),
+                faiss_cpu_s=round(faiss_cpu, 3), cpu_ratio=round(ours_cpu / faiss_cpu, 3),
                 ours_inertia=round(res.inertia, 2), faiss_inertia=round(faiss_inertia, 2),
                 inertia_ratio=round(res.inertia / faiss_inertia, 4),
                 faiss_obj_last=round(float(km.obj[-1]), 2),
                 ours_iters_run=res.iters_run, ours_reseeded=res.reseeded,
-                native_kernel=native.available(), **extra,
+                native_kernel=native.available(), grouped_kernel=native.grouped_supported(),
+                **extra,
                 loadavg_1min=[round(load_before, 2), round(os.getloadavg()[0], 2)])
 
 
@@ -128,12 +138,58 @@ def kmeans_vs_faiss(args: argparse.Namespace) -> Dict[str, Any]:
                       "shared machine (loadavg_1min: before/after). Ours: 10 Lloyd updates + 11 "
                       "assignment passes (the last makes assignment/inertia match the final "
                       "centroids); faiss: 10 passes. Both inertias are against the final "
-                      "centroids; faiss_obj_last is faiss' own last objective."))
+                      "centroids; faiss_obj_last is faiss' own last objective. cpu_ratio: the "
+                      "same with process CPU seconds."))
     return {"kmeans_vs_faiss": rows, "kmeans_vs_faiss_meta": meta}
+
+
+def search_vs_faiss_knn(args: argparse.Namespace) -> Dict[str, Any]:
+    """One nearest-centroid pass (what a Lloyd iteration and the all-ids pass do) of
+    ``n = 2**18`` rows against ``k = 4096`` centroids (drawn from the data), on 1 thread, by
+    our search paths and by ``faiss.knn(x, c, 1)``, interleaved; the best of ``--reps``."""
+    import faiss
+
+    from torchrec_cce.clustering.kmeans import CentroidIndex
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    n, k = (1 << 14, 256) if args.quick else (1 << 18, 4096)
+    rows: List[Dict[str, Any]] = []
+    for kind, d in itertools.product(args.datasets.split(","), (4, 16)):
+        x = _data(kind, n + k, d, seed=100 + d)
+        x, c = x[:n].contiguous(), x[n:].contiguous()
+        paths: Dict[str, Callable[[], Any]] = {
+            "faiss_knn": lambda: faiss.knn(x.numpy(), c.numpy(), 1)}
+        for method in ("auto", "grouped", "native"):
+            if method == "grouped" and not native.grouped_supported():
+                continue
+            if method == "native" and not native.available():
+                continue
+            paths[method] = functools.partial(
+                lambda m: CentroidIndex(c, method=m).brute_force(x), method)
+        best = {name: float("inf") for name in paths}
+        for _ in range(args.reps):
+            for name, fn in paths.items():
+                t = time.process_time()
+                fn()
+                best[name] = min(best[name], time.process_time() - t)
+        row = dict(dataset=kind, d=d, n=n, k=k, threads=1,
+                   **{f"{name}_cpu_us_per_row": round(1e6 * v / n, 3) for name, v in best.items()},
+                   auto_vs_faiss_knn=round(best["auto"] / best["faiss_knn"], 3),
+                   loadavg_1min=round(os.getloadavg()[0], 2))
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return {"search_vs_faiss_knn": rows,
+            "search_vs_faiss_knn_meta": dict(
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), reps=args.reps, faiss=faiss.__version__,
+                note="process CPU microseconds per row of one exact nearest-centroid pass, 1 "
+                     "thread, best of reps, paths interleaved; auto = what kmeans/recluster "
+                     "use (grouped where a probe shows the boxes prune, else native)")}
 
 
 SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict[str, Any]]] = {
     "kmeans_vs_faiss": kmeans_vs_faiss,
+    "search_vs_faiss_knn": search_vs_faiss_knn,
 }
 
 

@@ -48,8 +48,9 @@ def test_local_collective_is_identity():
 
 # ----------------------------------------------------------------------------- nearest centroid
 def _methods():
-    """Search paths under test: torch always, the compiled kernel where it builds here."""
-    return ["torch"] + (["native"] if native.available() else [])
+    """Search paths under test: torch always, the compiled kernels where they build here."""
+    return ["torch"] + (["native"] if native.available() else []) + (
+        ["grouped"] if native.grouped_supported() else [])
 
 
 def test_native_kernel_builds_here():
@@ -71,7 +72,7 @@ def test_nearest_centroid_matches_float64_argmin(k, d):
     d2 = ((x.double()[:, None, :] - c.double()[None]) ** 2).sum(-1)
     ref_d, ref_i = d2.min(1)
     for method in _methods() + ["auto"]:
-        if method == "native" and d > 16:
+        if method in ("native", "grouped") and d > 16:
             continue
         for batch_size in (None, 128, 1):  # 128 and 1 < n: several batches
             if batch_size == 1 and d != 4:
@@ -83,12 +84,14 @@ def test_nearest_centroid_matches_float64_argmin(k, d):
             assert bool((dist >= 0).all())
 
 
-@pytest.mark.parametrize("method", ["torch", "native"])
+@pytest.mark.parametrize("method", ["torch", "native", "grouped"])
 def test_near_ties_are_decided_in_float64(method):
     """Points placed on (and 1 ulp off) the bisector of two centroids, where float32 scores
     cannot tell: the answer is still the float64 argmin, lowest index on exact ties."""
     if method == "native" and not native.available():
         pytest.skip("compiled kernel unavailable")
+    if method == "grouped" and not native.grouped_supported():
+        pytest.skip("grouped kernel unavailable (needs AVX2)")
     g = torch.Generator().manual_seed(5)
     c = torch.randn(64, 4, generator=g) * 10
     c[1] = c[0] + torch.tensor([1e-3, 0.0, 0.0, 0.0])  # two nearly coincident centroids
@@ -107,6 +110,94 @@ def test_near_ties_are_decided_in_float64(method):
     idx, _ = nearest_centroid(xi, cd, method=method)
     ref = ((xi.double()[:, None, :] - cd.double()[None]) ** 2).sum(-1).argmin(1)
     assert torch.equal(idx, ref) and not bool((idx == 10).any())
+
+
+def _float64_argmin(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The documented answer: argmin over centroids of the float64 squared distance from the
+    float32 point to the float32 centroid, the lowest index among exact ties (torch's argmin
+    returns the first minimum). cdist without its matrix-product shortcut, which is inexact."""
+    return torch.cdist(x.double(), c.double(),
+                       compute_mode="donot_use_mm_for_euclid_dist").square().argmin(1)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "clustered", "duplicates", "grid"])
+@pytest.mark.parametrize("d", [1, 2, 4, 7, 16])
+def test_grouped_search_equals_cdist_argmin(kind, d):
+    """The bounding-box pruned kernel (what ``auto`` uses for k >= 2048) returns exactly the
+    float64 argmin, on data where its boxes prune a lot (clustered), a little (gaussian), with
+    duplicate centroids (exact ties) and on a lattice (many exact ties between boxes)."""
+    if not native.grouped_supported():
+        pytest.skip("grouped kernel unavailable (needs a C++ compiler and AVX2)")
+    g = torch.Generator().manual_seed(d * 10 + len(kind))
+    k = 1000
+    if kind == "clustered":
+        x = _mixture(20_000, d, 50, seed=d)
+        c = x[torch.randperm(x.shape[0], generator=g)[:k]] + 0.01 * torch.randn(k, d, generator=g)
+    elif kind == "duplicates":
+        base = torch.randn(k // 4, d, generator=g)
+        c = base[torch.randint(0, k // 4, (k,), generator=g)]
+        x = torch.cat([base[torch.randint(0, k // 4, (5000,), generator=g)],
+                       torch.randn(15_000, d, generator=g)])
+    elif kind == "grid":
+        c = torch.randint(-4, 5, (k, d), generator=g).float()
+        x = torch.randint(-8, 9, (20_000, d), generator=g).float() / 2
+    else:
+        x, c = torch.randn(20_000, d, generator=g), torch.randn(k, d, generator=g)
+    ref = _float64_argmin(x, c)
+    for method in ("grouped", "auto", "native"):
+        idx, dist = nearest_centroid(x, c, method=method)
+        assert torch.equal(idx, ref), (method, int((idx != ref).sum()))
+        want = (x.double() - c.double()[ref]).square().sum(1)
+        assert torch.allclose(dist.double(), want, atol=1e-4, rtol=1e-4)
+
+
+def test_grouped_search_prunes_low_dimensional_data():
+    """At d = 4 the boxes skip most centroids (the point of the kernel): fewer than a quarter of
+    the boxes are scanned per row."""
+    if not native.grouped_supported():
+        pytest.skip("grouped kernel unavailable")
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(5000, 4, generator=g), torch.randn(4096, 4, generator=g)
+    groups = native.CentroidGroups(c, (c * c).sum(1), 64)
+    assert groups.num_groups == 64 and sorted(groups.perm[groups.bias.isfinite()].tolist()) \
+        == list(range(4096))
+    xn = (x * x).sum(1)
+    idx, best, second, visited = native.nearest2_grouped(x, groups, xn, torch.zeros(5000))
+    assert torch.equal(idx, _float64_argmin(x, c))
+    assert visited < 0.25 * 5000 * groups.num_groups, visited / 5000
+
+
+def test_native_cache_is_keyed_by_source(tmp_path):
+    """Editing csrc/nearest.cpp builds a new library (the cache key is a hash of the source and
+    flags), so a stale build is never loaded."""
+    import os
+    import subprocess
+    import sys
+
+    if not native.available():
+        pytest.skip("compiled kernel unavailable")
+    src = tmp_path / "nearest.cpp"
+    src.write_text(open(native._SRC).read())
+    code = (
+        "import os, sys\n"
+        "from torchrec_cce.clustering import native\n"
+        f"native._SRC = {str(src)!r}\n"
+        "lib = native._build()\n"
+        "print(lib._name)\n")
+    env = dict(os.environ, TORCHREC_CCE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(sys.path))
+
+    def build() -> str:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
+
+    first = build()
+    assert build() == first  # unchanged source: the cached library
+    src.write_text(src.read_text() + "\n// edited\n")
+    second = build()
+    assert second != first and os.path.exists(first) and os.path.exists(second)
 
 
 def test_nearest_centroid_faiss_method_matches_brute():
@@ -327,6 +418,39 @@ def test_worker_threads_give_the_same_result_and_restore_the_thread_count():
     assert torch.equal(one_nc[0], torch.cdist(x, one.centroids).argmin(1))
 
 
+def _reference_lloyd(x: torch.Tensor, init: torch.Tensor, iters: int):
+    """Textbook Lloyd in float64: assign by the float64 argmin (lowest index on ties), move
+    each centroid to its members' mean (empty clusters stay put)."""
+    c = init.double().clone()
+    x64 = x.double()
+    for _ in range(iters):
+        a = _float64_argmin(x64, c)
+        counts = torch.bincount(a, minlength=c.shape[0]).double()
+        sums = torch.zeros_like(c).index_add_(0, a, x64)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+    return c, _float64_argmin(x64, c)
+
+
+@pytest.mark.parametrize("d,k", [(4, 300), (4, 1024), (16, 300)])
+def test_kmeans_equals_reference_lloyd(d, k):
+    """Same initial centroids: our k-means (grouped kernel at k >= 256, float32 sums in
+    float64) and a textbook float64 Lloyd end with the same assignment and centroids."""
+    x = _mixture(30_000, d, 40, seed=d + k)
+    g = torch.Generator().manual_seed(1)
+    init = x[torch.randperm(x.shape[0], generator=g)[:k]].clone()
+    res = kmeans(x, k, iters=8, init=init, tol=0)
+    assert res.reseeded == 0  # the reference does not re-seed
+    ref_c, ref_a = _reference_lloyd(x, init, res.iters_run)
+    torch.testing.assert_close(res.centroids.double(), ref_c, atol=2e-5, rtol=1e-5)
+    assert torch.equal(res.assignment, ref_a), int((res.assignment != ref_a).sum())
+    for method in ("torch", "native"):
+        if method == "native" and not native.available():
+            continue
+        other = kmeans(x, k, iters=8, init=init, tol=0, method=method)
+        assert torch.equal(other.assignment, res.assignment), method
+        assert torch.equal(other.centroids, res.centroids), method
+
+
 # ------------------------------------------------------------------------- vs sklearn and faiss
 def _reference_data():
     """Isotropic Gaussian data: k-means' local optima differ by well under 1% in inertia, so the
@@ -380,6 +504,36 @@ def test_kernel_build_failure_falls_back_to_torch_with_one_notice(tmp_path):
         "print('OK', msgs[0])\n")
     env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"),
                TORCHREC_CCE_CACHE=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def test_build_without_avx2_uses_the_brute_force_kernel(tmp_path):
+    """A build for a CPU without AVX2 has no grouped kernel: ``auto`` then takes the scalar
+    brute-force kernel at k >= 2048 (no error), with the same exact answers."""
+    import os
+    import subprocess
+    import sys
+
+    if not native.available():
+        pytest.skip("compiled kernel unavailable")
+    code = (
+        "import torch\n"
+        "from torchrec_cce.clustering import native\n"
+        "native._FLAGS = [f for f in native._FLAGS if f != '-march=native'] + ['-march=x86-64']\n"
+        "from torchrec_cce.clustering.kmeans import nearest_centroid, CentroidIndex\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x, c = torch.randn(3000, 4, generator=g), torch.randn(2048, 4, generator=g)\n"
+        "assert native.available() and not native.grouped_supported()\n"
+        "assert CentroidIndex(c).groups is None and CentroidIndex(c).native\n"
+        "idx, _ = nearest_centroid(x, c)\n"
+        "ref = torch.cdist(x.double(), c.double(), "
+        "compute_mode='donot_use_mm_for_euclid_dist').argmin(1)\n"
+        "assert torch.equal(idx, ref)\n"
+        "print('OK')\n")
+    env = dict(os.environ, TORCHREC_CCE_CACHE=str(tmp_path / "cache"),
                PYTHONPATH=os.pathsep.join(sys.path))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -736,3 +736,54 @@ def test_non_finite_codebook_refused_sharded_state_untouched(replicate_below):
 OLD_REV = "f7838e1"  # the last commit with the graph-pruned search (before the fused kernel)
 
 
+
+
+# ------------------------------------------------- the all-ids pass against a plain reference
+@pytest.mark.parametrize("rows", [2048, 3000])
+def test_all_ids_pass_equals_cdist_argmin_reference(rows, monkeypatch):
+    """With k >= 2048 the all-ids pass uses the pruned (grouped) kernel on worker threads in
+    several id batches. Its ``p`` must equal the plain reference exactly: per chunk, the argmin
+    over the new centroids of the float64 squared distance from the id's old float32 vector
+    (lowest index on exact ties; ``torch.cdist`` without its inexact matrix-product shortcut),
+    and ``B`` the float64 mean residual per new bucket."""
+    V, c, dim = 9000, 4, 16
+    ebc = build([("t", V, dim, CCEConfig(rows=rows, chunks=c, seed=7))])
+    g = torch.Generator().manual_seed(rows)
+    with torch.no_grad():
+        w = weight(ebc, "t__cce")
+        w.copy_(torch.randn(w.shape, generator=g))
+        w[: rows // 2] = w[rows // 2: rows]  # duplicate A rows: exact ties among old vectors
+    m = ebc.tables["t"]
+    m.reservoir.observe(torch.randint(0, V, (5 * rows,), generator=g))
+    old = embed(ebc, "t", torch.arange(V)).view(V, c, dim // c)
+    from torchrec_cce.clustering import native
+    calls = []
+    if native.grouped_supported():  # count the rows the pruned kernel answers
+        real = native.nearest2_grouped
+        monkeypatch.setattr(native, "nearest2_grouped",
+                            lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    stats = recluster(ebc, id_batch=1000)
+    if native.grouped_supported():
+        assert sum(calls) >= c * V  # k-means' passes plus every id of every chunk
+        from torchrec_cce.clustering.kmeans import CentroidIndex
+        A_ = stacked_ab(ebc, "t")[0].view(c, rows, -1)
+        for i in range(c):  # on these ids the boxes prune: auto stays on the pruned kernel
+            index = CentroidIndex(A_[i])
+            index.brute_force(old[:, i])
+            assert index.groups is not None, i
+    A, B = (x.view(c, rows, -1) for x in stacked_ab(ebc, "t"))
+    p = m.dense_assignment()
+    h = m.bucket(torch.arange(V))
+    for i in range(c):
+        d2 = torch.cdist(old[:, i].double(), A[i].double(),
+                         compute_mode="donot_use_mm_for_euclid_dist").square()
+        ref = d2.argmin(1)
+        assert torch.equal(p[:, i], ref), (i, int((p[:, i] != ref).sum()))
+        resid = old[:, i].double() - A[i].double()[ref]
+        sums = torch.zeros(rows, dim // c, dtype=torch.float64).index_add_(0, h[:, i], resid)
+        counts = torch.bincount(h[:, i], minlength=rows).double()
+        want = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], 0.0)
+        torch.testing.assert_close(B[i].double(), want, atol=1e-6, rtol=1e-5)
+    assert stats["t"]["mean_residual_sq"] == pytest.approx(
+        sum(float(torch.cdist(old[:, i].double(), A[i].double()).square().min(1).values.sum())
+            for i in range(c)) / V, rel=1e-5)

@@ -21,16 +21,22 @@ single-process run on the concatenated samples (same seed) up to float summation
 
 Nearest centroid, exactly
 -------------------------
-:class:`CentroidIndex` scores every centroid (brute force): with the compiled kernel
-(:mod:`torchrec_cce.clustering.native`, CPU, ``d <= 16``) in one fused pass per row that keeps
-the best and second-best score ``||c||^2 - 2 x.c`` in registers (no ``n x k`` matrix is ever
-written: at CCE's chunk dims that memory traffic, not the arithmetic, is what BLAS + argmin
-pays), else by batched ``addmm`` + argmin in torch. Either way the float32 answer is then made
-*exact*: a row whose best and second-best float32 scores lie within the float32 error bound of
-each other is re-scored against all centroids in float64. The assignment is therefore the
-argmin of the float64 distance from the float32 point to the float32 centroids (ties: lowest
-index), whichever path, thread count or batch size computed it. Rows are split over
-``torch.get_num_threads()`` Python worker threads (see :func:`_worker_threads`).
+:class:`CentroidIndex` finds every row's nearest centroid with the compiled kernels
+(:mod:`torchrec_cce.clustering.native`, CPU, ``d <= 16``) when they build, else by batched
+``addmm`` + argmin in torch. The kernels never write an ``n x k`` matrix (at CCE's chunk dims
+that memory traffic, not the arithmetic, is what BLAS + argmin pays): per row they keep the
+best and second-best score ``||c||^2 - 2 x.c`` in registers. For ``k >= 2048`` the *grouped*
+kernel first splits the centroids into bounding boxes of ``k / 32`` (32 to 128; a balanced
+k-d tree) and scans
+only the boxes that can hold a centroid within the near-tie margin of the best one found
+(3-4x fewer operations at d = 4); if a batch shows the boxes do not prune (most are scanned,
+as for isotropic data at d = 16), that index switches to the plain brute-force kernel.
+Whatever path, the float32 answer is then made *exact*: a row whose best and second-best
+float32 scores lie within the float32 error bound of each other is re-scored against all
+centroids in float64. The assignment is therefore the argmin of the float64 distance from the
+float32 point to the float32 centroids (ties: lowest index), whichever path, thread count or
+batch size computed it. Rows are split over ``torch.get_num_threads()`` Python worker threads
+(see :func:`_worker_threads`).
 """
 
 import contextlib
@@ -58,6 +64,14 @@ _ARGMIN_WIDTH = 128
 _F32_EPS = 1.2e-7
 # float64 re-scoring of near-ties: distances per batch
 _EXACT_BATCH_ELEMENTS = 1 << 20
+# Grouped (pruned) search: centroids per bounding box, the smallest k and largest d it is
+# tried at, and the fraction of boxes scanned above which a query batch falls back to the
+# brute force for the rest of the index's life.
+_GROUP_LEAF = int(os.environ.get("TORCHREC_CCE_GROUP_LEAF", "0"))  # 0: k / 32 in [32, 128]
+_GROUP_MIN_K = 2048  # measured: slower than the brute force below (build + per-row overhead)
+_GROUP_MAX_D = int(os.environ.get("TORCHREC_CCE_GROUP_MAX_D", "16"))
+_GROUP_MAX_VISIT = 0.6
+_GROUP_PROBE = 4096  # rows of the probe batch that decides
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,6 +195,10 @@ def _in_worker_threads(fn: Callable) -> Callable:
     return wrapper
 
 
+worker_threads = _worker_threads
+parallel_tasks = _parallel
+
+
 def _split(n: int, parts: int, minimum: int = 4096) -> List[Tuple[int, int]]:
     """``[lo, hi)`` ranges covering ``range(n)``: ``parts`` of them, each >= ``minimum``."""
     parts = max(1, min(parts, n // max(1, minimum)))
@@ -207,18 +225,21 @@ class CentroidIndex:
         c = centroids.detach().to(torch.float32).contiguous()
         if c.dim() != 2 or c.shape[0] == 0:
             raise ValueError(f"CentroidIndex: centroids must be [k, d] with k >= 1, got {tuple(c.shape)}")
-        if method not in ("auto", "native", "torch"):
-            raise ValueError(f"CentroidIndex: method must be 'auto', 'native' or 'torch', got {method!r}")
+        if method not in ("auto", "grouped", "native", "torch"):
+            raise ValueError("CentroidIndex: method must be 'auto', 'grouped', 'native' or "
+                             f"'torch', got {method!r}")
         self.centroids = c
         self.k, self.d = c.shape
         self.sq = (c * c).sum(1)
         self.sq_max = float(self.sq.max())
         self.batch_size = batch_size
         fits = c.device.type == "cpu" and self.d <= 16
-        if method == "native" and not (fits and native.available()):
-            raise RuntimeError("CentroidIndex(method='native'): the compiled kernel needs CPU "
-                               "tensors with d <= 16 and a C++ compiler (see torchrec_cce."
+        if method in ("native", "grouped") and not (fits and native.available()):
+            raise RuntimeError(f"CentroidIndex(method={method!r}): the compiled kernel needs "
+                               "CPU tensors with d <= 16 and a C++ compiler (see torchrec_cce."
                                "clustering.native)")
+        if method == "grouped" and not native.grouped_supported():
+            raise RuntimeError("CentroidIndex(method='grouped'): this build has no AVX2")
         self.native = method != "torch" and fits and native.available()
         k = self.k
         if self.native:
@@ -232,6 +253,13 @@ class CentroidIndex:
         self._ct[:, :k] = c.t()
         self._bias = torch.full((kp,), float("inf"), device=c.device)
         self._bias[:k] = self.sq
+        self.groups: Optional[native.CentroidGroups] = None
+        self._forced = method == "grouped"
+        self._pruning = False  # set once a probe batch showed that the boxes prune
+        if self._forced or (method == "auto" and self.native and native.grouped_supported()
+                            and k >= _GROUP_MIN_K and self.d <= _GROUP_MAX_D):
+            leaf = _GROUP_LEAF or min(128, max(32, k // 32))
+            self.groups = native.CentroidGroups(c, self.sq, leaf)
 
     def _err(self, sq_norm: torch.Tensor) -> torch.Tensor:
         """Generous bound on the float32 error of a score ``||c||^2 - 2 x.c``."""
@@ -296,21 +324,34 @@ class CentroidIndex:
         """Score rows ``[start, stop)``; returns the rows whose answer float32 cannot settle."""
         ties: List[torch.Tensor] = []
         buf = None if self.native else torch.empty(b * self._kp, device=x.device)
-        for lo in range(start, stop, b):
-            xb = x[lo: min(stop, lo + b)]
+        lo = start
+        while lo < stop:
+            # until the boxes have proved they prune, query them with a small probe batch
+            probing = self.groups is not None and not self._forced and not self._pruning
+            xb = x[lo: min(stop, lo + (min(b, _GROUP_PROBE) if probing else b))]
             m = xb.shape[0]
             xn = (xb * xb).sum(1)
-            if self.native:
+            margin = self._err(xn).mul_(2.0)
+            groups = self.groups
+            if groups is not None:
+                arg, val, close, visited = native.nearest2_grouped(xb, groups, xn, margin)
+                close = close.sub_(val)
+                if not self._forced and not self._pruning:
+                    if visited > _GROUP_MAX_VISIT * m * groups.num_groups:
+                        self.groups = None  # the boxes do not prune: brute force from now on
+                    else:
+                        self._pruning = True
+            elif self.native:
                 arg, val, close = native.nearest2(xb, self._ct, self._bias)
                 close = close.sub_(val)  # gap to the second-best score
             else:
                 val, arg, close = self._torch_rows(xb, buf)
             idx[lo: lo + m] = arg
-            margin = self._err(xn).mul_(2.0)
             tie = torch.nonzero(close <= margin).squeeze(1)
             if tie.numel():
                 ties.append(tie + lo)
             best[lo: lo + m] = val.add_(xn).clamp_(min=0)
+            lo += m
         return torch.cat(ties) if ties else torch.empty(0, dtype=torch.int64, device=x.device)
 
     def _torch_rows(self, xb: torch.Tensor, buf: torch.Tensor
@@ -357,9 +398,9 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, batch_size: Optio
     (``faiss.knn``, needs faiss-cpu; float32, not re-checked). ``batch_size``: rows per batch.
     For many calls with the same centroids build one :class:`CentroidIndex`.
     """
-    if method not in ("auto", "native", "torch", "brute", "faiss"):
-        raise ValueError("nearest_centroid: method must be 'auto', 'native', 'torch', 'brute' "
-                         f"or 'faiss', got {method!r}")
+    if method not in ("auto", "grouped", "native", "torch", "brute", "faiss"):
+        raise ValueError("nearest_centroid: method must be 'auto', 'grouped', 'native', "
+                         f"'torch', 'brute' or 'faiss', got {method!r}")
     if x.dim() != 2 or centroids.dim() != 2 or x.shape[1] != centroids.shape[1]:
         raise ValueError(f"nearest_centroid: x [n, d] and centroids [k, d] required, got "
                          f"{tuple(x.shape)} and {tuple(centroids.shape)}")
@@ -550,8 +591,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
                              f"{tuple(init.shape)}")
     elif init not in ("kmeans++", "random"):
         raise ValueError(f"kmeans: init must be 'kmeans++' or 'random', got {init!r}")
-    if method not in ("auto", "native", "torch", "brute"):
-        raise ValueError(f"kmeans: method must be 'auto', 'native', 'torch' or 'brute', got {method!r}")
+    if method not in ("auto", "grouped", "native", "torch", "brute"):
+        raise ValueError("kmeans: method must be 'auto', 'grouped', 'native', 'torch' or "
+                         f"'brute', got {method!r}")
     coll = collective if collective is not None else default_collective()
     x = x.detach().to(torch.float32).contiguous()
     n, d = x.shape

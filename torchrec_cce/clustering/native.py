@@ -1,7 +1,9 @@
 """The optional compiled nearest-centroid kernel (``csrc/nearest.cpp``), built on first use.
 
 :func:`nearest2` runs the kernel: best and second-best score ``||c||^2 - 2 x.c`` and the best
-index of every row, without materialising distances. The shared library is compiled once with
+index of every row, without materialising distances; :func:`nearest2_grouped` does the same
+over centroids grouped in bounding boxes (:class:`CentroidGroups`), skipping the boxes that
+cannot hold a centroid within the caller's near-tie margin of the best. The shared library is compiled once with
 the system C++ compiler (``$CXX`` or ``c++``; about a second, no torch headers) into
 ``$TORCHREC_CCE_CACHE`` (default ``~/.cache/torchrec_cce``), keyed by a hash of the source and
 flags, and loaded with :mod:`ctypes` (whose calls release the GIL). Where no compiler exists or
@@ -57,6 +59,10 @@ def _build() -> ctypes.CDLL:
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p]
+    g = lib.cce_nearest2_grouped
+    g.restype = ctypes.c_int
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    g.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, p, p, p, p, p, p, p]
     return lib
 
 
@@ -100,3 +106,88 @@ def nearest2(x: torch.Tensor, ct: torch.Tensor, bias: torch.Tensor,
     if rc != 0:
         raise ValueError(f"nearest2: unsupported shapes x {tuple(x.shape)}, ct {tuple(ct.shape)}")
     return idx, best, second
+
+
+def grouped_supported() -> bool:
+    """Whether the grouped (pruned) kernel exists in this build (it needs AVX2 + FMA)."""
+    global _GROUPED_OK
+    if not available():
+        return False
+    if _GROUPED_OK is None:
+        _GROUPED_OK = bool(_LIB.cce_grouped_available())
+    return _GROUPED_OK
+
+
+_GROUPED_OK: Optional[bool] = None
+
+
+def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor,
+                     margin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Like :func:`nearest2` (but the index is the centroid's own) over centroids arranged in
+    bounding-box groups (:class:`CentroidGroups`): boxes whose distance from a row exceeds
+    ``||x||^2 + best + 2 margin`` are skipped. ``xn``: ``||x||^2`` per row; ``margin``: the
+    caller's near-tie margin per row (score units). Also returns the number of boxes scanned."""
+    if not grouped_supported():
+        raise RuntimeError("nearest2_grouped: this build has no grouped kernel (needs AVX2)")
+    x, xn, margin = x.contiguous(), xn.contiguous(), margin.contiguous()
+    n, d = x.shape
+    idx, best, second = torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n)
+    visited = torch.zeros(1, dtype=torch.int64)
+    gr = groups
+    rc = _LIB.cce_nearest2_grouped(
+        x.data_ptr(), n, d, gr.ct.data_ptr(), gr.bias.data_ptr(), gr.ct.shape[1],
+        gr.offsets.data_ptr(), gr.num_groups, gr.lo.shape[1], gr.lo.data_ptr(), gr.hi.data_ptr(),
+        xn.data_ptr(), margin.data_ptr(), gr.perm.data_ptr(), idx.data_ptr(), best.data_ptr(),
+        second.data_ptr(), visited.data_ptr())
+    if rc != 0:
+        raise ValueError(f"nearest2_grouped: unsupported shapes x {tuple(x.shape)}")
+    return idx, best, second, int(visited)
+
+
+class CentroidGroups:
+    """Centroids ``[k, d]`` split into groups of at most ``leaf`` by a balanced k-d tree
+    (median splits along the widest side), stored group by group for
+    :func:`nearest2_grouped`: ``ct [d, kp]`` and ``bias [kp]`` (``||c||^2``, ``inf`` in the
+    padding that rounds every group up to 8 columns), ``offsets [G + 1]``, ``perm [kp]``
+    (column -> centroid index) and the groups' bounding boxes ``lo``/``hi`` ``[d, gp]``."""
+
+    def __init__(self, centroids: torch.Tensor, sq: torch.Tensor, leaf: int) -> None:
+        c = centroids
+        k, d = c.shape
+        num_leaves = max(1, -(-k // leaf))
+        parts = [(torch.arange(k), num_leaves)]
+        leaves = []
+        while parts:
+            ids, n_leaves = parts.pop()
+            if n_leaves == 1:
+                leaves.append(ids)
+                continue
+            pts = c[ids]
+            dim = int((pts.amax(0) - pts.amin(0)).argmax())
+            order = ids[torch.argsort(pts[:, dim], stable=True)]
+            left_leaves = n_leaves // 2
+            cut = int(round(ids.numel() * left_leaves / n_leaves))
+            parts.append((order[cut:], n_leaves - left_leaves))
+            parts.append((order[:cut], left_leaves))
+        self.num_groups = G = len(leaves)
+        sizes = torch.tensor([g.numel() for g in leaves], dtype=torch.int64)
+        padded = (sizes + 7) // 8 * 8
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), padded.cumsum(0)])
+        order = torch.cat(leaves)
+        group = torch.repeat_interleave(torch.arange(G), sizes)
+        first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
+        cols = self.offsets[group] + torch.arange(k) - first
+        kp = int(self.offsets[-1])
+        gp = (G + 7) // 8 * 8
+        pts = c[order]
+        self.ct = torch.zeros(d, kp)
+        self.ct[:, cols] = pts.t()
+        self.bias = torch.full((kp,), float("inf"))
+        self.bias[cols] = sq[order]
+        self.perm = torch.zeros(kp, dtype=torch.int64)  # padding: any valid index (never wins)
+        self.perm[cols] = order
+        where = group[:, None].expand(k, d)
+        self.lo = torch.full((gp, d), float("inf")).scatter_reduce_(0, where, pts, "amin").t().contiguous()
+        self.hi = torch.full((gp, d), float("inf"))
+        self.hi[:G] = -float("inf")
+        self.hi = self.hi.scatter_reduce_(0, where, pts, "amax").t().contiguous()

@@ -24,6 +24,7 @@ goes through a :class:`~torchrec_cce.clustering.kmeans.Collective`. A rank proce
 all-reduced, and a replicated ``p`` is re-assembled by all-gather.
 """
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -31,7 +32,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from torchrec_cce.clustering.kmeans import CentroidIndex, Collective, default_collective, kmeans
+from torchrec_cce.clustering.kmeans import (
+    CentroidIndex,
+    Collective,
+    default_collective,
+    kmeans,
+    parallel_tasks,
+    worker_threads,
+)
 from torchrec_cce.hashing import derive_seed, hash_ids
 from torchrec_cce.methods.base import codebook_table_name
 from torchrec_cce.methods.cce import CCETable
@@ -105,38 +113,87 @@ def check_finite_codebooks(state: ReclusterState) -> None:
 
 
 def _assign_all_ids(state: ReclusterState, A: torch.Tensor, B: torch.Tensor,
-                    cents: torch.Tensor, next_gen: torch.Tensor, id_batch: int
+                    cents: torch.Tensor, next_gen: torch.Tensor, id_batch: int,
+                    phases: Optional[Dict[str, float]] = None
                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """Step 4 on this rank's ids, in batches of ``id_batch``: each id's old chunk vectors
     (``A_i[p_i] + B_i[h_i]``, gathered per chunk), their exact nearest new centroid
     (:class:`~torchrec_cce.clustering.kmeans.CentroidIndex`, built once per chunk) and the
-    residual sums/counts per bucket of the fresh hash. Returns ``(new p [n, chunks] int64,
+    residual sums/counts per bucket of the fresh hash. Returns ``(new p [n, chunks] int32,
     sums [chunks, rows, chunk_dim] float64, counts [chunks, rows] float64, sum of squared
-    residuals)`` for the local ids (sums/counts not yet all-reduced)."""
+    residuals)`` for the local ids (sums/counts not yet all-reduced).
+
+    The batches are independent tasks on the k-means worker threads (torch single-threaded
+    inside each: see :func:`~torchrec_cce.clustering.kmeans.parallel_tasks`); their partial
+    sums are added in batch order, so the result does not depend on the thread count."""
     m, c, rows = state.method, state.method.chunks, state.method.rows
     dev = A.device
     A3, B3 = A.view(c, rows, -1), B.view(c, rows, -1)
-    indexes = [CentroidIndex(cents[i]) for i in range(c)]
-    sums = torch.zeros(c, rows, m.chunk_dim, dtype=torch.float64, device=dev)
-    counts = torch.zeros(c, rows, dtype=torch.float64, device=dev)
     lo, hi = state.id_range
-    new_p = torch.empty(max(0, hi - lo), c, dtype=torch.int64, device=dev)
-    residual_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for b_lo in range(lo, hi, id_batch):
-        b_hi = min(hi, b_lo + id_batch)
+    new_p = torch.empty(max(0, hi - lo), c, dtype=torch.int32, device=dev)
+    with worker_threads():
+        indexes = [CentroidIndex(cents[i]) for i in range(c)]
+
+    def batch(b_lo: int, b_hi: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                              Dict[str, float]]:
+        times: Dict[str, float] = {}
+        clock = _Clock(times, cpu=False)
         ids = torch.arange(b_lo, b_hi, device=dev)
         p_old = _assignment_rows(state, b_lo, b_hi)
+        clock("all_ids_read_p")
         h_old = _buckets(m, ids, m.h_generation)
         h_new = _buckets(m, ids, next_gen)
+        clock("all_ids_hash")
+        sums = torch.zeros(c, rows, m.chunk_dim, dtype=torch.float64, device=dev)
+        counts = torch.zeros(c, rows, dtype=torch.float64, device=dev)
+        residual_sq = torch.zeros((), dtype=torch.float64, device=dev)
         for i in range(c):
             vec = A3[i].index_select(0, p_old[:, i]).add_(B3[i].index_select(0, h_old[:, i]))
+            clock("all_ids_gather")
             idx, dist = indexes[i].brute_force(vec)
-            new_p[b_lo - lo: b_hi - lo, i] = idx
+            clock("all_ids_search")
+            new_p[b_lo - lo: b_hi - lo, i] = idx.to(torch.int32)
             residual_sq += dist.sum(dtype=torch.float64)
             resid = vec.sub_(cents[i].index_select(0, idx)).double()
             sums[i].index_add_(0, h_new[:, i], resid)
             counts[i] += torch.bincount(h_new[:, i], minlength=rows).to(torch.float64)
+            clock("all_ids_residual")
+        return sums, counts, residual_sq, times
+
+    parts = parallel_tasks([functools.partial(batch, b_lo, min(hi, b_lo + id_batch))
+                            for b_lo in range(lo, hi, id_batch)])
+    sums = torch.zeros(c, rows, m.chunk_dim, dtype=torch.float64, device=dev)
+    counts = torch.zeros(c, rows, dtype=torch.float64, device=dev)
+    residual_sq = torch.zeros((), dtype=torch.float64, device=dev)
+    for s_part, c_part, r_part, times in parts:  # batch order: deterministic sums
+        sums += s_part
+        counts += c_part
+        residual_sq += r_part
+        if phases is not None:
+            for k, v in times.items():
+                phases[k] = phases.get(k, 0.0) + v
     return new_p, sums, counts, float(residual_sq)
+
+
+class _Clock:
+    """Accumulates the wall and (if ``cpu``) process-CPU seconds since the previous call into
+    ``phases[name]`` and ``phases[name + "_cpu"]`` (no-op if ``phases`` is None)."""
+
+    def __init__(self, phases: Optional[Dict[str, float]], cpu: bool = True) -> None:
+        self.phases = phases
+        self.cpu = cpu
+        self.reset()
+
+    def reset(self) -> None:
+        self.last, self.last_cpu = time.perf_counter(), time.process_time()
+
+    def __call__(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        if self.phases is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+            if self.cpu:
+                self.phases[name + "_cpu"] = self.phases.get(name + "_cpu", 0.0) + cpu - self.last_cpu
+        self.last, self.last_cpu = now, cpu
 
 
 @torch.no_grad()
@@ -150,6 +207,8 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
     Raises ``ValueError`` naming the table and chunk, before anything is written, if a codebook
     holds NaN/inf (every rank checks the same gathered codebooks, so all ranks refuse)."""
     start = time.perf_counter()
+    phases: Dict[str, float] = {}
+    clock = _Clock(phases)
     collective = collective or default_collective()
     m, c, rows = state.method, state.method.chunks, state.method.rows
     check_finite_codebooks(state)
@@ -158,8 +217,20 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
 
     # 1-3: k-means per chunk on the sample's current vectors (old state).
     sample = _sample_ids(m, collective, generation)
-    p_sample = state.sample_lookup(sample) if state.sample_lookup else _lookup(state, sample)
-    x = chunk_vectors(m, A, B, p_sample, m.bucket(sample))
+    if state.sample_lookup:  # collective: on this thread
+        p_sample = state.sample_lookup(sample)
+        with worker_threads():
+            x = chunk_vectors(m, A, B, p_sample, m.bucket(sample))
+    else:
+        def vectors(a: int, b: int) -> torch.Tensor:
+            ids = sample[a:b]
+            return chunk_vectors(m, A, B, _lookup(state, ids), m.bucket(ids))
+
+        step = 1 << 16
+        x = torch.cat(parallel_tasks([functools.partial(vectors, a, min(a + step, sample.numel()))
+                                      for a in range(0, sample.numel(), step)])
+                      or [A.new_zeros(0, c, m.chunk_dim)])
+    clock("sample_vectors")
     centroids: List[torch.Tensor] = []
     start_inertia = end_inertia = 0.0
     reseeded = 0
@@ -170,24 +241,31 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         start_inertia += float(res.inertia_history[0]) if res.inertia_history else float(res.inertia)
         end_inertia += float(res.inertia)
         reseeded += int(res.reseeded)
+        clock("kmeans_lloyd")
     cents = torch.stack(centroids)  # [c, rows, chunk_dim]
     kmeans_seconds = time.perf_counter() - start
 
     # 4: every owned id -> nearest centroid; residuals into buckets of the fresh hash.
     next_gen = torch.full_like(m.h_generation, generation + 1)
-    mine, sums, counts, residual_sq = _assign_all_ids(state, A, B, cents, next_gen, id_batch)
+    clock("other")
+    mine, sums, counts, residual_sq = _assign_all_ids(state, A, B, cents, next_gen, id_batch,
+                                                      phases)
+    clock("all_ids")
     flat = collective.all_reduce_sum(torch.cat([sums.flatten(), counts.flatten(),
                                                 torch.tensor([residual_sq], dtype=torch.float64,
                                                              device=A.device)]))
     sums = flat[: sums.numel()].view_as(sums)
     counts = flat[sums.numel(): sums.numel() + counts.numel()].view_as(counts)
     residual_sq = float(flat[-1])
+    clock("all_reduce")
 
     # 5: write the new state (nothing above read anything written here).
     _write_assignment(state, mine, collective)
+    clock("write_p")
     m.h_generation.copy_(next_gen)
     new_B = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp(min=1).unsqueeze(-1),
                         torch.zeros_like(sums)).to(A.dtype)
+    clock("other")
     stats = {
         "kmeans_inertia_start": start_inertia,
         "kmeans_inertia_end": end_inertia,
@@ -200,6 +278,8 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         "kmeans_seconds": kmeans_seconds,
         "seconds": time.perf_counter() - start,
     }
+    # per phase: "<phase>_seconds" (wall) and "<phase>_cpu_seconds" (process CPU)
+    stats.update({f"{k}_seconds": v for k, v in phases.items()})
     return cents.reshape(c * rows, -1), new_B.reshape(c * rows, -1), stats
 
 
@@ -213,12 +293,21 @@ def _lookup(state: ReclusterState, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _write_assignment(state: ReclusterState, mine: torch.Tensor, collective: Collective) -> None:
+    """Write the new ``p`` through ``CCETable.write_assignment``, in blocks of whole packed
+    words (they touch disjoint words, so they run as parallel tasks)."""
     lo, hi = state.id_range
     if state.gather_assignment:
-        full = collective.all_gather_cat(mine)
-        state.method.write_assignment(torch.arange(full.shape[0], device=full.device), full)
-    else:
-        state.method.write_assignment(torch.arange(lo, hi, device=mine.device), mine)
+        mine = collective.all_gather_cat(mine)
+        lo, hi = 0, mine.shape[0]
+    m = state.method
+    step = max(1, (1 << 18) // m.id_alignment()) * m.id_alignment()
+    first = m.stored_lo + ((lo - m.stored_lo) // step + 1) * step  # word-aligned block starts
+    bounds = [lo] + list(range(first, hi, step)) + [hi]
+
+    def write(a: int, b: int) -> None:
+        m.write_assignment(torch.arange(a, b, device=mine.device), mine[a - lo: b - lo])
+
+    parallel_tasks([functools.partial(write, a, b) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 def reset_optimizer_state(params: Iterable[nn.Parameter],

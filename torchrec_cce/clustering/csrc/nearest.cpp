@@ -123,6 +123,160 @@ void avx2_rows(const float* x, int64_t n, int d, const float* ct, const float* b
 }
 #endif
 
+// ---- grouped (pruned) search ------------------------------------------------------------
+// Centroids are stored group by group (columns [goff[g], goff[g+1]) of ct, multiples of 8,
+// padding columns have bias +inf) with each group's bounding box lo/hi ([d, gp], gp >= G).
+// Per row: the squared distance from x to every box (a lower bound on the distance to any
+// centroid in it), then the box nearest to x is scanned first and every other box only if
+// its bound does not exceed  ||x||^2 + best + 2 * margin  (so every centroid whose float32
+// score lies within margin of the best is scored: the caller's near-tie test stays valid).
+// Scores and the lane-wise best / second-best updates are the same operations as the brute
+// force, so both return the same float32 answers.
+#ifdef CCE_AVX2
+inline float hmin8(__m256 v) {
+  __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_min_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_min_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+template <int D>
+void grouped_rows(const float* x, int64_t n, int d_runtime, const float* ct, const float* bias,
+                  int64_t kp, const int64_t* goff, int64_t G, int64_t gp, const float* glo,
+                  const float* ghi, const float* xn, const float* margin, const int64_t* perm,
+                  int64_t* idx, float* best, float* second, int64_t* visited) {
+  const int d = D > 0 ? D : d_runtime;
+  float* lb = new float[gp];
+  int64_t* cand = new int64_t[gp];
+  int64_t nvisit = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * d;
+    // lower bounds, 8 boxes at a time, and the nearest box (lowest index on ties)
+    __m256 lbmin = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256i lbarg = _mm256_setzero_si256();
+    __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t g = 0; g < gp; g += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int t = 0; t < d; ++t) {
+        const __m256 xv = _mm256_set1_ps(xr[t]);
+        const __m256 below = _mm256_sub_ps(_mm256_loadu_ps(glo + t * gp + g), xv);
+        const __m256 above = _mm256_sub_ps(xv, _mm256_loadu_ps(ghi + t * gp + g));
+        const __m256 v = _mm256_max_ps(_mm256_max_ps(below, above), _mm256_setzero_ps());
+        acc = _mm256_fmadd_ps(v, v, acc);
+      }
+      _mm256_storeu_ps(lb + g, acc);
+      const __m256 lt = _mm256_cmp_ps(acc, lbmin, _CMP_LT_OQ);
+      lbmin = _mm256_min_ps(lbmin, acc);
+      lbarg = _mm256_castps_si256(
+          _mm256_blendv_ps(_mm256_castsi256_ps(lbarg), _mm256_castsi256_ps(lane8), lt));
+      lane8 = _mm256_add_epi32(lane8, _mm256_set1_epi32(8));
+    }
+    int64_t first = 0;
+    {
+      alignas(32) float mv[8];
+      alignas(32) int32_t mi[8];
+      _mm256_store_ps(mv, lbmin);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(mi), lbarg);
+      int w = 0;
+      for (int l = 1; l < 8; ++l)
+        if (mv[l] < mv[w] || (mv[l] == mv[w] && mi[l] < mi[w])) w = l;
+      first = mi[w];
+    }
+    float xm2[16];
+    __m256 xb[16];
+    for (int t = 0; t < d; ++t) {
+      xm2[t] = -2.0f * xr[t];
+      xb[t] = _mm256_set1_ps(xm2[t]);
+    }
+    __m256 b1 = _mm256_set1_ps(std::numeric_limits<float>::infinity()), b2 = b1;
+    __m256i bi = _mm256_setzero_si256();
+    const float slack = xn[r] + 2.0f * margin[r];
+    float cur = std::numeric_limits<float>::infinity();
+    auto scan = [&](int64_t g) {
+      ++nvisit;
+      int64_t j = goff[g];
+      const int64_t end = goff[g + 1];
+      for (; j + 32 <= end; j += 32) {
+        __m256 a0 = _mm256_loadu_ps(bias + j), a1 = _mm256_loadu_ps(bias + j + 8);
+        __m256 a2 = _mm256_loadu_ps(bias + j + 16), a3 = _mm256_loadu_ps(bias + j + 24);
+        for (int t = 0; t < d; ++t) {
+          const float* c = ct + t * kp + j;
+          a0 = _mm256_fmadd_ps(xb[t], _mm256_loadu_ps(c), a0);
+          a1 = _mm256_fmadd_ps(xb[t], _mm256_loadu_ps(c + 8), a1);
+          a2 = _mm256_fmadd_ps(xb[t], _mm256_loadu_ps(c + 16), a2);
+          a3 = _mm256_fmadd_ps(xb[t], _mm256_loadu_ps(c + 24), a3);
+        }
+        const __m256 as[4] = {a0, a1, a2, a3};
+        for (int q = 0; q < 4; ++q) {
+          const __m256 a = as[q];
+          const __m256 lt = _mm256_cmp_ps(a, b1, _CMP_LT_OQ);
+          b2 = _mm256_min_ps(b2, _mm256_max_ps(a, b1));
+          b1 = _mm256_min_ps(b1, a);
+          const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j + 8 * q)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+          bi = _mm256_castps_si256(
+              _mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(lane), lt));
+        }
+      }
+      for (; j < end; j += 8) {
+        __m256 a = _mm256_loadu_ps(bias + j);
+        for (int t = 0; t < d; ++t) a = _mm256_fmadd_ps(xb[t], _mm256_loadu_ps(ct + t * kp + j), a);
+        const __m256 lt = _mm256_cmp_ps(a, b1, _CMP_LT_OQ);
+        b2 = _mm256_min_ps(b2, _mm256_max_ps(a, b1));
+        b1 = _mm256_min_ps(b1, a);
+        const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(j)),
+                                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        bi = _mm256_castps_si256(
+            _mm256_blendv_ps(_mm256_castsi256_ps(bi), _mm256_castsi256_ps(lane), lt));
+      }
+      cur = hmin8(b1);
+    };
+    scan(first);
+    // the other boxes within reach, nearest first (re-checked as the best improves)
+    int64_t m = 0;
+    {
+      const __m256 thr = _mm256_set1_ps((cur + slack) * 1.00001f);
+      for (int64_t g = 0; g < gp; g += 8) {
+        unsigned bits = static_cast<unsigned>(
+            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(lb + g), thr, _CMP_LE_OQ)));
+        while (bits) {
+          const int64_t gg = g + __builtin_ctz(bits);
+          bits &= bits - 1;
+          if (gg != first && gg < G) cand[m++] = gg;
+        }
+      }
+    }
+    for (int64_t a = 1; a < m; ++a) {
+      const int64_t v = cand[a];
+      int64_t b = a;
+      for (; b > 0 && lb[cand[b - 1]] > lb[v]; --b) cand[b] = cand[b - 1];
+      cand[b] = v;
+    }
+    for (int64_t a = 0; a < m; ++a) {
+      if (lb[cand[a]] > (cur + slack) * 1.00001f) break;
+      scan(cand[a]);
+    }
+    alignas(32) float v1[8], v2[8];
+    alignas(32) int32_t vi[8];
+    _mm256_store_ps(v1, b1);
+    _mm256_store_ps(v2, b2);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(vi), bi);
+    int w = 0;
+    for (int l = 1; l < 8; ++l)
+      if (v1[l] < v1[w] || (v1[l] == v1[w] && perm[vi[l]] < perm[vi[w]])) w = l;
+    float s2 = v2[w];
+    for (int l = 0; l < 8; ++l)
+      if (l != w) s2 = std::min(s2, v1[l]);
+    idx[r] = perm[vi[w]];
+    best[r] = v1[w];
+    second[r] = s2;
+  }
+  delete[] lb;
+  delete[] cand;
+  *visited += nvisit;
+}
+#endif
+
 }  // namespace
 
 // x [n, d], ct [d, kp] (kp % 8 == 0, 1 <= d <= 16), bias [kp], all float32 contiguous.
@@ -145,4 +299,39 @@ extern "C" int cce_nearest2(const float* x, int64_t n, int64_t d, const float* c
   scalar_rows(x, n, dd, ct, bias, kp, idx, best, second);
 #endif
   return 0;
+}
+
+// Grouped search (see grouped_rows): centroids in group order, ct [d, kp], bias [kp], goff
+// [G + 1] (multiples of 8, goff[G] <= kp), box bounds glo/ghi [d, gp] (gp % 8 == 0, gp >= G,
+// padding boxes +inf), xn / margin [n], perm [kp] (group-order column -> centroid index).
+// Writes idx (centroid indices), best, second, and adds the number of boxes scanned to
+// *visited. Returns 0, -1 on bad sizes, -2 without AVX2 (the caller uses cce_nearest2).
+extern "C" int cce_nearest2_grouped(const float* x, int64_t n, int64_t d, const float* ct,
+                                    const float* bias, int64_t kp, const int64_t* goff,
+                                    int64_t G, int64_t gp, const float* glo, const float* ghi,
+                                    const float* xn, const float* margin, const int64_t* perm,
+                                    int64_t* idx, float* best, float* second,
+                                    int64_t* visited) {
+  if (d < 1 || d > 16 || kp % 8 != 0 || kp <= 0 || G < 1 || gp < G || gp % 8 != 0) return -1;
+#ifdef CCE_AVX2
+  const int dd = static_cast<int>(d);
+  switch (dd) {
+    case 2: grouped_rows<2>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited); break;
+    case 4: grouped_rows<4>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited); break;
+    case 8: grouped_rows<8>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited); break;
+    default: grouped_rows<0>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited);
+  }
+  return 0;
+#else
+  return -2;
+#endif
+}
+
+// 1 if this build has the grouped kernel (AVX2 + FMA), else 0.
+extern "C" int cce_grouped_available() {
+#ifdef CCE_AVX2
+  return 1;
+#else
+  return 0;
+#endif
 }
