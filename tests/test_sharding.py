@@ -347,3 +347,44 @@ def test_dcp_world2_to_world1_and_back(tmp_path) -> None:
         torch.testing.assert_close(out, single(batch(600 + r)).values(), atol=1e-6, rtol=0)
         half = V_BIG // 2
         assert torch.equal(shard_p, single.tables["big"].dense_assignment()[r * half:(r + 1) * half])
+
+
+# ---------------------------------------------------------------- fbgemm's bounds check
+def _codebook_bounds_check(rank: int, world: int):
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    dmp, _ = shard("tw", 0, world, rank)
+    # The codebook EBC's TBEs hang below its lookups (not registered submodules).
+    tbes = [m for lookup in dmp.module.codebooks._lookups for m in lookup.modules()
+            if hasattr(m, "bounds_check_mode_int")]
+    modes = sorted({m.bounds_check_mode_int for m in tbes})
+    # A user's explicit choice is kept.
+    kept = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder(
+        fused_params={"bounds_check_mode": BoundsCheckMode.FATAL}))
+    # The remap still rejects ids a full table cannot hold, sharded, before fbgemm sees them.
+    ref = reference()
+    load_full_state(dmp, ref.state_dict())
+    bad = batch(7)
+    values = bad.values().clone()
+    values[-1] = 50  # the last feature is f4 (the uncompressed 'small' table, 50 rows)
+    bad = KeyedJaggedTensor.from_lengths_sync(keys=bad.keys(), values=values,
+                                              lengths=bad.lengths())
+    try:
+        dmp(bad).wait()
+        error = ""
+    except ValueError as e:
+        error = str(e)
+    good = batch(8)
+    forward_err = (dmp(good).wait().values() - ref(good).values()).abs().max().item()
+    return (modes, kept.fused_params["bounds_check_mode"] == BoundsCheckMode.FATAL, error,
+            forward_err, BoundsCheckMode.NONE.value)
+
+
+def test_codebook_tables_skip_fbgemm_bounds_check_but_bad_ids_still_raise() -> None:
+    for modes, kept, error, forward_err, none in run_multiprocess(_codebook_bounds_check, 2,
+                                                                  timeout=600):
+        assert modes == [none]  # every codebook TBE runs without fbgemm's per-batch check
+        assert kept
+        assert "table 'small'" in error and "outside [0, 50)" in error, error
+        assert forward_err < 1e-5
