@@ -72,7 +72,7 @@ from torchrec_cce import (  # noqa: E402
 )
 from torchrec_cce.checkpoint import CheckpointManager, guard_loss  # noqa: E402
 from torchrec_cce.clustering.schedule import ReclusterSchedule  # noqa: E402
-from torchrec_cce.configs import MPEConfig  # noqa: E402
+from torchrec_cce.configs import CCEConfig, MPEConfig  # noqa: E402
 from torchrec_cce.mpe import MPESchedule, mpe_penalty, mpe_summary  # noqa: E402
 from torchrec_cce.configs import METHOD_NAMES  # noqa: E402
 from torchrec_cce.data import (  # noqa: E402
@@ -221,11 +221,27 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "shared datasets (default 100)")
     t.add_argument("--seed", type=int, default=0,
                    help="model init, hashes and the shuffled training order")
-    t.add_argument("--recluster-at", default="",
-                   help="fractions of the first epoch, e.g. 0.25,0.5 (CCE only)")
-    t.add_argument("--recluster-every-epoch", type=int, default=0,
-                   help="also re-cluster at the end of each of the first N epochs")
-    t.add_argument("--kmeans-iters", type=int, default=10)
+    t.add_argument("--recluster-at", default=None,
+                   help="fractions of the first epoch, e.g. 0.25,0.5 (CCE only; default: "
+                        f"{DEFAULT_RECLUSTER_HELP})")
+    t.add_argument("--recluster-every-epoch", type=int, default=None,
+                   help="also re-cluster at the end of each of the first N epochs (default: "
+                        "see --recluster-at)")
+    t.add_argument("--no-recluster", action="store_true",
+                   help="CCE without re-clustering (p and h stay the initial hashes)")
+    t.add_argument("--kmeans-iters", type=int, default=None,
+                   help=f"Lloyd iterations per re-clustering (default {DEFAULT_KMEANS_ITERS})")
+    m2 = p.add_argument_group("CCE (tables compressed with CCE, also under the planner)")
+    m2.add_argument("--cce-init", choices=["hash", "qr"], default=None,
+                    help="initial p/h: independent hashes (the paper) or the quotient/remainder "
+                         "of a per-chunk id permutation (unique pairs when rows**2 >= V); "
+                         f"default {DEFAULT_CCE_INIT}")
+    m2.add_argument("--cce-keep-remainder", action="store_true", default=None,
+                    help="--cce-init qr: h stays the remainder after re-clustering (default: "
+                         "a fresh hash, the paper's rule)")
+    m2.add_argument("--cce-assignment-share", type=float, default=0.5,
+                    help="with --embedding-budget-mb: share of a CCE table's bytes for its "
+                         "bit-packed p (the most frequent ids'); the rest is codebook rows")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-every", type=int, default=None,
@@ -259,6 +275,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error("--embedding-budget-mb and --max-params-per-table are two budgets; pass one")
     if args.recluster_at and args.method != "cce":
         p.error("--recluster-at only applies to --method cce")
+    if args.no_recluster and (args.recluster_at or args.recluster_every_epoch):
+        p.error("--no-recluster contradicts --recluster-at/--recluster-every-epoch")
+    if not 0 < args.cce_assignment_share < 1:
+        p.error(f"--cce-assignment-share must be in (0, 1), got {args.cce_assignment_share}")
     if args.data in ("criteo_tsv", "avazu_csv", "criteo_npy") and not args.train_path:
         p.error(f"--data {args.data} needs --train-path")
     if args.data == "preprocessed":
@@ -279,6 +299,42 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     return args
+
+
+# ---------------------------------------------------------------- CCE defaults
+# What `--method cce` (or a planner choosing CCE) does when no re-clustering/CCE flag is given:
+# the best setting of the Frappe ablation (benchmarks/results/quality_frappe_ablations.csv).
+DEFAULT_RECLUSTER_AT = "0.25,0.5"
+DEFAULT_RECLUSTER_EVERY_EPOCH = 3
+DEFAULT_KMEANS_ITERS = 10
+DEFAULT_CCE_INIT = "hash"
+DEFAULT_CCE_KEEP_REMAINDER = False
+DEFAULT_RECLUSTER_HELP = (f"{DEFAULT_RECLUSTER_AT} of epoch 1 and the end of each of the first "
+                          f"{DEFAULT_RECLUSTER_EVERY_EPOCH} epochs")
+
+
+def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The re-clustering schedule and CCE init in effect (flags given, else the defaults)."""
+    explicit = args.recluster_at is not None or args.recluster_every_epoch is not None
+    if args.no_recluster:
+        at, every = "", 0
+    elif explicit:
+        at, every = args.recluster_at or "", args.recluster_every_epoch or 0
+    else:
+        at, every = DEFAULT_RECLUSTER_AT, DEFAULT_RECLUSTER_EVERY_EPOCH
+    init = args.cce_init or DEFAULT_CCE_INIT
+    keep = (DEFAULT_CCE_KEEP_REMAINDER if args.cce_keep_remainder is None
+            else args.cce_keep_remainder) and init == "qr"
+    return {"recluster_at": at, "recluster_every_epoch": every,
+            "kmeans_iters": args.kmeans_iters or DEFAULT_KMEANS_ITERS,
+            "init": init, "keep_remainder": keep}
+
+
+def apply_cce_settings(compression: Dict, args: argparse.Namespace) -> Dict:
+    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged)."""
+    cs = cce_settings(args)
+    return {n: (dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"])
+                if isinstance(c, CCEConfig) else c) for n, c in compression.items()}
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -596,12 +652,14 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
         plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
                                 counts=table_counts(data, tables),
                                 methods=args.planner_methods, chunks=args.chunks,
+                                assignment_share=args.cce_assignment_share,
                                 qr_operation=args.qr_operation)
         compression, cap = plan.compression, None
         used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
         args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
     else:
         compression, cap = make_compression(tables, args, table_counts(data, tables))
+    compression = apply_cce_settings(compression, args)
     # An all-MPE collection has no codebook for DMP to shard: build it for DDP.
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
     ebc = CCEEmbeddingBagCollection(tables, compression,
@@ -621,6 +679,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
                     dense_device=torch.device("cpu"))
     train_module = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return train_module, {"max_params_per_table": cap, "compressed_tables": len(compression),
+                          "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),
                           "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan}
 
 
@@ -837,7 +896,8 @@ FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 # Settings a checkpoint must have been written with (they change the model or its state).
 MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
                "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
-               "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed")
+               "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed", "cce_init",
+               "cce_keep_remainder", "cce_assignment_share")
 
 
 def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
@@ -931,11 +991,13 @@ def setup(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     pipeline = (TrainPipelineSparseDist(dmp, optim.dense, device)
                 if isinstance(dmp, DistributedModelParallel)
                 else TrainPipelineBase(dmp, optim.dense, device))
+    cs = cce_settings(args)
+    has_cce = budget["has_cce"]
     schedule = ReclusterSchedule.from_epochs(
         data.steps_per_epoch or 1,
-        [float(x) for x in args.recluster_at.split(",") if x],
-        every_epoch=args.recluster_every_epoch if args.method == "cce" else 0,
-        iters=args.kmeans_iters)
+        [float(x) for x in cs["recluster_at"].split(",") if x] if has_cce else [],
+        every_epoch=cs["recluster_every_epoch"] if has_cce else 0,
+        iters=cs["kmeans_iters"])
     ctx = Training(args, rank, world, device, data, dmp, optim, pipeline, schedule,
                    Protocol(args.patience), budget, plan_table)
     if args.method == "mpe":
@@ -1139,6 +1201,9 @@ def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[s
         "last_checkpoint": ctx.last_checkpoint,
         "train_loss_curve": ctx.losses,
         "reclusterings": ctx.recluster_log,
+        # the CCE schedule/init in effect (flags given, else train.py's defaults)
+        "cce_settings": (dict(cce_settings(ctx.args), recluster_steps=ctx.schedule.at_steps)
+                         if ctx.budget.get("has_cce") else None),
         "wall_seconds": time.perf_counter() - start,
         "args": vars(ctx.args),
     }
