@@ -70,6 +70,10 @@ METHODS: Dict[str, List[str]] = {
     "cce_no_recluster": ["--method", "cce", "--no-recluster"],
     # train.py's --method cce defaults (the schedule/init chosen by the ablation below)
     "cce": ["--method", "cce"],
+    # float16 codebooks (CCEConfig(codebook_dtype=torch.float16)): twice the rows per byte
+    "cce_fp16": ["--method", "cce", "--cce-codebook-dtype", "float16"],
+    # MPE is sized by its serving-bytes bound (every group at its widest candidate width);
+    # it trains fp32 master weights: embedding_training_bytes records those
     "mpe": ["--method", "mpe"],
     "planner": [],
 }
@@ -113,10 +117,10 @@ ABLATIONS: Dict[str, List[str]] = {
                                     "3", "--cce-assignment-share", "0.1"],
 }
 METHODS.update(ABLATIONS)
-DEFAULT_METHODS = [m for m in METHODS if m != "mpe" and m not in ABLATIONS]
+DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this
 CSV_FIELDS = ["dataset", "method", "budget_fraction", "budget_bytes", "status", "embedding_bytes",
-              "full_embedding_bytes", "embedding_params", "seed", "best_epoch", "epochs_run",
+              "embedding_training_bytes", "full_embedding_bytes", "embedding_params", "seed", "best_epoch", "epochs_run",
               "val_logloss", "val_auc", "test_logloss", "test_auc", "bayes_logloss",
               "train_samples_per_s", "wall_seconds", "config", "error"]
 
@@ -241,6 +245,7 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
         return row
     best = min(m["evaluations"], key=lambda e: e["val_logloss"]) if m.get("evaluations") else {}
     row.update(status="ok", embedding_bytes=m["embedding_bytes"],
+               embedding_training_bytes=m.get("embedding_training_bytes", ""),
                full_embedding_bytes=m["full_embedding_bytes"],
                embedding_params=m.get("embedding_params", ""), best_epoch=m.get("best_epoch", ""),
                epochs_run=m.get("epochs", ""), val_logloss=best.get("val_logloss", ""),
@@ -248,8 +253,21 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
                test_auc=m["test_auc"], bayes_logloss=m.get("bayes_logloss") or "",
                train_samples_per_s=m.get("train_samples_per_s", ""),
                wall_seconds=m.get("wall_seconds", ""),
-               config=json.dumps(m.get("compression", m.get("plan", "")), default=str))
+               config=json.dumps(_config_summary(m), default=str))
     return row
+
+
+def _config_summary(m: Dict) -> Dict:
+    """Per compressed table: method, rows, chunks, assigned ids, precision (from the plan), plus
+    the CCE schedule/init in effect."""
+    plan = (m.get("embedding_plan") or {}).get("tables", {})
+    out: Dict = {n: {k: v for k, v in t.items() if k in ("method", "rows", "chunks",
+                                                         "assigned_ids", "precision")
+                     and v is not None}
+                 for n, t in plan.items() if t.get("method") != "full"}
+    if m.get("cce_settings"):
+        out["cce"] = {k: v for k, v in m["cce_settings"].items() if k != "recluster_steps"}
+    return out
 
 
 # ---------------------------------------------------------------- the grid

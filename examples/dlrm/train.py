@@ -239,6 +239,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m2.add_argument("--cce-keep-remainder", action="store_true", default=None,
                     help="--cce-init qr: h stays the remainder after re-clustering (default: "
                          "a fresh hash, the paper's rule)")
+    m2.add_argument("--cce-codebook-dtype", choices=["float32", "float16"], default=None,
+                    help="CCE codebook precision (float16 halves the codebook bytes; the "
+                         "budget planner counts it)")
     m2.add_argument("--cce-assignment-share", type=float, default=0.5,
                     help="with --embedding-budget-mb: share of a CCE table's bytes for its "
                          "bit-packed p (the most frequent ids'); the rest is codebook rows")
@@ -330,10 +333,17 @@ def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
             "init": init, "keep_remainder": keep}
 
 
+def codebook_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    return None if args.cce_codebook_dtype is None else getattr(torch, args.cce_codebook_dtype)
+
+
 def apply_cce_settings(compression: Dict, args: argparse.Namespace) -> Dict:
-    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged)."""
+    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged) and
+    ``--cce-codebook-dtype``."""
     cs = cce_settings(args)
-    return {n: (dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"])
+    extra = {} if args.cce_codebook_dtype is None else {"codebook_dtype": codebook_dtype(args)}
+    return {n: (dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"],
+                                    **extra)
                 if isinstance(c, CCEConfig) else c) for n, c in compression.items()}
 
 
@@ -649,12 +659,20 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     tables = table_configs(data, dim)
     plan = None
     if args.embedding_budget_mb is not None:  # the byte-budget planner (torchrec_cce.budget)
+        counts = table_counts(data, tables)
         plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
-                                counts=table_counts(data, tables),
+                                counts=counts,
                                 methods=args.planner_methods, chunks=args.chunks,
                                 assignment_share=args.cce_assignment_share,
-                                qr_operation=args.qr_operation)
+                                qr_operation=args.qr_operation,
+                                codebook_dtype=codebook_dtype(args),
+                                )
         compression, cap = plan.compression, None
+        # MPE: the planner fixed the candidate widths (its serving-bytes bound); the search
+        # hyper-parameters and seed come from the flags.
+        compression = {n: (dataclasses.replace(c, tau=args.mpe_tau, lam=args.mpe_lambda,
+                                               seed=args.seed) if isinstance(c, MPEConfig)
+                           else c) for n, c in compression.items()}
         used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
         args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
     else:
@@ -680,6 +698,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     train_module = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return train_module, {"max_params_per_table": cap, "compressed_tables": len(compression),
                           "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),
+                          "all_mpe": all_mpe,
                           "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan}
 
 
@@ -897,7 +916,7 @@ FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
                "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
                "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed", "cce_init",
-               "cce_keep_remainder", "cce_assignment_share")
+               "cce_keep_remainder", "cce_assignment_share", "cce_codebook_dtype")
 
 
 def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
@@ -988,8 +1007,10 @@ def setup(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     model, budget = build_model(args, data)
     dmp, plan_table = shard_model(model, args, world, device)
     optim = Optimizers(dmp, args)
+    # An all-MPE model has no codebook EBC: the sparse-dist pipeline's fx trace of the model
+    # fails on it (and has no input dist to overlap), so it trains with the base pipeline.
     pipeline = (TrainPipelineSparseDist(dmp, optim.dense, device)
-                if isinstance(dmp, DistributedModelParallel)
+                if isinstance(dmp, DistributedModelParallel) and not budget["all_mpe"]
                 else TrainPipelineBase(dmp, optim.dense, device))
     cs = cce_settings(args)
     has_cce = budget["has_cce"]
