@@ -115,6 +115,21 @@ ABLATIONS: Dict[str, List[str]] = {
     "abl_qr_keep_share0.1": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
                                     "--recluster-at", "0.25,0.5", "--recluster-every-epoch",
                                     "3", "--cce-assignment-share", "0.1"],
+    # second round: the best of each axis combined; --dense-lr instead of --lr (on the small
+    # Frappe tables TorchRec places every codebook table data-parallel and those train with
+    # the dense optimizer, so --lr does not reach them: abl_lr* equal abl_sched_q_e3 exactly)
+    "abl_hash_share0.25_q_e4": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch",
+                                       "4", "--cce-assignment-share", "0.25"],
+    "abl_qr_keep_share0.25_q_e4": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
+                                          "--cce-assignment-share", "0.25", "--recluster-at",
+                                          "0.25,0.5", "--recluster-every-epoch", "4"],
+    "abl_qr_keep_share0.25_q_e4_iters30": _CCE + [
+        "--cce-init", "qr", "--cce-keep-remainder", "--cce-assignment-share", "0.25",
+        "--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4", "--kmeans-iters", "30"],
+    "abl_dlr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                           "--dense-lr", "0.02"],
+    "abl_dlr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                          "--dense-lr", "0.1"],
 }
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
