@@ -356,12 +356,12 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
     m = train_run("--embedding-budget-mb", "0.2", "--method", "cce", "--chunks", str(chunks),
                   "--embedding-dim", str(dim), "--dense-arch", f"64,{dim}", "--epochs", "1")
     check_train_plan(m, 0.2)
-    expected = ([max(1, round(float(f) * 8)) for f in train.DEFAULT_RECLUSTER_AT.split(",") if f]
-                + [8 * (e + 1) for e in range(min(1, train.DEFAULT_RECLUSTER_EVERY_EPOCH))])
-    assert m["cce_settings"]["recluster_steps"] == sorted(set(
-        ([max(1, round(float(f) * 8)) for f in train.DEFAULT_RECLUSTER_AT.split(",") if f]
-         + [8 * (e + 1) for e in range(train.DEFAULT_RECLUSTER_EVERY_EPOCH)])))
-    assert [r["step"] for r in m["reclusterings"]] == sorted(set(expected))
+    # 1 epoch of 8 steps: the fractions of epoch 1 only (3/4 of one epoch has no epoch end)
+    expected = sorted({max(1, round(float(f) * 8))
+                       for f in train.DEFAULT_RECLUSTER_AT.split(",") if f})
+    assert m["cce_settings"]["recluster_steps"] == expected
+    assert [r["step"] for r in m["reclusterings"]] == expected
+    assert train.default_recluster_epochs(6) == 4 and train.default_recluster_epochs(1) == 0
 
 
 @pytest.mark.timeout(900)
