@@ -39,9 +39,9 @@ The rule (no trained model needed):
    ``chunks`` given, ``assignment_share`` of the bytes for the bit-packed ``p`` of the ``N``
    most frequent ids (the id prefix ``[0, N)`` of frequency-ordered data; ``N = V`` if it fits)
    and the rest for ``rows`` (and any bytes ``p`` does not need go to rows); MPE: the widest
-   candidate set ``0..b`` whose serving bound (every group at ``b`` bits,
+   candidate set ``0..b`` (``b >= 1``) whose serving bound (every group at ``b`` bits,
    :func:`mpe_serving_bound`) fits: the budget bounds MPE's *serving* bytes (it trains fp32
-   master weights).
+   master weights); below 1 bit per value MPE is infeasible.
 """
 
 import json
@@ -291,9 +291,8 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
             if config_bytes(table, cfg) > level:
                 break
             best = cfg
-        if best is None:  # every row pruned: only the steps, offsets and widths are stored
-            cfg = MPEConfig(groups=groups, bits=(0,), counts=counts)
-            best = cfg if config_bytes(table, cfg) <= level else None
+        # No all-pruned (bits=(0,)) form: a table whose rows are all zero has unused weights,
+        # which DDP's static graph refuses (measured on Frappe at 1/16), and learns nothing.
         return best
     if method in ("hashing", "ce"):
         rows = min(level // row, V - 1)
@@ -387,10 +386,10 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
 
     if method is not None:
         level = float(row)
-        if method == "mpe":  # MPE's smallest form (all pruned) is below one row
+        if method == "mpe":  # MPE's smallest form (0 or 1 bit per group) may be below one row
             level = float(min(row, config_bytes(t, MPEConfig(groups=min(_MPE_MAX_GROUPS,
                                                                          t.num_embeddings),
-                                                              bits=(0,), counts=counts))))
+                                                              bits=(0, 1), counts=counts))))
         seen = set()
         while level < full:
             cfg = fit(int(level))
