@@ -126,6 +126,15 @@ ABLATIONS: Dict[str, List[str]] = {
     "abl_qr_keep_share0.25_q_e4_iters30": _CCE + [
         "--cce-init", "qr", "--cce-keep-remainder", "--cce-assignment-share", "0.25",
         "--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4", "--kmeans-iters", "30"],
+    # allocation ablation: every table the same fraction of its full bytes (QR's minimum
+    # forces Frappe's item table to ~5x the bytes the value allocation gives CE/CCE at 1/16)
+    "abl_prop_ce": ["--method", "ce", "--planner-allocation", "proportional"],
+    "abl_prop_cce": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4",
+                            "--planner-allocation", "proportional"],
+    "abl_prop_qr_keep_share0.25": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
+                                          "--cce-assignment-share", "0.25", "--recluster-at",
+                                          "0.25,0.5", "--recluster-every-epoch", "3",
+                                          "--planner-allocation", "proportional"],
     "abl_dlr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
                            "--dense-lr", "0.02"],
     "abl_dlr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",

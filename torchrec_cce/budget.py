@@ -435,6 +435,7 @@ def plan_compression(
     allow_full: bool = True,
     qr_operation: str = "mult",
     codebook_dtype: Optional[torch.dtype] = None,
+    allocation: str = "value",
 ) -> CompressionPlan:
     """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
 
@@ -456,6 +457,9 @@ def plan_compression(
         allow_full: whether uncompressed tables are candidates.
         qr_operation: QR's operation.
         codebook_dtype: CCE codebook precision (``torch.float16`` halves the bytes per row).
+        allocation: ``"value"`` (step 2, marginal frequency mass per byte) or
+            ``"proportional"`` (an ablation: every table gets the same fraction of its full
+            bytes, its largest candidate within that share; leftovers are not redistributed).
 
     Raises:
         ValueError: if even the smallest config of every table exceeds the budget (naming
@@ -465,7 +469,7 @@ def plan_compression(
     if methods is None:  # the value-aware rule (module doc, step 3)
         kw = dict(counts=counts, chunks=chunks, assignment_share=assignment_share,
                   allow_full=allow_full, qr_operation=qr_operation,
-                  codebook_dtype=codebook_dtype)
+                  codebook_dtype=codebook_dtype, allocation=allocation)
         full_total = sum(config_bytes(t, None) for t in tables)
         if budget >= VALUE_HIGH_FRACTION * full_total:
             return plan_compression(tables, budget, methods=[VALUE_HIGH_METHOD], **kw)
@@ -513,11 +517,26 @@ def plan_compression(
             f"smallest configs ({'/'.join(order) or 'full'}) of the tables; they need at least "
             f"{sum(minimum.values())} bytes ({sum(minimum.values()) / 2**20:.3f} MiB): {listing}"
             f"{' ...' if len(worst) > 10 else ''}. Raise the budget or allow other methods")
+    if allocation not in ("value", "proportional"):
+        raise ValueError(f"allocation must be 'value' or 'proportional', got {allocation!r}")
     # Greedy marginal-value allocation over each table's upper concave hull.
     current = {n: 0 for n in cands}   # index into cands[n]
     remaining = budget - sum(minimum.values())
     steps = []
-    for n, pts in cands.items():
+    if allocation == "proportional":
+        full_total = sum(config_bytes(t, None) for t in tables)
+        for t in tables:
+            share = budget * config_bytes(t, None) / full_total
+            pts = cands[t.name]
+            fits = [i for i, (b, _, _) in enumerate(pts) if b <= share]
+            current[t.name] = max(fits) if fits else 0
+        if sum(cands[n][i][0] for n, i in current.items()) > budget:  # minimums pushed it over
+            raise ValueError(f"byte budget {budget} bytes: the proportional shares cannot hold "
+                             f"the smallest configs; use allocation='value'")
+        cands_order = []
+    else:
+        cands_order = list(cands.items())
+    for n, pts in cands_order:
         hull = _hull(pts)
         for a, b in zip(hull, hull[1:]):
             slope = (pts[b][1] - pts[a][1]) / (pts[b][0] - pts[a][0])

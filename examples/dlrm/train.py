@@ -242,6 +242,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m2.add_argument("--cce-codebook-dtype", choices=["float32", "float16"], default=None,
                     help="CCE codebook precision (float16 halves the codebook bytes; the "
                          "budget planner counts it)")
+    m2.add_argument("--planner-allocation", choices=["value", "proportional"], default="value",
+                    help="with --embedding-budget-mb: bytes per table by marginal frequency mass "
+                         "(default) or the same fraction of every table's full bytes (ablation)")
     m2.add_argument("--cce-assignment-share", type=float, default=0.5,
                     help="with --embedding-budget-mb: share of a CCE table's bytes for its "
                          "bit-packed p (the most frequent ids'); the rest is codebook rows")
@@ -675,6 +678,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
                                 assignment_share=args.cce_assignment_share,
                                 qr_operation=args.qr_operation,
                                 codebook_dtype=codebook_dtype(args),
+                                allocation=args.planner_allocation,
                                 )
         compression, cap = plan.compression, None
         # MPE: the planner fixed the candidate widths (its serving-bytes bound); the search
@@ -937,7 +941,8 @@ FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
                "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
                "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed", "cce_init",
-               "cce_keep_remainder", "cce_assignment_share", "cce_codebook_dtype")
+               "cce_keep_remainder", "cce_assignment_share", "cce_codebook_dtype",
+               "planner_allocation")
 
 
 def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
