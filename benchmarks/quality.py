@@ -21,6 +21,14 @@ Outputs, per dataset: ``benchmarks/results/quality_<dataset>.csv`` (one row per 
 ``quality_summary.md`` (the best method at each budget; the smallest bytes at which each method
 comes within 0.1% of the full table's log loss). Resumable: a finished cell's metrics JSON in
 ``--workdir`` is never rerun.
+
+Rows: ``planner`` is the value-aware rule of :func:`torchrec_cce.plan_compression`
+(``methods=None``); ``cce`` is ``train.py --method cce`` with its defaults (the best
+re-clustering schedule of the ablation); ``cce_fp16`` the same with float16 codebooks; ``mpe``
+is budgeted by its *serving* bytes (its bound: every group at its widest candidate width; the
+CSV's ``embedding_bytes`` is the served size after selection, ``embedding_training_bytes`` the
+fp32 master weights and search state it trains with). ``abl_*`` rows (:data:`ABLATIONS`) are
+the CCE ablations, written to ``quality_<dataset>_ablations.csv`` and tabulated in the summary.
 """
 
 import argparse
