@@ -75,7 +75,9 @@ METHODS: Dict[str, List[str]] = {
     "qr_add": ["--method", "qr", "--qr-operation", "add"],
     "qr_concat": ["--method", "qr", "--qr-operation", "concat"],
     "memcom": ["--method", "memcom"],
-    "cce_no_recluster": ["--method", "cce", "--no-recluster"],
+    # the paper's CCE (hashed p and h, half of its bytes for p) without re-clustering
+    "cce_no_recluster": ["--method", "cce", "--no-recluster", "--cce-init", "hash",
+                         "--cce-assignment-share", "0.5"],
     # train.py's --method cce defaults (the schedule/init chosen by the ablation below)
     "cce": ["--method", "cce"],
     # float16 codebooks (CCEConfig(codebook_dtype=torch.float16)): twice the rows per byte
@@ -89,7 +91,7 @@ METHODS: Dict[str, List[str]] = {
 # quality_<dataset>_ablations.csv, not to the main grid. Schedules count 6-epoch runs: "e4" =
 # the end of each of the first 4 epochs (the reference code's "every epoch until 3/4 of
 # training"), "q" = 0.25 and 0.5 of epoch 1.
-_CCE = ["--method", "cce"]
+_CCE = ["--method", "cce", "--cce-init", "hash", "--cce-assignment-share", "0.5"]
 ABLATIONS: Dict[str, List[str]] = {
     "abl_sched_q": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "0"],
     "abl_sched_q_e3": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3"],
@@ -113,7 +115,7 @@ ABLATIONS: Dict[str, List[str]] = {
     "abl_share0.75": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
                              "--cce-assignment-share", "0.75"],
     "abl_qr_norecl": _CCE + ["--cce-init", "qr", "--no-recluster"],
-    "abl_qr_fresh": _CCE + ["--cce-init", "qr", "--recluster-at", "0.25,0.5",
+    "abl_qr_fresh": _CCE + ["--cce-init", "qr", "--cce-fresh-hash", "--recluster-at", "0.25,0.5",
                             "--recluster-every-epoch", "3"],
     "abl_qr_keep": _CCE + ["--cce-init", "qr", "--cce-keep-remainder", "--recluster-at",
                            "0.25,0.5", "--recluster-every-epoch", "3"],
@@ -143,6 +145,10 @@ ABLATIONS: Dict[str, List[str]] = {
                                           "--cce-assignment-share", "0.25", "--recluster-at",
                                           "0.25,0.5", "--recluster-every-epoch", "3",
                                           "--planner-allocation", "proportional"],
+    # the grid rows made with the earlier defaults (hashed init, share 0.5, 0.25,0.5 + e4)
+    "abl_fp16_hash_q_e4": _CCE + ["--cce-codebook-dtype", "float16", "--cce-init", "hash",
+                                  "--cce-assignment-share", "0.5", "--recluster-at", "0.25,0.5",
+                                  "--recluster-every-epoch", "4"],
     "abl_dlr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
                            "--dense-lr", "0.02"],
     "abl_dlr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",

@@ -211,7 +211,13 @@ def test_value_rule_choices_are_the_documented_ones():
         elif qr is not None:
             expected, regime = qr, "qr"
         else:
-            expected, regime = single(tables, budget, counts, B.VALUE_LOW_METHOD), "low"
+            regime = "low"
+            try:
+                expected = plan_compression(tables, budget, counts=counts,
+                                            methods=[B.VALUE_LOW_METHOD],
+                                            allocation=B.VALUE_LOW_ALLOCATION)
+            except ValueError:
+                expected = single(tables, budget, counts, B.VALUE_LOW_METHOD)
         if expected is None:
             with pytest.raises(ValueError, match="cannot hold even the smallest"):
                 plan_compression(tables, budget, counts=counts)
@@ -225,6 +231,20 @@ def test_value_rule_choices_are_the_documented_ones():
                 assert p.config.collisions ** 2 >= next(
                     t.num_embeddings for t in tables if t.name == p.table)
     assert regimes == {"high", "qr", "low"}
+
+
+def test_proportional_allocation_gives_each_table_its_share():
+    tables = [tbl("big", 200_000), tbl("mid", 20_000), tbl("small", 2_000)]
+    full = {t.name: config_bytes(t, None) for t in tables}
+    total = sum(full.values())
+    for frac in (1 / 8, 1 / 64):
+        plan = plan_compression(tables, total * frac, methods=["ce"], allocation="proportional")
+        assert plan.total_bytes <= total * frac
+        for n, p in plan.tables.items():
+            share = total * frac * full[n] / total
+            assert p.bytes <= share and p.bytes > 0.8 * share, (n, p.bytes, share)
+    with pytest.raises(ValueError, match="allocation must be"):
+        plan_compression(tables, total / 8, methods=["ce"], allocation="nope")
 
 
 def test_budget_above_full_keeps_every_table_full():
@@ -356,12 +376,12 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
     m = train_run("--embedding-budget-mb", "0.2", "--method", "cce", "--chunks", str(chunks),
                   "--embedding-dim", str(dim), "--dense-arch", f"64,{dim}", "--epochs", "1")
     check_train_plan(m, 0.2)
-    # 1 epoch of 8 steps: the fractions of epoch 1 only (3/4 of one epoch has no epoch end)
+    # 1 epoch of 8 steps: the fractions of epoch 1 only (half of one epoch has no epoch end)
     expected = sorted({max(1, round(float(f) * 8))
                        for f in train.DEFAULT_RECLUSTER_AT.split(",") if f})
     assert m["cce_settings"]["recluster_steps"] == expected
     assert [r["step"] for r in m["reclusterings"]] == expected
-    assert train.default_recluster_epochs(6) == 4 and train.default_recluster_epochs(1) == 0
+    assert train.default_recluster_epochs(6) == 3 and train.default_recluster_epochs(1) == 0
 
 
 @pytest.mark.timeout(900)
