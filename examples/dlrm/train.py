@@ -334,7 +334,9 @@ DEFAULT_RECLUSTER_HELP = (f"{DEFAULT_RECLUSTER_AT} of epoch 1 and the end of eve
 
 def default_recluster_epochs(epochs: int) -> int:
     """Epochs whose end re-clusters by default: ``floor(DEFAULT_RECLUSTER_UNTIL * epochs)``
-    (6 epochs: the first 3; 1 epoch: none, only the fractions of epoch 1)."""
+    (6 epochs: the first 3; 1 epoch: none, only the fractions of epoch 1). It follows
+    ``--epochs``: a run resumed with another ``--epochs`` gets another schedule (pass
+    ``--recluster-every-epoch`` explicitly to keep one)."""
     return int(DEFAULT_RECLUSTER_UNTIL * epochs + 1e-9)
 
 
