@@ -21,6 +21,14 @@ Outputs, per dataset: ``benchmarks/results/quality_<dataset>.csv`` (one row per 
 ``quality_summary.md`` (the best method at each budget; the smallest bytes at which each method
 comes within 0.1% of the full table's log loss). Resumable: a finished cell's metrics JSON in
 ``--workdir`` is never rerun.
+
+Rows: ``planner`` is the value-aware rule of :func:`torchrec_cce.plan_compression`
+(``methods=None``); ``cce`` is ``train.py --method cce`` with its defaults (the best
+re-clustering schedule of the ablation); ``cce_fp16`` the same with float16 codebooks; ``mpe``
+is budgeted by its *serving* bytes (its bound: every group at its widest candidate width; the
+CSV's ``embedding_bytes`` is the served size after selection, ``embedding_training_bytes`` the
+fp32 master weights and search state it trains with). ``abl_*`` rows (:data:`ABLATIONS`) are
+the CCE ablations, written to ``quality_<dataset>_ablations.csv`` and tabulated in the summary.
 """
 
 import argparse
@@ -67,16 +75,90 @@ METHODS: Dict[str, List[str]] = {
     "qr_add": ["--method", "qr", "--qr-operation", "add"],
     "qr_concat": ["--method", "qr", "--qr-operation", "concat"],
     "memcom": ["--method", "memcom"],
-    "cce_no_recluster": ["--method", "cce"],
-    # the paper's multi-epoch schedule: early in the first epoch, then once per epoch
-    "cce": ["--method", "cce", "--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3"],
+    # the paper's CCE (hashed p and h, half of its bytes for p) without re-clustering
+    "cce_no_recluster": ["--method", "cce", "--no-recluster", "--cce-init", "hash",
+                         "--cce-assignment-share", "0.5"],
+    # train.py's --method cce defaults (the schedule/init chosen by the ablation below)
+    "cce": ["--method", "cce"],
+    # float16 codebooks (CCEConfig(codebook_dtype=torch.float16)): twice the rows per byte
+    "cce_fp16": ["--method", "cce", "--cce-codebook-dtype", "float16"],
+    # MPE is sized by its serving-bytes bound (every group at its widest candidate width);
+    # it trains fp32 master weights: embedding_training_bytes records those
     "mpe": ["--method", "mpe"],
     "planner": [],
 }
-DEFAULT_METHODS = [m for m in METHODS if m != "mpe"]
+# CCE ablations (issue 9 item 3): name -> train.py arguments. Written to
+# quality_<dataset>_ablations.csv, not to the main grid. Schedules count 6-epoch runs: "e4" =
+# the end of each of the first 4 epochs (the reference code's "every epoch until 3/4 of
+# training"), "q" = 0.25 and 0.5 of epoch 1.
+_CCE = ["--method", "cce", "--cce-init", "hash", "--cce-assignment-share", "0.5"]
+ABLATIONS: Dict[str, List[str]] = {
+    "abl_sched_q": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "0"],
+    "abl_sched_q_e3": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3"],
+    "abl_sched_e1": _CCE + ["--recluster-every-epoch", "1"],
+    "abl_sched_e4": _CCE + ["--recluster-every-epoch", "4"],
+    "abl_sched_q_e4": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4"],
+    "abl_iters3": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                          "--kmeans-iters", "3"],
+    "abl_iters30": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                           "--kmeans-iters", "30"],
+    "abl_lr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                          "--lr", "0.02"],
+    "abl_lr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                         "--lr", "0.1"],
+    "abl_c1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                      "--chunks", "1"],
+    "abl_c2": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                      "--chunks", "2"],
+    "abl_share0.25": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                             "--cce-assignment-share", "0.25"],
+    "abl_share0.75": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                             "--cce-assignment-share", "0.75"],
+    "abl_qr_norecl": _CCE + ["--cce-init", "qr", "--no-recluster"],
+    "abl_qr_fresh": _CCE + ["--cce-init", "qr", "--cce-fresh-hash", "--recluster-at", "0.25,0.5",
+                            "--recluster-every-epoch", "3"],
+    "abl_qr_keep": _CCE + ["--cce-init", "qr", "--cce-keep-remainder", "--recluster-at",
+                           "0.25,0.5", "--recluster-every-epoch", "3"],
+    "abl_qr_keep_share0.25": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
+                                     "--recluster-at", "0.25,0.5", "--recluster-every-epoch",
+                                     "3", "--cce-assignment-share", "0.25"],
+    "abl_qr_keep_share0.1": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
+                                    "--recluster-at", "0.25,0.5", "--recluster-every-epoch",
+                                    "3", "--cce-assignment-share", "0.1"],
+    # second round: the best of each axis combined; --dense-lr instead of --lr (on the small
+    # Frappe tables TorchRec places every codebook table data-parallel and those train with
+    # the dense optimizer, so --lr does not reach them: abl_lr* equal abl_sched_q_e3 exactly)
+    "abl_hash_share0.25_q_e4": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch",
+                                       "4", "--cce-assignment-share", "0.25"],
+    "abl_qr_keep_share0.25_q_e4": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
+                                          "--cce-assignment-share", "0.25", "--recluster-at",
+                                          "0.25,0.5", "--recluster-every-epoch", "4"],
+    "abl_qr_keep_share0.25_q_e4_iters30": _CCE + [
+        "--cce-init", "qr", "--cce-keep-remainder", "--cce-assignment-share", "0.25",
+        "--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4", "--kmeans-iters", "30"],
+    # allocation ablation: every table the same fraction of its full bytes (QR's minimum
+    # forces Frappe's item table to ~5x the bytes the value allocation gives CE/CCE at 1/16)
+    "abl_prop_ce": ["--method", "ce", "--planner-allocation", "proportional"],
+    "abl_prop_cce": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4",
+                            "--planner-allocation", "proportional"],
+    "abl_prop_qr_keep_share0.25": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
+                                          "--cce-assignment-share", "0.25", "--recluster-at",
+                                          "0.25,0.5", "--recluster-every-epoch", "3",
+                                          "--planner-allocation", "proportional"],
+    # the grid rows made with the earlier defaults (hashed init, share 0.5, 0.25,0.5 + e4)
+    "abl_fp16_hash_q_e4": _CCE + ["--cce-codebook-dtype", "float16", "--cce-init", "hash",
+                                  "--cce-assignment-share", "0.5", "--recluster-at", "0.25,0.5",
+                                  "--recluster-every-epoch", "4"],
+    "abl_dlr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                           "--dense-lr", "0.02"],
+    "abl_dlr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
+                          "--dense-lr", "0.1"],
+}
+METHODS.update(ABLATIONS)
+DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this
 CSV_FIELDS = ["dataset", "method", "budget_fraction", "budget_bytes", "status", "embedding_bytes",
-              "full_embedding_bytes", "embedding_params", "seed", "best_epoch", "epochs_run",
+              "embedding_training_bytes", "full_embedding_bytes", "embedding_params", "seed", "best_epoch", "epochs_run",
               "val_logloss", "val_auc", "test_logloss", "test_auc", "bayes_logloss",
               "train_samples_per_s", "wall_seconds", "config", "error"]
 
@@ -201,6 +283,7 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
         return row
     best = min(m["evaluations"], key=lambda e: e["val_logloss"]) if m.get("evaluations") else {}
     row.update(status="ok", embedding_bytes=m["embedding_bytes"],
+               embedding_training_bytes=m.get("embedding_training_bytes", ""),
                full_embedding_bytes=m["full_embedding_bytes"],
                embedding_params=m.get("embedding_params", ""), best_epoch=m.get("best_epoch", ""),
                epochs_run=m.get("epochs", ""), val_logloss=best.get("val_logloss", ""),
@@ -208,8 +291,21 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
                test_auc=m["test_auc"], bayes_logloss=m.get("bayes_logloss") or "",
                train_samples_per_s=m.get("train_samples_per_s", ""),
                wall_seconds=m.get("wall_seconds", ""),
-               config=json.dumps(m.get("compression", m.get("plan", "")), default=str))
+               config=json.dumps(_config_summary(m), default=str))
     return row
+
+
+def _config_summary(m: Dict) -> Dict:
+    """Per compressed table: method, rows, chunks, assigned ids, precision (from the plan), plus
+    the CCE schedule/init in effect."""
+    plan = (m.get("embedding_plan") or {}).get("tables", {})
+    out: Dict = {n: {k: v for k, v in t.items() if k in ("method", "rows", "chunks",
+                                                         "assigned_ids", "precision")
+                     and v is not None}
+                 for n, t in plan.items() if t.get("method") != "full"}
+    if m.get("cce_settings"):
+        out["cce"] = {k: v for k, v in m["cce_settings"].items() if k != "recluster_steps"}
+    return out
 
 
 # ---------------------------------------------------------------- the grid
@@ -339,6 +435,29 @@ def summary(dataset: str, rows: List[Dict]) -> str:
     return "\n".join(out + [""])
 
 
+def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) -> str:
+    """Markdown: mean test log loss (seeds) of every CCE ablation per budget, next to the
+    main grid's cce/cce_no_recluster and its best non-CCE method at that budget."""
+    ll = mean_by(ablation_rows + rows, "test_logloss")
+    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
+    fractions = [f for f in fractions if any((m, f) in ll for m in ABLATIONS)]
+    out = [f"#### {dataset}: CCE ablations (test log loss, mean over n seeds)", "",
+           "| variant | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
+    names = ["cce_no_recluster", "cce"] + [m for m in ABLATIONS]
+    for m in names:
+        cells = [f"{ll[(m, f)][0]:.4f} (n={ll[(m, f)][2]})" if (m, f) in ll else ""
+                 for f in fractions]
+        if any(cells):
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+    best = []
+    for f in fractions:
+        cands = [(v, m) for (m, fr), (v, _, _) in ll.items()
+                 if fr == f and m not in ABLATIONS and not m.startswith("cce") and m != "planner"]
+        best.append(f"{min(cands)[1]} {min(cands)[0]:.4f}" if cands else "")
+    out.append("| best non-CCE method | " + " | ".join(best) + " |")
+    return "\n".join(out + [""])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.results, exist_ok=True)
@@ -351,12 +470,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         except FileNotFoundError as e:
             print(f"skipping {dataset}: {e}", flush=True)
             continue
+        ablation_rows = [r for r in rows if r["method"] in ABLATIONS]
+        rows = [r for r in rows if r["method"] not in ABLATIONS]
         write_csv(rows, os.path.join(args.results, f"quality_{dataset}.csv"))
         try:
             plot(dataset, rows, os.path.join(args.results, f"quality_{dataset}.png"))
         except Exception:  # a plot must not lose the numbers
             traceback.print_exc()
         texts.append(summary(dataset, rows))
+        if ablation_rows:
+            write_csv(ablation_rows, os.path.join(args.results,
+                                                  f"quality_{dataset}_ablations.csv"))
+            texts.append(ablation_summary(dataset, ablation_rows, rows))
         print(texts[-1], flush=True)
     with open(os.path.join(args.results, "quality_summary.md"), "w") as f:
         f.write("\n".join(texts))

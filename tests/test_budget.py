@@ -111,13 +111,140 @@ def test_plans_fit_the_budget_and_match_memory_report(methods):
             plan = plan_compression(tables, budget, counts=use_counts, methods=methods)
         fitted += 1
         assert plan.total_bytes <= budget
-        assert built_bytes(tables, plan.compression) == {n: p.bytes for n, p in plan.tables.items()}
+        if methods == ["mpe"]:  # a serving bound (test_mpe_plans_bound_the_served_bytes_exactly)
+            assert all(config_bytes(next(t for t in tables if t.name == n), p.config) == p.bytes
+                       for n, p in plan.tables.items())
+        else:
+            assert built_bytes(tables, plan.compression) == {
+                n: p.bytes for n, p in plan.tables.items()}
         for n, p in plan.tables.items():
             assert p.bytes <= p.full_bytes
             if p.method != "full":
                 assert p.method == (methods[0] if methods else "cce") or methods is None
         json.dumps(plan.to_dict())
     assert fitted >= 6
+
+
+def _mpe_serving_bytes_at(table, cfg, widths):
+    """Build the MPE table (CPU), select ``widths`` (per group, indices into cfg.bits) and
+    return the export's exact serving bytes."""
+    from torchrec_cce.mpe.export import export_table, packed_bytes
+
+    ebc = CCEEmbeddingBagCollection([table], {table.name: cfg})
+    m = ebc.tables[table.name]
+    m.selected.copy_(widths)
+    return packed_bytes(export_table(m))
+
+
+def test_mpe_plans_bound_the_served_bytes_exactly():
+    """MPE is planned by its serving bound: with every group at its widest candidate the
+    exported table is exactly the planned bytes; any learned selection is at most that."""
+    rng = random.Random(5)
+    fitted = 0
+    for trial in range(10):
+        tables, counts = [], {}
+        for i in range(rng.randint(1, 3)):
+            V = rng.randint(20, 3000)
+            t = tbl(f"t{i}", V, rng.choice([4, 8, 16]))
+            tables.append(t)
+            c = zipf_counts(V, 1.0)
+            if trial % 2:
+                np.random.default_rng(i).shuffle(c)  # not frequency-ordered: row_of is stored
+            counts[t.name] = c
+        full = sum(config_bytes(t, None) for t in tables)
+        try:
+            plan = plan_compression(tables, full * 10 ** rng.uniform(-1.7, -0.4), counts=counts,
+                                    methods=["mpe"])
+        except ValueError as e:
+            assert "cannot hold even the smallest configs (mpe)" in str(e)
+            continue
+        fitted += 1
+        assert plan.total_bytes <= plan.byte_budget
+        for t in tables:
+            p = plan.tables[t.name]
+            if p.method == "full":
+                continue
+            cfg = p.config
+            assert p.method == "mpe" and p.precision == f"mpe<={max(cfg.bits)}bit"
+            groups = cfg.groups
+            widest = torch.full((groups,), cfg.bits.index(max(cfg.bits)), dtype=torch.int64)
+            assert _mpe_serving_bytes_at(t, cfg, widest) == p.bytes
+            random_sel = torch.randint(0, len(cfg.bits), (groups,),
+                                       generator=torch.Generator().manual_seed(trial))
+            assert _mpe_serving_bytes_at(t, cfg, random_sel) <= p.bytes
+    assert fitted >= 5
+
+
+def test_fp16_cce_plans_count_half_the_codebook_bytes():
+    t = tbl("t", 100_000)
+    counts = {"t": zipf_counts(100_000, 1.0)}
+    budget = config_bytes(t, None) // 32
+    p32 = plan_compression([t], budget, counts=counts, methods=["cce"]).tables["t"]
+    p16 = plan_compression([t], budget, counts=counts, methods=["cce"],
+                           codebook_dtype=torch.float16).tables["t"]
+    assert p16.config.codebook_dtype == torch.float16 and p16.precision == "float16"
+    assert p16.bytes <= budget and p16.rows > p32.rows
+    assert built_bytes([t], {"t": p16.config})["t"] == p16.bytes
+
+
+def test_value_rule_choices_are_the_documented_ones():
+    """methods=None: budget >= VALUE_HIGH_FRACTION of full -> the VALUE_HIGH_METHOD plan; else
+    the QR plan (unique-pair form) when every compressed table fits it; else the
+    VALUE_LOW_METHOD plan. Checked against the single-method plans on random table sets."""
+    from torchrec_cce import budget as B
+
+    def single(tables, budget, counts, m):
+        try:
+            return plan_compression(tables, budget, counts=counts, methods=[m])
+        except ValueError:
+            return None
+
+    rng = random.Random(11)
+    regimes = set()
+    for trial in range(30):
+        tables, counts = random_tables(rng, rng.randint(1, 6))
+        full = sum(config_bytes(t, None) for t in tables)
+        budget = int(full * 10 ** rng.uniform(-2.5, 0))
+        qr = single(tables, budget, counts, "qr")
+        if budget >= B.VALUE_HIGH_FRACTION * full:
+            expected, regime = single(tables, budget, counts, B.VALUE_HIGH_METHOD), "high"
+        elif qr is not None:
+            expected, regime = qr, "qr"
+        else:
+            regime = "low"
+            try:
+                expected = plan_compression(tables, budget, counts=counts,
+                                            methods=[B.VALUE_LOW_METHOD],
+                                            allocation=B.VALUE_LOW_ALLOCATION)
+            except ValueError:
+                expected = single(tables, budget, counts, B.VALUE_LOW_METHOD)
+        if expected is None:
+            with pytest.raises(ValueError, match="cannot hold even the smallest"):
+                plan_compression(tables, budget, counts=counts)
+            continue
+        regimes.add(regime)
+        plan = plan_compression(tables, budget, counts=counts)
+        assert plan.total_bytes <= budget
+        assert plan.compression == expected.compression, (regime, trial)
+        for p in plan.tables.values():
+            if p.method == "qr":
+                assert p.config.collisions ** 2 >= next(
+                    t.num_embeddings for t in tables if t.name == p.table)
+    assert regimes == {"high", "qr", "low"}
+
+
+def test_proportional_allocation_gives_each_table_its_share():
+    tables = [tbl("big", 200_000), tbl("mid", 20_000), tbl("small", 2_000)]
+    full = {t.name: config_bytes(t, None) for t in tables}
+    total = sum(full.values())
+    for frac in (1 / 8, 1 / 64):
+        plan = plan_compression(tables, total * frac, methods=["ce"], allocation="proportional")
+        assert plan.total_bytes <= total * frac
+        for n, p in plan.tables.items():
+            share = total * frac * full[n] / total
+            assert p.bytes <= share and p.bytes > 0.8 * share, (n, p.bytes, share)
+    with pytest.raises(ValueError, match="allocation must be"):
+        plan_compression(tables, total / 8, methods=["ce"], allocation="nope")
 
 
 def test_budget_above_full_keeps_every_table_full():
@@ -135,10 +262,15 @@ def test_higher_frequency_tables_get_more_bytes():
         for frac in (1 / 8, 1 / 32, 1 / 128):
             # Same id distribution, 1x / 3x / 10x the training occurrences.
             counts = {f"t{i}": zipf_counts(V, exponent, s) for i, s in enumerate((1, 3, 10))}
-            for methods in (None, ["cce"], ["hashing"]):
+            for methods in (None, ["cce"], ["hashing"], ["mpe"]):
+                if methods == ["mpe"] and frac < 1 / 16:  # MPE needs >= 1 bit per value
+                    continue
                 plan = plan_compression(tables, full * frac, counts=counts, methods=methods)
                 b = [plan.tables[f"t{i}"].bytes for i in range(3)]
-                assert b[0] < b[1] < b[2], (exponent, frac, methods, b)
+                if methods == ["mpe"]:  # whole bit widths: a coarse grid, so ties are possible
+                    assert b[0] <= b[1] <= b[2] and b[0] < b[2], (exponent, frac, methods, b)
+                else:
+                    assert b[0] < b[1] < b[2], (exponent, frac, methods, b)
     # A flatter table of the same size and mass needs more rows for the same covered mass.
     counts = {"t0": zipf_counts(V, 1.4), "t1": zipf_counts(V, 0.7)}
     counts["t1"] *= counts["t0"].sum() / counts["t1"].sum()
@@ -153,9 +285,11 @@ def test_small_tables_stay_full_and_features_sum_into_tables():
     full = sum(config_bytes(t, None) for t in tables)
     counts = {"big": zipf_counts(1_000_000, 1.0), "tiny": zipf_counts(30, 1.0),
               "m1": zipf_counts(100_000, 1.0), "m2": zipf_counts(100_000, 1.0)}
-    plan = plan_compression(tables, full / 16, counts=counts)
+    plan = plan_compression(tables, full / 16, counts=counts, methods=["cce"])
     assert plan.tables["tiny"].method == "full"
     assert plan.tables["big"].method == "cce"
+    value = plan_compression(tables, full / 16, counts=counts)  # the value rule
+    assert value.tables["tiny"].method == "full" and value.tables["big"].method == "qr"
     # mass shares: the two-feature table carries twice the occurrences of "big"
     assert plan.tables["multi"].mass_share == pytest.approx(
         2 * counts["m1"].sum() / (counts["big"].sum() + counts["tiny"].sum() + 2 * counts["m1"].sum()))
@@ -225,14 +359,29 @@ def check_train_plan(m, budget_mib):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("chunks,dim", [(1, 16), (8, 32)])
 def test_train_without_method_lets_the_planner_choose(chunks, dim):
+    from torchrec_cce import budget as B
+
     m = train_run("--embedding-budget-mb", "0.2", "--chunks", str(chunks), "--embedding-dim",
-                  str(dim), "--dense-arch", f"64,{dim}", "--recluster-at", "0.5")
+                  str(dim), "--dense-arch", f"64,{dim}")
     plan = check_train_plan(m, 0.2)
     methods = {r["method"] for r in plan["tables"].values()}
-    assert "full" in methods and "cce" in methods  # small tables stay full
-    assert all(r["chunks"] == chunks for r in plan["tables"].values() if r["method"] == "cce")
-    assert len(m["reclusterings"]) == 1
+    assert "full" in methods  # small tables stay full
+    assert methods <= {"full", "qr", B.VALUE_HIGH_METHOD, B.VALUE_LOW_METHOD}, methods
+    assert len(methods) >= 2
+    assert all(r["chunks"] == chunks for r in plan["tables"].values()
+               if r["method"] in ("cce", "ce"))
+    assert m["method"] in ("mixed", "qr", B.VALUE_LOW_METHOD)
     assert "compressed to fit 0.2 MiB" in m["stdout"]
+    # a CCE plan gets the default re-clustering schedule without any flag
+    m = train_run("--embedding-budget-mb", "0.2", "--method", "cce", "--chunks", str(chunks),
+                  "--embedding-dim", str(dim), "--dense-arch", f"64,{dim}", "--epochs", "1")
+    check_train_plan(m, 0.2)
+    # 1 epoch of 8 steps: the fractions of epoch 1 only (half of one epoch has no epoch end)
+    expected = sorted({max(1, round(float(f) * 8))
+                       for f in train.DEFAULT_RECLUSTER_AT.split(",") if f})
+    assert m["cce_settings"]["recluster_steps"] == expected
+    assert [r["step"] for r in m["reclusterings"]] == expected
+    assert train.default_recluster_epochs(6) == 3 and train.default_recluster_epochs(1) == 0
 
 
 @pytest.mark.timeout(900)

@@ -39,6 +39,13 @@ def test_quick_quality_benchmark_writes_csv_within_budgets(tmp_path: Path) -> No
             if r["budget_bytes"]:  # everything a method stores fits its byte budget
                 assert int(r["embedding_bytes"]) <= int(r["budget_bytes"]), r
                 assert int(r["full_embedding_bytes"]) == int(full["full_embedding_bytes"])
+    # the value-aware planner (no --method) at 1/4 and 1/16: QR's unique-pair form fits
+    # every Frappe table there, so it is exactly the QR-mult plan (torchrec_cce/budget.py)
+    for b in ("1/4", "1/16"):
+        planner = next(r for r in rows if r["method"] == "planner" and r["budget_fraction"] == b)
+        qr = next(r for r in rows if r["method"] == "qr_mult" and r["budget_fraction"] == b)
+        assert planner["config"] == qr["config"] and planner["embedding_bytes"] == qr["embedding_bytes"]
+        assert '"method": "qr"' in planner["config"]
     assert (out / "quality_frappe.png").stat().st_size > 0
     assert "### frappe" in (out / "quality_summary.md").read_text()
     # resumable: a second run trains nothing and rebuilds the same CSV
@@ -46,3 +53,49 @@ def test_quick_quality_benchmark_writes_csv_within_budgets(tmp_path: Path) -> No
     assert again.returncode == 0 and "--metrics-json" not in again.stdout
     with open(out / "quality_frappe.csv") as f:
         assert list(csv.DictReader(f)) == rows
+
+
+def _cell(test_ll: float, nbytes: int, method: str = "cce") -> dict:
+    return {"evaluations": [{"val_logloss": test_ll + 0.01, "val_auc": 0.8}],
+            "embedding_bytes": nbytes, "embedding_training_bytes": nbytes * 3,
+            "full_embedding_bytes": 1600, "best_epoch": 1, "epochs": 2, "test_logloss": test_ll,
+            "test_auc": 0.8, "embedding_plan": {"tables": {"t": {"method": method, "rows": 7}}},
+            "cce_settings": {"init": "qr", "recluster_steps": [1]}}
+
+
+def test_report_only_splits_ablations_and_tabulates_means(tmp_path: Path) -> None:
+    """--report-only on hand-written cells: grid rows and ablation rows go to their own CSVs,
+    the summary's tables carry the means over seeds."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    cells = tmp_path / "work" / "cells"
+    cells.mkdir(parents=True)
+    spec = {"frappe__full__full__s0": _cell(0.30, 1600, "full"),
+            "frappe__qr_mult__1-16__s0": _cell(0.40, 100, "qr"),
+            "frappe__qr_mult__1-16__s1": _cell(0.42, 100, "qr"),
+            "frappe__cce__1-16__s0": _cell(0.45, 99),
+            "frappe__abl_qr_keep__1-16__s0": _cell(0.35, 98),
+            "frappe__abl_qr_keep__1-16__s1": _cell(0.37, 98),
+            "frappe__mpe__1-16__s0": {"error": "ValueError: byte budget 100 bytes cannot hold"}}
+    for name, m in spec.items():
+        (cells / f"{name}.json").write_text(json.dumps(m))
+    quality.main(["--report-only", "--datasets", "frappe", "--workdir", str(tmp_path / "work"),
+                  "--results", str(tmp_path / "res")])
+    with open(tmp_path / "res" / "quality_frappe.csv") as f:
+        grid = list(csv.DictReader(f))
+    with open(tmp_path / "res" / "quality_frappe_ablations.csv") as f:
+        abl = list(csv.DictReader(f))
+    assert {r["method"] for r in grid} == {"full", "qr_mult", "cce", "mpe"}
+    assert {r["method"] for r in abl} == {"abl_qr_keep"} and len(abl) == 2
+    assert next(r for r in grid if r["method"] == "mpe")["status"] == "infeasible"
+    cce = next(r for r in grid if r["method"] == "cce")
+    assert int(cce["embedding_training_bytes"]) == 297
+    assert json.loads(cce["config"]) == {"t": {"method": "cce", "rows": 7},
+                                         "cce": {"init": "qr"}}
+    text = (tmp_path / "res" / "quality_summary.md").read_text()
+    assert "| 1/16 | qr_mult | 0.4100 |" in text  # mean of the two seeds, best at 1/16
+    assert "| abl_qr_keep | 0.3600 (n=2) |" in text
+    assert "| best non-CCE method | qr_mult 0.4100 |" in text

@@ -54,6 +54,10 @@ def tables() -> List[EmbeddingBagConfig]:
 
 COMPRESSION = {"big": CCEConfig(rows=32, chunks=2), "mid": HashingTrickConfig(rows=64),
                "qr": QRConfig(collisions=100, operation="add")}
+# CCEConfig(init="qr", keep_remainder=True) variant of "big" (tests/test_cce_qr_init.py): its
+# remap has no fused description, so sharded and unsharded take the torch reference path.
+COMPRESSION_QR = dict(COMPRESSION, big=CCEConfig(rows=32, chunks=2, init="qr",
+                                                 keep_remainder=True))
 SIZES = {"f0": V_BIG, "f1": V_BIG, "f2": 3000, "f3": 4000, "f4": 50}
 
 
@@ -68,9 +72,9 @@ def batch(seed: int, batch_size: int = 8) -> KeyedJaggedTensor:
                                                lengths=torch.cat(lengths))
 
 
-def reference() -> CCEEmbeddingBagCollection:
+def reference(init: str = "hash") -> CCEEmbeddingBagCollection:
     torch.manual_seed(0)
-    ref = CCEEmbeddingBagCollection(tables(), COMPRESSION)
+    ref = CCEEmbeddingBagCollection(tables(), COMPRESSION if init == "hash" else COMPRESSION_QR)
     with torch.no_grad():  # a non-trivial hash generation and assignment, so both are tested
         ref.tables["big"].h_generation.fill_(3)
         ids = torch.arange(0, V_BIG, 7)
@@ -79,9 +83,10 @@ def reference() -> CCEEmbeddingBagCollection:
 
 
 def shard(kind: str, replicate_below: int, world: int, rank: int,
-          sgd: bool = False) -> Tuple[DistributedModelParallel, CCEEmbeddingBagCollectionSharder]:
+          sgd: bool = False, init: str = "hash") -> Tuple[DistributedModelParallel, CCEEmbeddingBagCollectionSharder]:
     sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=replicate_below)
-    module = CCEEmbeddingBagCollection(tables(), COMPRESSION, device=torch.device("meta"))
+    module = CCEEmbeddingBagCollection(tables(), COMPRESSION if init == "hash" else COMPRESSION_QR,
+                                       device=torch.device("meta"))
     if sgd:
         apply_optimizer_in_backward(SGD, module.parameters(), {"lr": LR})
     names = [c.name for c in module.codebook_table_configs()]
@@ -130,9 +135,10 @@ def gathered_state(dmp: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------- forward and update
-def _forward_and_update(rank: int, world: int, kind: str, replicate_below: int):
-    ref = reference()
-    dmp, _ = shard(kind, replicate_below, world, rank, sgd=True)
+def _forward_and_update(rank: int, world: int, kind: str, replicate_below: int,
+                        init: str = "hash"):
+    ref = reference(init)
+    dmp, _ = shard(kind, replicate_below, world, rank, sgd=True, init=init)
     load_full_state(dmp, ref.state_dict())
     kjts = [batch(100 + r) for r in range(world)]
     out = dmp(kjts[rank]).wait()
@@ -155,12 +161,16 @@ def _forward_and_update(rank: int, world: int, kind: str, replicate_below: int):
     return forward_err, {k: v for k, v in after.items()}, local_assignment_rows
 
 
-@pytest.mark.parametrize("kind", ["tw", "cw", "dp", "planner_twcw"])
-@pytest.mark.parametrize("replicate_below", [0, 1 << 30], ids=["id_range", "replicated"])
-def test_sharded_matches_unsharded(kind: str, replicate_below: int) -> None:
-    results = run_multiprocess(_forward_and_update, 2, kind, replicate_below)
+_ID_RANGE, _REPLICATED = 0, 1 << 30
+
+
+@pytest.mark.parametrize("kind,replicate_below,init", [
+    *[(k, r, "hash") for k in ["tw", "cw", "dp", "planner_twcw"] for r in (_ID_RANGE, _REPLICATED)],
+    ("tw", _ID_RANGE, "qr"), ("cw", _REPLICATED, "qr"), ("planner_twcw", _ID_RANGE, "qr")])
+def test_sharded_matches_unsharded(kind: str, replicate_below: int, init: str) -> None:
+    results = run_multiprocess(_forward_and_update, 2, kind, replicate_below, init)
     # Reference update: the same SGD step on the unsharded module over both ranks' batches.
-    ref = reference()
+    ref = reference(init)
     params = dict(ref.named_parameters())
     loss = 0
     for r in range(2):

@@ -20,17 +20,31 @@ The rule (no trained model needed):
    table that does. At the end every table's frequency threshold per byte is about equal:
    tables whose ids carry more mass get more bytes; small tables whose full form is cheap in
    value per byte stay full.
-3. **Method per table.** ``methods=[M]``: every compressed table uses ``M`` (so methods can be
-   compared at equal bytes). ``methods=None``: each table uses the first method of
-   ``AUTO_ORDER`` that can represent it (QR needs ``~2 sqrt(V)`` rows); the value proxy of
-   step 1 depends on bytes only, so it cannot rank methods: the order is the documented choice,
-   to be revised from the equal-byte benchmark. Full tables are always candidates
-   (``allow_full=False`` forbids them).
+3. **Method.** ``methods=[M]``: every compressed table uses ``M`` (so methods can be compared
+   at equal bytes). ``methods=None``, the *value-aware rule*, measured rather than modelled
+   (the value proxy of step 1 depends on bytes only, so it cannot rank methods; the rule comes
+   from the equal-byte benchmark on the shared datasets, ``benchmarks/results/quality_*``):
+
+   * budget >= :data:`VALUE_HIGH_FRACTION` of the full bytes: :data:`VALUE_HIGH_METHOD`
+     (at 1/2 of the bytes CE matched or beat the full table and QR on Frappe);
+   * else QR (``qr_operation``, unique-pair form ``m >= ceil(sqrt(V))``: every id keeps its own
+     (quotient, remainder) pair) if every compressed table fits it (QR was best on Frappe at
+     1/4 to 1/16 of the bytes);
+   * else :data:`VALUE_LOW_METHOD` with :data:`VALUE_LOW_ALLOCATION` (every table the same
+     fraction of its full bytes; the marginal-value allocation if that misses a table's
+     minimum): QR cannot be built there, and on Frappe at 1/64 CE with proportional shares
+     (0.4278 test log loss) beat every single method with the value allocation (best 0.5258).
+
+   Several methods (``methods=[M1, M2, ...]``): each table uses the first that can represent
+   it. Full tables are always candidates (``allow_full=False`` forbids them).
 4. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
    ``m >= ceil(sqrt(V))`` that fit; MEmCom: rows after the ``4 V`` bytes of weights; CCE: the
    ``chunks`` given, ``assignment_share`` of the bytes for the bit-packed ``p`` of the ``N``
    most frequent ids (the id prefix ``[0, N)`` of frequency-ordered data; ``N = V`` if it fits)
-   and the rest for ``rows`` (and any bytes ``p`` does not need go to rows).
+   and the rest for ``rows`` (and any bytes ``p`` does not need go to rows); MPE: the widest
+   candidate set ``0..b`` (``b >= 1``) whose serving bound (every group at ``b`` bits,
+   :func:`mpe_serving_bound`) fits: the budget bounds MPE's *serving* bytes (it trains fp32
+   master weights); below 1 bit per value MPE is infeasible.
 """
 
 import json
@@ -44,17 +58,20 @@ from torchrec import EmbeddingBagConfig
 from torchrec.modules.embedding_configs import DataType
 
 from torchrec_cce.configs import (
+    MPE_ALLOWED_BITS,
     CCEConfig,
     CEConfig,
     CompressionConfig,
     HashingTrickConfig,
     MEmComConfig,
+    MPEConfig,
     QRConfig,
 )
 from torchrec_cce.methods import packed
 
-PLAN_METHODS = ("cce", "qr", "ce", "hashing", "memcom")
+PLAN_METHODS = ("cce", "qr", "ce", "hashing", "memcom", "mpe")
 AUTO_ORDER = ("cce", "qr", "ce", "hashing", "memcom")
+_MPE_MAX_GROUPS = 128
 _GRID_STEPS_PER_DOUBLING = 8
 _H_GENERATION_BYTES = 8
 _MEMCOM_WEIGHT_BYTES = 4
@@ -88,7 +105,31 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig])
         return config.num_parameters(table) * elem
     if isinstance(config, MEmComConfig):
         return config.rows * dim * elem + V * _MEMCOM_WEIGHT_BYTES
+    if isinstance(config, MPEConfig):
+        return mpe_serving_bound(table, config)
     raise TypeError(f"table '{table.name}': unsupported config {config!r}")
+
+
+def mpe_serving_bound(table: EmbeddingBagConfig, config: MPEConfig) -> int:
+    """The most serving bytes an MPE table can take: every group at its widest candidate
+    (``torchrec_cce.mpe.export.serving_bytes`` with all widths = ``max(bits)``). The learned
+    widths can only be narrower, so the served table never exceeds it. MPE *trains* fp32 master
+    weights (``V * dim * 4`` bytes and more): the budget bounds what is served."""
+    from torchrec_cce.methods.mpe import frequency_ranks
+    from torchrec_cce.mpe.export import row_bytes
+
+    V, dim, K = table.num_embeddings, table.embedding_dim, len(config.bits)
+    n = 3 * 8 + K + 4 * K + 4 * dim + config.groups + V * row_bytes(dim, max(config.bits))
+    if config.counts is None or frequency_ranks(torch.as_tensor(
+            np.asarray(config.counts), dtype=torch.int64)) is not None:
+        n += 4 * V  # row_of: ids not frequency-ordered
+    return n
+
+
+def _mpe_bits(max_bits: int) -> Tuple[int, ...]:
+    """Candidate widths up to ``max_bits``: ``0..max_bits`` (the paper's 0..6 shape), with 16
+    only as the widest."""
+    return tuple(b for b in MPE_ALLOWED_BITS if b <= max_bits and (b <= 8 or b == max_bits))
 
 
 @dataclass(frozen=True)
@@ -205,11 +246,14 @@ class _Curve:
 
 
 # ---------------------------------------------------------------- sizing one method
-def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float
-             ) -> Optional[CCEConfig]:
+def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
+             codebook_dtype: Optional[torch.dtype] = None) -> Optional[CCEConfig]:
     """``share`` of the bytes for p (the ``N`` first ids), the rest for rows; if p covers
     every id, all remaining bytes go to rows."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
+    if codebook_dtype is not None:
+        elem = torch.empty((), dtype=codebook_dtype).element_size()
+    extra = {} if codebook_dtype is None else {"codebook_dtype": codebook_dtype}
     row_cost = 2 * dim * elem
     max_rows = max(1, V // 2)  # more parameters than the full table is never useful
     spare = level - _H_GENERATION_BYTES
@@ -227,18 +271,32 @@ def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float
                 rows = max(rows, r)
             if r < (1 << b):
                 break
-        return CCEConfig(rows=rows, chunks=chunks)
-    return CCEConfig(rows=rows, chunks=chunks, assigned_ids=n)
+        return CCEConfig(rows=rows, chunks=chunks, **extra)
+    return CCEConfig(rows=rows, chunks=chunks, assigned_ids=n, **extra)
 
 
 def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share: float,
-         qr_operation: str) -> Optional[CompressionConfig]:
+         qr_operation: str, codebook_dtype: Optional[torch.dtype] = None,
+         counts: Optional[object] = None) -> Optional[CompressionConfig]:
     """The largest config of ``method`` with at most ``level`` bytes (None if none fits or it
     would have as many parameters as the full table)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     row = dim * elem
     if method == "cce":
-        return _fit_cce(table, level, chunks, share)
+        return _fit_cce(table, level, chunks, share, codebook_dtype)
+    if method == "mpe":  # the widest candidate set whose every-group-at-max bound fits
+        groups = min(_MPE_MAX_GROUPS, V)
+        if counts is not None and np.ndim(counts) == 0:
+            counts = None
+        best = None
+        for b in sorted({b for b in MPE_ALLOWED_BITS if 0 < b < 8 * elem}):
+            cfg = MPEConfig(groups=groups, bits=_mpe_bits(b), counts=counts)
+            if config_bytes(table, cfg) > level:
+                break
+            best = cfg
+        # No all-pruned (bits=(0,)) form: a table whose rows are all zero has unused weights,
+        # which DDP's static graph refuses (measured on Frappe at 1/16), and learns nothing.
+        return best
     if method in ("hashing", "ce"):
         rows = min(level // row, V - 1)
         if rows < 1:
@@ -264,17 +322,39 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
     raise ValueError(f"unknown method {method!r}; choose from {PLAN_METHODS}")
 
 
+# The value-aware rule (methods=None), derived from the measured equal-byte benchmark on the
+# shared datasets (benchmarks/results/quality_*.csv and the CCE ablations; no trained model is
+# consulted): with at least VALUE_HIGH_FRACTION of the full bytes, VALUE_HIGH_METHOD; below it,
+# QR in its unique-pair form (m >= ceil(sqrt(V))) if every compressed table fits it, else
+# VALUE_LOW_METHOD. Each is then sized per table by the marginal-value allocation.
+VALUE_HIGH_FRACTION = 0.45
+VALUE_HIGH_METHOD = "ce"
+VALUE_LOW_METHOD = "ce"
+# Below QR's reach the low method's bytes are split in proportion to the tables' full bytes:
+# on Frappe at 1/64 CE gave test log loss 0.4278 with it vs 0.5258 with the marginal-value
+# allocation, which starves the large, flat item table (1.6 KB of its 261 KB).
+VALUE_LOW_ALLOCATION = "proportional"
+
+
+_METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
+              MEmComConfig: "memcom", MPEConfig: "mpe"}
+
+
 def _config_fields(config: Optional[CompressionConfig], table: EmbeddingBagConfig
                    ) -> Dict[str, Optional[int]]:
     if config is None:
         return {}
     if isinstance(config, QRConfig):
         return {"rows": config.collisions}
+    if isinstance(config, MPEConfig):
+        return {"precision": f"mpe<={max(config.bits)}bit"}
     out: Dict[str, Optional[int]] = {"rows": config.rows}
     if isinstance(config, (CCEConfig, CEConfig)):
         out["chunks"] = config.chunks
     if isinstance(config, CCEConfig):
         out["assigned_ids"] = config.num_assigned(table)
+        if config.codebook_dtype is not None:
+            out["precision"] = str(config.codebook_dtype).replace("torch.", "")
     return out
 
 
@@ -301,23 +381,32 @@ def _table_counts(counts: Optional[Mapping[str, object]], t: EmbeddingBagConfig
 
 
 def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mass: float,
-                allow_full: bool, chunks: int, share: float, qr_operation: str
+                allow_full: bool, chunks: int, share: float, qr_operation: str,
+                codebook_dtype: Optional[torch.dtype] = None, counts: Optional[object] = None
                 ) -> List[Tuple[int, float, Optional[CompressionConfig]]]:
     full = config_bytes(t, None)
     row = t.embedding_dim * _elem(t)
     out: Dict[int, Tuple[int, float, Optional[CompressionConfig]]] = {}
+
+    def fit(level: int) -> Optional[CompressionConfig]:
+        return _fit(method, t, level, chunks, share, qr_operation, codebook_dtype, counts)
+
     if method is not None:
         level = float(row)
+        if method == "mpe":  # MPE's smallest form (0 or 1 bit per group) may be below one row
+            level = float(min(row, config_bytes(t, MPEConfig(groups=min(_MPE_MAX_GROUPS,
+                                                                         t.num_embeddings),
+                                                              bits=(0, 1), counts=counts))))
         seen = set()
         while level < full:
-            cfg = _fit(method, t, int(level), chunks, share, qr_operation)
+            cfg = fit(int(level))
             if cfg is not None and cfg not in seen:
                 seen.add(cfg)
                 b = config_bytes(t, cfg)
                 if b < full:
                     out[b] = (b, mass * curve.top(b / row), cfg)
             level *= 2 ** (1 / _GRID_STEPS_PER_DOUBLING)
-        cfg = _fit(method, t, full - 1, chunks, share, qr_operation)
+        cfg = fit(full - 1)
         if cfg is not None:
             b = config_bytes(t, cfg)
             out.setdefault(b, (b, mass * curve.top(b / row), cfg))
@@ -352,6 +441,8 @@ def plan_compression(
     assignment_share: float = 0.5,
     allow_full: bool = True,
     qr_operation: str = "mult",
+    codebook_dtype: Optional[torch.dtype] = None,
+    allocation: str = "value",
 ) -> CompressionPlan:
     """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
 
@@ -361,20 +452,47 @@ def plan_compression(
         counts: ``{table or feature name: per-id training counts [V]}`` (a feature's counts
             are summed into its table), or scalar total counts (Zipf(1) ids). Ids are assumed
             frequency-ordered for CCE's covered prefix ``[0, N)``. None: Zipf(1), equal mass.
-        methods: restrict compressed tables to these methods (one: size that method). None:
-            :data:`AUTO_ORDER`.
+        methods: restrict compressed tables to these methods (one: size that method; several:
+            the first of them that can represent each table, in the given order). None: the
+            value-aware rule (module doc, step 3: :data:`VALUE_HIGH_METHOD` at or above
+            :data:`VALUE_HIGH_FRACTION` of the full bytes, else QR's unique-pair form if it
+            fits, else :data:`VALUE_LOW_METHOD`). ``"mpe"`` is sized by its serving-bytes bound
+            (:func:`mpe_serving_bound`).
         chunks: CCE/CE chunks (1, 2, 4, 8; must divide every compressed table's dim, else
             the largest divisor of dim below it is used).
         assignment_share: fraction of a CCE table's bytes for its packed assignment.
         allow_full: whether uncompressed tables are candidates.
         qr_operation: QR's operation.
+        codebook_dtype: CCE codebook precision (``torch.float16`` halves the bytes per row).
+        allocation: ``"value"`` (step 2, marginal frequency mass per byte) or
+            ``"proportional"`` (an ablation: every table gets the same fraction of its full
+            bytes, its largest candidate within that share; leftovers are not redistributed).
 
     Raises:
         ValueError: if even the smallest config of every table exceeds the budget (naming
             the tables and the minimum bytes), or for unknown methods / bad counts.
     """
     budget = int(byte_budget)
-    order = list(methods) if methods is not None else list(AUTO_ORDER)
+    if methods is None:  # the value-aware rule (module doc, step 3)
+        kw = dict(counts=counts, chunks=chunks, assignment_share=assignment_share,
+                  allow_full=allow_full, qr_operation=qr_operation,
+                  codebook_dtype=codebook_dtype, allocation=allocation)
+        full_total = sum(config_bytes(t, None) for t in tables)
+        if budget >= VALUE_HIGH_FRACTION * full_total:
+            return plan_compression(tables, budget, methods=[VALUE_HIGH_METHOD], **kw)
+        try:
+            return plan_compression(tables, budget, methods=["qr"], **kw)
+        except ValueError as e:
+            if "cannot hold even the smallest" not in str(e):
+                raise
+        try:
+            return plan_compression(tables, budget, methods=[VALUE_LOW_METHOD],
+                                    **dict(kw, allocation=VALUE_LOW_ALLOCATION))
+        except ValueError as e:  # the proportional shares miss a table's minimum
+            if "proportional shares" not in str(e):
+                raise
+            return plan_compression(tables, budget, methods=[VALUE_LOW_METHOD], **kw)
+    order = list(methods)
     unknown = [m for m in order if m not in PLAN_METHODS + ("full",)]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {('full',) + PLAN_METHODS}")
@@ -395,7 +513,7 @@ def plan_compression(
         best = None
         for m in order:
             pts = _candidates(t, m, curves[t.name], mass, allow_full, c, assignment_share,
-                              qr_operation)
+                              qr_operation, codebook_dtype, _table_counts(counts, t))
             if any(cfg is not None for _, _, cfg in pts) or m == order[-1]:
                 best = (m, pts)
                 break
@@ -412,11 +530,26 @@ def plan_compression(
             f"smallest configs ({'/'.join(order) or 'full'}) of the tables; they need at least "
             f"{sum(minimum.values())} bytes ({sum(minimum.values()) / 2**20:.3f} MiB): {listing}"
             f"{' ...' if len(worst) > 10 else ''}. Raise the budget or allow other methods")
+    if allocation not in ("value", "proportional"):
+        raise ValueError(f"allocation must be 'value' or 'proportional', got {allocation!r}")
     # Greedy marginal-value allocation over each table's upper concave hull.
     current = {n: 0 for n in cands}   # index into cands[n]
     remaining = budget - sum(minimum.values())
     steps = []
-    for n, pts in cands.items():
+    if allocation == "proportional":
+        full_total = sum(config_bytes(t, None) for t in tables)
+        for t in tables:
+            share = budget * config_bytes(t, None) / full_total
+            pts = cands[t.name]
+            fits = [i for i, (b, _, _) in enumerate(pts) if b <= share]
+            current[t.name] = max(fits) if fits else 0
+        if sum(cands[n][i][0] for n, i in current.items()) > budget:  # minimums pushed it over
+            raise ValueError(f"byte budget {budget} bytes: the proportional shares cannot hold "
+                             f"the smallest configs; use allocation='value'")
+        cands_order = []
+    else:
+        cands_order = list(cands.items())
+    for n, pts in cands_order:
         hull = _hull(pts)
         for a, b in zip(hull, hull[1:]):
             slope = (pts[b][1] - pts[a][1]) / (pts[b][0] - pts[a][0])
@@ -451,10 +584,10 @@ def plan_compression(
         else:
             covered = 0.0
         out[t.name] = TablePlan(
-            table=t.name, method="full" if cfg is None else chosen_method[t.name], bytes=b,
-            full_bytes=config_bytes(t, None), precision=_precision(t),
-            mass_share=curve.mass / total_mass, covered_mass=covered, config=cfg,
-            **_config_fields(cfg, t))
+            table=t.name, method="full" if cfg is None else _METHOD_OF[type(cfg)], bytes=b,
+            full_bytes=config_bytes(t, None),
+            **{"precision": _precision(t), **_config_fields(cfg, t)},
+            mass_share=curve.mass / total_mass, covered_mass=covered, config=cfg)
     plan = CompressionPlan(byte_budget=budget, tables=out)
     assert plan.total_bytes <= budget, (plan.total_bytes, budget)
     return plan

@@ -96,6 +96,17 @@ class CCEConfig:
     bounds it to the ids ``[0, assigned_ids)`` (with frequency-ordered vocabularies: the most
     frequent ones); the other ids keep the hashed ``p`` forever. ``None``: every id. Values above
     the table size mean every id.
+
+    ``init``: how ``p`` and ``h`` start (and what uncovered ids use for ``p``).
+
+    * ``"hash"`` (default, the paper): ``p_i`` and ``h_i`` are independent hashes.
+    * ``"qr"``: a quotient-remainder pair of a per-chunk bijection of the id,
+      ``x' = (a_i x + b_i) mod V`` (``gcd(a_i, V) = 1``), ``p_i = (x' // rows) mod rows``,
+      ``h_i = x' mod rows``: when ``rows**2 >= V`` every id has a unique ``(p_i, h_i)`` pair
+      in every chunk, exactly like QR-add. Ids outside ``[0, V)`` are reduced ``mod V`` first.
+      After a re-clustering ``p`` is the k-means assignment and ``h`` is a fresh hash
+      (``keep_remainder=False``, the paper's rule) or stays the deterministic remainder
+      (``keep_remainder=True``, so uncovered ids keep their unique pair).
     """
 
     rows: int
@@ -103,6 +114,8 @@ class CCEConfig:
     seed: int = 0
     codebook_dtype: Optional[torch.dtype] = None
     assigned_ids: Optional[int] = None
+    init: str = "hash"
+    keep_remainder: bool = False
 
     def validate(self, table: EmbeddingBagConfig) -> None:
         _require_positive(table, "rows", self.rows)
@@ -116,6 +129,12 @@ class CCEConfig:
                 f"table '{table.name}': CCEConfig.assigned_ids must be None (every id) or an "
                 f"int >= 0, got {self.assigned_ids!r}"
             )
+        if self.init not in ("hash", "qr"):
+            raise ValueError(f"table '{table.name}': CCEConfig.init must be 'hash' or 'qr', got "
+                             f"{self.init!r}")
+        if self.keep_remainder and self.init != "qr":
+            raise ValueError(f"table '{table.name}': CCEConfig.keep_remainder=True needs "
+                             f"init='qr' (there is no remainder to keep with hashed h)")
 
     def num_assigned(self, table: EmbeddingBagConfig) -> int:
         """How many ids (the prefix ``[0, N)``) have a stored, learned ``p``."""

@@ -72,7 +72,7 @@ from torchrec_cce import (  # noqa: E402
 )
 from torchrec_cce.checkpoint import CheckpointManager, guard_loss  # noqa: E402
 from torchrec_cce.clustering.schedule import ReclusterSchedule  # noqa: E402
-from torchrec_cce.configs import MPEConfig  # noqa: E402
+from torchrec_cce.configs import CCEConfig, MPEConfig  # noqa: E402
 from torchrec_cce.mpe import MPESchedule, mpe_penalty, mpe_summary  # noqa: E402
 from torchrec_cce.configs import METHOD_NAMES  # noqa: E402
 from torchrec_cce.data.common import DEFAULT_SHUFFLE_BUFFER  # noqa: E402
@@ -227,11 +227,36 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "shared datasets (default 100)")
     t.add_argument("--seed", type=int, default=0,
                    help="model init, hashes and the shuffled training order")
-    t.add_argument("--recluster-at", default="",
-                   help="fractions of the first epoch, e.g. 0.25,0.5 (CCE only)")
-    t.add_argument("--recluster-every-epoch", type=int, default=0,
-                   help="also re-cluster at the end of each of the first N epochs")
-    t.add_argument("--kmeans-iters", type=int, default=10)
+    t.add_argument("--recluster-at", default=None,
+                   help="fractions of the first epoch, e.g. 0.25,0.5 (CCE only; default: "
+                        f"{DEFAULT_RECLUSTER_HELP})")
+    t.add_argument("--recluster-every-epoch", type=int, default=None,
+                   help="also re-cluster at the end of each of the first N epochs (default: "
+                        "see --recluster-at)")
+    t.add_argument("--no-recluster", action="store_true",
+                   help="CCE without re-clustering (p and h stay the initial hashes)")
+    t.add_argument("--kmeans-iters", type=int, default=None,
+                   help=f"Lloyd iterations per re-clustering (default {DEFAULT_KMEANS_ITERS})")
+    m2 = p.add_argument_group("CCE (tables compressed with CCE, also under the planner)")
+    m2.add_argument("--cce-init", choices=["hash", "qr"], default=None,
+                    help="initial p/h: independent hashes (the paper) or the quotient/remainder "
+                         "of a per-chunk id permutation (unique pairs when rows**2 >= V); "
+                         f"default {DEFAULT_CCE_INIT}")
+    m2.add_argument("--cce-keep-remainder", action="store_true", default=None,
+                    help="--cce-init qr: h stays the remainder after re-clustering (default "
+                         "on with the default init; --cce-fresh-hash gives the paper's rule)")
+    m2.add_argument("--cce-fresh-hash", dest="cce_keep_remainder", action="store_false",
+                    help="h becomes a fresh hash at each re-clustering (the paper's rule)")
+    m2.add_argument("--cce-codebook-dtype", choices=["float32", "float16"], default=None,
+                    help="CCE codebook precision (float16 halves the codebook bytes; the "
+                         "budget planner counts it)")
+    m2.add_argument("--planner-allocation", choices=["value", "proportional"], default="value",
+                    help="with --embedding-budget-mb: bytes per table by marginal frequency mass "
+                         "(default) or the same fraction of every table's full bytes (ablation)")
+    m2.add_argument("--cce-assignment-share", type=float, default=None,
+                    help="with --embedding-budget-mb: share of a CCE table's bytes for its "
+                         "bit-packed p (the most frequent ids'); the rest is codebook rows "
+                         f"(default {DEFAULT_CCE_ASSIGNMENT_SHARE})")
     t.add_argument("--max-steps", type=int, default=None, help="stop after this many steps")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-every", type=int, default=None,
@@ -265,6 +290,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error("--embedding-budget-mb and --max-params-per-table are two budgets; pass one")
     if args.recluster_at and args.method != "cce":
         p.error("--recluster-at only applies to --method cce")
+    if args.no_recluster and (args.recluster_at or args.recluster_every_epoch):
+        p.error("--no-recluster contradicts --recluster-at/--recluster-every-epoch")
+    if args.cce_assignment_share is None:
+        args.cce_assignment_share = DEFAULT_CCE_ASSIGNMENT_SHARE
+    if not 0 < args.cce_assignment_share < 1:
+        p.error(f"--cce-assignment-share must be in (0, 1), got {args.cce_assignment_share}")
     if args.data in ("criteo_tsv", "avazu_csv", "criteo_npy") and not args.train_path:
         p.error(f"--data {args.data} needs --train-path")
     if args.data == "preprocessed":
@@ -285,6 +316,65 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.warmup_steps < 0:
         p.error(f"--warmup-steps must be >= 0, got {args.warmup_steps}")
     return args
+
+
+# ---------------------------------------------------------------- CCE defaults
+# What `--method cce` (or a planner choosing CCE) does when no re-clustering/CCE flag is given:
+# the best setting of the Frappe ablation (benchmarks/results/quality_frappe_ablations.csv).
+# Frappe at 1/16 of the bytes, 6 epochs: 0.25,0.5 of epoch 1 + the end of epochs 1-4 (the
+# reference code's "every epoch until 3/4 of training") gave test log loss 0.4007, vs 0.4207
+# for 0.25,0.5 + epochs 1-3, 0.4532 for 0.25,0.5 only, 0.4816 without re-clustering.
+# With QR-initialised CCE (h kept as the remainder) and a quarter of a CCE table's bytes for p:
+# 0.3778 at 1/16 (3 seeds) and 0.4652 at 1/64 (2 seeds), vs 0.4052 / 0.5271 for hashed CCE
+# with the schedule above; this default is exactly that measured setting
+# (quality_frappe_ablations.csv: abl_qr_keep_share0.25).
+DEFAULT_RECLUSTER_AT = "0.25,0.5"
+DEFAULT_RECLUSTER_UNTIL = 0.5  # re-cluster at the end of every epoch up to 1/2 of --epochs
+DEFAULT_KMEANS_ITERS = 10
+DEFAULT_CCE_INIT = "qr"
+DEFAULT_CCE_KEEP_REMAINDER = True
+DEFAULT_CCE_ASSIGNMENT_SHARE = 0.25
+DEFAULT_RECLUSTER_HELP = (f"{DEFAULT_RECLUSTER_AT} of epoch 1 and the end of every epoch up to "
+                          f"{DEFAULT_RECLUSTER_UNTIL:g} of --epochs")
+
+
+def default_recluster_epochs(epochs: int) -> int:
+    """Epochs whose end re-clusters by default: ``floor(DEFAULT_RECLUSTER_UNTIL * epochs)``
+    (6 epochs: the first 3; 1 epoch: none, only the fractions of epoch 1). It follows
+    ``--epochs``: a run resumed with another ``--epochs`` gets another schedule (pass
+    ``--recluster-every-epoch`` explicitly to keep one)."""
+    return int(DEFAULT_RECLUSTER_UNTIL * epochs + 1e-9)
+
+
+def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The re-clustering schedule and CCE init in effect (flags given, else the defaults)."""
+    explicit = args.recluster_at is not None or args.recluster_every_epoch is not None
+    if args.no_recluster:
+        at, every = "", 0
+    elif explicit:
+        at, every = args.recluster_at or "", args.recluster_every_epoch or 0
+    else:
+        at, every = DEFAULT_RECLUSTER_AT, default_recluster_epochs(args.epochs)
+    init = args.cce_init or DEFAULT_CCE_INIT
+    keep = (DEFAULT_CCE_KEEP_REMAINDER if args.cce_keep_remainder is None
+            else args.cce_keep_remainder) and init == "qr"
+    return {"recluster_at": at, "recluster_every_epoch": every,
+            "kmeans_iters": args.kmeans_iters or DEFAULT_KMEANS_ITERS,
+            "init": init, "keep_remainder": keep}
+
+
+def codebook_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    return None if args.cce_codebook_dtype is None else getattr(torch, args.cce_codebook_dtype)
+
+
+def apply_cce_settings(compression: Dict, args: argparse.Namespace) -> Dict:
+    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged) and
+    ``--cce-codebook-dtype``."""
+    cs = cce_settings(args)
+    extra = {} if args.cce_codebook_dtype is None else {"codebook_dtype": codebook_dtype(args)}
+    return {n: (dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"],
+                                    **extra)
+                if isinstance(c, CCEConfig) else c) for n, c in compression.items()}
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -604,15 +694,26 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     tables = table_configs(data, dim)
     plan = None
     if args.embedding_budget_mb is not None:  # the byte-budget planner (torchrec_cce.budget)
+        counts = table_counts(data, tables)
         plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
-                                counts=table_counts(data, tables),
+                                counts=counts,
                                 methods=args.planner_methods, chunks=args.chunks,
-                                qr_operation=args.qr_operation)
+                                assignment_share=args.cce_assignment_share,
+                                qr_operation=args.qr_operation,
+                                codebook_dtype=codebook_dtype(args),
+                                allocation=args.planner_allocation,
+                                )
         compression, cap = plan.compression, None
+        # MPE: the planner fixed the candidate widths (its serving-bytes bound); the search
+        # hyper-parameters and seed come from the flags.
+        compression = {n: (dataclasses.replace(c, tau=args.mpe_tau, lam=args.mpe_lambda,
+                                               seed=args.seed) if isinstance(c, MPEConfig)
+                           else c) for n, c in compression.items()}
         used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
         args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
     else:
         compression, cap = make_compression(tables, args, table_counts(data, tables))
+    compression = apply_cce_settings(compression, args)
     # An all-MPE collection has no codebook for DMP to shard: build it for DDP.
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
     ebc = CCEEmbeddingBagCollection(tables, compression,
@@ -632,6 +733,8 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
                     dense_device=torch.device("cpu"))
     train_module = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return train_module, {"max_params_per_table": cap, "compressed_tables": len(compression),
+                          "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),
+                          "all_mpe": all_mpe,
                           "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan}
 
 
@@ -687,8 +790,20 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "sparse_arch" not in n)
     base = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
+    # float16 codebooks must not be placed data-parallel: TorchRec trains data-parallel tables
+    # with the dense optimizer (torch Adagrad), whose float16 state underflows eps to 0 and
+    # turns the first update into NaN (measured: Frappe, step 1, even at lr 0). Table-wise
+    # tables train with fbgemm's fused optimizer, which handles float16 weights.
+    from torchrec.distributed.planner.types import ParameterConstraints
+    from torchrec.modules.embedding_configs import DataType
+
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    constraints = {c.name: ParameterConstraints(sharding_types=["table_wise"])
+                   for c in getattr(ebc, "codebook_table_configs", lambda: [])()
+                   if c.data_type == DataType.FP16}
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size,
-                                       storage_reservation=CCEStorageReservation(base=base))
+                                       storage_reservation=CCEStorageReservation(base=base),
+                                       constraints=constraints or None)
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     table = format_plan(plan_memory(plan, model, world))  # before DMP swaps modules
     dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
@@ -848,7 +963,9 @@ FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 # Settings a checkpoint must have been written with (they change the model or its state).
 MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
                "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
-               "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed")
+               "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed", "cce_init",
+               "cce_keep_remainder", "cce_assignment_share", "cce_codebook_dtype",
+               "planner_allocation")
 
 
 def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
@@ -939,14 +1056,18 @@ def setup(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     model, budget = build_model(args, data)
     dmp, plan_table = shard_model(model, args, world, device)
     optim = Optimizers(dmp, args)
+    # An all-MPE model has no codebook EBC: the sparse-dist pipeline's fx trace of the model
+    # fails on it (and has no input dist to overlap), so it trains with the base pipeline.
     pipeline = (TrainPipelineSparseDist(dmp, optim.dense, device)
-                if isinstance(dmp, DistributedModelParallel)
+                if isinstance(dmp, DistributedModelParallel) and not budget["all_mpe"]
                 else TrainPipelineBase(dmp, optim.dense, device))
+    cs = cce_settings(args)
+    has_cce = budget["has_cce"]
     schedule = ReclusterSchedule.from_epochs(
         data.steps_per_epoch or 1,
-        [float(x) for x in args.recluster_at.split(",") if x],
-        every_epoch=args.recluster_every_epoch if args.method == "cce" else 0,
-        iters=args.kmeans_iters)
+        [float(x) for x in cs["recluster_at"].split(",") if x] if has_cce else [],
+        every_epoch=cs["recluster_every_epoch"] if has_cce else 0,
+        iters=cs["kmeans_iters"])
     ctx = Training(args, rank, world, device, data, dmp, optim, pipeline, schedule,
                    Protocol(args.patience), budget, plan_table)
     if args.method == "mpe":
@@ -1150,6 +1271,9 @@ def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[s
         "last_checkpoint": ctx.last_checkpoint,
         "train_loss_curve": ctx.losses,
         "reclusterings": ctx.recluster_log,
+        # the CCE schedule/init in effect (flags given, else train.py's defaults)
+        "cce_settings": (dict(cce_settings(ctx.args), recluster_steps=ctx.schedule.at_steps)
+                         if ctx.budget.get("has_cce") else None),
         "wall_seconds": time.perf_counter() - start,
         "args": vars(ctx.args),
     }

@@ -94,6 +94,8 @@ def chunk_vectors(method: CCETable, A: torch.Tensor, B: torch.Tensor,
 def _buckets(method: CCETable, ids: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
     """``h(x)`` of ``generation`` for all chunks at once (``[n, chunks]``): the same values as
     ``method.bucket`` in one broadcast hash instead of one per chunk."""
+    if method.init != "hash":  # CCEConfig(init="qr"): the remainder, not a hash
+        return method.bucket(ids, generation)
     keys = torch.stack(method.h_keys(generation)).to(ids.device)
     return hash_ids(ids.unsqueeze(1), keys.unsqueeze(0), method.rows)
 

@@ -26,9 +26,15 @@ State besides the codebooks:
   :meth:`CCETable.write_assignment` and :meth:`CCETable.lookup_assignment`.
 * ``h_generation`` (0-d int64): which member of the hash family ``h_i`` is; re-clustering
   increments it to draw fresh hashes.
+
+``CCEConfig(init="qr")`` replaces the initial hashes by the quotient/remainder of a per-chunk
+affine bijection of the id (:meth:`CCETable.qr_pair`): unique ``(p_i, h_i)`` per chunk when
+``rows**2 >= V``. That remap has no fused description (``stream_specs()`` is None), so such a
+table takes the torch reference remap path.
 * a reservoir of training ids (not saved) that re-clustering samples from.
 """
 
+import math
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -41,6 +47,18 @@ from torchrec_cce.methods import packed
 from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
 
 MAX_RESERVOIR = 1 << 21
+
+
+def _coprime_affine(V: int, seed: int, table: str, chunk: int) -> Tuple[int, int]:
+    """Seeded ``(a, b)`` with ``1 <= a < V``, ``gcd(a, V) = 1``, ``0 <= b < V`` (so
+    ``x -> (a x + b) mod V`` permutes ``[0, V)``); ``a < 2**31`` keeps ``a x`` inside int64."""
+    if V <= 2:
+        return 1, 0
+    span = min(V, 1 << 31) - 1
+    a = 1 + derive_seed(seed, table, chunk, "qr_a") % span
+    while math.gcd(a, V) != 1:
+        a = a % span + 1
+    return a, derive_seed(seed, table, chunk, "qr_b") % V
 
 
 class CCETable(CompressedTable):
@@ -61,6 +79,11 @@ class CCETable(CompressedTable):
         self.chunk_dim = table.embedding_dim // config.chunks
         self.p_keys = [derive_seed(config.seed, table.name, i, "p") for i in range(self.chunks)]
         self.h_base_keys = [derive_seed(config.seed, table.name, i, "h") for i in range(self.chunks)]
+        self.init = getattr(config, "init", "hash")
+        self.keep_remainder = bool(getattr(config, "keep_remainder", False))
+        # init="qr": x' = (a_i x + b_i) mod V per chunk, gcd(a_i, V) = 1 (a bijection of [0, V))
+        self.qr_affine = [_coprime_affine(table.num_embeddings, config.seed, table.name, i)
+                          for i in range(self.chunks)] if self.init == "qr" else []
         self.codebooks = [Codebook("cce", 2 * self.chunks * self.rows, self.chunk_dim,
                                    [f"cce_c{i}" for i in range(self.chunks)])]
         self.assignment_bits = packed.bits_for(self.rows)
@@ -96,8 +119,21 @@ class CCETable(CompressedTable):
             self.assignment[first: first + words.numel()] = words
 
     def hash_assignment(self, ids: torch.Tensor) -> torch.Tensor:
-        """The initial ``p`` (a hash): ``[n, chunks]`` int64 codebook rows (chunk-local)."""
+        """The initial ``p`` (a hash; with ``init="qr"`` the quotient of :meth:`qr_pair`):
+        ``[n, chunks]`` int64 codebook rows (chunk-local). Uncovered ids always use it."""
+        if self.init == "qr":
+            return self.qr_pair(ids)[0]
         return torch.stack([hash_ids(ids, k, self.rows) for k in self.p_keys], dim=1)
+
+    def qr_pair(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``init="qr"``: ``(p, h)``, each ``[n, chunks]`` int64: for chunk ``i``,
+        ``x' = (a_i (x mod V) + b_i) mod V``, ``p_i = (x' // rows) mod rows``,
+        ``h_i = x' mod rows``. A bijection of ``[0, V)`` followed by quotient/remainder: every
+        id has its own pair in every chunk whenever ``rows**2 >= V``."""
+        V, r = self.num_embeddings, self.rows
+        x = torch.remainder(ids.to(torch.int64), V)
+        xs = torch.stack([torch.remainder(a * x + b, V) for a, b in self.qr_affine], dim=1)
+        return torch.remainder(torch.div(xs, r, rounding_mode="floor"), r), torch.remainder(xs, r)
 
     # ---- the stored assignment (every read and write of p goes through these) ----
     def id_alignment(self) -> int:
@@ -181,7 +217,12 @@ class CCETable(CompressedTable):
 
     def bucket(self, ids: torch.Tensor, generation: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``h(x)``: ``[n, chunks]`` int64 chunk-local rows of ``B`` (current generation by
-        default)."""
+        default). ``init="qr"``: the remainder of :meth:`qr_pair` before the first clustering
+        (generation 0), and always with ``keep_remainder``."""
+        if self.init == "qr":
+            gen = self.h_generation if generation is None else generation
+            if self.keep_remainder or int(gen) == 0:
+                return self.qr_pair(ids)[1]
         return torch.stack([hash_ids(ids, k, self.rows) for k in self.h_keys(generation)], dim=1)
 
     def observe(self, ids: torch.Tensor) -> None:
@@ -198,7 +239,9 @@ class CCETable(CompressedTable):
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return self.streams_from(self.lookup_assignment(ids), self.bucket(ids))
 
-    def stream_specs(self) -> List[StreamSpec]:
+    def stream_specs(self) -> Optional[List[StreamSpec]]:
+        if self.init != "hash":  # the fused op has no QR-pair remap: torch reference path
+            return None
         return [StreamSpec("cce_pair", self.rows, offset=2 * i * self.rows, key=self.p_keys[i],
                            h_key=self.h_base_keys[i], column=i, num_ids=self.num_embeddings)
                 for i in range(self.chunks)]
