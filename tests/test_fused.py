@@ -490,3 +490,60 @@ def test_cuda_fused_equals_cpu_reference(method):
     assert_same_kjt(KeyedJaggedTensor(keys=got.keys(), values=got.values().cpu(),
                                       lengths=got.lengths().cpu(),
                                       weights=got.weights().cpu()), ref.remap(kjt))
+
+
+# ---------------------------------------------------------------- CCE with init="qr"
+@needs_op
+@pytest.mark.parametrize("keep_remainder", [False, True], ids=["fresh_h", "keep_remainder"])
+@pytest.mark.parametrize("generation", [0, 3])
+@pytest.mark.parametrize("assigned", [None, 37])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unw", "w"])
+def test_fused_qr_init_cce_equals_reference(keep_remainder, generation, assigned, weighted):
+    """The op computes CCEConfig(init="qr")'s quotient/remainder pairs itself: KJT, pooled
+    output, gradients and updates equal the torch reference path exactly, before the first
+    re-clustering (generation 0: h is the remainder) and after (h a fresh hash unless kept),
+    for covered, uncovered and out-of-range ids (reduced mod V)."""
+    cfg = {"t0": CCEConfig(rows=11, chunks=4, seed=6, init="qr", keep_remainder=keep_remainder,
+                           assigned_ids=assigned),
+           "t1": CCEConfig(rows=8, chunks=2, seed=7, init="qr", keep_remainder=keep_remainder)}
+    modules = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        ebc = CCEEmbeddingBagCollection(tables(PoolingType.SUM), cfg, is_weighted=weighted,
+                                        allow_larger=True, fused=fused)
+        with torch.no_grad():
+            for m in ebc.tables.values():
+                if hasattr(m, "dense_assignment") and generation:
+                    g = torch.Generator().manual_seed(7)
+                    n = m.assigned_ids
+                    m.write_assignment(torch.arange(n),
+                                       torch.randint(0, m.rows, (n, m.chunks), generator=g))
+                    m.h_generation.fill_(generation)
+        modules.append(ebc)
+    fused, ref = modules
+    ref.load_state_dict(fused.state_dict())
+    assert fused.fused and not ref.fused
+    assert fused.tables["t0"].stream_specs() is not None
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (fused, ref)]
+    for step in range(3):
+        kjt = random_kjt(step, weighted=weighted)
+        assert_same_kjt(fused.remap(kjt), ref.remap(kjt))
+        outs = [m(kjt) for m in (fused, ref)]
+        assert torch.equal(outs[0].values(), outs[1].values())
+        for out, opt in zip(outs, opts):
+            opt.zero_grad()
+            (out.values() ** 2).sum().backward()
+            opt.step()
+        for (n, p), q in zip(fused.named_parameters(), ref.parameters()):
+            assert torch.equal(p, q), n
+    # Before any re-clustering every in-range id of t0 has its own (p, h) pair per chunk.
+    if generation == 0 and assigned is None:
+        t0 = fused.tables["t0"]
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=["a", "b", "c", "d"], values=torch.cat([torch.arange(V["t0"]),
+                                                         torch.tensor([0, 0, 0])]),
+            lengths=torch.tensor([V["t0"], 1, 1, 1]), weights=(
+                torch.ones(V["t0"] + 3) if weighted else None))
+        rows = fused.remap(kjt)["a__cce_c0"].values().reshape(-1, 2)
+        assert len({tuple(r) for r in rows.tolist()}) == V["t0"]
+        assert t0.rows ** 2 >= V["t0"]

@@ -259,7 +259,8 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                         bits=method.assignment_bits if read_packed else 0,
                         chunks=method.chunks if read_packed else 1,
                         precomputed=precomputed.get(f, -1) if pair else -1,
-                        column=sp.column, num_ids=sp.num_ids))
+                        column=sp.column, num_ids=sp.num_ids, qr_mul=sp.qr_mul,
+                        qr_add=sp.qr_add, keep_remainder=sp.keep_remainder))
                     out_keys.append(codebook_feature_name(f, s))
                     feats.append(index[f])
                     ks.append(2 if pair else 1)

@@ -45,7 +45,10 @@ class StreamSpec:
     (``h_key(x) mod rows``), ``"cce_pair"`` (two rows per id: ``p_column(x)`` and
     ``rows + h(x)``; ``key`` is p's fallback hash, ``h_key`` h's base key combined with the
     table's hash generation), ``"qr_quotient"`` / ``"qr_remainder"`` (``(x mod num_ids)`` divided
-    by / modulo ``rows``). ``offset`` is added to every row id.
+    by / modulo ``rows``). ``offset`` is added to every row id. ``qr_mul``/``qr_add`` (CCE with
+    ``init="qr"``; 0 = hashed init): ``p``'s fallback and the initial ``h`` are the quotient and
+    remainder of ``x' = (qr_mul (x mod num_ids) + qr_add) mod num_ids``; ``keep_remainder``
+    keeps that ``h`` after re-clustering.
     """
 
     kind: str
@@ -55,6 +58,9 @@ class StreamSpec:
     h_key: int = 0
     column: int = 0
     num_ids: int = 1
+    qr_mul: int = 0
+    qr_add: int = 0
+    keep_remainder: bool = False
     extra: dict = field(default_factory=dict, compare=False)
 
 

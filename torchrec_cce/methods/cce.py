@@ -29,8 +29,8 @@ State besides the codebooks:
 
 ``CCEConfig(init="qr")`` replaces the initial hashes by the quotient/remainder of a per-chunk
 affine bijection of the id (:meth:`CCETable.qr_pair`): unique ``(p_i, h_i)`` per chunk when
-``rows**2 >= V``. That remap has no fused description (``stream_specs()`` is None), so such a
-table takes the torch reference remap path.
+``rows**2 >= V``; the fused remap op computes it too (spec columns ``kQRMul``/``kQRAdd``/
+``kKeepRemainder``).
 * a reservoir of training ids (not saved) that re-clustering samples from.
 """
 
@@ -240,10 +240,10 @@ class CCETable(CompressedTable):
         return self.streams_from(self.lookup_assignment(ids), self.bucket(ids))
 
     def stream_specs(self) -> Optional[List[StreamSpec]]:
-        if self.init != "hash":  # the fused op has no QR-pair remap: torch reference path
-            return None
+        qr = self.qr_affine or [(0, 0)] * self.chunks  # a = 0: the hashed init
         return [StreamSpec("cce_pair", self.rows, offset=2 * i * self.rows, key=self.p_keys[i],
-                           h_key=self.h_base_keys[i], column=i, num_ids=self.num_embeddings)
+                           h_key=self.h_base_keys[i], column=i, num_ids=self.num_embeddings,
+                           qr_mul=qr[i][0], qr_add=qr[i][1], keep_remainder=self.keep_remainder)
                 for i in range(self.chunks)]
 
     def fused_assignment(self) -> Optional[Tuple[torch.Tensor, int, int]]:

@@ -129,7 +129,7 @@ def _register_python_side() -> None:
 
 
 KINDS = {"identity": 0, "hash": 1, "cce_pair": 2, "qr_quotient": 3, "qr_remainder": 4}
-SPEC_COLUMNS = 15
+SPEC_COLUMNS = 18
 
 
 def remap(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tensor],
@@ -161,10 +161,12 @@ def remap(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.Tens
 def spec_row(feature: int, kind: str, rows: int, offset: int = 0, key: int = 0, h_key: int = 0,
              generation: int = -1, assignment: int = -1, assignment_lo: int = 0,
              precomputed: int = -1, column: int = 0, num_ids: int = 1,
-             assignment_count: int = 0, bits: int = 0, chunks: int = 1) -> List[int]:
+             assignment_count: int = 0, bits: int = 0, chunks: int = 1, qr_mul: int = 0,
+             qr_add: int = 0, keep_remainder: bool = False) -> List[int]:
     """One row of ``spec`` (column order of ``csrc/remap.h``)."""
     return [feature, KINDS[kind], rows, offset, key, h_key, generation, assignment,
-            assignment_lo, precomputed, column, num_ids, assignment_count, bits, chunks]
+            assignment_lo, precomputed, column, num_ids, assignment_count, bits, chunks,
+            qr_mul, qr_add, int(keep_remainder)]
 
 
 __all__ = ["NOTICE", "build_directory", "fused_available", "fused_default", "load", "remap",

@@ -81,13 +81,21 @@ void fill_cce_group(const int64_t* const* rows, int64_t g, const int64_t* ids, i
   const int64_t* r0 = rows[0];
   const int64_t nrows = r0[kRows];
   int64_t pkey[kMaxGroup], hkey[kMaxGroup], offset[kMaxGroup], col[kMaxGroup];
+  int64_t qa[kMaxGroup], qb[kMaxGroup];
+  bool remainder_h[kMaxGroup];
   for (int64_t c = 0; c < g; ++c) {
     const int64_t* row = rows[c];
     pkey[c] = row[kKey];
     hkey[c] = row[kGen] >= 0 ? combine_key(row[kHKey], gen_values[row[kGen]]) : row[kHKey];
     offset[c] = row[kOffset];
     col[c] = row[kColumn];
+    qa[c] = row[kQRMul];
+    qb[c] = row[kQRAdd];
+    // init="qr": h is the remainder before the first re-clustering, and always if kept.
+    const int64_t gen = row[kGen] >= 0 ? gen_values[row[kGen]] : 1;
+    remainder_h[c] = qa[c] != 0 && (row[kKeepRemainder] != 0 || gen == 0);
   }
+  const int64_t num_ids = r0[kNumIds];
   const int64_t* pre = nullptr;
   int64_t pre_stride = 0;
   if (r0[kPre] >= 0) {
@@ -112,16 +120,18 @@ void fill_cce_group(const int64_t* const* rows, int64_t g, const int64_t* ids, i
       const int64_t x = ids[j];
       const bool inside = x - lo >= 0 && x - lo < count;
       for (int64_t c = 0; c < g; ++c) {
+        const int64_t xq = qa[c] != 0 ? qr_permute(x, qa[c], qb[c], num_ids) : 0;
         int64_t p;
         if (pre != nullptr) {
           p = pre[j * pre_stride + col[c]];
         } else if (inside) {
           p = packed_entry(a->words, a->num_words, x - lo, chunks, col[c], bits);
         } else {
-          p = hash_id(x, pkey[c], nrows);
+          p = qa[c] != 0 ? (xq / nrows) % nrows : hash_id(x, pkey[c], nrows);
         }
+        const int64_t h = remainder_h[c] ? xq % nrows : hash_id(x, hkey[c], nrows);
         outs[c][2 * j] = p + offset[c];
-        outs[c][2 * j + 1] = nrows + hash_id(x, hkey[c], nrows) + offset[c];
+        outs[c][2 * j + 1] = nrows + h + offset[c];
       }
     }
   }

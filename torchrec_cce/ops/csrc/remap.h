@@ -23,7 +23,10 @@ enum SpecColumn : int64_t {
   kAssignCount = 12,  // CCE: ids stored in the packed assignment ([lo, lo + count))
   kBits = 13,      // CCE: bits per packed entry (0..31)
   kChunks = 14,    // CCE: entries per id in the packed assignment
-  kSpecCols = 15,
+  kQRMul = 15,     // CCE init="qr": a of x' = (a (x mod V) + b) mod V; 0: hashed init
+  kQRAdd = 16,     // CCE init="qr": b
+  kKeepRemainder = 17,  // CCE init="qr": 1: h stays x' mod rows after re-clustering
+  kSpecCols = 18,
 };
 
 enum StreamKind : int64_t {
@@ -89,6 +92,14 @@ TRCCE_HD int64_t packed_entry(const int32_t* words, int64_t num_words, int64_t l
 // int32 words of a packed [n, chunks] array of ``bits``-bit entries.
 TRCCE_HD int64_t packed_num_words(int64_t n, int64_t chunks, int64_t bits) {
   return (n * chunks * bits + 31) / 32;
+}
+
+// CCEConfig(init="qr"): the chunk's bijection x' = (a (x mod V) + b) mod V, with the product
+// wrapping around in 64 bits exactly like torch's int64 arithmetic.
+TRCCE_HD int64_t qr_permute(int64_t x, int64_t a, int64_t b, int64_t V) {
+  const uint64_t y = static_cast<uint64_t>(a) * static_cast<uint64_t>(floor_mod(x, V)) +
+                     static_cast<uint64_t>(b);
+  return floor_mod(static_cast<int64_t>(y), V);
 }
 
 TRCCE_HD int64_t values_per_id(int64_t kind) { return kind == kCCEPair ? 2 : 1; }

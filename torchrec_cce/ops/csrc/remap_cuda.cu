@@ -61,6 +61,8 @@ __global__ void remap_kernel(const int64_t* ids, const int64_t* spec, int64_t nu
     }
     case kCCEPair: {
       const int64_t col = row[kColumn];
+      const int64_t qa = row[kQRMul];  // init="qr" (0: hashed init)
+      const int64_t xq = qa != 0 ? qr_permute(x, qa, row[kQRAdd], row[kNumIds]) : 0;
       int64_t p;
       if (row[kPre] >= 0) {
         p = t.pre[row[kPre]][j * t.pre_stride[row[kPre]] + col];
@@ -69,13 +71,14 @@ __global__ void remap_kernel(const int64_t* ids, const int64_t* spec, int64_t nu
         if (a >= 0 && local >= 0 && local < row[kAssignCount]) {
           p = packed_entry(t.assign[a], t.assign_words[a], local, row[kChunks], col, row[kBits]);
         } else {
-          p = hash_id(x, row[kKey], rows);
+          p = qa != 0 ? (xq / rows) % rows : hash_id(x, row[kKey], rows);
         }
       }
-      const int64_t hkey = row[kGen] >= 0 ? combine_key(row[kHKey], *t.gens[row[kGen]])
-                                          : row[kHKey];
+      const int64_t gen = row[kGen] >= 0 ? *t.gens[row[kGen]] : 1;
+      const int64_t hkey = row[kGen] >= 0 ? combine_key(row[kHKey], gen) : row[kHKey];
+      const bool remainder_h = qa != 0 && (row[kKeepRemainder] != 0 || gen == 0);
       out[2 * j] = p + offset;
-      out[2 * j + 1] = rows + hash_id(x, hkey, rows) + offset;
+      out[2 * j + 1] = rows + (remainder_h ? xq % rows : hash_id(x, hkey, rows)) + offset;
       break;
     }
     default:
