@@ -99,7 +99,7 @@ def module(method: str, pooling: PoolingType, weighted: bool) -> CCEEmbeddingBag
         if method == "mpe_served":
             m.selected.copy_(torch.tensor(MPE_SERVED_WIDTHS))
             ebc.trained_mpe_tables = {"t": m}
-            install_serving_tables(ebc, {"t": MPEServingTable(export_table(m), "t")})
+            install_serving_tables(ebc, {"t": MPEServingTable(export_table(m, layout="torchrec"), "t")})
             assert ebc.tables["t"].quantized is not None
     return ebc
 

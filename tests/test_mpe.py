@@ -478,9 +478,9 @@ def test_fbgemm_widths_and_layout_bytes() -> None:
     export's docstring: 3 bits as INT4 would cost 12 B a row vs 6 B packed)."""
     from torchrec_cce.mpe.export import served_by_fbgemm, stored_row_bytes
 
-    assert [b for b in (1, 2, 3, 4, 5, 6, 7, 8, 16) if served_by_fbgemm(b)] == [2, 4, 8]
+    assert [b for b in (1, 2, 3, 4, 5, 6, 7, 8, 16) if served_by_fbgemm(b, "torchrec")] == [2, 4, 8]
     assert not any(served_by_fbgemm(b, "packed") for b in (2, 4, 8))
-    assert [stored_row_bytes(16, b) for b in (1, 2, 3, 4, 5, 6, 8)] == [2, 8, 6, 12, 10, 12, 20]
+    assert [stored_row_bytes(16, b, "torchrec") for b in (1, 2, 3, 4, 5, 6, 8)] == [2, 8, 6, 12, 10, 12, 20]
     assert [stored_row_bytes(16, b, "packed") for b in (2, 4, 8)] == [4, 8, 16]
     with pytest.raises(ValueError, match="layout must be one of"):
         stored_row_bytes(16, 4, "int4")

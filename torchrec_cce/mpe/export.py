@@ -3,11 +3,12 @@
 Two layouts (``layout=`` of :func:`export_table` / :func:`export_mpe` / :func:`save_mpe` and
 :func:`serving_bytes`):
 
-* ``"torchrec"`` (the default): rows of width 2, 4 and 8 bits are **fbgemm INT2/INT4/INT8 rows**
+* ``"torchrec"``: rows of width 2, 4 and 8 bits are **fbgemm INT2/INT4/INT8 rows**
   served by TorchRec's quantised ``EmbeddingBagCollection`` (``torchrec.quant``, fbgemm's
   ``IntNBitTableBatchedEmbeddingBagsCodegen``): one quantised table per width class of the
   logical table. Every other width (1, 3, 5, 6, 7, 16) stays in the packed format below.
-* ``"packed"``: every width in the packed format.
+* ``"packed"`` (the default: the smallest form, the one ``memory_report``'s ``serving_bytes``
+  and the budget planner's MPE bound count): every width in the packed format.
 
 Why both, and why 3 bits does not ride as INT4: an fbgemm row is ``ceil(dim * b / 8)`` code bytes
 plus 4 bytes of fp16 scale and bias; the packed row is the code bytes alone (the step and offset
@@ -67,7 +68,7 @@ from torchrec_cce.mpe.quantizer import code_range, dequantize
 
 _CHUNK_ROWS = 1 << 16
 LAYOUTS = ("torchrec", "packed")
-DEFAULT_LAYOUT = "torchrec"
+DEFAULT_LAYOUT = "packed"  # the smallest form; the planner's serving bound counts it
 FBGEMM_BITS = (2, 4, 8)  # widths with an fbgemm row type (INT2 / INT4 / INT8)
 QPARAM_BYTES = 4  # fbgemm's fp16 scale + fp16 bias in front of every INT-N row
 
