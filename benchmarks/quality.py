@@ -92,50 +92,36 @@ METHODS: Dict[str, List[str]] = {
 # the end of each of the first 4 epochs (the reference code's "every epoch until 3/4 of
 # training"), "q" = 0.25 and 0.5 of epoch 1.
 _CCE = ["--method", "cce", "--cce-init", "hash", "--cce-assignment-share", "0.5"]
+_Q = ["--recluster-at", "0.25,0.5"]
+_Q_E3 = _Q + ["--recluster-every-epoch", "3"]
+_Q_E4 = _Q + ["--recluster-every-epoch", "4"]
+_QR_KEEP = ["--cce-init", "qr", "--cce-keep-remainder"]
 ABLATIONS: Dict[str, List[str]] = {
-    "abl_sched_q": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "0"],
-    "abl_sched_q_e3": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3"],
+    "abl_sched_q": _CCE + _Q + ["--recluster-every-epoch", "0"],
+    "abl_sched_q_e3": _CCE + _Q_E3,
     "abl_sched_e1": _CCE + ["--recluster-every-epoch", "1"],
     "abl_sched_e4": _CCE + ["--recluster-every-epoch", "4"],
-    "abl_sched_q_e4": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4"],
-    "abl_iters3": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                          "--kmeans-iters", "3"],
-    "abl_iters30": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                           "--kmeans-iters", "30"],
-    "abl_lr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                          "--lr", "0.02"],
-    "abl_lr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                         "--lr", "0.1"],
-    "abl_c1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                      "--chunks", "1"],
-    "abl_c2": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                      "--chunks", "2"],
-    "abl_share0.25": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                             "--cce-assignment-share", "0.25"],
-    "abl_share0.75": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                             "--cce-assignment-share", "0.75"],
+    "abl_sched_q_e4": _CCE + _Q_E4,
+    "abl_iters3": _CCE + _Q_E3 + ["--kmeans-iters", "3"],
+    "abl_iters30": _CCE + _Q_E3 + ["--kmeans-iters", "30"],
+    "abl_lr0.02": _CCE + _Q_E3 + ["--lr", "0.02"],
+    "abl_lr0.1": _CCE + _Q_E3 + ["--lr", "0.1"],
+    "abl_c1": _CCE + _Q_E3 + ["--chunks", "1"],
+    "abl_c2": _CCE + _Q_E3 + ["--chunks", "2"],
+    "abl_share0.25": _CCE + _Q_E3 + ["--cce-assignment-share", "0.25"],
+    "abl_share0.75": _CCE + _Q_E3 + ["--cce-assignment-share", "0.75"],
     "abl_qr_norecl": _CCE + ["--cce-init", "qr", "--no-recluster"],
-    "abl_qr_fresh": _CCE + ["--cce-init", "qr", "--cce-fresh-hash", "--recluster-at", "0.25,0.5",
-                            "--recluster-every-epoch", "3"],
-    "abl_qr_keep": _CCE + ["--cce-init", "qr", "--cce-keep-remainder", "--recluster-at",
-                           "0.25,0.5", "--recluster-every-epoch", "3"],
-    "abl_qr_keep_share0.25": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
-                                     "--recluster-at", "0.25,0.5", "--recluster-every-epoch",
-                                     "3", "--cce-assignment-share", "0.25"],
-    "abl_qr_keep_share0.1": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
-                                    "--recluster-at", "0.25,0.5", "--recluster-every-epoch",
-                                    "3", "--cce-assignment-share", "0.1"],
+    "abl_qr_fresh": _CCE + ["--cce-init", "qr", "--cce-fresh-hash"] + _Q_E3,
+    "abl_qr_keep": _CCE + _QR_KEEP + _Q_E3,
+    "abl_qr_keep_share0.25": _CCE + _QR_KEEP + _Q_E3 + ["--cce-assignment-share", "0.25"],
+    "abl_qr_keep_share0.1": _CCE + _QR_KEEP + _Q_E3 + ["--cce-assignment-share", "0.1"],
     # second round: the best of each axis combined; --dense-lr instead of --lr (on the small
     # Frappe tables TorchRec places every codebook table data-parallel and those train with
     # the dense optimizer, so --lr does not reach them: abl_lr* equal abl_sched_q_e3 exactly)
-    "abl_hash_share0.25_q_e4": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch",
-                                       "4", "--cce-assignment-share", "0.25"],
-    "abl_qr_keep_share0.25_q_e4": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
-                                          "--cce-assignment-share", "0.25", "--recluster-at",
-                                          "0.25,0.5", "--recluster-every-epoch", "4"],
-    "abl_qr_keep_share0.25_q_e4_iters30": _CCE + [
-        "--cce-init", "qr", "--cce-keep-remainder", "--cce-assignment-share", "0.25",
-        "--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4", "--kmeans-iters", "30"],
+    "abl_hash_share0.25_q_e4": _CCE + _Q_E4 + ["--cce-assignment-share", "0.25"],
+    "abl_qr_keep_share0.25_q_e4": _CCE + _QR_KEEP + ["--cce-assignment-share", "0.25"] + _Q_E4,
+    "abl_qr_keep_share0.25_q_e4_iters30": (_CCE + _QR_KEEP + ["--cce-assignment-share", "0.25"]
+                                           + _Q_E4 + ["--kmeans-iters", "30"]),
     # allocation ablation: every table the same fraction of its full bytes (QR's minimum
     # forces Frappe's item table to ~5x the bytes the value allocation gives CE/CCE at 1/16)
     "abl_prop_ce": ["--method", "ce", "--planner-allocation", "proportional"],
