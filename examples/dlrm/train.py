@@ -790,17 +790,18 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "sparse_arch" not in n)
     base = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
-    # float16 codebooks must not be placed data-parallel: TorchRec trains data-parallel tables
-    # with the dense optimizer (torch Adagrad), whose float16 state underflows eps to 0 and
-    # turns the first update into NaN (measured: Frappe, step 1, even at lr 0). Table-wise
-    # tables train with fbgemm's fused optimizer, which handles float16 weights.
+    # One recipe for every method: every embedding table (full tables and codebooks alike) is
+    # model-parallel, so it trains with the fused sparse optimizer at --lr. TorchRec's planner
+    # would place small tables data-parallel, and DMP trains those with the dense optimizer at
+    # --dense-lr instead: methods whose codebooks are small would then train with another
+    # optimizer than the full table (and float16 ones would NaN: torch Adagrad's float16 state
+    # underflows eps to 0 at step 1).
     from torchrec.distributed.planner.types import ParameterConstraints
-    from torchrec.modules.embedding_configs import DataType
 
     ebc = model.model.sparse_arch.embedding_bag_collection
-    constraints = {c.name: ParameterConstraints(sharding_types=["table_wise"])
-                   for c in getattr(ebc, "codebook_table_configs", lambda: [])()
-                   if c.data_type == DataType.FP16}
+    model_parallel = [s for s in sharder.sharding_types(device.type) if s != "data_parallel"]
+    constraints = {c.name: ParameterConstraints(sharding_types=model_parallel)
+                   for c in getattr(ebc, "codebook_table_configs", lambda: [])()}
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size,
                                        storage_reservation=CCEStorageReservation(base=base),
                                        constraints=constraints or None)
