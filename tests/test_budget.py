@@ -5,6 +5,7 @@ back with memory_report, so the planner's arithmetic is checked against the stor
 ``train.py --embedding-budget-mb`` is run in-process and its metrics JSON checked the same way.
 """
 
+import dataclasses
 import json
 import random
 import sys
@@ -20,6 +21,7 @@ from torchrec_cce import (
     CCEConfig,
     CCEEmbeddingBagCollection,
     CEConfig,
+    FullConfig,
     HashingTrickConfig,
     MEmComConfig,
     QRConfig,
@@ -53,7 +55,7 @@ def test_config_bytes_equals_memory_report_for_random_configs():
         V = rng.randint(50, 200_000)
         dim = rng.choice([4, 8, 16, 32])
         t = tbl("t", V, dim, fp16=rng.random() < 0.3)
-        kind = rng.choice(["cce", "ce", "hashing", "qr", "memcom", "full"])
+        kind = rng.choice(["cce", "ce", "hashing", "qr", "memcom", "full", "full16"])
         rows = rng.randint(1, max(1, V // 2))
         if kind == "cce":
             cfg = CCEConfig(rows=rows, chunks=rng.choice([c for c in (1, 2, 4, 8) if dim % c == 0]),
@@ -67,8 +69,12 @@ def test_config_bytes_equals_memory_report_for_random_configs():
                            operation=rng.choice(["mult", "add", "concat"]))
         elif kind == "memcom":
             cfg = MEmComConfig(rows=max(1, rows // 2))
+        elif kind == "full16":
+            cfg = FullConfig(codebook_dtype=torch.float16)
         else:
             cfg = None
+        if kind in ("cce", "ce", "hashing", "qr") and rng.random() < 0.4:
+            cfg = dataclasses.replace(cfg, codebook_dtype=torch.float16)
         comp = {} if cfg is None else {"t": cfg}
         assert config_bytes(t, cfg) == built_bytes([t], comp)["t"], cfg
 
@@ -182,9 +188,37 @@ def test_fp16_cce_plans_count_half_the_codebook_bytes():
     p32 = plan_compression([t], budget, counts=counts, methods=["cce"]).tables["t"]
     p16 = plan_compression([t], budget, counts=counts, methods=["cce"],
                            codebook_dtype=torch.float16).tables["t"]
-    assert p16.config.codebook_dtype == torch.float16 and p16.precision == "float16"
+    assert p16.config.codebook_dtype == torch.float16 and p16.precision == "fp16"
+    assert p32.precision == "fp32"
     assert p16.bytes <= budget and p16.rows > p32.rows
     assert built_bytes([t], {"t": p16.config})["t"] == p16.bytes
+
+
+@pytest.mark.parametrize("method", ["full", "hashing", "ce", "qr", "cce"])
+def test_fp16_plans_of_every_method_fit_and_report_their_precision(method):
+    """codebook_dtype=torch.float16 stores every table of the plan at float16: compressed
+    tables' codebooks and tables kept full (FullConfig); bytes as built, precision per table."""
+    from torchrec_cce import FullConfig
+
+    tables = [tbl("big", 50_000), tbl("mid", 3_000), tbl("tiny", 10)]
+    counts = {t.name: zipf_counts(t.num_embeddings, 1.0) for t in tables}
+    full = sum(config_bytes(t, None) for t in tables)
+    fracs = (2,) if method == "full" else (2, 8, 32)
+    for frac in fracs:
+        plan = plan_compression(tables, full // frac, counts=counts, methods=[method],
+                                codebook_dtype=torch.float16)
+        assert plan.total_bytes <= full // frac
+        assert built_bytes(tables, plan.compression) == {n: p.bytes for n, p in plan.tables.items()}
+        for n, p in plan.tables.items():
+            assert p.precision == "fp16", (n, p)
+            assert getattr(p.config, "codebook_dtype", None) == torch.float16
+            if p.method == "full":
+                assert isinstance(p.config, FullConfig) and p.bytes * 2 == p.full_bytes
+    # the full table at float16 is exactly half: feasible at 1/2, not below
+    plan = plan_compression(tables, full // 2, methods=["full"], codebook_dtype=torch.float16)
+    assert plan.total_bytes == full // 2 and all(p.method == "full" for p in plan.tables.values())
+    with pytest.raises(ValueError, match="cannot hold even the smallest"):
+        plan_compression(tables, full // 2 - 1, methods=["full"], codebook_dtype=torch.float16)
 
 
 def test_value_rule_choices_are_the_documented_ones():

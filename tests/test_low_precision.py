@@ -166,3 +166,92 @@ def test_fp16_trains_under_dmp() -> None:
     # the sharder's replication threshold).
     planned = results[0][3]["bytes_per_rank"]
     assert planned == [cb16 + packed, packed]
+
+
+# ---------------------------------------------------------------- every method at float16
+def _other_configs(dtype):
+    from torchrec_cce import CEConfig, FullConfig, HashingTrickConfig, QRConfig
+
+    return {"full": FullConfig(codebook_dtype=dtype),
+            "hashing": HashingTrickConfig(300, codebook_dtype=dtype),
+            "ce": CEConfig(300, chunks=4, codebook_dtype=dtype),
+            "qr_mult": QRConfig(80, "mult", codebook_dtype=dtype),
+            "qr_add": QRConfig(80, "add", codebook_dtype=dtype),
+            "qr_concat": QRConfig(80, "concat", codebook_dtype=dtype)}
+
+
+@pytest.mark.parametrize("kind", ["full", "hashing", "ce", "qr_mult", "qr_add", "qr_concat"])
+def test_every_method_stores_float16_codebooks_at_half_the_bytes(kind: str) -> None:
+    """FullConfig/HashingTrickConfig/CEConfig/QRConfig(codebook_dtype=torch.float16): FP16
+    codebook tables, exactly half the bytes, full_bytes unchanged (the fp32 reference), float32
+    outputs within 2^-10 relative of the float32 module holding the same rounded weights."""
+    torch.manual_seed(0)
+    c32, c16 = _other_configs(torch.float32)[kind], _other_configs(torch.float16)[kind]
+    ref = CCEEmbeddingBagCollection(tables(), {"t": c32})
+    low = CCEEmbeddingBagCollection(tables(), {"t": c16})
+    assert {c.name: c.data_type for c in low.codebook_table_configs() if c.name != "small"} == {
+        c.name: DataType.FP16 for c in ref.codebook_table_configs() if c.name != "small"}
+    low.load_state_dict({k: v.to(low.state_dict()[k].dtype) for k, v in ref.state_dict().items()})
+    with torch.no_grad():
+        for k, v in low.state_dict().items():
+            ref.state_dict()[k].copy_(v.float())
+    r32, r16 = memory_report(ref)["t"], memory_report(low)["t"]
+    assert r16["compressed_bytes"] * 2 == r32["compressed_bytes"]
+    assert r16["full_bytes"] == r32["full_bytes"] == V * DIM * 4
+    assert r16["method"] == r32["method"] == kind.split("_")[0]
+    for seed in range(2):
+        kjt = batch(seed)
+        out32, out16 = ref(kjt).values(), low(kjt).values()
+        assert out16.dtype == torch.float32
+        scale = out32.abs().max() + 1e-6
+        assert ((out16 - out32).abs() <= 2.0 ** -9 * scale).all()  # products: 2 roundings
+
+
+def test_memcom_has_no_float16_form() -> None:
+    from torchrec_cce import MEmComConfig
+
+    # MEmCom's fp32 per-id weights weight the codebook's bag: torch's EmbeddingBag needs the
+    # same dtype for both, so MEmCom stays float32 (no codebook_dtype field).
+    with pytest.raises(TypeError):
+        MEmComConfig(100, codebook_dtype=torch.float16)
+
+
+def _train_full_fp16(rank: int, world: int):
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+    from torchrec.optim import RowWiseAdagrad
+
+    from torchrec_cce import FullConfig
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+
+    sharder = CCEEmbeddingBagCollectionSharder()
+    m = CCEEmbeddingBagCollection(tables(), {"t": FullConfig(codebook_dtype=torch.float16)},
+                                  device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, m.parameters(), {"lr": 0.1})
+    plan = construct_module_sharding_plan(
+        m, {"t": table_wise(rank=0, compute_kernel="fused"),
+            "small": table_wise(rank=1, compute_kernel="fused")},
+        sharder=sharder, local_size=world, world_size=world, device_type="cpu")
+    dmp = DistributedModelParallel(m, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   plan=ShardingPlan({"": plan}), sharders=[sharder],
+                                   device=torch.device("cpu"))
+    dtype = dmp.state_dict()["codebooks.embedding_bags.t.weight"].metadata().tensor_properties.dtype
+    kjt = batch(10 + rank, 64)
+    target = torch.full((64, 2 * DIM), 0.1)
+    losses = []
+    for _ in range(15):
+        loss = (dmp(kjt).wait().values() - target).pow(2).sum(1).mean()
+        loss.backward()  # the fused row-wise Adagrad steps the float16 TBE weights in backward
+        t = loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(float(t) / world)
+    return losses, dtype, memory_report(dmp)["t"]
+
+
+def test_full_fp16_trains_under_dmp_with_the_fused_optimizer() -> None:
+    for losses, dtype, report in run_multiprocess(_train_full_fp16, 2, timeout=600):
+        assert dtype == torch.float16
+        assert losses[-1] < 0.5 * losses[0], losses
+        assert report["compressed_bytes"] == V * DIM * 2 and report["full_bytes"] == V * DIM * 4

@@ -11,6 +11,7 @@ from torchrec_cce.budget import CompressionPlan, TablePlan, plan_compression
 from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
+    FullConfig,
     HashingTrickConfig,
     MEmComConfig,
     MPEConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "CCEConfig",
     "CEConfig",
     "CompressionPlan",
+    "FullConfig",
     "HashingTrickConfig",
     "MEmComConfig",
     "MPEConfig",

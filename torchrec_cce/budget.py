@@ -62,6 +62,7 @@ from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
     CompressionConfig,
+    FullConfig,
     HashingTrickConfig,
     MEmComConfig,
     MPEConfig,
@@ -81,8 +82,15 @@ def _elem(table: EmbeddingBagConfig) -> int:
     return 4 if table.data_type == DataType.FP32 else 2
 
 
+def _dtype(table: EmbeddingBagConfig) -> torch.dtype:
+    return torch.float32 if table.data_type == DataType.FP32 else torch.float16
+
+
 def _precision(table: EmbeddingBagConfig) -> str:
     return str(getattr(table.data_type, "value", table.data_type)).lower()
+
+
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
 def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig]) -> int:
@@ -91,11 +99,13 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig])
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if config is None:
         return V * dim * elem
+    dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
+    if dtype is not None:
+        elem = torch.empty((), dtype=dtype).element_size()
+    if isinstance(config, FullConfig):
+        return V * dim * elem
     if isinstance(config, CCEConfig):
         n = config.num_assigned(table)
-        dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
-        if dtype is not None:
-            elem = torch.empty((), dtype=dtype).element_size()
         return (2 * config.rows * dim * elem
                 + packed.packed_bytes(n, config.chunks, packed.bits_for(config.rows))
                 + _H_GENERATION_BYTES)
@@ -182,12 +192,12 @@ class CompressionPlan:
     def format(self) -> str:
         """A printable table (MiB)."""
         mib = 1 << 20
-        head = (f"{'table':<14}{'method':<8}{'rows':>10}{'chunks':>7}{'assigned':>11}"
+        head = (f"{'table':<14}{'method':<8}{'prec.':<6}{'rows':>10}{'chunks':>7}{'assigned':>11}"
                 f"{'cov.mass':>9}{'MiB':>10}{'full MiB':>10}")
         lines = [head, "-" * len(head)]
         for n, p in self.tables.items():
             lines.append(
-                f"{n:<14}{p.method:<8}{p.rows if p.rows is not None else '':>10}"
+                f"{n:<14}{p.method:<8}{p.precision[:5]:<6}{p.rows if p.rows is not None else '':>10}"
                 f"{p.chunks if p.chunks is not None else '':>7}"
                 f"{p.assigned_ids if p.assigned_ids is not None else '':>11}"
                 f"{p.covered_mass:>9.3f}{p.bytes / mib:>10.3f}{p.full_bytes / mib:>10.3f}")
@@ -281,9 +291,13 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
     """The largest config of ``method`` with at most ``level`` bytes (None if none fits or it
     would have as many parameters as the full table)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
-    row = dim * elem
     if method == "cce":
         return _fit_cce(table, level, chunks, share, codebook_dtype)
+    extra = {}
+    if codebook_dtype is not None and method in ("hashing", "ce", "qr"):
+        elem = torch.empty((), dtype=codebook_dtype).element_size()
+        extra = {"codebook_dtype": codebook_dtype}
+    row = dim * elem
     if method == "mpe":  # the widest candidate set whose every-group-at-max bound fits
         groups = min(_MPE_MAX_GROUPS, V)
         if counts is not None and np.ndim(counts) == 0:
@@ -301,19 +315,20 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
         rows = min(level // row, V - 1)
         if rows < 1:
             return None
-        return HashingTrickConfig(rows=rows) if method == "hashing" else CEConfig(rows=rows, chunks=chunks)
+        return (HashingTrickConfig(rows=rows, **extra) if method == "hashing"
+                else CEConfig(rows=rows, chunks=chunks, **extra))
     if method == "memcom":
         rows = min((level - V * _MEMCOM_WEIGHT_BYTES) // row, (V * dim - V) // dim)
         return MEmComConfig(rows=rows) if rows >= 1 else None
     if method == "qr":
         lo = max(2, math.isqrt(V - 1) + 1)
         best = None
-        if config_bytes(table, QRConfig(lo, qr_operation)) > level:
+        if config_bytes(table, QRConfig(lo, qr_operation, **extra)) > level:
             return None
         hi = V - 1
         while lo <= hi:  # bytes grow with m for m >= sqrt(V)
             mid = (lo + hi) // 2
-            cfg = QRConfig(collisions=mid, operation=qr_operation)
+            cfg = QRConfig(collisions=mid, operation=qr_operation, **extra)
             if config_bytes(table, cfg) <= level and cfg.num_parameters(table) < V * dim:
                 best, lo = cfg, mid + 1
             else:
@@ -337,24 +352,26 @@ VALUE_LOW_ALLOCATION = "proportional"
 
 
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
-              MEmComConfig: "memcom", MPEConfig: "mpe"}
+              MEmComConfig: "memcom", MPEConfig: "mpe", FullConfig: "full"}
 
 
 def _config_fields(config: Optional[CompressionConfig], table: EmbeddingBagConfig
                    ) -> Dict[str, Optional[int]]:
     if config is None:
         return {}
-    if isinstance(config, QRConfig):
-        return {"rows": config.collisions}
     if isinstance(config, MPEConfig):
         return {"precision": f"mpe<={max(config.bits)}bit"}
-    out: Dict[str, Optional[int]] = {"rows": config.rows}
+    out: Dict[str, Optional[int]] = {}
+    if isinstance(config, QRConfig):
+        out["rows"] = config.collisions
+    elif not isinstance(config, FullConfig):
+        out["rows"] = config.rows
     if isinstance(config, (CCEConfig, CEConfig)):
         out["chunks"] = config.chunks
     if isinstance(config, CCEConfig):
         out["assigned_ids"] = config.num_assigned(table)
-        if config.codebook_dtype is not None:
-            out["precision"] = str(config.codebook_dtype).replace("torch.", "")
+    if getattr(config, "codebook_dtype", None) is not None:
+        out["precision"] = _PRECISION[config.codebook_dtype]
     return out
 
 
@@ -384,8 +401,14 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
                 allow_full: bool, chunks: int, share: float, qr_operation: str,
                 codebook_dtype: Optional[torch.dtype] = None, counts: Optional[object] = None
                 ) -> List[Tuple[int, float, Optional[CompressionConfig]]]:
-    full = config_bytes(t, None)
-    row = t.embedding_dim * _elem(t)
+    """(bytes, value, config) candidates of ``t``, sorted by bytes; the full table (at
+    ``codebook_dtype``: ``FullConfig``) is the last. Value: ``mass * F(b / row)``, ``row`` the
+    bytes of one row at the stored precision."""
+    low = codebook_dtype is not None and codebook_dtype != _dtype(t)
+    full_cfg = FullConfig(codebook_dtype=codebook_dtype) if low else None
+    full = config_bytes(t, full_cfg)  # the full table as it would be stored
+    elem = torch.empty((), dtype=codebook_dtype).element_size() if low else _elem(t)
+    row = t.embedding_dim * elem
     out: Dict[int, Tuple[int, float, Optional[CompressionConfig]]] = {}
 
     def fit(level: int) -> Optional[CompressionConfig]:
@@ -409,9 +432,10 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
         cfg = fit(full - 1)
         if cfg is not None:
             b = config_bytes(t, cfg)
-            out.setdefault(b, (b, mass * curve.top(b / row), cfg))
+            if b < full:
+                out.setdefault(b, (b, mass * curve.top(b / row), cfg))
     if allow_full or not out:
-        out[full] = (full, mass, None)
+        out[full] = (full, mass, full_cfg)
     return sorted(out.values(), key=lambda c: c[0])
 
 
@@ -519,7 +543,7 @@ def plan_compression(
                 break
         if best is None:  # only "full"
             best = (None, _candidates(t, None, curves[t.name], mass, True, c,
-                                      assignment_share, qr_operation))
+                                      assignment_share, qr_operation, codebook_dtype))
         chosen_method[t.name], cands[t.name] = best
     minimum = {n: pts[0][0] for n, pts in cands.items()}
     if sum(minimum.values()) > budget:
@@ -577,7 +601,7 @@ def plan_compression(
     for t in tables:
         b, _, cfg = cands[t.name][current[t.name]]
         curve = curves[t.name]
-        if cfg is None:
+        if cfg is None or isinstance(cfg, FullConfig):
             covered = 1.0
         elif isinstance(cfg, CCEConfig):
             covered = curve.prefix(cfg.num_assigned(t))

@@ -151,16 +151,19 @@ class CEConfig:
     """Compositional embedding with concatenation: ``e(x) = concat_i(C_i[h_i(x)])``.
 
     One hashed codebook of ``rows`` rows and ``dim / chunks`` columns per chunk (the CCE
-    paper's "CE concat" baseline). Parameters: ``rows * dim``.
+    paper's "CE concat" baseline). Parameters: ``rows * dim``. ``codebook_dtype``: the
+    codebook's stored precision, as for :class:`CCEConfig` (``torch.float16`` halves its bytes).
     """
 
     rows: int
     chunks: int = 4
     seed: int = 0
+    codebook_dtype: Optional[torch.dtype] = None
 
     def validate(self, table: EmbeddingBagConfig) -> None:
         _require_positive(table, "rows", self.rows)
         _require_divisible(table, self.chunks)
+        codebook_data_type(table, self.codebook_dtype)
 
     def num_parameters(self, table: EmbeddingBagConfig) -> int:
         return self.rows * table.embedding_dim
@@ -168,13 +171,16 @@ class CEConfig:
 
 @dataclass(frozen=True)
 class HashingTrickConfig:
-    """The hashing trick: ``e(x) = H[h(x)]`` with ``rows`` rows. Parameters: ``rows * dim``."""
+    """The hashing trick: ``e(x) = H[h(x)]`` with ``rows`` rows. Parameters: ``rows * dim``.
+    ``codebook_dtype``: ``H``'s stored precision, as for :class:`CCEConfig`."""
 
     rows: int
     seed: int = 0
+    codebook_dtype: Optional[torch.dtype] = None
 
     def validate(self, table: EmbeddingBagConfig) -> None:
         _require_positive(table, "rows", self.rows)
+        codebook_data_type(table, self.codebook_dtype)
 
     def num_parameters(self, table: EmbeddingBagConfig) -> int:
         return self.rows * table.embedding_dim
@@ -196,14 +202,17 @@ class QRConfig:
     * ``"add"``: ``Q[q] + R[r]`` (pooling commutes).
     * ``"concat"``: ``[Q[q], R[r]]`` with ``dim // 2`` and ``dim - dim // 2`` columns.
 
-    Ids outside ``[0, V)`` are first reduced ``mod V``.
+    Ids outside ``[0, V)`` are first reduced ``mod V``. ``codebook_dtype``: the stored precision
+    of ``Q`` and ``R``, as for :class:`CCEConfig` (``torch.float16`` halves their bytes).
     """
 
     collisions: int
     operation: QROperation = "mult"
+    codebook_dtype: Optional[torch.dtype] = None
 
     def validate(self, table: EmbeddingBagConfig) -> None:
         _require_positive(table, "collisions", self.collisions)
+        codebook_data_type(table, self.codebook_dtype)
         if self.operation not in ("mult", "add", "concat"):
             raise ValueError(
                 f"table '{table.name}': QRConfig.operation must be 'mult', 'add' or 'concat', "
@@ -237,6 +246,8 @@ class MEmComConfig:
     weight per entity" -- a bias would be a second per-entity weight. Ids outside ``[0, V)``
     use ``w[x mod V]``. Parameters: ``rows * dim + V``; bytes: ``H`` plus ``4 * V`` for ``w``
     (sharded by id range under DistributedModelParallel: ``4 * ceil(V / world)`` per rank).
+    MEmCom has no float16 form: its fp32 per-id weights weight the codebook bag, and torch's
+    ``EmbeddingBag`` (the unsharded module) needs weights and table of one dtype.
     """
 
     rows: int
@@ -315,9 +326,30 @@ class MPEConfig:
         return table.num_embeddings * table.embedding_dim
 
 
+@dataclass(frozen=True)
+class FullConfig:
+    """An uncompressed table (one row per id) stored and trained at ``codebook_dtype``.
+
+    ``FullConfig(codebook_dtype=torch.float16)`` is the full table at half its bytes (fbgemm's
+    TBE trains FP16 weights with its fused optimizers, stochastic rounding on); the logical
+    table (and so ``memory_report``'s ``full_bytes``, the reference every ratio is taken
+    against) stays at its own ``data_type``. ``None`` (or a table not named in ``compression``)
+    is the plain full table. Parameters: ``V * dim``.
+    """
+
+    codebook_dtype: Optional[torch.dtype] = None
+
+    def validate(self, table: EmbeddingBagConfig) -> None:
+        codebook_data_type(table, self.codebook_dtype)
+
+    def num_parameters(self, table: EmbeddingBagConfig) -> int:
+        return table.num_embeddings * table.embedding_dim
+
+
 CompressionConfig = Union[CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig,
-                          MPEConfig]
-CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig)
+                          MPEConfig, FullConfig]
+CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig,
+                FullConfig)
 
 METHOD_NAMES = ("full", "hashing", "ce", "qr", "cce", "memcom", "mpe")
 

@@ -9,10 +9,12 @@ from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
     CompressionConfig,
+    FullConfig,
     HashingTrickConfig,
     MEmComConfig,
     MPEConfig,
     QRConfig,
+    codebook_data_type,
 )
 from torchrec_cce.methods.base import (
     Codebook,
@@ -36,27 +38,37 @@ def build_table(
     store_assignment: bool = True,
     assignment_range: Optional[Tuple[int, int]] = None,
 ) -> CompressedTable:
-    """The remap/compose module for ``table`` compressed by ``config`` (None: full table)."""
+    """The remap/compose module for ``table`` compressed by ``config`` (None: full table).
+
+    Every method's codebook tables are stored at ``config.codebook_dtype`` (None: the logical
+    table's ``data_type``), read by ``modules.codebook_configs`` as ``codebook_data_type``."""
     if config is None:
         return FullTable(table)
     config.validate(table)
     if isinstance(config, CCEConfig):
-        return CCETable(table, config, device=device, store_assignment=store_assignment,
-                        assignment_range=assignment_range)
-    if isinstance(config, CEConfig):
-        return CETable(table, config)
-    if isinstance(config, HashingTrickConfig):
-        return HashingTrickTable(table, config)
-    if isinstance(config, QRConfig):
-        return QRTable(table, config)
-    if isinstance(config, MEmComConfig):
-        return MEmComTable(table, config, device=device)
-    if isinstance(config, MPEConfig):
+        method: CompressedTable = CCETable(table, config, device=device,
+                                           store_assignment=store_assignment,
+                                           assignment_range=assignment_range)
+    elif isinstance(config, CEConfig):
+        method = CETable(table, config)
+    elif isinstance(config, HashingTrickConfig):
+        method = HashingTrickTable(table, config)
+    elif isinstance(config, QRConfig):
+        method = QRTable(table, config)
+    elif isinstance(config, MEmComConfig):
+        method = MEmComTable(table, config, device=device)
+    elif isinstance(config, MPEConfig):
         return MPETable(table, config, device=device)
-    raise TypeError(
-        f"table '{table.name}': unsupported compression config {type(config).__name__}; use one "
-        f"of CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig"
-    )
+    elif isinstance(config, FullConfig):
+        method = FullTable(table)
+    else:
+        raise TypeError(
+            f"table '{table.name}': unsupported compression config {type(config).__name__}; use "
+            f"one of CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig, "
+            f"FullConfig"
+        )
+    method.codebook_data_type = codebook_data_type(table, getattr(config, "codebook_dtype", None))
+    return method
 
 
 __all__ = [
