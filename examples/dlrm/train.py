@@ -247,9 +247,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "on with the default init; --cce-fresh-hash gives the paper's rule)")
     m2.add_argument("--cce-fresh-hash", dest="cce_keep_remainder", action="store_false",
                     help="h becomes a fresh hash at each re-clustering (the paper's rule)")
-    m2.add_argument("--cce-codebook-dtype", choices=["float32", "float16"], default=None,
-                    help="CCE codebook precision (float16 halves the codebook bytes; the "
-                         "budget planner counts it)")
+    m.add_argument("--codebook-dtype", "--cce-codebook-dtype", dest="codebook_dtype",
+                   choices=["float32", "float16"], default=None,
+                   help="precision every embedding table is stored and trained in: the "
+                        "codebooks of every method (MEmCom's and MPE's excepted) and, with "
+                        "--embedding-budget-mb, the tables kept full (FullConfig). float16 "
+                        "halves the bytes per row (fbgemm trains FP16 weights with its fused "
+                        "optimizers); the budget planner counts it. Default: float32 (without "
+                        "--method the planner chooses)")
     m2.add_argument("--planner-allocation", choices=["value", "proportional"], default="value",
                     help="with --embedding-budget-mb: bytes per table by marginal frequency mass "
                          "(default) or the same fraction of every table's full bytes (ablation)")
@@ -364,17 +369,22 @@ def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def codebook_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    return None if args.cce_codebook_dtype is None else getattr(torch, args.cce_codebook_dtype)
+    return None if args.codebook_dtype is None else getattr(torch, args.codebook_dtype)
 
 
 def apply_cce_settings(compression: Dict, args: argparse.Namespace) -> Dict:
-    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged) and
-    ``--cce-codebook-dtype``."""
+    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged), and every
+    config that has a ``codebook_dtype`` at ``--codebook-dtype`` when it is given."""
     cs = cce_settings(args)
-    extra = {} if args.cce_codebook_dtype is None else {"codebook_dtype": codebook_dtype(args)}
-    return {n: (dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"],
-                                    **extra)
-                if isinstance(c, CCEConfig) else c) for n, c in compression.items()}
+    dtype = codebook_dtype(args)
+    out = {}
+    for n, c in compression.items():
+        if isinstance(c, CCEConfig):
+            c = dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"])
+        if dtype is not None and any(f.name == "codebook_dtype" for f in dataclasses.fields(c)):
+            c = dataclasses.replace(c, codebook_dtype=dtype)
+        out[n] = c
+    return out
 
 
 # ---------------------------------------------------------------- distributed set-up
@@ -965,7 +975,7 @@ FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "embedding_budget_mb",
                "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
                "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed", "cce_init",
-               "cce_keep_remainder", "cce_assignment_share", "cce_codebook_dtype",
+               "cce_keep_remainder", "cce_assignment_share", "codebook_dtype",
                "planner_allocation")
 
 
