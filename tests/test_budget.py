@@ -7,6 +7,7 @@ back with memory_report, so the planner's arithmetic is checked against the stor
 
 import dataclasses
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -221,50 +222,49 @@ def test_fp16_plans_of_every_method_fit_and_report_their_precision(method):
         plan_compression(tables, full // 2 - 1, methods=["full"], codebook_dtype=torch.float16)
 
 
-def test_value_rule_choices_are_the_documented_ones():
-    """methods=None: budget >= VALUE_HIGH_FRACTION of full -> the VALUE_HIGH_METHOD plan; else
-    the QR plan (unique-pair form) when every compressed table fits it; else the
-    VALUE_LOW_METHOD plan. Checked against the single-method plans on random table sets."""
+def test_auto_rule_is_the_documented_per_table_ladder():
+    """methods=None: every table at float16 (AUTO_DTYPE); a table whose share of the budget
+    holds its float16 full table is full; a table given QR is the unique-pair form and a
+    table given CE could not hold QR's smallest form at its bytes plus what it left unused;
+    the plan fits and its bytes are the built module's. Checked on random table sets."""
     from torchrec_cce import budget as B
 
-    def single(tables, budget, counts, m):
-        try:
-            return plan_compression(tables, budget, counts=counts, methods=[m])
-        except ValueError:
-            return None
-
     rng = random.Random(11)
-    regimes = set()
-    for trial in range(30):
+    seen = set()
+    for trial in range(40):
         tables, counts = random_tables(rng, rng.randint(1, 6))
+        tables = [dataclasses.replace(t, data_type=DataType.FP32) for t in tables]
         full = sum(config_bytes(t, None) for t in tables)
-        budget = int(full * 10 ** rng.uniform(-2.5, 0))
-        qr = single(tables, budget, counts, "qr")
-        if budget >= B.VALUE_HIGH_FRACTION * full:
-            expected, regime = single(tables, budget, counts, B.VALUE_HIGH_METHOD), "high"
-        elif qr is not None:
-            expected, regime = qr, "qr"
-        else:
-            regime = "low"
-            try:
-                expected = plan_compression(tables, budget, counts=counts,
-                                            methods=[B.VALUE_LOW_METHOD],
-                                            allocation=B.VALUE_LOW_ALLOCATION)
-            except ValueError:
-                expected = single(tables, budget, counts, B.VALUE_LOW_METHOD)
-        if expected is None:
-            with pytest.raises(ValueError, match="cannot hold even the smallest"):
-                plan_compression(tables, budget, counts=counts)
+        budget = int(full * 10 ** rng.uniform(-2.7, 0))
+        use_counts = counts if trial % 3 else None
+        try:
+            plan = plan_compression(tables, budget, counts=use_counts)
+        except ValueError as e:
+            assert "cannot hold even the smallest configs (ce at fp16)" in str(e)
+            need = int(str(e).split("at least ")[1].split(" bytes")[0])
+            assert need > budget and need == sum(
+                min(t.embedding_dim * 2, config_bytes(t, FullConfig(torch.float16)))
+                for t in tables)
             continue
-        regimes.add(regime)
-        plan = plan_compression(tables, budget, counts=counts)
         assert plan.total_bytes <= budget
-        assert plan.compression == expected.compression, (regime, trial)
-        for p in plan.tables.values():
+        assert built_bytes(tables, plan.compression) == {n: p.bytes for n, p in plan.tables.items()}
+        for t in tables:
+            p = plan.tables[t.name]
+            seen.add(p.method)
+            assert p.method in ("full",) + B.AUTO_LADDER
+            if p.method == "full":
+                assert p.bytes in (config_bytes(t, None), config_bytes(t, FullConfig(torch.float16)))
+                continue
+            assert p.precision == "fp16"
             if p.method == "qr":
-                assert p.config.collisions ** 2 >= next(
-                    t.num_embeddings for t in tables if t.name == p.table)
-    assert regimes == {"high", "qr", "low"}
+                assert p.config.collisions ** 2 >= t.num_embeddings
+            else:  # CE: QR's smallest (unique-pair) form does not fit the table's bytes
+                qr_min = B._fit("qr", t, 1 << 62, 4, 0.25, "mult", torch.float16)
+                smallest = config_bytes(t, B.QRConfig(max(2, math.isqrt(t.num_embeddings - 1)
+                                                          + 1), "mult",
+                                                      codebook_dtype=torch.float16))
+                assert qr_min is None or smallest > p.bytes, (t, p)
+    assert {"full", "qr", "ce"} <= seen
 
 
 def test_proportional_allocation_gives_each_table_its_share():
@@ -274,11 +274,28 @@ def test_proportional_allocation_gives_each_table_its_share():
     for frac in (1 / 8, 1 / 64):
         plan = plan_compression(tables, total * frac, methods=["ce"], allocation="proportional")
         assert plan.total_bytes <= total * frac
+        assert plan.total_bytes > 0.97 * total * frac  # the leftover of the grid is spent
         for n, p in plan.tables.items():
             share = total * frac * full[n] / total
-            assert p.bytes <= share and p.bytes > 0.8 * share, (n, p.bytes, share)
+            # its largest candidate within the share, upgraded by at most one grid step
+            assert 0.8 * share < p.bytes <= 1.1 * share, (n, p.bytes, share)
     with pytest.raises(ValueError, match="allocation must be"):
         plan_compression(tables, total / 8, methods=["ce"], allocation="nope")
+
+
+def test_proportional_allocation_pins_tables_below_their_minimum():
+    """Water-filling: a table whose smallest config exceeds its share gets that config and the
+    other tables split the rest in proportion (QR's minimum is 2*ceil(sqrt V) rows)."""
+    tables = [tbl("big", 1_000_000), tbl("mid", 40_000), tbl("small", 900)]
+    full = {t.name: config_bytes(t, None) for t in tables}
+    budget = sum(full.values()) // 256
+    plan = plan_compression(tables, budget, methods=["qr"], allocation="proportional")
+    assert plan.total_bytes <= budget
+    share_mid = budget * full["mid"] / sum(full.values())
+    assert plan.tables["mid"].bytes > share_mid  # pinned at QR's minimum, above its share
+    # the others split what is left in proportion to their full bytes
+    rest = budget - plan.tables["mid"].bytes - plan.tables["small"].bytes
+    assert plan.tables["big"].bytes > 0.85 * rest
 
 
 def test_budget_above_full_keeps_every_table_full():
@@ -286,6 +303,13 @@ def test_budget_above_full_keeps_every_table_full():
     full = sum(config_bytes(t, None) for t in tables)
     plan = plan_compression(tables, full)
     assert all(p.method == "full" for p in plan.tables.values()) and plan.compression == {}
+    # half the bytes: every table full at float16; in between: float16 first, then the
+    # heaviest tables back at their own precision while the bytes last
+    half = plan_compression(tables, full // 2)
+    assert all(p.method == "full" and p.precision == "fp16" for p in half.tables.values())
+    assert half.total_bytes == full // 2
+    mid = plan_compression(tables, full * 3 // 4)
+    assert {n: p.precision for n, p in mid.tables.items()} == {"a": "fp32", "b": "fp16"}
 
 
 def test_higher_frequency_tables_get_more_bytes():
@@ -319,11 +343,16 @@ def test_small_tables_stay_full_and_features_sum_into_tables():
     full = sum(config_bytes(t, None) for t in tables)
     counts = {"big": zipf_counts(1_000_000, 1.0), "tiny": zipf_counts(30, 1.0),
               "m1": zipf_counts(100_000, 1.0), "m2": zipf_counts(100_000, 1.0)}
+    value = plan_compression(tables, full / 16, counts=counts, methods=["cce"],
+                             allocation="value")
+    assert value.tables["tiny"].method == "full"  # the value allocation keeps it full
+    assert value.tables["big"].method == "cce"
+    # the perplexity split: the tiny table gets about its share of the effective ids
     plan = plan_compression(tables, full / 16, counts=counts, methods=["cce"])
-    assert plan.tables["tiny"].method == "full"
-    assert plan.tables["big"].method == "cce"
-    value = plan_compression(tables, full / 16, counts=counts)  # the value rule
-    assert value.tables["tiny"].method == "full" and value.tables["big"].method == "qr"
+    assert plan.tables["tiny"].bytes < config_bytes(tables[1], None)
+    assert plan.tables["big"].method == "cce" and plan.tables["multi"].method == "cce"
+    auto = plan_compression(tables, full / 16, counts=counts)  # the rule without methods
+    assert auto.tables["big"].method == "qr" and auto.tables["big"].precision == "fp16"
     # mass shares: the two-feature table carries twice the occurrences of "big"
     assert plan.tables["multi"].mass_share == pytest.approx(
         2 * counts["m1"].sum() / (counts["big"].sum() + counts["tiny"].sum() + 2 * counts["m1"].sum()))
@@ -399,12 +428,15 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
                   str(dim), "--dense-arch", f"64,{dim}")
     plan = check_train_plan(m, 0.2)
     methods = {r["method"] for r in plan["tables"].values()}
-    assert "full" in methods  # small tables stay full
-    assert methods <= {"full", "qr", B.VALUE_HIGH_METHOD, B.VALUE_LOW_METHOD}, methods
+    assert methods <= {"full", *B.AUTO_LADDER}, methods
     assert len(methods) >= 2
+    # float16, except tables kept whole at their own precision with bytes to spare
+    assert all(r["precision"] == "fp16" or r["method"] == "full"
+               for r in plan["tables"].values())
+    assert any(r["precision"] == "fp16" for r in plan["tables"].values())
     assert all(r["chunks"] == chunks for r in plan["tables"].values()
                if r["method"] in ("cce", "ce"))
-    assert m["method"] in ("mixed", "qr", B.VALUE_LOW_METHOD)
+    assert m["method"] in ("mixed", *B.AUTO_LADDER)
     assert "compressed to fit 0.2 MiB" in m["stdout"]
     # a CCE plan gets the default re-clustering schedule without any flag
     m = train_run("--embedding-budget-mb", "0.2", "--method", "cce", "--chunks", str(chunks),
@@ -415,7 +447,11 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
                        for f in train.DEFAULT_RECLUSTER_AT.split(",") if f})
     assert m["cce_settings"]["recluster_steps"] == expected
     assert [r["step"] for r in m["reclusterings"]] == expected
-    assert train.default_recluster_epochs(6) == 3 and train.default_recluster_epochs(1) == 0
+    n = train.DEFAULT_RECLUSTER_EPOCHS
+    assert train.default_recluster_epochs(50) == n == train.default_recluster_epochs(n + 1)
+    assert train.default_recluster_epochs(1) == 0  # never after the last epoch's end
+    # --method cce stores its codebooks (and the tables kept full) at float16 by default
+    assert all(r["precision"] == "fp16" for r in m["embedding_plan"]["tables"].values())
 
 
 @pytest.mark.timeout(900)

@@ -4,49 +4,49 @@ Bytes are counted exactly as :func:`torchrec_cce.memory_report` counts them (eve
 tensor: codebooks at the table's dtype, CCE's bit-packed assignment and hash generation,
 MEmCom's fp32 per-id weights), so ``plan.total_bytes`` is what the built model reports.
 
-The rule (no trained model needed):
+The rule (no trained model needed; per-table statistics only: vocabulary size, dim and, when
+given, per-id training counts):
 
-1. **Value of bytes.** A table given ``b`` bytes can hold about ``k = b / row_bytes`` rows'
-   worth of ids (``row_bytes = dim * element size``). Its value is the training mass of its
-   ``k`` most frequent ids: ``mass_t * F_t(k)``, where ``mass_t`` is the table's total count
-   (its share of training occurrences) and ``F_t`` the cumulative frequency curve of its ids
-   from ``counts`` (sorted descending). Without counts every table has mass 1 and Zipf(1) ids
-   (``F_t(k) = ln(1 + k) / ln(1 + V)``, the usual shape of recommendation vocabularies). The
-   full table has value ``mass_t``.
-2. **Marginal-value allocation.** Each table starts at its smallest candidate config; bytes
-   then go, increment by increment, to the table whose next step on the upper concave hull of
-   its (bytes, value) candidates buys the most value per byte (greedy multiple-choice
-   knapsack). An increment that does not fit is replaced by the best smaller candidate of that
-   table that does. At the end every table's frequency threshold per byte is about equal:
-   tables whose ids carry more mass get more bytes; small tables whose full form is cheap in
-   value per byte stay full.
-3. **Method.** ``methods=[M]``: every compressed table uses ``M`` (so methods can be compared
-   at equal bytes). ``methods=None``, the *value-aware rule*, measured rather than modelled
-   (the value proxy of step 1 depends on bytes only, so it cannot rank methods; the rule comes
-   from the equal-byte benchmark on the shared datasets, ``benchmarks/results/quality_*``):
-
-   * budget >= :data:`VALUE_HIGH_FRACTION` of the full bytes: :data:`VALUE_HIGH_METHOD`
-     (at 1/2 of the bytes CE matched or beat the full table and QR on Frappe);
-   * else QR (``qr_operation``, unique-pair form ``m >= ceil(sqrt(V))``: every id keeps its own
-     (quotient, remainder) pair) if every compressed table fits it (QR was best on Frappe at
-     1/4 to 1/16 of the bytes);
-   * else :data:`VALUE_LOW_METHOD` with :data:`VALUE_LOW_ALLOCATION` (every table the same
-     fraction of its full bytes; the marginal-value allocation if that misses a table's
-     minimum): QR cannot be built there, and on Frappe at 1/64 CE with proportional shares
-     (0.4278 test log loss) beat every single method with the value allocation (best 0.5258).
-
-   Several methods (``methods=[M1, M2, ...]``): each table uses the first that can represent
-   it. Full tables are always candidates (``allow_full=False`` forbids them).
-4. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
-   ``m >= ceil(sqrt(V))`` that fit; MEmCom: rows after the ``4 V`` bytes of weights; CCE: the
-   ``chunks`` given, ``assignment_share`` of the bytes for the bit-packed ``p`` of the ``N``
-   most frequent ids (the id prefix ``[0, N)`` of frequency-ordered data; ``N = V`` if it fits)
-   and the rest for ``rows`` (and any bytes ``p`` does not need go to rows); MPE: the widest
-   candidate set ``0..b`` (``b >= 1``) whose serving bound (every group at ``b`` bits,
+1. **Split between tables** (``allocation``, default ``"perplexity"``). Every table gets a
+   share of the budget in proportion to ``mass_t * PP_t * dim_t * element size``: ``mass_t`` is
+   the table's share of the training occurrences and ``PP_t = exp(entropy)`` of its id
+   distribution, its effective number of ids (``<= V``; from ``counts``, else a Zipf(1) prior
+   over ``V`` ids with equal mass per table). Water-filling: a table whose share is below its
+   smallest config (QR's unique-pair minimum, one row, ...) or above its full table is pinned
+   there and the others split the rest in the same proportions. Each table then takes its
+   largest config within its share, sized exactly (rows, collisions, covered ids). So a table
+   with more training occurrences, or a flatter id distribution, gets more bytes.
+   ``"proportional"``: shares in proportion to the full tables' bytes (``V * dim``).
+   ``"value"``: marginal frequency mass per byte (a table given ``b`` bytes is valued at the
+   training mass of its ``b / row_bytes`` most frequent ids; bytes go greedily to the best
+   value per byte on each table's concave hull). Measured on Frappe at 1/16 of the bytes (test
+   log loss, one seed): CE 0.4021 (value) -> 0.2934 (proportional) -> 0.3066 / 0.2850 fp16
+   (perplexity), QR-mult 0.2941 -> 0.2845; the value split starves the large, flat item table
+   (8 CCE rows for 4,083 items), ``quality_frappe_ablations.csv``.
+2. **Method.** ``methods=[M]``: every table uses ``M`` sized to its share (tables whose share
+   holds the full table stay full), so methods can be compared at equal bytes.
+   ``methods=None``, the measured rule (from the equal-byte benchmark,
+   ``benchmarks/results/quality_*``, not modelled): every table stored at :data:`AUTO_DTYPE`
+   (float16: twice the rows per byte, trained by the same fused optimizer; it beat float32 at
+   equal bytes for every method), the shares of step 1 (the smallest config of the last
+   :data:`AUTO_LADDER` method as the floor), then per table: the full table if its share holds
+   it (at its own precision when the budget still has the bytes), else the first method of
+   :data:`AUTO_LADDER` whose smallest config fits its share; bytes a table's config leaves
+   unused go back to the other compressed tables. Several methods (``methods=[M1, M2, ...]``):
+   each table uses the first that can represent it. Full tables are always candidates
+   (``allow_full=False`` forbids them).
+3. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
+   ``m >= ceil(sqrt(V))`` that fit (every id keeps its own (quotient, remainder) pair); MEmCom:
+   rows after the ``4 V`` bytes of weights; CCE: the ``chunks`` given, ``assignment_share`` of
+   the bytes for the bit-packed ``p`` of the ``N`` most frequent ids (the id prefix ``[0, N)``
+   of frequency-ordered data; ``N = V`` if it fits) and the rest for ``rows`` (and any bytes
+   ``p`` does not need go to rows); full at ``codebook_dtype``: :class:`FullConfig`; MPE: the
+   widest candidate set ``0..b`` (``b >= 1``) whose serving bound (every group at ``b`` bits,
    :func:`mpe_serving_bound`) fits: the budget bounds MPE's *serving* bytes (it trains fp32
    master weights); below 1 bit per value MPE is infeasible.
 """
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -71,7 +71,7 @@ from torchrec_cce.configs import (
 from torchrec_cce.methods import packed
 
 PLAN_METHODS = ("cce", "qr", "ce", "hashing", "memcom", "mpe")
-AUTO_ORDER = ("cce", "qr", "ce", "hashing", "memcom")
+ALLOCATIONS = ("perplexity", "proportional", "value")
 _MPE_MAX_GROUPS = 128
 _GRID_STEPS_PER_DOUBLING = 8
 _H_GENERATION_BYTES = 8
@@ -217,6 +217,7 @@ class _Curve:
     def __init__(self, table: EmbeddingBagConfig, counts: Optional[object]) -> None:
         V = table.num_embeddings
         self.V = V
+        self._perplexity: Optional[float] = None
         if counts is None or np.ndim(counts) == 0:
             self.mass = 1.0 if counts is None else float(counts)
             self.sorted_cum = None
@@ -238,6 +239,25 @@ class _Curve:
                 self.sorted_cum = np.concatenate([[0.0], np.cumsum(np.sort(c)[::-1]) / total])
             if self.mass == 0:
                 self.sorted_cum = self.prefix_cum = None
+            else:
+                q = c[c > 0] / self.mass
+                self._perplexity = float(np.exp(-(q * np.log(q)).sum()))
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(entropy)`` of the table's id distribution: the effective number of ids
+        (``<= V``; ``V`` for uniform ids). From ``counts``, else the Zipf(1) prior over ``V``
+        ids: ``H = ln H_V + (sum_k ln k / k) / H_V``."""
+        if getattr(self, "_perplexity", None) is None:
+            V = self.V
+            if V <= 1 << 20:
+                k = np.arange(1, V + 1, dtype=np.float64)
+                h_v, s = float((1 / k).sum()), float((np.log(k) / k).sum())
+            else:  # asymptotics: H_V ~ ln V + gamma + 1/(2V); sum ~ (ln V)^2 / 2 - gamma_1
+                h_v = math.log(V) + 0.5772156649 + 1 / (2 * V)
+                s = math.log(V) ** 2 / 2 + 0.0728158455
+            self._perplexity = math.exp(math.log(h_v) + s / h_v)
+        return self._perplexity
 
     def top(self, k: float) -> float:
         k = min(max(k, 0.0), float(self.V))
@@ -337,18 +357,112 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
     raise ValueError(f"unknown method {method!r}; choose from {PLAN_METHODS}")
 
 
-# The value-aware rule (methods=None), derived from the measured equal-byte benchmark on the
-# shared datasets (benchmarks/results/quality_*.csv and the CCE ablations; no trained model is
-# consulted): with at least VALUE_HIGH_FRACTION of the full bytes, VALUE_HIGH_METHOD; below it,
-# QR in its unique-pair form (m >= ceil(sqrt(V))) if every compressed table fits it, else
-# VALUE_LOW_METHOD. Each is then sized per table by the marginal-value allocation.
-VALUE_HIGH_FRACTION = 0.45
-VALUE_HIGH_METHOD = "ce"
-VALUE_LOW_METHOD = "ce"
-# Below QR's reach the low method's bytes are split in proportion to the tables' full bytes:
-# on Frappe at 1/64 CE gave test log loss 0.4278 with it vs 0.5258 with the marginal-value
-# allocation, which starves the large, flat item table (1.6 KB of its 261 KB).
-VALUE_LOW_ALLOCATION = "proportional"
+def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
+               counts: Optional[Mapping[str, object]], chunks: int, assignment_share: float,
+               allow_full: bool, qr_operation: str, codebook_dtype: Optional[torch.dtype],
+               allocation: str) -> CompressionPlan:
+    """``plan_compression(methods=None)``: every table at :data:`AUTO_DTYPE` (unless
+    ``codebook_dtype`` is given), the tables' shares of the budget by ``allocation``
+    (water-filling between each table's smallest config and its full table at that
+    precision), then per table: the full table if its share holds it, else the first method of
+    :data:`AUTO_LADDER` whose smallest config fits the share, sized to the share. Bytes a
+    table's config leaves unused go back to the other compressed tables (one more pass)."""
+    dtype = AUTO_DTYPE if codebook_dtype is None else codebook_dtype
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    by_name = {t.name: t for t in tables}
+    per_counts = {t.name: _table_counts(counts, t) for t in tables}
+    curves = {t.name: _Curve(t, per_counts[t.name]) for t in tables}
+    total_mass = sum(c.mass for c in curves.values()) or 1.0
+
+    def single(t: EmbeddingBagConfig, share: int, method: str) -> Optional[TablePlan]:
+        try:
+            p = plan_compression([t], share, counts=None if per_counts[t.name] is None
+                                 else {t.name: per_counts[t.name]}, methods=[method],
+                                 chunks=chunks, assignment_share=assignment_share,
+                                 allow_full=allow_full and method == "full",
+                                 qr_operation=qr_operation, codebook_dtype=dtype,
+                                 allocation="perplexity")
+        except ValueError as e:
+            if "cannot hold even the smallest" not in str(e):
+                raise
+            return None
+        return p.tables[t.name]
+
+    full = {n: config_bytes(t, FullConfig(codebook_dtype=dtype)) for n, t in by_name.items()}
+    floor = {}
+    for n, t in by_name.items():  # the smallest config of the ladder's last method
+        c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1) if t.embedding_dim % d == 0)
+        pts = _candidates(t, AUTO_LADDER[-1], curves[n], 1.0, False, c, assignment_share,
+                          qr_operation, dtype, per_counts[n])
+        floor[n] = min(pts[0][0], full[n])
+    if sum(floor.values()) > budget:
+        worst = sorted(floor.items(), key=lambda kv: -kv[1])
+        listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
+        raise ValueError(
+            f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the "
+            f"smallest configs ({AUTO_LADDER[-1]} at {_PRECISION.get(dtype, dtype)}) of the "
+            f"tables; they need at least {sum(floor.values())} bytes "
+            f"({sum(floor.values()) / 2**20:.3f} MiB): {listing}"
+            f"{' ...' if len(worst) > 10 else ''}. Raise the budget")
+    if allocation == "proportional":
+        weight = {n: float(config_bytes(t, None)) for n, t in by_name.items()}
+    elif allocation == "perplexity":
+        weight = {n: curves[n].mass / total_mass * curves[n].perplexity * t.embedding_dim
+                  * _elem(t) for n, t in by_name.items()}
+    else:
+        raise ValueError(f"methods=None splits bytes by 'perplexity' or 'proportional', got "
+                         f"allocation={allocation!r}")
+    # a table's own precision when its share holds the whole table at it
+    native = {n: config_bytes(t, None) for n, t in by_name.items()}
+    maximum = {n: (full[n] if allow_full else full[n] - 1) for n in names}
+    shares = _shares(tables, weight, floor, maximum, budget)
+    chosen: Dict[str, TablePlan] = {}
+
+    def full_plan(t: EmbeddingBagConfig, share: int) -> Optional[TablePlan]:
+        if not allow_full:
+            return None
+        if share >= native[t.name]:  # the table as it is
+            return plan_compression([t], native[t.name], methods=["full"]).tables[t.name]
+        return single(t, share, "full") if share >= full[t.name] else None
+
+    for _ in range(2):  # the second pass hands the first pass's unused bytes back
+        chosen = {}
+        for n in names:
+            t, share = by_name[n], int(shares[n] + 1e-6)  # (float sums of exact shares)
+            plan = full_plan(t, share)
+            for m in AUTO_LADDER:
+                if plan is None:
+                    plan = single(t, share, m)
+            if plan is None:  # below every ladder method's smallest form: its floor
+                plan = single(t, floor[n], AUTO_LADDER[-1]) or single(t, floor[n], "full")
+            chosen[n] = plan
+        left = budget - sum(p.bytes for p in chosen.values())
+        grow = [n for n in names if chosen[n].bytes < native[n]]
+        total = sum(weight[n] for n in grow)
+        if left <= 0 or not total:
+            break
+        shares = {n: chosen[n].bytes + (left * weight[n] / total if n in grow else 0)
+                  for n in names}
+    left = budget - sum(p.bytes for p in chosen.values())
+    for n in sorted(names, key=lambda n: -weight[n]):  # bytes to spare: tables at their own
+        if chosen[n].method == "full" and chosen[n].bytes < native[n] <= chosen[n].bytes + left:
+            left -= native[n] - chosen[n].bytes     # precision, heaviest first
+            chosen[n] = full_plan(by_name[n], native[n])
+    out = {n: dataclasses.replace(p, mass_share=curves[n].mass / total_mass)
+           for n, p in chosen.items()}
+    plan = CompressionPlan(byte_budget=budget, tables=out)
+    assert plan.total_bytes <= budget, (plan.total_bytes, budget)
+    return plan
+
+
+# The rule without ``methods`` (plan_compression(methods=None); module doc, step 3), taken from
+# the measured equal-byte benchmark on the shared datasets (benchmarks/results/quality_*.csv):
+# every table at AUTO_DTYPE; per table, the full table if its share of the budget holds it,
+# else the first method of AUTO_LADDER whose smallest config fits its share.
+AUTO_DTYPE = torch.float16
+AUTO_LADDER = ("qr", "ce")
 
 
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
@@ -439,6 +553,28 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
     return sorted(out.values(), key=lambda c: c[0])
 
 
+def _shares(tables: Sequence[EmbeddingBagConfig], weight: Dict[str, float],
+            minimum: Dict[str, int], maximum: Dict[str, int], budget: int) -> Dict[str, float]:
+    """Split ``budget`` between tables in proportion to ``weight`` (water-filling): a table
+    whose share is below its smallest candidate (``minimum``) or above its full table
+    (``maximum``) is pinned there and the other tables share the rest, again in proportion."""
+    pinned: Dict[str, float] = {}
+    names = [t.name for t in tables]
+    while True:
+        free = budget - sum(pinned.values())
+        pool = [n for n in names if n not in pinned]
+        total = sum(weight[n] for n in pool) or 1.0
+        share = {n: free * weight[n] / total for n in pool}
+        low = {n: float(minimum[n]) for n in pool if minimum[n] > share[n]}
+        if low:  # minimums first: they take bytes from everyone else
+            pinned.update(low)
+            continue
+        high = {n: float(maximum[n]) for n in pool if share[n] > maximum[n]}
+        if not high:
+            return {**share, **pinned}
+        pinned.update(high)
+
+
 def _hull(points: List[Tuple[int, float, object]]) -> List[int]:
     """Indices of the upper concave hull of (bytes, value) points, from the first point."""
     hull: List[int] = [0]
@@ -466,7 +602,7 @@ def plan_compression(
     allow_full: bool = True,
     qr_operation: str = "mult",
     codebook_dtype: Optional[torch.dtype] = None,
-    allocation: str = "value",
+    allocation: str = "perplexity",
 ) -> CompressionPlan:
     """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
 
@@ -478,44 +614,29 @@ def plan_compression(
             frequency-ordered for CCE's covered prefix ``[0, N)``. None: Zipf(1), equal mass.
         methods: restrict compressed tables to these methods (one: size that method; several:
             the first of them that can represent each table, in the given order). None: the
-            value-aware rule (module doc, step 3: :data:`VALUE_HIGH_METHOD` at or above
-            :data:`VALUE_HIGH_FRACTION` of the full bytes, else QR's unique-pair form if it
-            fits, else :data:`VALUE_LOW_METHOD`). ``"mpe"`` is sized by its serving-bytes bound
-            (:func:`mpe_serving_bound`).
+            measured per-table rule (module doc, step 2: :data:`AUTO_DTYPE`, full where the
+            share holds the table, else the first of :data:`AUTO_LADDER` that fits). ``"mpe"``
+            is sized by its serving-bytes bound (:func:`mpe_serving_bound`).
         chunks: CCE/CE chunks (1, 2, 4, 8; must divide every compressed table's dim, else
             the largest divisor of dim below it is used).
         assignment_share: fraction of a CCE table's bytes for its packed assignment.
         allow_full: whether uncompressed tables are candidates.
         qr_operation: QR's operation.
-        codebook_dtype: CCE codebook precision (``torch.float16`` halves the bytes per row).
-        allocation: ``"value"`` (step 2, marginal frequency mass per byte) or
-            ``"proportional"`` (an ablation: every table gets the same fraction of its full
-            bytes, its largest candidate within that share; leftovers are not redistributed).
+        codebook_dtype: the precision every table of the plan is stored at (codebooks of
+            every method but MEmCom/MPE, and tables kept full as :class:`FullConfig`;
+            ``torch.float16`` halves the bytes per row). None: the tables' own precision, or
+            :data:`AUTO_DTYPE` with ``methods=None``.
+        allocation: how the budget is split between tables (module doc, step 1):
+            ``"perplexity"`` (default), ``"proportional"`` or ``"value"``.
 
     Raises:
         ValueError: if even the smallest config of every table exceeds the budget (naming
             the tables and the minimum bytes), or for unknown methods / bad counts.
     """
     budget = int(byte_budget)
-    if methods is None:  # the value-aware rule (module doc, step 3)
-        kw = dict(counts=counts, chunks=chunks, assignment_share=assignment_share,
-                  allow_full=allow_full, qr_operation=qr_operation,
-                  codebook_dtype=codebook_dtype, allocation=allocation)
-        full_total = sum(config_bytes(t, None) for t in tables)
-        if budget >= VALUE_HIGH_FRACTION * full_total:
-            return plan_compression(tables, budget, methods=[VALUE_HIGH_METHOD], **kw)
-        try:
-            return plan_compression(tables, budget, methods=["qr"], **kw)
-        except ValueError as e:
-            if "cannot hold even the smallest" not in str(e):
-                raise
-        try:
-            return plan_compression(tables, budget, methods=[VALUE_LOW_METHOD],
-                                    **dict(kw, allocation=VALUE_LOW_ALLOCATION))
-        except ValueError as e:  # the proportional shares miss a table's minimum
-            if "proportional shares" not in str(e):
-                raise
-            return plan_compression(tables, budget, methods=[VALUE_LOW_METHOD], **kw)
+    if methods is None:  # the measured per-table rule (module doc, step 3)
+        return _auto_plan(tables, budget, counts, chunks, assignment_share, allow_full,
+                          qr_operation, codebook_dtype, allocation)
     order = list(methods)
     unknown = [m for m in order if m not in PLAN_METHODS + ("full",)]
     if unknown:
@@ -554,22 +675,38 @@ def plan_compression(
             f"smallest configs ({'/'.join(order) or 'full'}) of the tables; they need at least "
             f"{sum(minimum.values())} bytes ({sum(minimum.values()) / 2**20:.3f} MiB): {listing}"
             f"{' ...' if len(worst) > 10 else ''}. Raise the budget or allow other methods")
-    if allocation not in ("value", "proportional"):
-        raise ValueError(f"allocation must be 'value' or 'proportional', got {allocation!r}")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     # Greedy marginal-value allocation over each table's upper concave hull.
     current = {n: 0 for n in cands}   # index into cands[n]
     remaining = budget - sum(minimum.values())
     steps = []
-    if allocation == "proportional":
-        full_total = sum(config_bytes(t, None) for t in tables)
-        for t in tables:
-            share = budget * config_bytes(t, None) / full_total
-            pts = cands[t.name]
-            fits = [i for i, (b, _, _) in enumerate(pts) if b <= share]
+    if allocation in ("perplexity", "proportional"):
+        if allocation == "proportional":
+            weight = {t.name: float(config_bytes(t, None)) for t in tables}
+        else:  # training mass x effective ids x bytes per row
+            weight = {t.name: curves[t.name].mass / total_mass * curves[t.name].perplexity
+                      * t.embedding_dim * _elem(t) for t in tables}
+        shares = _shares(tables, weight, minimum,
+                         {n: pts[-1][0] for n, pts in cands.items()}, budget)
+        for t in tables:  # its largest config within its share (exactly sized, not the grid)
+            m = chosen_method[t.name]
+            if m is not None:
+                c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1)
+                        if t.embedding_dim % d == 0)
+                cfg = _fit(m, t, int(shares[t.name]), c, assignment_share, qr_operation,
+                           codebook_dtype, _table_counts(counts, t))
+                b = config_bytes(t, cfg) if cfg is not None else None
+                if b is not None and b < cands[t.name][-1][0] and all(
+                        b != x for x, _, _ in cands[t.name]):
+                    curve = curves[t.name]
+                    row = t.embedding_dim * (torch.empty((), dtype=codebook_dtype).element_size()
+                                             if codebook_dtype is not None else _elem(t))
+                    cands[t.name] = sorted(cands[t.name] + [
+                        (b, curve.mass / total_mass * curve.top(b / row), cfg)],
+                        key=lambda x: x[0])
+            fits = [i for i, (b, _, _) in enumerate(cands[t.name]) if b <= shares[t.name]]
             current[t.name] = max(fits) if fits else 0
-        if sum(cands[n][i][0] for n, i in current.items()) > budget:  # minimums pushed it over
-            raise ValueError(f"byte budget {budget} bytes: the proportional shares cannot hold "
-                             f"the smallest configs; use allocation='value'")
         cands_order = []
     else:
         cands_order = list(cands.items())
