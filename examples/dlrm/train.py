@@ -255,9 +255,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "halves the bytes per row (fbgemm trains FP16 weights with its fused "
                         "optimizers); the budget planner counts it. Default: float32 (without "
                         "--method the planner chooses)")
-    m2.add_argument("--planner-allocation", choices=["value", "proportional"], default="value",
-                    help="with --embedding-budget-mb: bytes per table by marginal frequency mass "
-                         "(default) or the same fraction of every table's full bytes (ablation)")
+    m2.add_argument("--planner-allocation", choices=["perplexity", "proportional", "value"],
+                    default="perplexity",
+                    help="with --embedding-budget-mb, how the bytes are split between tables: in "
+                         "proportion to training mass x perplexity of the ids (default), to the "
+                         "full tables' bytes, or by marginal frequency mass (see "
+                         "torchrec_cce.plan_compression)")
     m2.add_argument("--cce-assignment-share", type=float, default=None,
                     help="with --embedding-budget-mb: share of a CCE table's bytes for its "
                          "bit-packed p (the most frequent ids'); the rest is codebook rows "
@@ -325,30 +328,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- CCE defaults
 # What `--method cce` (or a planner choosing CCE) does when no re-clustering/CCE flag is given:
-# the best setting of the Frappe ablation (benchmarks/results/quality_frappe_ablations.csv).
-# Frappe at 1/16 of the bytes, 6 epochs: 0.25,0.5 of epoch 1 + the end of epochs 1-4 (the
-# reference code's "every epoch until 3/4 of training") gave test log loss 0.4007, vs 0.4207
-# for 0.25,0.5 + epochs 1-3, 0.4532 for 0.25,0.5 only, 0.4816 without re-clustering.
-# With QR-initialised CCE (h kept as the remainder) and a quarter of a CCE table's bytes for p:
-# 0.3778 at 1/16 (3 seeds) and 0.4652 at 1/64 (2 seeds), vs 0.4052 / 0.5271 for hashed CCE
-# with the schedule above; this default is exactly that measured setting
-# (quality_frappe_ablations.csv: abl_qr_keep_share0.25).
+# the best setting of the ablations run under the fixed protocol (every table trained by the
+# fused optimizer at --lr; benchmarks/results/quality_{frappe,movielens}_ablations.csv,
+# README "CCE ablations"). Frappe at 1/16 of the bytes, 3 seeds, test log loss: float16
+# codebooks 0.2907 vs float32 0.3090 (twice the rows per byte); re-clustering at 0.25 and 0.5
+# of epoch 1 only 0.2875, plus the end of epoch 1 0.2913, plus epochs 1-3 0.2907, none 0.3161;
+# QR-initialised CCE keeping h as the remainder 0.2907 vs the paper's hashed CCE 0.2938;
+# a quarter of a table's bytes for p 0.2907 vs a tenth 0.2912. The byte split between
+# tables (train.py --planner-allocation, default perplexity) is the planner's, not CCE's.
 DEFAULT_RECLUSTER_AT = "0.25,0.5"
-DEFAULT_RECLUSTER_UNTIL = 0.5  # re-cluster at the end of every epoch up to 1/2 of --epochs
+DEFAULT_RECLUSTER_EPOCHS = 0  # epoch ends that also re-cluster (epochs 1..N; before the last)
 DEFAULT_KMEANS_ITERS = 10
 DEFAULT_CCE_INIT = "qr"
 DEFAULT_CCE_KEEP_REMAINDER = True
 DEFAULT_CCE_ASSIGNMENT_SHARE = 0.25
-DEFAULT_RECLUSTER_HELP = (f"{DEFAULT_RECLUSTER_AT} of epoch 1 and the end of every epoch up to "
-                          f"{DEFAULT_RECLUSTER_UNTIL:g} of --epochs")
+DEFAULT_CCE_CODEBOOK_DTYPE = "float16"
+DEFAULT_RECLUSTER_HELP = (f"{DEFAULT_RECLUSTER_AT} of epoch 1"
+                          + (f" and the end of epochs 1-{DEFAULT_RECLUSTER_EPOCHS}"
+                             if DEFAULT_RECLUSTER_EPOCHS else ""))
 
 
 def default_recluster_epochs(epochs: int) -> int:
-    """Epochs whose end re-clusters by default: ``floor(DEFAULT_RECLUSTER_UNTIL * epochs)``
-    (6 epochs: the first 3; 1 epoch: none, only the fractions of epoch 1). It follows
-    ``--epochs``: a run resumed with another ``--epochs`` gets another schedule (pass
-    ``--recluster-every-epoch`` explicitly to keep one)."""
-    return int(DEFAULT_RECLUSTER_UNTIL * epochs + 1e-9)
+    """Epochs whose end re-clusters by default: the first ``DEFAULT_RECLUSTER_EPOCHS``, never
+    the last epoch's end (nothing would train after it). Independent of ``--epochs`` otherwise,
+    so an epoch cap with early stopping does not change the schedule."""
+    return max(0, min(DEFAULT_RECLUSTER_EPOCHS, epochs - 1))
 
 
 def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
@@ -365,11 +369,19 @@ def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
             else args.cce_keep_remainder) and init == "qr"
     return {"recluster_at": at, "recluster_every_epoch": every,
             "kmeans_iters": args.kmeans_iters or DEFAULT_KMEANS_ITERS,
-            "init": init, "keep_remainder": keep}
+            "init": init, "keep_remainder": keep,
+            "codebook_dtype": str(codebook_dtype(args) or "float32").replace("torch.", "")}
 
 
 def codebook_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
-    return None if args.codebook_dtype is None else getattr(torch, args.codebook_dtype)
+    """``--codebook-dtype``; ``--method cce`` without it: ``DEFAULT_CCE_CODEBOOK_DTYPE``."""
+    name = args.codebook_dtype
+    if name is None and args.planner_methods == ["cce"]:
+        name = DEFAULT_CCE_CODEBOOK_DTYPE
+    if name is None and args.planner_methods is None and args.embedding_budget_mb is None \
+            and args.method == "cce":
+        name = DEFAULT_CCE_CODEBOOK_DTYPE
+    return None if name is None else getattr(torch, name)
 
 
 def apply_cce_settings(compression: Dict, args: argparse.Namespace) -> Dict:
