@@ -35,11 +35,13 @@ import argparse
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 import traceback
 from collections import defaultdict
-from typing import Dict, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # <repo>/../shared/data (see its README); $TORCHREC_CCE_SHARED_DATA overrides it
@@ -66,6 +68,31 @@ DATASETS: Dict[str, Optional[List[str]]] = {
     "synthetic": None,
 }
 
+# Rows whose train.py settings are identical to another row's: their cells are not trained
+# but reported as copies of that row's cells (row -> the row it equals).
+ROW_ALIASES: Dict[str, str] = {"cce_fp16": "cce"}
+
+# Training recipe per dataset, the same for every method, budget and seed of that dataset:
+# epoch cap, early-stopping patience (evaluations without a new best validation log loss),
+# sparse (embedding) learning rate, batch size. Chosen by the sweep in quality_notes.md: the
+# cap and patience let nearly every cell's best validation epoch come before the cap.
+RECIPES: Dict[str, Dict[str, float]] = {
+    # lr sweep 0.01-1.0 (full, CCE and QR-mult at 1/16, 2 seeds): full best at 0.3 (0.2399),
+    # QR-mult at 0.3-0.5, CCE flat from 0.05 to 1.0; best epochs 3 (full) to ~15 (compressed)
+    "frappe": {"epochs": 50, "patience": 5, "lr": 0.3, "batch_size": 1024},
+    # time split: every method's validation log loss is lowest within the first 1-3 epochs,
+    # so it is evaluated every 20 steps (~1/4 epoch); lr sweep 0.01-0.5: full and QR best at
+    # 0.1-0.2, CCE at 0.05-0.1
+    "movielens": {"epochs": 20, "patience": 10, "lr": 0.1, "batch_size": 1024,
+                  "eval_every": 20},
+    # Criteo-shaped generator at --synthetic-scale 0.01 (26 tables, 185k ids seen in 410k
+    # training rows): full and hashing best within 1-2 epochs at lr 0.1 and 0.3 (full
+    # 0.4983 / 0.4989, hashing at 1/16 0.5087 / 0.5090): evaluated every 100 steps (1/4 epoch)
+    "synthetic": {"epochs": 12, "patience": 6, "lr": 0.1, "batch_size": 1024,
+                  "eval_every": 100},
+    "default": {"epochs": 50, "patience": 5, "lr": 0.1, "batch_size": 1024},
+}
+
 # row name -> train.py arguments (besides data, budget, seed and recipe)
 METHODS: Dict[str, List[str]] = {
     "full": ["--method", "full"],
@@ -78,75 +105,111 @@ METHODS: Dict[str, List[str]] = {
     # the paper's CCE (hashed p and h, half of its bytes for p) without re-clustering
     "cce_no_recluster": ["--method", "cce", "--no-recluster", "--cce-init", "hash",
                          "--cce-assignment-share", "0.5"],
-    # train.py's --method cce defaults (the schedule/init chosen by the ablation below)
+    # train.py's --method cce defaults (the settings chosen by the ablation below; float16)
     "cce": ["--method", "cce"],
-    # float16 codebooks (CCEConfig(codebook_dtype=torch.float16)): twice the rows per byte
-    "cce_fp16": ["--method", "cce", "--cce-codebook-dtype", "float16"],
+    # float16 storage (every table, codebooks and tables kept full: twice the rows per byte;
+    # fbgemm trains FP16 weights with the same fused optimizer). cce_fp16 is --method cce's
+    # default, so its cells are copies of the cce cells (ROW_ALIASES); cce_fp32 is CCE at
+    # float32 with every other default unchanged.
+    "cce_fp32": ["--method", "cce", "--codebook-dtype", "float32"],
+    "cce_fp16": ["--method", "cce", "--codebook-dtype", "float16"],
+    "full_fp16": ["--method", "full", "--codebook-dtype", "float16"],
+    "hashing_fp16": ["--method", "hashing", "--codebook-dtype", "float16"],
+    "ce_fp16": ["--method", "ce", "--codebook-dtype", "float16"],
+    "qr_mult_fp16": ["--method", "qr", "--qr-operation", "mult", "--codebook-dtype", "float16"],
     # MPE is sized by its serving-bytes bound (every group at its widest candidate width);
     # it trains fp32 master weights: embedding_training_bytes records those
     "mpe": ["--method", "mpe"],
     "planner": [],
 }
-# CCE ablations (issue 9 item 3): name -> train.py arguments. Written to
-# quality_<dataset>_ablations.csv, not to the main grid. Schedules count 6-epoch runs: "e4" =
-# the end of each of the first 4 epochs (the reference code's "every epoch until 3/4 of
-# training"), "q" = 0.25 and 0.5 of epoch 1.
-_CCE = ["--method", "cce", "--cce-init", "hash", "--cce-assignment-share", "0.5"]
-_Q = ["--recluster-at", "0.25,0.5"]
-_Q_E3 = _Q + ["--recluster-every-epoch", "3"]
-_Q_E4 = _Q + ["--recluster-every-epoch", "4"]
-_QR_KEEP = ["--cce-init", "qr", "--cce-keep-remainder"]
+# CCE ablations (issue 9 item 3), re-run under the fixed protocol (every table trained by the
+# fused sparse optimizer at the recipe's --lr): name -> train.py arguments, written to
+# quality_<dataset>_ablations.csv, not to the main grid. Every row pins every CCE setting, so
+# a row means the same whatever train.py's defaults are. The base (_BASE) is the default of
+# --method cce before this study: QR-initialised CCE whose h stays the remainder, a quarter of
+# a table's bytes for p, re-clustering at 0.25 and 0.5 of epoch 1 and at the end of epochs
+# 1-3, 10 Lloyd iterations, float32 codebooks, 4 chunks, the value allocation.
+_SCHED = {"none": ["--no-recluster"],
+          "q": ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "0"],
+          "q_e1": ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "1"],
+          "q_e3": ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3"],
+          "q_e6": ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "6"],
+          "q_e10": ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "10"],
+          "e3": ["--recluster-every-epoch", "3"]}
+
+
+def _cce(init: str = "qr_keep", share: float = 0.25, sched: str = "q_e3", chunks: int = 4,
+         dtype: str = "float32", allocation: str = "value", extra: Sequence[str] = ()
+         ) -> List[str]:
+    inits = {"qr_keep": ["--cce-init", "qr", "--cce-keep-remainder"],
+             "qr_fresh": ["--cce-init", "qr", "--cce-fresh-hash"],
+             "hash": ["--cce-init", "hash"]}
+    return ["--method", "cce", *inits[init], "--cce-assignment-share", str(share),
+            *_SCHED[sched], "--chunks", str(chunks), "--codebook-dtype", dtype,
+            "--kmeans-iters", "10", "--planner-allocation", allocation, *extra]
+
+
 ABLATIONS: Dict[str, List[str]] = {
-    "abl_sched_q": _CCE + _Q + ["--recluster-every-epoch", "0"],
-    "abl_sched_q_e3": _CCE + _Q_E3,
-    "abl_sched_e1": _CCE + ["--recluster-every-epoch", "1"],
-    "abl_sched_e4": _CCE + ["--recluster-every-epoch", "4"],
-    "abl_sched_q_e4": _CCE + _Q_E4,
-    "abl_iters3": _CCE + _Q_E3 + ["--kmeans-iters", "3"],
-    "abl_iters30": _CCE + _Q_E3 + ["--kmeans-iters", "30"],
-    "abl_lr0.02": _CCE + _Q_E3 + ["--lr", "0.02"],
-    "abl_lr0.1": _CCE + _Q_E3 + ["--lr", "0.1"],
-    "abl_c1": _CCE + _Q_E3 + ["--chunks", "1"],
-    "abl_c2": _CCE + _Q_E3 + ["--chunks", "2"],
-    "abl_share0.25": _CCE + _Q_E3 + ["--cce-assignment-share", "0.25"],
-    "abl_share0.75": _CCE + _Q_E3 + ["--cce-assignment-share", "0.75"],
-    "abl_qr_norecl": _CCE + ["--cce-init", "qr", "--no-recluster"],
-    "abl_qr_fresh": _CCE + ["--cce-init", "qr", "--cce-fresh-hash"] + _Q_E3,
-    "abl_qr_keep": _CCE + _QR_KEEP + _Q_E3,
-    "abl_qr_keep_share0.25": _CCE + _QR_KEEP + _Q_E3 + ["--cce-assignment-share", "0.25"],
-    "abl_qr_keep_share0.1": _CCE + _QR_KEEP + _Q_E3 + ["--cce-assignment-share", "0.1"],
-    # second round: the best of each axis combined; --dense-lr instead of --lr (on the small
-    # Frappe tables TorchRec places every codebook table data-parallel and those train with
-    # the dense optimizer, so --lr does not reach them: abl_lr* equal abl_sched_q_e3 exactly)
-    "abl_hash_share0.25_q_e4": _CCE + _Q_E4 + ["--cce-assignment-share", "0.25"],
-    "abl_qr_keep_share0.25_q_e4": _CCE + _QR_KEEP + ["--cce-assignment-share", "0.25"] + _Q_E4,
-    "abl_qr_keep_share0.25_q_e4_iters30": (_CCE + _QR_KEEP + ["--cce-assignment-share", "0.25"]
-                                           + _Q_E4 + ["--kmeans-iters", "30"]),
-    # allocation ablation: every table the same fraction of its full bytes (QR's minimum
-    # forces Frappe's item table to ~5x the bytes the value allocation gives CE/CCE at 1/16)
-    "abl_prop_ce": ["--method", "ce", "--planner-allocation", "proportional"],
-    "abl_prop_cce": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "4",
-                            "--planner-allocation", "proportional"],
-    "abl_prop_qr_keep_share0.25": _CCE + ["--cce-init", "qr", "--cce-keep-remainder",
-                                          "--cce-assignment-share", "0.25", "--recluster-at",
-                                          "0.25,0.5", "--recluster-every-epoch", "3",
-                                          "--planner-allocation", "proportional"],
-    # the grid rows made with the earlier defaults (hashed init, share 0.5, 0.25,0.5 + e4)
-    "abl_fp16_hash_q_e4": _CCE + ["--cce-codebook-dtype", "float16", "--cce-init", "hash",
-                                  "--cce-assignment-share", "0.5", "--recluster-at", "0.25,0.5",
-                                  "--recluster-every-epoch", "4"],
-    "abl_dlr0.02": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                           "--dense-lr", "0.02"],
-    "abl_dlr0.1": _CCE + ["--recluster-at", "0.25,0.5", "--recluster-every-epoch", "3",
-                          "--dense-lr", "0.1"],
+    "abl_base": _cce(),
+    # re-clustering schedule
+    "abl_sched_none": _cce(sched="none"),
+    "abl_sched_q": _cce(sched="q"),
+    "abl_sched_q_e1": _cce(sched="q_e1"),
+    "abl_sched_q_e6": _cce(sched="q_e6"),
+    "abl_sched_q_e10": _cce(sched="q_e10"),
+    # share of a table's bytes for the packed p of its most frequent ids
+    "abl_share0.1": _cce(share=0.1),
+    "abl_share0.5": _cce(share=0.5),
+    # chunks (p costs chunks x ceil(log2 rows) bits per covered id)
+    "abl_c2": _cce(chunks=2),  # (8 chunks of a dim-16 table are 2 columns: fbgemm needs 4k)
+    # initialisation: the paper's hashed p and h (fresh h at each clustering); QR pair with a
+    # fresh h after clustering
+    "abl_init_hash": _cce(init="hash"),
+    "abl_init_qr_fresh": _cce(init="qr_fresh"),
+    # learning rate: half and twice the recipe's (the flag after the recipe's wins)
+    "abl_lr_half": _cce(extra=["--lr-scale", "0.5"]),
+    "abl_lr_double": _cce(extra=["--lr-scale", "2"]),
+    # new ideas aimed at 1/8-1/64, where p eats most of the bytes: float16 codebooks (twice
+    # the rows per byte), every table the same fraction of its full bytes, both
+    "abl_fp16": _cce(dtype="float16"),
+    "abl_prop": _cce(allocation="proportional"),
+    "abl_fp16_prop": _cce(dtype="float16", allocation="proportional"),
 }
+# Round 2: round 1's two big effects (float16 codebooks and the byte split between tables) are
+# the new base, and the CCE settings are re-checked around it.
+_BASE2 = dict(dtype="float16", allocation="perplexity")
+ABLATIONS.update({
+    "abl2_base": _cce(**_BASE2),
+    "abl2_sched_none": _cce(sched="none", **_BASE2),
+    "abl2_sched_q": _cce(sched="q", **_BASE2),
+    "abl2_sched_q_e1": _cce(sched="q_e1", **_BASE2),
+    "abl2_sched_q_e6": _cce(sched="q_e6", **_BASE2),
+    "abl2_share0.1": _cce(share=0.1, **_BASE2),
+    "abl2_share0.5": _cce(share=0.5, **_BASE2),
+    "abl2_c2": _cce(chunks=2, **_BASE2),
+    "abl2_init_hash": _cce(init="hash", **_BASE2),
+    "abl2_init_qr_fresh": _cce(init="qr_fresh", **_BASE2),
+    "abl2_lr_half": _cce(extra=["--lr-scale", "0.5"], **_BASE2),
+    "abl2_lr_double": _cce(extra=["--lr-scale", "2"], **_BASE2),
+    "abl2_fp32": _cce(allocation="perplexity"),
+    "abl2_prop": _cce(dtype="float16", allocation="proportional"),
+})
+# The planner's byte split between tables, for the other methods (not CCE ablations: the rule
+# every single-method row and the planner use). The grid rows use the default (perplexity).
+for _m, _a in (("hashing", ["--method", "hashing"]), ("ce", ["--method", "ce"]),
+               ("qr_mult", ["--method", "qr", "--qr-operation", "mult"])):
+    ABLATIONS[f"alloc_value_{_m}"] = _a + ["--planner-allocation", "value"]
+    ABLATIONS[f"alloc_prop_{_m}"] = _a + ["--planner-allocation", "proportional"]
+for _m in ("ce_fp16", "qr_mult_fp16", "cce_no_recluster"):
+    ABLATIONS[f"alloc_value_{_m}"] = METHODS[_m] + ["--planner-allocation", "value"]
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this
 CSV_FIELDS = ["dataset", "method", "budget_fraction", "budget_bytes", "status", "embedding_bytes",
-              "embedding_training_bytes", "full_embedding_bytes", "embedding_params", "seed", "best_epoch", "epochs_run",
+              "embedding_training_bytes", "full_embedding_bytes", "embedding_params", "seed",
+              "best_epoch", "epochs_run", "epoch_cap", "lr",
               "val_logloss", "val_auc", "test_logloss", "test_auc", "bayes_logloss",
-              "train_samples_per_s", "wall_seconds", "config", "error"]
+              "train_samples_per_s", "wall_seconds", "config", "error", "note"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -156,9 +219,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
                    help="budget = full embedding bytes / each of these")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--patience", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="epoch cap (default: the dataset's RECIPES entry)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early-stopping patience (default: the dataset's RECIPES entry)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="sparse learning rate (default: the dataset's RECIPES entry)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: the dataset's RECIPES entry")
+    p.add_argument("--jobs", type=int, default=1, help="cells trained at once (one process each)")
     p.add_argument("--embedding-dim", type=int, default=16)
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun if > 1)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on steps per run")
@@ -170,13 +239,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke run: frappe, 2 budgets, 1 seed, 1 short epoch")
     p.add_argument("--report-only", action="store_true", help="only rebuild CSV/PNG/summary")
+    p.add_argument("--print-jobs", action="store_true",
+                   help="print the missing cells as '<cells dir>\\t<name>\\t<train.py args>' "
+                        "lines for an external job runner, train nothing")
     args = p.parse_args(argv)
     if args.quick:
         args.datasets = "frappe" if os.path.exists(f"{DATA}/frappe.csv") else "synthetic"
         args.methods = "full,hashing,qr_mult,cce,planner"
         args.budgets, args.seeds, args.epochs, args.patience = "4,16", "0", 2, 1
         args.max_steps = args.max_steps or 20
-        args.synthetic_scale, args.synthetic_train_batches = 0.001, 20
+        args.jobs = max(args.jobs, 2)
+        args.synthetic_scale, args.synthetic_train_batches = 0.001, 24
         args.workdir = os.path.join(args.workdir, "quick")
         args.results = os.path.join(args.results, "quick")
     return args
@@ -185,20 +258,81 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- data
 def prepare(dataset: str, args: argparse.Namespace) -> List[str]:
     """train.py data arguments for ``dataset`` (preprocessing it on first use)."""
-    spec = DATASETS[dataset]
-    if spec is None:
-        return ["--data", "synthetic", "--synthetic-scale", str(args.synthetic_scale),
-                "--synthetic-train-batches", str(args.synthetic_train_batches)]
-    source = spec[spec.index("--input") + 1]
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"dataset '{dataset}': {source} is missing (see "
-                                f"../shared/data/README.md)")
     out = os.path.join(args.workdir, "data", dataset)
+    spec = DATASETS[dataset]
+    if spec is None:  # the synthetic generator, written out once and preprocessed like the rest
+        csv_path, bayes = generate_synthetic(out + "_raw", args.synthetic_scale,
+                                             args.synthetic_train_batches)
+        spec = ["--format", "csv", "--input", csv_path, "--label-column", "label",
+                "--dense-columns", ",".join(f"int_{i}" for i in range(13)),
+                "--categorical-columns", ",".join(f"cat_{i}" for i in range(26)),
+                "--dense-transform", "none", "--split-by-order", "0.8,0.1,0.1"]
+    else:
+        source = spec[spec.index("--input") + 1]
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"dataset '{dataset}': {source} is missing (see "
+                                    f"../shared/data/README.md)")
     if not os.path.exists(os.path.join(out, "meta.json")):
         cmd = [sys.executable, "-m", "torchrec_cce.data.preprocess", *spec, "--out", out]
         print("preprocess:", " ".join(cmd), flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True, env=_env())
     return ["--data", "preprocessed", "--data-dir", out]
+
+
+def generate_synthetic(out: str, scale: float, train_batches: int, batch_size: int = 1024
+                       ) -> "tuple[str, float]":
+    """Write the Criteo-shaped generator's world 0 (``--synthetic-scale``) as one CSV in split
+    order: ``train_batches`` train batches, then ``train_batches // 8`` val and test batches each
+    (so ``--split-by-order 0.8,0.1,0.1`` recovers the generator's splits), and
+    ``bayes.json`` with the test rows' Bayes-optimal log loss. Preprocessing it gives true
+    vocabularies in frequency order and per-id counts, exactly like the real datasets."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from torchrec_cce.data.synthetic import CriteoSyntheticDataset
+
+    csv_path = os.path.join(out, "synthetic.csv")
+    bayes_path = os.path.join(out, "bayes.json")
+    if train_batches % 8:
+        raise SystemExit(f"--synthetic-train-batches must be a multiple of 8 (val and test are "
+                         f"1/8 of it each: a 0.8/0.1/0.1 split by order), got {train_batches}")
+    eval_batches = train_batches // 8
+    if os.path.exists(bayes_path):
+        with open(bayes_path) as f:
+            return csv_path, json.load(f)["test_bayes_logloss"]
+    os.makedirs(out, exist_ok=True)
+    writer = None
+    with open(csv_path + ".partial", "wb") as sink:
+        for split, n in (("train", train_batches), ("val", eval_batches), ("test", eval_batches)):
+            ds = CriteoSyntheticDataset(split, batch_size=batch_size, num_batches=n, seed=0,
+                                        scale=scale)
+            for batch in ds:
+                ids = batch.sparse_features.values().view(26, -1).t().numpy()
+                cols = {"label": batch.labels.numpy().astype(np.int8)}
+                cols.update({f"int_{i}": batch.dense_features[:, i].numpy() for i in range(13)})
+                cols.update({f"cat_{i}": ids[:, i] for i in range(26)})
+                table = pa.table(cols)
+                if writer is None:
+                    writer = pcsv.CSVWriter(sink, table.schema)
+                writer.write_table(table)
+        writer.close()
+    test = CriteoSyntheticDataset("test", batch_size=batch_size, num_batches=eval_batches,
+                                  seed=0, scale=scale)
+    bayes = test.bayes_logloss()
+    os.replace(csv_path + ".partial", csv_path)
+    with open(bayes_path, "w") as f:
+        json.dump({"test_bayes_logloss": bayes, "scale": scale, "train_batches": train_batches,
+                   "eval_batches": eval_batches, "batch_size": batch_size}, f)
+    return csv_path, bayes
+
+
+def bayes_floor(dataset: str, args: argparse.Namespace) -> Optional[float]:
+    path = os.path.join(args.workdir, "data", dataset + "_raw", "bayes.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["test_bayes_logloss"]
 
 
 def _env() -> Dict[str, str]:
@@ -212,6 +346,38 @@ def cell_name(dataset: str, method: str, fraction: Optional[int], seed: int) -> 
     return f"{dataset}__{method}__{'full' if fraction is None else f'1-{fraction}'}__s{seed}"
 
 
+def recipe(dataset: str, args: argparse.Namespace) -> Dict[str, float]:
+    """The dataset's training recipe (:data:`RECIPES`), overridden by explicit flags."""
+    r = dict(RECIPES.get(dataset, RECIPES["default"]))
+    for k in ("epochs", "patience", "lr", "batch_size"):
+        if getattr(args, k) is not None:
+            r[k] = getattr(args, k)
+    return r
+
+
+def cell_args(dataset: str, method: str, budget_bytes: Optional[int], seed: int,
+              data_args: List[str], args: argparse.Namespace) -> List[str]:
+    """The train.py arguments of one cell (without ``--metrics-json``)."""
+    r = recipe(dataset, args)
+    row_args, lr = list(METHODS[method]), r["lr"]
+    if "--lr-scale" in row_args:  # an ablation row's multiple of the recipe's lr
+        i = row_args.index("--lr-scale")
+        lr = lr * float(row_args[i + 1])
+        del row_args[i: i + 2]
+    train_args = [*data_args, *row_args, "--seed", str(seed),
+                  "--epochs", str(r["epochs"]), "--patience", str(r["patience"]),
+                  "--lr", repr(lr), "--batch-size", str(r["batch_size"]),
+                  "--embedding-dim", str(args.embedding_dim), "--no-progress",
+                  *args.extra.split()]
+    if r.get("eval_every"):
+        train_args += ["--eval-every", str(r["eval_every"])]
+    if budget_bytes is not None:
+        train_args += ["--embedding-budget-mb", repr(budget_bytes / 2 ** 20)]  # exact
+    if args.max_steps:
+        train_args += ["--max-steps", str(args.max_steps)]
+    return train_args
+
+
 def run_cell(dataset: str, method: str, fraction: Optional[int], budget_bytes: Optional[int],
              seed: int, data_args: List[str], args: argparse.Namespace) -> Dict:
     """Train one cell (or read its finished metrics); returns its CSV row."""
@@ -219,16 +385,8 @@ def run_cell(dataset: str, method: str, fraction: Optional[int], budget_bytes: O
     path = os.path.join(args.workdir, "cells", f"{name}.json")
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        train_args = [*data_args, *METHODS[method], "--seed", str(seed),
-                      "--epochs", str(args.epochs), "--patience", str(args.patience),
-                      "--batch-size", str(args.batch_size),
-                      "--embedding-dim", str(args.embedding_dim), "--no-progress",
-                      "--metrics-json", path + ".partial", *args.extra.split()]
-        if budget_bytes is not None:
-            train_args += ["--embedding-budget-mb", f"{budget_bytes / 2 ** 20:.6f}"]
-        if args.max_steps:
-            train_args += ["--max-steps", str(args.max_steps)]
-        error = _train(train_args, args.nproc)
+        train_args = cell_args(dataset, method, budget_bytes, seed, data_args, args)
+        error = _train([*train_args, "--metrics-json", path + ".partial"], args.nproc)
         if error is None:
             os.replace(path + ".partial", path)
         else:  # a config that cannot fit is a result too: record it, do not retry
@@ -237,6 +395,29 @@ def run_cell(dataset: str, method: str, fraction: Optional[int], budget_bytes: O
     with open(path) as f:
         metrics = json.load(f)
     return to_row(dataset, method, fraction, budget_bytes, seed, metrics)
+
+
+def print_jobs(dataset: str, args: argparse.Namespace) -> None:
+    """``--print-jobs``: one line per missing cell, ``<cells dir>\t<cell name>\t<train.py
+    arguments>``, for an external job runner (the cell's metrics JSON goes to
+    ``<cells dir>/<cell name>.json``; an error JSON ``{"error": ...}`` marks a failed cell)."""
+    data_args = prepare(dataset, args)
+    from torchrec_cce.data.preprocessed import load_meta
+
+    meta = load_meta(data_args[-1])
+    full_bytes = sum(int(f["vocab_size"]) for f in meta["features"]) * args.embedding_dim * 4
+    cells_dir = os.path.join(args.workdir, "cells")
+    seeds = [int(x) for x in args.seeds.split(",")]
+    todo = [("full", None, s) for s in seeds] + [
+        (m, int(f), s) for f in args.budgets.split(",") for m in args.methods.split(",")
+        if m != "full" and m not in ROW_ALIASES for s in seeds]
+    for method, fraction, seed in todo:
+        name = cell_name(dataset, method, fraction, seed)
+        if os.path.exists(os.path.join(cells_dir, name + ".json")):
+            continue
+        budget = None if fraction is None else full_bytes // fraction
+        print("\t".join([cells_dir, name, shlex.join(
+            cell_args(dataset, method, budget, seed, data_args, args))]))
 
 
 def _train(train_args: List[str], nproc: int) -> Optional[str]:
@@ -272,7 +453,8 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
                embedding_training_bytes=m.get("embedding_training_bytes", ""),
                full_embedding_bytes=m["full_embedding_bytes"],
                embedding_params=m.get("embedding_params", ""), best_epoch=m.get("best_epoch", ""),
-               epochs_run=m.get("epochs", ""), val_logloss=best.get("val_logloss", ""),
+               epochs_run=m.get("epochs", ""), epoch_cap=m.get("args", {}).get("epochs", ""),
+               lr=m.get("args", {}).get("lr", ""), val_logloss=best.get("val_logloss", ""),
                val_auc=best.get("val_auc", ""), test_logloss=m["test_logloss"],
                test_auc=m["test_auc"], bayes_logloss=m.get("bayes_logloss") or "",
                train_samples_per_s=m.get("train_samples_per_s", ""),
@@ -288,7 +470,8 @@ def _config_summary(m: Dict) -> Dict:
     out: Dict = {n: {k: v for k, v in t.items() if k in ("method", "rows", "chunks",
                                                          "assigned_ids", "precision")
                      and v is not None}
-                 for n, t in plan.items() if t.get("method") != "full"}
+                 for n, t in plan.items()
+                 if t.get("method") != "full" or t.get("precision") == "fp16"}
     if m.get("cce_settings"):
         out["cce"] = {k: v for k, v in m["cce_settings"].items() if k != "recluster_steps"}
     return out
@@ -302,19 +485,25 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> List[Dict]:
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"unknown methods {unknown}; choose from {sorted(METHODS)}")
-    rows = [run_cell(dataset, "full", None, None, s, data_args, args) for s in seeds]
-    if rows[0]["status"] != "ok":
-        raise SystemExit(f"dataset '{dataset}': the full table failed: {rows[0]['error']}")
-    full_bytes = int(rows[0]["full_embedding_bytes"])
-    for fraction in (int(b) for b in args.budgets.split(",")):
-        for method in (m for m in methods if m != "full"):
-            for s in seeds:
-                row = run_cell(dataset, method, fraction, full_bytes // fraction, s, data_args,
-                               args)
-                rows.append(row)
-                print(f"  {dataset} {method:<17} 1/{fraction:<4} seed {s}: {row['status']} "
-                      f"{_fmt(row.get('test_logloss'))} {_fmt(row.get('test_auc'))} "
-                      f"{row.get('embedding_bytes')} B", flush=True)
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each cell is its own process
+        rows = list(pool.map(lambda s: run_cell(dataset, "full", None, None, s, data_args, args),
+                             seeds))
+        if rows[0]["status"] != "ok":
+            raise SystemExit(f"dataset '{dataset}': the full table failed: {rows[0]['error']}")
+        full_bytes = int(rows[0]["full_embedding_bytes"])
+        cells = [(method, fraction, s) for fraction in (int(b) for b in args.budgets.split(","))
+                 for method in methods if method != "full" and method not in ROW_ALIASES
+                 for s in seeds]
+
+        def one(cell):  # noqa: ANN001, ANN202
+            method, fraction, s = cell
+            row = run_cell(dataset, method, fraction, full_bytes // fraction, s, data_args, args)
+            print(f"  {dataset} {method:<17} 1/{fraction:<4} seed {s}: {row['status']} "
+                  f"{_fmt(row.get('test_logloss'))} {_fmt(row.get('test_auc'))} "
+                  f"{row.get('embedding_bytes')} B", flush=True)
+            return row
+
+        rows += list(pool.map(one, cells))
     return rows
 
 
@@ -342,6 +531,19 @@ def collect(dataset: str, args: argparse.Namespace) -> List[Dict]:
     return rows
 
 
+def with_aliases(rows: List[Dict], methods: Optional[List[str]] = None) -> List[Dict]:
+    """``rows`` plus, for each :data:`ROW_ALIASES` row (among ``methods``, if given), a copy of
+    every row of the row it equals (unless the alias has cells of its own)."""
+    have = {r["method"] for r in rows}
+    out = list(rows)
+    for alias, target in ROW_ALIASES.items():
+        if alias in have or (methods is not None and alias not in methods):
+            continue
+        out += [dict(r, method=alias, note=f"copy of the {target} cell (same settings)")
+                for r in rows if r["method"] == target]
+    return out
+
+
 # ---------------------------------------------------------------- outputs
 def write_csv(rows: List[Dict], path: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -352,14 +554,32 @@ def write_csv(rows: List[Dict], path: str) -> None:
 
 
 def mean_by(rows: List[Dict], key: str) -> Dict:
-    """{(method, fraction): (mean of key, mean bytes, n seeds)} over ok rows."""
+    """{(method, fraction): (mean of key, mean bytes, n seeds, std of key)} over ok rows (std:
+    population standard deviation over the seeds, 0 for one seed)."""
     acc = defaultdict(list)
     for r in rows:
         if r["status"] == "ok":
             acc[(r["method"], r["budget_fraction"])].append((float(r[key]),
                                                              float(r["embedding_bytes"])))
-    return {k: (sum(v for v, _ in xs) / len(xs), sum(b for _, b in xs) / len(xs), len(xs))
-            for k, xs in acc.items()}
+    out = {}
+    for k, xs in acc.items():
+        vals = [v for v, _ in xs]
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+        out[k] = (mean, sum(b for _, b in xs) / len(xs), len(xs), std)
+    return out
+
+
+def _pm(stats, one: str = " (1 seed)") -> str:  # noqa: ANN001
+    """``mean ± std`` of a :func:`mean_by` entry (4 decimals); one seed: the value + ``one``."""
+    mean, _, n, std = stats
+    return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}{one}"
+
+
+def capped(rows: List[Dict]) -> List[Dict]:
+    """ok rows whose best validation epoch is the epoch cap (training may not have finished)."""
+    return [r for r in rows if r["status"] == "ok" and str(r.get("epoch_cap", ""))
+            and str(r["best_epoch"]) == str(r["epoch_cap"])]
 
 
 def plot(dataset: str, rows: List[Dict], path: str) -> None:
@@ -368,15 +588,17 @@ def plot(dataset: str, rows: List[Dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in ((axes[0], "test_logloss", "test log loss"),
                            (axes[1], "test_auc", "test AUC")):
         means = mean_by(rows, key)
         full = means.get(("full", ""))
+        cmap = plt.get_cmap("tab20")
         for i, method in enumerate(sorted({m for m, _ in means if m != "full"})):
-            pts = sorted((b, v) for (m, _), (v, b, _) in means.items() if m == method)
-            ax.plot([b for b, _ in pts], [v for _, v in pts], "o-", color=f"C{i % 10}",
-                    label=method)
+            pts = sorted((b, v) for (m, _), (v, b, _, _) in means.items() if m == method)
+            style = dict(color="k", lw=2.5, marker="*", ms=10) if method == "planner" else dict(
+                color=cmap(i % 20), marker="o", ms=4, ls="--" if "fp16" in method else "-")
+            ax.plot([b for b, _ in pts], [v for _, v in pts], label=method, **style)
         if full:
             ax.axhline(full[0], color="k", ls=":", label=f"full ({full[1] / 2 ** 20:.1f} MiB)")
         floor = [float(r["bayes_logloss"]) for r in rows if r.get("bayes_logloss") not in ("", None)]
@@ -393,54 +615,112 @@ def plot(dataset: str, rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
+CCE_ROWS = ("cce", "cce_fp16", "cce_fp32", "cce_no_recluster")
+
+
+def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:
+    """How ``method`` stands at budget ``f`` against the best of ``candidates`` (means over
+    seeds): best, match (within the larger seed std of the two), or behind by the gap."""
+    if (method, f) not in ll:
+        return ""
+    others = [(ll[(m, f)][0], m) for m in candidates if m != method and (m, f) in ll]
+    if not others:
+        return "only row"
+    v, best = min(others)
+    mine, _, _, std = ll[(method, f)]
+    if mine <= v:
+        return f"best (next {best} {v:.4f})"
+    spread = max(std, ll[(best, f)][3])
+    if mine - v <= spread:
+        return f"match: {best} {v:.4f}, +{mine - v:.4f} <= std {spread:.4f}"
+    return f"behind {best} {v:.4f} by {mine - v:.4f} (std {spread:.4f})"
+
+
 def summary(dataset: str, rows: List[Dict]) -> str:
-    """Markdown: best method per budget, and each method's smallest bytes within 0.1% of full."""
+    """Markdown: best method per budget (mean ± std over seeds), where CCE and the planner stand,
+    each method's smallest bytes within 0.1% of the full table, the cells that hit the cap, and
+    every cell's mean."""
     ll = mean_by(rows, "test_logloss")
     auc = mean_by(rows, "test_auc")
     full = ll.get(("full", ""))
     out = [f"### {dataset}", ""]
     if full is None:
         return "\n".join(out + ["(no full-table result yet)", ""])
-    out += [f"Full table: test log loss {full[0]:.4f}, AUC {auc[('full', '')][0]:.4f}, "
-            f"{full[1] / 2 ** 20:.2f} MiB ({full[2]} seeds).", "",
-            "| budget | best method | test log loss | AUC | bytes | runner-up |", "|---|---|---|---|---|---|"]
+    caps = sorted({str(r.get("epoch_cap")) for r in rows if r["status"] == "ok"})
+    lrs = sorted({str(r.get("lr")) for r in rows if r["status"] == "ok"})
+    floor = [r["bayes_logloss"] for r in rows if r.get("bayes_logloss") not in ("", None)]
+    out += [f"Full table: test log loss {_pm(full)}, AUC {auc[('full', '')][0]:.4f}, "
+            f"{full[1] / 2 ** 20:.3f} MiB ({full[2]} seeds). Epoch cap {'/'.join(caps)}, "
+            f"lr {'/'.join(lrs)}."
+            + (f" Bayes floor (test) {float(floor[0]):.4f}." if floor else ""), ""]
+    methods = sorted({m for m, f in ll if f})
+    singles = [m for m in methods if m != "planner"]
+    out += ["| budget | best method | test log loss | AUC | bytes | runner-up | best CCE row | "
+            "planner |", "|---|---|---|---|---|---|---|---|"]
     fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
     for f in fractions:
-        ranked = sorted((v, m, b) for (m, fr), (v, b, _) in ll.items() if fr == f)
+        ranked = sorted((v[0], m) for (m, fr), v in ll.items() if fr == f)
         if not ranked:
             continue
-        v, m, b = ranked[0]
-        second = f"{ranked[1][1]} ({ranked[1][0]:.4f})" if len(ranked) > 1 else ""
-        out.append(f"| {f} | {m} | {v:.4f} | {auc[(m, f)][0]:.4f} | {b / 2 ** 20:.3f} MiB | {second} |")
-    out += ["", "Smallest bytes within 0.1% of the full table's log loss:", "",
+        m = ranked[0][1]
+        second = f"{ranked[1][1]} {_pm(ll[(ranked[1][1], f)])}" if len(ranked) > 1 else ""
+        cce = sorted((ll[(c, f)][0], c) for c in CCE_ROWS if (c, f) in ll)
+        cce_txt = ""
+        if cce:
+            c = cce[0][1]
+            best_base = sorted((ll[(b, f)][0], b) for b in singles
+                               if b not in CCE_ROWS and (b, f) in ll)
+            gap = f", {cce[0][0] - best_base[0][0]:+.4f} vs {best_base[0][1]}" if best_base else ""
+            cce_txt = f"{c} {_pm(ll[(c, f)])}{gap}"
+        out.append(f"| {f} | **{m}** | {_pm(ll[(m, f)])} | {auc[(m, f)][0]:.4f} | "
+                   f"{ll[(m, f)][1]:,.0f} B | {second} | {cce_txt} | "
+                   f"{_verdict(ll, 'planner', f, singles + ['planner'])} |")
+    out += ["", "Smallest bytes within 0.1% of the full table's log loss (mean over seeds):", "",
             "| method | bytes | fraction of full |", "|---|---|---|"]
-    for m in sorted({m for m, f in ll if f}):
-        ok = [(b, f) for (mm, f), (v, b, _) in ll.items() if mm == m and f and v <= full[0] * 1.001]
-        out.append(f"| {m} | {min(ok)[0] / 2 ** 20:.3f} MiB | {min(ok)[1]} |" if ok
+    for m in methods:
+        ok = [(v[1], f) for (mm, f), v in ll.items() if mm == m and f and v[0] <= full[0] * 1.001]
+        out.append(f"| {m} | {min(ok)[0]:,.0f} B | {min(ok)[1]} |" if ok
                    else f"| {m} | never (at the budgets run) | |")
+    hit = capped(rows)
+    n_ok = sum(1 for r in rows if r["status"] == "ok")
+    out += ["", f"Cells whose best validation epoch is the epoch cap: {len(hit)} of {n_ok}"
+            + (": " + ", ".join(f"{r['method']} {r['budget_fraction'] or 'full'} s{r['seed']}"
+                                for r in hit) if hit else ".")]
+    bad = [r for r in rows if r["status"] not in ("ok", "infeasible")]
+    if bad:
+        out += ["", "Failed cells: " + "; ".join(f"{r['method']} {r['budget_fraction']} "
+                                                  f"s{r['seed']}: {r['error']}" for r in bad)]
+    out += ["", "All cells, test log loss mean ± std over seeds (infeasible: the method's "
+            "smallest form exceeds the budget):", "",
+            "| method | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
+    status = {(r["method"], r["budget_fraction"]): r["status"] for r in rows}
+    for m in methods:
+        cells = [_pm(ll[(m, f)]) if (m, f) in ll else status.get((m, f), "")
+                 for f in fractions]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out + [""])
 
 
 def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) -> str:
-    """Markdown: mean test log loss (seeds) of every CCE ablation per budget, next to the
-    main grid's cce/cce_no_recluster and its best non-CCE method at that budget."""
+    """Markdown: test log loss (mean ± std over n seeds) of every CCE ablation per budget, next
+    to the main grid's cce/cce_no_recluster and its best non-CCE method at that budget."""
     ll = mean_by(ablation_rows + rows, "test_logloss")
     fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
     fractions = [f for f in fractions if any((m, f) in ll for m in ABLATIONS)]
-    out = [f"#### {dataset}: CCE ablations (test log loss, mean over n seeds)", "",
+    out = [f"#### {dataset}: CCE ablations (test log loss, mean ± std over n seeds)", "",
            "| variant | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
-    names = ["cce_no_recluster", "cce"] + [m for m in ABLATIONS]
+    names = ["cce_no_recluster", "cce", "cce_fp32"] + [m for m in ABLATIONS]
     for m in names:
-        cells = [f"{ll[(m, f)][0]:.4f} (n={ll[(m, f)][2]})" if (m, f) in ll else ""
+        cells = [f"{_pm(ll[(m, f)], '')} (n={ll[(m, f)][2]})" if (m, f) in ll else ""
                  for f in fractions]
         if any(cells):
             out.append(f"| {m} | " + " | ".join(cells) + " |")
     best = []
     for f in fractions:
-        cands = [(v, m) for (m, fr), (v, _, _) in ll.items()
+        cands = [(v[0], m) for (m, fr), v in ll.items()
                  if fr == f and m not in ABLATIONS and not m.startswith("cce") and m != "planner"]
         best.append(f"{min(cands)[1]} {min(cands)[0]:.4f}" if cands else "")
-    out.append("| best non-CCE method | " + " | ".join(best) + " |")
+    out.append("| best non-CCE grid row | " + " | ".join(best) + " |")
     return "\n".join(out + [""])
 
 
@@ -451,11 +731,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     for dataset in args.datasets.split(","):
         if dataset not in DATASETS:
             raise SystemExit(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
+        if args.print_jobs:
+            print_jobs(dataset, args)
+            continue
         try:
             rows = collect(dataset, args) if args.report_only else run_dataset(dataset, args)
         except FileNotFoundError as e:
             print(f"skipping {dataset}: {e}", flush=True)
             continue
+        rows = with_aliases(rows, args.methods.split(",") if not args.report_only else None)
+        floor = bayes_floor(dataset, args)
+        for r in rows:  # the generator's Bayes-optimal test log loss (synthetic only)
+            if floor is not None and r["status"] == "ok":
+                r["bayes_logloss"] = floor
         ablation_rows = [r for r in rows if r["method"] in ABLATIONS]
         rows = [r for r in rows if r["method"] not in ABLATIONS]
         write_csv(rows, os.path.join(args.results, f"quality_{dataset}.csv"))
@@ -469,8 +757,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                                                   f"quality_{dataset}_ablations.csv"))
             texts.append(ablation_summary(dataset, ablation_rows, rows))
         print(texts[-1], flush=True)
-    with open(os.path.join(args.results, "quality_summary.md"), "w") as f:
-        f.write("\n".join(texts))
+    if not args.print_jobs:
+        with open(os.path.join(args.results, "quality_summary.md"), "w") as f:
+            f.write("\n".join(texts))
     return 0
 
 

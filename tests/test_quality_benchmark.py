@@ -39,13 +39,16 @@ def test_quick_quality_benchmark_writes_csv_within_budgets(tmp_path: Path) -> No
             if r["budget_bytes"]:  # everything a method stores fits its byte budget
                 assert int(r["embedding_bytes"]) <= int(r["budget_bytes"]), r
                 assert int(r["full_embedding_bytes"]) == int(full["full_embedding_bytes"])
-    # the value-aware planner (no --method) at 1/4 and 1/16: QR's unique-pair form fits
-    # every Frappe table there, so it is exactly the QR-mult plan (torchrec_cce/budget.py)
+    # the planner (no --method) at 1/4 and 1/16: every table at float16, QR's unique-pair
+    # form where a table's share holds it, CE elsewhere (torchrec_cce/budget.py, AUTO_LADDER)
+    import json
+
     for b in ("1/4", "1/16"):
         planner = next(r for r in rows if r["method"] == "planner" and r["budget_fraction"] == b)
-        qr = next(r for r in rows if r["method"] == "qr_mult" and r["budget_fraction"] == b)
-        assert planner["config"] == qr["config"] and planner["embedding_bytes"] == qr["embedding_bytes"]
-        assert '"method": "qr"' in planner["config"]
+        config = json.loads(planner["config"])
+        assert config and {t["method"] for t in config.values()} <= {"full", "qr", "ce"}
+        assert all(t["precision"] == "fp16" for t in config.values())
+        assert config["t_item"]["method"] == "qr"
     assert (out / "quality_frappe.png").stat().st_size > 0
     assert "### frappe" in (out / "quality_summary.md").read_text()
     # resumable: a second run trains nothing and rebuilds the same CSV
@@ -77,8 +80,8 @@ def test_report_only_splits_ablations_and_tabulates_means(tmp_path: Path) -> Non
             "frappe__qr_mult__1-16__s0": _cell(0.40, 100, "qr"),
             "frappe__qr_mult__1-16__s1": _cell(0.42, 100, "qr"),
             "frappe__cce__1-16__s0": _cell(0.45, 99),
-            "frappe__abl_qr_keep__1-16__s0": _cell(0.35, 98),
-            "frappe__abl_qr_keep__1-16__s1": _cell(0.37, 98),
+            "frappe__abl_base__1-16__s0": _cell(0.35, 98),
+            "frappe__abl_base__1-16__s1": _cell(0.37, 98),
             "frappe__mpe__1-16__s0": {"error": "ValueError: byte budget 100 bytes cannot hold"}}
     for name, m in spec.items():
         (cells / f"{name}.json").write_text(json.dumps(m))
@@ -88,14 +91,18 @@ def test_report_only_splits_ablations_and_tabulates_means(tmp_path: Path) -> Non
         grid = list(csv.DictReader(f))
     with open(tmp_path / "res" / "quality_frappe_ablations.csv") as f:
         abl = list(csv.DictReader(f))
-    assert {r["method"] for r in grid} == {"full", "qr_mult", "cce", "mpe"}
-    assert {r["method"] for r in abl} == {"abl_qr_keep"} and len(abl) == 2
+    # cce_fp16 is --method cce's default: its rows are copies of the cce cells
+    assert {r["method"] for r in grid} == {"full", "qr_mult", "cce", "cce_fp16", "mpe"}
+    copy = next(r for r in grid if r["method"] == "cce_fp16")
+    assert copy["note"].startswith("copy of the cce cell") and copy["test_logloss"] == "0.45"
+    assert {r["method"] for r in abl} == {"abl_base"} and len(abl) == 2
     assert next(r for r in grid if r["method"] == "mpe")["status"] == "infeasible"
     cce = next(r for r in grid if r["method"] == "cce")
     assert int(cce["embedding_training_bytes"]) == 297
     assert json.loads(cce["config"]) == {"t": {"method": "cce", "rows": 7},
                                          "cce": {"init": "qr"}}
     text = (tmp_path / "res" / "quality_summary.md").read_text()
-    assert "| 1/16 | qr_mult | 0.4100 |" in text  # mean of the two seeds, best at 1/16
-    assert "| abl_qr_keep | 0.3600 (n=2) |" in text
-    assert "| best non-CCE method | qr_mult 0.4100 |" in text
+    assert "| 1/16 | **qr_mult** | 0.4100 ± 0.0100 |" in text  # mean ± std of the two seeds
+    assert "| abl_base | 0.3600 ± 0.0100 (n=2) |" in text
+    assert "| best non-CCE grid row | qr_mult 0.4100 |" in text
+    assert "Cells whose best validation epoch is the epoch cap: 0 of" in text
