@@ -26,10 +26,14 @@ Sections:
 
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
 method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
-over rounds and its ratio to full. ``cce`` uses the fused remap op, ``cce_ref`` the torch-ops
-reference path (likewise ``ce``/``ce_ref`` ...). ``--profile`` adds, per method, the self CPU
+over rounds and its ratio to full. ``cce`` uses the fused remap op and torchrec_cce's CPU TBE
+kernel for its codebooks (the defaults), ``cce_fbgemm`` fbgemm's own TBE kernel, ``cce_ref``
+the torch-ops remap reference (likewise ``ce``/``ce_fbgemm`` ...); ``full_kernel`` is the
+uncompressed tables on torchrec_cce's kernel (``full``, the baseline, is a stock TorchRec EBC).
+``--profile`` adds, per method, the self CPU
 ms per step inside fbgemm's TBE forward/backward, its bounds check, the remap op and all other
-ops, and the wall time (key ``profile`` of the JSON). Results:
+ops, and the wall time (key ``profile`` of the JSON); the TBE categories count fbgemm's kernels
+and torchrec_cce's alike. Results:
 ``benchmarks/results/speed.json``.
 """
 
@@ -39,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -57,8 +61,21 @@ from torchrec_cce.configs import compression_for_budget  # noqa: E402
 from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
 CCE_ROWS, CHUNKS = 4096, 4
-DEFAULT_METHODS = ("full", "hashing", "hashing_ref", "ce", "ce_ref", "qr", "qr_ref", "memcom",
-                   "cce", "cce_ref")
+DEFAULT_METHODS = ("full", "full_kernel", "hashing", "hashing_fbgemm", "ce", "ce_fbgemm", "qr",
+                   "qr_fbgemm", "memcom", "cce", "cce_fbgemm", "cce_ref")
+
+
+def method_variant(method: str) -> Tuple[str, bool, bool]:
+    """``(base method, fused remap op, torchrec_cce CPU TBE kernel)`` of a method name:
+    ``<m>`` = both on (the defaults), ``<m>_ref`` = the torch-ops remap reference,
+    ``<m>_fbgemm`` = fbgemm's own CPU TBE kernel for the codebooks (the previous default);
+    ``full_kernel`` = the uncompressed tables inside a CCEEmbeddingBagCollection, so they run
+    on the torchrec_cce kernel (``full`` is a stock TorchRec EBC on fbgemm's kernel)."""
+    for suffix, fused, kernel in (("_ref", False, True), ("_fbgemm", True, False),
+                                  ("_kernel", True, True)):
+        if method.endswith(suffix):
+            return method[: -len(suffix)], fused, kernel
+    return method, True, True
 
 
 def logical_tables(cap: int, dim: int, num_tables: int) -> List[EmbeddingBagConfig]:
@@ -86,8 +103,10 @@ def zipf_batch(tables: List[EmbeddingBagConfig], batch: int, seed: int,
 
 
 def compression(method: str, tables: List[EmbeddingBagConfig], dim: int) -> Dict[str, object]:
-    base = method.replace("_ref", "")
+    base = method_variant(method)[0]
     cap = 2 * CCE_ROWS * dim
+    if base == "full":
+        return {}
     if base == "memcom":
         return {t.name: MEmComConfig(rows=2 * CCE_ROWS) for t in tables
                 if t.num_embeddings * dim > cap}
@@ -106,8 +125,9 @@ def _init_pg() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def sharded(module: torch.nn.Module, ebc_path: str = "") -> torch.nn.Module:
-    """``module`` under DMP at world size 1: table-wise fused codebooks, RowWiseAdagrad."""
+def sharded(module: torch.nn.Module, ebc_path: str = "", kernel: bool = True) -> torch.nn.Module:
+    """``module`` under DMP at world size 1: table-wise fused codebooks, RowWiseAdagrad;
+    ``kernel``: the codebook TBEs train with torchrec_cce's CPU kernel (else fbgemm's)."""
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
@@ -133,20 +153,33 @@ def sharded(module: torch.nn.Module, ebc_path: str = "") -> torch.nn.Module:
     plan = construct_module_sharding_plan(
         ebc, {n: table_wise(rank=0, compute_kernel="fused") for n in names}, sharder=sharder,
         local_size=1, world_size=1, device_type="cpu")
-    return DistributedModelParallel(
-        module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-        plan=ShardingPlan({ebc_path: plan}), sharders=[sharder], device=torch.device("cpu"))
+    previous = os.environ.get("TORCHREC_CCE_TBE_KERNEL")
+    os.environ["TORCHREC_CCE_TBE_KERNEL"] = "1" if kernel else "0"
+    try:
+        return DistributedModelParallel(
+            module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            plan=ShardingPlan({ebc_path: plan}), sharders=[sharder], device=torch.device("cpu"))
+    finally:
+        if previous is None:
+            del os.environ["TORCHREC_CCE_TBE_KERNEL"]
+        else:
+            os.environ["TORCHREC_CCE_TBE_KERNEL"] = previous
+
+
+def build_collection(method: str, tables: List[EmbeddingBagConfig], dim: int
+                     ) -> Tuple[torch.nn.Module, bool]:
+    """The embedding collection of ``method`` and whether its TBEs use torchrec_cce's kernel."""
+    base, fused, kernel = method_variant(method)
+    if method == "full":
+        return EmbeddingBagCollection(tables=tables, device=torch.device("meta")), False
+    device = torch.device("cpu") if base == "memcom" else torch.device("meta")
+    return CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
+                                     allow_larger=True, fused=fused), kernel
 
 
 def build_embedding(method: str, tables: List[EmbeddingBagConfig], dim: int):
     """(module, step function) for the embedding-only step."""
-    fused = not method.endswith("_ref")
-    if method == "full":
-        module = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    else:
-        device = torch.device("cpu") if method.startswith("memcom") else torch.device("meta")
-        module = CCEEmbeddingBagCollection(tables, compression(method, tables, dim),
-                                           device=device, allow_larger=True, fused=fused)
+    module, kernel = build_collection(method, tables, dim)
     if method.startswith("memcom"):
         # Not shardable: stock (unfused) EBC lookups and a dense Adagrad on every parameter.
         opt = torch.optim.Adagrad(module.parameters(), lr=0.01)
@@ -157,7 +190,7 @@ def build_embedding(method: str, tables: List[EmbeddingBagConfig], dim: int):
             opt.step()
 
         return module, step
-    dmp = sharded(module)
+    dmp = sharded(module, kernel=kernel)
 
     def step(kjt: KeyedJaggedTensor) -> None:
         dmp(kjt).values().sum().backward()
@@ -169,13 +202,7 @@ def build_dlrm(method: str, tables: List[EmbeddingBagConfig], dim: int):
     """(module, step function) for a whole DLRM training step."""
     from torchrec.models.dlrm import DLRM
 
-    fused = not method.endswith("_ref")
-    if method == "full":
-        ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    else:
-        device = torch.device("cpu") if method.startswith("memcom") else torch.device("meta")
-        ebc = CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
-                                        allow_larger=True, fused=fused)
+    ebc, kernel = build_collection(method, tables, dim)
     dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=13,
                 dense_arch_layer_sizes=[512, 256, dim], over_arch_layer_sizes=[512, 256, 1],
                 dense_device=torch.device("cpu"))
@@ -184,7 +211,7 @@ def build_dlrm(method: str, tables: List[EmbeddingBagConfig], dim: int):
         model = dlrm
         opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
     else:
-        model = sharded(dlrm, "sparse_arch.embedding_bag_collection")
+        model = sharded(dlrm, "sparse_arch.embedding_bag_collection", kernel=kernel)
         opt = torch.optim.Adagrad([p for n, p in model.named_parameters()
                                    if "embedding_bag_collection" not in n], lr=0.01)
     g = torch.Generator().manual_seed(1)
@@ -301,10 +328,12 @@ def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor
 
 # Profile categories: (name, predicate on the op name). First match wins; the rest is "other".
 PROFILE_CATEGORIES = (
-    ("tbe_backward", lambda k: "split_embedding" in k and "backward" in k),
-    ("tbe_forward", lambda k: "split_embedding" in k and "forward" in k),
+    ("tbe_backward", lambda k: ("split_embedding" in k and "backward" in k)
+     or k == "torchrec_cce::tbe_backward_update"),
+    ("tbe_forward", lambda k: ("split_embedding" in k and "forward" in k)
+     or k == "torchrec_cce::tbe_forward"),
     ("bounds_check", lambda k: "bounds_check_indices" in k),
-    ("remap_op", lambda k: k.startswith("torchrec_cce::")),
+    ("remap_op", lambda k: k.startswith("torchrec_cce::remap")),
 )
 
 

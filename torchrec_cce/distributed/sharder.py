@@ -49,6 +49,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
+from torchrec_cce.distributed.cpu_tbe import use_codebook_kernel
 from torchrec_cce.distributed.per_id_weights import (
     ScaleGrad,
     fetch_per_id_weights,
@@ -149,6 +150,9 @@ class ShardedCCEEmbeddingBagCollection(
             module.codebooks, table_name_to_parameter_sharding, env=env, device=device,
             module_fqn=append_prefix(module_fqn or "", "codebooks") if module_fqn else None,
         )
+        # CPU codebook TBEs train with torchrec_cce's kernel (same state, same maths as fbgemm's;
+        # see torchrec_cce/distributed/cpu_tbe.py).
+        self.codebook_kernels = use_codebook_kernel(self.codebooks)
         rank, world = env.rank, env.world_size
         self.tables = nn.ModuleDict()
         self._id_ranges: Dict[str, IdRange] = {}

@@ -43,14 +43,14 @@ def build_directory() -> str:
 def _build(verbose: bool) -> None:
     from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
 
-    sources = [os.path.join(_CSRC, "remap.cpp")]
+    sources = [os.path.join(_CSRC, "remap.cpp"), os.path.join(_CSRC, "tbe.cpp")]
     cuda = torch.cuda.is_available() and CUDA_HOME is not None
     if cuda:
         sources.append(os.path.join(_CSRC, "remap_cuda.cu"))
     directory = build_directory()
     os.makedirs(directory, exist_ok=True)
     cpp_load(name="torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops", sources=sources,
-             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
              extra_cuda_cflags=["-O3"], extra_include_paths=[_CSRC],
              build_directory=directory, is_python_module=False, verbose=verbose)
 
