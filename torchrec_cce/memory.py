@@ -31,7 +31,8 @@ def _add_training_and_serving(collection: nn.Module,
                               report: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """``training_bytes`` (what training stores) and ``serving_bytes`` (what serving stores)
     for every table. They differ only for MPE, which trains fp32 master weights (plus logits,
-    steps, offsets, and a per-id group index when ids are not frequency-ordered) and serves the
+    steps, offsets, buffers, and a per-id group index when ids are not frequency-ordered; all
+    ``V`` rows, wherever sharded: ``local_training_bytes`` is this rank's) and serves the
     packed table of :mod:`torchrec_cce.mpe.export`; for MPE ``compressed_bytes`` and ``ratio``
     are the serving figures (its compression is for storage and serving)."""
     from torchrec_cce.mpe.export import serving_bytes
@@ -40,7 +41,7 @@ def _add_training_and_serving(collection: nn.Module,
         method = collection.tables[name] if name in collection.tables else None
         if getattr(method, "method_name", "") == "mpe":
             serving = serving_bytes(method)
-            row.update(training_bytes=method.state_bytes(), serving_bytes=serving,
+            row.update(training_bytes=method.logical_state_bytes(), serving_bytes=serving,
                        compressed_bytes=serving, params=method.extra_parameters(),
                        ratio=row["full_bytes"] / serving)
         else:
