@@ -89,6 +89,8 @@ from torchrec_cce.distributed import (  # noqa: E402
     plan_memory,
 )
 from torchrec_cce.hashing import derive_seed  # noqa: E402
+from torchrec_cce.distributed.sharder import shard_unplanned  # noqa: E402
+from torchrec_cce.methods.mpe import MPETable  # noqa: E402
 from torchrec_cce.pipeline import redo_pending_input_dist  # noqa: E402
 
 BACKEND_ENV = "TORCHREC_CCE_BACKEND"
@@ -137,6 +139,11 @@ def quiet_known_warnings() -> None:
                             category=UserWarning, module=r"torchmetrics\.utilities\.distributed")
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered", category=UserWarning)
+    # The id-range lookups (MEmCom's per-id weights, MPE's master rows) return rows through
+    # torch.distributed.nn's differentiable all_to_all_single; the suggested replacement is a
+    # private module (torch.distributed._functional_collectives). Same results.
+    warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single "
+                            "is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------- args
@@ -714,10 +721,9 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     else:
         compression, cap = make_compression(tables, args, table_counts(data, tables))
     compression = apply_cce_settings(compression, args)
-    # An all-MPE collection has no codebook for DMP to shard: build it for DDP.
+    # An all-MPE collection has no codebook for the planner (shard_model shards it itself).
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
-    ebc = CCEEmbeddingBagCollection(tables, compression,
-                                    device=None if all_mpe else torch.device("meta"))
+    ebc = CCEEmbeddingBagCollection(tables, compression, device=torch.device("meta"))
     dense = [int(x) for x in args.dense_arch.split(",")]
     over = [int(x) for x in args.over_arch.split(",")]
     if dense[-1] != dim:
@@ -768,12 +774,17 @@ def dense_optimizer(name: str, lr: float) -> Callable[[Any], torch.optim.Optimiz
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
                 ) -> Tuple[nn.Module, str]:
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
-    # Codebooks (2-D) get the fused sparse optimizer; MEmCom's 1-D per-id weights (split by id
-    # range, not TBE tables) get torch's optimizer of the same rule (Adagrad = row-wise Adagrad
-    # on one-element rows), also stepped in backward and checkpointed in dmp.fused_optimizer.
-    # MPE tables' own parameters (replicated, DDP) train with the dense optimizer instead.
-    sparse = [p for n, p in model.model.sparse_arch.named_parameters()
-              if not (args.method == "mpe" and ".tables." in n)]
+    # Every embedding row gets the sparse optimizer at --lr, stepped in backward: codebooks
+    # (2-D TBE tables: fbgemm's fused optimizer) and MPE's fp32 master weights (2-D, split by
+    # id range: the sharder gives them torch's form of the same rule, e.g. row-wise Adagrad
+    # with sparse gradients); MEmCom's 1-D per-id weights (split by id range) get torch's
+    # optimizer of the same rule (Adagrad = row-wise Adagrad on one-element rows). Both are
+    # checkpointed in dmp.fused_optimizer. MPE's small replicated logits, LSQ+ steps and
+    # offsets (DDP) train with the dense optimizer.
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    mpe_small = {id(p) for m in ebc.tables.values() if isinstance(m, MPETable)
+                 for p in (m.logits, m.alpha, m.beta)}
+    sparse = [p for p in model.model.sparse_arch.parameters() if id(p) not in mpe_small]
     apply_optimizer_in_backward(opt_cls, [p for p in sparse if p.dim() == 2],
                                 {"lr": args.lr, **opt_kw})
     per_id = [p for p in sparse if p.dim() == 1]
@@ -798,7 +809,6 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
     # underflows eps to 0 at step 1).
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    ebc = model.model.sparse_arch.embedding_bag_collection
     model_parallel = [s for s in sharder.sharding_types(device.type) if s != "data_parallel"]
     constraints = {c.name: ParameterConstraints(sharding_types=model_parallel)
                    for c in getattr(ebc, "codebook_table_configs", lambda: [])()}
@@ -807,8 +817,10 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
                                        constraints=constraints or None)
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     table = format_plan(plan_memory(plan, model, world))  # before DMP swaps modules
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   plan=plan, sharders=[sharder], device=device)
+    env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
+    # A collection the plan does not place (all tables MPE: no codebook) is sharded here.
+    model = shard_unplanned(model, plan, sharder, env, device)
+    dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=[sharder], device=device)
     return dmp, table
 
 
