@@ -55,7 +55,8 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
     * ``torch.bfloat16``: refused. TorchRec's unsharded EBC would store it as float16 and
       fbgemm's CPU TBE has no BF16 forward.
     * ``torch.int8``: refused for training. INT8 is a serving format (fbgemm's INT8 TBE has no
-      backward): train in float32/float16 and quantise the trained codebooks for serving.
+      backward): train in float32/float16 and serve with
+      :func:`torchrec_cce.serving.quantize_codebooks`.
     """
     if dtype is None:
         return table.data_type
@@ -71,7 +72,8 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
         raise ValueError(
             f"table '{table.name}': codebook_dtype={dtype} cannot be trained (fbgemm's INT8 "
             f"embeddings are a serving format without a backward pass); train with "
-            f"torch.float32 or torch.float16 and quantise the trained codebooks for serving"
+            f"torch.float32 or torch.float16, then serve the trained collection with INT8 "
+            f"codebooks: torchrec_cce.serving.quantize_codebooks(module, torch.int8)"
         )
     raise ValueError(
         f"table '{table.name}': codebook_dtype must be torch.float32 or torch.float16, got "
