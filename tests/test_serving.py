@@ -238,3 +238,80 @@ def test_served_codebooks_context_equals_quantised_module_and_restores() -> None
     torch.testing.assert_close(inside, served(kjt).values(), atol=1e-5, rtol=1e-5)
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_planner_budgets_serving_bytes() -> None:
+    """``plan_compression(serving_dtype=torch.int8)`` sizes float CCE tables so that their
+    INT8 serving form fits the budget; its per-table bytes are the quantised module's."""
+    from torchrec_cce import plan_compression
+    from torchrec_cce.budget import config_bytes
+
+    ts = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=v, feature_names=[f"f{i}"])
+          for i, v in enumerate([20000, 5000, 900, 12])]
+    full = sum(config_bytes(t, None) for t in ts)
+    budget = full // 16
+    plan = plan_compression(ts, budget, methods=["cce"], serving_dtype=torch.int8)
+    float_plan = plan_compression(ts, budget, methods=["cce"])
+    m = CCEEmbeddingBagCollection(ts, plan.compression)
+    served = serving_bytes(m, torch.int8)
+    assert {n: p.bytes for n, p in plan.tables.items()} == served
+    assert sum(served.values()) <= budget
+    assert sum(memory_report(m)[t.name]["compressed_bytes"] for t in ts) > budget  # float
+    assert plan.tables["t0"].rows > float_plan.tables["t0"].rows  # more rows per byte
+    quantized = memory_report(quantize_codebooks(m))
+    assert {t.name: quantized[t.name]["compressed_bytes"] for t in ts} == served
+
+
+# ---------------------------------------------------------------- under DMP (2 processes)
+def _served_under_dmp(rank: int, world: int, kind: str):
+    import torch.distributed as dist
+    from torchrec.distributed.model_parallel import DistributedModelParallel
+    from torchrec.distributed.sharding_plan import (
+        column_wise,
+        construct_module_sharding_plan,
+        table_wise,
+    )
+    from torchrec.distributed.types import ShardingEnv, ShardingPlan
+
+    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+    from torchrec_cce.distributed.tensors import scatter_full
+
+    sharder = CCEEmbeddingBagCollectionSharder()
+    module = CCEEmbeddingBagCollection(tables(), COMPRESSION, device=torch.device("meta"))
+    gen = {"tw": lambda i: table_wise(rank=i % world),
+           "cw": lambda i: column_wise(ranks=list(range(world)))}[kind]
+    names = [c.name for c in module.codebook_table_configs()]
+    plan = ShardingPlan({"": construct_module_sharding_plan(
+        module, {n: gen(i) for i, n in enumerate(names)}, sharder=sharder, local_size=world,
+        world_size=world, device_type="cpu")})
+    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   plan=plan, sharders=[sharder], device=torch.device("cpu"))
+    full = trained_like().state_dict()
+    for key, value in dmp.state_dict().items():
+        scatter_full(value, full[key])
+    kjt = batch(40 + rank, weighted=True)
+    before = dmp(kjt).wait().values().detach()
+    try:
+        with served_codebooks(dmp):
+            served = dmp(kjt).wait().values().detach()
+    except ValueError as e:
+        return str(e)
+    after = dmp(kjt).wait().values().detach()
+    return before, served, after
+
+
+def test_served_codebooks_under_dmp_equal_the_quantised_module() -> None:
+    from multiprocess import run_multiprocess
+
+    results = run_multiprocess(_served_under_dmp, 2, "tw", timeout=600)
+    m = trained_like()
+    quantised = quantize_codebooks(m)
+    for rank, (before, served, after) in enumerate(results):
+        kjt = batch(40 + rank, weighted=True)
+        torch.testing.assert_close(before, m(kjt).values().detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(served, quantised(kjt).values(), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(served, before, atol=1e-5)  # it did serve INT8 values
+        assert torch.equal(after, before)  # restored
+    # Column-wise shards hold parts of rows: serving quantises whole rows, so it refuses.
+    messages = run_multiprocess(_served_under_dmp, 2, "cw", timeout=600)
+    assert all("split by columns" in msg for msg in messages)

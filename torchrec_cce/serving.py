@@ -170,6 +170,8 @@ def served_codebooks(module: nn.Module, dtype: torch.dtype = torch.int8) -> Iter
     quantised module's outputs up to fp32 summation order; restored on exit. A sharded
     codebook must hold whole rows on each rank (table-wise, row-wise, data-parallel):
     column-wise shards raise, since serving quantises whole rows."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
     from torchrec_cce.distributed.tensors import local_pieces
     from torchrec_cce.memory import _iter_collections
 
@@ -181,7 +183,8 @@ def served_codebooks(module: nn.Module, dtype: torch.dtype = torch.int8) -> Iter
                 for key, value in collection.codebooks.state_dict().items():
                     if not key.endswith(".weight"):
                         continue
-                    full_cols = value.size()[1]
+                    full_cols = (value.metadata().size[1] if isinstance(value, ShardedTensor)
+                                 else value.shape[1])  # global columns
                     for piece, offsets in local_pieces(value):
                         if piece.numel() == 0:
                             continue
