@@ -296,3 +296,20 @@ def test_per_rank_bytes_are_the_id_range_share() -> None:
         assert planned["big"]["bytes_per_rank"] == [2501 * 32 + small_big, 2500 * 32 + small_big]
         assert planned["mean"]["bytes_per_rank"] == [1500 * 16 + small_mean] * 2
         assert planned["small"]["bytes_per_rank"] == [0, 50 * 8 * 4]  # table-wise on rank 1
+
+
+def test_initial_rows_of_any_id_range_equal_the_whole_table() -> None:
+    """Seeded blocks of INIT_BLOCK_ROWS ids: a rank's id range (across block boundaries) gets
+    exactly the unsharded table's initial rows, without generating the others."""
+    from torchrec_cce.methods.mpe import INIT_BLOCK_ROWS, MPETable
+
+    V = 2 * INIT_BLOCK_ROWS + 123
+    t = EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=V, feature_names=["f"])
+    cfg = MPEConfig(groups=8, counts=np.arange(V, 0, -1))
+    full = MPETable(t, cfg)
+    cut = INIT_BLOCK_ROWS + 77
+    parts = [MPETable(t, cfg, id_shard=(0, cut)), MPETable(t, cfg, id_shard=(cut, V))]
+    assert torch.equal(torch.cat([p.weight for p in parts]), full.weight)
+    ids = torch.tensor([0, INIT_BLOCK_ROWS - 1, INIT_BLOCK_ROWS, V - 1])
+    assert torch.equal(full.initial_weight(ids), full.weight[ids])
+    assert torch.equal(parts[1].alpha, full.alpha)  # the steps' init is the same on every rank

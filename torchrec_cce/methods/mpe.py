@@ -182,13 +182,15 @@ class MPETable(CompressedTable):
         lo, hi = self.init_range
         return torch.rand(n, self.embedding_dim, generator=g) * (hi - lo) + lo
 
-    def initial_rows(self, lo: int, hi: int) -> torch.Tensor:
-        """The initial master weights of ids ``[lo, hi)`` (regenerated from the seed)."""
-        if hi <= lo:
-            return torch.empty(0, self.embedding_dim)
-        first, last = lo // INIT_BLOCK_ROWS, (hi - 1) // INIT_BLOCK_ROWS
-        w = torch.cat([self._init_block(k) for k in range(first, last + 1)])
-        return w[lo - first * INIT_BLOCK_ROWS: hi - first * INIT_BLOCK_ROWS]
+    def initial_rows(self, lo: int, hi: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The initial master weights of ids ``[lo, hi)`` (regenerated from the seed), written
+        block by block into ``out`` if given (no second copy of the rows)."""
+        out = torch.empty(max(0, hi - lo), self.embedding_dim) if out is None else out
+        for k in range(lo // INIT_BLOCK_ROWS, -(-hi // INIT_BLOCK_ROWS)):
+            a, b = max(lo, k * INIT_BLOCK_ROWS), min(hi, (k + 1) * INIT_BLOCK_ROWS)
+            block = self._init_block(k)[a - k * INIT_BLOCK_ROWS: b - k * INIT_BLOCK_ROWS]
+            out[a - lo: b - lo] = block.to(out.device)
+        return out
 
     def initial_weight(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The initial master weights of the ids ``rows`` (default: the stored ones,
@@ -208,7 +210,7 @@ class MPETable(CompressedTable):
         if self.weight.is_meta:
             return
         with torch.no_grad():
-            self.weight.copy_(self.initial_weight())
+            self.initial_rows(self.id_lo, self.id_hi, out=self.weight)
             mean_abs = uniform_abs_mean(*self.init_range)
             for i, b in enumerate(self.bits):
                 # The public code's init; b = 0 gets the same formula (its step is unused).
@@ -281,7 +283,7 @@ class MPETable(CompressedTable):
                 f"table '{self.table_name}': MPE selection before its frequency groups exist; "
                 f"end the warm-up first (MPESchedule(warmup_steps=...)) or pass MPEConfig(counts=...)")
         self.selected.copy_(select_bits(self.probabilities(), self.bits))
-        self.weight.copy_(self.initial_weight())
+        self.initial_rows(self.id_lo, self.id_hi, out=self.weight)
         reset_optimizer_state([self.weight], optimizers)
         rows = self.weight.shape[0]
         for opt in list(optimizers) + list(getattr(self.weight, "_in_backward_optimizers", [])):
