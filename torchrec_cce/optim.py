@@ -46,6 +46,8 @@ class RowWiseAdagrad(_TorchRecRowWiseAdagrad):
         state = self.state[p]
         state["step"] += 1
         grad = p.grad.coalesce()  # one entry per row (duplicates summed)
+        if grad.sparse_dim() != 1:  # element-sparse: as rows
+            grad = grad.to_dense().to_sparse(sparse_dim=1)
         rows, g = grad.indices()[0], grad.values()
         if rows.numel() == 0:
             return
