@@ -166,3 +166,24 @@ def test_fp16_trains_under_dmp() -> None:
     # the sharder's replication threshold).
     planned = results[0][3]["bytes_per_rank"]
     assert planned == [cb16 + packed, packed]
+
+
+def test_bfloat16_refusal_reason_still_holds() -> None:
+    """The measured reason bfloat16 codebooks are refused: fbgemm's CPU TBE (what TorchRec's
+    sharded EBC runs on CPU) has no bfloat16 forward. If this starts passing the forward, the
+    refusal in ``codebook_data_type`` can be lifted."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        EmbeddingLocation,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(10, 8, EmbeddingLocation.HOST, ComputeDevice.CPU)], weights_precision=SparseType.BF16,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
+    assert tbe.weights_host.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match="not implemented for 'BFloat16'"):
+        tbe(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
+    with pytest.raises(ValueError, match="no bfloat16 kernels.*measured"):
+        module(torch.bfloat16)

@@ -85,9 +85,31 @@ def _precision(table: EmbeddingBagConfig) -> str:
     return str(getattr(table.data_type, "value", table.data_type)).lower()
 
 
-def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig]) -> int:
+def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
+                         serving_dtype: torch.dtype) -> int:
+    """Bytes of ``table`` compressed by ``config`` (None: full) once its codebooks are served
+    as fbgemm INT-N rows (:func:`torchrec_cce.serving.quantize_codebooks` with
+    ``serving_dtype``): every codebook row ``dim * bits / 8 + 4`` bytes, the other state at its
+    stored size (CCE's packed ``p`` and hash generation, MEmCom's per-id weights), exactly as
+    ``memory_report``'s ``compressed_bytes`` of the quantised module. MPE serves itself (its
+    serving bound)."""
+    from torchrec_cce.methods import build_table
+    from torchrec_cce.serving import quantized_row_bytes
+
+    if isinstance(config, MPEConfig):
+        return mpe_serving_bound(table, config)
+    method = build_table(table, config, device=torch.device("meta"))
+    return (sum(cb.num_embeddings * quantized_row_bytes(cb.embedding_dim, serving_dtype)
+                for cb in method.codebooks) + method.state_bytes())
+
+
+def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
+                 serving_dtype: Optional[torch.dtype] = None) -> int:
     """Stored bytes of ``table`` compressed by ``config`` (None: full), exactly as
-    ``memory_report``'s ``compressed_bytes``."""
+    ``memory_report``'s ``compressed_bytes``; with ``serving_dtype`` (``torch.int8`` /
+    ``torch.quint4x2``) its serving bytes with INT-N codebooks (:func:`serving_config_bytes`)."""
+    if serving_dtype is not None:
+        return serving_config_bytes(table, config, serving_dtype)
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if config is None:
         return V * dim * elem
@@ -138,7 +160,8 @@ class TablePlan:
 
     table: str
     method: str                      # "full" or a method of PLAN_METHODS
-    bytes: int                       # stored bytes (== memory_report compressed_bytes)
+    bytes: int                       # stored bytes (== memory_report compressed_bytes; with
+                                     # serving_dtype: of the served, quantised module)
     full_bytes: int
     rows: Optional[int] = None       # codebook rows (QR: collisions)
     chunks: Optional[int] = None
@@ -247,14 +270,20 @@ class _Curve:
 
 # ---------------------------------------------------------------- sizing one method
 def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
-             codebook_dtype: Optional[torch.dtype] = None) -> Optional[CCEConfig]:
+             codebook_dtype: Optional[torch.dtype] = None,
+             serving_dtype: Optional[torch.dtype] = None) -> Optional[CCEConfig]:
     """``share`` of the bytes for p (the ``N`` first ids), the rest for rows; if p covers
-    every id, all remaining bytes go to rows."""
+    every id, all remaining bytes go to rows. ``serving_dtype``: rows cost their INT-N serving
+    bytes (``A_i`` and ``B_i`` rows of ``dim / chunks`` columns)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if codebook_dtype is not None:
         elem = torch.empty((), dtype=codebook_dtype).element_size()
     extra = {} if codebook_dtype is None else {"codebook_dtype": codebook_dtype}
     row_cost = 2 * dim * elem
+    if serving_dtype is not None:
+        from torchrec_cce.serving import quantized_row_bytes
+
+        row_cost = 2 * chunks * quantized_row_bytes(dim // chunks, serving_dtype)
     max_rows = max(1, V // 2)  # more parameters than the full table is never useful
     spare = level - _H_GENERATION_BYTES
     if spare < row_cost:
@@ -277,13 +306,16 @@ def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
 
 def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share: float,
          qr_operation: str, codebook_dtype: Optional[torch.dtype] = None,
-         counts: Optional[object] = None) -> Optional[CompressionConfig]:
+         counts: Optional[object] = None,
+         serving_dtype: Optional[torch.dtype] = None) -> Optional[CompressionConfig]:
     """The largest config of ``method`` with at most ``level`` bytes (None if none fits or it
-    would have as many parameters as the full table)."""
+    would have as many parameters as the full table). With ``serving_dtype`` CCE is sized by
+    its serving bytes; the other methods by their float bytes (an upper bound of their
+    serving bytes)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     row = dim * elem
     if method == "cce":
-        return _fit_cce(table, level, chunks, share, codebook_dtype)
+        return _fit_cce(table, level, chunks, share, codebook_dtype, serving_dtype)
     if method == "mpe":  # the widest candidate set whose every-group-at-max bound fits
         groups = min(_MPE_MAX_GROUPS, V)
         if counts is not None and np.ndim(counts) == 0:
@@ -382,14 +414,16 @@ def _table_counts(counts: Optional[Mapping[str, object]], t: EmbeddingBagConfig
 
 def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mass: float,
                 allow_full: bool, chunks: int, share: float, qr_operation: str,
-                codebook_dtype: Optional[torch.dtype] = None, counts: Optional[object] = None
+                codebook_dtype: Optional[torch.dtype] = None, counts: Optional[object] = None,
+                serving_dtype: Optional[torch.dtype] = None
                 ) -> List[Tuple[int, float, Optional[CompressionConfig]]]:
-    full = config_bytes(t, None)
+    full = config_bytes(t, None, serving_dtype)
     row = t.embedding_dim * _elem(t)
     out: Dict[int, Tuple[int, float, Optional[CompressionConfig]]] = {}
 
     def fit(level: int) -> Optional[CompressionConfig]:
-        return _fit(method, t, level, chunks, share, qr_operation, codebook_dtype, counts)
+        return _fit(method, t, level, chunks, share, qr_operation, codebook_dtype, counts,
+                    serving_dtype)
 
     if method is not None:
         level = float(row)
@@ -402,13 +436,13 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
             cfg = fit(int(level))
             if cfg is not None and cfg not in seen:
                 seen.add(cfg)
-                b = config_bytes(t, cfg)
+                b = config_bytes(t, cfg, serving_dtype)
                 if b < full:
                     out[b] = (b, mass * curve.top(b / row), cfg)
             level *= 2 ** (1 / _GRID_STEPS_PER_DOUBLING)
         cfg = fit(full - 1)
         if cfg is not None:
-            b = config_bytes(t, cfg)
+            b = config_bytes(t, cfg, serving_dtype)
             out.setdefault(b, (b, mass * curve.top(b / row), cfg))
     if allow_full or not out:
         out[full] = (full, mass, None)
@@ -443,6 +477,7 @@ def plan_compression(
     qr_operation: str = "mult",
     codebook_dtype: Optional[torch.dtype] = None,
     allocation: str = "value",
+    serving_dtype: Optional[torch.dtype] = None,
 ) -> CompressionPlan:
     """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
 
@@ -464,6 +499,9 @@ def plan_compression(
         allow_full: whether uncompressed tables are candidates.
         qr_operation: QR's operation.
         codebook_dtype: CCE codebook precision (``torch.float16`` halves the bytes per row).
+        serving_dtype: count every table's bytes as served with INT-N codebooks
+            (``torch.int8`` / ``torch.quint4x2``, :func:`serving_config_bytes`): the budget
+            bounds the serving size; training keeps float codebooks.
         allocation: ``"value"`` (step 2, marginal frequency mass per byte) or
             ``"proportional"`` (an ablation: every table gets the same fraction of its full
             bytes, its largest candidate within that share; leftovers are not redistributed).
@@ -476,7 +514,8 @@ def plan_compression(
     if methods is None:  # the value-aware rule (module doc, step 3)
         kw = dict(counts=counts, chunks=chunks, assignment_share=assignment_share,
                   allow_full=allow_full, qr_operation=qr_operation,
-                  codebook_dtype=codebook_dtype, allocation=allocation)
+                  codebook_dtype=codebook_dtype, allocation=allocation,
+                  serving_dtype=serving_dtype)
         full_total = sum(config_bytes(t, None) for t in tables)
         if budget >= VALUE_HIGH_FRACTION * full_total:
             return plan_compression(tables, budget, methods=[VALUE_HIGH_METHOD], **kw)
@@ -513,13 +552,15 @@ def plan_compression(
         best = None
         for m in order:
             pts = _candidates(t, m, curves[t.name], mass, allow_full, c, assignment_share,
-                              qr_operation, codebook_dtype, _table_counts(counts, t))
+                              qr_operation, codebook_dtype, _table_counts(counts, t),
+                              serving_dtype)
             if any(cfg is not None for _, _, cfg in pts) or m == order[-1]:
                 best = (m, pts)
                 break
         if best is None:  # only "full"
             best = (None, _candidates(t, None, curves[t.name], mass, True, c,
-                                      assignment_share, qr_operation))
+                                      assignment_share, qr_operation,
+                                      serving_dtype=serving_dtype))
         chosen_method[t.name], cands[t.name] = best
     minimum = {n: pts[0][0] for n, pts in cands.items()}
     if sum(minimum.values()) > budget:

@@ -401,12 +401,15 @@ def compose_pooled(
     pooled: KeyedTensor,
     is_weighted: bool = True,
     cache: Optional[Dict[Any, Dict[str, Any]]] = None,
+    local_pooled: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> KeyedTensor:
     """Pooled codebook outputs -> ``KeyedTensor`` of the logical features (table order).
 
     ``lengths`` maps each feature with MEAN pooling to its bag lengths (a JaggedTensor or a
     lengths tensor), and each feature of a table that looks itself up (``local_lookup``, MPE)
     to its JaggedTensor (ids, lengths and, if ``is_weighted``, weights). When every table
+    ``local_pooled`` (sharded MPE) gives such a feature's SUM-pooled output already computed;
+    else the table looks it up here. When every table
     concatenates its streams (full, hashing, CE, CCE, MEmCom, QR-concat) with SUM pooling, compose
     is a column permutation of the pooled values (no-op when already in order); ``cache`` keeps
     that plan per pooled key order. The output is float32, like fbgemm's TBE output whatever the
@@ -432,7 +435,9 @@ def compose_pooled(
     # would materialise a zero gradient of the whole pooled output.
     parts = values.split(pooled_dims, dim=1) if pooled_dims else ()
     for t, method, f, indices in plan["features"]:
-        if getattr(method, "local_lookup", False):
+        if local_pooled is not None and f in local_pooled:
+            streams = [local_pooled[f]]
+        elif getattr(method, "local_lookup", False):
             jt = lengths[f]
             streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
         else:
