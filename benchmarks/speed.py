@@ -14,7 +14,9 @@ EBC lookups, dense Adagrad): its ratio is not a like-for-like comparison.
 
 Sections:
 
-* ``embedding``: embedding forward + backward + fused update (loss = sum of the pooled output);
+* ``embedding``: embedding forward + backward + fused update; the pooled output's gradient is a
+  fixed dense random matrix (what a model above the embeddings passes down; the gradient of a
+  plain ``sum()`` is a stride-0 expansion that fbgemm copies before its backward);
 * ``dlrm``: a whole ``torchrec.models.dlrm.DLRM`` step (dense arch 512-256-dim, over arch
   512-256-1, BCE loss, dense Adagrad) around the same embedding collection;
 * ``layout``: stock TorchRec EBCs only, ids precomputed (no remap): CCE's codebooks as
@@ -177,23 +179,34 @@ def build_collection(method: str, tables: List[EmbeddingBagConfig], dim: int
                                      allow_larger=True, fused=fused), kernel
 
 
+def output_gradient(out: torch.Tensor, cache: Dict[Tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+    """A fixed dense random gradient of the pooled output's shape (one per shape)."""
+    key = tuple(out.shape)
+    if key not in cache:
+        cache[key] = torch.randn(key, generator=torch.Generator().manual_seed(0))
+    return cache[key]
+
+
 def build_embedding(method: str, tables: List[EmbeddingBagConfig], dim: int):
     """(module, step function) for the embedding-only step."""
     module, kernel = build_collection(method, tables, dim)
+    grads: Dict[Tuple[int, ...], torch.Tensor] = {}
     if method.startswith("memcom"):
         # Not shardable: stock (unfused) EBC lookups and a dense Adagrad on every parameter.
         opt = torch.optim.Adagrad(module.parameters(), lr=0.01)
 
         def step(kjt: KeyedJaggedTensor) -> None:
             opt.zero_grad(set_to_none=True)
-            module(kjt).values().sum().backward()
+            out = module(kjt).values()
+            out.backward(output_gradient(out, grads))
             opt.step()
 
         return module, step
     dmp = sharded(module, kernel=kernel)
 
     def step(kjt: KeyedJaggedTensor) -> None:
-        dmp(kjt).values().sum().backward()
+        out = dmp(kjt).values()
+        out.backward(output_gradient(out, grads))
 
     return dmp, step
 
@@ -367,6 +380,15 @@ def summarize(samples: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[
                 "rounds": v} for n, v in samples.items()}
 
 
+# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh pages from the
+# kernel, and returns them on free: every step then page-faults and zero-fills its largest
+# tensors again (a [4096, 2816] pooled output at dim 64 is 46 MB; measured: QR's embedding step
+# at dim 64 spent more time there than computing). These settings keep freed memory in the
+# heap for reuse, as jemalloc/tcmalloc do; every method of a run gets them alike.
+GLIBC_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+                    "MALLOC_TOP_PAD_": str(1 << 29)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-size smoke run")
@@ -385,7 +407,13 @@ def main() -> None:
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections/dims already in --out")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc settings (see GLIBC_MALLOC_ENV)")
     args = p.parse_args()
+    if not args.default_malloc and any(os.environ.get(k) != v for k, v in GLIBC_MALLOC_ENV.items()):
+        # glibc reads these at process start: run this script again with them set.
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, **GLIBC_MALLOC_ENV})
     if args.quick:
         args.batch, args.cap, args.reps, args.steps, args.warmup = 128, 20_000, 1, 1, 1
         args.dims, args.tables = "16", 6
@@ -396,6 +424,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     result = {"setup": {k: getattr(args, k) for k in ("batch", "tables", "cap", "reps", "steps",
                                                       "warmup")},
+              "malloc_env": {k: os.environ.get(k) for k in GLIBC_MALLOC_ENV},
               "device": "cpu", "threads": torch.get_num_threads(),
               "cce": {"rows": CCE_ROWS, "chunks": CHUNKS}}
     from torchrec_cce.ops import fused_available

@@ -188,6 +188,10 @@ def test_not_covered_stays_on_fbgemm() -> None:
     decay = make_tbe(OptimType.EXACT_ROWWISE_ADAGRAD, PoolingMode.SUM, weight_decay=0.01,
                      weight_decay_mode=WeightDecayMode.L2)
     assert unsupported_reason(decay) == "weight decay"
+    # a large table (an uncompressed one): fbgemm's kernel is faster there
+    big = SplitTableBatchedEmbeddingBagsCodegen([(2_000_000, 4, HOST, CPU)],
+                                                optimizer=OptimType.EXACT_ROWWISE_ADAGRAD)
+    assert unsupported_reason(big).startswith("a table of 8000000 weights")
     # weighted MEAN bags: fbgemm's own forward/backward runs (its backward does not divide by
     # the bag length), so the two copies stay bit-identical
     ref, ours = pair(OptimType.EXACT_ROWWISE_ADAGRAD, PoolingMode.MEAN)

@@ -16,8 +16,9 @@ updated once, with fbgemm's update formulas, on fbgemm's own weight and optimize
 So everything around the TBE — TorchRec's fused optimizer and its learning-rate changes,
 ``state_dict``/DCP checkpoints, ``split_embedding_weights`` — is unchanged; results equal
 fbgemm's up to floating-point summation order (``tests/test_tbe_kernel.py``). Anything the
-kernel does not cover (CUDA, non-fp32 weights, other optimizers, max-norm, gradient clipping,
-variable batch sizes, per-feature gradient masks) runs fbgemm's own forward.
+kernel does not cover (CUDA, non-fp32 weights, other optimizers, weight decay, max-norm,
+gradient clipping, variable batch sizes, per-feature gradient masks, weighted MEAN bags) and TBEs
+holding a large table (:data:`SMALL_TABLE_WEIGHTS`) run fbgemm's own kernel.
 
 :func:`use_codebook_kernel` switches the TBEs of a sharded codebook EBC to it (the sharder does,
 unless ``TORCHREC_CCE_TBE_KERNEL=0``); each instance keeps all its state, only its class
@@ -37,6 +38,11 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
 from fbgemm_gpu.split_embedding_configs import SparseType
 
 log = logging.getLogger("torchrec_cce")
+
+# Tables up to this many weights are "small": their gradient rows and Adagrad state stay in
+# cache. A TBE with a larger table keeps fbgemm's kernel (measured: the uncompressed Criteo
+# tables of benchmarks/speed.py, capped at 1M rows, ran at 0.88x of fbgemm on this kernel).
+SMALL_TABLE_WEIGHTS = 1 << 22
 
 _OPTIMIZERS = {OptimType.EXACT_SGD: 0, OptimType.EXACT_ADAGRAD: 1,
                OptimType.EXACT_ROWWISE_ADAGRAD: 2}
@@ -72,6 +78,9 @@ def unsupported_reason(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> Optional[s
         return "weight decay"
     if getattr(tbe, "use_writeback_bwd_prehook", False):
         return "writeback backward hook"
+    largest = max((rows * dim for rows, dim, *_ in tbe.embedding_specs), default=0)
+    if largest > SMALL_TABLE_WEIGHTS:
+        return f"a table of {largest} weights (> {SMALL_TABLE_WEIGHTS}: fbgemm is faster there)"
     return None
 
 
