@@ -24,7 +24,9 @@ comes within 0.1% of the full table's log loss). Resumable: a finished cell's me
 
 Rows: ``planner`` is the value-aware rule of :func:`torchrec_cce.plan_compression`
 (``methods=None``); ``cce`` is ``train.py --method cce`` with its defaults (the best
-re-clustering schedule of the ablation); ``cce_fp16`` the same with float16 codebooks; ``mpe``
+re-clustering schedule of the ablation); ``cce_fp16`` the same with float16 codebooks;
+``cce_int8`` float32 CCE budgeted, evaluated and counted in its INT8 serving form (every codebook
+and full table as fbgemm INT8 rows; ``embedding_training_bytes`` the float32 tables); ``mpe``
 is budgeted by its *serving* bytes (its bound: every group at its widest candidate width; the
 CSV's ``embedding_bytes`` is the served size after selection, ``embedding_training_bytes`` the
 fp32 master weights and search state it trains with). ``abl_*`` rows (:data:`ABLATIONS`) are
@@ -117,6 +119,10 @@ METHODS: Dict[str, List[str]] = {
     "hashing_fp16": ["--method", "hashing", "--codebook-dtype", "float16"],
     "ce_fp16": ["--method", "ce", "--codebook-dtype", "float16"],
     "qr_mult_fp16": ["--method", "qr", "--qr-operation", "mult", "--codebook-dtype", "float16"],
+    # float32 CCE sized so that its INT8 serving form (every codebook and full table as fbgemm
+    # INT8 rows, torchrec_cce.serving) fits the budget; evaluated on the served values;
+    # embedding_bytes is the serving size, embedding_training_bytes the float32 one
+    "cce_int8": ["--method", "cce", "--codebook-dtype", "float32", "--serving-dtype", "int8"],
     # MPE is sized by its serving-bytes bound (every group at its widest candidate width);
     # it trains fp32 master weights: embedding_training_bytes records those
     "mpe": ["--method", "mpe"],

@@ -14,7 +14,9 @@ EBC lookups, dense Adagrad): its ratio is not a like-for-like comparison.
 
 Sections:
 
-* ``embedding``: embedding forward + backward + fused update (loss = sum of the pooled output);
+* ``embedding``: embedding forward + backward + fused update; the pooled output's gradient is a
+  fixed dense random matrix (what a model above the embeddings passes down; the gradient of a
+  plain ``sum()`` is a stride-0 expansion that fbgemm copies before its backward);
 * ``dlrm``: a whole ``torchrec.models.dlrm.DLRM`` step (dense arch 512-256-dim, over arch
   512-256-1, BCE loss, dense Adagrad) around the same embedding collection;
 * ``layout``: stock TorchRec EBCs only, ids precomputed (no remap): CCE's codebooks as
@@ -26,10 +28,14 @@ Sections:
 
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
 method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
-over rounds and its ratio to full. ``cce`` uses the fused remap op, ``cce_ref`` the torch-ops
-reference path (likewise ``ce``/``ce_ref`` ...). ``--profile`` adds, per method, the self CPU
+over rounds and its ratio to full. ``cce`` uses the fused remap op and torchrec_cce's CPU TBE
+kernel for its codebooks (the defaults), ``cce_fbgemm`` fbgemm's own TBE kernel, ``cce_ref``
+the torch-ops remap reference (likewise ``ce``/``ce_fbgemm`` ...); ``full_kernel`` is the
+uncompressed tables on torchrec_cce's kernel (``full``, the baseline, is a stock TorchRec EBC).
+``--profile`` adds, per method, the self CPU
 ms per step inside fbgemm's TBE forward/backward, its bounds check, the remap op and all other
-ops, and the wall time (key ``profile`` of the JSON). Results:
+ops, and the wall time (key ``profile`` of the JSON); the TBE categories count fbgemm's kernels
+and torchrec_cce's alike. Results:
 ``benchmarks/results/speed.json``.
 """
 
@@ -39,7 +45,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -57,8 +63,21 @@ from torchrec_cce.configs import compression_for_budget  # noqa: E402
 from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
 CCE_ROWS, CHUNKS = 4096, 4
-DEFAULT_METHODS = ("full", "hashing", "hashing_ref", "ce", "ce_ref", "qr", "qr_ref", "memcom",
-                   "cce", "cce_ref")
+DEFAULT_METHODS = ("full", "full_kernel", "hashing", "hashing_fbgemm", "ce", "ce_fbgemm", "qr",
+                   "qr_fbgemm", "memcom", "cce", "cce_fbgemm", "cce_ref")
+
+
+def method_variant(method: str) -> Tuple[str, bool, bool]:
+    """``(base method, fused remap op, torchrec_cce CPU TBE kernel)`` of a method name:
+    ``<m>`` = both on (the defaults), ``<m>_ref`` = the torch-ops remap reference,
+    ``<m>_fbgemm`` = fbgemm's own CPU TBE kernel for the codebooks (the previous default);
+    ``full_kernel`` = the uncompressed tables inside a CCEEmbeddingBagCollection, so they run
+    on the torchrec_cce kernel (``full`` is a stock TorchRec EBC on fbgemm's kernel)."""
+    for suffix, fused, kernel in (("_ref", False, True), ("_fbgemm", True, False),
+                                  ("_kernel", True, True)):
+        if method.endswith(suffix):
+            return method[: -len(suffix)], fused, kernel
+    return method, True, True
 
 
 def logical_tables(cap: int, dim: int, num_tables: int) -> List[EmbeddingBagConfig]:
@@ -86,8 +105,10 @@ def zipf_batch(tables: List[EmbeddingBagConfig], batch: int, seed: int,
 
 
 def compression(method: str, tables: List[EmbeddingBagConfig], dim: int) -> Dict[str, object]:
-    base = method.replace("_ref", "")
+    base = method_variant(method)[0]
     cap = 2 * CCE_ROWS * dim
+    if base == "full":
+        return {}
     if base == "memcom":
         return {t.name: MEmComConfig(rows=2 * CCE_ROWS) for t in tables
                 if t.num_embeddings * dim > cap}
@@ -106,8 +127,9 @@ def _init_pg() -> None:
         dist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def sharded(module: torch.nn.Module, ebc_path: str = "") -> torch.nn.Module:
-    """``module`` under DMP at world size 1: table-wise fused codebooks, RowWiseAdagrad."""
+def sharded(module: torch.nn.Module, ebc_path: str = "", kernel: bool = True) -> torch.nn.Module:
+    """``module`` under DMP at world size 1: table-wise fused codebooks, RowWiseAdagrad;
+    ``kernel``: the codebook TBEs train with torchrec_cce's CPU kernel (else fbgemm's)."""
     import torch.distributed as dist
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
@@ -133,34 +155,58 @@ def sharded(module: torch.nn.Module, ebc_path: str = "") -> torch.nn.Module:
     plan = construct_module_sharding_plan(
         ebc, {n: table_wise(rank=0, compute_kernel="fused") for n in names}, sharder=sharder,
         local_size=1, world_size=1, device_type="cpu")
-    return DistributedModelParallel(
-        module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-        plan=ShardingPlan({ebc_path: plan}), sharders=[sharder], device=torch.device("cpu"))
+    previous = os.environ.get("TORCHREC_CCE_TBE_KERNEL")
+    os.environ["TORCHREC_CCE_TBE_KERNEL"] = "1" if kernel else "0"
+    try:
+        return DistributedModelParallel(
+            module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+            plan=ShardingPlan({ebc_path: plan}), sharders=[sharder], device=torch.device("cpu"))
+    finally:
+        if previous is None:
+            del os.environ["TORCHREC_CCE_TBE_KERNEL"]
+        else:
+            os.environ["TORCHREC_CCE_TBE_KERNEL"] = previous
+
+
+def build_collection(method: str, tables: List[EmbeddingBagConfig], dim: int
+                     ) -> Tuple[torch.nn.Module, bool]:
+    """The embedding collection of ``method`` and whether its TBEs use torchrec_cce's kernel."""
+    base, fused, kernel = method_variant(method)
+    if method == "full":
+        return EmbeddingBagCollection(tables=tables, device=torch.device("meta")), False
+    device = torch.device("cpu") if base == "memcom" else torch.device("meta")
+    return CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
+                                     allow_larger=True, fused=fused), kernel
+
+
+def output_gradient(out: torch.Tensor, cache: Dict[Tuple[int, ...], torch.Tensor]) -> torch.Tensor:
+    """A fixed dense random gradient of the pooled output's shape (one per shape)."""
+    key = tuple(out.shape)
+    if key not in cache:
+        cache[key] = torch.randn(key, generator=torch.Generator().manual_seed(0))
+    return cache[key]
 
 
 def build_embedding(method: str, tables: List[EmbeddingBagConfig], dim: int):
     """(module, step function) for the embedding-only step."""
-    fused = not method.endswith("_ref")
-    if method == "full":
-        module = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    else:
-        device = torch.device("cpu") if method.startswith("memcom") else torch.device("meta")
-        module = CCEEmbeddingBagCollection(tables, compression(method, tables, dim),
-                                           device=device, allow_larger=True, fused=fused)
+    module, kernel = build_collection(method, tables, dim)
+    grads: Dict[Tuple[int, ...], torch.Tensor] = {}
     if method.startswith("memcom"):
         # Not shardable: stock (unfused) EBC lookups and a dense Adagrad on every parameter.
         opt = torch.optim.Adagrad(module.parameters(), lr=0.01)
 
         def step(kjt: KeyedJaggedTensor) -> None:
             opt.zero_grad(set_to_none=True)
-            module(kjt).values().sum().backward()
+            out = module(kjt).values()
+            out.backward(output_gradient(out, grads))
             opt.step()
 
         return module, step
-    dmp = sharded(module)
+    dmp = sharded(module, kernel=kernel)
 
     def step(kjt: KeyedJaggedTensor) -> None:
-        dmp(kjt).values().sum().backward()
+        out = dmp(kjt).values()
+        out.backward(output_gradient(out, grads))
 
     return dmp, step
 
@@ -169,13 +215,7 @@ def build_dlrm(method: str, tables: List[EmbeddingBagConfig], dim: int):
     """(module, step function) for a whole DLRM training step."""
     from torchrec.models.dlrm import DLRM
 
-    fused = not method.endswith("_ref")
-    if method == "full":
-        ebc = EmbeddingBagCollection(tables=tables, device=torch.device("meta"))
-    else:
-        device = torch.device("cpu") if method.startswith("memcom") else torch.device("meta")
-        ebc = CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
-                                        allow_larger=True, fused=fused)
+    ebc, kernel = build_collection(method, tables, dim)
     dlrm = DLRM(embedding_bag_collection=ebc, dense_in_features=13,
                 dense_arch_layer_sizes=[512, 256, dim], over_arch_layer_sizes=[512, 256, 1],
                 dense_device=torch.device("cpu"))
@@ -184,7 +224,7 @@ def build_dlrm(method: str, tables: List[EmbeddingBagConfig], dim: int):
         model = dlrm
         opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
     else:
-        model = sharded(dlrm, "sparse_arch.embedding_bag_collection")
+        model = sharded(dlrm, "sparse_arch.embedding_bag_collection", kernel=kernel)
         opt = torch.optim.Adagrad([p for n, p in model.named_parameters()
                                    if "embedding_bag_collection" not in n], lr=0.01)
     g = torch.Generator().manual_seed(1)
@@ -301,10 +341,12 @@ def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor
 
 # Profile categories: (name, predicate on the op name). First match wins; the rest is "other".
 PROFILE_CATEGORIES = (
-    ("tbe_backward", lambda k: "split_embedding" in k and "backward" in k),
-    ("tbe_forward", lambda k: "split_embedding" in k and "forward" in k),
+    ("tbe_backward", lambda k: ("split_embedding" in k and "backward" in k)
+     or k == "torchrec_cce::tbe_backward_update"),
+    ("tbe_forward", lambda k: ("split_embedding" in k and "forward" in k)
+     or k == "torchrec_cce::tbe_forward"),
     ("bounds_check", lambda k: "bounds_check_indices" in k),
-    ("remap_op", lambda k: k.startswith("torchrec_cce::")),
+    ("remap_op", lambda k: k.startswith("torchrec_cce::remap")),
 )
 
 
@@ -338,6 +380,15 @@ def summarize(samples: Dict[str, List[float]], baseline: str) -> Dict[str, Dict[
                 "rounds": v} for n, v in samples.items()}
 
 
+# glibc serves allocations above its mmap threshold (at most 32 MiB) with fresh pages from the
+# kernel, and returns them on free: every step then page-faults and zero-fills its largest
+# tensors again (a [4096, 2816] pooled output at dim 64 is 46 MB; measured: QR's embedding step
+# at dim 64 spent more time there than computing). These settings keep freed memory in the
+# heap for reuse, as jemalloc/tcmalloc do; every method of a run gets them alike.
+GLIBC_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 34), "MALLOC_TRIM_THRESHOLD_": str(1 << 34),
+                    "MALLOC_TOP_PAD_": str(1 << 29)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CI-size smoke run")
@@ -356,7 +407,13 @@ def main() -> None:
     p.add_argument("--merge", action="store_true",
                    help="keep the other sections/dims already in --out")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default malloc settings (see GLIBC_MALLOC_ENV)")
     args = p.parse_args()
+    if not args.default_malloc and any(os.environ.get(k) != v for k, v in GLIBC_MALLOC_ENV.items()):
+        # glibc reads these at process start: run this script again with them set.
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, **GLIBC_MALLOC_ENV})
     if args.quick:
         args.batch, args.cap, args.reps, args.steps, args.warmup = 128, 20_000, 1, 1, 1
         args.dims, args.tables = "16", 6
@@ -367,6 +424,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     result = {"setup": {k: getattr(args, k) for k in ("batch", "tables", "cap", "reps", "steps",
                                                       "warmup")},
+              "malloc_env": {k: os.environ.get(k) for k in GLIBC_MALLOC_ENV},
               "device": "cpu", "threads": torch.get_num_threads(),
               "cce": {"rows": CCE_ROWS, "chunks": CHUNKS}}
     from torchrec_cce.ops import fused_available

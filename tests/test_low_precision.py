@@ -255,3 +255,24 @@ def test_full_fp16_trains_under_dmp_with_the_fused_optimizer() -> None:
         assert dtype == torch.float16
         assert losses[-1] < 0.5 * losses[0], losses
         assert report["compressed_bytes"] == V * DIM * 2 and report["full_bytes"] == V * DIM * 4
+
+
+def test_bfloat16_refusal_reason_still_holds() -> None:
+    """The measured reason bfloat16 codebooks are refused: fbgemm's CPU TBE (what TorchRec's
+    sharded EBC runs on CPU) has no bfloat16 forward. If this starts passing the forward, the
+    refusal in ``codebook_data_type`` can be lifted."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        EmbeddingLocation,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    tbe = SplitTableBatchedEmbeddingBagsCodegen(
+        [(10, 8, EmbeddingLocation.HOST, ComputeDevice.CPU)], weights_precision=SparseType.BF16,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.1)
+    assert tbe.weights_host.dtype == torch.bfloat16
+    with pytest.raises(NotImplementedError, match="not implemented for 'BFloat16'"):
+        tbe(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]))
+    with pytest.raises(ValueError, match="no bfloat16 kernels.*measured"):
+        module(torch.bfloat16)

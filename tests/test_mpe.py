@@ -440,7 +440,10 @@ def test_export_round_trip_equals_training(layout: str, ordered: bool, pooling: 
         assert tuple(state[key].shape) == (n, -(-DIM * b // 8) + 4 * (b in fbgemm)), key
     report = memory_report(ebc)["big"]
     assert report["serving_bytes"] == serving_bytes(t) == report["compressed_bytes"]
-    assert report["training_bytes"] == (V * DIM + 8 * 9 + 9 + DIM) * 4 + (0 if ordered else 2 * V)
+    # Every stored tensor: weight, logits, alpha, beta, grad scales (fp32), stage (int64),
+    # selected widths (int64 per group), group weights (fp32), the int16 group index if kept.
+    assert report["training_bytes"] == ((V * DIM + 8 * 9 + 9 + DIM + 9) * 4 + 8 + 8 * 8 + 8 * 4
+                                        + (0 if ordered else 2 * V))
     assert report["full_bytes"] == V * DIM * 4
     install_serving_tables(ebc, loaded)
     serving = ebc.tables["big"]
@@ -540,6 +543,8 @@ def _dmp_worker(rank: int, world: int) -> Dict[str, torch.Tensor]:
         else:
             value.copy_(src)
     t = dmp.module.ebc.tables["big"]
+    # A dense optimizer on every MPE parameter (the master rows, split by id range, get dense
+    # gradients: no in-backward optimizer).
     opt = torch.optim.SGD([p for n, p in dmp.named_parameters() if "tables.big" in n], lr=0.5)
     ref_opt = torch.optim.SGD(ref.tables["big"].parameters(), lr=0.5)
     out = {"initial_weight": t.weight.detach().clone(),
@@ -561,6 +566,7 @@ def _dmp_worker(rank: int, world: int) -> Dict[str, torch.Tensor]:
     for k in ("logits", "weight", "alpha", "beta"):
         out[k] = getattr(t, k).detach().clone()
         out[f"ref_{k}"] = getattr(ref.tables["big"], k).detach().clone()
+    out["ref_weight"] = out["ref_weight"][t.id_lo: t.id_hi]  # this rank's id range
     # Selection under DMP: every rank selects the same widths; retrain forward equals ref.
     MPESchedule(search_steps=1).step(dmp, 1, optimizers=[opt])
     MPESchedule(search_steps=1).step(ref, 1, optimizers=[ref_opt])
@@ -582,10 +588,12 @@ def test_mpe_table_under_dmp_two_processes() -> None:
         assert torch.equal(r["selected"], r["ref_selected"])
         assert torch.allclose(r["retrain_forward"], r["ref_retrain_forward"], atol=1e-6)
         assert int(r["serving_bytes"]) == int(r["ref_serving_bytes"])
-    assert torch.equal(results[0]["weight"], results[1]["weight"])  # replicated, in step
     assert not torch.equal(results[0]["weight"], results[0]["initial_weight"])  # it trained
-    # The plan's memory table: MPE training state on every rank, the full table on rank 1.
-    state = (V * DIM + 8 * 7 + 7 + DIM) * 4
+    assert [tuple(r["weight"].shape) for r in results] == [(V // 2, DIM)] * 2  # id ranges
+    # The plan's memory table: each rank's master rows plus the replicated state (logits,
+    # steps, offsets, grad scales; stage, selected widths, group weights); the full table on
+    # rank 1.
+    state = (V // 2 * DIM + 8 * 7 + 7 + DIM + 7) * 4 + 8 + 8 * 8 + 8 * 4
     assert results[0]["plan_big"].tolist() == [state, state]
     assert results[0]["plan_small"].tolist() == [0, 20 * DIM * 4]
 

@@ -93,9 +93,31 @@ def _precision(table: EmbeddingBagConfig) -> str:
 _PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
 
 
-def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig]) -> int:
+def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
+                         serving_dtype: torch.dtype) -> int:
+    """Bytes of ``table`` compressed by ``config`` (None: full) once its codebooks are served
+    as fbgemm INT-N rows (:func:`torchrec_cce.serving.quantize_codebooks` with
+    ``serving_dtype``): every codebook row ``dim * bits / 8 + 4`` bytes, the other state at its
+    stored size (CCE's packed ``p`` and hash generation, MEmCom's per-id weights), exactly as
+    ``memory_report``'s ``compressed_bytes`` of the quantised module. MPE serves itself (its
+    serving bound)."""
+    from torchrec_cce.methods import build_table
+    from torchrec_cce.serving import quantized_row_bytes
+
+    if isinstance(config, MPEConfig):
+        return mpe_serving_bound(table, config)
+    method = build_table(table, config, device=torch.device("meta"))
+    return (sum(cb.num_embeddings * quantized_row_bytes(cb.embedding_dim, serving_dtype)
+                for cb in method.codebooks) + method.state_bytes())
+
+
+def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
+                 serving_dtype: Optional[torch.dtype] = None) -> int:
     """Stored bytes of ``table`` compressed by ``config`` (None: full), exactly as
-    ``memory_report``'s ``compressed_bytes``."""
+    ``memory_report``'s ``compressed_bytes``; with ``serving_dtype`` (``torch.int8`` /
+    ``torch.quint4x2``) its serving bytes with INT-N codebooks (:func:`serving_config_bytes`)."""
+    if serving_dtype is not None:
+        return serving_config_bytes(table, config, serving_dtype)
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if config is None:
         return V * dim * elem
@@ -148,7 +170,8 @@ class TablePlan:
 
     table: str
     method: str                      # "full" or a method of PLAN_METHODS
-    bytes: int                       # stored bytes (== memory_report compressed_bytes)
+    bytes: int                       # stored bytes (== memory_report compressed_bytes; with
+                                     # serving_dtype: of the served, quantised module)
     full_bytes: int
     rows: Optional[int] = None       # codebook rows (QR: collisions)
     chunks: Optional[int] = None
@@ -277,14 +300,20 @@ class _Curve:
 
 # ---------------------------------------------------------------- sizing one method
 def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
-             codebook_dtype: Optional[torch.dtype] = None) -> Optional[CCEConfig]:
+             codebook_dtype: Optional[torch.dtype] = None,
+             serving_dtype: Optional[torch.dtype] = None) -> Optional[CCEConfig]:
     """``share`` of the bytes for p (the ``N`` first ids), the rest for rows; if p covers
-    every id, all remaining bytes go to rows."""
+    every id, all remaining bytes go to rows. ``serving_dtype``: rows cost their INT-N serving
+    bytes (``A_i`` and ``B_i`` rows of ``dim / chunks`` columns)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if codebook_dtype is not None:
         elem = torch.empty((), dtype=codebook_dtype).element_size()
     extra = {} if codebook_dtype is None else {"codebook_dtype": codebook_dtype}
     row_cost = 2 * dim * elem
+    if serving_dtype is not None:
+        from torchrec_cce.serving import quantized_row_bytes
+
+        row_cost = 2 * chunks * quantized_row_bytes(dim // chunks, serving_dtype)
     max_rows = max(1, V // 2)  # more parameters than the full table is never useful
     spare = level - _H_GENERATION_BYTES
     if spare < row_cost:
@@ -307,12 +336,15 @@ def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
 
 def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share: float,
          qr_operation: str, codebook_dtype: Optional[torch.dtype] = None,
-         counts: Optional[object] = None) -> Optional[CompressionConfig]:
+         counts: Optional[object] = None,
+         serving_dtype: Optional[torch.dtype] = None) -> Optional[CompressionConfig]:
     """The largest config of ``method`` with at most ``level`` bytes (None if none fits or it
-    would have as many parameters as the full table)."""
+    would have as many parameters as the full table). With ``serving_dtype`` CCE is sized by
+    its serving bytes; the other methods by their float bytes (an upper bound of their
+    serving bytes)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if method == "cce":
-        return _fit_cce(table, level, chunks, share, codebook_dtype)
+        return _fit_cce(table, level, chunks, share, codebook_dtype, serving_dtype)
     extra = {}
     if codebook_dtype is not None and method in ("hashing", "ce", "qr"):
         elem = torch.empty((), dtype=codebook_dtype).element_size()
@@ -360,7 +392,8 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
 def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
                counts: Optional[Mapping[str, object]], chunks: int, assignment_share: float,
                allow_full: bool, qr_operation: str, codebook_dtype: Optional[torch.dtype],
-               allocation: str) -> CompressionPlan:
+               allocation: str, serving_dtype: Optional[torch.dtype] = None
+               ) -> CompressionPlan:
     """``plan_compression(methods=None)``: every table at :data:`AUTO_DTYPE` (unless
     ``codebook_dtype`` is given), the tables' shares of the budget by ``allocation``
     (water-filling between each table's smallest config and its full table at that
@@ -383,19 +416,20 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
                                  chunks=chunks, assignment_share=assignment_share,
                                  allow_full=allow_full and method == "full",
                                  qr_operation=qr_operation, codebook_dtype=dtype,
-                                 allocation="perplexity")
+                                 allocation="perplexity", serving_dtype=serving_dtype)
         except ValueError as e:
             if "cannot hold even the smallest" not in str(e):
                 raise
             return None
         return p.tables[t.name]
 
-    full = {n: config_bytes(t, FullConfig(codebook_dtype=dtype)) for n, t in by_name.items()}
+    full = {n: config_bytes(t, FullConfig(codebook_dtype=dtype), serving_dtype)
+            for n, t in by_name.items()}
     floor = {}
     for n, t in by_name.items():  # the smallest config of the ladder's last method
         c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1) if t.embedding_dim % d == 0)
         pts = _candidates(t, AUTO_LADDER[-1], curves[n], 1.0, False, c, assignment_share,
-                          qr_operation, dtype, per_counts[n])
+                          qr_operation, dtype, per_counts[n], serving_dtype)
         floor[n] = min(pts[0][0], full[n])
     if sum(floor.values()) > budget:
         worst = sorted(floor.items(), key=lambda kv: -kv[1])
@@ -415,7 +449,7 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         raise ValueError(f"methods=None splits bytes by 'perplexity' or 'proportional', got "
                          f"allocation={allocation!r}")
     # a table's own precision when its share holds the whole table at it
-    native = {n: config_bytes(t, None) for n, t in by_name.items()}
+    native = {n: config_bytes(t, None, serving_dtype) for n, t in by_name.items()}
     maximum = {n: (full[n] if allow_full else full[n] - 1) for n in names}
     shares = _shares(tables, weight, floor, maximum, budget)
     chosen: Dict[str, TablePlan] = {}
@@ -424,7 +458,8 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         if not allow_full:
             return None
         if share >= native[t.name]:  # the table as it is
-            return plan_compression([t], native[t.name], methods=["full"]).tables[t.name]
+            return plan_compression([t], native[t.name], methods=["full"],
+                                    serving_dtype=serving_dtype).tables[t.name]
         return single(t, share, "full") if share >= full[t.name] else None
 
     for _ in range(2):  # the second pass hands the first pass's unused bytes back
@@ -513,20 +548,22 @@ def _table_counts(counts: Optional[Mapping[str, object]], t: EmbeddingBagConfig
 
 def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mass: float,
                 allow_full: bool, chunks: int, share: float, qr_operation: str,
-                codebook_dtype: Optional[torch.dtype] = None, counts: Optional[object] = None
+                codebook_dtype: Optional[torch.dtype] = None, counts: Optional[object] = None,
+                serving_dtype: Optional[torch.dtype] = None
                 ) -> List[Tuple[int, float, Optional[CompressionConfig]]]:
     """(bytes, value, config) candidates of ``t``, sorted by bytes; the full table (at
     ``codebook_dtype``: ``FullConfig``) is the last. Value: ``mass * F(b / row)``, ``row`` the
     bytes of one row at the stored precision."""
     low = codebook_dtype is not None and codebook_dtype != _dtype(t)
     full_cfg = FullConfig(codebook_dtype=codebook_dtype) if low else None
-    full = config_bytes(t, full_cfg)  # the full table as it would be stored
+    full = config_bytes(t, full_cfg, serving_dtype)  # the full table as stored
     elem = torch.empty((), dtype=codebook_dtype).element_size() if low else _elem(t)
     row = t.embedding_dim * elem
     out: Dict[int, Tuple[int, float, Optional[CompressionConfig]]] = {}
 
     def fit(level: int) -> Optional[CompressionConfig]:
-        return _fit(method, t, level, chunks, share, qr_operation, codebook_dtype, counts)
+        return _fit(method, t, level, chunks, share, qr_operation, codebook_dtype, counts,
+                    serving_dtype)
 
     if method is not None:
         level = float(row)
@@ -539,13 +576,13 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
             cfg = fit(int(level))
             if cfg is not None and cfg not in seen:
                 seen.add(cfg)
-                b = config_bytes(t, cfg)
+                b = config_bytes(t, cfg, serving_dtype)
                 if b < full:
                     out[b] = (b, mass * curve.top(b / row), cfg)
             level *= 2 ** (1 / _GRID_STEPS_PER_DOUBLING)
         cfg = fit(full - 1)
         if cfg is not None:
-            b = config_bytes(t, cfg)
+            b = config_bytes(t, cfg, serving_dtype)
             if b < full:
                 out.setdefault(b, (b, mass * curve.top(b / row), cfg))
     if allow_full or not out:
@@ -603,6 +640,7 @@ def plan_compression(
     qr_operation: str = "mult",
     codebook_dtype: Optional[torch.dtype] = None,
     allocation: str = "perplexity",
+    serving_dtype: Optional[torch.dtype] = None,
 ) -> CompressionPlan:
     """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
 
@@ -628,6 +666,9 @@ def plan_compression(
             :data:`AUTO_DTYPE` with ``methods=None``.
         allocation: how the budget is split between tables (module doc, step 1):
             ``"perplexity"`` (default), ``"proportional"`` or ``"value"``.
+        serving_dtype: count every table's bytes as served with INT-N codebooks
+            (``torch.int8`` / ``torch.quint4x2``, :func:`serving_config_bytes`): the budget
+            bounds the serving size; training keeps float codebooks.
 
     Raises:
         ValueError: if even the smallest config of every table exceeds the budget (naming
@@ -636,7 +677,8 @@ def plan_compression(
     budget = int(byte_budget)
     if methods is None:  # the measured per-table rule (module doc, step 3)
         return _auto_plan(tables, budget, counts, chunks, assignment_share, allow_full,
-                          qr_operation, codebook_dtype, allocation)
+                          qr_operation, codebook_dtype, allocation,
+                          serving_dtype)
     order = list(methods)
     unknown = [m for m in order if m not in PLAN_METHODS + ("full",)]
     if unknown:
@@ -658,13 +700,15 @@ def plan_compression(
         best = None
         for m in order:
             pts = _candidates(t, m, curves[t.name], mass, allow_full, c, assignment_share,
-                              qr_operation, codebook_dtype, _table_counts(counts, t))
+                              qr_operation, codebook_dtype, _table_counts(counts, t),
+                              serving_dtype)
             if any(cfg is not None for _, _, cfg in pts) or m == order[-1]:
                 best = (m, pts)
                 break
         if best is None:  # only "full"
             best = (None, _candidates(t, None, curves[t.name], mass, True, c,
-                                      assignment_share, qr_operation, codebook_dtype))
+                                      assignment_share, qr_operation, codebook_dtype,
+                                      serving_dtype=serving_dtype))
         chosen_method[t.name], cands[t.name] = best
     minimum = {n: pts[0][0] for n, pts in cands.items()}
     if sum(minimum.values()) > budget:
@@ -695,8 +739,8 @@ def plan_compression(
                 c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1)
                         if t.embedding_dim % d == 0)
                 cfg = _fit(m, t, int(shares[t.name]), c, assignment_share, qr_operation,
-                           codebook_dtype, _table_counts(counts, t))
-                b = config_bytes(t, cfg) if cfg is not None else None
+                           codebook_dtype, _table_counts(counts, t), serving_dtype)
+                b = config_bytes(t, cfg, serving_dtype) if cfg is not None else None
                 if b is not None and b < cands[t.name][-1][0] and all(
                         b != x for x, _, _ in cands[t.name]):
                     curve = curves[t.name]

@@ -52,10 +52,13 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
     * ``torch.float32`` (default) and ``torch.float16`` train everywhere: fbgemm's TBE trains
       FP16 weights with its fused optimizers (stochastic rounding on by default in TBE), the
       unsharded module trains float16 ``nn.EmbeddingBag`` weights with any torch optimizer.
-    * ``torch.bfloat16``: refused. TorchRec's unsharded EBC would store it as float16 and
-      fbgemm's CPU TBE has no BF16 forward.
+    * ``torch.bfloat16``: refused. fbgemm-gpu-cpu 1.8's CPU TBE has no BF16 forward
+      (measured through TorchRec's sharded EBC, fused table-wise and data-parallel:
+      ``NotImplementedError: "split_embedding_cpu_forward_2" not implemented for 'BFloat16'``),
+      and TorchRec's unsharded EBC stores a BF16 table as float16.
     * ``torch.int8``: refused for training. INT8 is a serving format (fbgemm's INT8 TBE has no
-      backward): train in float32/float16 and quantise the trained codebooks for serving.
+      backward): train in float32/float16 and serve with
+      :func:`torchrec_cce.serving.quantize_codebooks`.
     """
     if dtype is None:
         return table.data_type
@@ -63,15 +66,19 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
         return CODEBOOK_DTYPES[dtype]
     if dtype == torch.bfloat16:
         raise ValueError(
-            f"table '{table.name}': codebook_dtype=torch.bfloat16 is not supported: TorchRec's "
-            f"unsharded EmbeddingBagCollection stores non-fp32 tables as float16 and fbgemm's "
-            f"CPU TBE has no bfloat16 kernels; use codebook_dtype=torch.float16"
+            f"table '{table.name}': codebook_dtype=torch.bfloat16 is not supported: "
+            f"fbgemm-gpu-cpu 1.8's CPU TBE has no bfloat16 kernels (measured: its forward "
+            f"raises 'split_embedding_cpu_forward_2 not implemented for BFloat16' under "
+            f"TorchRec's sharded EBC, fused or data-parallel) and TorchRec's unsharded "
+            f"EmbeddingBagCollection stores a BF16 table as float16; use "
+            f"codebook_dtype=torch.float16"
         )
     if dtype in (torch.int8, torch.uint8):
         raise ValueError(
             f"table '{table.name}': codebook_dtype={dtype} cannot be trained (fbgemm's INT8 "
             f"embeddings are a serving format without a backward pass); train with "
-            f"torch.float32 or torch.float16 and quantise the trained codebooks for serving"
+            f"torch.float32 or torch.float16, then serve the trained collection with INT8 "
+            f"codebooks: torchrec_cce.serving.quantize_codebooks(module, torch.int8)"
         )
     raise ValueError(
         f"table '{table.name}': codebook_dtype must be torch.float32 or torch.float16, got "

@@ -23,15 +23,31 @@ def _iter_collections(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
             yield name, module
 
 
-def _codebook_weight(collection: nn.Module, table: str) -> torch.Tensor:
-    return collection.codebooks.embedding_bags[table].weight
+def stored_bytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` holds: ``numel * element_size``, or for TorchRec's packed INT4/INT2 views
+    (``UInt4Tensor``/``UInt2Tensor``, whose shape counts unpacked elements) its packed bytes."""
+    from torchrec.tensor_types import UIntXTensor
+
+    if isinstance(t, UIntXTensor):
+        return t.elem.numel() * t.elem.element_size()
+    return t.numel() * t.element_size()
+
+
+def _codebook_bytes(collection: nn.Module, table: str) -> int:
+    """Bytes of one codebook table as stored: its weight at its dtype, or, once quantised for
+    serving (:func:`torchrec_cce.serving.quantize_codebooks`), its fbgemm rows (codes plus
+    scale/bias, whether kept in the weight or split into ``weight_qscale``/``weight_qbias``)."""
+    prefix = f"embedding_bags.{table}."
+    return sum(stored_bytes(t) for k, t in collection.codebooks.state_dict().items()
+               if k.startswith(prefix))
 
 
 def _add_training_and_serving(collection: nn.Module,
                               report: Dict[str, Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """``training_bytes`` (what training stores) and ``serving_bytes`` (what serving stores)
     for every table. They differ only for MPE, which trains fp32 master weights (plus logits,
-    steps, offsets, and a per-id group index when ids are not frequency-ordered) and serves the
+    steps, offsets, buffers, and a per-id group index when ids are not frequency-ordered; all
+    ``V`` rows, wherever sharded: ``local_training_bytes`` is this rank's) and serves the
     packed table of :mod:`torchrec_cce.mpe.export`; for MPE ``compressed_bytes`` and ``ratio``
     are the serving figures (its compression is for storage and serving)."""
     from torchrec_cce.mpe.export import serving_bytes
@@ -40,7 +56,7 @@ def _add_training_and_serving(collection: nn.Module,
         method = collection.tables[name] if name in collection.tables else None
         if getattr(method, "method_name", "") == "mpe":
             serving = serving_bytes(method)
-            row.update(training_bytes=method.state_bytes(), serving_bytes=serving,
+            row.update(training_bytes=method.logical_state_bytes(), serving_bytes=serving,
                        compressed_bytes=serving, params=method.extra_parameters(),
                        ratio=row["full_bytes"] / serving)
         else:
@@ -60,9 +76,9 @@ def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
     report: Dict[str, Dict[str, float]] = {}
     for t in collection.embedding_bag_configs():
         method: CompressedTable = collection.tables[t.name]
-        weights = [_codebook_weight(collection, codebook_table_name(t.name, cb.suffix))
-                   for cb in method.codebooks]
-        codebook_bytes = sum(w.numel() * w.element_size() for w in weights)
+        codebook_bytes = sum(_codebook_bytes(collection, codebook_table_name(t.name, cb.suffix))
+                             for cb in method.codebooks)
+        codebook_params = sum(cb.num_embeddings * cb.embedding_dim for cb in method.codebooks)
         full_bytes = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
         compressed = codebook_bytes + method.state_bytes()
         report[t.name] = {
@@ -73,7 +89,7 @@ def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
             "per_id_bytes": getattr(method, "per_id_bytes", lambda: 0)(),
             "compressed_bytes": compressed,
             "full_params": t.num_embeddings * t.embedding_dim,
-            "params": sum(w.numel() for w in weights) + method.extra_parameters(),
+            "params": codebook_params + method.extra_parameters(),
             "ratio": full_bytes / compressed,
         }
     return report
@@ -84,7 +100,8 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
     for every (sharded or unsharded) ``CCEEmbeddingBagCollection`` inside ``model``.
 
     * ``full_bytes``: the uncompressed table (``V * dim * element size``);
-    * ``codebook_bytes``: every codebook table of the compressed table;
+    * ``codebook_bytes``: every codebook table of the compressed table (at its dtype; fbgemm
+      INT8/INT4 rows with their scale/bias once quantised for serving);
     * ``assignment_bytes``: CCE's learned ``p`` (bit-packed ``N x chunks``, ``ceil(log2(rows))``
       bits per entry, in whole int32 words), 0 otherwise;
     * ``per_id_bytes``: MEmCom's per-id weights (``4 * V``), 0 otherwise;

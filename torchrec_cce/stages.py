@@ -390,8 +390,47 @@ def _compose_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Mod
     identity = simple and columns == list(range(sum(pooled_dims)))
     return {"features": features, "simple": simple, "identity": identity,
             "columns": torch.tensor(columns, dtype=torch.int64),
+            "elementwise": None if simple else _elementwise_plan(tables, methods, starts, dims),
             "keys": [f for _, _, f, _ in features],
             "dims": [t.embedding_dim for t, _, _, _ in features]}
+
+
+def _pair_compose_available() -> bool:
+    from torchrec_cce.ops import fused_available
+
+    return fused_available()
+
+
+def _elementwise_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
+                      starts: Mapping[str, int], dims: Mapping[str, int]
+                      ) -> Optional[Dict[str, Any]]:
+    """Segments ``(out, a, b, c, n)`` for ``torch.ops.torchrec_cce.pair_compose``: ``out[:,
+    out+k] = x[:, a+k] * x[:, b+k] + x[:, c+k]`` for k < n, b = -1 meaning 1 and c = -1 meaning
+    0; one per stream of a concatenating table (a = the stream), one per feature of a QR-mult
+    (a = Q, b = R) or QR-add (a = Q, c = R) table. None when a table needs the per-feature path
+    (MEAN pooling, MPE)."""
+    segments, out = [], 0
+    for t in tables:
+        method = methods[t.name]
+        op = getattr(method, "elementwise_compose", None)
+        if t.pooling != PoolingType.SUM or not (method.concat_compose or op in ("mult", "add")):
+            return None
+        for f in t.feature_names:
+            keys = [codebook_feature_name(f, s) for s in method.streams()]
+            if method.concat_compose:
+                for k in keys:
+                    segments.append((out, starts[k], -1, -1, dims[k]))
+                    out += dims[k]
+            else:
+                q, r = keys
+                segments.append((out, starts[q], starts[r] if op == "mult" else -1,
+                                 starts[r] if op == "add" else -1, dims[q]))
+                out += dims[q]
+    used = [c for s in segments for first in s[1:4] if first >= 0
+            for c in range(first, first + s[4])]
+    assert len(used) == len(set(used)), "every pooled column feeds one output column"
+    return {"segments": torch.tensor(segments, dtype=torch.int64).reshape(-1, 5),
+            "out_cols": out, "every_column_used": len(used) == sum(dims.values())}
 
 
 def compose_pooled(
@@ -401,15 +440,19 @@ def compose_pooled(
     pooled: KeyedTensor,
     is_weighted: bool = True,
     cache: Optional[Dict[Any, Dict[str, Any]]] = None,
+    local_pooled: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> KeyedTensor:
     """Pooled codebook outputs -> ``KeyedTensor`` of the logical features (table order).
 
     ``lengths`` maps each feature with MEAN pooling to its bag lengths (a JaggedTensor or a
     lengths tensor), and each feature of a table that looks itself up (``local_lookup``, MPE)
     to its JaggedTensor (ids, lengths and, if ``is_weighted``, weights). When every table
+    ``local_pooled`` (sharded MPE) gives such a feature's SUM-pooled output already computed;
+    else the table looks it up here. When every table
     concatenates its streams (full, hashing, CE, CCE, MEmCom, QR-concat) with SUM pooling, compose
-    is a column permutation of the pooled values (no-op when already in order); ``cache`` keeps
-    that plan per pooled key order. The output is float32, like fbgemm's TBE output whatever the
+    is a column permutation of the pooled values (no-op when already in order); with QR-mult or
+    QR-add tables among them, one C++ op on CPU (:func:`_elementwise_plan`, else a few ops per
+    feature, with the same results); ``cache`` keeps the plan per pooled key order. The output is float32, like fbgemm's TBE output whatever the
     weight precision, so float16 codebooks give the same output dtype sharded and unsharded.
     """
     pooled_keys, pooled_dims = pooled.keys(), pooled.length_per_key()
@@ -427,12 +470,22 @@ def compose_pooled(
         columns = plan["columns"].to(values.device)
         return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"],
                            values=values.index_select(1, columns).to(torch.float32))
+    elementwise = plan["elementwise"]
+    if (elementwise is not None and local_pooled is None and values.device.type == "cpu"
+            and values.dtype == torch.float32 and _pair_compose_available()):
+        from torchrec_cce.ops import PairCompose
+
+        out = PairCompose.apply(values, elementwise["segments"], elementwise["out_cols"],
+                                elementwise["every_column_used"])
+        return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"], values=out)
     out: List[torch.Tensor] = []
     # One split (its backward is one cat), not a slice per stream: every slice's backward
     # would materialise a zero gradient of the whole pooled output.
     parts = values.split(pooled_dims, dim=1) if pooled_dims else ()
     for t, method, f, indices in plan["features"]:
-        if getattr(method, "local_lookup", False):
+        if local_pooled is not None and f in local_pooled:
+            streams = [local_pooled[f]]
+        elif getattr(method, "local_lookup", False):
             jt = lengths[f]
             streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
         else:

@@ -25,6 +25,7 @@ ranks.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -89,6 +90,10 @@ from torchrec_cce.distributed import (  # noqa: E402
     plan_memory,
 )
 from torchrec_cce.hashing import derive_seed  # noqa: E402
+from torchrec_cce.budget import config_bytes  # noqa: E402
+from torchrec_cce.distributed.sharder import shard_unplanned  # noqa: E402
+from torchrec_cce.serving import served_codebooks  # noqa: E402
+from torchrec_cce.methods.mpe import MPETable  # noqa: E402
 from torchrec_cce.pipeline import redo_pending_input_dist  # noqa: E402
 
 BACKEND_ENV = "TORCHREC_CCE_BACKEND"
@@ -137,6 +142,11 @@ def quiet_known_warnings() -> None:
                             category=UserWarning, module=r"torchmetrics\.utilities\.distributed")
     warnings.filterwarnings("ignore", message="fbgemm::dense_embedding_codegen_lookup_function: "
                             "an autograd kernel was not registered", category=UserWarning)
+    # The id-range lookups (MEmCom's per-id weights, MPE's master rows) return rows through
+    # torch.distributed.nn's differentiable all_to_all_single; the suggested replacement is a
+    # private module (torch.distributed._functional_collectives). Same results.
+    warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_to_all_single "
+                            "is deprecated", category=FutureWarning)
 
 
 # ---------------------------------------------------------------- args
@@ -261,6 +271,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                          "proportion to training mass x perplexity of the ids (default), to the "
                          "full tables' bytes, or by marginal frequency mass (see "
                          "torchrec_cce.plan_compression)")
+    m2.add_argument("--serving-dtype", choices=["int8", "int4"], default=None,
+                    help="serve every codebook (and full table) as fbgemm INT8/INT4 rows "
+                         "(torchrec_cce.serving.quantize_codebooks; training stays float): "
+                         "--embedding-budget-mb bounds the serving bytes, every evaluation runs "
+                         "on the served values, and embedding_bytes is the serving size "
+                         "(embedding_training_bytes the float one)")
     m2.add_argument("--cce-assignment-share", type=float, default=None,
                     help="with --embedding-budget-mb: share of a CCE table's bytes for its "
                          "bit-packed p (the most frequent ids'); the rest is codebook rows "
@@ -371,6 +387,11 @@ def cce_settings(args: argparse.Namespace) -> Dict[str, Any]:
             "kmeans_iters": args.kmeans_iters or DEFAULT_KMEANS_ITERS,
             "init": init, "keep_remainder": keep,
             "codebook_dtype": str(codebook_dtype(args) or "float32").replace("torch.", "")}
+
+
+def serving_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
+    """The torch dtype of ``--serving-dtype`` (INT4 is ``torch.quint4x2``), or None."""
+    return {None: None, "int8": torch.int8, "int4": torch.quint4x2}[args.serving_dtype]
 
 
 def codebook_dtype(args: argparse.Namespace) -> Optional[torch.dtype]:
@@ -723,6 +744,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
                                 assignment_share=args.cce_assignment_share,
                                 qr_operation=args.qr_operation,
                                 codebook_dtype=codebook_dtype(args),
+                                serving_dtype=serving_dtype(args),
                                 allocation=args.planner_allocation,
                                 )
         compression, cap = plan.compression, None
@@ -736,10 +758,9 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     else:
         compression, cap = make_compression(tables, args, table_counts(data, tables))
     compression = apply_cce_settings(compression, args)
-    # An all-MPE collection has no codebook for DMP to shard: build it for DDP.
+    # An all-MPE collection has no codebook for the planner (shard_model shards it itself).
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
-    ebc = CCEEmbeddingBagCollection(tables, compression,
-                                    device=None if all_mpe else torch.device("meta"))
+    ebc = CCEEmbeddingBagCollection(tables, compression, device=torch.device("meta"))
     dense = [int(x) for x in args.dense_arch.split(",")]
     over = [int(x) for x in args.over_arch.split(",")]
     if dense[-1] != dim:
@@ -757,7 +778,8 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     return train_module, {"max_params_per_table": cap, "compressed_tables": len(compression),
                           "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),
                           "all_mpe": all_mpe,
-                          "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan}
+                          "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan,
+                          "table_configs": tables, "compression": compression}
 
 
 class MPEDLRMTrain(DLRMTrain):
@@ -790,12 +812,17 @@ def dense_optimizer(name: str, lr: float) -> Callable[[Any], torch.optim.Optimiz
 def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: torch.device
                 ) -> Tuple[nn.Module, str]:
     opt_cls, opt_kw = sparse_optimizer(args.sparse_optimizer)
-    # Codebooks (2-D) get the fused sparse optimizer; MEmCom's 1-D per-id weights (split by id
-    # range, not TBE tables) get torch's optimizer of the same rule (Adagrad = row-wise Adagrad
-    # on one-element rows), also stepped in backward and checkpointed in dmp.fused_optimizer.
-    # MPE tables' own parameters (replicated, DDP) train with the dense optimizer instead.
-    sparse = [p for n, p in model.model.sparse_arch.named_parameters()
-              if not (args.method == "mpe" and ".tables." in n)]
+    # Every embedding row gets the sparse optimizer at --lr, stepped in backward: codebooks
+    # (2-D TBE tables: fbgemm's fused optimizer) and MPE's fp32 master weights (2-D, split by
+    # id range: the sharder gives them torch's form of the same rule, e.g. row-wise Adagrad
+    # with sparse gradients); MEmCom's 1-D per-id weights (split by id range) get torch's
+    # optimizer of the same rule (Adagrad = row-wise Adagrad on one-element rows). Both are
+    # checkpointed in dmp.fused_optimizer. MPE's small replicated logits, LSQ+ steps and
+    # offsets (DDP) train with the dense optimizer.
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    mpe_small = {id(p) for m in ebc.tables.values() if isinstance(m, MPETable)
+                 for p in (m.logits, m.alpha, m.beta)}
+    sparse = [p for p in model.model.sparse_arch.parameters() if id(p) not in mpe_small]
     apply_optimizer_in_backward(opt_cls, [p for p in sparse if p.dim() == 2],
                                 {"lr": args.lr, **opt_kw})
     per_id = [p for p in sparse if p.dim() == 1]
@@ -820,8 +847,11 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
     # underflows eps to 0 at step 1).
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    ebc = model.model.sparse_arch.embedding_bag_collection
-    model_parallel = [s for s in sharder.sharding_types(device.type) if s != "data_parallel"]
+    # Serving INT-N rows quantises whole rows: evaluating the served values (served_codebooks)
+    # needs every codebook row on one rank, so column-wise placements are left out then.
+    split_rows = ("data_parallel",) + (("column_wise", "table_column_wise")
+                                       if args.serving_dtype else ())
+    model_parallel = [s for s in sharder.sharding_types(device.type) if s not in split_rows]
     constraints = {c.name: ParameterConstraints(sharding_types=model_parallel)
                    for c in getattr(ebc, "codebook_table_configs", lambda: [])()}
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=args.batch_size,
@@ -829,8 +859,10 @@ def shard_model(model: nn.Module, args: argparse.Namespace, world: int, device: 
                                        constraints=constraints or None)
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     table = format_plan(plan_memory(plan, model, world))  # before DMP swaps modules
-    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   plan=plan, sharders=[sharder], device=device)
+    env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
+    # A collection the plan does not place (all tables MPE: no codebook) is sharded here.
+    model = shard_unplanned(model, plan, sharder, env, device)
+    dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=[sharder], device=device)
     return dmp, table
 
 
@@ -963,8 +995,11 @@ def run_evaluation(ctx: "Training", epoch: int) -> Dict[str, Any]:
     if isinstance(ctx.pipeline, TrainPipelineSparseDist):
         ctx.pipeline.detach()  # the modules' own forward; progress() re-attaches
     t0 = time.perf_counter()
-    val = evaluate(ctx.dmp, ctx.data.val(), ctx.device)
-    test = evaluate(ctx.dmp, ctx.data.test(), ctx.device)
+    # --serving-dtype: evaluate the served model (codebook entries at their INT-N values)
+    dtype = serving_dtype(ctx.args)
+    with served_codebooks(ctx.dmp, dtype) if dtype is not None else contextlib.nullcontext():
+        val = evaluate(ctx.dmp, ctx.data.val(), ctx.device)
+        test = evaluate(ctx.dmp, ctx.data.test(), ctx.device)
     record = {"epoch": epoch, "step": ctx.progress["step"],
               "val_logloss": val["logloss"], "val_auc": val["auc"],
               "test_logloss": test["logloss"], "test_auc": test["auc"]}
@@ -996,6 +1031,8 @@ def checkpoint_manager(args: argparse.Namespace, budget: Dict[str, Any],
     if not args.checkpoint_dir:
         return None
     config = {k: getattr(args, k) for k in MODEL_FLAGS}
+    if args.serving_dtype:  # only when set, so checkpoints written before the flag still load
+        config["serving_dtype"] = args.serving_dtype
     config.update(max_params_per_table=budget["max_params_per_table"], tables=budget["tables"])
     return CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints, config=config,
                              batch_size=args.batch_size, log=log)
@@ -1249,6 +1286,13 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
 def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[str, Any]:
     best = ctx.protocol.best
     report = memory_report(ctx.dmp)
+    dtype = serving_dtype(ctx.args)
+    if dtype is not None:  # served with INT-N codebooks: the serving size is what is stored
+        for t in ctx.budget["table_configs"]:
+            row = report[t.name]
+            served = config_bytes(t, ctx.budget["compression"].get(t.name), dtype)
+            row.update(serving_bytes=served, compressed_bytes=served,
+                       ratio=row["full_bytes"] / served)
     totals = summarize(report)
     step_seconds = train_seconds - ctx.recluster_seconds - ctx.eval_seconds
     return {

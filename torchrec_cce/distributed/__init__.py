@@ -4,6 +4,7 @@ from torchrec_cce.distributed.planning import (
     CCEStorageReservation,
     assignment_bytes_per_rank,
     format_plan_memory,
+    mpe_bytes_per_rank,
     per_id_bytes_per_rank,
     plan_memory,
 )
@@ -18,6 +19,7 @@ __all__ = [
     "ShardedCCEEmbeddingBagCollection",
     "assignment_bytes_per_rank",
     "format_plan_memory",
+    "mpe_bytes_per_rank",
     "per_id_bytes_per_rank",
     "plan_memory",
 ]

@@ -1,10 +1,12 @@
 """Make TorchRec's planner see the true bytes of CCE tables, and show a plan's memory per rank.
 
 TorchRec 1.8's storage estimator counts only the tensors returned by ``shardable_parameters``
-(the codebooks). A CCE table's assignment ``p`` (bit-packed ``N x chunks``) is invisible to it, yet is
-the only state that grows with the vocabulary. :class:`CCEStorageReservation` wraps any planner
-``StorageReservation`` and additionally reserves, on every device, the assignment bytes that
-rank will hold (the packed words of its id range when split, everything when replicated), so plans that would not fit are rejected by the planner itself.
+(the codebooks). The O(V) state split by id range is invisible to it: a CCE table's assignment
+``p`` (bit-packed ``N x chunks``), MEmCom's per-id weights and MPE's fp32 master weights (plus
+MPE's small replicated state). :class:`CCEStorageReservation` wraps any planner
+``StorageReservation`` and additionally reserves, on every device, the bytes of that state the
+rank will hold (its id range when split, everything when replicated), so plans that would not
+fit are rejected by the planner itself.
 """
 
 import copy
@@ -25,6 +27,7 @@ from torchrec_cce.distributed.id_routing import IdRange
 from torchrec_cce.distributed.sharder import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
 from torchrec_cce.memory import _dtype_bytes
 from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name
+from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 
 
@@ -65,6 +68,23 @@ def per_id_bytes_per_rank(model: nn.Module, world_size: int) -> Dict[str, List[i
     return out
 
 
+def mpe_bytes_per_rank(model: nn.Module, world_size: int) -> Dict[str, List[int]]:
+    """``{table: [MPE training bytes on rank 0, rank 1, ...]}``: the fp32 master rows of the
+    rank's id range (``ceil(V / world)`` ids per rank) plus the replicated logits, steps,
+    offsets and buffers, for every MPE table in ``model``."""
+    out: Dict[str, List[int]] = {}
+    for _, module in model.named_modules():
+        if not isinstance(module, CCEEmbeddingBagCollection):
+            continue
+        for name, method in module.tables.items():
+            if isinstance(method, MPETable):
+                out[name] = [(r.hi - r.lo) * method.master_row_bytes()
+                             + method.replicated_state_bytes()
+                             for r in (IdRange(method.num_embeddings, k, world_size)
+                                       for k in range(world_size))]
+    return out
+
+
 def _logical_state_bytes(method: object) -> int:
     """Bytes of a table's non-codebook state: CCE's packed ``p`` and hash generation, or
     MEmCom's per-id weights (else 0)."""
@@ -72,6 +92,8 @@ def _logical_state_bytes(method: object) -> int:
         return method.logical_state_bytes()
     if isinstance(method, MEmComTable):
         return method.per_id_bytes()
+    if isinstance(method, MPETable):
+        return method.logical_state_bytes()
     return 0
 
 
@@ -90,6 +112,7 @@ class CCEStorageReservation(StorageReservation):
         self._replicate_below = replicate_below
         self.assignment_bytes: Dict[str, List[int]] = {}
         self.per_id_bytes: Dict[str, List[int]] = {}
+        self.mpe_bytes: Dict[str, List[int]] = {}
         self._last: Optional[Topology] = None
 
     def reserve(self, topology: Topology, batch_size: int, module: nn.Module,
@@ -100,9 +123,11 @@ class CCEStorageReservation(StorageReservation):
         self.assignment_bytes = assignment_bytes_per_rank(module, topology.world_size,
                                                           self._replicate_below)
         self.per_id_bytes = per_id_bytes_per_rank(module, topology.world_size)
+        self.mpe_bytes = mpe_bytes_per_rank(module, topology.world_size)
         for rank, device in enumerate(reserved.devices):
             need = sum(b[rank] for b in self.assignment_bytes.values())
             need += sum(b[rank] for b in self.per_id_bytes.values())
+            need += sum(b[rank] for b in self.mpe_bytes.values())
             if topology.compute_device == "cpu":
                 device.storage.ddr -= need
             else:
@@ -122,6 +147,7 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
     as placed by ``plan`` plus the assignment), for every CCE collection in ``model``."""
     assign = assignment_bytes_per_rank(model, world_size, replicate_below)
     assign.update(per_id_bytes_per_rank(model, world_size))  # O(V) state: p or per-id weights
+    assign.update(mpe_bytes_per_rank(model, world_size))  # or MPE's master rows (+ small state)
     rows: Dict[str, Dict[str, object]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, CCEEmbeddingBagCollection):
@@ -148,13 +174,10 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
                     per_rank[rank] += shard.shard_sizes[0] * shard.shard_sizes[1] * elem
             for r, b in enumerate(assign.get(t.name, [0] * world_size)):
                 per_rank[r] += b
-            # Self-looked-up tables (MPE) keep their training state on every rank.
-            local = method.state_bytes() if getattr(method, "local_lookup", False) else 0
-            per_rank = [b + local for b in per_rank]
             rows[t.name] = {
                 "method": method.method_name,
                 "full_bytes": t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type),
-                "compressed_bytes": local + codebook_total + _logical_state_bytes(method),
+                "compressed_bytes": codebook_total + _logical_state_bytes(method),
                 "bytes_per_rank": per_rank,
             }
     return rows
@@ -207,6 +230,12 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
             per_id = method.per_id_bytes()
             local_per_id = method.state_bytes()  # this rank's id range of the weights
             params += method.extra_parameters()
+        mpe: Dict[str, float] = {}
+        if isinstance(method, MPETable):  # training state: global, and this rank's share
+            other_state = method.logical_state_bytes()
+            params += method.extra_parameters()
+            mpe = {"local_master_bytes": method.weight.shape[0] * method.master_row_bytes(),
+                   "local_training_bytes": method.state_bytes()}
         full = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
         compressed = codebook_bytes + assignment + other_state + per_id
         report[t.name] = {
@@ -222,5 +251,6 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
             "local_codebook_bytes": local_codebook,
             "local_assignment_bytes": local_assignment,
             "local_per_id_bytes": local_per_id,
+            **mpe,
         }
     return report

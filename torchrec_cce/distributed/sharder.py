@@ -15,11 +15,17 @@ Codebook table names, for ``ParameterConstraints``: ``<table>__cce`` (CCE: every
 ``A_i`` and ``B_i`` in one table), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` /
 ``<table>__qr_r``; full tables keep their name.
 
+O(V) state that is not a codebook is split by id range (``ceil(V / world)`` ids per rank) and
+reached through all-to-alls: CCE's assignment (read in ``input_dist``), MEmCom's per-id weights
+and MPE's fp32 master weights (fetched differentiably in ``compute``, stepped in backward by
+their owner's in-backward optimizer, whose state is in ``dmp.fused_optimizer``).
+
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,
-``tables.<t>.assignment``, ``tables.<t>.h_generation``), with ``ShardedTensor`` values for
-sharded state, so ``torch.distributed.checkpoint`` reshards between world sizes. A CCE
-assignment is stored as its bit-packed int32 words (1-D); id-range shards start on word
-boundaries, so each rank's words are one piece of the same packed array at any world size.
+``tables.<t>.assignment``, ``tables.<t>.h_generation``, ``tables.<t>.id_weight``,
+``tables.<t>.weight``), with ``ShardedTensor`` values for sharded state, so
+``torch.distributed.checkpoint`` reshards between world sizes. A CCE assignment is stored as its
+bit-packed int32 words (1-D); id-range shards start on word boundaries, so each rank's words are
+one piece of the same packed array at any world size.
 """
 
 import inspect
@@ -39,6 +45,7 @@ from torchrec.distributed.embeddingbag import (
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
+    NoWait,
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
@@ -49,13 +56,16 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
+from torchrec_cce.distributed.cpu_tbe import use_codebook_kernel
 from torchrec_cce.distributed.per_id_weights import (
     ScaleGrad,
+    fetch_per_id_rows,
     fetch_per_id_weights,
     id_range_sharded,
     per_id_fused_optimizer,
 )
 from torchrec_cce.methods import CCETable, MEmComTable, build_table, codebook_feature_name
+from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.stages import (
     check_features,
@@ -80,12 +90,28 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
     # A batch of no examples runs as one example of empty bags (so this rank still takes part
     # in every collective); its output row is dropped again when composing.
     empty_batch: bool = False
+    # Pooled outputs of the MPE features, computed in ``compute`` from the fetched rows.
+    local_pooled: Dict[str, torch.Tensor] = field(default_factory=dict)
+    batch_size: int = 0
+
+
+class _Ready(LazyAwaitable[KeyedTensor]):
+    """An already computed output (a collection with no codebook has no output dist)."""
+
+    def __init__(self, value: KeyedTensor) -> None:
+        super().__init__()
+        self._value = value
+
+    def _wait_impl(self) -> KeyedTensor:
+        return self._value
 
 
 def _compose_callback(kt: KeyedTensor, module: "ShardedCCEEmbeddingBagCollection",
-                      lengths: Dict[str, torch.Tensor], empty_batch: bool = False) -> KeyedTensor:
+                      lengths: Dict[str, torch.Tensor], empty_batch: bool = False,
+                      local_pooled: Optional[Dict[str, torch.Tensor]] = None) -> KeyedTensor:
     out = compose_pooled(module._embedding_bag_configs, module.tables, lengths, kt,
-                         module._is_weighted, cache=module._compose_cache)
+                         module._is_weighted, cache=module._compose_cache,
+                         local_pooled=local_pooled)
     if empty_batch:
         return KeyedTensor(keys=out.keys(), length_per_key=out.length_per_key(),
                            values=out.values()[:0])
@@ -135,31 +161,44 @@ class ShardedCCEEmbeddingBagCollection(
         self._is_weighted = module.is_weighted()
         self._inner_weighted = module._inner_weighted
         self._feature_table = dict(module._feature_table)
+        self._table_features = {t.name: list(t.feature_names) for t in self._embedding_bag_configs}
         self._served = module.feature_names()
         self._fused = module._fused  # None: resolved on first use (see CCEEmbeddingBagCollection)
         self._fused_resolved: Optional[bool] = None
         self._remap_cache: Dict[Any, Any] = {}
         self._compose_cache: Dict[Any, Any] = {}
         compression = module.compression
-        # Snapshot the per-id weights' in-backward optimizers first: sharding the codebooks
+        # Snapshot the per-id state's in-backward optimizers first: sharding the codebooks
         # consumes keys of the kwargs dict apply_optimizer_in_backward shares between params.
         per_id_optimizers = {n: _in_backward_optimizers(m.id_weight)
                              for n, m in module.tables.items() if isinstance(m, MEmComTable)}
+        per_id_optimizers.update({n: _in_backward_optimizers(m.weight)
+                                  for n, m in module.tables.items() if isinstance(m, MPETable)})
+        self._has_codebooks = bool(module.codebooks.embedding_bag_configs())
         self.codebooks: ShardedEmbeddingBagCollection = ebc_sharder.shard(
             module.codebooks, table_name_to_parameter_sharding, env=env, device=device,
             module_fqn=append_prefix(module_fqn or "", "codebooks") if module_fqn else None,
         )
+        # CPU codebook TBEs train with torchrec_cce's kernel (same state, same maths as fbgemm's;
+        # see torchrec_cce/distributed/cpu_tbe.py).
+        self.codebook_kernels = use_codebook_kernel(self.codebooks)
         rank, world = env.rank, env.world_size
         self.tables = nn.ModuleDict()
         self._id_ranges: Dict[str, IdRange] = {}
         # MEmCom: per-id weights split by id range; stream key -> table, table -> its id range.
         self._memcom_keys: Dict[str, str] = {}
         self._memcom_ranges: Dict[str, IdRange] = {}
+        # MPE: master weights split by id range, fetched in compute (table -> its id range).
+        self._mpe_ranges: Dict[str, IdRange] = {}
         for t in self._embedding_bag_configs:
             src = module.tables[t.name]
             if isinstance(src, MEmComTable):
                 self.tables[t.name] = self._build_memcom(t, src, compression[t.name], rank, world,
                                                          per_id_optimizers[t.name])
+                continue
+            if isinstance(src, MPETable):
+                self.tables[t.name] = self._build_mpe(t, src, compression[t.name], rank, world,
+                                                      per_id_optimizers[t.name])
                 continue
             if not isinstance(src, CCETable):
                 self.tables[t.name] = build_table(t, compression.get(t.name), device=device)
@@ -183,11 +222,10 @@ class ShardedCCEEmbeddingBagCollection(
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_assignment_shards)
         self._register_load_state_dict_pre_hook(
             ShardedCCEEmbeddingBagCollection._load_assignment_shards, with_module=True)
-        # In-backward optimizers of the per-id weights, checkpointed with the codebooks' ones.
+        # In-backward optimizers of the per-id state, checkpointed with the codebooks' ones.
         # DistributedModelParallel collects it (with the codebooks' one) into dmp.fused_optimizer.
         per_id_optimizer = per_id_fused_optimizer(
-            [(f"tables.{n}.id_weight", self.tables[n].id_weight, rng)
-             for n, rng in self._memcom_ranges.items()], self._pg)
+            [(key, param, rng) for key, param, rng in self._per_id_state()], self._pg)
         if per_id_optimizer is not None:
             self.per_id_optimizer = _FusedOptimizerHolder(per_id_optimizer)
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_per_id_shards)
@@ -208,9 +246,56 @@ class ShardedCCEEmbeddingBagCollection(
             self._memcom_keys[codebook_feature_name(f, "memcom")] = t.name
         return method
 
+    # ---- MPE master weights (split by id range, fetched in compute) ----
+    def _build_mpe(self, t: Any, src: MPETable, config: Any, rank: int, world: int,
+                   optimizers: List[Tuple[type, Dict[str, Any]]]) -> MPETable:
+        rng = IdRange(t.num_embeddings, rank, world)
+        method = MPETable(t, config, device=self._device, id_shard=(rng.lo, rng.hi))
+        if not src.weight.is_meta:  # the unsharded module's state, this rank's rows
+            state = dict(src.state_dict())
+            state["weight"] = state["weight"][rng.lo: rng.hi]
+            method.load_state_dict(state)
+        _apply_in_backward_optimizers(optimizers, method.weight)
+        self._mpe_ranges[t.name] = rng
+        return method
+
+    def _lookup_mpe(self, ctx: CCEEmbeddingBagCollectionContext) -> Optional[torch.Tensor]:
+        """Pooled outputs of the MPE features into ``ctx.local_pooled``: each table's unique
+        ids of this rank's batch, their master rows fetched from the owners (one all-to-all
+        for every MPE table), quantised and pooled here. Returns the fetch's anchor. Collective."""
+        if not self._mpe_ranges:
+            return None
+        requests, uniqs, sparse = [], [], []
+        for table, rng in self._mpe_ranges.items():
+            features = self._table_features[table]
+            ids = [ctx.mean_lengths[f].values() for f in features]
+            uniq = torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.int64)
+            requests.append((uniq, rng, self.tables[table].weight))
+            uniqs.append(uniq)
+            sparse.append(_accepts_sparse_grad(self.tables[table].weight))
+        fetched, anchor = fetch_per_id_rows(requests, self._pg, sparse_grad=sparse)
+        world = self._env.world_size
+        for table, uniq, rows in zip(self._mpe_ranges, uniqs, fetched):
+            m = self.tables[table]
+            # The ranks' gradients arrive summed: take their mean, as DDP and TorchRec do.
+            quantized = m.quantize(ScaleGrad.apply(rows, 1.0 / world), uniq)
+            for f in self._table_features[table]:
+                jt = ctx.mean_lengths[f]
+                weights = jt.weights_or_none() if self._is_weighted else None
+                ctx.local_pooled[f] = m.pool(jt, weights, uniq, quantized)
+        return anchor
+
     def per_id_range(self, table: str) -> Optional[IdRange]:
-        """The id range of MEmCom's per-id weights this rank stores for ``table``."""
-        return self._memcom_ranges.get(table)
+        """The id range of the per-id state (MEmCom's weights, MPE's master rows) this rank
+        stores for ``table``."""
+        return self._memcom_ranges.get(table) or self._mpe_ranges.get(table)
+
+    def _per_id_state(self) -> Iterator[Tuple[str, nn.Parameter, IdRange]]:
+        """``(state-dict key, local parameter, id range)`` of every id-range split parameter."""
+        for table, rng in self._memcom_ranges.items():
+            yield f"tables.{table}.id_weight", self.tables[table].id_weight, rng
+        for table, rng in self._mpe_ranges.items():
+            yield f"tables.{table}.weight", self.tables[table].weight, rng
 
     def _resolve_memcom(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Raw MEmCom ids in the distributed codebook input -> hashed rows, with their per-id
@@ -257,34 +342,29 @@ class ShardedCCEEmbeddingBagCollection(
                 length_per_key=kjt.length_per_key(), offset_per_key=bounds)
         return KJTList(out), anchor
 
-    def _sharded_per_id(self, table: str) -> ShardedTensor:
-        return id_range_sharded(self.tables[table].id_weight.detach(),
-                                self._memcom_ranges[table], self._pg)
-
     @staticmethod
     def _save_per_id_shards(module: "ShardedCCEEmbeddingBagCollection",
                             destination: Dict[str, Any], prefix: str, _local_metadata: Any) -> None:
-        for table in module._memcom_ranges:
-            destination[f"{prefix}tables.{table}.id_weight"] = module._sharded_per_id(table)
+        for key, param, rng in module._per_id_state():
+            destination[prefix + key] = id_range_sharded(param.detach(), rng, module._pg)
 
     def _load_per_id_shards(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        for table, rng in self._memcom_ranges.items():
-            key = f"{prefix}tables.{table}.id_weight"
+        for key, target, rng in self._per_id_state():
+            key = prefix + key
             if key not in state_dict:
                 continue
             value = state_dict[key]
-            target = self.tables[table].id_weight
             with torch.no_grad():
                 if isinstance(value, ShardedTensor):
                     for shard in value.local_shards():
                         lo, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
                         target[lo - rng.lo: lo - rng.lo + n].copy_(shard.tensor)
-                elif value.shape[0] == rng.num_ids:  # a full (unsharded) w
+                elif value.shape[0] == rng.num_ids:  # the full (unsharded) tensor
                     target.copy_(value[rng.lo: rng.hi])
                 else:
                     raise ValueError(
-                        f"{key}: expected a ShardedTensor or the full {rng.num_ids} per-id "
-                        f"weights, got shape {tuple(value.shape)}")
+                        f"{key}: expected a ShardedTensor or the full tensor of {rng.num_ids} "
+                        f"ids, got shape {tuple(value.shape)}")
             state_dict[key] = target  # loaded above; the default loader copies it onto itself
 
     @property
@@ -370,12 +450,15 @@ class ShardedCCEEmbeddingBagCollection(
             ctx.empty_batch = True
             features = _one_example_of_empty_bags(features)
         ctx.mean_lengths = mean_lengths(self._embedding_bag_configs, features)
-        # Tables that look themselves up in compose (MPE) need the local ids of the batch.
+        # Tables that look themselves up (MPE) need the local ids of the batch; bad ids are
+        # refused here, before any collective.
         local = [f for t in self._embedding_bag_configs
                  if getattr(self.tables[t.name], "local_lookup", False) for f in t.feature_names]
         if local:
             per_feature = features.to_dict()
             ctx.mean_lengths.update({f: per_feature[f] for f in local})
+            for f in local:
+                self.tables[self._feature_table[f]]._check_ids(per_feature[f].values())
         if self.training:
             per_feature = feature_ids(features)
             ctx.observed_ids = [(t.name, per_feature[f]) for t in self._embedding_bag_configs
@@ -384,6 +467,9 @@ class ShardedCCEEmbeddingBagCollection(
                                   self._is_weighted, self._inner_weighted,
                                   assignments=self._remote_assignments(features), observe=False,
                                   fused=self.fused, cache=self._remap_cache)
+        if not self._has_codebooks:  # only MPE tables: nothing to distribute
+            ctx.batch_size = features.stride()
+            return NoWait(NoWait(KJTList([])))
         return self.codebooks.input_dist(ctx, remapped)
 
     def _observe(self, ctx: CCEEmbeddingBagCollectionContext) -> None:
@@ -395,21 +481,31 @@ class ShardedCCEEmbeddingBagCollection(
                 dist_input: KJTList) -> List[torch.Tensor]:
         self._observe(ctx)
         dist_input, anchor = self._resolve_memcom(dist_input)
+        mpe_anchor = self._lookup_mpe(ctx)
+        if not self._has_codebooks:
+            return []
         output = self.codebooks.compute(ctx, dist_input)
-        if anchor is not None:  # every rank joins the per-id backward after every output a2a
-            output = [o + anchor.to(o.dtype) for o in output]
+        for a in (anchor, mpe_anchor):
+            if a is not None:  # every rank joins the per-id backward after every output a2a
+                output = [o + a.to(o.dtype) for o in output]
         return output
 
     def output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                     output: List[torch.Tensor]) -> LazyAwaitable[KeyedTensor]:
-        awaitable = self.codebooks.output_dist(ctx, output)
+        if self._has_codebooks:
+            awaitable = self.codebooks.output_dist(ctx, output)
+        else:
+            awaitable = _Ready(KeyedTensor(keys=[], length_per_key=[],
+                                           values=torch.empty(ctx.batch_size, 0,
+                                                              device=self._device)))
         awaitable.callbacks.append(partial(_compose_callback, module=self,
-                                           lengths=ctx.mean_lengths, empty_batch=ctx.empty_batch))
+                                           lengths=ctx.mean_lengths, empty_batch=ctx.empty_batch,
+                                           local_pooled=ctx.local_pooled))
         return awaitable
 
     def compute_and_output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
-        if self._memcom_ranges:
+        if self._memcom_ranges or self._mpe_ranges or not self._has_codebooks:
             return self.output_dist(ctx, self.compute(ctx, input))
         self._observe(ctx)
         awaitable = self.codebooks.compute_and_output_dist(ctx, input)
@@ -431,8 +527,8 @@ class ShardedCCEEmbeddingBagCollection(
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         for fqn, _ in self.codebooks.named_parameters():
             yield append_prefix(prefix, f"codebooks.{fqn}")
-        for table in self._memcom_ranges:  # split by id range: DDP must not all-reduce them
-            yield append_prefix(prefix, f"tables.{table}.id_weight")
+        for key, _, _ in self._per_id_state():  # split by id range: DDP must not all-reduce them
+            yield append_prefix(prefix, key)
 
     @property
     def unsharded_module_type(self) -> Type[CCEEmbeddingBagCollection]:
@@ -472,9 +568,11 @@ def _apply_in_backward_optimizers(optimizers: List[Tuple[type, Dict[str, Any]]],
     """Give ``dst`` the in-backward optimizers of :func:`_in_backward_optimizers` (if any).
 
     ``torchrec.optim.optimizers.SGD/Adam/Adagrad`` only name fbgemm's fused optimizers (their
-    ``step`` raises), so the per-id weights get the ``torch.optim`` class of the same name; and
-    TorchRec's ``RowWiseAdagrad`` needs 2-D rows: on MEmCom's 1-D per-id weights (rows of one
-    element) it equals ``torch.optim.Adagrad``.
+    ``step`` raises), so the per-id state gets the ``torch.optim`` class of the same name.
+    ``RowWiseAdagrad`` (fbgemm's ``EXACT_ROWWISE_ADAGRAD``) becomes
+    :class:`torchrec_cce.optim.RowWiseAdagrad` on 2-D rows (MPE's master weights: one
+    accumulator per row, sparse gradients) and ``torch.optim.Adagrad`` on MEmCom's 1-D per-id
+    weights (rows of one element, where the two rules are the same).
     """
     if not optimizers:
         return
@@ -482,13 +580,37 @@ def _apply_in_backward_optimizers(optimizers: List[Tuple[type, Dict[str, Any]]],
     from torchrec.optim import optimizers as fused_names
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+    from torchrec_cce.optim import RowWiseAdagrad as SparseRowWiseAdagrad
+
     torch_equivalent = {fused_names.SGD: torch.optim.SGD, fused_names.Adam: torch.optim.Adam,
                         fused_names.Adagrad: torch.optim.Adagrad,
-                        RowWiseAdagrad: torch.optim.Adagrad}
+                        RowWiseAdagrad: (SparseRowWiseAdagrad if dst.dim() == 2
+                                         else torch.optim.Adagrad)}
     for cls, kwargs in optimizers:
         cls = torch_equivalent.get(cls, cls)
         accepted = inspect.signature(cls.__init__).parameters  # drop fbgemm-only keys
         apply_optimizer_in_backward(cls, [dst], {k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _accepts_sparse_grad(param: nn.Parameter) -> bool:
+    """Whether ``param`` is stepped in backward only by optimizers that take sparse gradients
+    the same as dense ones (row-wise Adagrad; torch Adagrad and plain SGD without weight decay
+    or momentum). Otherwise (e.g. a dense optimizer steps it) its lookups give dense gradients."""
+    from torchrec_cce.optim import RowWiseAdagrad as SparseRowWiseAdagrad
+
+    opts = getattr(param, "_in_backward_optimizers", [])
+
+    def ok(opt: torch.optim.Optimizer) -> bool:
+        group = opt.param_groups[0]
+        if isinstance(opt, SparseRowWiseAdagrad):
+            return True
+        if type(opt) is torch.optim.Adagrad:
+            return group.get("weight_decay", 0) == 0
+        if type(opt) is torch.optim.SGD:
+            return group.get("weight_decay", 0) == 0 and group.get("momentum", 0) == 0
+        return False
+
+    return bool(opts) and all(ok(o) for o in opts)
 
 
 def _without_bounds_check(sharder: EmbeddingBagCollectionSharder) -> EmbeddingBagCollectionSharder:
@@ -563,8 +685,28 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
 
 
+def shard_unplanned(model: nn.Module, plan: Any, sharder: CCEEmbeddingBagCollectionSharder,
+                    env: ShardingEnv, device: torch.device) -> nn.Module:
+    """Shard every ``CCEEmbeddingBagCollection`` of ``model`` that ``plan`` gives no codebook
+    placement (a collection whose tables are all MPE has no codebook for the planner, and
+    DistributedModelParallel skips modules with an empty plan), so that its MPE master weights
+    are split by id range too; DistributedModelParallel then takes the sharded module as it
+    is. Replaces the submodules in place; returns ``model`` (or the sharded module, if
+    ``model`` itself is the collection)."""
+    for path, module in list(model.named_modules()):
+        if not isinstance(module, CCEEmbeddingBagCollection) or plan.get_plan_for_module(path):
+            continue
+        sharded = sharder.shard(module, {}, env=env, device=device, module_fqn=path)
+        if not path:
+            return sharded
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, sharded)
+    return model
+
+
 __all__ = [
     "CCEEmbeddingBagCollectionSharder",
     "ShardedCCEEmbeddingBagCollection",
     "CCEEmbeddingBagCollectionContext",
+    "shard_unplanned",
 ]

@@ -78,6 +78,9 @@ class CompressedTable(nn.Module, abc.ABC):
     method_name: str = ""
     # True when compose(pooled) == torch.cat(pooled, dim=1): compose is then a column slice.
     concat_compose: bool = False
+    # "mult" / "add" when compose(pooled) == pooled[0] * pooled[1] / pooled[0] + pooled[1]
+    # (same shapes): the collection then composes every table in a few whole-batch ops.
+    elementwise_compose: Optional[str] = None
 
     def __init__(self, table: EmbeddingBagConfig) -> None:
         super().__init__()

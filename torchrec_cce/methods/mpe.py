@@ -19,9 +19,16 @@ Follows the authors' public code (github.com/Leopold1423/mpe: ``model/embedding.
 * **selection** (the public code's ``get_bit``): each group keeps the *largest* bit width whose
   probability is ``>= 1 / (2 * number of candidates)`` (one always qualifies: the largest
   probability is ``>= 1/K``);
-* **retrain** (``prepare_retrain``): the embedding weights restart from their initial values
-  (regenerated from the seed, so no copy is kept), the widths are frozen, steps/offsets and
-  the rest of the model continue from the search, and training continues.
+* **retrain** (:meth:`MPETable.select`): the embedding weights restart from their initial
+  values (regenerated from the seed, so no copy is kept), the widths are frozen, steps/offsets
+  and the rest of the model continue from the search, and training continues.
+* initial values: uniform in the table's init range, generated in blocks of
+  :data:`INIT_BLOCK_ROWS` ids, block ``k`` from its own seed (``derive_seed(seed, table, k,
+  "mpe_init")``), so any id range is generated without the rest of the table (a table of at
+  most one block is ``torch.rand(V, dim)`` from block 0's seed). The steps start at the
+  public code's ``2 * mean|W| / sqrt(2^(b-1))`` with ``mean|W|`` the init distribution's
+  expectation (the public code measures it on the table; the two differ by
+  ``O(1/sqrt(V * dim))``, and the expectation is the same on every rank of a sharded table).
 * warm-up (only without counts): rows are used unquantised while the table counts the ids it
   sees; :meth:`build_groups` (collective under DMP) turns the counts into groups.
 
@@ -34,17 +41,20 @@ table contributes no codebook to the inner EBC and looks itself up (:meth:`poole
 the unique ids of the batch are gathered from the fp32 master weights (a regular parameter),
 only those rows are quantised and mixed, and ``F.embedding_bag`` pools them with the bag's
 offsets and per-sample weights, so multi-hot bags and weighted/SUM/MEAN pooling are exact
-(quantise rows, then pool). Under ``DistributedModelParallel`` the table is data-parallel:
-every rank holds the parameters and DMP's DDP all-reduces their gradients; the other tables'
-codebooks are sharded as usual. A model-parallel alternative would be an unpooled
-``EmbeddingCollection`` holding the master weights (quantise the returned rows, then pool);
-it needs a second sharded inner module and is not done here.
+(quantise rows, then pool). Under ``DistributedModelParallel`` the master weights are
+model-parallel: the sharder builds each rank's table with ``id_shard=(lo, hi)`` (it stores
+rows ``[lo, hi)`` only, ``ceil(V / world)`` ids per rank), fetches the batch's unique rows from
+their owners through a differentiable all-to-all
+(:mod:`torchrec_cce.distributed.per_id_weights`), quantises them here with :meth:`quantize`
+and pools them with :meth:`pool`; the gradients return to the owners, whose in-backward sparse
+optimizer steps them. The small logits, steps and offsets (and the per-id group index, when
+kept) stay replicated and DMP's DDP averages their gradients.
 
 Every parameter stays in the autograd graph in every stage (multiplied by 0 where unused), so
 DMP's DDP (``static_graph=True``, ``find_unused_parameters=False``) sees a gradient for each.
 """
 
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -66,6 +76,7 @@ from torchrec_cce.mpe.quantizer import (
 )
 
 WARMUP, SEARCH, RETRAIN = 0, 1, 2
+INIT_BLOCK_ROWS = 1 << 16  # ids per independently seeded block of initial values
 STAGE_NAMES = {WARMUP: "warmup", SEARCH: "search", RETRAIN: "retrain"}
 
 
@@ -79,6 +90,13 @@ def select_bits(probs: torch.Tensor, bits: Sequence[int]) -> torch.Tensor:
     bits_t = torch.as_tensor(list(bits), dtype=torch.int64, device=probs.device)
     eligible = probs >= selection_threshold(len(bits))
     return torch.where(eligible, bits_t, torch.full_like(bits_t, -1)).max(dim=1).values
+
+
+def uniform_abs_mean(lo: float, hi: float) -> float:
+    """``E|w|`` for ``w ~ U(lo, hi)``."""
+    if lo >= 0 or hi <= 0:
+        return abs(lo + hi) / 2
+    return (lo * lo + hi * hi) / (2 * (hi - lo))
 
 
 def frequency_ranks(counts: torch.Tensor) -> Optional[torch.Tensor]:
@@ -95,13 +113,18 @@ def frequency_ranks(counts: torch.Tensor) -> Optional[torch.Tensor]:
 
 
 class MPETable(CompressedTable):
-    """One MPE table: fp32 master weights, group logits, LSQ+ steps and offsets (see module)."""
+    """One MPE table: fp32 master weights, group logits, LSQ+ steps and offsets (see module).
+
+    ``id_shard=(lo, hi)`` (built by the sharder) stores master-weight rows ``[lo, hi)`` only;
+    the sharded module fetches rows from their owners and calls :meth:`quantize` and
+    :meth:`pool` itself."""
 
     method_name = "mpe"
     local_lookup = True
 
     def __init__(self, table: EmbeddingBagConfig, config: MPEConfig,
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None,
+                 id_shard: Optional[Tuple[int, int]] = None) -> None:
         super().__init__(table)
         V, d = table.num_embeddings, table.embedding_dim
         self.config = config
@@ -111,10 +134,15 @@ class MPETable(CompressedTable):
         self.tau = float(config.tau)
         self.lam = float(config.lam)
         self.init_range = (table.get_weight_init_min(), table.get_weight_init_max())
-        self.init_seed = derive_seed(config.seed, table.name, 0, "mpe_init") & ((1 << 62) - 1)
+        self.seed = config.seed
+        self.sharded = id_shard is not None
+        self.id_lo, self.id_hi = id_shard if self.sharded else (0, V)
+        if not 0 <= self.id_lo <= self.id_hi <= V:
+            raise ValueError(f"table '{table.name}': id_shard {id_shard} is not inside [0, {V}]")
         self.codebooks = []
         K = len(self.bits)
-        self.weight = nn.Parameter(torch.empty(V, d, device=device))
+        # Master weights of ids [id_lo, id_hi) (all ids unless sharded by id range).
+        self.weight = nn.Parameter(torch.empty(self.id_hi - self.id_lo, d, device=device))
         self.logits = nn.Parameter(torch.zeros(config.groups, K, device=device))
         self.alpha = nn.Parameter(torch.ones(K, device=device))
         self.beta = nn.Parameter(torch.zeros(d, device=device))
@@ -146,23 +174,47 @@ class MPETable(CompressedTable):
     def _group_dtype(self) -> torch.dtype:
         return torch.int16 if self.num_groups <= 32767 else torch.int32
 
-    def initial_weight(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The initial master weights (uniform in the table's init range, seeded), regenerated
-        on demand; ``rows`` selects rows (default all)."""
-        g = torch.Generator().manual_seed(self.init_seed)
+    def _init_block(self, k: int) -> torch.Tensor:
+        """Initial values of ids ``[k * B, min(V, (k + 1) * B))`` (``B = INIT_BLOCK_ROWS``)."""
+        seed = derive_seed(self.seed, self.table_name, k, "mpe_init") & ((1 << 62) - 1)
+        g = torch.Generator().manual_seed(seed)
+        n = min(INIT_BLOCK_ROWS, self.num_embeddings - k * INIT_BLOCK_ROWS)
         lo, hi = self.init_range
-        w = torch.rand(self.num_embeddings, self.embedding_dim, generator=g) * (hi - lo) + lo
-        w = w if rows is None else w[rows.cpu()]
+        return torch.rand(n, self.embedding_dim, generator=g) * (hi - lo) + lo
+
+    def initial_rows(self, lo: int, hi: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The initial master weights of ids ``[lo, hi)`` (regenerated from the seed), written
+        block by block into ``out`` if given (no second copy of the rows)."""
+        out = torch.empty(max(0, hi - lo), self.embedding_dim) if out is None else out
+        for k in range(lo // INIT_BLOCK_ROWS, -(-hi // INIT_BLOCK_ROWS)):
+            a, b = max(lo, k * INIT_BLOCK_ROWS), min(hi, (k + 1) * INIT_BLOCK_ROWS)
+            block = self._init_block(k)[a - k * INIT_BLOCK_ROWS: b - k * INIT_BLOCK_ROWS]
+            out[a - lo: b - lo] = block.to(out.device)
+        return out
+
+    def initial_weight(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The initial master weights of the ids ``rows`` (default: the stored ones,
+        ``[id_lo, id_hi)``), regenerated from the seed."""
+        if rows is None:
+            w = self.initial_rows(self.id_lo, self.id_hi)
+        else:
+            rows = rows.to(torch.int64).cpu()
+            w = torch.empty(rows.numel(), self.embedding_dim)
+            block = torch.div(rows, INIT_BLOCK_ROWS, rounding_mode="floor")
+            for k in torch.unique(block).tolist():
+                sel = block == k
+                w[sel] = self._init_block(k)[rows[sel] - k * INIT_BLOCK_ROWS]
         return w.to(self.weight.device)
 
     def reset_parameters(self) -> None:
         if self.weight.is_meta:
             return
         with torch.no_grad():
-            self.weight.copy_(self.initial_weight())
+            self.initial_rows(self.id_lo, self.id_hi, out=self.weight)
+            mean_abs = uniform_abs_mean(*self.init_range)
             for i, b in enumerate(self.bits):
                 # The public code's init; b = 0 gets the same formula (its step is unused).
-                self.alpha[i] = 2 * self.weight.abs().mean() / (2.0 ** (b - 1)) ** 0.5
+                self.alpha[i] = 2 * mean_abs / (2.0 ** (b - 1)) ** 0.5
 
     def _set_groups(self, counts: torch.Tensor, ranks: Optional[torch.Tensor]) -> None:
         if ranks is not None:
@@ -231,14 +283,14 @@ class MPETable(CompressedTable):
                 f"table '{self.table_name}': MPE selection before its frequency groups exist; "
                 f"end the warm-up first (MPESchedule(warmup_steps=...)) or pass MPEConfig(counts=...)")
         self.selected.copy_(select_bits(self.probabilities(), self.bits))
-        self.weight.copy_(self.initial_weight())
+        self.initial_rows(self.id_lo, self.id_hi, out=self.weight)
         reset_optimizer_state([self.weight], optimizers)
+        rows = self.weight.shape[0]
         for opt in list(optimizers) + list(getattr(self.weight, "_in_backward_optimizers", [])):
             init = float(opt.param_groups[0].get("initial_accumulator_value", 0.0))
-            for key, value in (opt.state.get(self.weight) or {}).items():  # row-wise ([V], [V, 1])
+            for key, value in (opt.state.get(self.weight) or {}).items():  # row-wise ([n], [n, 1])
                 if (isinstance(value, torch.Tensor) and value.dim() >= 1
-                        and value.shape[0] == self.num_embeddings
-                        and value.shape != self.weight.shape):
+                        and value.shape[0] == rows and value.shape != self.weight.shape):
                     value.fill_(init if key == "sum" else 0.0)
         self.stage.fill_(RETRAIN)
         return self.selected.clone()
@@ -261,9 +313,22 @@ class MPETable(CompressedTable):
                     f"[0, {self.num_embeddings}); MPE tables need ids in range (map raw values "
                     f"to vocabulary ids upstream, e.g. torchrec_cce.data.preprocess)")
 
+    def _local_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.sharded:
+            raise RuntimeError(
+                f"table '{self.table_name}': this MPE table stores only the master weights of "
+                f"ids [{self.id_lo}, {self.id_hi}) (sharded by id range); its lookups go "
+                f"through ShardedCCEEmbeddingBagCollection, and a serving export needs the "
+                f"unsharded model (load the DCP checkpoint into a CCEEmbeddingBagCollection)")
+        return F.embedding(ids, self.weight)
+
     def quantized_rows(self, ids: torch.Tensor) -> torch.Tensor:
         """The rows of ``ids`` as the model sees them in the current stage, ``[n, dim]``."""
-        w = F.embedding(ids, self.weight)
+        return self.quantize(self._local_rows(ids), ids)
+
+    def quantize(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Master-weight rows ``w`` of ``ids`` (``[n, dim]``, however fetched) as the model
+        sees them in the current stage."""
         stage = int(self.stage)
         alpha = effective_step(self.alpha)
         if stage == WARMUP:
@@ -301,7 +366,8 @@ class MPETable(CompressedTable):
         i = self.bits.index(bits)
         lo, hi = code_range(bits)
         with torch.no_grad():
-            c = quantize_codes(self.weight[ids], effective_step(self.alpha)[i], self.beta, lo, hi)
+            c = quantize_codes(self._local_rows(ids), effective_step(self.alpha)[i], self.beta,
+                               lo, hi)
         return c.to(torch.int64)
 
     def pooled_lookup(self, jt: JaggedTensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -317,6 +383,17 @@ class MPETable(CompressedTable):
         return F.embedding_bag(inverse, rows, jt.offsets(), mode="sum",
                                per_sample_weights=weights, include_last_offset=True)
 
+    def pool(self, jt: JaggedTensor, weights: Optional[torch.Tensor], uniq: torch.Tensor,
+             rows: torch.Tensor) -> torch.Tensor:
+        """SUM-pooled bags of ``jt`` (``[batch, dim]``) from the quantised ``rows`` of the
+        sorted unique ids ``uniq`` (which hold every id of ``jt``): the sharded lookup."""
+        ids = jt.values()
+        if ids.numel() == 0:
+            return rows.sum() * 0.0 + torch.zeros(jt.lengths().numel(), self.embedding_dim,
+                                                  device=rows.device)
+        return F.embedding_bag(torch.searchsorted(uniq, ids), rows, jt.offsets(), mode="sum",
+                               per_sample_weights=weights, include_last_offset=True)
+
     # ---- CompressedTable interface (no codebook streams) ----
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         return []
@@ -324,13 +401,26 @@ class MPETable(CompressedTable):
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return pooled[0]
 
+    def replicated_state_bytes(self) -> int:
+        """Bytes of the state every rank keeps whole: logits, steps, offsets and the buffers
+        (stage, selected widths, group weights, LSQ gradient scales, and when kept the per-id
+        group index and the warm-up counts)."""
+        return sum(t.numel() * t.element_size() for k, t in self.state_dict().items()
+                   if k != "weight")
+
+    def master_row_bytes(self) -> int:
+        """Bytes of one master-weight row (fp32)."""
+        return self.embedding_dim * self.weight.element_size()
+
     def state_bytes(self) -> int:
-        """Training state: fp32 master weights, logits, steps, offsets and per-id group index."""
-        n = sum(p.numel() * p.element_size() for p in (self.weight, self.logits, self.alpha,
-                                                        self.beta))
-        if hasattr(self, "group_of"):
-            n += self.group_of.numel() * self.group_of.element_size()
-        return n
+        """Training state stored by this module: its master-weight rows (all, or its id range
+        when sharded) plus the replicated state (every tensor of its state dict)."""
+        return self.weight.shape[0] * self.master_row_bytes() + self.replicated_state_bytes()
+
+    def logical_state_bytes(self) -> int:
+        """Training state of the whole table (all ``V`` master rows), wherever stored."""
+        return self.num_embeddings * self.master_row_bytes() + self.replicated_state_bytes()
 
     def extra_parameters(self) -> int:
-        return sum(p.numel() for p in (self.weight, self.logits, self.alpha, self.beta))
+        return self.num_embeddings * self.embedding_dim + sum(
+            p.numel() for p in (self.logits, self.alpha, self.beta))

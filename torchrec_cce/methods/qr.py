@@ -20,6 +20,7 @@ class QRTable(CompressedTable):
         super().__init__(table)
         self.collisions, self.operation = config.collisions, config.operation
         self.concat_compose = self.operation == "concat"
+        self.elementwise_compose = None if self.concat_compose else self.operation
         dim = table.embedding_dim
         q_dim, r_dim = (dim // 2, dim - dim // 2) if self.operation == "concat" else (dim, dim)
         self.codebooks = [

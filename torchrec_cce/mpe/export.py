@@ -159,6 +159,8 @@ def _rank_order(table: nn.Module) -> torch.Tensor:
 def export_table(table: nn.Module, layout: str = DEFAULT_LAYOUT) -> Dict[str, torch.Tensor]:
     """The serving form of one ``MPETable`` in ``layout`` (see the module docstring)."""
     _check_layout(layout)
+    if getattr(table, "sharded", False):
+        table.codes(torch.zeros(0, dtype=torch.int64), table.bits[-1])  # raises: names the fix
     V, dim = table.num_embeddings, table.embedding_dim
     bits_per_group = table.current_selection().cpu()
     order = _rank_order(table)
@@ -419,8 +421,9 @@ def _mpe_tables(model: nn.Module) -> Dict[str, nn.Module]:
 
 def export_mpe(model: nn.Module,
                layout: str = DEFAULT_LAYOUT) -> Dict[str, Dict[str, torch.Tensor]]:
-    """``{table name: exported state}`` for every MPE table in ``model`` (unsharded or DMP:
-    MPE tables are replicated, so every rank exports the same)."""
+    """``{table name: exported state}`` for every MPE table in ``model`` (unsharded: under DMP
+    the master weights are split by id range, so load the DCP checkpoint into an unsharded
+    ``CCEEmbeddingBagCollection`` first; a sharded table raises saying so)."""
     return {name: export_table(t, layout) for name, t in _mpe_tables(model).items()}
 
 

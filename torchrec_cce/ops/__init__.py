@@ -43,14 +43,14 @@ def build_directory() -> str:
 def _build(verbose: bool) -> None:
     from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
 
-    sources = [os.path.join(_CSRC, "remap.cpp")]
+    sources = [os.path.join(_CSRC, f) for f in ("remap.cpp", "tbe.cpp", "compose.cpp")]
     cuda = torch.cuda.is_available() and CUDA_HOME is not None
     if cuda:
         sources.append(os.path.join(_CSRC, "remap_cuda.cu"))
     directory = build_directory()
     os.makedirs(directory, exist_ok=True)
     cpp_load(name="torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops", sources=sources,
-             extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
+             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
              extra_cuda_cflags=["-O3"], extra_include_paths=[_CSRC],
              build_directory=directory, is_python_module=False, verbose=verbose)
 
@@ -169,5 +169,25 @@ def spec_row(feature: int, kind: str, rows: int, offset: int = 0, key: int = 0, 
             qr_mul, qr_add, int(keep_remainder)]
 
 
-__all__ = ["NOTICE", "build_directory", "fused_available", "fused_default", "load", "remap",
+class PairCompose(torch.autograd.Function):
+    """``torch.ops.torchrec_cce.pair_compose`` with its backward (``csrc/compose.cpp``):
+    ``out[:, o+k] = x[:, a+k] * x[:, b+k] + x[:, c+k]`` per segment ``(o, a, b, c, n)``
+    (b = -1: 1, c = -1: 0), every column of ``x`` read by at most one output column."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, segments: torch.Tensor, out_cols: int,  # noqa: ANN001
+                every_column_used: bool) -> torch.Tensor:
+        ctx.save_for_backward(x, segments)
+        ctx.every_column_used = every_column_used
+        return torch.ops.torchrec_cce.pair_compose(x, segments, out_cols)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        x, segments = ctx.saved_tensors
+        return (torch.ops.torchrec_cce.pair_compose_backward(grad, x, segments,
+                                                             ctx.every_column_used),
+                None, None, None)
+
+
+__all__ = ["NOTICE", "PairCompose", "build_directory", "fused_available", "fused_default", "load", "remap",
            "spec_row"]

@@ -1,0 +1,64 @@
+"""Row-wise Adagrad for 2-D rows stepped outside fbgemm's TBE (MPE's id-range master weights).
+
+fbgemm's ``EXACT_ROWWISE_ADAGRAD`` (what ``--sparse-optimizer rowwise_adagrad`` gives every
+codebook) keeps one accumulator per row: for each row with a gradient ``g`` (duplicates summed
+first), ``sum += mean(g^2)``, ``w -= lr * g / (sqrt(sum) + eps)``. TorchRec's
+:class:`torchrec.optim.RowWiseAdagrad` implements that rule in torch, for dense gradients only;
+:class:`RowWiseAdagrad` here is the same optimizer (same state: ``sum`` ``[rows, 1]`` and
+``step``) that also takes sparse COO gradients (``F.embedding(..., sparse=True)``), so a step
+costs O(rows looked up), not O(rows stored). ``torch.optim.Adagrad`` is *not* this rule on 2-D
+rows: it keeps one accumulator per element.
+
+With ``weight_decay`` a sparse step decays only the rows it touches (fbgemm's behaviour); a
+dense step decays every row (TorchRec's).
+"""
+
+from typing import Optional
+
+import torch
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRecRowWiseAdagrad
+from torchrec.optim.rowwise_adagrad import adagrad as _dense_rowwise_adagrad
+
+
+class RowWiseAdagrad(_TorchRecRowWiseAdagrad):
+    """TorchRec's row-wise Adagrad (fbgemm's rule) accepting sparse gradients (see module)."""
+
+    @torch.no_grad()
+    def step(self, closure=None) -> Optional[torch.Tensor]:  # noqa: ANN001
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            dense = [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
+            if dense:
+                _dense_rowwise_adagrad(
+                    dense, [p.grad for p in dense], [self.state[p]["sum"] for p in dense],
+                    [self.state[p]["step"] for p in dense], lr=group["lr"],
+                    weight_decay=group["weight_decay"], lr_decay=group["lr_decay"],
+                    eps=group["eps"], maximize=group["maximize"])
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    self._sparse_step(p, group)
+        return loss
+
+    def _sparse_step(self, p: torch.Tensor, group: dict) -> None:
+        state = self.state[p]
+        state["step"] += 1
+        grad = p.grad.coalesce()  # one entry per row (duplicates summed)
+        if grad.sparse_dim() != 1:  # element-sparse: as rows
+            grad = grad.to_dense().to_sparse(sparse_dim=1)
+        rows, g = grad.indices()[0], grad.values()
+        if rows.numel() == 0:
+            return
+        if group["maximize"]:
+            g = -g
+        if group["weight_decay"] != 0:
+            g = g + group["weight_decay"] * p[rows]
+        acc = state["sum"][rows] + g.pow(2).mean(dim=1, keepdim=True)
+        state["sum"][rows] = acc
+        clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+        p[rows] = p[rows].addcdiv(g, acc.sqrt().add_(group["eps"]), value=-clr)
+
+
+__all__ = ["RowWiseAdagrad"]
