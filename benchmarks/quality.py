@@ -92,6 +92,9 @@ RECIPES: Dict[str, Dict[str, float]] = {
     # 0.4983 / 0.4989, hashing at 1/16 0.5087 / 0.5090): evaluated every 100 steps (1/4 epoch)
     "synthetic": {"epochs": 12, "patience": 6, "lr": 0.1, "batch_size": 1024,
                   "eval_every": 100},
+    # the 10k-row Criteo/Avazu heads are format checks (1 seed, 2 budgets), not benchmarks
+    "criteo_head": {"epochs": 20, "patience": 3, "lr": 0.1, "batch_size": 256},
+    "avazu_head": {"epochs": 20, "patience": 3, "lr": 0.1, "batch_size": 256},
     "default": {"epochs": 50, "patience": 5, "lr": 0.1, "batch_size": 1024},
 }
 
@@ -280,8 +283,8 @@ def prepare(dataset: str, args: argparse.Namespace) -> List[str]:
                                     f"../shared/data/README.md)")
     if not os.path.exists(os.path.join(out, "meta.json")):
         cmd = [sys.executable, "-m", "torchrec_cce.data.preprocess", *spec, "--out", out]
-        print("preprocess:", " ".join(cmd), flush=True)
-        subprocess.run(cmd, cwd=ROOT, check=True, env=_env())
+        print("preprocess:", " ".join(cmd), file=sys.stderr, flush=True)
+        subprocess.run(cmd, cwd=ROOT, check=True, env=_env(), stdout=sys.stderr)
     return ["--data", "preprocessed", "--data-dir", out]
 
 
