@@ -629,7 +629,11 @@ def plot(dataset: str, rows: List[Dict], path: str) -> None:
     plt.close(fig)
 
 
-CCE_ROWS = ("cce", "cce_fp16", "cce_fp32", "cce_no_recluster")
+CCE_ROWS = ("cce", "cce_fp16", "cce_fp32", "cce_no_recluster", "cce_int8")
+# Rows budgeted by their *serving* bytes: they train float tables larger than the budget (MPE:
+# fp32 master weights; cce_int8: float32 codebooks served as INT8 rows). Every other row (and
+# the planner) stores at most the budget while training.
+SERVING_ROWS = ("mpe", "cce_int8")
 
 
 def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:
@@ -668,17 +672,24 @@ def summary(dataset: str, rows: List[Dict]) -> str:
             f"lr {'/'.join(lrs)}."
             + (f" Bayes floor (test) {float(floor[0]):.4f}." if floor else ""), ""]
     methods = sorted({m for m, f in ll if f})
-    singles = [m for m in methods if m != "planner"]
-    out += ["| budget | best method | test log loss | AUC | bytes | runner-up | best CCE row | "
-            "planner |", "|---|---|---|---|---|---|---|---|"]
+    singles = [m for m in methods if m != "planner" and m not in SERVING_ROWS
+               and m not in ROW_ALIASES]
+    out += ["Rows marked (s) count serving bytes (they train larger float tables); the planner "
+            "is compared with the rows that store at most the budget while training.", "",
+            "| budget | best method | test log loss | AUC | bytes | runner-up | best CCE row | "
+            "planner | best (s) row |", "|---|---|---|---|---|---|---|---|---|"]
     fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
     for f in fractions:
-        ranked = sorted((v[0], m) for (m, fr), v in ll.items() if fr == f)
+        ranked = sorted((v[0], m) for (m, fr), v in ll.items()
+                        if fr == f and m not in SERVING_ROWS and m not in ROW_ALIASES)
         if not ranked:
             continue
         m = ranked[0][1]
         second = f"{ranked[1][1]} {_pm(ll[(ranked[1][1], f)])}" if len(ranked) > 1 else ""
-        cce = sorted((ll[(c, f)][0], c) for c in CCE_ROWS if (c, f) in ll)
+        served = sorted((ll[(r, f)][0], r) for r in SERVING_ROWS if (r, f) in ll)
+        served_txt = f"{served[0][1]} {_pm(ll[(served[0][1], f)])}" if served else ""
+        cce = sorted((ll[(c, f)][0], c) for c in CCE_ROWS
+                     if (c, f) in ll and c in singles)  # (training bytes; no copies)
         cce_txt = ""
         if cce:
             c = cce[0][1]
@@ -688,7 +699,7 @@ def summary(dataset: str, rows: List[Dict]) -> str:
             cce_txt = f"{c} {_pm(ll[(c, f)])}{gap}"
         out.append(f"| {f} | **{m}** | {_pm(ll[(m, f)])} | {auc[(m, f)][0]:.4f} | "
                    f"{ll[(m, f)][1]:,.0f} B | {second} | {cce_txt} | "
-                   f"{_verdict(ll, 'planner', f, singles + ['planner'])} |")
+                   f"{_verdict(ll, 'planner', f, singles + ['planner'])} | {served_txt} |")
     out += ["", "Smallest bytes within 0.1% of the full table's log loss (mean over seeds):", "",
             "| method | bytes | fraction of full |", "|---|---|---|"]
     for m in methods:
@@ -711,7 +722,7 @@ def summary(dataset: str, rows: List[Dict]) -> str:
     for m in methods:
         cells = [_pm(ll[(m, f)]) if (m, f) in ll else status.get((m, f), "")
                  for f in fractions]
-        out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append(f"| {m}{' (s)' if m in SERVING_ROWS else ''} | " + " | ".join(cells) + " |")
     return "\n".join(out + [""])
 
 
