@@ -251,20 +251,29 @@ def test_auto_rule_is_the_documented_per_table_ladder():
         for t in tables:
             p = plan.tables[t.name]
             seen.add(p.method)
-            assert p.method in ("full",) + B.AUTO_LADDER
+            assert p.method in ("full",) + B.AUTO_METHODS
             if p.method == "full":
                 assert p.bytes in (config_bytes(t, None), config_bytes(t, FullConfig(torch.float16)))
                 continue
             assert p.precision == "fp16"
-            if p.method == "qr":
+            full16 = config_bytes(t, FullConfig(torch.float16))
+            ratio = dict(B.AUTO_LADDER)
+            if p.method != "cce":  # a share that reached CCE's ratio would have taken CCE
+                assert p.bytes < ratio["cce"] * full16 or B._fit(
+                    "cce", t, p.bytes, 4 if t.embedding_dim % 4 == 0 else 1, 0.25, "mult",
+                    torch.float16) is None, (t, p)
+            if p.method == "cce":
+                assert p.bytes > 0.9 * ratio["cce"] * full16, (t, p)
+            elif p.method == "qr":
                 assert p.config.collisions ** 2 >= t.num_embeddings
-            else:  # CE: QR's smallest (unique-pair) form does not fit the table's bytes
+                assert p.bytes > 0.9 * ratio["qr"] * full16, (t, p)
+            elif p.bytes >= ratio["qr"] * full16:  # CE above QR's ratio: QR did not fit
                 qr_min = B._fit("qr", t, 1 << 62, 4, 0.25, "mult", torch.float16)
                 smallest = config_bytes(t, B.QRConfig(max(2, math.isqrt(t.num_embeddings - 1)
                                                           + 1), "mult",
                                                       codebook_dtype=torch.float16))
                 assert qr_min is None or smallest > p.bytes, (t, p)
-    assert {"full", "qr", "ce"} <= seen
+    assert {"full", "cce", "qr", "ce"} <= seen
 
 
 def test_proportional_allocation_gives_each_table_its_share():
@@ -428,7 +437,7 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
                   str(dim), "--dense-arch", f"64,{dim}")
     plan = check_train_plan(m, 0.2)
     methods = {r["method"] for r in plan["tables"].values()}
-    assert methods <= {"full", *B.AUTO_LADDER}, methods
+    assert methods <= {"full", *B.AUTO_METHODS}, methods
     assert len(methods) >= 2
     # float16, except tables kept whole at their own precision with bytes to spare
     assert all(r["precision"] == "fp16" or r["method"] == "full"
@@ -436,7 +445,7 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
     assert any(r["precision"] == "fp16" for r in plan["tables"].values())
     assert all(r["chunks"] == chunks for r in plan["tables"].values()
                if r["method"] in ("cce", "ce"))
-    assert m["method"] in ("mixed", *B.AUTO_LADDER)
+    assert m["method"] in ("mixed", *B.AUTO_METHODS)
     assert "compressed to fit 0.2 MiB" in m["stdout"]
     # a CCE plan gets the default re-clustering schedule without any flag
     m = train_run("--embedding-budget-mb", "0.2", "--method", "cce", "--chunks", str(chunks),

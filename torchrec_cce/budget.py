@@ -428,7 +428,7 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
     floor = {}
     for n, t in by_name.items():  # the smallest config of the ladder's last method
         c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1) if t.embedding_dim % d == 0)
-        pts = _candidates(t, AUTO_LADDER[-1], curves[n], 1.0, False, c, assignment_share,
+        pts = _candidates(t, AUTO_METHODS[-1], curves[n], 1.0, False, c, assignment_share,
                           qr_operation, dtype, per_counts[n], serving_dtype)
         floor[n] = min(pts[0][0], full[n])
     if sum(floor.values()) > budget:
@@ -436,7 +436,7 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
         raise ValueError(
             f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the "
-            f"smallest configs ({AUTO_LADDER[-1]} at {_PRECISION.get(dtype, dtype)}) of the "
+            f"smallest configs ({AUTO_METHODS[-1]} at {_PRECISION.get(dtype, dtype)}) of the "
             f"tables; they need at least {sum(floor.values())} bytes "
             f"({sum(floor.values()) / 2**20:.3f} MiB): {listing}"
             f"{' ...' if len(worst) > 10 else ''}. Raise the budget")
@@ -467,11 +467,11 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         for n in names:
             t, share = by_name[n], int(shares[n] + 1e-6)  # (float sums of exact shares)
             plan = full_plan(t, share)
-            for m in AUTO_LADDER:
-                if plan is None:
+            for m, ratio in AUTO_LADDER:
+                if plan is None and share >= ratio * full[n]:
                     plan = single(t, share, m)
             if plan is None:  # below every ladder method's smallest form: its floor
-                plan = single(t, floor[n], AUTO_LADDER[-1]) or single(t, floor[n], "full")
+                plan = single(t, floor[n], AUTO_METHODS[-1]) or single(t, floor[n], "full")
             chosen[n] = plan
         left = budget - sum(p.bytes for p in chosen.values())
         grow = [n for n in names if chosen[n].bytes < native[n]]
@@ -497,7 +497,16 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
 # every table at AUTO_DTYPE; per table, the full table if its share of the budget holds it,
 # else the first method of AUTO_LADDER whose smallest config fits its share.
 AUTO_DTYPE = torch.float16
-AUTO_LADDER = ("qr", "ce")
+# (method, least share of the table's full bytes at AUTO_DTYPE): a table takes the first
+# method whose ratio its share reaches and whose smallest config fits its share. Frappe, one
+# seed per cell, test log loss, best single row by fraction of the float32 bytes: 1/4 CCE
+# 0.2441 (next 0.2494), 1/8 CCE 0.2703 (QR-mult 0.2736), 1/16 QR-mult fp16 0.2747 (CCE 0.2865),
+# 1/64 CE fp16 0.3120 (CCE 0.3130), 1/256 CE fp16 0.3428; the biggest tables' shares are about
+# 2x those fractions of their float16 bytes (perplexity split), so the thresholds are the
+# geometric midpoints: CCE from 0.177 (between 1/4 and 1/8 of the float16 bytes), QR from
+# 0.0625 (between 1/8 and 1/32), CE below.
+AUTO_LADDER: Tuple[Tuple[str, float], ...] = (("cce", 0.177), ("qr", 0.0625), ("ce", 0.0))
+AUTO_METHODS = tuple(m for m, _ in AUTO_LADDER)
 
 
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
