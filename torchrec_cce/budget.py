@@ -29,10 +29,12 @@ given, per-id training counts):
    ``benchmarks/results/quality_*``, not modelled): every table stored at :data:`AUTO_DTYPE`
    (float16: twice the rows per byte, trained by the same fused optimizer; it beat float32 at
    equal bytes for every method), the shares of step 1 (the smallest config of the last
-   :data:`AUTO_LADDER` method as the floor), then per table: the full table if its share holds
-   it (at its own precision when the budget still has the bytes), else the first method of
-   :data:`AUTO_LADDER` whose smallest config fits its share; bytes a table's config leaves
-   unused go back to the other compressed tables. Several methods (``methods=[M1, M2, ...]``):
+   :data:`AUTO_LADDER` method as the floor), then per table, by its share ``s`` of its float16
+   full bytes ``F``: the full table if ``s >= F`` (at its own precision when the budget still
+   has the bytes), else the first method of :data:`AUTO_LADDER` whose ratio ``s / F`` it reaches
+   and whose smallest config fits: CCE from 0.177, QR's unique-pair form from 0.0625, CE below
+   (the benchmark's best single method at 1/4-1/8, 1/16 and 1/64-1/256 of the float32 bytes);
+   bytes a table's config leaves unused go back to the other compressed tables. Several methods (``methods=[M1, M2, ...]``):
    each table uses the first that can represent it. Full tables are always candidates
    (``allow_full=False`` forbids them).
 3. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
