@@ -15,8 +15,9 @@ gradient rows are summed through a row -> slot map instead of a sort, and each t
 updated once, with fbgemm's update formulas, on fbgemm's own weight and optimizer-state tensors.
 So everything around the TBE — TorchRec's fused optimizer and its learning-rate changes,
 ``state_dict``/DCP checkpoints, ``split_embedding_weights`` — is unchanged; results equal
-fbgemm's up to floating-point summation order (``tests/test_tbe_kernel.py``). Anything the
-kernel does not cover (CUDA, non-fp32 weights, other optimizers, weight decay, max-norm,
+fbgemm's up to floating-point summation order (``tests/test_tbe_kernel.py``). Weights may be float32 or float16
+(computed in float32, each updated row rounded to nearest, as fbgemm's CPU kernels do). Anything
+the kernel does not cover (CUDA, other weight precisions, other optimizers, weight decay, max-norm,
 gradient clipping, variable batch sizes, per-feature gradient masks, weighted MEAN bags) and TBEs
 holding a large table (:data:`SMALL_TABLE_WEIGHTS`) run fbgemm's own kernel.
 
@@ -64,7 +65,7 @@ def unsupported_reason(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> Optional[s
     args = tbe.optimizer_args
     if tbe.current_device.type != "cpu":
         return f"device {tbe.current_device}"
-    if tbe.weights_precision != SparseType.FP32:
+    if tbe.weights_precision not in (SparseType.FP32, SparseType.FP16):
         return f"weights precision {tbe.weights_precision}"
     if tbe.output_dtype != SparseType.FP32.as_int():
         return f"output dtype {tbe.output_dtype}"
