@@ -40,6 +40,7 @@ and torchrec_cce's alike. Results:
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -64,7 +65,8 @@ from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
 CCE_ROWS, CHUNKS = 4096, 4
 DEFAULT_METHODS = ("full", "full_kernel", "hashing", "hashing_fbgemm", "ce", "ce_fbgemm", "qr",
-                   "qr_fbgemm", "memcom", "cce", "cce_fbgemm", "cce_ref")
+                   "qr_fbgemm", "memcom", "cce", "cce_fbgemm", "cce_ref", "cce_fp16",
+                   "cce_fp16_fbgemm")
 
 
 def method_variant(method: str) -> Tuple[str, bool, bool]:
@@ -112,9 +114,10 @@ def compression(method: str, tables: List[EmbeddingBagConfig], dim: int) -> Dict
     if base == "memcom":
         return {t.name: MEmComConfig(rows=2 * CCE_ROWS) for t in tables
                 if t.num_embeddings * dim > cap}
-    if base == "cce":
-        return {t.name: CCEConfig(rows=CCE_ROWS, chunks=CHUNKS) for t in tables
-                if t.num_embeddings * dim > cap}
+    if base in ("cce", "cce_fp16"):  # cce_fp16: float16 codebooks (train.py's --method cce)
+        dtype = torch.float16 if base == "cce_fp16" else None
+        return {t.name: CCEConfig(rows=CCE_ROWS, chunks=CHUNKS, codebook_dtype=dtype)
+                for t in tables if t.num_embeddings * dim > cap}
     return compression_for_budget(tables, base, cap, chunks=CHUNKS)
 
 
@@ -175,8 +178,16 @@ def build_collection(method: str, tables: List[EmbeddingBagConfig], dim: int
     if method == "full":
         return EmbeddingBagCollection(tables=tables, device=torch.device("meta")), False
     device = torch.device("cpu") if base == "memcom" else torch.device("meta")
-    return CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
-                                     allow_larger=True, fused=fused), kernel
+    comp = compression(method, tables, dim)
+    if base.endswith("_fp16"):
+        # every table at float16, the uncompressed ones too (as train.py's planner stores
+        # them): one TBE group; a float32 group beside it costs TorchRec a column permutation
+        # of the pooled output and its scatter-add backward (~3 ms per step measured)
+        from torchrec.modules.embedding_configs import DataType
+
+        tables = [dataclasses.replace(t, data_type=DataType.FP16) for t in tables]
+    return CCEEmbeddingBagCollection(tables, comp, device=device, allow_larger=True,
+                                     fused=fused), kernel
 
 
 def output_gradient(out: torch.Tensor, cache: Dict[Tuple[int, ...], torch.Tensor]) -> torch.Tensor:
