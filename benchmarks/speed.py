@@ -27,7 +27,8 @@ Sections:
   the machine's load disturbs less than wall time.
 
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
-method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
+method in turn (interleaved, so machine load hits all alike), each after one untimed step that
+warms the caches the other methods just used. Reported: the median samples/s
 over rounds and its ratio to full. ``cce`` uses the fused remap op and torchrec_cce's CPU TBE
 kernel for its codebooks (the defaults), ``cce_fbgemm`` fbgemm's own TBE kernel, ``cce_ref``
 the torch-ops remap reference (likewise ``ce``/``ce_fbgemm`` ...); ``full_kernel`` is the
@@ -337,7 +338,10 @@ def run_steps(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int, firs
 def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor], reps: int,
                      n_steps: int, warmup: int) -> Dict[str, List[float]]:
     """samples/s of every entry per round, rounds interleaved across entries; round ``r``
-    starts at entry ``r`` (rotated), so no entry always runs first or after the same one."""
+    starts at entry ``r`` (rotated), so no entry always runs first or after the same one.
+    Each entry's timed steps follow one untimed step in the same round: the other entries have
+    just evicted its tables from the caches, which a training job running one model never
+    sees (it would bias against methods whose codebooks live in cache)."""
     batch = batches[0].stride()
     for fn in steps.values():
         run_steps(fn, batches, warmup)
@@ -345,6 +349,7 @@ def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor
     out: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            run_steps(steps[name], batches, 1, r * n_steps + n_steps)  # warm the caches again
             out[name].append(n_steps * batch / run_steps(steps[name], batches, n_steps,
                                                          r * n_steps))
     return out

@@ -18,8 +18,9 @@
 //   with far more rows than lookups sorts its lookups here too (its unique rows are the
 //   buffer's slots).
 //
-// Weights may be float32 or float16 (read as float32, each updated row rounded to nearest
-// float16, like fbgemm's CPU kernels; optimizer state is float32).
+// Weights may be float32, float16 or bfloat16 (read as float32, each updated row rounded to
+// nearest, like fbgemm's CPU kernels for float16; fbgemm has no CPU bfloat16 kernels at all);
+// optimizer state is float32.
 //
 // Maths of the updates (fbgemm's CPU code, codegen/genscript/optimizers.py):
 //   SGD:               w -= lr * g
@@ -132,6 +133,13 @@ inline void store4(at::Half* p, v4 v) {
   for (int k = 0; k < 4; ++k) p[k] = static_cast<at::Half>(v[k]);
 }
 #endif
+inline v4 load4(const at::BFloat16* p) {
+  return v4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
+            static_cast<float>(p[3])};
+}
+inline void store4(at::BFloat16* p, v4 v) {
+  for (int k = 0; k < 4; ++k) p[k] = static_cast<at::BFloat16>(v[k]);
+}
 
 // ---------------------------------------------------------------- forward
 // Bags [b0, b1) of feature f into their output columns.
@@ -205,9 +213,10 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weights, const at::Tensor& weights_
                            const at::Tensor& offsets,
                            const c10::optional<at::Tensor>& per_sample_weights,
                            int64_t pooling_mode) {
-  TORCH_CHECK((weights.dtype() == at::kFloat || weights.dtype() == at::kHalf) &&
-                  weights.is_contiguous(),
-              "torchrec_cce::tbe_forward: weights must be contiguous float32 or float16");
+  TORCH_CHECK((weights.dtype() == at::kFloat || weights.dtype() == at::kHalf ||
+               weights.dtype() == at::kBFloat16) && weights.is_contiguous(),
+              "torchrec_cce::tbe_forward: weights must be contiguous float32, float16 or "
+              "bfloat16");
   auto out = at::empty({(offsets.numel() - 1) / std::max<int64_t>(D_offsets.numel() - 1, 1),
                         total_D}, weights.options().dtype(at::kFloat));
   TORCH_CHECK(indices.scalar_type() == offsets.scalar_type(),
@@ -238,6 +247,8 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weights, const at::Tensor& weights_
   };
   if (weights.dtype() == at::kHalf) {
     run(weights.data_ptr<at::Half>());
+  } else if (weights.dtype() == at::kBFloat16) {
+    run(weights.data_ptr<at::BFloat16>());
   } else {
     run(weights.data_ptr<float>());
   }
@@ -461,10 +472,10 @@ at::Tensor tbe_backward_update_cpu(
     const c10::optional<at::Tensor>& per_sample_weights, int64_t pooling_mode,
     bool per_sample_weights_grad, int64_t optimizer, at::Tensor momentum,
     const at::Tensor& momentum_offsets, double learning_rate, double eps) {
-  TORCH_CHECK((weights.dtype() == at::kFloat || weights.dtype() == at::kHalf) &&
-                  weights.is_contiguous(),
-              "torchrec_cce::tbe_backward_update: weights must be contiguous float32 or "
-              "float16");
+  TORCH_CHECK((weights.dtype() == at::kFloat || weights.dtype() == at::kHalf ||
+               weights.dtype() == at::kBFloat16) && weights.is_contiguous(),
+              "torchrec_cce::tbe_backward_update: weights must be contiguous float32, float16 or "
+              "bfloat16");
   TORCH_CHECK(optimizer == kSGD || optimizer == kAdagrad || optimizer == kRowwiseAdagrad,
               "torchrec_cce::tbe_backward_update: unknown optimizer ", optimizer);
   TORCH_CHECK(optimizer == kSGD || (momentum.dtype() == at::kFloat && momentum.is_contiguous()),
@@ -526,6 +537,8 @@ at::Tensor tbe_backward_update_cpu(
   auto with_weights = [&](auto* idx, auto* off) {
     if (weights.dtype() == at::kHalf) {
       run(weights.data_ptr<at::Half>(), idx, off);
+    } else if (weights.dtype() == at::kBFloat16) {
+      run(weights.data_ptr<at::BFloat16>(), idx, off);
     } else {
       run(weights.data_ptr<float>(), idx, off);
     }
