@@ -31,7 +31,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from torchrec import EmbeddingBagConfig  # noqa: E402
+from torchrec import EmbeddingBagConfig, KeyedJaggedTensor  # noqa: E402
 
 from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, MEmComConfig,  # noqa: E402
                           MPEConfig, memory_report, recluster)
@@ -47,6 +47,22 @@ def tables(num_ids: int):
 def sample(num_ids: int, n: int, rank: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(rank)
     return (torch.rand(n, generator=g) ** 4 * num_ids).long()  # skewed, like real traffic
+
+
+def median_step_seconds(dmp: torch.nn.Module, num_ids: int, batch: int, rank: int) -> float:
+    """Median wall time of 5 training steps (after one warm-up) on one skewed single-id batch."""
+    import torch.distributed as dist
+
+    ids = sample(num_ids, batch, rank)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["ids"], values=ids,
+                                              lengths=torch.ones(batch, dtype=torch.int64))
+    seconds = []
+    for _ in range(6):
+        dist.barrier()
+        start = time.perf_counter()
+        dmp(kjt).wait().values().sum().backward()
+        seconds.append(time.perf_counter() - start)
+    return sorted(seconds[1:])[len(seconds[1:]) // 2]
 
 
 def _sharded(rank: int, world: int, num_ids: int, samples: int):
@@ -83,7 +99,6 @@ MEMCOM_ROWS = 2 * ROWS  # H: 8192 x 16 fp32 = CCE's A + B bytes
 
 def _memcom_sharded(rank: int, world: int, num_ids: int, batch: int):
     import torch.distributed as dist
-    from torchrec import KeyedJaggedTensor
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.sharding_plan import construct_module_sharding_plan, table_wise
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
@@ -102,20 +117,12 @@ def _memcom_sharded(rank: int, world: int, num_ids: int, batch: int):
     dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
                                    plan=ShardingPlan({"": plan}), sharders=[sharder],
                                    device=torch.device("cpu"))
-    ids = sample(num_ids, batch, rank)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["ids"], values=ids,
-                                              lengths=torch.ones(batch, dtype=torch.int64))
-    seconds = []
-    for _ in range(6):
-        dist.barrier()
-        start = time.perf_counter()
-        dmp(kjt).wait().values().sum().backward()
-        seconds.append(time.perf_counter() - start)
+    step_seconds = median_step_seconds(dmp, num_ids, batch, rank)
     row = memory_report(dmp)["big"]
     return {"rank": rank, "local_per_id_bytes": row["local_per_id_bytes"],
             "local_codebook_bytes": row["local_codebook_bytes"],
             "global_compressed_bytes": row["compressed_bytes"], "full_bytes": row["full_bytes"],
-            "step_seconds_median": sorted(seconds[1:])[len(seconds[1:]) // 2]}
+            "step_seconds_median": step_seconds}
 
 
 def memcom_row(num_ids: int, batch: int) -> dict:
@@ -136,7 +143,6 @@ def memcom_row(num_ids: int, batch: int) -> dict:
 def _mpe_sharded(rank: int, world: int, num_ids: int, batch: int):
     import numpy as np
     import torch.distributed as dist
-    from torchrec import KeyedJaggedTensor
     from torchrec.distributed.model_parallel import DistributedModelParallel
     from torchrec.distributed.types import ShardingEnv, ShardingPlan
     from torchrec.optim import RowWiseAdagrad
@@ -156,15 +162,7 @@ def _mpe_sharded(rank: int, world: int, num_ids: int, batch: int):
     sharded = shard_unplanned(module, ShardingPlan({}), sharder, env, torch.device("cpu"))
     dmp = DistributedModelParallel(sharded, env=env, plan=ShardingPlan({}), sharders=[sharder],
                                    device=torch.device("cpu"))
-    ids = sample(num_ids, batch, rank)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["ids"], values=ids,
-                                              lengths=torch.ones(batch, dtype=torch.int64))
-    seconds = []
-    for _ in range(6):
-        dist.barrier()
-        start = time.perf_counter()
-        dmp(kjt).wait().values().sum().backward()
-        seconds.append(time.perf_counter() - start)
+    step_seconds = median_step_seconds(dmp, num_ids, batch, rank)
     row = memory_report(dmp)["big"]
     w = dmp.module.tables["big"].weight
     state = w._in_backward_optimizers[0].state[w]["sum"]
@@ -174,7 +172,7 @@ def _mpe_sharded(rank: int, world: int, num_ids: int, batch: int):
             "local_optimizer_state_bytes": state.numel() * state.element_size(),
             "training_bytes": row["training_bytes"], "serving_bytes": row["serving_bytes"],
             "full_bytes": row["full_bytes"],
-            "step_seconds_median": sorted(seconds[1:])[len(seconds[1:]) // 2]}
+            "step_seconds_median": step_seconds}
 
 
 def mpe_row(num_ids: int, batch: int) -> dict:

@@ -27,7 +27,8 @@ Sections:
   the machine's load disturbs less than wall time.
 
 Every method is built first; then ``--reps`` rounds each time ``--steps`` steps of every
-method in turn (interleaved, so machine load hits all alike). Reported: the median samples/s
+method in turn (interleaved, so machine load hits all alike), each after one untimed step that
+warms the caches the other methods just used. Reported: the median samples/s
 over rounds and its ratio to full. ``cce`` uses the fused remap op and torchrec_cce's CPU TBE
 kernel for its codebooks (the defaults), ``cce_fbgemm`` fbgemm's own TBE kernel, ``cce_ref``
 the torch-ops remap reference (likewise ``ce``/``ce_fbgemm`` ...); ``full_kernel`` is the
@@ -40,6 +41,7 @@ and torchrec_cce's alike. Results:
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -64,7 +66,8 @@ from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
 CCE_ROWS, CHUNKS = 4096, 4
 DEFAULT_METHODS = ("full", "full_kernel", "hashing", "hashing_fbgemm", "ce", "ce_fbgemm", "qr",
-                   "qr_fbgemm", "memcom", "cce", "cce_fbgemm", "cce_ref")
+                   "qr_fbgemm", "memcom", "cce", "cce_fbgemm", "cce_ref", "cce_fp16",
+                   "cce_fp16_fbgemm")
 
 
 def method_variant(method: str) -> Tuple[str, bool, bool]:
@@ -112,9 +115,10 @@ def compression(method: str, tables: List[EmbeddingBagConfig], dim: int) -> Dict
     if base == "memcom":
         return {t.name: MEmComConfig(rows=2 * CCE_ROWS) for t in tables
                 if t.num_embeddings * dim > cap}
-    if base == "cce":
-        return {t.name: CCEConfig(rows=CCE_ROWS, chunks=CHUNKS) for t in tables
-                if t.num_embeddings * dim > cap}
+    if base in ("cce", "cce_fp16"):  # cce_fp16: float16 codebooks (train.py's --method cce)
+        dtype = torch.float16 if base == "cce_fp16" else None
+        return {t.name: CCEConfig(rows=CCE_ROWS, chunks=CHUNKS, codebook_dtype=dtype)
+                for t in tables if t.num_embeddings * dim > cap}
     return compression_for_budget(tables, base, cap, chunks=CHUNKS)
 
 
@@ -175,8 +179,16 @@ def build_collection(method: str, tables: List[EmbeddingBagConfig], dim: int
     if method == "full":
         return EmbeddingBagCollection(tables=tables, device=torch.device("meta")), False
     device = torch.device("cpu") if base == "memcom" else torch.device("meta")
-    return CCEEmbeddingBagCollection(tables, compression(method, tables, dim), device=device,
-                                     allow_larger=True, fused=fused), kernel
+    comp = compression(method, tables, dim)
+    if base.endswith("_fp16"):
+        # every table at float16, the uncompressed ones too (as train.py's planner stores
+        # them): one TBE group; a float32 group beside it costs TorchRec a column permutation
+        # of the pooled output and its scatter-add backward (~3 ms per step measured)
+        from torchrec.modules.embedding_configs import DataType
+
+        tables = [dataclasses.replace(t, data_type=DataType.FP16) for t in tables]
+    return CCEEmbeddingBagCollection(tables, comp, device=device, allow_larger=True,
+                                     fused=fused), kernel
 
 
 def output_gradient(out: torch.Tensor, cache: Dict[Tuple[int, ...], torch.Tensor]) -> torch.Tensor:
@@ -326,7 +338,10 @@ def run_steps(fn: Callable, batches: List[KeyedJaggedTensor], n_steps: int, firs
 def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor], reps: int,
                      n_steps: int, warmup: int) -> Dict[str, List[float]]:
     """samples/s of every entry per round, rounds interleaved across entries; round ``r``
-    starts at entry ``r`` (rotated), so no entry always runs first or after the same one."""
+    starts at entry ``r`` (rotated), so no entry always runs first or after the same one.
+    Each entry's timed steps follow one untimed step in the same round: the other entries have
+    just evicted its tables from the caches, which a training job running one model never
+    sees (it would bias against methods whose codebooks live in cache)."""
     batch = batches[0].stride()
     for fn in steps.values():
         run_steps(fn, batches, warmup)
@@ -334,6 +349,7 @@ def time_interleaved(steps: Dict[str, Callable], batches: List[KeyedJaggedTensor
     out: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(reps):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            run_steps(steps[name], batches, 1, r * n_steps + n_steps)  # warm the caches again
             out[name].append(n_steps * batch / run_steps(steps[name], batches, n_steps,
                                                          r * n_steps))
     return out

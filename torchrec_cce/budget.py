@@ -85,14 +85,15 @@ def _elem(table: EmbeddingBagConfig) -> int:
 
 
 def _dtype(table: EmbeddingBagConfig) -> torch.dtype:
-    return torch.float32 if table.data_type == DataType.FP32 else torch.float16
+    return {DataType.FP32: torch.float32, DataType.BF16: torch.bfloat16}.get(
+        table.data_type, torch.float16)
 
 
 def _precision(table: EmbeddingBagConfig) -> str:
     return str(getattr(table.data_type, "value", table.data_type)).lower()
 
 
-_PRECISION = {torch.float32: "fp32", torch.float16: "fp16"}
+_PRECISION = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],

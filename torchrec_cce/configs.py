@@ -37,11 +37,12 @@ def _require_divisible(table: EmbeddingBagConfig, chunks: int) -> None:
         )
 
 
-# Codebook weight precisions a CCE table can train with, as TorchRec data types. TorchRec's
-# unsharded EmbeddingBagCollection stores every non-FP32 table as float16 and fbgemm's CPU TBE
-# has no BF16 kernels (forward raises NotImplementedError), so bfloat16 is refused below
-# rather than silently trained as float16 or failing deep inside fbgemm.
-CODEBOOK_DTYPES = {torch.float32: DataType.FP32, torch.float16: DataType.FP16}
+# Codebook weight precisions a table can train with, as TorchRec data types. bfloat16 trains on
+# CPU only through torchrec_cce's TBE kernel (fbgemm-gpu-cpu has no bfloat16 kernels; the
+# sharder raises a clear error where that kernel is off), and the unsharded module stores it as
+# bfloat16 itself (TorchRec's unsharded EBC would store a BF16 table as float16).
+CODEBOOK_DTYPES = {torch.float32: DataType.FP32, torch.float16: DataType.FP16,
+                   torch.bfloat16: DataType.BF16}
 
 
 def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) -> DataType:
@@ -49,13 +50,13 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
 
     ``None``: the logical table's ``data_type`` (FP32 unless the table says otherwise).
 
-    * ``torch.float32`` (default) and ``torch.float16`` train everywhere: fbgemm's TBE trains
-      FP16 weights with its fused optimizers (stochastic rounding on by default in TBE), the
-      unsharded module trains float16 ``nn.EmbeddingBag`` weights with any torch optimizer.
-    * ``torch.bfloat16``: refused. fbgemm-gpu-cpu 1.8's CPU TBE has no BF16 forward
-      (measured through TorchRec's sharded EBC, fused table-wise and data-parallel:
-      ``NotImplementedError: "split_embedding_cpu_forward_2" not implemented for 'BFloat16'``),
-      and TorchRec's unsharded EBC stores a BF16 table as float16.
+    * ``torch.float32`` (default) and ``torch.float16`` train everywhere: fbgemm's TBE (and
+      torchrec_cce's CPU kernel) train FP16 weights with the fused optimizers, the unsharded
+      module trains float16 ``nn.EmbeddingBag`` weights with any torch optimizer.
+    * ``torch.bfloat16`` trains on CUDA with fbgemm and on CPU with torchrec_cce's TBE kernel
+      (:mod:`torchrec_cce.distributed.cpu_tbe`; fbgemm-gpu-cpu 1.8's own CPU TBE has no BF16
+      forward: ``"split_embedding_cpu_forward_2" not implemented for 'BFloat16'``), model-parallel
+      (table-wise, column-wise ...), not data-parallel.
     * ``torch.int8``: refused for training. INT8 is a serving format (fbgemm's INT8 TBE has no
       backward): train in float32/float16 and serve with
       :func:`torchrec_cce.serving.quantize_codebooks`.
@@ -64,15 +65,6 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
         return table.data_type
     if dtype in CODEBOOK_DTYPES:
         return CODEBOOK_DTYPES[dtype]
-    if dtype == torch.bfloat16:
-        raise ValueError(
-            f"table '{table.name}': codebook_dtype=torch.bfloat16 is not supported: "
-            f"fbgemm-gpu-cpu 1.8's CPU TBE has no bfloat16 kernels (measured: its forward "
-            f"raises 'split_embedding_cpu_forward_2 not implemented for BFloat16' under "
-            f"TorchRec's sharded EBC, fused or data-parallel) and TorchRec's unsharded "
-            f"EmbeddingBagCollection stores a BF16 table as float16; use "
-            f"codebook_dtype=torch.float16"
-        )
     if dtype in (torch.int8, torch.uint8):
         raise ValueError(
             f"table '{table.name}': codebook_dtype={dtype} cannot be trained (fbgemm's INT8 "
@@ -81,8 +73,8 @@ def codebook_data_type(table: EmbeddingBagConfig, dtype: Optional[torch.dtype]) 
             f"codebooks: torchrec_cce.serving.quantize_codebooks(module, torch.int8)"
         )
     raise ValueError(
-        f"table '{table.name}': codebook_dtype must be torch.float32 or torch.float16, got "
-        f"{dtype!r}"
+        f"table '{table.name}': codebook_dtype must be torch.float32, torch.float16 or "
+        f"torch.bfloat16, got {dtype!r}"
     )
 
 
@@ -95,9 +87,10 @@ class CCEConfig:
     assignments by :func:`torchrec_cce.recluster`. Parameters: ``2 * rows * dim``.
 
     ``codebook_dtype``: the precision ``A`` and ``B`` are stored and trained in
-    (``torch.float32`` or ``torch.float16``; default None: the logical table's ``data_type``,
-    i.e. float32 for a default ``EmbeddingBagConfig``; see :func:`codebook_data_type` for why
-    bfloat16 and int8 are refused). Float16 halves the codebook bytes; outputs are float32.
+    (``torch.float32``, ``torch.float16`` or ``torch.bfloat16``; default None: the logical
+    table's ``data_type``, i.e. float32 for a default ``EmbeddingBagConfig``; see
+    :func:`codebook_data_type` for where each trains and why int8 is refused). Float16 and
+    bfloat16 halve the codebook bytes; outputs are float32.
 
     ``p`` is stored bit-packed, ``ceil(log2(rows))`` bits per chunk entry. ``assigned_ids``
     bounds it to the ids ``[0, assigned_ids)`` (with frequency-ordered vocabularies: the most

@@ -122,6 +122,17 @@ def codebook_configs(
     ]
 
 
+def _store_bfloat16_as_bfloat16(ebc: EmbeddingBagCollection) -> None:
+    """TorchRec's unsharded EBC stores a ``DataType.BF16`` table as float16: store it as
+    bfloat16, as the sharded TBE does (same values after rounding, same bytes)."""
+    from torchrec.modules.embedding_configs import DataType
+
+    for config in ebc.embedding_bag_configs():
+        if config.data_type == DataType.BF16:
+            bag = ebc.embedding_bags[config.name]
+            bag.weight = nn.Parameter(bag.weight.detach().to(torch.bfloat16))
+
+
 class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     """An ``EmbeddingBagCollection`` whose tables may be compressed.
 
@@ -186,6 +197,7 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self.codebooks = EmbeddingBagCollection(
             tables=inner, is_weighted=self._inner_weighted, device=device
         )
+        _store_bfloat16_as_bfloat16(self.codebooks)
 
     # ---- EmbeddingBagCollectionInterface ----
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:

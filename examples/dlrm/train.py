@@ -258,12 +258,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m2.add_argument("--cce-fresh-hash", dest="cce_keep_remainder", action="store_false",
                     help="h becomes a fresh hash at each re-clustering (the paper's rule)")
     m.add_argument("--codebook-dtype", "--cce-codebook-dtype", dest="codebook_dtype",
-                   choices=["float32", "float16"], default=None,
+                   choices=["float32", "float16", "bfloat16"], default=None,
                    help="precision every embedding table is stored and trained in: the "
                         "codebooks of every method (MEmCom's and MPE's excepted) and, with "
                         "--embedding-budget-mb, the tables kept full (FullConfig). float16 "
-                        "halves the bytes per row (fbgemm trains FP16 weights with its fused "
-                        "optimizers); the budget planner counts it. Default: float32 (without "
+                        "and bfloat16 halve the bytes per row (trained with the fused "
+                        "optimizers; bfloat16 on CPU needs torchrec_cce's TBE kernel); the "
+                        "budget planner counts it. Default: float32 (without "
                         "--method the planner chooses)")
     m2.add_argument("--planner-allocation", choices=["perplexity", "proportional", "value"],
                     default="perplexity",

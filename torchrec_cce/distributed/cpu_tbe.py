@@ -15,8 +15,9 @@ gradient rows are summed through a row -> slot map instead of a sort, and each t
 updated once, with fbgemm's update formulas, on fbgemm's own weight and optimizer-state tensors.
 So everything around the TBE — TorchRec's fused optimizer and its learning-rate changes,
 ``state_dict``/DCP checkpoints, ``split_embedding_weights`` — is unchanged; results equal
-fbgemm's up to floating-point summation order (``tests/test_tbe_kernel.py``). Anything the
-kernel does not cover (CUDA, non-fp32 weights, other optimizers, weight decay, max-norm,
+fbgemm's up to floating-point summation order (``tests/test_tbe_kernel.py``). Weights may be float32 or float16
+(computed in float32, each updated row rounded to nearest, as fbgemm's CPU kernels do). Anything
+the kernel does not cover (CUDA, other weight precisions, other optimizers, weight decay, max-norm,
 gradient clipping, variable batch sizes, per-feature gradient masks, weighted MEAN bags) and TBEs
 holding a large table (:data:`SMALL_TABLE_WEIGHTS`) run fbgemm's own kernel.
 
@@ -64,7 +65,7 @@ def unsupported_reason(tbe: SplitTableBatchedEmbeddingBagsCodegen) -> Optional[s
     args = tbe.optimizer_args
     if tbe.current_device.type != "cpu":
         return f"device {tbe.current_device}"
-    if tbe.weights_precision != SparseType.FP32:
+    if tbe.weights_precision not in (SparseType.FP32, SparseType.FP16, SparseType.BF16):
         return f"weights precision {tbe.weights_precision}"
     if tbe.output_dtype != SparseType.FP32.as_int():
         return f"output dtype {tbe.output_dtype}"
@@ -170,4 +171,32 @@ def use_codebook_kernel(module: torch.nn.Module) -> int:
     return switched
 
 
-__all__ = ["CodebookTBE", "kernel_enabled", "unsupported_reason", "use_codebook_kernel"]
+def check_bfloat16_trainable(module: torch.nn.Module) -> None:
+    """Raise a ``ValueError`` naming the tables if a CPU TBE of ``module`` (a sharded codebook
+    EBC) holds bfloat16 weights that fbgemm would have to train: fbgemm-gpu-cpu has no bfloat16
+    kernels (its forward fails deep inside with NotImplementedError)."""
+    for lookup in getattr(module, "_lookups", []):
+        lookup = getattr(lookup, "module", lookup)  # data-parallel lookups are DDP-wrapped
+        for emb in getattr(lookup, "_emb_modules", []):
+            tbe = getattr(emb, "_emb_module", None)
+            if tbe is None or isinstance(tbe, CodebookTBE):
+                continue
+            weights = getattr(tbe, "weights_host", None)
+            if weights is None or weights.numel() == 0:
+                weights = getattr(tbe, "weights", None)
+            if not isinstance(weights, torch.Tensor) or weights.dtype != torch.bfloat16 \
+                    or weights.device.type != "cpu":
+                continue
+            names = [t.name for t in emb.config.embedding_tables]
+            why = ("TORCHREC_CCE_TBE_KERNEL=0 or the C++ ops are not built"
+                   if not kernel_enabled() or type(tbe) is not SplitTableBatchedEmbeddingBagsCodegen
+                   else unsupported_reason(tbe))
+            raise ValueError(
+                f"tables {names}: bfloat16 codebooks train on CPU only with torchrec_cce's TBE "
+                f"kernel, model-parallel (fbgemm-gpu-cpu has no bfloat16 kernels), and it does "
+                f"not run these ({why}); use codebook_dtype=torch.float16, or place them "
+                f"table-wise/column-wise with the kernel on")
+
+
+__all__ = ["CodebookTBE", "check_bfloat16_trainable", "kernel_enabled", "unsupported_reason",
+           "use_codebook_kernel"]

@@ -56,7 +56,7 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
-from torchrec_cce.distributed.cpu_tbe import use_codebook_kernel
+from torchrec_cce.distributed.cpu_tbe import check_bfloat16_trainable, use_codebook_kernel
 from torchrec_cce.distributed.per_id_weights import (
     ScaleGrad,
     fetch_per_id_rows,
@@ -182,6 +182,7 @@ class ShardedCCEEmbeddingBagCollection(
         # CPU codebook TBEs train with torchrec_cce's kernel (same state, same maths as fbgemm's;
         # see torchrec_cce/distributed/cpu_tbe.py).
         self.codebook_kernels = use_codebook_kernel(self.codebooks)
+        check_bfloat16_trainable(self.codebooks)
         rank, world = env.rank, env.world_size
         self.tables = nn.ModuleDict()
         self._id_ranges: Dict[str, IdRange] = {}

@@ -1,18 +1,22 @@
-"""The fused remap op ``torch.ops.torchrec_cce.remap`` (C++ CPU kernel, CUDA kernel where CUDA
-exists), JIT-built with ``torch.utils.cpp_extension.load`` on first use.
+"""torchrec_cce's C++ ops, JIT-built with ``torch.utils.cpp_extension.load`` into one library:
 
-One call turns a whole logical KJT into the codebook KJT: every stream of every table (hash,
-CCE's assignment lookup, read from the bit-packed ``p`` with its hash fallback or passed
-precomputed, QR's quotient and remainder, the full table's range check), its lengths and
-weights. A CCE table's chunk streams are computed together, id by id, so each id's packed ``p``
-is fetched from memory once. Sources: ``csrc/``; the
-stream encoding: ``csrc/remap.h``.
+* ``torch.ops.torchrec_cce.remap`` (C++ CPU kernel, CUDA kernel where CUDA exists): one call
+  turns a whole logical KJT into the codebook KJT: every stream of every table (hash, CCE's
+  assignment lookup, read from the bit-packed ``p`` with its hash fallback or passed
+  precomputed, QR's quotient and remainder, the full table's range check), its lengths and
+  weights. A CCE table's chunk streams are computed together, id by id, so each id's packed
+  ``p`` is fetched from memory once. Stream encoding: ``csrc/remap.h``.
+* ``tbe_forward`` / ``tbe_backward_update`` (``csrc/tbe.cpp``): the CPU training kernel of
+  :class:`torchrec_cce.distributed.cpu_tbe.CodebookTBE`.
+* ``pair_compose`` (``csrc/compose.cpp``): the compose stage of collections with QR-mult/add
+  tables, :class:`PairCompose`.
 
 Build: ``scripts/bootstrap.sh`` calls :func:`load` (``python -m torchrec_cce.ops``) so the
 library is compiled at install time, into ``build/torchrec_cce_ops`` next to the package (or
 ``$TORCHREC_CCE_BUILD_DIR``). Where it cannot be built or loaded (no compiler), :func:`load`
-logs one line (:data:`NOTICE`) and the modules use the torch-ops reference path.
-``TORCHREC_CCE_FUSED=0`` selects the reference path without trying to build.
+logs one line (:data:`NOTICE`) and the modules use torch-ops paths (fbgemm's TBE kernel, the
+per-feature compose). ``TORCHREC_CCE_FUSED=0`` selects the remap's reference path without
+trying to build.
 """
 
 import logging
@@ -40,6 +44,19 @@ def build_directory() -> str:
     return os.path.join(repo, "build", "torchrec_cce_ops")
 
 
+def _cpu_has(flag: str) -> bool:
+    """Whether this x86 CPU lists ``flag`` in /proc/cpuinfo (False elsewhere)."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return any(line.startswith("flags") and flag in line.split() for line in fh)
+    except OSError:
+        return False
+
+
 def _build(verbose: bool) -> None:
     from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
 
@@ -48,9 +65,12 @@ def _build(verbose: bool) -> None:
     if cuda:
         sources.append(os.path.join(_CSRC, "remap_cuda.cu"))
     directory = build_directory()
+    cflags = ["-O3", "-fopenmp", "-fno-math-errno"]
+    if _cpu_has("f16c"):  # float16 codebook rows converted 4 at a time (ops/csrc/tbe.cpp)
+        cflags.append("-mf16c")
     os.makedirs(directory, exist_ok=True)
     cpp_load(name="torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops", sources=sources,
-             extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"], extra_ldflags=["-fopenmp"],
+             extra_cflags=cflags, extra_ldflags=["-fopenmp"],
              extra_cuda_cflags=["-O3"], extra_include_paths=[_CSRC],
              build_directory=directory, is_python_module=False, verbose=verbose)
 

@@ -18,6 +18,10 @@
 //   with far more rows than lookups sorts its lookups here too (its unique rows are the
 //   buffer's slots).
 //
+// Weights may be float32, float16 or bfloat16 (read as float32, each updated row rounded to
+// nearest, like fbgemm's CPU kernels for float16; fbgemm has no CPU bfloat16 kernels at all);
+// optimizer state is float32.
+//
 // Maths of the updates (fbgemm's CPU code, codegen/genscript/optimizers.py):
 //   SGD:               w -= lr * g
 //   Adagrad:           m += g * g (per element);  w -= lr * g / (sqrt(m) + eps)
@@ -33,6 +37,10 @@
 #include <cmath>
 #include <cstring>
 #include <vector>
+
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
 
 namespace torchrec_cce {
 namespace {
@@ -102,16 +110,46 @@ inline v4 load4(const float* p) {
   return v;
 }
 inline void store4(float* p, v4 v) { std::memcpy(p, &v, sizeof(v)); }
+// Weights are float32 or float16 (computed in float32; stored back rounded to nearest, as
+// fbgemm's CPU kernels do).
+// With F16C (built with -mf16c where the CPU has it) the conversions are one instruction for 4
+// values; both ways round to nearest even, like c10::Half.
+#ifdef __F16C__
+inline v4 load4(const at::Half* p) {
+  __m128i h;
+  std::memcpy(&h, p, 8);
+  return reinterpret_cast<v4>(_mm_cvtph_ps(h));
+}
+inline void store4(at::Half* p, v4 v) {
+  const __m128i h = _mm_cvtps_ph(reinterpret_cast<__m128>(v), _MM_FROUND_TO_NEAREST_INT);
+  std::memcpy(p, &h, 8);
+}
+#else
+inline v4 load4(const at::Half* p) {
+  return v4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
+            static_cast<float>(p[3])};
+}
+inline void store4(at::Half* p, v4 v) {
+  for (int k = 0; k < 4; ++k) p[k] = static_cast<at::Half>(v[k]);
+}
+#endif
+inline v4 load4(const at::BFloat16* p) {
+  return v4{static_cast<float>(p[0]), static_cast<float>(p[1]), static_cast<float>(p[2]),
+            static_cast<float>(p[3])};
+}
+inline void store4(at::BFloat16* p, v4 v) {
+  for (int k = 0; k < 4; ++k) p[k] = static_cast<at::BFloat16>(v[k]);
+}
 
 // ---------------------------------------------------------------- forward
 // Bags [b0, b1) of feature f into their output columns.
-template <int kD, bool kWeighted, typename index_t>
+template <int kD, bool kWeighted, typename W, typename index_t>
 void pool_feature(const TBELayout& l, int64_t f, int64_t b0, int64_t b1,
-                  const float* __restrict__ weights, int64_t rows,
+                  const W* __restrict__ weights, int64_t rows,
                   const index_t* __restrict__ idx, const index_t* __restrict__ off,
                   const float* __restrict__ psw, bool mean, float* __restrict__ out) {
   const int64_t D = kD > 0 ? kD : l.dim(f);
-  const float* __restrict__ table = weights + l.weights_offsets[f];
+  const W* __restrict__ table = weights + l.weights_offsets[f];
   const index_t* bag_off = off + f * l.B;
   const int64_t last = bag_off[b1], col = l.D_offsets[f], stride = l.total_D;
   constexpr int kV = kD > 0 ? kD / 4 : 1;
@@ -126,12 +164,14 @@ void pool_feature(const TBELayout& l, int64_t f, int64_t b0, int64_t b1,
       }
       const int64_t r = static_cast<int64_t>(idx[i]);
       if (r < 0 || r >= rows) out_of_range(f, r, rows);
-      const float* row = table + r * D;
+      const W* row = table + r * D;
       const float w = kWeighted ? psw[i] : 1.0f;
       if constexpr (kD > 0) {
-        for (int v = 0; v < kV; ++v) acc[v] += (kWeighted ? w * load4(row + 4 * v) : load4(row + 4 * v));
+        for (int v = 0; v < kV; ++v) {
+          acc[v] += kWeighted ? w * load4(row + 4 * v) : load4(row + 4 * v);
+        }
       } else {
-        for (int64_t d = 0; d < D; ++d) o[d] += w * row[d];
+        for (int64_t d = 0; d < D; ++d) o[d] += w * static_cast<float>(row[d]);
       }
     }
     const float scale = (mean && end > begin) ? 1.0f / static_cast<float>(end - begin) : 1.0f;
@@ -143,8 +183,8 @@ void pool_feature(const TBELayout& l, int64_t f, int64_t b0, int64_t b1,
   }
 }
 
-template <typename index_t>
-void forward_kernel(const TBELayout& l, const float* weights, const int64_t* rows,
+template <typename W, typename index_t>
+void forward_kernel(const TBELayout& l, const W* weights, const int64_t* rows,
                     const index_t* idx, const index_t* off, const float* psw, bool mean,
                     float* out) {
   // Tasks: blocks of kBlock bags of one feature, feature by feature, so a table's rows stay in
@@ -173,14 +213,17 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weights, const at::Tensor& weights_
                            const at::Tensor& offsets,
                            const c10::optional<at::Tensor>& per_sample_weights,
                            int64_t pooling_mode) {
-  TORCH_CHECK(weights.dtype() == at::kFloat && weights.is_contiguous(),
-              "torchrec_cce::tbe_forward: weights must be contiguous float32");
+  TORCH_CHECK((weights.dtype() == at::kFloat || weights.dtype() == at::kHalf ||
+               weights.dtype() == at::kBFloat16) && weights.is_contiguous(),
+              "torchrec_cce::tbe_forward: weights must be contiguous float32, float16 or "
+              "bfloat16");
+  auto out = at::empty({(offsets.numel() - 1) / std::max<int64_t>(D_offsets.numel() - 1, 1),
+                        total_D}, weights.options().dtype(at::kFloat));
   TORCH_CHECK(indices.scalar_type() == offsets.scalar_type(),
               "torchrec_cce::tbe_forward: indices and offsets must have the same dtype");
   TORCH_CHECK(rows_per_feature.dtype() == at::kLong && rows_per_feature.is_contiguous(),
               "torchrec_cce::tbe_forward: rows_per_feature must be contiguous int64");
   const TBELayout l = make_layout(weights_offsets, D_offsets, total_D, offsets);
-  auto out = at::empty({l.B, total_D}, weights.options());
   at::Tensor psw;
   if (per_sample_weights.has_value() && per_sample_weights->defined()) {
     psw = per_sample_weights->to(at::kFloat).contiguous();
@@ -189,16 +232,25 @@ at::Tensor tbe_forward_cpu(const at::Tensor& weights, const at::Tensor& weights_
   const bool mean = pooling_mode == kMean;
   auto idx = indices.contiguous();
   auto off = offsets.contiguous();
-  if (indices.scalar_type() == at::kLong) {
-    forward_kernel(l, weights.data_ptr<float>(), rows_per_feature.data_ptr<int64_t>(),
-                   idx.data_ptr<int64_t>(), off.data_ptr<int64_t>(), psw_ptr, mean,
-                   out.data_ptr<float>());
+  TORCH_CHECK(indices.scalar_type() == at::kLong || indices.scalar_type() == at::kInt,
+              "torchrec_cce::tbe_forward: indices must be int32 or int64");
+  const int64_t* rows = rows_per_feature.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  auto run = [&](const auto* w) {
+    if (indices.scalar_type() == at::kLong) {
+      forward_kernel(l, w, rows, idx.data_ptr<int64_t>(), off.data_ptr<int64_t>(), psw_ptr,
+                     mean, o);
+    } else {
+      forward_kernel(l, w, rows, idx.data_ptr<int32_t>(), off.data_ptr<int32_t>(), psw_ptr,
+                     mean, o);
+    }
+  };
+  if (weights.dtype() == at::kHalf) {
+    run(weights.data_ptr<at::Half>());
+  } else if (weights.dtype() == at::kBFloat16) {
+    run(weights.data_ptr<at::BFloat16>());
   } else {
-    TORCH_CHECK(indices.scalar_type() == at::kInt,
-                "torchrec_cce::tbe_forward: indices must be int32 or int64");
-    forward_kernel(l, weights.data_ptr<float>(), rows_per_feature.data_ptr<int64_t>(),
-                   idx.data_ptr<int32_t>(), off.data_ptr<int32_t>(), psw_ptr, mean,
-                   out.data_ptr<float>());
+    run(weights.data_ptr<float>());
   }
   return out;
 }
@@ -218,10 +270,11 @@ thread_local Scratch tls_scratch;
 constexpr int64_t kDenseFloats = int64_t{1} << 22;
 
 // One table's view for its backward task.
+template <typename W>
 struct TableTask {
   const std::vector<int64_t>* features;
   int64_t D, rows;
-  float* table;
+  W* table;
   const int64_t* order = nullptr;  // sorted path: slot k holds row order[k]
   int64_t slots = 0;
   float* grad = nullptr;
@@ -231,14 +284,14 @@ struct TableTask {
 // Sum every lookup's output gradient into its row's slot (lookup order: deterministic) and
 // mark the slot; with kScaleAndGrad also the per-sample weights' gradient (output gradient .
 // row, before any update).
-template <int kD, Weights kW, typename index_t>
-void accumulate(const TBELayout& l, const TableTask& t, const float* __restrict__ grad_out,
+template <int kD, Weights kW, typename W, typename index_t>
+void accumulate(const TBELayout& l, const TableTask<W>& t, const float* __restrict__ grad_out,
                 int64_t go_stride, const index_t* __restrict__ idx,
                 const index_t* __restrict__ off, const float* __restrict__ psw, bool mean,
                 float* __restrict__ grad_psw) {
   // Locals, so the stores below cannot make the compiler reload them.
   const int64_t D = kD > 0 ? kD : t.D, rows = t.rows, slots = t.slots;
-  const float* const table = t.table;
+  const W* const table = t.table;
   const int64_t* const order = t.order;
   float* const grad = t.grad;
   uint64_t* const touched = t.touched;
@@ -263,9 +316,9 @@ void accumulate(const TBELayout& l, const TableTask& t, const float* __restrict_
         const int64_t r = static_cast<int64_t>(idx[i]);
         if (r < 0 || r >= rows) out_of_range(f, r, rows);
         if constexpr (kW == Weights::kScaleAndGrad) {
-          const float* w = table + r * D;
+          const W* w = table + r * D;
           float dot = 0.f;
-          for (int64_t d = 0; d < D; ++d) dot += go[d] * w[d];
+          for (int64_t d = 0; d < D; ++d) dot += go[d] * static_cast<float>(w[d]);
           grad_psw[i] = dot * scale;
         }
         const int64_t k = order ? std::lower_bound(order, order + slots, r) - order : r;
@@ -286,13 +339,13 @@ void accumulate(const TBELayout& l, const TableTask& t, const float* __restrict_
 }
 
 // Update every touched row once, in row order, clearing its gradient and bit on the way.
-template <int kD, Optimizer kOpt>
-void update_touched(const TableTask& t, float* __restrict__ momentum, float lr, float eps) {
+template <int kD, Optimizer kOpt, typename W>
+void update_touched(const TableTask<W>& t, float* __restrict__ momentum, float lr, float eps) {
   const int64_t D = kD > 0 ? kD : t.D;
   const int64_t words = (t.slots + 63) / 64;
   const int64_t* const order = t.order;
   float* const grad = t.grad;
-  float* const table = t.table;
+  W* const table = t.table;
   uint64_t* const touched = t.touched;
   constexpr int kV = kD > 0 ? kD / 4 : 1;
   for (int64_t word = 0; word < words; ++word) {
@@ -300,14 +353,16 @@ void update_touched(const TableTask& t, float* __restrict__ momentum, float lr, 
       const int64_t k = word * 64 + __builtin_ctzll(bits);
       const int64_t r = order ? order[k] : k;
       float* g = grad + k * D;
-      float* w = table + r * D;
+      W* w = table + r * D;
       if constexpr (kOpt == kSGD) {
-        for (int64_t d = 0; d < D; ++d) w[d] -= lr * g[d];
+        for (int64_t d = 0; d < D; ++d) {
+          w[d] = static_cast<W>(static_cast<float>(w[d]) - lr * g[d]);
+        }
       } else if constexpr (kOpt == kAdagrad) {
         float* m = momentum + r * D;
         for (int64_t d = 0; d < D; ++d) {
           m[d] += g[d] * g[d];
-          w[d] -= lr * g[d] / (std::sqrt(m[d]) + eps);
+          w[d] = static_cast<W>(static_cast<float>(w[d]) - lr * g[d] / (std::sqrt(m[d]) + eps));
         }
       } else if constexpr (kD > 0) {
         v4 sq = {};
@@ -316,14 +371,18 @@ void update_touched(const TableTask& t, float* __restrict__ momentum, float lr, 
         const float m = momentum[r] + sum_sq / static_cast<float>(D);
         momentum[r] = m;
         const float mult = lr / (std::sqrt(m) + eps);
-        for (int v = 0; v < kV; ++v) store4(w + 4 * v, load4(w + 4 * v) - load4(g + 4 * v) * mult);
+        for (int v = 0; v < kV; ++v) {
+          store4(w + 4 * v, load4(w + 4 * v) - load4(g + 4 * v) * mult);
+        }
       } else {
         float sum_sq = 0.f;
         for (int64_t d = 0; d < D; ++d) sum_sq += g[d] * g[d];
         const float m = momentum[r] + sum_sq / static_cast<float>(D);
         momentum[r] = m;
         const float mult = lr / (std::sqrt(m) + eps);
-        for (int64_t d = 0; d < D; ++d) w[d] -= g[d] * mult;
+        for (int64_t d = 0; d < D; ++d) {
+          w[d] = static_cast<W>(static_cast<float>(w[d]) - g[d] * mult);
+        }
       }
       std::fill(g, g + D, 0.f);
     }
@@ -338,13 +397,13 @@ struct UpdateArgs {
   const int64_t* momentum_offsets = nullptr;
 };
 
-template <typename index_t>
+template <typename W, typename index_t>
 void backward_table(const std::vector<int64_t>& features, const TBELayout& l,
-                    const float* grad_out, int64_t go_stride, float* weights,
+                    const float* grad_out, int64_t go_stride, W* weights,
                     const int64_t* rows_per_feature, const index_t* idx, const index_t* off,
                     const float* psw, bool mean, float* grad_psw, const UpdateArgs& u) {
   const int64_t f0 = features[0];
-  TableTask t;
+  TableTask<W> t;
   t.features = &features;
   t.D = l.dim(f0);
   t.rows = rows_per_feature[f0];
@@ -374,7 +433,7 @@ void backward_table(const std::vector<int64_t>& features, const TBELayout& l,
   t.grad = s.grad.data();
   t.touched = s.touched.data();
   struct Restore {  // all zero again if a bad id throws mid-way
-    const TableTask& t;
+    const TableTask<W>& t;
     bool done = false;
     ~Restore() {
       if (done) return;
@@ -413,8 +472,10 @@ at::Tensor tbe_backward_update_cpu(
     const c10::optional<at::Tensor>& per_sample_weights, int64_t pooling_mode,
     bool per_sample_weights_grad, int64_t optimizer, at::Tensor momentum,
     const at::Tensor& momentum_offsets, double learning_rate, double eps) {
-  TORCH_CHECK(weights.dtype() == at::kFloat && weights.is_contiguous(),
-              "torchrec_cce::tbe_backward_update: weights must be contiguous float32");
+  TORCH_CHECK((weights.dtype() == at::kFloat || weights.dtype() == at::kHalf ||
+               weights.dtype() == at::kBFloat16) && weights.is_contiguous(),
+              "torchrec_cce::tbe_backward_update: weights must be contiguous float32, float16 or "
+              "bfloat16");
   TORCH_CHECK(optimizer == kSGD || optimizer == kAdagrad || optimizer == kRowwiseAdagrad,
               "torchrec_cce::tbe_backward_update: unknown optimizer ", optimizer);
   TORCH_CHECK(optimizer == kSGD || (momentum.dtype() == at::kFloat && momentum.is_contiguous()),
@@ -437,7 +498,7 @@ at::Tensor tbe_backward_update_cpu(
   if (per_sample_weights_grad) {
     TORCH_CHECK(psw.defined(),
                 "torchrec_cce::tbe_backward_update: per-sample weight gradient without weights");
-    grad_psw = at::zeros({indices.numel()}, weights.options());
+    grad_psw = at::zeros({indices.numel()}, go.options());
   }
   // The features of each table (fbgemm's feature_table_map), in feature order.
   auto ft = feature_table.to(at::kLong).contiguous();
@@ -464,25 +525,34 @@ at::Tensor tbe_backward_update_cpu(
   const bool mean = pooling_mode == kMean;
   const float* psw_ptr = psw.defined() ? psw.data_ptr<float>() : nullptr;
   float* grad_psw_ptr = per_sample_weights_grad ? grad_psw.data_ptr<float>() : nullptr;
-  auto run = [&](auto* idx, auto* off) {
+  auto run = [&](auto* w, auto* idx, auto* off) {
     at::parallel_for(0, static_cast<int64_t>(tables.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
-        backward_table(tables[t], l, go.data_ptr<float>(), go_stride, weights.data_ptr<float>(),
+        backward_table(tables[t], l, go.data_ptr<float>(), go_stride, w,
                        rows_per_feature.data_ptr<int64_t>(), idx, off, psw_ptr, mean,
                        grad_psw_ptr, u);
       }
     });
   };
+  auto with_weights = [&](auto* idx, auto* off) {
+    if (weights.dtype() == at::kHalf) {
+      run(weights.data_ptr<at::Half>(), idx, off);
+    } else if (weights.dtype() == at::kBFloat16) {
+      run(weights.data_ptr<at::BFloat16>(), idx, off);
+    } else {
+      run(weights.data_ptr<float>(), idx, off);
+    }
+  };
   auto idx = indices.contiguous();
   auto off = offsets.contiguous();
   if (indices.scalar_type() == at::kLong) {
-    run(idx.data_ptr<int64_t>(), off.data_ptr<int64_t>());
+    with_weights(idx.data_ptr<int64_t>(), off.data_ptr<int64_t>());
   } else {
     TORCH_CHECK(indices.scalar_type() == at::kInt,
                 "torchrec_cce::tbe_backward_update: indices must be int32 or int64");
-    run(idx.data_ptr<int32_t>(), off.data_ptr<int32_t>());
+    with_weights(idx.data_ptr<int32_t>(), off.data_ptr<int32_t>());
   }
-  return per_sample_weights_grad ? grad_psw : at::empty({0}, weights.options());
+  return per_sample_weights_grad ? grad_psw : at::empty({0}, go.options());
 }
 
 }  // namespace
