@@ -258,6 +258,11 @@ def test_auto_rule_is_the_documented_per_table_ladder():
             assert p.precision == "fp16"
             full16 = config_bytes(t, FullConfig(torch.float16))
             ratio = dict(B.AUTO_LADDER)
+            qr_min = B._fit("qr", t, 1 << 62, 4, 0.25, "mult", torch.float16)
+            smallest_qr = config_bytes(t, B.QRConfig(max(2, math.isqrt(t.num_embeddings - 1) + 1),
+                                                     "mult", codebook_dtype=torch.float16))
+            if p.method == "qr" and qr_min is not None and p.bytes < 2 * smallest_qr:
+                continue  # a table floored at QR's unique pairs (DISTINCT_FLOOR_SHARE)
             if p.method != "cce":  # a share that reached CCE's ratio would have taken CCE
                 assert p.bytes < ratio["cce"] * full16 or B._fit(
                     "cce", t, p.bytes, 4 if t.embedding_dim % 4 == 0 else 1, 0.25, "mult",
@@ -268,12 +273,57 @@ def test_auto_rule_is_the_documented_per_table_ladder():
                 assert p.config.collisions ** 2 >= t.num_embeddings
                 assert p.bytes > 0.9 * ratio["qr"] * full16, (t, p)
             elif p.bytes >= ratio["qr"] * full16:  # CE above QR's ratio: QR did not fit
-                qr_min = B._fit("qr", t, 1 << 62, 4, 0.25, "mult", torch.float16)
-                smallest = config_bytes(t, B.QRConfig(max(2, math.isqrt(t.num_embeddings - 1)
-                                                          + 1), "mult",
-                                                      codebook_dtype=torch.float16))
-                assert qr_min is None or smallest > p.bytes, (t, p)
+                assert qr_min is None or smallest_qr > p.bytes, (t, p)
     assert {"full", "cce", "qr", "ce"} <= seen
+
+
+def test_auto_plan_keeps_the_ids_of_small_tables_apart():
+    """methods=None on Frappe's shapes (a 4,083-id and a 904-id table beside eight tables of
+    3-226 ids) at 1/16 of the bytes: the perplexity split alone gives the small tables one CE
+    row (every id the same vector); the planner floors the smallest tables at the cheapest form
+    keeping their ids apart - the full table or QR's unique pairs - while the bytes added stay
+    within DISTINCT_FLOOR_SHARE of the budget, smallest first."""
+    from torchrec_cce import budget as B
+
+    sizes = {"user": 904, "item": 4083, "daytime": 8, "weekday": 8, "isweekend": 3,
+             "homework": 4, "cost": 3, "weather": 10, "country": 77, "city": 226}
+    tables = [tbl(n, V) for n, V in sizes.items()]
+    rng = np.random.default_rng(0)
+    counts = {t.name: rng.zipf(1.3, t.num_embeddings).astype(np.int64) for t in tables}
+    full = sum(config_bytes(t, None) for t in tables)
+    for frac in (16, 64, 256):
+        plan = plan_compression(tables, full // frac, counts=counts)
+        assert plan.total_bytes <= full // frac
+        cost = {}
+        for t in tables:
+            qr = B._fit("qr", t, 1 << 62, 4, 0.25, "mult", torch.float16)
+            cost[t.name] = min(config_bytes(t, FullConfig(torch.float16)),
+                               config_bytes(t, B.QRConfig(max(2, math.isqrt(t.num_embeddings - 1)
+                                                                 + 1), "mult",
+                                                          codebook_dtype=torch.float16))
+                               if qr is not None else 1 << 62)
+        apart = [n for n, p in plan.tables.items() if p.method in ("full", "qr")]
+        collapsed = [n for n, p in plan.tables.items() if p.method == "ce" and p.rows == 1]
+        # smallest first: no collapsed table is cheaper to keep apart than a floored one
+        floored = [n for n in apart if plan.tables[n].bytes <= cost[n]]
+        if floored and collapsed:
+            assert min(cost[n] for n in collapsed) >= max(cost[n] for n in floored)
+        # the floors add at most DISTINCT_FLOOR_SHARE of the budget over CE's one row
+        added = sum(cost[n] - 2 * 16 for n in floored)
+        assert added <= B.DISTINCT_FLOOR_SHARE * (full // frac), (frac, added)
+        if frac == 16:  # every small table keeps its ids apart
+            assert set(apart) >= {"daytime", "weekday", "isweekend", "homework", "cost",
+                                  "weather", "country", "city"}, plan.format()
+        if frac == 256:  # the three cheapest (3-4 ids, full) still fit in a quarter
+            assert {"isweekend", "cost", "homework"} <= set(apart), plan.format()
+    # without the floors, the same split collapses them (what the floors fix)
+    old = B.DISTINCT_FLOOR_SHARE
+    try:
+        B.DISTINCT_FLOOR_SHARE = 0.0
+        plan = plan_compression(tables, full // 16, counts=counts)
+        assert plan.tables["daytime"].method == "ce" and plan.tables["daytime"].rows == 1
+    finally:
+        B.DISTINCT_FLOOR_SHARE = old
 
 
 def test_proportional_allocation_gives_each_table_its_share():
