@@ -282,7 +282,7 @@ def test_auto_plan_keeps_the_ids_of_small_tables_apart():
     3-226 ids) at 1/16 of the bytes: the perplexity split alone gives the small tables one CE
     row (every id the same vector); the planner floors the smallest tables at the cheapest form
     keeping their ids apart - the full table or QR's unique pairs - while the bytes added stay
-    within DISTINCT_FLOOR_SHARE of the budget, smallest first."""
+    within DISTINCT_FLOOR_SHARE of the budget, smallest first; methods=["ce"] keeps them full."""
     from torchrec_cce import budget as B
 
     sizes = {"user": 904, "item": 4083, "daytime": 8, "weekday": 8, "isweekend": 3,
@@ -313,20 +313,35 @@ def test_auto_plan_keeps_the_ids_of_small_tables_apart():
         assert added <= B.DISTINCT_FLOOR_SHARE * (full // frac), (frac, added)
         if frac == 16:  # every small table keeps its ids apart
             assert set(apart) >= {"daytime", "weekday", "isweekend", "homework", "cost",
-                                  "weather", "country", "city"}, plan.format()
-        if frac == 256:  # the three cheapest (3-4 ids, full) still fit in a quarter
-            assert {"isweekend", "cost", "homework"} <= set(apart), plan.format()
+                                  "weather"}, plan.format()
+        if frac == 256:  # the two cheapest (3 ids, full) still fit in a tenth
+            assert {"isweekend", "cost"} <= set(apart), plan.format()
+        # one method sized to the budget: the same tables kept full (the cheapest form that
+        # keeps ids apart for CE), within the same share of the budget
+        ce = plan_compression(tables, full // frac, counts=counts, methods=["ce"],
+                              codebook_dtype=torch.float16)
+        kept = [n for n, p in ce.tables.items() if p.method == "full"]
+        added = sum(ce.tables[n].bytes - 2 * 16 for n in kept)
+        assert added <= B.DISTINCT_FLOOR_SHARE * (full // frac) or len(kept) == 0
+        if frac == 16:
+            assert set(kept) >= {"daytime", "weekday", "isweekend", "homework", "cost",
+                                 "weather"}, ce.format()
     # without the floors, the same split collapses them (what the floors fix)
     old = B.DISTINCT_FLOOR_SHARE
     try:
         B.DISTINCT_FLOOR_SHARE = 0.0
         plan = plan_compression(tables, full // 16, counts=counts)
         assert plan.tables["daytime"].method == "ce" and plan.tables["daytime"].rows == 1
+        ce = plan_compression(tables, full // 16, counts=counts, methods=["ce"])
+        assert ce.tables["daytime"].method == "ce" and ce.tables["daytime"].rows == 1
     finally:
         B.DISTINCT_FLOOR_SHARE = old
 
 
-def test_proportional_allocation_gives_each_table_its_share():
+def test_proportional_allocation_gives_each_table_its_share(monkeypatch):
+    from torchrec_cce import budget as B
+
+    monkeypatch.setattr(B, "DISTINCT_FLOOR_SHARE", 0.0)  # the split alone (no small-table floors)
     tables = [tbl("big", 200_000), tbl("mid", 20_000), tbl("small", 2_000)]
     full = {t.name: config_bytes(t, None) for t in tables}
     total = sum(full.values())
@@ -406,9 +421,10 @@ def test_small_tables_stay_full_and_features_sum_into_tables():
                              allocation="value")
     assert value.tables["tiny"].method == "full"  # the value allocation keeps it full
     assert value.tables["big"].method == "cce"
-    # the perplexity split: the tiny table gets about its share of the effective ids
+    # the perplexity split: the tiny table is far below its share, but it is the cheapest to
+    # keep apart, so its full table is its floor (DISTINCT_FLOOR_SHARE)
     plan = plan_compression(tables, full / 16, counts=counts, methods=["cce"])
-    assert plan.tables["tiny"].bytes < config_bytes(tables[1], None)
+    assert plan.tables["tiny"].method == "full"
     assert plan.tables["big"].method == "cce" and plan.tables["multi"].method == "cce"
     auto = plan_compression(tables, full / 16, counts=counts)  # the rule without methods
     assert auto.tables["big"].method == "qr" and auto.tables["big"].precision == "fp16"

@@ -38,7 +38,7 @@ given, per-id training counts):
    bytes a table's config leaves unused go back to the other compressed tables. Small tables
    first: the cheapest form that keeps a table's ids apart (its full table, or QR's unique
    pairs) becomes its floor, smallest tables first, while the bytes this adds stay within
-   :data:`DISTINCT_FLOOR_SHARE` (a quarter) of the budget; a table held at that floor takes
+   :data:`DISTINCT_FLOOR_SHARE` (a tenth) of the budget; a table held at that floor takes
    that form. Without it the split gives an 8-id table one CE row (every id one vector): on
    Frappe at 1/16 the planner then lost to QR-mult fp16 by 0.017 log loss (0.2917 vs 0.2747,
    seed 0), with the same bytes. Several methods (``methods=[M1, M2, ...]``):
@@ -511,12 +511,15 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
     return plan
 
 
-# Without ``methods``, the smallest tables (by the bytes of their cheapest form that keeps every
-# id's vector distinct) are floored at that form while the bytes this adds total at most this
-# share of the budget: the perplexity split gives a table of 8 ids a few bytes, and its ladder floor (CE
-# with one row) maps all its ids to one vector, dropping the feature (Frappe: daytime, weekday,
-# isweekend, homework, cost, weather; MovieLens: weekday, genres, hour).
-DISTINCT_FLOOR_SHARE = 0.25
+# The smallest tables, by the bytes of their cheapest form that keeps every id's vector
+# distinct (methods=None: the full table or QR's unique pairs; methods=[M] with the perplexity
+# or proportional split: the full table), are floored at that form while the bytes this adds
+# total at most this share of the budget. Without it the split gives a table of 8 ids a few
+# bytes, and its smallest config (CE, hashing or CCE with one row) maps all its ids to one
+# vector, dropping the feature (Frappe: daytime, weekday, isweekend, homework, cost, weather;
+# MovieLens: weekday, genres, hour) - for every method but QR, whose smallest form keeps ids
+# apart, which biased the equal-byte comparison towards QR.
+DISTINCT_FLOOR_SHARE = 0.1
 
 
 def _distinct_floors(cost: Mapping[str, int], floor: Mapping[str, int], budget: int
@@ -525,12 +528,12 @@ def _distinct_floors(cost: Mapping[str, int], floor: Mapping[str, int], budget: 
     apart (its full table, or QR's smallest form, where every id is its own (quotient,
     remainder) pair), taken smallest first while the bytes they add to the floors stay within
     ``DISTINCT_FLOOR_SHARE`` of the budget."""
-    spent, raised = 0, {}
+    spent, raised, total = 0, {}, sum(floor.values())
     for n in sorted(cost, key=lambda n: (cost[n], n)):
         extra = cost[n] - floor[n]
         if extra <= 0:
             continue
-        if spent + extra > DISTINCT_FLOOR_SHARE * budget:
+        if spent + extra > DISTINCT_FLOOR_SHARE * budget or total + spent + extra > budget:
             break
         raised[n], spent = cost[n], spent + extra
     return raised
@@ -774,6 +777,12 @@ def plan_compression(
             f"{' ...' if len(worst) > 10 else ''}. Raise the budget or allow other methods")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allow_full and allocation in ("perplexity", "proportional"):
+        # the smallest tables stay full (ids apart) while that adds <= DISTINCT_FLOOR_SHARE
+        minimum.update(_distinct_floors({n: pts[-1][0] for n, pts in cands.items()
+                                         if pts[-1][2] is None
+                                         or isinstance(pts[-1][2], FullConfig)},
+                                        minimum, budget))
     # Greedy marginal-value allocation over each table's upper concave hull.
     current = {n: 0 for n in cands}   # index into cands[n]
     remaining = budget - sum(minimum.values())
