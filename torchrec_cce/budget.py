@@ -441,15 +441,8 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         pts = _candidates(t, AUTO_METHODS[-1], curves[n], 1.0, False, c, assignment_share,
                           qr_operation, dtype, per_counts[n], serving_dtype)
         floor[n] = min(pts[0][0], full[n])
-    if sum(floor.values()) > budget:
-        worst = sorted(floor.items(), key=lambda kv: -kv[1])
-        listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
-        raise ValueError(
-            f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the "
-            f"smallest configs ({AUTO_METHODS[-1]} at {_PRECISION.get(dtype, dtype)}) of the "
-            f"tables; they need at least {sum(floor.values())} bytes "
-            f"({sum(floor.values()) / 2**20:.3f} MiB): {listing}"
-            f"{' ...' if len(worst) > 10 else ''}. Raise the budget")
+    _check_minimum(floor, budget, f"{AUTO_METHODS[-1]} at {_PRECISION.get(dtype, dtype)}",
+                   "Raise the budget")
     qr_floor = {}
     for n, t in by_name.items():  # QR's smallest form: every id its own (quotient, remainder)
         pts = _candidates(t, "qr", curves[n], 1.0, False, chunks, assignment_share,
@@ -520,6 +513,20 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
 # MovieLens: weekday, genres, hour) - for every method but QR, whose smallest form keeps ids
 # apart, which biased the equal-byte comparison towards QR.
 DISTINCT_FLOOR_SHARE = 0.1
+
+
+def _check_minimum(minimum: Mapping[str, int], budget: int, what: str, fix: str) -> None:
+    """Raise when the tables' smallest configs ``minimum`` exceed ``budget`` (naming the
+    largest tables and the total needed)."""
+    need = sum(minimum.values())
+    if need <= budget:
+        return
+    worst = sorted(minimum.items(), key=lambda kv: -kv[1])
+    listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
+    raise ValueError(
+        f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the smallest "
+        f"configs ({what}) of the tables; they need at least {need} bytes "
+        f"({need / 2**20:.3f} MiB): {listing}{' ...' if len(worst) > 10 else ''}. {fix}")
 
 
 def _distinct_floors(cost: Mapping[str, int], floor: Mapping[str, int], budget: int
@@ -767,14 +774,8 @@ def plan_compression(
                                       serving_dtype=serving_dtype))
         chosen_method[t.name], cands[t.name] = best
     minimum = {n: pts[0][0] for n, pts in cands.items()}
-    if sum(minimum.values()) > budget:
-        worst = sorted(minimum.items(), key=lambda kv: -kv[1])
-        listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
-        raise ValueError(
-            f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the "
-            f"smallest configs ({'/'.join(order) or 'full'}) of the tables; they need at least "
-            f"{sum(minimum.values())} bytes ({sum(minimum.values()) / 2**20:.3f} MiB): {listing}"
-            f"{' ...' if len(worst) > 10 else ''}. Raise the budget or allow other methods")
+    _check_minimum(minimum, budget, "/".join(order) or "full",
+                   "Raise the budget or allow other methods")
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if allow_full and allocation in ("perplexity", "proportional"):
