@@ -19,10 +19,11 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import SGD
 
+from dist_state import gathered_state
 from multiprocess import run_multiprocess
 from torchrec_cce import CCEEmbeddingBagCollection, MEmComConfig, memory_report
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder, plan_memory
-from torchrec_cce.distributed.tensors import local_pieces, scatter_full
+from torchrec_cce.distributed.tensors import scatter_full
 
 V_MEM, V_MEAN, LR = 20_001, 3000, 0.5  # odd V: the two id ranges differ in size
 
@@ -92,21 +93,6 @@ def shard(kind: str, world: int, sgd: bool = True,
 def load_full_state(dmp: torch.nn.Module, full: Dict[str, torch.Tensor]) -> None:
     for key, value in dmp.state_dict().items():
         scatter_full(value, full[key])
-
-
-def gathered_state(dmp: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Every state-dict value as a full tensor (local pieces placed, then summed over ranks)."""
-    out = {}
-    for key, value in dmp.state_dict().items():
-        if not hasattr(value, "local_shards") and not hasattr(value, "to_local"):
-            out[key] = value.detach().clone()
-            continue
-        full = torch.zeros(tuple(value.size()))
-        for t, off in local_pieces(value):
-            full[tuple(slice(o, o + n) for o, n in zip(off, t.shape))] = t.float()
-        dist.all_reduce(full)
-        out[key] = full
-    return out
 
 
 # ---------------------------------------------------------------- forward and one step

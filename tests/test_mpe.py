@@ -500,15 +500,7 @@ def test_summary_and_serving_far_below_full_after_penalised_search() -> None:
 
 
 # ---- distributed ----
-class _Values(torch.nn.Module):
-    """Returns the pooled tensor (DDP needs a tensor output to all-reduce in its first step)."""
-
-    def __init__(self, ebc: CCEEmbeddingBagCollection) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(features).values()
+from dist_state import PooledValues as _Values  # noqa: E402
 
 
 def _dmp_worker(rank: int, world: int) -> Dict[str, torch.Tensor]:

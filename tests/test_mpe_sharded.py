@@ -16,11 +16,13 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.optim import RowWiseAdagrad as FusedRowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+import dist_state
+from dist_state import PooledValues
 from multiprocess import run_multiprocess
 from torchrec_cce import CCEEmbeddingBagCollection, MPEConfig, MPESchedule, memory_report
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder, plan_memory
 from torchrec_cce.distributed.sharder import shard_unplanned
-from torchrec_cce.distributed.tensors import local_pieces, scatter_full
+from torchrec_cce.distributed.tensors import scatter_full
 from torchrec_cce.methods.mpe import RETRAIN
 from torchrec_cce.mpe import mpe_penalty
 from torchrec_cce.optim import RowWiseAdagrad
@@ -84,7 +86,7 @@ def shard(world: int, with_full: bool = True) -> DistributedModelParallel:
         plan = ShardingPlan({"": construct_module_sharding_plan(
             module, {n: table_wise(rank=world - 1, compute_kernel="fused") for n in names},
             sharder=sharder, local_size=world, world_size=world, device_type="cpu")})
-    wrapped = _Values(module)
+    wrapped = PooledValues(module)
     wrapped = shard_unplanned(wrapped, ShardingPlan({f"ebc.{k}" if k else "ebc": v
                                                      for k, v in plan.plan.items()}),
                               sharder, env, torch.device("cpu"))
@@ -93,31 +95,8 @@ def shard(world: int, with_full: bool = True) -> DistributedModelParallel:
                                     device=torch.device("cpu"))
 
 
-class _Values(torch.nn.Module):
-    """Returns the pooled tensor (DDP needs a tensor output to all-reduce in its first step)."""
-
-    def __init__(self, ebc: CCEEmbeddingBagCollection) -> None:
-        super().__init__()
-        self.ebc = ebc
-
-    def forward(self, features: KeyedJaggedTensor) -> torch.Tensor:
-        return self.ebc(features).values()
-
-
 def gathered_state(dmp: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """Every state-dict value as a full tensor (local pieces placed, then summed over ranks)."""
-    out = {}
-    for key, value in dmp.state_dict().items():
-        key = key.replace("ebc.", "", 1)
-        if not hasattr(value, "local_shards"):
-            out[key] = value.detach().clone()
-            continue
-        full = torch.zeros(tuple(value.size()))
-        for t, off in local_pieces(value):
-            full[tuple(slice(o, o + n) for o, n in zip(off, t.shape))] = t.float()
-        dist.all_reduce(full)
-        out[key] = full
-    return out
+    return dist_state.gathered_state(dmp, strip="ebc.")
 
 
 def load_full_state(dmp: torch.nn.Module, full: Dict[str, torch.Tensor]) -> None:
@@ -253,7 +232,7 @@ def test_dcp_reshards_world2_to_world1(tmp_path) -> None:
     saved = run_multiprocess(_step_and_save, 2, path, timeout=600)
     outputs = saved[0][0]
     assert torch.equal(outputs[0], saved[1][0][0])
-    single = _Values(reference())  # the same keys as the DMP-wrapped module
+    single = PooledValues(reference())  # the same keys as the DMP-wrapped module
     state = {"model": single.state_dict()}
     dcp.load(state, checkpoint_id=path)
     single.load_state_dict(state["model"])
