@@ -22,9 +22,11 @@ Outputs, per dataset: ``benchmarks/results/quality_<dataset>.csv`` (one row per 
 comes within 0.1% of the full table's log loss). Resumable: a finished cell's metrics JSON in
 ``--workdir`` is never rerun.
 
-Rows: ``planner`` is the value-aware rule of :func:`torchrec_cce.plan_compression`
-(``methods=None``); ``cce`` is ``train.py --method cce`` with its defaults (the best
-re-clustering schedule of the ablation); ``cce_fp16`` the same with float16 codebooks;
+Rows: ``planner`` is the per-table rule of :func:`torchrec_cce.plan_compression`
+(``methods=None``: float16 tables, the small-table floors, the CCE/QR/CE ladder); ``cce`` is
+``train.py --method cce`` with its defaults (float16 codebooks and the best re-clustering
+schedule of the ablation); ``cce_fp16`` a copy of it (:data:`ROW_ALIASES`); ``cce_fp32`` the
+same at float32;
 ``cce_int8`` float32 CCE budgeted, evaluated and counted in its INT8 serving form (every codebook
 and full table as fbgemm INT8 rows; ``embedding_training_bytes`` the float32 tables); ``mpe``
 is budgeted by its *serving* bytes (its bound: every group at its widest candidate width; the
