@@ -33,7 +33,7 @@ given, per-id training counts):
    per table, by its share ``s`` of its float16
    full bytes ``F``: the full table if ``s >= F`` (at its own precision when the budget still
    has the bytes), else the first method of :data:`AUTO_LADDER` whose ratio ``s / F`` it reaches
-   and whose smallest config fits: CCE from 0.177, QR's unique-pair form from 0.0625, CE below
+   and whose smallest config fits: CCE from 0.177, else QR's unique-pair form where it fits, else CE
    (the benchmark's best single method at 1/4-1/8, 1/16 and 1/64-1/256 of the float32 bytes);
    bytes a table's config leaves unused go back to the other compressed tables. Small tables
    first: the cheapest form that keeps a table's ids apart (its full table, or QR's unique
@@ -552,14 +552,16 @@ def _distinct_floors(cost: Mapping[str, int], floor: Mapping[str, int], budget: 
 # else the first method of AUTO_LADDER whose smallest config fits its share.
 AUTO_DTYPE = torch.float16
 # (method, least share of the table's full bytes at AUTO_DTYPE): a table takes the first
-# method whose ratio its share reaches and whose smallest config fits its share. Frappe, one
-# seed per cell, test log loss, best single row by fraction of the float32 bytes: 1/4 CCE
-# 0.2441 (next 0.2494), 1/8 CCE 0.2703 (QR-mult 0.2736), 1/16 QR-mult fp16 0.2747 (CCE 0.2865),
-# 1/64 CE fp16 0.3120 (CCE 0.3130), 1/256 CE fp16 0.3428; the biggest tables' shares are about
-# 2x those fractions of their float16 bytes (perplexity split), so the thresholds are the
-# geometric midpoints: CCE from 0.177 (between 1/4 and 1/8 of the float16 bytes), QR from
-# 0.0625 (between 1/8 and 1/32), CE below.
-AUTO_LADDER: Tuple[Tuple[str, float], ...] = (("cce", 0.177), ("qr", 0.0625), ("ce", 0.0))
+# method whose ratio its share reaches and whose smallest config fits its share. CCE from 0.177:
+# Frappe (one seed per cell, test log loss, best single row by fraction of the float32 bytes):
+# 1/4 CCE 0.2441 (next 0.2494), 1/8 CCE 0.2703 (QR-mult 0.2736), 1/16 QR-mult fp16 0.2747 (CCE
+# 0.2865); the biggest tables' shares are about 2x those fractions of their float16 bytes
+# (perplexity split), so 0.177 is the geometric midpoint between 1/4 and 1/8 of the float16
+# bytes. QR wherever its unique-pair form fits, CE only where it does not: on Yelp2018 at 1/64
+# (tables of 31,669 and 37,662 ids, seed 0) QR-mult fp16 0.6025, CE fp16 0.6409, and the
+# planner with QR only from 0.0625 of the float16 bytes (CE there) 0.6457; on Frappe at 1/64
+# and 1/256 QR's smallest form does not fit the large tables (CE fp16 best, 0.3120 / 0.3428).
+AUTO_LADDER: Tuple[Tuple[str, float], ...] = (("cce", 0.177), ("qr", 0.0), ("ce", 0.0))
 AUTO_METHODS = tuple(m for m, _ in AUTO_LADDER)
 
 
