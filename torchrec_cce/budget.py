@@ -36,12 +36,11 @@ given, per-id training counts):
    and whose smallest config fits: CCE from 0.177, else QR's unique-pair form where it fits, else CE
    (the benchmark's best single method at 1/4-1/8, 1/16 and 1/64-1/256 of the float32 bytes);
    bytes a table's config leaves unused go back to the other compressed tables. Small tables
-   first: the cheapest form that keeps a table's ids apart (its full table, or QR's unique
-   pairs) becomes its floor, smallest tables first, while the bytes this adds stay within
-   :data:`DISTINCT_FLOOR_SHARE` (a tenth) of the budget; a table held at that floor takes
-   that form. Without it the split gives an 8-id table one CE row (every id one vector): on
-   Frappe at 1/16 the planner then lost to QR-mult fp16 by 0.017 log loss (0.2917 vs 0.2747,
-   seed 0), with the same bytes. Several methods (``methods=[M1, M2, ...]``):
+   first: the smallest tables stay full, smallest first, while the bytes this adds stay within
+   :data:`DISTINCT_FLOOR_SHARE` (a tenth) of the budget (also with ``methods=[M]``). Without
+   it the split gives an 8-id table one CE row (every id one vector): on Frappe at 1/16 the
+   planner then lost to QR-mult fp16 by 0.017 log loss (0.2917 vs 0.2747, seed 0), with the
+   same bytes. Several methods (``methods=[M1, M2, ...]``):
    each table uses the first that can represent it. Full tables are always candidates
    (``allow_full=False`` forbids them).
 3. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
@@ -443,12 +442,7 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         floor[n] = min(pts[0][0], full[n])
     _check_minimum(floor, budget, f"{AUTO_METHODS[-1]} at {_PRECISION.get(dtype, dtype)}",
                    "Raise the budget")
-    qr_floor = {}
-    for n, t in by_name.items():  # QR's smallest form: every id its own (quotient, remainder)
-        pts = _candidates(t, "qr", curves[n], 1.0, False, chunks, assignment_share,
-                          qr_operation, dtype, per_counts[n], serving_dtype)
-        qr_floor[n] = pts[0][0] if pts else full[n]
-    distinct = _distinct_floors({n: min(full[n], qr_floor[n]) for n in names}, floor, budget)
+    distinct = _distinct_floors(full, floor, budget)  # the smallest tables stay full
     floor.update(distinct)
     if allocation == "proportional":
         weight = {n: float(config_bytes(t, None)) for n, t in by_name.items()}
@@ -477,8 +471,6 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         for n in names:
             t, share = by_name[n], int(shares[n] + 1e-6)  # (float sums of exact shares)
             plan = full_plan(t, share)
-            if plan is None and n in distinct and share < 2 * distinct[n]:
-                plan = single(t, share, "qr")  # at its floor: QR's unique pairs, ids apart
             for m, ratio in AUTO_LADDER:
                 if plan is None and share >= ratio * full[n]:
                     plan = single(t, share, m)
@@ -504,14 +496,15 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
     return plan
 
 
-# The smallest tables, by the bytes of their cheapest form that keeps every id's vector
-# distinct (methods=None: the full table or QR's unique pairs; methods=[M] with the perplexity
-# or proportional split: the full table), are floored at that form while the bytes this adds
-# total at most this share of the budget. Without it the split gives a table of 8 ids a few
-# bytes, and its smallest config (CE, hashing or CCE with one row) maps all its ids to one
-# vector, dropping the feature (Frappe: daytime, weekday, isweekend, homework, cost, weather;
-# MovieLens: weekday, genres, hour) - for every method but QR, whose smallest form keeps ids
-# apart, which biased the equal-byte comparison towards QR.
+# The smallest tables (by their full bytes at the plan's precision) stay full while the bytes
+# this adds over their smallest configs total at most this share of the budget (methods=None,
+# and methods=[M] with the perplexity or proportional split). Without it the split gives a
+# table of 8 ids a few bytes, and its smallest config (CE, hashing or CCE with one row) maps all
+# its ids to one vector, dropping the feature (Frappe: daytime, weekday, isweekend, homework,
+# cost, weather; MovieLens: weekday, genres, hour) - for every method but QR, whose smallest
+# form keeps ids apart, which biased the equal-byte comparison towards QR. Full rather than
+# QR's cheaper unique pairs: on Frappe at 1/4 (3 seeds) the planner with QR-mult for the 8-226-id
+# tables lost to the same CCE tables beside full ones, 0.2453 vs 0.2348 test log loss.
 DISTINCT_FLOOR_SHARE = 0.1
 
 
@@ -531,9 +524,8 @@ def _check_minimum(minimum: Mapping[str, int], budget: int, what: str, fix: str)
 
 def _distinct_floors(cost: Mapping[str, int], floor: Mapping[str, int], budget: int
                      ) -> Dict[str, int]:
-    """Raised floors {table: bytes}: ``cost`` is the cheapest form keeping the table's ids
-    apart (its full table, or QR's smallest form, where every id is its own (quotient,
-    remainder) pair), taken smallest first while the bytes they add to the floors stay within
+    """Raised floors {table: bytes}: ``cost`` is the table's full bytes (every id its own
+    row), taken smallest first while the bytes they add to the floors stay within
     ``DISTINCT_FLOOR_SHARE`` of the budget."""
     spent, raised, total = 0, {}, sum(floor.values())
     for n in sorted(cost, key=lambda n: (cost[n], n)):
