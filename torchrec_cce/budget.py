@@ -90,6 +90,33 @@ def _elem(table: EmbeddingBagConfig) -> int:
     return 4 if table.data_type == DataType.FP32 else 2
 
 
+def _dtype_bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _table_chunks(table: EmbeddingBagConfig, chunks: int) -> int:
+    """``chunks``, or the largest divisor of the table's dim below it."""
+    dim = table.embedding_dim
+    return max(d for d in range(1, min(chunks, dim) + 1) if dim % d == 0)
+
+
+def _check_names(tables: Sequence[EmbeddingBagConfig]) -> List[str]:
+    names = [t.name for t in tables]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate table names in {names}")
+    return names
+
+
+def _split_weights(tables: Sequence[EmbeddingBagConfig], curves: Mapping[str, "_Curve"],
+                   total_mass: float, allocation: str) -> Dict[str, float]:
+    """Each table's weight in the budget split (module doc, step 1)."""
+    if allocation == "proportional":
+        return {t.name: float(config_bytes(t, None)) for t in tables}
+    # training mass x effective ids x bytes per row
+    return {t.name: curves[t.name].mass / total_mass * curves[t.name].perplexity
+            * t.embedding_dim * _elem(t) for t in tables}
+
+
 def _dtype(table: EmbeddingBagConfig) -> torch.dtype:
     return {DataType.FP32: torch.float32, DataType.BF16: torch.bfloat16}.get(
         table.data_type, torch.float16)
@@ -132,7 +159,7 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
         return V * dim * elem
     dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
     if dtype is not None:
-        elem = torch.empty((), dtype=dtype).element_size()
+        elem = _dtype_bytes(dtype)
     if isinstance(config, FullConfig):
         return V * dim * elem
     if isinstance(config, CCEConfig):
@@ -280,7 +307,7 @@ class _Curve:
         """``exp(entropy)`` of the table's id distribution: the effective number of ids
         (``<= V``; ``V`` for uniform ids). From ``counts``, else the Zipf(1) prior over ``V``
         ids: ``H = ln H_V + (sum_k ln k / k) / H_V``."""
-        if getattr(self, "_perplexity", None) is None:
+        if self._perplexity is None:
             V = self.V
             if V <= 1 << 20:
                 k = np.arange(1, V + 1, dtype=np.float64)
@@ -316,7 +343,7 @@ def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
     bytes (``A_i`` and ``B_i`` rows of ``dim / chunks`` columns)."""
     V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
     if codebook_dtype is not None:
-        elem = torch.empty((), dtype=codebook_dtype).element_size()
+        elem = _dtype_bytes(codebook_dtype)
     extra = {} if codebook_dtype is None else {"codebook_dtype": codebook_dtype}
     row_cost = 2 * dim * elem
     if serving_dtype is not None:
@@ -356,7 +383,7 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
         return _fit_cce(table, level, chunks, share, codebook_dtype, serving_dtype)
     extra = {}
     if codebook_dtype is not None and method in ("hashing", "ce", "qr"):
-        elem = torch.empty((), dtype=codebook_dtype).element_size()
+        elem = _dtype_bytes(codebook_dtype)
         extra = {"codebook_dtype": codebook_dtype}
     row = dim * elem
     if method == "mpe":  # the widest candidate set whose every-group-at-max bound fits
@@ -410,9 +437,7 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
     :data:`AUTO_LADDER` whose smallest config fits the share, sized to the share. Bytes a
     table's config leaves unused go back to the other compressed tables (one more pass)."""
     dtype = AUTO_DTYPE if codebook_dtype is None else codebook_dtype
-    names = [t.name for t in tables]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate table names in {names}")
+    names = _check_names(tables)
     by_name = {t.name: t for t in tables}
     per_counts = {t.name: _table_counts(counts, t) for t in tables}
     curves = {t.name: _Curve(t, per_counts[t.name]) for t in tables}
@@ -436,22 +461,17 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
             for n, t in by_name.items()}
     floor = {}
     for n, t in by_name.items():  # the smallest config of the ladder's last method
-        c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1) if t.embedding_dim % d == 0)
-        pts = _candidates(t, AUTO_METHODS[-1], curves[n], 1.0, False, c, assignment_share,
-                          qr_operation, dtype, per_counts[n], serving_dtype)
+        pts = _candidates(t, AUTO_METHODS[-1], curves[n], 1.0, False, _table_chunks(t, chunks),
+                          assignment_share, qr_operation, dtype, per_counts[n], serving_dtype)
         floor[n] = min(pts[0][0], full[n])
     _check_minimum(floor, budget, f"{AUTO_METHODS[-1]} at {_PRECISION.get(dtype, dtype)}",
                    "Raise the budget")
     distinct = _distinct_floors(full, floor, budget)  # the smallest tables stay full
     floor.update(distinct)
-    if allocation == "proportional":
-        weight = {n: float(config_bytes(t, None)) for n, t in by_name.items()}
-    elif allocation == "perplexity":
-        weight = {n: curves[n].mass / total_mass * curves[n].perplexity * t.embedding_dim
-                  * _elem(t) for n, t in by_name.items()}
-    else:
+    if allocation not in ("perplexity", "proportional"):
         raise ValueError(f"methods=None splits bytes by 'perplexity' or 'proportional', got "
                          f"allocation={allocation!r}")
+    weight = _split_weights(tables, curves, total_mass, allocation)
     # a table's own precision when its share holds the whole table at it
     native = {n: config_bytes(t, None, serving_dtype) for n, t in by_name.items()}
     maximum = {n: (full[n] if allow_full else full[n] - 1) for n in names}
@@ -614,7 +634,7 @@ def _candidates(t: EmbeddingBagConfig, method: Optional[str], curve: _Curve, mas
     low = codebook_dtype is not None and codebook_dtype != _dtype(t)
     full_cfg = FullConfig(codebook_dtype=codebook_dtype) if low else None
     full = config_bytes(t, full_cfg, serving_dtype)  # the full table as stored
-    elem = torch.empty((), dtype=codebook_dtype).element_size() if low else _elem(t)
+    elem = _dtype_bytes(codebook_dtype) if low else _elem(t)
     row = t.embedding_dim * elem
     out: Dict[int, Tuple[int, float, Optional[CompressionConfig]]] = {}
 
@@ -744,15 +764,13 @@ def plan_compression(
     order = [m for m in order if m != "full"]
     if not 0 < assignment_share < 1:
         raise ValueError(f"assignment_share must be in (0, 1), got {assignment_share}")
-    names = [t.name for t in tables]
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate table names in {names}")
+    names = _check_names(tables)
     curves = {t.name: _Curve(t, _table_counts(counts, t)) for t in tables}
     total_mass = sum(c.mass for c in curves.values()) or 1.0
     cands: Dict[str, List[Tuple[int, float, Optional[CompressionConfig]]]] = {}
     chosen_method: Dict[str, Optional[str]] = {}
     for t in tables:
-        c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1) if t.embedding_dim % d == 0)
+        c = _table_chunks(t, chunks)
         mass = curves[t.name].mass / total_mass
         best = None
         for m in order:
@@ -783,25 +801,20 @@ def plan_compression(
     remaining = budget - sum(minimum.values())
     steps = []
     if allocation in ("perplexity", "proportional"):
-        if allocation == "proportional":
-            weight = {t.name: float(config_bytes(t, None)) for t in tables}
-        else:  # training mass x effective ids x bytes per row
-            weight = {t.name: curves[t.name].mass / total_mass * curves[t.name].perplexity
-                      * t.embedding_dim * _elem(t) for t in tables}
+        weight = _split_weights(tables, curves, total_mass, allocation)
         shares = _shares(tables, weight, minimum,
                          {n: pts[-1][0] for n, pts in cands.items()}, budget)
         for t in tables:  # its largest config within its share (exactly sized, not the grid)
             m = chosen_method[t.name]
             if m is not None:
-                c = max(d for d in range(1, min(chunks, t.embedding_dim) + 1)
-                        if t.embedding_dim % d == 0)
-                cfg = _fit(m, t, int(shares[t.name]), c, assignment_share, qr_operation,
+                cfg = _fit(m, t, int(shares[t.name]), _table_chunks(t, chunks),
+                           assignment_share, qr_operation,
                            codebook_dtype, _table_counts(counts, t), serving_dtype)
                 b = config_bytes(t, cfg, serving_dtype) if cfg is not None else None
                 if b is not None and b < cands[t.name][-1][0] and all(
                         b != x for x, _, _ in cands[t.name]):
                     curve = curves[t.name]
-                    row = t.embedding_dim * (torch.empty((), dtype=codebook_dtype).element_size()
+                    row = t.embedding_dim * (_dtype_bytes(codebook_dtype)
                                              if codebook_dtype is not None else _elem(t))
                     cands[t.name] = sorted(cands[t.name] + [
                         (b, curve.mass / total_mass * curve.top(b / row), cfg)],
