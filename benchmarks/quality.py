@@ -23,7 +23,10 @@ comes within 0.1% of the full table's log loss). Resumable: a finished cell's me
 ``--workdir`` is never rerun.
 
 Rows: ``planner`` is the per-table rule of :func:`torchrec_cce.plan_compression`
-(``methods=None``: float16 tables, the small-table floors, the CCE/QR/CE ladder); ``cce`` is
+(``methods=None``: float16 tables, the small-table floors, the CCE/QR/CE ladder);
+``planner_val`` is ``train.py --plan-select validation`` (each distinct plan of
+:func:`torchrec_cce.plan_candidates` trained, the lowest validation log loss kept; its CSV
+``note`` lists every candidate); ``cce`` is
 ``train.py --method cce`` with its defaults (float16 codebooks and the best re-clustering
 schedule of the ablation); ``cce_fp16`` a copy of it (:data:`ROW_ALIASES`); ``cce_fp32`` the
 same at float32;
@@ -137,6 +140,9 @@ METHODS: Dict[str, List[str]] = {
     # it trains fp32 master weights: embedding_training_bytes records those
     "mpe": ["--method", "mpe"],
     "planner": [],
+    # the planner's candidate plans (rule, QR first, CCE wherever it fits) each trained, the
+    # lowest validation log loss kept: up to 3 runs per cell
+    "planner_val": ["--plan-select", "validation"],
 }
 # CCE ablations (issue 9 item 3), re-run under the fixed protocol (every table trained by the
 # fused sparse optimizer at the recipe's --lr): name -> train.py arguments, written to
@@ -476,7 +482,19 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
                train_samples_per_s=m.get("train_samples_per_s", ""),
                wall_seconds=m.get("wall_seconds", ""),
                config=json.dumps(_config_summary(m), default=str))
+    if m.get("plan_selection"):  # planner_val: every candidate's validation loss, the choice
+        sel = m["plan_selection"]
+        row["note"] = "candidates (val log loss): " + ", ".join(
+            f"{_plan_label(c['plan'])} {c['val_logloss']:.4f}" + (" *" if i == sel["chosen"]
+                                                                  else "")
+            for i, c in enumerate(sel["candidates"]))
     return row
+
+
+def _plan_label(plan: Dict) -> str:
+    """The methods of a plan's compressed tables, e.g. ``cce+ce``, or ``full``."""
+    methods = [t["method"] for t in plan["tables"].values() if t["method"] != "full"]
+    return "+".join(dict.fromkeys(sorted(methods, key=methods.index))) or "full"
 
 
 def _config_summary(m: Dict) -> Dict:
@@ -612,7 +630,8 @@ def plot(dataset: str, rows: List[Dict], path: str) -> None:
         cmap = plt.get_cmap("tab20")
         for i, method in enumerate(sorted({m for m, _ in means if m != "full"})):
             pts = sorted((b, v) for (m, _), (v, b, _, _) in means.items() if m == method)
-            style = dict(color="k", lw=2.5, marker="*", ms=10) if method == "planner" else dict(
+            style = dict(color="k", lw=2.5, marker="*", ms=10, ls="-" if method == "planner"
+                         else "--") if method in PLANNER_ROWS else dict(
                 color=cmap(i % 20), marker="o", ms=4, ls="--" if "fp16" in method else "-")
             ax.plot([b for b, _ in pts], [v for _, v in pts], label=method, **style)
         if full:
@@ -636,6 +655,9 @@ CCE_ROWS = ("cce", "cce_fp16", "cce_fp32", "cce_no_recluster", "cce_int8")
 # fp32 master weights; cce_int8: float32 codebooks served as INT8 rows). Every other row (and
 # the planner) stores at most the budget while training.
 SERVING_ROWS = ("mpe", "cce_int8")
+# The planner's rows: the per-table rule, and the choice between its candidate plans on
+# validation data. Each is compared with the single-method rows.
+PLANNER_ROWS = ("planner", "planner_val")
 
 
 def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:
@@ -674,12 +696,13 @@ def summary(dataset: str, rows: List[Dict]) -> str:
             f"lr {'/'.join(lrs)}."
             + (f" Bayes floor (test) {float(floor[0]):.4f}." if floor else ""), ""]
     methods = sorted({m for m, f in ll if f})
-    singles = [m for m in methods if m != "planner" and m not in SERVING_ROWS
+    singles = [m for m in methods if m not in PLANNER_ROWS and m not in SERVING_ROWS
                and m not in ROW_ALIASES]
     out += ["Rows marked (s) count serving bytes (they train larger float tables); the planner "
             "is compared with the rows that store at most the budget while training.", "",
             "| budget | best method | test log loss | AUC | bytes | runner-up | best CCE row | "
-            "planner | best (s) row |", "|---|---|---|---|---|---|---|---|---|"]
+            "planner (rule) | planner (validation) | best (s) row |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
     for f in fractions:
         ranked = sorted((v[0], m) for (m, fr), v in ll.items()
@@ -701,7 +724,8 @@ def summary(dataset: str, rows: List[Dict]) -> str:
             cce_txt = f"{c} {_pm(ll[(c, f)])}{gap}"
         out.append(f"| {f} | **{m}** | {_pm(ll[(m, f)])} | {auc[(m, f)][0]:.4f} | "
                    f"{ll[(m, f)][1]:,.0f} B | {second} | {cce_txt} | "
-                   f"{_verdict(ll, 'planner', f, singles + ['planner'])} | {served_txt} |")
+                   f"{_verdict(ll, 'planner', f, singles + ['planner'])} | "
+                   f"{_verdict(ll, 'planner_val', f, singles + ['planner_val'])} | {served_txt} |")
     out += ["", "Smallest bytes within 0.1% of the full table's log loss (mean over seeds):", "",
             "| method | bytes | fraction of full |", "|---|---|---|"]
     for m in methods:
@@ -745,7 +769,8 @@ def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) 
     best = []
     for f in fractions:
         cands = [(v[0], m) for (m, fr), v in ll.items()
-                 if fr == f and m not in ABLATIONS and not m.startswith("cce") and m != "planner"]
+                 if fr == f and m not in ABLATIONS and not m.startswith("cce")
+                 and m not in PLANNER_ROWS]
         best.append(f"{min(cands)[1]} {min(cands)[0]:.4f}" if cands else "")
     out.append("| best non-CCE grid row | " + " | ".join(best) + " |")
     return "\n".join(out + [""])

@@ -538,3 +538,78 @@ def test_train_budget_flag_errors():
     args = train.parse_args([*TRAIN])
     assert args.method == "cce" and args.planner_methods is None
 
+
+
+# ---------------------------------------------------------------- candidate plans (validation)
+def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
+    from torchrec_cce import budget as B
+
+    tables = [tbl("big", 40_000), tbl("mid", 4_000), tbl("small", 200), tbl("tiny", 8)]
+    counts = {t.name: np.arange(t.num_embeddings, 0, -1, dtype=np.float64) for t in tables}
+    full = sum(B.config_bytes(t, None) for t in tables)
+    for fraction in (4, 8, 16, 64):
+        budget = full // fraction
+        plans = B.plan_candidates(tables, budget, counts=counts)
+        rule = plan_compression(tables, budget, counts=counts)
+        assert tuple(plans[0].tables.values()) == tuple(rule.tables.values())
+        assert 1 <= len(plans) <= len(B.CANDIDATE_LADDERS)
+        # the ladders' plans, duplicates dropped, in ladder order
+        expected = []
+        for ladder in B.CANDIDATE_LADDERS:
+            p = plan_compression(tables, budget, counts=counts, ladder=ladder)
+            assert p.total_bytes <= budget
+            assert {r.method for r in p.tables.values()} <= {"full", *(m for m, _ in ladder)}
+            if tuple(p.tables.values()) not in expected:
+                expected.append(tuple(p.tables.values()))
+        assert [tuple(p.tables.values()) for p in plans] == expected
+    # QR first puts QR on 'big' at 1/4, where the rule puts CCE
+    qr_first = plan_compression(tables, full // 4, counts=counts, ladder=B.CANDIDATE_LADDERS[1])
+    assert qr_first.tables["big"].method == "qr"
+    assert plan_compression(tables, full // 4, counts=counts).tables["big"].method == "cce"
+
+
+def test_ladder_errors_are_clear():
+    tables = [tbl("big", 40_000)]
+    with pytest.raises(ValueError, match="last one a floor"):
+        plan_compression(tables, 10**5, ladder=(("qr", 0.0), ("cce", 0.0)))
+    with pytest.raises(ValueError, match="must be among"):
+        plan_compression(tables, 10**5, ladder=(("nope", 0.0), ("ce", 0.0)))
+    with pytest.raises(ValueError, match="leave it out"):
+        plan_compression(tables, 10**5, methods=["ce"], ladder=(("ce", 0.0),))
+    from torchrec_cce import plan_candidates
+
+    with pytest.raises(ValueError, match="leave methods out"):
+        plan_candidates(tables, 10**5, methods=["ce"])
+
+
+@pytest.mark.timeout(900)
+def test_train_plan_select_validation_keeps_the_lowest_validation_loss():
+    m = train_run("--embedding-budget-mb", "0.1", "--plan-select", "validation", "--epochs", "2")
+    sel = m["plan_selection"]
+    cands = sel["candidates"]
+    assert len(cands) >= 2, m["stdout"]
+    vals = [c["val_logloss"] for c in cands]
+    assert sel["chosen"] == int(np.argmin(vals))
+    chosen = cands[sel["chosen"]]
+    # the result is the chosen run's, whole: metrics, plan and bytes
+    assert m["val_logloss"] == chosen["val_logloss"] == min(vals)
+    assert m["test_logloss"] == chosen["test_logloss"]
+    assert m["embedding_plan"] == chosen["plan"]
+    check_train_plan(m, 0.1)
+    plans = [c["plan"]["tables"] for c in cands]
+    assert all(p != q for i, p in enumerate(plans) for q in plans[i + 1:])
+    # candidate 0 is the rule's plan: the same run as without --plan-select
+    rule = train_run("--embedding-budget-mb", "0.1", "--epochs", "2")
+    assert rule["embedding_plan"] == cands[0]["plan"]
+    assert rule["val_logloss"] == pytest.approx(cands[0]["val_logloss"], abs=1e-6)
+    assert m["wall_seconds"] >= sum(c["wall_seconds"] for c in cands) * 0.99
+    assert "plan selection (lowest val log loss)" in m["stdout"]
+
+
+def test_train_plan_select_flag_errors():
+    for extra in (["--plan-select", "validation"],
+                  ["--plan-select", "validation", "--embedding-budget-mb", "1", "--method", "qr"],
+                  ["--plan-select", "validation", "--embedding-budget-mb", "1",
+                   "--checkpoint-dir", "/tmp/x"]):
+        with pytest.raises(SystemExit):
+            train.parse_args([*TRAIN, *extra])

@@ -258,6 +258,24 @@ def test_torchrun_hashing_two_workers(tmp_path: Path) -> None:
     _check_console(run)
 
 
+@SLOW
+def test_torchrun_plan_select_validation_two_workers(tmp_path: Path) -> None:
+    """--plan-select validation at world 2: every rank trains the same candidate plans one
+    after the other (a fresh DMP each) and keeps the same one, the lowest validation loss."""
+    run = _torchrun(*SMALL, "--embedding-budget-mb", "0.1", "--plan-select", "validation",
+                    "--epochs", "1", "--dense-lr", "0.02", home=tmp_path,
+                    metrics_json=tmp_path / "m.json")
+    assert run.returncode == 0, run.log()
+    m = run.metrics
+    sel = m["plan_selection"]
+    assert len(sel["candidates"]) >= 2, run.log()
+    vals = [c["val_logloss"] for c in sel["candidates"]]
+    assert sel["chosen"] == vals.index(min(vals)) and m["val_logloss"] == min(vals)
+    assert m["world_size"] == 2 and m["embedding_plan"] == sel["candidates"][sel["chosen"]]["plan"]
+    assert m["embedding_bytes"] == m["embedding_plan"]["total_bytes"]
+    assert run.stdout.count("== ") == 1, run.log()  # one summary, the chosen run's
+
+
 # Messages known to be harmless that train.py filters; they must not reach the console.
 FILTERED = ("caching params will be ignored", "Sharding spec not found", "is_fx_tracing",
             "broadcast_buffers", "dense_embedding_codegen_lookup_function", "HeuristicalStorage",

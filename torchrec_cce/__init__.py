@@ -7,7 +7,7 @@ Public API::
                               plan_compression)
 """
 
-from torchrec_cce.budget import CompressionPlan, TablePlan, plan_compression
+from torchrec_cce.budget import CompressionPlan, TablePlan, plan_candidates, plan_compression
 from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
@@ -40,6 +40,7 @@ __all__ = [
     "compression_for_budget",
     "memory_report",
     "mpe_penalty",
+    "plan_candidates",
     "plan_compression",
     "recluster",
     "summarize",

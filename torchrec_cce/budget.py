@@ -428,14 +428,21 @@ def _fit(method: str, table: EmbeddingBagConfig, level: int, chunks: int, share:
 def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
                counts: Optional[Mapping[str, object]], chunks: int, assignment_share: float,
                allow_full: bool, qr_operation: str, codebook_dtype: Optional[torch.dtype],
-               allocation: str, serving_dtype: Optional[torch.dtype] = None
-               ) -> CompressionPlan:
+               allocation: str, serving_dtype: Optional[torch.dtype] = None,
+               ladder: Sequence[Tuple[str, float]] = ()) -> CompressionPlan:
     """``plan_compression(methods=None)``: every table at :data:`AUTO_DTYPE` (unless
     ``codebook_dtype`` is given), the tables' shares of the budget by ``allocation``
     (water-filling between each table's smallest config and its full table at that
     precision), then per table: the full table if its share holds it, else the first method of
-    :data:`AUTO_LADDER` whose smallest config fits the share, sized to the share. Bytes a
-    table's config leaves unused go back to the other compressed tables (one more pass)."""
+    ``ladder`` (default :data:`AUTO_LADDER`) whose smallest config fits the share, sized to the
+    share. Bytes a table's config leaves unused go back to the other compressed tables (one
+    more pass)."""
+    ladder = tuple(ladder) or AUTO_LADDER
+    bad = [m for m, _ in ladder if m not in PLAN_METHODS]
+    if bad or ladder[-1][0] in ("cce", "mpe"):
+        raise ValueError(f"ladder {ladder}: methods must be among {PLAN_METHODS} and the last "
+                         "one a floor every table can take (qr, ce, hashing or memcom)")
+    last = ladder[-1][0]
     dtype = AUTO_DTYPE if codebook_dtype is None else codebook_dtype
     names = _check_names(tables)
     by_name = {t.name: t for t in tables}
@@ -461,10 +468,10 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
             for n, t in by_name.items()}
     floor = {}
     for n, t in by_name.items():  # the smallest config of the ladder's last method
-        pts = _candidates(t, AUTO_METHODS[-1], curves[n], 1.0, False, _table_chunks(t, chunks),
+        pts = _candidates(t, last, curves[n], 1.0, False, _table_chunks(t, chunks),
                           assignment_share, qr_operation, dtype, per_counts[n], serving_dtype)
         floor[n] = min(pts[0][0], full[n])
-    _check_minimum(floor, budget, f"{AUTO_METHODS[-1]} at {_PRECISION.get(dtype, dtype)}",
+    _check_minimum(floor, budget, f"{last} at {_PRECISION.get(dtype, dtype)}",
                    "Raise the budget")
     distinct = _distinct_floors(full, floor, budget)  # the smallest tables stay full
     floor.update(distinct)
@@ -491,11 +498,11 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
         for n in names:
             t, share = by_name[n], int(shares[n] + 1e-6)  # (float sums of exact shares)
             plan = full_plan(t, share)
-            for m, ratio in AUTO_LADDER:
+            for m, ratio in ladder:
                 if plan is None and share >= ratio * full[n]:
                     plan = single(t, share, m)
             if plan is None:  # below every ladder method's smallest form: its floor
-                plan = single(t, floor[n], AUTO_METHODS[-1]) or single(t, floor[n], "full")
+                plan = single(t, floor[n], last) or single(t, floor[n], "full")
             chosen[n] = plan
         left = budget - sum(p.bytes for p in chosen.values())
         grow = [n for n in names if chosen[n].bytes < native[n]]
@@ -575,6 +582,39 @@ AUTO_DTYPE = torch.float16
 # and 1/256 QR's smallest form does not fit the large tables (CE fp16 best, 0.3120 / 0.3428).
 AUTO_LADDER: Tuple[Tuple[str, float], ...] = (("cce", 0.177), ("qr", 0.0), ("ce", 0.0))
 AUTO_METHODS = tuple(m for m, _ in AUTO_LADDER)
+# The plans plan_candidates offers for a choice on validation data (train.py --plan-select
+# validation): the rule's ladder, QR first, CCE wherever its smallest form fits. No single
+# per-table statistic picked the winner on every dataset: at 1/4 of the float32 bytes Frappe's
+# item table (4,083 ids, ~17 training occurrences per id) is best with CCE (test log loss 0.2348
+# vs QR-mult fp16 0.2750, 3 seeds) and Yelp2018's (37,662 ids, ~20 per id) with QR-mult fp16
+# (0.5332 vs CCE 0.6087, one seed), at the same shares of their bytes.
+CANDIDATE_LADDERS: Tuple[Tuple[Tuple[str, float], ...], ...] = (
+    AUTO_LADDER,
+    (("qr", 0.0), ("ce", 0.0)),
+    (("cce", 0.0), ("qr", 0.0), ("ce", 0.0)),
+)
+
+
+def plan_candidates(tables: Sequence[EmbeddingBagConfig], byte_budget: Union[int, float],
+                    counts: Optional[Mapping[str, object]] = None,
+                    ladders: Sequence[Sequence[Tuple[str, float]]] = CANDIDATE_LADDERS,
+                    **kwargs) -> List[CompressionPlan]:
+    """The distinct plans of ``plan_compression(methods=None, ladder=L)`` for every ladder
+    ``L`` in ``ladders`` (default :data:`CANDIDATE_LADDERS`: the rule's plan first), each
+    fitting ``byte_budget``: the choices to train and compare on validation data when the
+    per-table rule alone is not trusted. ``kwargs`` go to :func:`plan_compression`."""
+    if kwargs.get("methods") is not None:
+        raise ValueError("plan_candidates chooses the methods itself; leave methods out")
+    kwargs.pop("methods", None)
+    plans: List[CompressionPlan] = []
+    seen = set()
+    for ladder in ladders:
+        plan = plan_compression(tables, byte_budget, counts=counts, ladder=ladder, **kwargs)
+        key = tuple(plan.tables.values())  # method, rows, chunks, bytes... of every table
+        if key not in seen:
+            seen.add(key)
+            plans.append(plan)
+    return plans
 
 
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
@@ -718,6 +758,7 @@ def plan_compression(
     codebook_dtype: Optional[torch.dtype] = None,
     allocation: str = "perplexity",
     serving_dtype: Optional[torch.dtype] = None,
+    ladder: Sequence[Tuple[str, float]] = (),
 ) -> CompressionPlan:
     """Per-table configs whose total stored bytes fit ``byte_budget`` (see the module doc).
 
@@ -746,6 +787,10 @@ def plan_compression(
         serving_dtype: count every table's bytes as served with INT-N codebooks
             (``torch.int8`` / ``torch.quint4x2``, :func:`serving_config_bytes`): the budget
             bounds the serving size; training keeps float codebooks.
+        ladder: with ``methods=None``, ``(method, least share of the table's full bytes)``
+            pairs tried in order per compressed table (default :data:`AUTO_LADDER`; the last
+            method is every table's floor); :data:`CANDIDATE_LADDERS` are the alternatives
+            :func:`plan_candidates` offers.
 
     Raises:
         ValueError: if even the smallest config of every table exceeds the budget (naming
@@ -755,7 +800,10 @@ def plan_compression(
     if methods is None:  # the measured per-table rule (module doc, step 3)
         return _auto_plan(tables, budget, counts, chunks, assignment_share, allow_full,
                           qr_operation, codebook_dtype, allocation,
-                          serving_dtype)
+                          serving_dtype, ladder)
+    if ladder:
+        raise ValueError(f"ladder={tuple(ladder)} is the rule of methods=None; with "
+                         f"methods={list(methods)} leave it out")
     order = list(methods)
     unknown = [m for m in order if m not in PLAN_METHODS + ("full",)]
     if unknown:

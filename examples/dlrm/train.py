@@ -68,6 +68,7 @@ from torchrec_cce import (  # noqa: E402
     CCEEmbeddingBagCollection,
     compression_for_budget,
     memory_report,
+    plan_candidates,
     plan_compression,
     summarize,
 )
@@ -198,6 +199,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="bytes (MiB, 2**20) for all embedding tables together, everything they "
                         "store: torchrec_cce.plan_compression sizes --method to it, or without "
                         "--method chooses per table; replaces --max-params-per-table")
+    m.add_argument("--plan-select", choices=["rule", "validation"], default="rule",
+                   help="with --embedding-budget-mb and no --method: 'rule' trains the "
+                        "planner's rule plan; 'validation' trains each distinct plan of "
+                        "torchrec_cce.plan_candidates (the rule's, QR first, CCE wherever it "
+                        "fits; same seed and recipe) and keeps the one with the lowest "
+                        "validation log loss (up to 3x the training time)")
     m.add_argument("--max-params-per-table", type=int, default=None,
                    help="the paper's cap: tables with num_embeddings*dim above it are compressed "
                         "to this many parameters (default: 1/16 of the largest table)")
@@ -313,6 +320,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             p.error(f"--embedding-budget-mb must be positive, got {args.embedding_budget_mb}")
         if args.max_params_per_table is not None:
             p.error("--embedding-budget-mb and --max-params-per-table are two budgets; pass one")
+    if args.plan_select == "validation":
+        if args.embedding_budget_mb is None or args.planner_methods is not None:
+            p.error("--plan-select validation chooses between the budget planner's plans: "
+                    "pass --embedding-budget-mb and no --method")
+        if args.checkpoint_dir:
+            p.error("--plan-select validation trains several models one after the other; "
+                    "it does not checkpoint: drop --checkpoint-dir (or pick the plan first "
+                    "and checkpoint that run)")
+    args.plan_candidate = None  # set by select_plan: which of plan_candidates() to train
     if args.recluster_at and args.method != "cce":
         p.error("--recluster-at only applies to --method cce")
     if args.no_recluster and (args.recluster_at or args.recluster_every_epoch):
@@ -739,15 +755,18 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
     plan = None
     if args.embedding_budget_mb is not None:  # the byte-budget planner (torchrec_cce.budget)
         counts = table_counts(data, tables)
-        plan = plan_compression(tables, int(args.embedding_budget_mb * 2**20),
-                                counts=counts,
-                                methods=args.planner_methods, chunks=args.chunks,
-                                assignment_share=args.cce_assignment_share,
-                                qr_operation=args.qr_operation,
-                                codebook_dtype=codebook_dtype(args),
-                                serving_dtype=serving_dtype(args),
-                                allocation=args.planner_allocation,
-                                )
+        kwargs = dict(counts=counts, chunks=args.chunks,
+                      assignment_share=args.cce_assignment_share,
+                      qr_operation=args.qr_operation, codebook_dtype=codebook_dtype(args),
+                      serving_dtype=serving_dtype(args), allocation=args.planner_allocation)
+        budget_bytes = int(args.embedding_budget_mb * 2**20)
+        if args.plan_candidate is None:
+            plan = plan_compression(tables, budget_bytes, methods=args.planner_methods,
+                                    **kwargs)
+            candidates = 1
+        else:  # --plan-select validation: one of the planner's candidate plans
+            plans = plan_candidates(tables, budget_bytes, **kwargs)
+            plan, candidates = plans[min(args.plan_candidate, len(plans) - 1)], len(plans)
         compression, cap = plan.compression, None
         # MPE: the planner fixed the candidate widths (its serving-bytes bound); the search
         # hyper-parameters and seed come from the flags.
@@ -758,6 +777,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
         args.method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
     else:
         compression, cap = make_compression(tables, args, table_counts(data, tables))
+        candidates = 1
     compression = apply_cce_settings(compression, args)
     # An all-MPE collection has no codebook for the planner (shard_model shards it itself).
     all_mpe = args.method == "mpe" and len(compression) == len(tables)
@@ -780,6 +800,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
                           "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),
                           "all_mpe": all_mpe,
                           "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan,
+                          "plan_candidates": candidates,
                           "table_configs": tables, "compression": compression}
 
 
@@ -1247,6 +1268,65 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def train(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> Dict[str, Any]:
+    """One training run (or, with --plan-select validation, one per candidate plan); rank 0
+    prints the summary and writes --metrics-json / --loss-curve-png."""
+    if args.plan_select == "validation":
+        metrics, ctx_losses = select_plan(args, rank, world, device)
+    else:
+        metrics, ctx_losses = train_run(args, rank, world, device)
+    if rank == 0:
+        print_summary(metrics)
+        if args.metrics_json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
+            with open(args.metrics_json, "w") as f:
+                json.dump(metrics, f, indent=1)
+        if args.loss_curve_png:
+            plot_loss(*ctx_losses, metrics, args.loss_curve_png)
+    return metrics
+
+
+def select_plan(args: argparse.Namespace, rank: int, world: int, device: torch.device
+                ) -> Tuple[Dict[str, Any], Tuple[Any, Any]]:
+    """``--plan-select validation``: train every distinct plan of
+    :func:`torchrec_cce.plan_candidates` with the same seed and recipe, keep the run with the
+    lowest best validation log loss (its test metrics are the result; the test set plays no
+    part in the choice). ``metrics["plan_selection"]`` lists every candidate."""
+    start = time.perf_counter()
+    runs: List[Tuple[Dict[str, Any], Tuple[Any, Any]]] = []
+    i, count = 0, 1
+    while i < count:
+        run_args = argparse.Namespace(**{**vars(args), "plan_candidate": i})
+        if args.tensorboard_dir:
+            run_args.tensorboard_dir = os.path.join(args.tensorboard_dir, f"candidate{i}")
+        if rank == 0:
+            print(f"-- candidate plan {i + 1}{'' if i == 0 else f' of {count}'} "
+                  "(--plan-select validation)", flush=True)
+        metrics, curves = train_run(run_args, rank, world, device)
+        count = metrics.pop("plan_candidates")
+        runs.append((metrics, curves))
+        i += 1
+    best = min(range(len(runs)), key=lambda j: (runs[j][0]["val_logloss"], j))
+    metrics, curves = runs[best]
+    metrics = dict(metrics)
+    metrics["plan_selection"] = {
+        "chosen": best,
+        "candidates": [{"plan": m["embedding_plan"], "method": m["method"],
+                        "val_logloss": m["val_logloss"], "val_auc": m["val_auc"],
+                        "test_logloss": m["test_logloss"], "test_auc": m["test_auc"],
+                        "best_epoch": m["best_epoch"], "wall_seconds": m["wall_seconds"]}
+                       for m, _ in runs]}
+    metrics["wall_seconds"] = time.perf_counter() - start
+    metrics["args"] = dict(metrics["args"], plan_candidate=None)
+    if rank == 0:
+        print("plan selection (lowest val log loss): " + ", ".join(
+            f"{j}: {m['method']} {m['val_logloss']:.4f}" + (" *" if j == best else "")
+            for j, (m, _) in enumerate(runs)), flush=True)
+    return metrics, curves
+
+
+def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.device
+              ) -> Tuple[Dict[str, Any], Tuple[Any, Any]]:
+    """Train one model; returns its metrics and (loss curve, re-clusterings) for the plot."""
     start = time.perf_counter()
     ctx = setup(args, rank, world, device)
     if args.tensorboard_dir and rank == 0:
@@ -1273,15 +1353,7 @@ def train(args: argparse.Namespace, rank: int, world: int, device: torch.device)
     metrics = collect_metrics(ctx, train_seconds, start)
     if ctx.writer:
         ctx.writer.close()
-    if rank == 0:
-        print_summary(metrics)
-        if args.metrics_json:
-            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_json)), exist_ok=True)
-            with open(args.metrics_json, "w") as f:
-                json.dump(metrics, f, indent=1)
-        if args.loss_curve_png:
-            plot_loss(ctx.losses, ctx.recluster_log, metrics, args.loss_curve_png)
-    return metrics
+    return metrics, (ctx.losses, ctx.recluster_log)
 
 
 def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[str, Any]:
@@ -1325,6 +1397,7 @@ def collect_metrics(ctx: Training, train_seconds: float, start: float) -> Dict[s
         "embedding_tables": report,
         "embedding_plan": (ctx.budget["plan"].to_dict() if ctx.budget["plan"] is not None
                            else None),
+        "plan_candidates": ctx.budget["plan_candidates"],
         "colliding_features": ([n for n, c in zip(ctx.data.collisions.names,
                                                   ctx.data.collisions.reported) if c]
                                if ctx.data.collisions is not None else []),
