@@ -396,6 +396,27 @@ def test_result_does_not_depend_on_id_batch_and_repeats_cleanly():
     check_recluster_state(a, "t", old, 1)
 
 
+def test_kmeans_runs_on_distinct_ids_weighted_by_occurrences():
+    """A sample and the same sample with every occurrence doubled give the same re-clustering
+    (k-means on the distinct ids, weighted by occurrences: same points, weights x2), and the
+    inertia of the doubled one is exactly twice (it counts every occurrence)."""
+    spec = [("t", 300, 8, CCEConfig(rows=8, chunks=2, seed=4))]
+    a, b = build(spec), build(spec)
+    train_random(a, steps=10)
+    b.load_state_dict(a.state_dict())
+    g = torch.Generator().manual_seed(0)
+    sample = (torch.rand(1000, generator=g) ** 3 * 300).long()  # skewed: many repeats
+    for ebc, reps in ((a, 1), (b, 2)):
+        ebc.tables["t"].reservoir.reset()
+        ebc.tables["t"].reservoir.observe(sample.repeat(reps))
+    sa, sb = recluster(a)["t"], recluster(b)["t"]
+    assert sa["num_samples"] == 1000 and sb["num_samples"] == 2000  # (capacity 256 x 8)
+    assert sa["num_distinct_samples"] == sb["num_distinct_samples"] == sample.unique().numel()
+    assert torch.equal(a.tables["t"].dense_assignment(), b.tables["t"].dense_assignment())
+    torch.testing.assert_close(weight(a, "t__cce"), weight(b, "t__cce"), atol=1e-6, rtol=1e-5)
+    assert sb["kmeans_inertia_end"] == pytest.approx(2 * sa["kmeans_inertia_end"], rel=1e-5)
+
+
 def test_reservoir_is_a_uniform_sample_of_occurrences():
     """The sample re-clustering uses weighs ids by frequency over the whole stream (not only
     its start): 100k occurrences into 4000 slots, ids 0-9 in the first half of the stream and
