@@ -766,7 +766,7 @@ def build_model(args: argparse.Namespace, data: Data) -> Tuple[nn.Module, Dict[s
             candidates = 1
         else:  # --plan-select validation: one of the planner's candidate plans
             plans = plan_candidates(tables, budget_bytes, **kwargs)
-            plan, candidates = plans[min(args.plan_candidate, len(plans) - 1)], len(plans)
+            plan, candidates = plans[args.plan_candidate], len(plans)
         compression, cap = plan.compression, None
         # MPE: the planner fixed the candidate widths (its serving-bytes bound); the search
         # hyper-parameters and seed come from the flags.

@@ -88,8 +88,9 @@ def _sample_ids(method: CCETable, collective: Collective, generation: int) -> to
 
 
 def _distinct_sample(sample: torch.Tensor, collective: Collective
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """This rank's part of the distinct sampled ids of all ranks and their occurrence counts.
+                     ) -> Tuple[torch.Tensor, torch.Tensor, int, int]:
+    """This rank's part of the distinct sampled ids of all ranks and their occurrence counts,
+    and the totals over all ranks (occurrences, distinct ids; the same on every rank).
 
     k-means of the distinct ids' vectors weighted by their counts has the same Lloyd updates
     and inertia as k-means of every occurrence (an id's occurrences share one vector), on
@@ -102,7 +103,7 @@ def _distinct_sample(sample: torch.Tensor, collective: Collective
     ids, counts = torch.unique(sample, return_counts=True)
     n, r, w = ids.numel(), collective.rank, collective.world_size
     lo, hi = n * r // w, n * (r + 1) // w
-    return ids[lo:hi], counts[lo:hi].to(torch.float32)
+    return ids[lo:hi], counts[lo:hi].to(torch.float32), sample.numel(), n
 
 
 def chunk_vectors(method: CCETable, A: torch.Tensor, B: torch.Tensor,
@@ -239,9 +240,8 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
     generation = int(m.h_generation)
 
     # 1-3: k-means per chunk on the sample's current vectors (old state).
-    sample = _sample_ids(m, collective, generation)
-    occurrences = sample.numel()
-    sample, weight = _distinct_sample(sample, collective)
+    sample, weight, occurrences, distinct = _distinct_sample(
+        _sample_ids(m, collective, generation), collective)
     if state.sample_lookup:  # collective: on this thread
         p_sample = state.sample_lookup(sample)
         with worker_threads():
@@ -295,10 +295,8 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         "kmeans_inertia_start": start_inertia,
         "kmeans_inertia_end": end_inertia,
         "reseeded": reseeded,
-        "num_samples": int(collective.all_reduce_sum(
-            torch.tensor([float(occurrences)], device=A.device))),
-        "num_distinct_samples": int(collective.all_reduce_sum(
-            torch.tensor([float(sample.numel())], device=A.device))),
+        "num_samples": occurrences,
+        "num_distinct_samples": distinct,
         "num_ids": m.num_embeddings,
         "mean_residual_sq": residual_sq / max(1, m.assigned_ids),
         "empty_buckets": int((counts == 0).sum()),
