@@ -678,6 +678,55 @@ def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:
     return f"behind {best} {v:.4f} by {mine - v:.4f} (std {spread:.4f})"
 
 
+def _ranks(xs: Sequence[float]) -> List[float]:
+    """1-based ranks of ``xs``, ties sharing their mean rank."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Spearman's rank correlation of ``xs`` and ``ys`` (Pearson on tie-averaged ranks)."""
+    rx, ry = _ranks(xs), _ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def validation_agreement(rows: List[Dict]) -> List[str]:
+    """Markdown: per budget, whether the rows' validation log loss ranks them as their test log
+    loss does (Spearman over the rows' means, rows that store at most the budget while
+    training), the row a choice on validation data would take and the test winner. Where the
+    two rankings disagree, no choice made on validation data (``--plan-select validation``
+    included) can be expected to find the test winner."""
+    ll, val = mean_by(rows, "test_logloss"), mean_by(rows, "val_logloss")
+    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
+    out = ["", "Does validation rank the rows as test does? (Spearman of the rows' mean "
+           "validation and test log loss; the row with the lowest validation log loss and the "
+           "test winner, each as validation / test):", "",
+           "| budget | rows | Spearman | lowest validation | best test |", "|---|---|---|---|---|"]
+    for f in fractions:
+        ms = sorted(m for m, fr in ll if fr == f and m not in SERVING_ROWS
+                    and m not in ROW_ALIASES)
+        if len(ms) < 3:
+            continue
+        rho = spearman([val[(m, f)][0] for m in ms], [ll[(m, f)][0] for m in ms])
+        bv = min(ms, key=lambda m: (val[(m, f)][0], m))
+        bt = min(ms, key=lambda m: (ll[(m, f)][0], m))
+        out.append(f"| {f} | {len(ms)} | {rho:+.2f} | {bv} {val[(bv, f)][0]:.4f} / "
+                   f"{ll[(bv, f)][0]:.4f} | {bt} {val[(bt, f)][0]:.4f} / {ll[(bt, f)][0]:.4f} |")
+    return out
+
+
 def summary(dataset: str, rows: List[Dict]) -> str:
     """Markdown: best method per budget (mean ± std over seeds), where CCE and the planner stand,
     each method's smallest bytes within 0.1% of the full table, the cells that hit the cap, and
@@ -732,6 +781,7 @@ def summary(dataset: str, rows: List[Dict]) -> str:
         ok = [(v[1], f) for (mm, f), v in ll.items() if mm == m and f and v[0] <= full[0] * 1.001]
         out.append(f"| {m} | {min(ok)[0]:,.0f} B | {min(ok)[1]} |" if ok
                    else f"| {m} | never (at the budgets run) | |")
+    out += validation_agreement(rows)
     hit = capped(rows)
     n_ok = sum(1 for r in rows if r["status"] == "ok")
     out += ["", f"Cells whose best validation epoch is the epoch cap: {len(hit)} of {n_ok}"

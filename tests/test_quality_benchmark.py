@@ -107,3 +107,37 @@ def test_report_only_splits_ablations_and_tabulates_means(tmp_path: Path) -> Non
     assert "| abl_base | 0.3600 ± 0.0100 (n=2) |" in text
     assert "| best non-CCE grid row | qr_mult 0.4100 |" in text
     assert "Cells whose best validation epoch is the epoch cap: 0 of" in text
+
+
+def test_summary_reports_whether_validation_ranks_rows_like_test(tmp_path: Path) -> None:
+    """The summary's validation/test agreement table: Spearman over the rows' means (scipy's
+    value as the reference), the row validation would pick and the test winner; the alias and
+    serving rows are left out."""
+    import json
+
+    from scipy.stats import spearmanr
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    cells = tmp_path / "work" / "cells"
+    cells.mkdir(parents=True)
+    # (val, test) per row at 1/16: validation ranks a < b < c < d, test d < b < a < c
+    vt = {"qr_mult": (0.30, 0.42), "ce": (0.31, 0.41), "cce": (0.32, 0.43),
+          "hashing": (0.33, 0.40)}
+    spec = {"frappe__full__full__s0": _cell(0.30, 1600, "full")}
+    for method, (v, t) in vt.items():
+        cell = _cell(t, 100, method)
+        cell["evaluations"] = [{"val_logloss": v, "val_auc": 0.8}]
+        spec[f"frappe__{method}__1-16__s0"] = cell
+    spec["frappe__mpe__1-16__s0"] = _cell(0.10, 100, "mpe")  # serving row: not ranked
+    for name, m in spec.items():
+        (cells / f"{name}.json").write_text(json.dumps(m))
+    quality.main(["--report-only", "--datasets", "frappe", "--workdir", str(tmp_path / "work"),
+                  "--results", str(tmp_path / "res")])
+    text = (tmp_path / "res" / "quality_summary.md").read_text()
+    names = ["cce", "ce", "hashing", "qr_mult"]  # the ranked rows (cce_fp16 is cce's copy)
+    rho = spearmanr([vt[m][0] for m in names], [vt[m][1] for m in names]).correlation
+    assert f"| 1/16 | 4 | {rho:+.2f} | qr_mult 0.3000 / 0.4200 | hashing 0.3300 / 0.4000 |" in text
+    assert quality.spearman([1, 2, 2, 3], [4, 3, 3, 1]) == pytest.approx(
+        spearmanr([1, 2, 2, 3], [4, 3, 3, 1]).correlation)
