@@ -8,9 +8,16 @@ lead on Yelp2018? (quality_notes.md, "Why CCE loses on Yelp2018".) Not part of t
 gain (initialised to 1, trained by the dense optimizer), for any ``--method``.
 ``qr1``: every table is QR-mult with ``collisions = V`` (the full table ``R`` times a one-row
 quotient table ``Q``, a gain trained by the sparse optimizer; 1 row more than the full table).
+``qr_balanced``: every table is QR-mult (float16) with ``collisions = ceil(sqrt(V))``: two
+id-dependent factors of equal size, no gain-like quotient table (what a multiplicative CCE with
+``init="qr"``, one chunk, would be before its first re-clustering).
+``hash_mult``: every table ``A[h1(x)] * B[h2(x)]`` (float16, two independently hashed
+full-width codebooks of ``PROBE_ROWS`` rows each, e.g. ``PROBE_ROWS=t_user=7249,t_item=10084``):
+a multiplicative CCE before any re-clustering (hashed ``p``), at the bytes the rows give.
 """
 
 import functools
+import math
 import os
 import sys
 
@@ -22,7 +29,49 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
                                 "dlrm"))
 import train  # noqa: E402
 
-from torchrec_cce.configs import QRConfig  # noqa: E402
+from torchrec_cce import modules  # noqa: E402
+from torchrec_cce.configs import HashingTrickConfig, QRConfig  # noqa: E402
+from torchrec_cce.distributed import sharder  # noqa: E402
+from torchrec_cce.hashing import derive_seed, hash_ids  # noqa: E402
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec  # noqa: E402
+
+
+class HashMultConfig(HashingTrickConfig):
+    """Marks a table for :class:`HashMultTable` (``rows`` rows in each of A and B)."""
+
+
+class HashMultTable(CompressedTable):
+    """``e(x) = A[h1(x)] * B[h2(x)]`` (product of the pooled A and B bags, like QR-mult)."""
+
+    method_name = "hash_mult"
+    elementwise_compose = "mult"
+
+    def __init__(self, table, config) -> None:
+        super().__init__(table)
+        self.rows = config.rows
+        self.keys = [derive_seed(config.seed, table.name, i, "hash_mult") for i in range(2)]
+        self.codebooks = [Codebook("hm_a", self.rows, table.embedding_dim, ["hm_a"]),
+                          Codebook("hm_b", self.rows, table.embedding_dim, ["hm_b"])]
+
+    def remap(self, ids):
+        return [hash_ids(ids, k, self.rows) for k in self.keys]
+
+    def stream_specs(self):
+        return [StreamSpec("hash", self.rows, key=k) for k in self.keys]
+
+    def compose(self, pooled):
+        return pooled[0] * pooled[1]
+
+
+def _with_hash_mult(build):
+    def build_table(table, config, **kwargs):
+        if isinstance(config, HashMultConfig):
+            method = HashMultTable(table, config)
+            method.codebook_data_type = build(table, HashingTrickConfig(
+                rows=1, codebook_dtype=config.codebook_dtype)).codebook_data_type
+            return method
+        return build(table, config, **kwargs)
+    return build_table
 
 
 class GainDLRM(DLRM):
@@ -49,8 +98,21 @@ def main() -> None:
         # one row more than the full table
         train.CCEEmbeddingBagCollection = functools.partial(
             train.CCEEmbeddingBagCollection, allow_larger=True)
+    elif mode == "qr_balanced":
+        train.make_compression = lambda tables, args, counts: (
+            {t.name: QRConfig(collisions=math.isqrt(t.num_embeddings - 1) + 1,
+                              operation="mult", codebook_dtype=torch.float16)
+             for t in tables}, None)
+    elif mode == "hash_mult":
+        rows = dict(kv.split("=") for kv in os.environ["PROBE_ROWS"].split(","))
+        modules.build_table = _with_hash_mult(modules.build_table)
+        sharder.build_table = _with_hash_mult(sharder.build_table)
+        train.make_compression = lambda tables, args, counts: (
+            {t.name: HashMultConfig(rows=int(rows[t.name]), seed=args.seed,
+                                    codebook_dtype=torch.float16) for t in tables}, None)
     else:
-        raise SystemExit(f"mode must be 'dense' or 'qr1', got {mode!r}")
+        raise SystemExit(f"mode must be 'dense', 'qr1', 'qr_balanced' or 'hash_mult', got "
+                         f"{mode!r}")
     train.main(argv)
 
 
