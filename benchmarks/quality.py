@@ -17,10 +17,11 @@ Datasets are read in place from ``../shared/data`` (preprocessed once into ``--w
 collision-free) and the synthetic Criteo-shaped generator (with its Bayes floor).
 
 Outputs, per dataset: ``benchmarks/results/quality_<dataset>.csv`` (one row per cell),
-``quality_<dataset>.png`` (test log loss and AUC vs bytes, log x, the full table dotted) and
-``quality_summary.md`` (the best method at each budget; the smallest bytes at which each method
-comes within 0.1% of the full table's log loss). Resumable: a finished cell's metrics JSON in
-``--workdir`` is never rerun.
+``quality_<dataset>.png`` (test log loss and AUC vs bytes, log x, the full table dotted),
+``quality_summary.md (the best method at each budget; the smallest bytes at which each method
+comes within 0.1% of the full table's log loss; whether validation ranks the rows as test does),
+and ``quality_tables.md`` (the README's per-dataset tables). Resumable: a finished cell's
+metrics JSON in ``--workdir`` is never rerun.
 
 Rows: ``planner`` is the per-table rule of :func:`torchrec_cce.plan_compression`
 (``methods=None``: float16 tables, the small-table floors, the CCE/QR/CE ladder);
@@ -802,6 +803,44 @@ def summary(dataset: str, rows: List[Dict]) -> str:
     return "\n".join(out + [""])
 
 
+def readme_table(dataset: str, rows: List[Dict]) -> str:
+    """Markdown: the README's per-dataset table (test log loss, mean ± std over seeds as in
+    :func:`summary`; ``(n)`` where fewer seeds ran than the dataset's most): the best row that
+    trains within the budget, CCE, the best baseline, both planners and the serving rows."""
+    ll = mean_by(rows, "test_logloss")
+    infeasible = {(r["method"], r["budget_fraction"]) for r in rows
+                  if r["status"] == "infeasible"}
+    if ("full", "") not in ll:
+        return ""
+    most = max(n for _, _, n, _ in ll.values())
+
+    def cell(m: str, f: str) -> str:
+        if (m, f) in infeasible:
+            return "infeasible"
+        if (m, f) not in ll:
+            return ""
+        mean, _, n, std = ll[(m, f)]
+        return (f"{mean:.4f}" + (f" ±{std:.4f}" if n > 1 else "")
+                + (f" ({n})" if n < most else ""))
+
+    out = [f"**{dataset}** (full table {cell('full', '')})", "",
+           "| budget | best row | CCE (`--method cce`) | best baseline | planner (rule) | "
+           "planner (validation) | CCE served INT8 (s) | MPE (s) |", "|---|---|---|---|---|---|---|---|"]
+    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
+    for f in fractions:
+        trained = {m: v[0] for (m, fr), v in ll.items() if fr == f and m not in SERVING_ROWS
+                   and m not in ROW_ALIASES}
+        if not trained:
+            continue
+        best = min(trained, key=trained.get)
+        base = [m for m in trained if m not in CCE_ROWS and m not in PLANNER_ROWS]
+        bb = min(base, key=trained.get) if base else None
+        out.append(f"| {f} | **{best}** {cell(best, f)} | {cell('cce', f)} | "
+                   f"{f'{bb} {cell(bb, f)}' if bb else ''} | {cell('planner', f)} | "
+                   f"{cell('planner_val', f)} | {cell('cce_int8', f)} | {cell('mpe', f)} |")
+    return "\n".join(out + [""])
+
+
 def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) -> str:
     """Markdown: test log loss (mean ± std over n seeds) of every CCE ablation per budget, next
     to the main grid's cce/cce_no_recluster and its best non-CCE method at that budget."""
@@ -829,7 +868,7 @@ def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.results, exist_ok=True)
-    texts = []
+    texts, tables = [], []
     for dataset in args.datasets.split(","):
         if dataset not in DATASETS:
             raise SystemExit(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
@@ -854,6 +893,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception:  # a plot must not lose the numbers
             traceback.print_exc()
         texts.append(summary(dataset, rows))
+        tables.append(readme_table(dataset, rows))
         if ablation_rows:
             write_csv(ablation_rows, os.path.join(args.results,
                                                   f"quality_{dataset}_ablations.csv"))
@@ -862,6 +902,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not args.print_jobs:
         with open(os.path.join(args.results, "quality_summary.md"), "w") as f:
             f.write("\n".join(texts))
+        with open(os.path.join(args.results, "quality_tables.md"), "w") as f:
+            f.write("\n".join(tables))  # the README's tables
     return 0
 
 

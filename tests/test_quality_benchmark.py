@@ -107,6 +107,10 @@ def test_report_only_splits_ablations_and_tabulates_means(tmp_path: Path) -> Non
     assert "| abl_base | 0.3600 ± 0.0100 (n=2) |" in text
     assert "| best non-CCE grid row | qr_mult 0.4100 |" in text
     assert "Cells whose best validation epoch is the epoch cap: 0 of" in text
+    tables = (tmp_path / "res" / "quality_tables.md").read_text()
+    # best row qr_mult (2 seeds, the most), CCE one seed of two, MPE infeasible
+    assert ("| 1/16 | **qr_mult** 0.4100 ±0.0100 | 0.4500 (1) | qr_mult 0.4100 ±0.0100 |  |  |"
+            "  | infeasible |") in tables
 
 
 def test_summary_reports_whether_validation_ranks_rows_like_test(tmp_path: Path) -> None:
