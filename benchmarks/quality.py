@@ -18,7 +18,7 @@ collision-free) and the synthetic Criteo-shaped generator (with its Bayes floor)
 
 Outputs, per dataset: ``benchmarks/results/quality_<dataset>.csv`` (one row per cell),
 ``quality_<dataset>.png`` (test log loss and AUC vs bytes, log x, the full table dotted),
-``quality_summary.md (the best method at each budget; the smallest bytes at which each method
+``quality_summary.md`` (the best method at each budget; the smallest bytes at which each method
 comes within 0.1% of the full table's log loss; whether validation ranks the rows as test does),
 and ``quality_tables.md`` (the README's per-dataset tables). Resumable: a finished cell's
 metrics JSON in ``--workdir`` is never rerun.
