@@ -74,6 +74,16 @@ def _with_hash_mult(build):
     return build_table
 
 
+def hash_mult_compression(rows, tables, args, counts):  # noqa: ANN001
+    """``train.make_compression`` for ``hash_mult``: every table float16 ``A * B`` of
+    ``rows[table]`` rows each."""
+    missing = [t.name for t in tables if t.name not in rows]
+    if missing:
+        raise SystemExit(f"PROBE_ROWS has no rows for tables {missing}")
+    return {t.name: HashMultConfig(rows=int(rows[t.name]), seed=args.seed,
+                                   codebook_dtype=torch.float16) for t in tables}, None
+
+
 class GainDLRM(DLRM):
     """DLRM with a learned per-feature, per-dimension gain on the pooled embeddings."""
 
@@ -104,12 +114,13 @@ def main() -> None:
                               operation="mult", codebook_dtype=torch.float16)
              for t in tables}, None)
     elif mode == "hash_mult":
-        rows = dict(kv.split("=") for kv in os.environ["PROBE_ROWS"].split(","))
+        rows = dict(kv.split("=") for kv in os.environ.get("PROBE_ROWS", "").split(",") if kv)
+        if not rows:
+            raise SystemExit("hash_mult needs PROBE_ROWS=<table>=<rows>,... (rows of each of A "
+                             "and B per table), e.g. PROBE_ROWS=t_user=7249,t_item=10084")
         modules.build_table = _with_hash_mult(modules.build_table)
         sharder.build_table = _with_hash_mult(sharder.build_table)
-        train.make_compression = lambda tables, args, counts: (
-            {t.name: HashMultConfig(rows=int(rows[t.name]), seed=args.seed,
-                                    codebook_dtype=torch.float16) for t in tables}, None)
+        train.make_compression = functools.partial(hash_mult_compression, rows)
     else:
         raise SystemExit(f"mode must be 'dense', 'qr1', 'qr_balanced' or 'hash_mult', got "
                          f"{mode!r}")

@@ -294,3 +294,30 @@ def test_sgd_reduces_regression_loss(method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_gain_probe_hash_mult_is_product_of_two_hashed_codebooks(monkeypatch):
+    """benchmarks/gain_probe.py's hash_mult table (the multiplicative-composition probe):
+    SUM-pooled output == (sum_j w_j A[h1(x_j)]) * (sum_j w_j B[h2(x_j)]), with h1/h2 recomputed
+    by the reference hash, for multi-id, empty and weighted bags."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import gain_probe
+    from torchrec_cce import modules
+
+    monkeypatch.setattr(modules, "build_table", gain_probe._with_hash_mult(modules.build_table))
+    t = [EmbeddingBagConfig(name="t", embedding_dim=4, num_embeddings=50, feature_names=["f"])]
+    ebc = CCEEmbeddingBagCollection(t, {"t": gain_probe.HashMultConfig(rows=7, seed=3)},
+                                    is_weighted=True)
+    a = ebc.codebooks.embedding_bags["t__hm_a"].weight.detach()
+    b = ebc.codebooks.embedding_bags["t__hm_b"].weight.detach()
+    k1, k2 = (derive_seed(3, "t", i, "hash_mult") for i in range(2))
+    bags, weights = [[3, 41, 3], [], [49]], [[0.5, 2.0, 1.5], [], [3.0]]
+    got = ebc(make_kjt({"f": bags}, {"f": weights})).to_dict()["f"].detach()
+    for row, (bag, w) in enumerate(zip(bags, weights)):
+        pa = sum((wj * a[ref_hash(x, k1, 7)] for x, wj in zip(bag, w)), torch.zeros(4))
+        pb = sum((wj * b[ref_hash(x, k2, 7)] for x, wj in zip(bag, w)), torch.zeros(4))
+        torch.testing.assert_close(got[row], pa * pb)
+    assert float(got[0].abs().sum()) > 0
