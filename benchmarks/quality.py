@@ -679,28 +679,16 @@ def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:
     return f"behind {best} {v:.4f} by {mine - v:.4f} (std {spread:.4f})"
 
 
-def _ranks(xs: Sequence[float]) -> List[float]:
-    """1-based ranks of ``xs``, ties sharing their mean rank."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return ranks
+def _fractions(ll: Dict) -> List[str]:
+    """The budget fractions of a :func:`mean_by` result, largest budget first ("1/2", "1/4")."""
+    return sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
 
 
-def spearman(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Spearman's rank correlation of ``xs`` and ``ys`` (Pearson on tie-averaged ranks)."""
-    rx, ry = _ranks(xs), _ranks(ys)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
+def _trained_rows(ll: Dict, f: str) -> List[str]:
+    """The rows at budget ``f`` that store at most the budget while training (no serving-bytes
+    rows, no copies of other rows), sorted by name."""
+    return sorted(m for m, fr in ll if fr == f and m not in SERVING_ROWS
+                  and m not in ROW_ALIASES)
 
 
 def validation_agreement(rows: List[Dict]) -> List[str]:
@@ -709,18 +697,18 @@ def validation_agreement(rows: List[Dict]) -> List[str]:
     training), the row a choice on validation data would take and the test winner. Where the
     two rankings disagree, no choice made on validation data (``--plan-select validation``
     included) can be expected to find the test winner."""
+    from scipy.stats import spearmanr
+
     ll, val = mean_by(rows, "test_logloss"), mean_by(rows, "val_logloss")
-    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
     out = ["", "Does validation rank the rows as test does? (Spearman of the rows' mean "
            "validation and test log loss; the row with the lowest validation log loss and the "
            "test winner, each as validation / test):", "",
            "| budget | rows | Spearman | lowest validation | best test |", "|---|---|---|---|---|"]
-    for f in fractions:
-        ms = sorted(m for m, fr in ll if fr == f and m not in SERVING_ROWS
-                    and m not in ROW_ALIASES)
+    for f in _fractions(ll):
+        ms = _trained_rows(ll, f)
         if len(ms) < 3:
             continue
-        rho = spearman([val[(m, f)][0] for m in ms], [ll[(m, f)][0] for m in ms])
+        rho = spearmanr([val[(m, f)][0] for m in ms], [ll[(m, f)][0] for m in ms]).correlation
         bv = min(ms, key=lambda m: (val[(m, f)][0], m))
         bt = min(ms, key=lambda m: (ll[(m, f)][0], m))
         out.append(f"| {f} | {len(ms)} | {rho:+.2f} | {bv} {val[(bv, f)][0]:.4f} / "
@@ -753,10 +741,9 @@ def summary(dataset: str, rows: List[Dict]) -> str:
             "| budget | best method | test log loss | AUC | bytes | runner-up | best CCE row | "
             "planner (rule) | planner (validation) | best (s) row |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
+    fractions = _fractions(ll)
     for f in fractions:
-        ranked = sorted((v[0], m) for (m, fr), v in ll.items()
-                        if fr == f and m not in SERVING_ROWS and m not in ROW_ALIASES)
+        ranked = sorted((ll[(m, f)][0], m) for m in _trained_rows(ll, f))
         if not ranked:
             continue
         m = ranked[0][1]
@@ -825,11 +812,10 @@ def readme_table(dataset: str, rows: List[Dict]) -> str:
 
     out = [f"**{dataset}** (full table {cell('full', '')})", "",
            "| budget | best row | CCE (`--method cce`) | best baseline | planner (rule) | "
-           "planner (validation) | CCE served INT8 (s) | MPE (s) |", "|---|---|---|---|---|---|---|---|"]
-    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
-    for f in fractions:
-        trained = {m: v[0] for (m, fr), v in ll.items() if fr == f and m not in SERVING_ROWS
-                   and m not in ROW_ALIASES}
+           "planner (validation) | CCE served INT8 (s) | MPE (s) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for f in _fractions(ll):
+        trained = {m: ll[(m, f)][0] for m in _trained_rows(ll, f)}
         if not trained:
             continue
         best = min(trained, key=trained.get)
@@ -845,8 +831,7 @@ def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) 
     """Markdown: test log loss (mean ± std over n seeds) of every CCE ablation per budget, next
     to the main grid's cce/cce_no_recluster and its best non-CCE method at that budget."""
     ll = mean_by(ablation_rows + rows, "test_logloss")
-    fractions = sorted({f for _, f in ll if f}, key=lambda f: int(f.split("/")[1]))
-    fractions = [f for f in fractions if any((m, f) in ll for m in ABLATIONS)]
+    fractions = [f for f in _fractions(ll) if any((m, f) in ll for m in ABLATIONS)]
     out = [f"#### {dataset}: CCE ablations (test log loss, mean ± std over n seeds)", "",
            "| variant | " + " | ".join(fractions) + " |", "|---|" + "---|" * len(fractions)]
     names = ["cce_no_recluster", "cce", "cce_fp32"] + [m for m in ABLATIONS]

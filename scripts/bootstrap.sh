@@ -15,7 +15,7 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
 else
   FBGEMM=fbgemm-gpu-cpu==1.8.0
 fi
-DEPS="tensordict torchmetrics==1.0.3 tqdm pyarrow pyre-extensions numpy iopath pytest pytest-timeout hypothesis matplotlib tensorboard faiss-cpu scikit-learn"
+DEPS="tensordict torchmetrics==1.0.3 tqdm pyarrow pyre-extensions numpy iopath pytest pytest-timeout hypothesis matplotlib tensorboard faiss-cpu scikit-learn scipy"
 
 stamp="$VENV/.torchrec_cce-$(echo "$TORCH $TORCHREC $TORCHX $FBGEMM $DEPS" | cksum | cut -d' ' -f1)"
 # The fused remap op (torchrec_cce/ops/csrc), JIT-built once per source version into build/;
