@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import train  # noqa: E402
 
 from torchrec_cce import modules  # noqa: E402
-from torchrec_cce.configs import HashingTrickConfig, QRConfig  # noqa: E402
+from torchrec_cce.configs import HashingTrickConfig, QRConfig, codebook_data_type  # noqa: E402
 from torchrec_cce.distributed import sharder  # noqa: E402
 from torchrec_cce.hashing import derive_seed, hash_ids  # noqa: E402
 from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec  # noqa: E402
@@ -67,8 +67,7 @@ def _with_hash_mult(build):
     def build_table(table, config, **kwargs):
         if isinstance(config, HashMultConfig):
             method = HashMultTable(table, config)
-            method.codebook_data_type = build(table, HashingTrickConfig(
-                rows=1, codebook_dtype=config.codebook_dtype)).codebook_data_type
+            method.codebook_data_type = codebook_data_type(table, config.codebook_dtype)
             return method
         return build(table, config, **kwargs)
     return build_table
