@@ -66,7 +66,7 @@ DATASETS: Dict[str, Optional[List[str]]] = {
     "movielens": ["--format", "csv", "--input", f"{DATA}/movielens_latest_small.csv",
                   "--label-column", "label", "--categorical-columns", "user,movie,year,hour,weekday",
                   "--multi-hot-columns", "genres", "--multi-hot-separator", "|",
-                  "--split-by-order", "0.8,0.1,0.1"],
+                  "--split-by-order", "0.8,0.1,0.1", "--random-val-test"],
     "yelp2018": ["--format", "csv", "--input", f"{DATA}/yelp2018.csv", "--label-column", "label",
                  "--categorical-columns", "user,item", "--split", "0.8,0.1,0.1"],
     "criteo_head": ["--format", "criteo_tsv", "--input", f"{DATA}/criteo_kaggle_head10k.tsv",

@@ -208,6 +208,46 @@ def test_split_disjoint_complete_with_row_ids(tmp_path):
         assert [vocab[i] for i in c] == [f"v{i % 7}" for i in parts[0]]
 
 
+def test_random_val_test_keeps_train_first_and_mixes_the_tail(tmp_path):
+    """--split-by-order --random-val-test: train is the first fraction of lines, as without it;
+    each later row is val iff the seeded row hash of its order key (file << 40 | line number)
+    is below val / (val + test), so val and test interleave over the same period."""
+    from torchrec_cce.data.preprocess import row_uniform
+
+    lines = ["label,c,d"] + [f"{i % 2},v{i % 7},{i}" for i in range(5000)]
+    path = write(tmp_path / "in.csv", "\n".join(lines) + "\n")
+    got = {}
+    for name, seed, block in (("a", 4, 10000), ("b", 4, 1 << 20), ("c", 5, 10000)):
+        out = tmp_path / name
+        meta = preprocess(["--format", "csv", "--input", path, "--split-by-order", "0.6,0.3,0.1",
+                           "--random-val-test", "--seed", str(seed), "--dense-columns", "d",
+                           "--block-size", str(block), "--no-progress", "--out", str(out)])
+        parts = [pq.read_table(out / f"{s}.parquet").column("d").to_numpy().astype(np.int64)
+                 for s in ("train", "val", "test")]
+        np.testing.assert_array_equal(parts[0], np.arange(3000))  # train: the first 60%, in order
+        tail = np.arange(3000, 5000)
+        is_val = row_uniform(seed, tail + 2) < 0.3 / 0.4  # data row i is line i + 2 (header: 1)
+        np.testing.assert_array_equal(parts[1], tail[is_val])
+        np.testing.assert_array_equal(parts[2], tail[~is_val])
+        assert [len(p) for p in parts] == [meta["splits"][s]["rows"] for s in ("train", "val", "test")]
+        assert meta["source"]["split"]["random_val_test"] is True
+        got[name] = parts[1]
+    assert abs(len(got["a"]) - 1500) < 100 and 3000 <= got["a"].min() < 3050 and got["a"].max() > 4950
+    np.testing.assert_array_equal(got["a"], got["b"])  # independent of block boundaries
+    assert not np.array_equal(got["a"], got["c"])  # --seed draws another mix
+
+
+def test_random_val_test_needs_split_by_order(tmp_path):
+    path = write(tmp_path / "in.csv", TRAIN)
+    with pytest.raises(ValueError, match="give --split-by-order too"):
+        preprocess(["--format", "csv", "--input", path, "--split", "0.8,0.1,0.1",
+                    "--random-val-test", "--no-progress", "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="test split is the --test-input files"):
+        preprocess(["--format", "csv", "--input", path, "--test-input", write(tmp_path / "t.csv", TEST),
+                    "--split-by-order", "0.9,0.1", "--random-val-test", "--no-progress",
+                    "--out", str(tmp_path / "o2")])
+
+
 def test_random_split_seeded(tmp_path):
     lines = ["label,c,d"] + [f"0,v{i % 3},{i}" for i in range(2000)]
     path = write(tmp_path / "in.csv", "\n".join(lines) + "\n")

@@ -28,8 +28,11 @@ the fix. A missing column, an empty file or a label other than 0/1 are errors.
 Splits: ``--split`` assigns each row to train/val/test by a seeded hash of its position
 (``--seed``), so the assignment does not depend on block boundaries and is the same in both
 passes; ``--split-by-order`` takes the first fraction of the data lines (over all input files, in
-order) as train, the next as val, the rest as test (for time-ordered data); ``--test-input``
-makes those files the test split and splits ``--input`` into train/val.
+order) as train, the next as val, the rest as test (for time-ordered data); with
+``--random-val-test`` the lines after the train fraction go to val or test by the seeded row
+hash instead (in proportion to their fractions), so validation and test come from the same
+period and validation can choose models for test; ``--test-input`` makes those files the test
+split and splits ``--input`` into train/val.
 """
 
 import argparse
@@ -561,10 +564,14 @@ class Splitter:
     """Split of each row from its order key (0 = train, 1 = val, 2 = test)."""
 
     def __init__(self, fractions: Sequence[float], by_order: bool, seed: int, num_inputs: int,
-                 file_bases: Optional[List[int]], total_lines: int, header: bool):
+                 file_bases: Optional[List[int]], total_lines: int, header: bool,
+                 random_val_test: bool = False):
         self.cum = np.cumsum(fractions)
         self.by_order, self.seed, self.num_inputs = by_order, seed, num_inputs
         self.file_bases, self.total, self.header = file_bases, total_lines, header
+        self.random_val_test = random_val_test
+        held_out = fractions[1] + fractions[2]
+        self.val_share = fractions[1] / held_out if held_out > 0 else 0.0
 
     def assign(self, file_index: int, order: np.ndarray, lines: np.ndarray) -> np.ndarray:
         if file_index >= self.num_inputs:  # --test-input files
@@ -572,7 +579,11 @@ class Splitter:
         if self.by_order:
             pos = self.file_bases[file_index] + lines - 1 - int(self.header)
             cuts = np.floor(self.cum[:2] * self.total + 1e-6).astype(np.int64)  # 0.7+0.2 < 0.9
-            return np.searchsorted(cuts, pos, side="right").astype(np.int8)
+            split = np.searchsorted(cuts, pos, side="right").astype(np.int8)
+            if self.random_val_test:  # the held-out tail: val or test by the row hash
+                held = split > 0
+                split[held] = np.where(row_uniform(self.seed, order[held]) < self.val_share, 1, 2)
+            return split
         u = row_uniform(self.seed, order)
         return np.searchsorted(self.cum[:2], u, side="right").astype(np.int8)
 
@@ -612,6 +623,12 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
     if args.split and args.split_by_order:
         raise ValueError("give either --split or --split-by-order, not both")
     by_order = args.split_by_order is not None
+    if args.random_val_test and not by_order:
+        raise ValueError("--random-val-test splits the held-out tail of --split-by-order between "
+                         "val and test; give --split-by-order too (--split is random already)")
+    if args.random_val_test and tests:
+        raise ValueError("--random-val-test with --test-input: the test split is the "
+                         "--test-input files; leave --random-val-test out")
     fractions = parse_fractions(args.split_by_order or args.split or ("0.9,0.1" if tests else "0.8,0.1,0.1"),
                                 bool(tests))
     if args.min_count < 1:
@@ -639,7 +656,8 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
         for p in inputs:
             bases.append(total)
             total += count_data_lines(p, spec.header)
-    splitter = Splitter(fractions, by_order, args.seed, len(inputs), bases, total, spec.header)
+    splitter = Splitter(fractions, by_order, args.seed, len(inputs), bases, total, spec.header,
+                        random_val_test=args.random_val_test)
     sizes = [os.path.getsize(p) for p in files]
     progress = not args.no_progress
 
@@ -761,6 +779,7 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
         "source": {
             "format": spec.fmt, "inputs": file_stats[: len(inputs)], "test_inputs": file_stats[len(inputs):],
             "split": {"fractions": fractions, "by_order": by_order, "seed": args.seed,
+                      "random_val_test": bool(args.random_val_test),
                       "test_from_test_input": bool(tests)},
             "delimiter": spec.delimiter, "multi_hot_separator": spec.separator if spec.multi_hot else None,
             "dense_transform": spec.dense_transform,
@@ -797,6 +816,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "0.9,0.1 with --test-input), seeded by --seed")
     p.add_argument("--split-by-order", default=None,
                    help="like --split but in file order: the first fraction of lines is train, etc.")
+    p.add_argument("--random-val-test", action="store_true",
+                   help="with --split-by-order: train stays the first fraction of lines, the rest "
+                   "goes to val or test at random (seeded by --seed), so both come from the same "
+                   "period (validation then ranks models as test does)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random split")
     p.add_argument("--label-column", default=None, help="csv: the 0/1 label column (default 'label')")
     p.add_argument("--categorical-columns", default=None,
