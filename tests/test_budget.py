@@ -562,6 +562,11 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
             if tuple(p.tables.values()) not in expected:
                 expected.append(tuple(p.tables.values()))
         assert [tuple(p.tables.values()) for p in plans] == expected
+        # the CE-only candidate is the plan of --method ce --codebook-dtype float16
+        ce_fp16 = plan_compression(tables, budget, counts=counts, methods=["ce"],
+                                   codebook_dtype=torch.float16)
+        assert tuple(ce_fp16.tables.values()) in expected
+        assert ce_fp16.tables["big"].method == "ce"
     # QR first puts QR on 'big' at 1/4, where the rule puts CCE
     qr_first = plan_compression(tables, full // 4, counts=counts, ladder=B.CANDIDATE_LADDERS[1])
     assert qr_first.tables["big"].method == "qr"

@@ -202,9 +202,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     m.add_argument("--plan-select", choices=["rule", "validation"], default="rule",
                    help="with --embedding-budget-mb and no --method: 'rule' trains the "
                         "planner's rule plan; 'validation' trains each distinct plan of "
-                        "torchrec_cce.plan_candidates (the rule's, QR first, CCE wherever it "
-                        "fits; same seed and recipe) and keeps the one with the lowest "
-                        "validation log loss (up to 3x the training time)")
+                        "torchrec_cce.plan_candidates (the rule's, QR first, CCE wherever it fits, "
+                        "CE alone; same seed and recipe) and keeps the one with the lowest "
+                        "validation log loss (up to 4x the training time)")
     m.add_argument("--max-params-per-table", type=int, default=None,
                    help="the paper's cap: tables with num_embeddings*dim above it are compressed "
                         "to this many parameters (default: 1/16 of the largest table)")
