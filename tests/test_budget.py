@@ -552,13 +552,20 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
         plans = B.plan_candidates(tables, budget, counts=counts)
         rule = plan_compression(tables, budget, counts=counts)
         assert tuple(plans[0].tables.values()) == tuple(rule.tables.values())
-        assert 1 <= len(plans) <= len(B.CANDIDATE_LADDERS)
-        # the ladders' plans, duplicates dropped, in ladder order
+        assert 1 <= len(plans) <= len(B.CANDIDATE_LADDERS) + len(B.CANDIDATE_METHODS)
+        # the ladders' plans, then the single-method plans, duplicates dropped, in that order
         expected = []
         for ladder in B.CANDIDATE_LADDERS:
             p = plan_compression(tables, budget, counts=counts, ladder=ladder)
             assert p.total_bytes <= budget
             assert {r.method for r in p.tables.values()} <= {"full", *(m for m, _ in ladder)}
+            if tuple(p.tables.values()) not in expected:
+                expected.append(tuple(p.tables.values()))
+        for method in B.CANDIDATE_METHODS:
+            p = plan_compression(tables, budget, counts=counts, methods=[method],
+                                 codebook_dtype=torch.float16)
+            assert p.total_bytes <= budget
+            assert {r.method for r in p.tables.values()} <= {"full", method}
             if tuple(p.tables.values()) not in expected:
                 expected.append(tuple(p.tables.values()))
         assert [tuple(p.tables.values()) for p in plans] == expected
@@ -567,6 +574,26 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
                                    codebook_dtype=torch.float16)
         assert tuple(ce_fp16.tables.values()) in expected
         assert ce_fp16.tables["big"].method == "ce"
+    # all-CCE (CANDIDATE_METHODS) at 1/64: CCE on 'small' too, where the CCE-first ladder has CE
+    all_cce = plan_compression(tables, full // 64, counts=counts, methods=["cce"],
+                               codebook_dtype=torch.float16)
+    assert [all_cce.tables[n].method for n in ("big", "mid", "small")] == ["cce"] * 3
+    assert plan_compression(tables, full // 64, counts=counts,
+                            ladder=B.CANDIDATE_LADDERS[2]).tables["small"].method == "ce"
+    assert tuple(all_cce.tables.values()) in [tuple(p.tables.values())
+                                              for p in B.plan_candidates(tables, full // 64,
+                                                                         counts=counts)]
+    # a budget CCE's smallest configs do not fit: the ladders' plans only, no error
+    small = full // 10_000
+    with pytest.raises(ValueError, match="cannot hold even the smallest"):
+        plan_compression(tables, small, counts=counts, methods=["cce"], codebook_dtype=torch.float16)
+    ladder_plans = []
+    for ladder in B.CANDIDATE_LADDERS:
+        key = tuple(plan_compression(tables, small, counts=counts, ladder=ladder).tables.values())
+        if key not in ladder_plans:
+            ladder_plans.append(key)
+    assert [tuple(p.tables.values())
+            for p in B.plan_candidates(tables, small, counts=counts)] == ladder_plans
     # QR first puts QR on 'big' at 1/4, where the rule puts CCE
     qr_first = plan_compression(tables, full // 4, counts=counts, ladder=B.CANDIDATE_LADDERS[1])
     assert qr_first.tables["big"].method == "qr"

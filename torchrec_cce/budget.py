@@ -592,34 +592,57 @@ AUTO_METHODS = tuple(m for m, _ in AUTO_LADDER)
 # (0.5332 vs CCE 0.6087, one seed), at the same shares of their bytes. CE alone: on the
 # synthetic Criteo-shaped set at 1/4 of the float32 bytes CE fp16 had the lowest validation log
 # loss of every row and CE (0.4922) the best test log loss, ahead of the three plans above
-# (chosen: 0.4950, 3 seeds).
+# (chosen: 0.4950, 3 seeds; with the CE-only candidate 0.4923).
 CANDIDATE_LADDERS: Tuple[Tuple[Tuple[str, float], ...], ...] = (
     AUTO_LADDER,
     (("qr", 0.0), ("ce", 0.0)),
     (("cce", 0.0), ("qr", 0.0), ("ce", 0.0)),
     (("ce", 0.0),),
 )
+# Single-method plans also offered (``plan_compression(methods=[M])`` at :data:`AUTO_DTYPE`,
+# where M's smallest configs fit): CCE on every table, small ones included, where the ladders
+# put CE on the tables CCE's smallest form does not suit. On MovieLens at 1/64 of the float32
+# bytes all-CCE rows were best (test log loss 0.6665 without re-clustering, 0.6731 with) while
+# the four plans above gave 0.6714; the all-CCE plan had the lowest validation loss on 2 of 3
+# seeds.
+CANDIDATE_METHODS: Tuple[str, ...] = ("cce",)
 
 
 def plan_candidates(tables: Sequence[EmbeddingBagConfig], byte_budget: Union[int, float],
                     counts: Optional[Mapping[str, object]] = None,
                     ladders: Sequence[Sequence[Tuple[str, float]]] = CANDIDATE_LADDERS,
+                    single_methods: Sequence[str] = CANDIDATE_METHODS,
                     **kwargs) -> List[CompressionPlan]:
     """The distinct plans of ``plan_compression(methods=None, ladder=L)`` for every ladder
-    ``L`` in ``ladders`` (default :data:`CANDIDATE_LADDERS`: the rule's plan first), each
-    fitting ``byte_budget``: the choices to train and compare on validation data when the
-    per-table rule alone is not trusted. ``kwargs`` go to :func:`plan_compression`."""
+    ``L`` in ``ladders`` (default :data:`CANDIDATE_LADDERS`: the rule's plan first), then of
+    ``plan_compression(methods=[M])`` for every ``M`` in ``single_methods`` (default
+    :data:`CANDIDATE_METHODS`; at ``codebook_dtype`` or :data:`AUTO_DTYPE`; left out where M
+    cannot fit the budget), each fitting ``byte_budget``: the choices to train and compare on
+    validation data when the per-table rule alone is not trusted. ``kwargs`` go to
+    :func:`plan_compression`."""
     if kwargs.get("methods") is not None:
         raise ValueError("plan_candidates chooses the methods itself; leave methods out")
     kwargs.pop("methods", None)
     plans: List[CompressionPlan] = []
     seen = set()
-    for ladder in ladders:
-        plan = plan_compression(tables, byte_budget, counts=counts, ladder=ladder, **kwargs)
+
+    def offer(plan: CompressionPlan) -> None:
         key = tuple(plan.tables.values())  # method, rows, chunks, bytes... of every table
         if key not in seen:
             seen.add(key)
             plans.append(plan)
+
+    for ladder in ladders:
+        offer(plan_compression(tables, byte_budget, counts=counts, ladder=ladder, **kwargs))
+    alone = dict(kwargs, codebook_dtype=kwargs.get("codebook_dtype") or AUTO_DTYPE)
+    for method in single_methods:
+        try:
+            plan = plan_compression(tables, byte_budget, counts=counts, methods=[method], **alone)
+        except ValueError as e:
+            if "cannot hold even the smallest configs" not in str(e):
+                raise
+            continue  # the budget cannot hold method's smallest configs
+        offer(plan)
     return plans
 
 
