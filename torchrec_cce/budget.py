@@ -44,7 +44,8 @@ given, per-id training counts):
    each table uses the first that can represent it. Full tables are always candidates
    (``allow_full=False`` forbids them).
    Choosing on validation data instead: :func:`plan_candidates` (the distinct plans of
-   :data:`CANDIDATE_LADDERS`, the rule's first) for ``train.py --plan-select validation``.
+   :data:`CANDIDATE_LADDERS`, the rule's first, and of :data:`CANDIDATE_METHODS`) for
+   ``train.py --plan-select validation``.
 3. **Sizing a method to bytes.** hashing/CE: the most rows that fit; QR: the most collisions
    ``m >= ceil(sqrt(V))`` that fit (every id keeps its own (quotient, remainder) pair); MEmCom:
    rows after the ``4 V`` bytes of weights; CCE: the ``chunks`` given, ``assignment_share`` of

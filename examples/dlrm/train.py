@@ -203,8 +203,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="with --embedding-budget-mb and no --method: 'rule' trains the "
                         "planner's rule plan; 'validation' trains each distinct plan of "
                         "torchrec_cce.plan_candidates (the rule's, QR first, CCE wherever it fits, "
-                        "CE alone; same seed and recipe) and keeps the one with the lowest "
-                        "validation log loss (up to 4x the training time)")
+                        "CE alone, CCE alone; same seed and recipe) and keeps the one with the "
+                        "lowest validation log loss (up to 5x the training time)")
     m.add_argument("--max-params-per-table", type=int, default=None,
                    help="the paper's cap: tables with num_embeddings*dim above it are compressed "
                         "to this many parameters (default: 1/16 of the largest table)")
@@ -362,7 +362,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- CCE defaults
 # What `--method cce` (or a planner choosing CCE) does when no re-clustering/CCE flag is given:
 # the best setting of the ablations run under the fixed protocol (every table trained by the
-# fused optimizer at --lr; benchmarks/results/quality_{frappe,movielens}_ablations.csv,
+# fused optimizer at --lr; benchmarks/results/quality_frappe_ablations.csv,
 # README "CCE ablations"). Frappe at 1/16 of the bytes, 3 seeds, test log loss: float16
 # codebooks 0.2907 vs float32 0.3090 (twice the rows per byte); re-clustering at 0.25 and 0.5
 # of epoch 1 only 0.2875, plus the end of epoch 1 0.2913, plus epochs 1-3 0.2907, none 0.3161;
