@@ -541,6 +541,15 @@ def test_train_budget_flag_errors():
 
 
 # ---------------------------------------------------------------- candidate plans (validation)
+def distinct(plans):
+    """Each plan's per-table rows, duplicates dropped, first occurrence first."""
+    keys = []
+    for p in plans:
+        if tuple(p.tables.values()) not in keys:
+            keys.append(tuple(p.tables.values()))
+    return keys
+
+
 def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
     from torchrec_cce import budget as B
 
@@ -554,21 +563,19 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
         assert tuple(plans[0].tables.values()) == tuple(rule.tables.values())
         assert 1 <= len(plans) <= len(B.CANDIDATE_LADDERS) + len(B.CANDIDATE_METHODS)
         # the ladders' plans, then the single-method plans, duplicates dropped, in that order
-        expected = []
+        offered = []
         for ladder in B.CANDIDATE_LADDERS:
             p = plan_compression(tables, budget, counts=counts, ladder=ladder)
-            assert p.total_bytes <= budget
             assert {r.method for r in p.tables.values()} <= {"full", *(m for m, _ in ladder)}
-            if tuple(p.tables.values()) not in expected:
-                expected.append(tuple(p.tables.values()))
+            offered.append(p)
         for method in B.CANDIDATE_METHODS:
             p = plan_compression(tables, budget, counts=counts, methods=[method],
                                  codebook_dtype=torch.float16)
-            assert p.total_bytes <= budget
             assert {r.method for r in p.tables.values()} <= {"full", method}
-            if tuple(p.tables.values()) not in expected:
-                expected.append(tuple(p.tables.values()))
-        assert [tuple(p.tables.values()) for p in plans] == expected
+            offered.append(p)
+        assert all(p.total_bytes <= budget for p in offered)
+        expected = distinct(offered)
+        assert distinct(plans) == expected
         # the CE-only candidate is the plan of --method ce --codebook-dtype float16
         ce_fp16 = plan_compression(tables, budget, counts=counts, methods=["ce"],
                                    codebook_dtype=torch.float16)
@@ -585,15 +592,11 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
                                                                          counts=counts)]
     # a budget CCE's smallest configs do not fit: the ladders' plans only, no error
     small = full // 10_000
-    with pytest.raises(ValueError, match="cannot hold even the smallest"):
+    with pytest.raises(B.BudgetTooSmallError, match="cannot hold even the smallest"):
         plan_compression(tables, small, counts=counts, methods=["cce"], codebook_dtype=torch.float16)
-    ladder_plans = []
-    for ladder in B.CANDIDATE_LADDERS:
-        key = tuple(plan_compression(tables, small, counts=counts, ladder=ladder).tables.values())
-        if key not in ladder_plans:
-            ladder_plans.append(key)
-    assert [tuple(p.tables.values())
-            for p in B.plan_candidates(tables, small, counts=counts)] == ladder_plans
+    ladder_plans = distinct(plan_compression(tables, small, counts=counts, ladder=ladder)
+                            for ladder in B.CANDIDATE_LADDERS)
+    assert distinct(B.plan_candidates(tables, small, counts=counts)) == ladder_plans
     # QR first puts QR on 'big' at 1/4, where the rule puts CCE
     qr_first = plan_compression(tables, full // 4, counts=counts, ladder=B.CANDIDATE_LADDERS[1])
     assert qr_first.tables["big"].method == "qr"

@@ -461,9 +461,7 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
                                  allow_full=allow_full and method == "full",
                                  qr_operation=qr_operation, codebook_dtype=dtype,
                                  allocation="perplexity", serving_dtype=serving_dtype)
-        except ValueError as e:
-            if "cannot hold even the smallest" not in str(e):
-                raise
+        except BudgetTooSmallError:
             return None
         return p.tables[t.name]
 
@@ -538,15 +536,19 @@ def _auto_plan(tables: Sequence[EmbeddingBagConfig], budget: int,
 DISTINCT_FLOOR_SHARE = 0.1
 
 
+class BudgetTooSmallError(ValueError):
+    """The byte budget cannot hold even the smallest configs of the tables."""
+
+
 def _check_minimum(minimum: Mapping[str, int], budget: int, what: str, fix: str) -> None:
-    """Raise when the tables' smallest configs ``minimum`` exceed ``budget`` (naming the
-    largest tables and the total needed)."""
+    """Raise :class:`BudgetTooSmallError` when the tables' smallest configs ``minimum`` exceed
+    ``budget`` (naming the largest tables and the total needed)."""
     need = sum(minimum.values())
     if need <= budget:
         return
     worst = sorted(minimum.items(), key=lambda kv: -kv[1])
     listing = ", ".join(f"'{n}': {b} bytes" for n, b in worst[:10])
-    raise ValueError(
+    raise BudgetTooSmallError(
         f"byte budget {budget} bytes ({budget / 2**20:.3f} MiB) cannot hold even the smallest "
         f"configs ({what}) of the tables; they need at least {need} bytes "
         f"({need / 2**20:.3f} MiB): {listing}{' ...' if len(worst) > 10 else ''}. {fix}")
@@ -639,10 +641,8 @@ def plan_candidates(tables: Sequence[EmbeddingBagConfig], byte_budget: Union[int
     for method in single_methods:
         try:
             plan = plan_compression(tables, byte_budget, counts=counts, methods=[method], **alone)
-        except ValueError as e:
-            if "cannot hold even the smallest configs" not in str(e):
-                raise
-            continue  # the budget cannot hold method's smallest configs
+        except BudgetTooSmallError:  # the budget cannot hold method's smallest configs
+            continue
         offer(plan)
     return plans
 
@@ -823,8 +823,9 @@ def plan_compression(
             :func:`plan_candidates` offers.
 
     Raises:
-        ValueError: if even the smallest config of every table exceeds the budget (naming
-            the tables and the minimum bytes), or for unknown methods / bad counts.
+        BudgetTooSmallError: (a ``ValueError``) if even the smallest config of every table
+            exceeds the budget (naming the tables and the minimum bytes).
+        ValueError: for unknown methods / bad counts.
     """
     budget = int(byte_budget)
     if methods is None:  # the measured per-table rule (module doc, step 3)
