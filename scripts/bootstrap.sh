@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PY=${PYTHON:-python3}
 
-# Pins that work together (see README "Stack"). fbgemm-gpu-cpu where there is no CUDA.
+# Pins that work together (see docs/stack.md). fbgemm-gpu-cpu where there is no CUDA.
 TORCH=torch==2.13.0
 TORCHREC=torchrec==1.8.0
 TORCHX=torchx==0.7.0

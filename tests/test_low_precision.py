@@ -1,9 +1,9 @@
 """Low-precision CCE codebooks: ``CCEConfig(codebook_dtype=torch.float16 | torch.bfloat16)``.
 
-Tolerance (documented in the README): a float16 codebook entry is the float32 value rounded to
-11 significant bits, relative error <= 2^-11 (bfloat16: 8 bits, 2^-8). A pooled CCE output is a
-sum of such entries, so each output element of the low-precision module differs from the
-float32 module with the same (rounded) initial weights by at most ``2^-10 * sum |terms|``
+Tolerance (documented in docs/low_precision.md): a float16 codebook entry is the float32 value
+rounded to 11 significant bits, relative error <= 2^-11 (bfloat16: 8 bits, 2^-8). A pooled CCE
+output is a sum of such entries, so each output element of the low-precision module differs from
+the float32 module with the same (rounded) initial weights by at most ``2^-10 * sum |terms|``
 (bfloat16: ``2^-7 * sum |terms|``; rounding plus low-precision accumulation), where the sum
 runs over the entries pooled into that element.
 """

@@ -46,7 +46,7 @@ def _finite_curve(m: dict) -> list:
 
 @SLOW
 def test_method_mpe_on_frappe_two_processes(frappe_dir: str, tmp_path: Path) -> None:
-    # tau 0.1 (the README's Frappe setting): at the paper's 3e-3 the first Adagrad step on the
+    # tau 0.1 (docs/mpe.md's Frappe setting): at the paper's 3e-3 the first Adagrad step on the
     # logits makes every group one-hot, decided by that step's gradient signs; at world size 2
     # it prunes all of t_item and the model stays at the base rate (on main too, ef01640).
     run = _torchrun("--data", "preprocessed", "--data-dir", frappe_dir, *MPE,
