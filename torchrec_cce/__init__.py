@@ -4,7 +4,7 @@ Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
                               QRConfig, MEmComConfig, MPEConfig, recluster, memory_report,
-                              plan_compression)
+                              plan_compression, compress_trained)
 """
 
 from torchrec_cce.budget import CompressionPlan, TablePlan, plan_candidates, plan_compression
@@ -24,6 +24,7 @@ from torchrec_cce.clustering.schedule import ReclusterSchedule
 from torchrec_cce.memory import memory_report, summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.mpe import MPESchedule, mpe_penalty
+from torchrec_cce.warm_start import compress_trained
 
 __all__ = [
     "CCEEmbeddingBagCollection",
@@ -37,6 +38,7 @@ __all__ = [
     "MPESchedule",
     "QRConfig",
     "ReclusterSchedule",
+    "compress_trained",
     "compression_for_budget",
     "memory_report",
     "mpe_penalty",

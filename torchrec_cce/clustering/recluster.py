@@ -70,6 +70,10 @@ class ReclusterState:
     gather_assignment: bool = False
     # p(x) for arbitrary ids when this rank stores only a shard of p (fetched from the owners).
     sample_lookup: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # The vectors to cluster, ``ids -> [n, chunks, chunk_dim]``; None: the table's own
+    # ``A_i[p_i] + B_i[h_i]``. Warm start (:mod:`torchrec_cce.warm_start`) passes a trained
+    # full table's rows, so the same steps 1-5 quantise them.
+    vectors: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 def _sample_ids(method: CCETable, collective: Collective, generation: int) -> torch.Tensor:
@@ -163,16 +167,22 @@ def _assign_all_ids(state: ReclusterState, A: torch.Tensor, B: torch.Tensor,
         times: Dict[str, float] = {}
         clock = _Clock(times, cpu=False)
         ids = torch.arange(b_lo, b_hi, device=dev)
-        p_old = _assignment_rows(state, b_lo, b_hi)
-        clock("all_ids_read_p")
-        h_old = _buckets(m, ids, m.h_generation)
+        if state.vectors is None:
+            p_old = _assignment_rows(state, b_lo, b_hi)
+            clock("all_ids_read_p")
+            h_old = _buckets(m, ids, m.h_generation)
+        else:
+            given = state.vectors(ids).to(dev, torch.float32)
         h_new = _buckets(m, ids, next_gen)
         clock("all_ids_hash")
         sums = torch.zeros(c, rows, m.chunk_dim, dtype=torch.float64, device=dev)
         counts = torch.zeros(c, rows, dtype=torch.float64, device=dev)
         residual_sq = torch.zeros((), dtype=torch.float64, device=dev)
         for i in range(c):
-            vec = A3[i].index_select(0, p_old[:, i]).add_(B3[i].index_select(0, h_old[:, i]))
+            if state.vectors is None:
+                vec = A3[i].index_select(0, p_old[:, i]).add_(B3[i].index_select(0, h_old[:, i]))
+            else:
+                vec = given[:, i].clone()
             clock("all_ids_gather")
             idx, dist = indexes[i].brute_force(vec)
             clock("all_ids_search")
@@ -242,7 +252,9 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
     # 1-3: k-means per chunk on the sample's current vectors (old state).
     sample, weight, occurrences, distinct = _distinct_sample(
         _sample_ids(m, collective, generation), collective)
-    if state.sample_lookup:  # collective: on this thread
+    if state.vectors is not None:
+        x = state.vectors(sample).to(A.device, torch.float32)
+    elif state.sample_lookup:  # collective: on this thread
         p_sample = state.sample_lookup(sample)
         with worker_threads():
             x = chunk_vectors(m, A, B, p_sample, m.bucket(sample))
