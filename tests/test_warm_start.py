@@ -77,10 +77,12 @@ def one_hot_lstsq(E: torch.Tensor, *assignments) -> torch.Tensor:
     return X @ sol
 
 
-def test_cce_is_the_kmeans_quantisation_and_full_rows_are_copied():
+@pytest.mark.parametrize("init", [{}, {"init": "qr", "keep_remainder": True}],
+                         ids=["hash", "qr_keep_remainder"])
+def test_cce_is_the_kmeans_quantisation_and_full_rows_are_copied(init):
     src = trained_ebc()
     E = src.embedding_bags["t_c"].weight.detach()
-    config = CCEConfig(rows=16, chunks=4, seed=3)
+    config = CCEConfig(rows=16, chunks=4, seed=3, **init)
     out = compress_trained(src, {"t_c": config})
 
     # uncompressed: exact copy
@@ -91,6 +93,8 @@ def test_cce_is_the_kmeans_quantisation_and_full_rows_are_copied():
     ids = torch.arange(V)
     p, h = m.lookup_assignment(ids), m.bucket(ids)
     assert int(m.h_generation) == 1  # a fresh hash, as after re-clustering
+    if init:  # ... except that keep_remainder keeps the QR remainder as h
+        assert torch.equal(h, m.qr_pair(ids)[1])
     assert 0 <= int(p.min()) and int(p.max()) < config.rows
     A, B = m.stack_ab(lambda s: codebook(out, "t_c", s))
     A, B = A.view(4, config.rows, -1), B.view(4, config.rows, -1)
@@ -225,3 +229,5 @@ def test_bad_input_names_the_table():
     bad["embedding_bags.t_c.weight"][3, 1] = float("nan")
     with pytest.raises(ValueError, match="table 't_c'.*NaN"):
         compress_trained(bad, {}, tables=cfgs)
+    with pytest.raises(ValueError, match="pass `tables`"):
+        compress_trained(src.state_dict(), {})

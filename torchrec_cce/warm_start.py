@@ -45,6 +45,8 @@ from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
@@ -90,6 +92,12 @@ def trained_rows(source: Source, tables: List[EmbeddingBagConfig]) -> Dict[str, 
             raise ValueError(f"warm start: table '{t.name}' matches several keys {keys}; pass "
                              f"the state dict of one EmbeddingBagCollection")
         w = source[keys[0]]
+        if not isinstance(w, torch.Tensor) or isinstance(w, (ShardedTensor, DTensor)):
+            raise TypeError(
+                f"warm start: table '{t.name}': '{keys[0]}' is a {type(w).__name__}, not a "
+                f"plain tensor (a sharded model's state dict); save it with "
+                f"torch.distributed.checkpoint and load it into an unsharded model first "
+                f"(torchrec_cce.export.load_unsharded)")
         if tuple(w.shape) != (t.num_embeddings, t.embedding_dim):
             raise ValueError(
                 f"warm start: table '{t.name}': the trained weight '{keys[0]}' is "
