@@ -23,6 +23,10 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
                                            init="random", pool_size=500, weighted=True),
     "d4_many_points": dict(n=40_000, d=4, comps=64, split=20_000, k=256, iters=8, init="kmeans++"),
     "k_exceeds_n_empty_rank": dict(n=6, d=3, comps=3, split=0, k=10, iters=5, init="kmeans++"),
+    "kmeans_parallel_weighted": dict(n=8000, d=4, comps=30, split=3000, k=300, iters=6,
+                                     init="kmeans||", weighted=True),
+    "kmeans_parallel_k_exceeds_n": dict(n=6, d=3, comps=3, split=4, k=10, iters=5,
+                                        init="kmeans||"),
 }
 
 

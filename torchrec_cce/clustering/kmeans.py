@@ -72,6 +72,15 @@ _GROUP_MIN_K = 2048  # measured: slower than the brute force below (build + per-
 _GROUP_MAX_D = int(os.environ.get("TORCHREC_CCE_GROUP_MAX_D", "16"))
 _GROUP_MAX_VISIT = 0.6
 _GROUP_PROBE = 4096  # rows of the probe batch that decides
+# Seedings of :func:`kmeans` (besides a tensor of initial centroids). "auto": exact k-means++
+# up to AUTO_KMEANSPP_MAX_K centroids (its k sequential pool passes cost ~0.3 s at k = 2048),
+# k-means|| above (O(log k) passes; exact k-means++ at k = 131,072 did not finish in 12 min).
+INITS = ("auto", "kmeans||", "kmeans++", "random")
+AUTO_KMEANSPP_MAX_K = 2048
+# k-means|| round sizes grow by this factor (1, 1, 1, 1, 1, 2, 2, 3, ...). Measured (tests and
+# benchmarks/kmeans.py "seeding"): 2.0 (rounds of 1, 1, 2, 4, ...) left 10% more inertia than
+# k-means++ after 10 Lloyd steps on 1024 planted clusters with k = 4096, 1.25 about 1%.
+KMEANS_PARALLEL_GROWTH = 1.25
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,6 +501,51 @@ def _kmeans_plus_plus(pool: torch.Tensor, w: torch.Tensor, k: int,
     return pool[chosen.to(pool.device)].clone()
 
 
+def _kmeans_parallel(pool: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator,
+                     growth: float = KMEANS_PARALLEL_GROWTH) -> torch.Tensor:
+    """k-means|| seeding (Bahmani et al. 2012) in ``O(log k)`` rounds on the replicated pool.
+
+    Round ``r`` draws ``m_r`` new centres *at once*, without replacement, with probability
+    proportional to ``weight * D^2`` (distance to the centres of the earlier rounds; the first
+    round: weight alone), then updates ``D^2`` with one exact nearest-centroid pass of the pool
+    over the ``m_r`` new centres (:class:`CentroidIndex`). Round sizes grow geometrically
+    (each round draws ``max(1, floor(drawn * (growth - 1)))``: ``1, 1, 2, 4, ...`` for
+    ``growth = 2``) until exactly ``k`` are drawn, so there is no reduction step and the total distance work is one
+    pool-sized pass over ``k`` centres, against ``k`` passes for :func:`_kmeans_plus_plus`.
+    ``growth -> 1`` approaches k-means++ (one centre per round).
+
+    Sampling without replacement uses exponential keys (the ``m`` smallest ``E / mass``,
+    ``E ~ Exp(1)`` from ``g``). When fewer than ``m`` pool points have positive mass (every
+    point coincides with a centre: ``k`` exceeds the distinct points), the rest of the ``k``
+    centres repeat the drawn ones cyclically (duplicate centroids, never NaN).
+    """
+    p = pool.shape[0]
+    chosen: List[torch.Tensor] = []
+    drawn = 0
+    d2 = torch.full((p,), float("inf"), dtype=torch.float64)
+    mass = w.double().cpu().clone()
+    while drawn < k:
+        m = min(k - drawn, max(1, int(drawn * (growth - 1.0))))
+        keys = torch.empty(p, dtype=torch.float64).exponential_(generator=g).div_(mass)
+        positive = int((mass > 0).sum())
+        if positive == 0:
+            break
+        m = min(m, positive)
+        pick = torch.topk(keys, m, largest=False, sorted=True).indices
+        chosen.append(pick)
+        drawn += m
+        if drawn >= k:
+            break
+        _, new = CentroidIndex(pool[pick.to(pool.device)]).brute_force(pool)
+        torch.minimum(d2, new.double().cpu(), out=d2)
+        d2[pick] = 0.0  # a centre's own distance, exactly
+        torch.mul(d2, w.double().cpu(), out=mass)
+    idx = torch.cat(chosen)
+    if idx.numel() < k:  # k exceeds the points of positive mass: repeat the drawn centres
+        idx = idx.repeat(-(-k // idx.numel()))[:k]
+    return pool[idx.to(pool.device)].clone()
+
+
 def _random_init(pool: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
     """k pool points drawn with probability proportional to weight (without replacement when
     enough points have positive weight)."""
@@ -552,7 +606,7 @@ def _local_stats(xs: torch.Tensor, assign: torch.Tensor, dist2: torch.Tensor,
 @_in_worker_threads
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
            weights: Optional[torch.Tensor] = None, collective: Optional[Collective] = None,
-           init: Union[str, torch.Tensor] = "kmeans++", tol: float = 1e-4, *, pool_size: Optional[int] = None,
+           init: Union[str, torch.Tensor] = "auto", tol: float = 1e-4, *, pool_size: Optional[int] = None,
            batch_size: Optional[int] = None, method: str = "auto") -> KMeansResult:
     """Lloyd's k-means of this rank's samples ``x [n, d]`` together with every other rank's.
 
@@ -569,7 +623,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         weights: optional per-sample frequency weights ``[n]`` (>= 0); integer weights equal
             repeating the samples.
         collective: the cross-rank hook (default: :func:`default_collective`).
-        init: ``"kmeans++"`` (weighted D^2 sampling) or ``"random"`` (weighted draw), both on
+        init: ``"kmeans++"`` (weighted D^2 sampling, one centre per pool pass: O(k) passes),
+            ``"kmeans||"`` (D^2 sampling of growing batches of centres: O(log k) passes, see
+            :func:`_kmeans_parallel`), ``"auto"`` (k-means++ for ``k <=``
+            :data:`AUTO_KMEANSPP_MAX_K`, else k-means||) or ``"random"`` (weighted draw), all on
             the replicated init pool, or a ``[k, d]`` tensor of initial centroids (warm start;
             rank 0's is used on every rank).
         pool_size: size of the init pool (default ``min(total, max(4096, 8 k))``); also the
@@ -589,8 +646,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         if tuple(init.shape) != (k, x.shape[1]):
             raise ValueError(f"kmeans: initial centroids must be [{k}, {x.shape[1]}], got "
                              f"{tuple(init.shape)}")
-    elif init not in ("kmeans++", "random"):
-        raise ValueError(f"kmeans: init must be 'kmeans++' or 'random', got {init!r}")
+    elif init not in INITS:
+        raise ValueError(f"kmeans: init must be one of {INITS} or a [k, d] tensor, got {init!r}")
     if method not in ("auto", "grouped", "native", "torch", "brute"):
         raise ValueError("kmeans: method must be 'auto', 'grouped', 'native', 'torch' or "
                          f"'brute', got {method!r}")
@@ -624,9 +681,13 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
     if isinstance(init, torch.Tensor):
         centroids = init.detach().to(device=x.device, dtype=torch.float32) - shift
     else:
+        if init == "auto":
+            init = "kmeans++" if k <= AUTO_KMEANSPP_MAX_K else "kmeans||"
         gen = torch.Generator().manual_seed(derive_seed(seed, "kmeans", 0, init))
         if init == "kmeans++":
             centroids = _kmeans_plus_plus(pool, pool_w, k, gen)
+        elif init == "kmeans||":
+            centroids = _kmeans_parallel(pool, pool_w, k, gen)
         else:
             centroids = _random_init(pool, pool_w, k, gen)
     if coll.world_size > 1:  # computed identically everywhere; make it bit-identical
