@@ -22,6 +22,14 @@ Sections (``--sections``, comma separated; default: all):
   ``ours_kmeanspp_s`` is our k-means++ initialisation (on the replicated init
   pool) for reference; it is not part of the ratio.
 
+* ``seeding``: seeding quality, ``kmeans++`` vs ``kmeans||`` vs ``random`` (mean k-means
+  objective over ``--seeds`` seeds right after seeding and after 10 Lloyd steps, and each
+  seeding's ratio to k-means++): on real trained chunk vectors (a dim-16 logistic matrix
+  factorisation of the shared Yelp2018 user-item data, trained for one epoch; its user and
+  item tables cut into 4 chunks of dim 4, clustered per chunk as re-clustering does) and on
+  planted clusters (well-separated Gaussians of unequal spread, k = 4 per cluster), at
+  ``k`` in ``--seeding-k``.
+
 Usage::
 
     python benchmarks/kmeans.py                 # full run (a few minutes on 2 cores)
@@ -39,9 +47,11 @@ import sys
 import time
 from typing import Any, Callable, Dict, List
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from torchrec_cce.clustering import kmeans as kmeans_module  # noqa: E402
 from torchrec_cce.clustering import native  # noqa: E402
 from torchrec_cce.clustering.kmeans import kmeans, nearest_centroid  # noqa: E402
 
@@ -193,6 +203,84 @@ SECTIONS: Dict[str, Callable[[argparse.Namespace], Dict[str, Any]]] = {
 }
 
 
+# <repo>/../shared/data (as benchmarks/quality.py); $TORCHREC_CCE_SHARED_DATA overrides it
+YELP = os.path.join(os.environ.get("TORCHREC_CCE_SHARED_DATA", os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))), "yelp2018.csv")
+
+
+def _trained_chunks(path: str, dim: int = 16, chunks: int = 4, seed: int = 0) -> torch.Tensor:
+    """``[chunks, users + items, dim / chunks]``: the tables of a logistic matrix factorisation
+    ``sigmoid(u . v)`` of ``label,user,item`` rows, one epoch of Adagrad (batch 4096)."""
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64)
+    y, users, items = (torch.from_numpy(data[:, i].copy()) for i in range(3))
+    g = torch.Generator().manual_seed(seed)
+    u = torch.nn.Embedding(int(users.max()) + 1, dim, sparse=True)
+    v = torch.nn.Embedding(int(items.max()) + 1, dim, sparse=True)
+    for e in (u, v):
+        torch.nn.init.normal_(e.weight, std=0.1, generator=g)
+    opt = torch.optim.Adagrad(list(u.parameters()) + list(v.parameters()), lr=0.05)
+    order = torch.randperm(y.numel(), generator=g)
+    for lo in range(0, y.numel(), 4096):
+        b = order[lo: lo + 4096]
+        logit = (u(users[b]) * v(items[b])).sum(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, y[b].float())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    w = torch.cat([u.weight.detach(), v.weight.detach()])
+    return w.view(w.shape[0], chunks, dim // chunks).transpose(0, 1).contiguous()
+
+
+def _planted(clusters: int, n: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = 20 * torch.randn(clusters, d, generator=g)
+    scale = 0.1 + 0.4 * torch.rand(clusters, 1, generator=g)
+    lab = torch.randint(0, clusters, (n,), generator=g)
+    return centres[lab] + scale[lab] * torch.randn(n, d, generator=g)
+
+
+def seeding(args: argparse.Namespace) -> Dict[str, Any]:
+    """Seeding quality (k-means objective) of kmeans++ / kmeans|| / random, same data."""
+    inits = ("kmeans++", "kmeans||", "random")
+    ks = [int(k) for k in args.seeding_k.split(",")]
+    sets = {}
+    if os.path.exists(args.yelp):
+        for c, x in enumerate(_trained_chunks(args.yelp)):
+            sets[f"yelp2018_mf_chunk{c}"] = x
+    for k in ks:
+        sets[f"planted_{k // 4}_clusters"] = _planted(k // 4, 64 * k, 4, seed=k)
+    rows = []
+    for name, x in sets.items():
+        for k in ks:
+            if name.startswith("planted") and not name.endswith(f"_{k // 4}_clusters"):
+                continue
+            row: Dict[str, Any] = {"data": name, "n": int(x.shape[0]), "d": int(x.shape[1]),
+                                   "k": k, "seeds": args.seeds}
+            for init in inits:
+                r0, r10, secs = [], [], []
+                for s in range(args.seeds):
+                    t = time.process_time()
+                    r0.append(kmeans(x, k, iters=0, seed=s, init=init).inertia)
+                    secs.append(time.process_time() - t)
+                    r10.append(kmeans(x, k, iters=10, seed=s, init=init, tol=0).inertia)
+                row[init] = {"seeded": sum(r0) / len(r0), "after_10": sum(r10) / len(r10),
+                             "seed_plus_one_pass_cpu_s": round(min(secs), 3)}
+            for init in inits:
+                row[init]["seeded_vs_kmeanspp"] = round(row[init]["seeded"]
+                                                        / row["kmeans++"]["seeded"], 4)
+                row[init]["after_10_vs_kmeanspp"] = round(row[init]["after_10"]
+                                                          / row["kmeans++"]["after_10"], 4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return {"seeding": rows, "seeding_meta": {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": torch.get_num_threads(),
+        "growth": kmeans_module.KMEANS_PARALLEL_GROWTH,
+        "loadavg_1min": round(os.getloadavg()[0], 2)}}
+
+
+SECTIONS["seeding"] = seeding
+
+
 def _merge(path: str, update: Dict[str, Any]) -> None:
     data: Dict[str, Any] = {}
     if os.path.exists(path):
@@ -218,6 +306,9 @@ def main(argv=None) -> None:
     p.add_argument("--skip-init-timing", action="store_true",
                    help="skip the k-means++ reference timings (faster run)")
     p.add_argument("--datasets", default="gaussian,mixture", help="kmeans_vs_faiss data")
+    p.add_argument("--seeding-k", default="1024,4096", help="seeding section: k values")
+    p.add_argument("--seeds", type=int, default=3, help="seeding section: seeds per cell")
+    p.add_argument("--yelp", default=YELP, help="seeding section: label,user,item csv")
     p.add_argument("--out", default=RESULTS, help="JSON file to merge the results into")
     args = p.parse_args(argv)
     for name in args.sections.split(","):

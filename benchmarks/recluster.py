@@ -1,23 +1,38 @@
-"""Full re-clustering time of one CCE table as the vocabulary grows (expect linear in V).
+"""Re-clustering time of CCE tables: one table per (ids, rows) cell, or Criteo Kaggle's whole
+vocabulary at the planner's rows. Resumable: finished cells are skipped.
 
-    .venv/bin/python benchmarks/recluster.py                      # V = 1e5, 1e6, 1e7
-    .venv/bin/python benchmarks/recluster.py --ids 1000000,10000000
+    .venv/bin/python benchmarks/recluster.py                                   # the grid below
+    .venv/bin/python benchmarks/recluster.py --ids 10000000 --rows 131072
+    .venv/bin/python benchmarks/recluster.py --ids 1000000 --rows 8192 --seeding old,new
+    .venv/bin/python benchmarks/recluster.py --kaggle --budget-mb 64          # 26 tables
 
-One table, dim 16, 4 chunks, k = rows = 4096, a full reservoir (256 samples per centroid,
-Zipf-skewed ids), 10 Lloyd iterations per chunk, one process with 2 threads. The JSON gets the
-wall and process CPU seconds, the wall seconds of each phase (``phases_seconds``, and process CPU seconds in
-``phases_cpu_seconds``: sampling
-and old vectors, k-means of all chunks, the all-ids pass split into reading ``p``, hashing,
-gathering old vectors, nearest-centroid search and residual sums, the all-reduce, writing the
-packed ``p``), the per-id cost of the all-ids pass and the load average. Results are merged into ``benchmarks/results/kmeans.json`` under
-``"recluster_scaling"``.
+A cell: one table, dim 16, 4 chunks, random normal codebooks (every id has a distinct old
+vector), a full reservoir (``min(256 rows, 2^21)`` Zipf-skewed samples), ``--iters`` Lloyd
+iterations per chunk, one process, ``--threads`` threads. ``--seeding``: ``new`` is the
+library default (``kmeans(init="auto")``: k-means++ up to 2048 rows, k-means|| above),
+``old`` forces exact k-means++ at every size (the seeding before k-means||), so both can be
+timed side by side in one run at a size where the old one finishes.
+
+``--kaggle``: Criteo Kaggle's 26 cardinalities (33.8M ids) planned by
+:func:`torchrec_cce.plan_compression` (``methods=["cce"]``, ``--budget-mb``, as
+``train.py --method cce --embedding-budget-mb``); each CCE table is one cell (re-clustering
+re-assigns its covered ids ``[0, assigned_ids)``); the total is the sum over tables.
+
+Every cell records wall and process-CPU seconds, the phases (``phases_seconds``: sampling and
+old vectors, k-means of all chunks, the all-ids pass split into reading ``p``, hashing,
+gathering, nearest-centroid search, residual sums, writing ``p``), k-means inertia at the
+start (the seeding's) and end, and the 1-minute load average before and after (the machine is
+shared: compare cells of one run, not across runs). ``--repeats`` runs a cell several times;
+the JSON keeps every run and the median. Results: ``benchmarks/results/recluster.json``.
 """
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
+from typing import Dict, List, Optional
 
 import torch
 
@@ -26,17 +41,22 @@ sys.path.insert(0, ROOT)
 
 from torchrec import EmbeddingBagConfig  # noqa: E402
 
-from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection  # noqa: E402
+from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, plan_compression  # noqa: E402
+from torchrec_cce.clustering import kmeans as kmeans_module  # noqa: E402
 from torchrec_cce.clustering import native  # noqa: E402
 from torchrec_cce.clustering.recluster import ReclusterState, recluster_table  # noqa: E402
+from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
-ROWS, CHUNKS, DIM = 4096, 4, 16
+CHUNKS, DIM = 4, 16
+RESULTS = os.path.join(ROOT, "benchmarks", "results", "recluster.json")
+SEEDINGS = {"new": kmeans_module.AUTO_KMEANSPP_MAX_K, "old": 1 << 62}
 
 
-def one(num_ids: int, iters: int) -> dict:
+def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict:
+    """Re-cluster one freshly built CCE table once; its timings and statistics."""
     t = [EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=num_ids,
                             feature_names=["f"])]
-    ebc = CCEEmbeddingBagCollection(t, {"t": CCEConfig(rows=ROWS, chunks=CHUNKS)})
+    ebc = CCEEmbeddingBagCollection(t, {"t": config})
     m = ebc.tables["t"]
     with torch.no_grad():  # random codebooks: every id gets a distinct old vector
         g = torch.Generator().manual_seed(0)
@@ -45,57 +65,126 @@ def one(num_ids: int, iters: int) -> dict:
             w.copy_(torch.randn(w.shape, generator=g))
         wa, wb = m.stack_ab(lambda suffix: ebc.codebooks.embedding_bags[f"t__{suffix}"].weight)
     m.reservoir.observe((torch.rand(m.reservoir.capacity, generator=g) ** 4 * num_ids).long())
+    before = kmeans_module.AUTO_KMEANSPP_MAX_K
+    kmeans_module.AUTO_KMEANSPP_MAX_K = SEEDINGS[seeding]
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
-    _, _, stats = recluster_table(ReclusterState(m, wa, wb, m.assignment, 0, (0, num_ids)),
-                                  None, iters)
+    try:
+        _, _, stats = recluster_table(
+            ReclusterState(m, wa, wb, m.assignment, 0, (0, m.assigned_ids)), None, iters)
+    finally:
+        kmeans_module.AUTO_KMEANSPP_MAX_K = before
     seconds = time.perf_counter() - start
-    row = {"num_ids": num_ids, "seconds": round(seconds, 2),
-           "cpu_seconds": round(time.process_time() - cpu, 2),
-           "num_samples": stats["num_samples"], "us_per_id": round(1e6 * seconds / num_ids, 3),
-           "kmeans_inertia_end": stats["kmeans_inertia_end"],
-           "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
-           "phases_seconds": {k[: -len("_seconds")]: round(v, 2) for k, v in stats.items()
-                              if k.endswith("_seconds") and not k.endswith("_cpu_seconds")
-                              and k not in ("kmeans_seconds", "seconds")},
-           "phases_cpu_seconds": {k[: -len("_cpu_seconds")]: round(v, 2)
-                                  for k, v in stats.items() if k.endswith("_cpu_seconds")}}
-    row["all_ids_us_per_id"] = round(1e6 * stats["all_ids_seconds"] / num_ids, 3)
-    row["all_ids_cpu_us_per_id"] = round(1e6 * stats["all_ids_cpu_seconds"] / num_ids, 3)
-    return row
+    return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+            "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "num_samples": stats["num_samples"],
+            "num_distinct_samples": stats["num_distinct_samples"],
+            "kmeans_inertia_start": round(stats["kmeans_inertia_start"], 1),
+            "kmeans_inertia_end": round(stats["kmeans_inertia_end"], 1),
+            "phases_seconds": {k[: -len("_seconds")]: round(v, 2) for k, v in stats.items()
+                               if k.endswith("_seconds") and not k.endswith("_cpu_seconds")
+                               and k not in ("kmeans_seconds", "seconds")}}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--ids", default="100000,1000000,10000000")
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "kmeans.json"))
-    args = p.parse_args()
-    torch.set_num_threads(2)
-    rows = []
-    for v in (int(x) for x in args.ids.split(",")):
-        row = one(v, args.iters)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    result = {}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            result = json.load(f)
-    prev = result.get("recluster_scaling", {}).get("results", [])
-    done = {r["num_ids"] for r in rows}
-    merged = sorted([r for r in prev if r["num_ids"] not in done] + rows,
-                    key=lambda r: r["num_ids"])
-    result["recluster_scaling"] = {
-        "rows": ROWS, "chunks": CHUNKS, "dim": DIM, "iters": args.iters, "threads": 2,
-        "native_kernel": native.available(), "grouped_kernel": native.grouped_supported(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": merged,
-        "note": ("one run per V on a shared 2-core VM (loadavg_1min before/after each run: "
-                 "other jobs were running, so wall >> cpu / 2); cpu_seconds = process CPU "
-                 "time; phases: wall (all_ids_* sub-phases: seconds summed over the worker "
-                 "threads) and process CPU")}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+def _load(path: str) -> dict:
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return {}
+
+
+def _save(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _cell(result: dict, section: str, key: str, make: dict, repeats: int, path: str,
+          run) -> dict:
+    """Run (or resume) one cell: ``repeats`` runs, the median seconds; saved after each run."""
+    cells = result.setdefault(section, {})
+    cell = cells.setdefault(key, dict(make, runs=[]))
+    while len(cell["runs"]) < repeats:
+        row = run()
+        cell["runs"].append(row)
+        cell["median_seconds"] = statistics.median(r["seconds"] for r in cell["runs"])
+        _save(path, result)
+        print(json.dumps({"cell": key, **row}), flush=True)
+    return cell
+
+
+def grid(args: argparse.Namespace, result: dict) -> None:
+    for num_ids in (int(v) for v in args.ids.split(",")):
+        for rows in (int(v) for v in args.rows.split(",")):
+            for seeding in args.seeding.split(","):
+                key = f"ids={num_ids},rows={rows},seeding={seeding},iters={args.iters}"
+                _cell(result, "cells", key, dict(num_ids=num_ids, rows=rows, seeding=seeding,
+                                                  iters=args.iters), args.repeats, args.out,
+                      lambda: run_table(CCEConfig(rows=rows, chunks=CHUNKS), num_ids,
+                                        args.iters, seeding))
+
+
+def kaggle(args: argparse.Namespace, result: dict) -> None:
+    tables = [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=c,
+                                 feature_names=[f"f{i}"])
+              for i, c in enumerate(CRITEO_KAGGLE_CARDINALITIES)]
+    plan = plan_compression(tables, int(args.budget_mb * 2**20), methods=["cce"],
+                            chunks=CHUNKS)
+    section = f"kaggle_budget_mb={args.budget_mb:g},seeding={args.seeding},iters={args.iters}"
+    todo = [(t, plan.compression[t.name]) for t in tables
+            if isinstance(plan.compression.get(t.name), CCEConfig)]
+    todo.sort(key=lambda tc: tc[0].num_embeddings)  # small tables first: early, cheap cells
+    for t, config in todo:
+        _cell(result, section, t.name,
+              dict(num_ids=t.num_embeddings, rows=config.rows,
+                   assigned_ids=config.assigned_ids or t.num_embeddings),
+              args.repeats, args.out,
+              lambda: run_table(config, t.num_embeddings, args.iters, args.seeding))
+    cells = result[section]
+    done = [c for c in cells.values() if c["runs"]]
+    result.setdefault("kaggle_totals", {})[section] = {
+        "tables": len(todo), "finished": len(done),
+        "total_ids": sum(t.num_embeddings for t in tables),
+        "assigned_ids": sum(c["assigned_ids"] for c in done),
+        "total_median_seconds": round(sum(c["median_seconds"] for c in done), 2),
+        "max_rows": max(c["rows"] for c in done) if done else None}
+    _save(args.out, result)
+    print(json.dumps(result["kaggle_totals"][section]), flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ids", default="100000,1000000,10000000", help="table sizes (grid)")
+    p.add_argument("--rows", default="4096", help="CCE rows = k (grid)")
+    p.add_argument("--seeding", default="new", help="comma list of new,old (grid); one "
+                   "of them with --kaggle")
+    p.add_argument("--kaggle", action="store_true",
+                   help="every CCE table of Criteo Kaggle's vocabulary at the planner's rows")
+    p.add_argument("--budget-mb", type=float, default=64.0, help="with --kaggle")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    for s in args.seeding.split(","):
+        if s not in SEEDINGS:
+            p.error(f"--seeding: {s!r} is not one of {sorted(SEEDINGS)}")
+    torch.set_num_threads(args.threads)
+    result = _load(args.out)
+    result["meta"] = {"chunks": CHUNKS, "dim": DIM, "threads": args.threads,
+                      "native_kernel": native.available(),
+                      "grouped_kernel": native.grouped_supported(),
+                      "cpus": os.cpu_count(),
+                      "note": ("shared 2-core VM: loadavg_1min before/after each run; compare "
+                               "cells of one run side by side, quote medians")}
+    if args.kaggle:
+        kaggle(args, result)
+    else:
+        grid(args, result)
+    result["meta"]["date"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    _save(args.out, result)
 
 
 if __name__ == "__main__":
