@@ -9,8 +9,6 @@ import dataclasses
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,9 +28,7 @@ from torchrec_cce import (
     plan_compression,
 )
 from torchrec_cce.budget import PLAN_METHODS, config_bytes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "dlrm"))
-import train  # noqa: E402
+from torchrec_cce.train import defaults
 
 
 def tbl(name, V, dim=16, fp16=False):
@@ -512,12 +508,12 @@ def test_train_without_method_lets_the_planner_choose(chunks, dim):
     check_train_plan(m, 0.2)
     # 1 epoch of 8 steps: the fractions of epoch 1 only (half of one epoch has no epoch end)
     expected = sorted({max(1, round(float(f) * 8))
-                       for f in train.DEFAULT_RECLUSTER_AT.split(",") if f})
+                       for f in defaults.DEFAULT_RECLUSTER_AT.split(",") if f})
     assert m["cce_settings"]["recluster_steps"] == expected
     assert [r["step"] for r in m["reclusterings"]] == expected
-    n = train.DEFAULT_RECLUSTER_EPOCHS
-    assert train.default_recluster_epochs(50) == n == train.default_recluster_epochs(n + 1)
-    assert train.default_recluster_epochs(1) == 0  # never after the last epoch's end
+    n = defaults.DEFAULT_RECLUSTER_EPOCHS
+    assert defaults.default_recluster_epochs(50) == n == defaults.default_recluster_epochs(n + 1)
+    assert defaults.default_recluster_epochs(1) == 0  # never after the last epoch's end
     # --method cce stores its codebooks (and the tables kept full) at float16 by default
     assert all(r["precision"] == "fp16" for r in m["embedding_plan"]["tables"].values())
 
@@ -531,12 +527,11 @@ def test_train_with_method_sizes_that_method_to_the_budget():
 
 
 def test_train_budget_flag_errors():
-    with pytest.raises(SystemExit):
-        train.parse_args([*TRAIN, "--embedding-budget-mb", "1", "--max-params-per-table", "100"])
-    with pytest.raises(SystemExit):
-        train.parse_args([*TRAIN, "--embedding-budget-mb", "-1"])
-    args = train.parse_args([*TRAIN])
-    assert args.method == "cce" and args.planner_methods is None
+    from test_train_protocol import cli_error
+
+    assert "two budgets; pass one" in cli_error(
+        *TRAIN, "--embedding-budget-mb", "1", "--max-params-per-table", "100")
+    assert "must be positive, got -1" in cli_error(*TRAIN, "--embedding-budget-mb", "-1")
 
 
 
@@ -646,5 +641,6 @@ def test_train_plan_select_flag_errors():
                   ["--plan-select", "validation", "--embedding-budget-mb", "1", "--method", "qr"],
                   ["--plan-select", "validation", "--embedding-budget-mb", "1",
                    "--checkpoint-dir", "/tmp/x"]):
-        with pytest.raises(SystemExit):
-            train.parse_args([*TRAIN, *extra])
+        from test_train_protocol import cli_error
+
+        assert "--plan-select validation" in cli_error(*TRAIN, *extra)

@@ -1,4 +1,5 @@
-"""The training protocol of ``examples/dlrm/train.py``, run in-process at world size 1.
+"""The training protocol of ``examples/dlrm/train.py`` (its command line, run in-process at world
+size 1) and of the library it assembles (``torchrec_cce.train``, ``torchrec_cce.data.sources``).
 
 * best-epoch selection: on data small enough to over-fit, the reported test metrics are the
   ones of the evaluation with the lowest validation log loss, and they are the test metrics of
@@ -13,13 +14,16 @@
 * the raw readers' modulo and its collision warning;
 * shuffled training order reproducible by ``--seed``; ``--resume`` exact mid-warm-up.
 """
+import argparse
 import contextlib
 import io
 import json
 import math
 import os
+import runpy
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
@@ -27,11 +31,13 @@ import numpy as np
 import pytest
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "examples" / "dlrm"))
-import train  # noqa: E402
+from torchrec_cce.data import sources
+from torchrec_cce.data.preprocess import main as preprocess_main
+from torchrec_cce.train import evaluate
+from torchrec_cce.train.report import quiet_known_warnings
 
-from torchrec_cce.data.preprocess import main as preprocess_main  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = REPO_ROOT / "examples" / "dlrm" / "train.py"
 
 # <repo>/../shared/data (see its README); $TORCHREC_CCE_SHARED_DATA overrides (e.g. worktrees)
 SHARED = Path(os.environ.get("TORCHREC_CCE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -71,13 +77,45 @@ def world_of_one() -> Iterator[None]:
 
 
 def run(*argv: str) -> Dict[str, Any]:
-    """``train.main(argv)`` in this process; its console output is kept in ``m['stdout']``."""
+    """``python examples/dlrm/train.py argv`` in this process: the metrics it writes to
+    ``--metrics-json``, with its console output in ``m['stdout']``."""
     out = io.StringIO()
-    with world_of_one(), contextlib.redirect_stdout(out):
-        m = train.main(list(argv))
-    m = json.loads(json.dumps(m))  # exactly what --metrics-json would hold
+    saved_argv = sys.argv
+    with tempfile.TemporaryDirectory() as tmp, world_of_one(), contextlib.redirect_stdout(out):
+        path = os.path.join(tmp, "metrics.json")
+        sys.argv = [str(TRAIN_SCRIPT), *argv, "--metrics-json", path]
+        try:
+            runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+        finally:
+            sys.argv = saved_argv
+        with open(path) as f:
+            m = json.load(f)
     m["stdout"] = out.getvalue()
     return m
+
+
+def cli_error(*argv: str) -> str:
+    """The script's command line on bad flags: it must exit with argparse's usage error;
+    returns the message."""
+    err, saved_argv = io.StringIO(), sys.argv
+    sys.argv = [str(TRAIN_SCRIPT), *argv]
+    try:
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            runpy.run_path(str(TRAIN_SCRIPT), run_name="__main__")
+    finally:
+        sys.argv = saved_argv
+    assert exit_info.value.code == 2, err.getvalue()
+    return err.getvalue()
+
+
+def data_args(**flags: Any) -> argparse.Namespace:
+    """The data flags ``sources.load_data`` reads, at the script's defaults."""
+    base = dict(data="synthetic", data_dir=None, train_path=None, val_path=None, test_path=None,
+                test_fraction=0.1, shuffle_buffer=100_000, num_embeddings_per_feature=None,
+                max_ids_per_feature=10_000_000, synthetic_scale=0.001,
+                synthetic_train_batches=None, synthetic_val_batches=None,
+                synthetic_test_batches=None, batch_size=1024, seed=0)
+    return argparse.Namespace(**{**base, **flags})
 
 
 def losses(m: Dict[str, Any]) -> List[float]:
@@ -189,22 +227,40 @@ def _weights(dmp: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _first_step_deltas(warmup: int, method: str) -> Dict[str, torch.Tensor]:
-    import itertools
-
+    """One training step of a DLRM built and sharded by the library (``torchrec_cce.train``),
+    with warm-up ``warmup``: every weight's change."""
     import torch.distributed as dist
+    from torchrec.models.dlrm import DLRM, DLRMTrain
 
-    args = train.parse_args(["--method", method, "--batch-size", "64",
-                             "--synthetic-train-batches", "2", "--warmup-steps", str(warmup),
-                             "--no-progress", "--no-recluster"])  # only the optimizer moves
+    from torchrec_cce import CCEEmbeddingBagCollection, compression_for_budget
+    from torchrec_cce.train import (Optimizers, apply_sparse_optimizer, dense_optimizer, in_step,
+                                    make_pipeline, shard)
+
+    cpu = torch.device("cpu")
     with world_of_one():
         dist.init_process_group("gloo")
         try:
-            ctx = train.setup(args, 0, 1, torch.device("cpu"))
-            kinds = {"fused_groups": len(ctx.optim.fused.param_groups),
-                     "replicated_optimizers": len(ctx.optim.in_backward)}
-            before = _weights(ctx.dmp)
-            train.train_steps(ctx, itertools.islice(train.in_step(ctx.data.train(0)), 1))
-            after = _weights(ctx.dmp)
+            torch.manual_seed(0)
+            data = sources.load_data(data_args(batch_size=64, synthetic_train_batches=2), 0, 1)
+            tables = sources.table_configs(data, 16)
+            cap = max(t.num_embeddings for t in tables) * 16 // 16  # 1/16 of the largest
+            ebc = CCEEmbeddingBagCollection(tables, compression_for_budget(tables, method, cap),
+                                            device=torch.device("meta"))
+            model = DLRMTrain(DLRM(embedding_bag_collection=ebc, dense_in_features=13,
+                                   dense_arch_layer_sizes=[64, 16],
+                                   over_arch_layer_sizes=[64, 32, 1], dense_device=cpu))
+            apply_sparse_optimizer(model.model.sparse_arch, "rowwise_adagrad", lr=0.05)
+            dmp, _ = shard(model, 1, cpu, batch_size=64)
+            optim = Optimizers(dmp, dense_optimizer("adagrad", 0.05), dense_lr=0.05,
+                               sparse_lr=0.05, warmup_steps=warmup)
+            pipeline = make_pipeline(dmp, optim.dense, cpu)
+            kinds = {"fused_groups": len(optim.fused.param_groups),
+                     "replicated_optimizers": len(optim.in_backward)}
+            before = _weights(dmp)
+            optim.before_step(1)
+            pipeline.progress(in_step(data.train(0), stop_after=1))
+            pipeline.reset()
+            after = _weights(dmp)
         finally:
             dist.destroy_process_group()
     deltas = {k: after[k] - before[k] for k in before}
@@ -218,7 +274,7 @@ def test_warmup_scales_the_first_update_of_every_parameter(method: str) -> None:
     """Adagrad's (and row-wise Adagrad's) first update is lr * g / |g|: with warm-up N, step 1
     uses lr / N, so every parameter moves exactly 1/N as far. This reaches the fused fbgemm
     tables only if their KeyedOptimizer pushes the new lr into the TBE module."""
-    train.quiet_known_warnings()
+    quiet_known_warnings()
     a, b = _first_step_deltas(0, method), _first_step_deltas(4, method)
     kinds = a.pop("__kinds__")
     b.pop("__kinds__")
@@ -307,11 +363,11 @@ def test_preprocessed_without_dense_gets_a_constant_column(tmp_path: Path) -> No
         preprocess_main(["--format", "csv", "--input", str(csv), "--no-progress", "--out", str(out)])
     import torch.distributed as dist
 
-    args = train.parse_args(["--data", "preprocessed", "--data-dir", str(out), "--batch-size", "16"])
+    args = data_args(data="preprocessed", data_dir=str(out), batch_size=16)
     with world_of_one():
         dist.init_process_group("gloo")
         try:
-            data = train.load_data(args, 0, 1)
+            data = sources.load_data(args, 0, 1)
         finally:
             dist.destroy_process_group()
     assert data.dense_in == 1
@@ -319,8 +375,8 @@ def test_preprocessed_without_dense_gets_a_constant_column(tmp_path: Path) -> No
     assert batch.dense_features.shape == (16, 1) and bool((batch.dense_features == 1).all())
     assert any("constant-1 dense column" in n for n in data.notes)
     # the counts hook: per-id training frequencies of every table, from the directory
-    tables = train.table_configs(data, 16)
-    counts = train.table_counts(data, tables)
+    tables = sources.table_configs(data, 16)
+    counts = sources.table_counts(data, tables)
     for t in tables:
         expected = np.load(out / "counts" / f"{t.feature_names[0]}.npy")
         assert counts[t.name].shape == (t.num_embeddings,)
@@ -332,15 +388,14 @@ def test_preprocessed_without_dense_gets_a_constant_column(tmp_path: Path) -> No
 def test_shuffled_order_reproducible_by_seed(tiny_dir: Dict[str, Any]) -> None:
     import torch.distributed as dist
 
-    def labels_of(data: "train.Data", epoch: int) -> List[float]:
+    def labels_of(data: sources.Data, epoch: int) -> List[float]:
         return torch.cat([torch.cat([b.labels, b.sparse_features.values().float()])
                           for b in data.train(epoch)]).tolist()
 
-    def load(kind: str, seed: int) -> "train.Data":
-        argv = (["--data", "preprocessed", "--data-dir", tiny_dir["dir"], "--batch-size", "32"]
-                if kind == "pre" else ["--data", "synthetic", "--batch-size", "16",
-                                       "--synthetic-train-batches", "6"])
-        return train.load_data(train.parse_args(argv + ["--seed", str(seed)]), 0, 1)
+    def load(kind: str, seed: int) -> sources.Data:
+        flags = (dict(data="preprocessed", data_dir=tiny_dir["dir"], batch_size=32)
+                 if kind == "pre" else dict(batch_size=16, synthetic_train_batches=6))
+        return sources.load_data(data_args(**flags, seed=seed), 0, 1)
 
     with world_of_one():
         dist.init_process_group("gloo")
@@ -405,8 +460,8 @@ def _evaluate_uneven(rank: int, world: int) -> Dict[str, float]:
         batches.append(make_batch(logits[rows].view(-1, 1), torch.zeros(n, 1, dtype=torch.long),
                                   labels[rows], ["f"]))
         start += n
-    train.quiet_known_warnings()
-    return train.evaluate(_DenseLogit(), batches, torch.device("cpu"))
+    quiet_known_warnings()
+    return evaluate(_DenseLogit(), batches, torch.device("cpu"))
 
 
 @SLOW
@@ -429,7 +484,7 @@ def test_evaluation_over_two_ranks_with_unequal_batches_is_exact() -> None:
 def test_modulo_ids_detects_collisions() -> None:
     from torchrec_cce.data.common import make_batch
 
-    mod = train.ModuloIds(["a", "b", "c"], [10, 10, 4])
+    mod = sources.ModuloIds(["a", "b", "c"], [10, 10, 4])
     ids = torch.tensor([[3, 7, 1], [13, 7, 2], [3, 17, 3]])  # a: 3 and 13 share row 3
     out = mod(make_batch(torch.zeros(3, 0), ids, torch.zeros(3), ["a", "b", "c"]))
     assert out.sparse_features.values().tolist() == [3, 3, 3, 7, 7, 7, 1, 2, 3]
@@ -462,13 +517,10 @@ def test_criteo_tsv_warns_about_kaggle_sized_collisions(tmp_path: Path) -> None:
 
 
 def test_bad_flags() -> None:
-    with pytest.raises(SystemExit):
-        train.parse_args(["--data", "preprocessed"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--data", "preprocessed", "--data-dir", "x",
-                          "--num-embeddings-per-feature", "3"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--patience", "0"])
+    assert "needs --data-dir" in cli_error("--data", "preprocessed")
+    assert "does not apply to --data preprocessed" in cli_error(
+        "--data", "preprocessed", "--data-dir", "x", "--num-embeddings-per-feature", "3")
+    assert "--patience must be positive, got 0" in cli_error("--patience", "0")
 
 
 def test_preprocessed_empty_split_is_a_clear_error(tmp_path: Path, tiny_dir: Dict[str, Any]) -> None:
@@ -479,9 +531,9 @@ def test_preprocessed_empty_split_is_a_clear_error(tmp_path: Path, tiny_dir: Dic
     meta = json.loads((d / "meta.json").read_text())
     meta["splits"]["val"]["rows"] = 0
     (d / "meta.json").write_text(json.dumps(meta))
-    args = train.parse_args(["--data", "preprocessed", "--data-dir", str(d), "--batch-size", "16"])
+    args = data_args(data="preprocessed", data_dir=str(d), batch_size=16)
     with pytest.raises(ValueError, match="the val split is empty"):
-        train.load_data(args, 0, 1)
+        sources.load_data(args, 0, 1)
 
 
 # ------------------------------------------------------------------ shared real data

@@ -1,0 +1,145 @@
+"""The CCE defaults and the compression a run's flags ask for.
+
+What ``--method cce`` (or a planner choosing CCE) does when no re-clustering/CCE flag is given:
+the best setting of the ablations run under the fixed protocol (every table trained by the
+fused optimizer at --lr; benchmarks/results/quality_frappe_ablations.csv, README "CCE
+ablations"). Frappe at 1/16 of the bytes, 3 seeds, test log loss: float16 codebooks 0.2907 vs
+float32 0.3090 (twice the rows per byte); re-clustering at 0.25 and 0.5 of epoch 1 only 0.2875,
+plus the end of epoch 1 0.2913, plus epochs 1-3 0.2907, none 0.3161; QR-initialised CCE keeping
+h as the remainder 0.2907 vs the paper's hashed CCE 0.2938; a quarter of a table's bytes for p
+0.2907 vs a tenth 0.2912. The byte split between tables (--planner-allocation, default
+perplexity) is the planner's, not CCE's.
+
+The functions taking ``args`` read the flags of ``examples/dlrm/train.py`` (an
+``argparse.Namespace`` or any object with those attributes).
+"""
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torchrec import EmbeddingBagConfig
+
+from torchrec_cce.budget import plan_candidates, plan_compression
+from torchrec_cce.configs import CCEConfig, MPEConfig, compression_for_budget
+
+DEFAULT_RECLUSTER_AT = "0.25,0.5"
+DEFAULT_RECLUSTER_EPOCHS = 0  # epoch ends that also re-cluster (epochs 1..N; before the last)
+DEFAULT_KMEANS_ITERS = 10
+DEFAULT_CCE_INIT = "qr"
+DEFAULT_CCE_KEEP_REMAINDER = True
+DEFAULT_CCE_ASSIGNMENT_SHARE = 0.25
+DEFAULT_CCE_CODEBOOK_DTYPE = "float16"
+DEFAULT_RECLUSTER_HELP = (f"{DEFAULT_RECLUSTER_AT} of epoch 1"
+                          + (f" and the end of epochs 1-{DEFAULT_RECLUSTER_EPOCHS}"
+                             if DEFAULT_RECLUSTER_EPOCHS else ""))
+
+
+def default_recluster_epochs(epochs: int) -> int:
+    """Epochs whose end re-clusters by default: the first ``DEFAULT_RECLUSTER_EPOCHS``, never
+    the last epoch's end (nothing would train after it). Independent of ``--epochs`` otherwise,
+    so an epoch cap with early stopping does not change the schedule."""
+    return max(0, min(DEFAULT_RECLUSTER_EPOCHS, epochs - 1))
+
+
+def cce_settings(args: Any) -> Dict[str, Any]:
+    """The re-clustering schedule and CCE init in effect (flags given, else the defaults)."""
+    explicit = args.recluster_at is not None or args.recluster_every_epoch is not None
+    if args.no_recluster:
+        at, every = "", 0
+    elif explicit:
+        at, every = args.recluster_at or "", args.recluster_every_epoch or 0
+    else:
+        at, every = DEFAULT_RECLUSTER_AT, default_recluster_epochs(args.epochs)
+    init = args.cce_init or DEFAULT_CCE_INIT
+    keep = (DEFAULT_CCE_KEEP_REMAINDER if args.cce_keep_remainder is None
+            else args.cce_keep_remainder) and init == "qr"
+    return {"recluster_at": at, "recluster_every_epoch": every,
+            "kmeans_iters": args.kmeans_iters or DEFAULT_KMEANS_ITERS,
+            "init": init, "keep_remainder": keep,
+            "codebook_dtype": str(codebook_dtype(args) or "float32").replace("torch.", "")}
+
+
+def recluster_fractions(settings: Dict[str, Any]) -> List[float]:
+    """The fractions of epoch 1 of :func:`cce_settings`' ``recluster_at``."""
+    return [float(x) for x in settings["recluster_at"].split(",") if x]
+
+
+def serving_dtype(args: Any) -> Optional[torch.dtype]:
+    """The torch dtype of ``--serving-dtype`` (INT4 is ``torch.quint4x2``), or None."""
+    return {None: None, "int8": torch.int8, "int4": torch.quint4x2}[args.serving_dtype]
+
+
+def codebook_dtype(args: Any) -> Optional[torch.dtype]:
+    """``--codebook-dtype``; ``--method cce`` without it: ``DEFAULT_CCE_CODEBOOK_DTYPE``."""
+    name = args.codebook_dtype
+    if name is None and args.planner_methods == ["cce"]:
+        name = DEFAULT_CCE_CODEBOOK_DTYPE
+    if name is None and args.planner_methods is None and args.embedding_budget_mb is None \
+            and args.method == "cce":
+        name = DEFAULT_CCE_CODEBOOK_DTYPE
+    return None if name is None else getattr(torch, name)
+
+
+def apply_cce_settings(compression: Dict, args: Any) -> Dict:
+    """CCE configs with the init of :func:`cce_settings` (bytes are unchanged), and every
+    config that has a ``codebook_dtype`` at ``--codebook-dtype`` when it is given."""
+    cs = cce_settings(args)
+    dtype = codebook_dtype(args)
+    out = {}
+    for n, c in compression.items():
+        if isinstance(c, CCEConfig):
+            c = dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"])
+        if dtype is not None and any(f.name == "codebook_dtype" for f in dataclasses.fields(c)):
+            c = dataclasses.replace(c, codebook_dtype=dtype)
+        out[n] = c
+    return out
+
+
+def make_compression(tables: List[EmbeddingBagConfig], args: Any,
+                     counts: Optional[Dict[str, np.ndarray]]) -> Tuple[Dict, int]:
+    """The compression configs of ``--method`` at the per-table cap
+    (``--max-params-per-table``, default 1/16 of the largest table); returns ``(configs, cap)``.
+
+    ``counts`` (table -> int64 ``[num_embeddings]`` training frequencies, or None) gives MPE
+    its frequency groups; the other methods do not use it."""
+    cap = args.max_params_per_table or max(16, max(t.num_embeddings for t in tables)
+                                           * args.embedding_dim // 16)
+    if args.method == "mpe":
+        base = MPEConfig(groups=args.mpe_groups, tau=args.mpe_tau, lam=args.mpe_lambda,
+                         bits=tuple(int(b) for b in args.mpe_bits.split(",")), seed=args.seed)
+        compression = compression_for_budget(tables, "mpe", cap, mpe=base)
+        if counts is not None:  # frequency groups from the data's per-id counts
+            compression = {n: dataclasses.replace(c, counts=counts[n])
+                           for n, c in compression.items()}
+        return compression, cap
+    return compression_for_budget(tables, args.method, cap, chunks=args.chunks,
+                                  seed=args.seed, qr_operation=args.qr_operation), cap
+
+
+def planned_compression(tables: List[EmbeddingBagConfig], args: Any,
+                        counts: Optional[Dict[str, np.ndarray]],
+                        candidate: Optional[int] = None) -> Tuple[Dict, Any, int, str]:
+    """``--embedding-budget-mb``: the byte-budget planner's plan (or, with ``candidate``, that
+    one of :func:`torchrec_cce.plan_candidates`). Returns ``(configs, plan, number of
+    candidates, method)``; method is the one compressed method used, ``"mixed"`` or
+    ``"full"``."""
+    kwargs = dict(counts=counts, chunks=args.chunks, assignment_share=args.cce_assignment_share,
+                  qr_operation=args.qr_operation, codebook_dtype=codebook_dtype(args),
+                  serving_dtype=serving_dtype(args), allocation=args.planner_allocation)
+    budget_bytes = int(args.embedding_budget_mb * 2**20)
+    if candidate is None:
+        plan, candidates = plan_compression(tables, budget_bytes, methods=args.planner_methods,
+                                            **kwargs), 1
+    else:
+        plans = plan_candidates(tables, budget_bytes, **kwargs)
+        plan, candidates = plans[candidate], len(plans)
+    # MPE: the planner fixed the candidate widths (its serving-bytes bound); the search
+    # hyper-parameters and seed come from the flags.
+    compression = {n: (dataclasses.replace(c, tau=args.mpe_tau, lam=args.mpe_lambda,
+                                           seed=args.seed) if isinstance(c, MPEConfig) else c)
+                   for n, c in plan.compression.items()}
+    used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
+    method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
+    return compression, plan, candidates, method
