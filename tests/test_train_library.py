@@ -24,7 +24,7 @@ from torchrec_cce.train import (Hooks, MPEHook, Optimizers, Protocol, ReclusterH
                                 training_hooks)
 from torchrec_cce.train import defaults
 from torchrec_cce.train.checkpoint import FAULT_ENV
-from torchrec_cce.train.optimizers import warmup_factor
+from torchrec_cce.train.optimizers import default_warmup_steps, warmup_factor
 from torchrec_cce.train.plan_select import select_plan
 from torchrec_cce.train.report import print_summary, run_metrics
 from torchrec_cce.train.sharding import codebook_constraints
@@ -74,6 +74,11 @@ def test_select_plan_keeps_the_lowest_validation_loss() -> None:
 
 
 # ------------------------------------------------------------------ warm-up
+def test_default_warmup_is_a_quarter_of_the_run_at_most_100_steps() -> None:
+    assert [default_warmup_steps(n) for n in (1, 3, 9, 12, 40, 399, 400, 10**6)] == \
+        [1, 1, 2, 3, 10, 99, 100, 100]
+
+
 def test_warmup_sets_every_learning_rate_without_dmp() -> None:
     assert [warmup_factor(s, 4) for s in (1, 2, 4, 9)] == [0.25, 0.5, 1.0, 1.0]
     assert warmup_factor(1, 0) == 1.0

@@ -516,6 +516,22 @@ def test_criteo_tsv_warns_about_kaggle_sized_collisions(tmp_path: Path) -> None:
     assert m["table_rows"]["t_cat_0"] == 1460
 
 
+def test_raw_file_steps_per_epoch_is_what_every_rank_trains(tmp_path: Path) -> None:
+    """A streamed TSV's epoch length (it scales the warm-up and the re-clustering steps) is the
+    number of training batches each rank yields, held-out batches excluded."""
+    rng = np.random.default_rng(0)
+    for rows, batch, fraction in ((1234, 100, 0.2), (10_000, 1024, 0.2), (999, 64, 0.1)):
+        lines = ["\t".join([str(int(rng.random() < 0.3))] + ["1"] * 13 + ["0000000a"] * 26)
+                 for _ in range(rows)]
+        path = tmp_path / f"r{rows}.tsv"
+        path.write_text("\n".join(lines) + "\n")
+        args = data_args(data="criteo_tsv", train_path=str(path), batch_size=batch,
+                         test_fraction=fraction, shuffle_buffer=0)
+        datas = [sources.load_data(args, rank, 2) for rank in range(2)]
+        counts = [sum(1 for _ in d.train(0)) for d in datas]
+        assert datas[0].steps_per_epoch == datas[1].steps_per_epoch == min(counts), counts
+
+
 def test_bad_flags() -> None:
     assert "needs --data-dir" in cli_error("--data", "preprocessed")
     assert "does not apply to --data preprocessed" in cli_error(

@@ -44,8 +44,9 @@ from torchrec_cce.data.common import DEFAULT_SHUFFLE_BUFFER  # noqa: E402
 from torchrec_cce.data.sources import (  # noqa: E402
     DATA_CHOICES, load_data, table_configs, table_counts)
 from torchrec_cce.train import (  # noqa: E402
-    MPEDLRMTrain, MPEHook, Optimizers, Protocol, ReclusterHook, apply_sparse_optimizer, dense_optimizer,
-    evaluate_val_test, in_step, init_distributed, make_pipeline, shard, training_hooks)
+    MPEDLRMTrain, MPEHook, Optimizers, Protocol, ReclusterHook, apply_sparse_optimizer,
+    default_warmup_steps, dense_optimizer, evaluate_val_test, in_step, init_distributed,
+    make_pipeline, shard, training_hooks)
 from torchrec_cce.train.checkpoint import (  # noqa: E402
     checkpoint_manager, inject_fault, load_checkpoint, save_checkpoint)
 from torchrec_cce.train.defaults import (  # noqa: E402
@@ -83,13 +84,14 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         help="comma-separated table sizes for the raw readers; ids are taken modulo these")),
     ("data", ("--max-ids-per-feature",), dict(type=int, default=10_000_000,
                                               help="cap on the raw readers' default table sizes")),
-    ("data", ("--synthetic-scale",), dict(type=float, default=0.001,
-                                          help="synthetic cardinalities = Criteo Kaggle's x scale")),
+    ("data", ("--synthetic-scale",), dict(
+        type=float, default=0.001, help="synthetic cardinalities = Criteo Kaggle's x scale")),
     ("data", ("--synthetic-train-batches",), dict(
         type=int, help="global train batches per epoch (synthetic; default 64 x world)")),
     ("data", ("--synthetic-val-batches",), dict(
         type=int, help="global val batches (default: --synthetic-test-batches)")),
-    ("data", ("--synthetic-test-batches",), dict(type=int, help="global test batches (default 8 x world)")),
+    ("data", ("--synthetic-test-batches",), dict(
+        type=int, help="global test batches (default 8 x world)")),
     ("model", ("--method",), dict(choices=list(METHOD_NAMES), help=(
         "compression method (default cce; with --embedding-budget-mb and no --method the budget "
         "planner chooses per table)"))),
@@ -109,7 +111,8 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
     ("model", ("--qr-operation",), dict(choices=["mult", "add", "concat"], default="mult", help=(
         "how QR combines its quotient and remainder rows (--method qr)"))),
     ("model", ("--embedding-dim",), dict(type=int, default=16)),
-    ("model", ("--dense-arch",), dict(default="64,16", help="dense MLP sizes (last = embedding dim)")),
+    ("model", ("--dense-arch",), dict(default="64,16",
+                                      help="dense MLP sizes (last = embedding dim)")),
     ("model", ("--over-arch",), dict(default="64,32,1")),
     ("model", ("--dcn",), dict(action="store_true", help="DLRM_DCN instead of DLRM")),
     ("model", ("--dcn-layers",), dict(type=int, default=2)),
@@ -142,11 +145,12 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
                                               help="optimizer of the MLPs (default adagrad)")),
     ("training", ("--dense-lr",), dict(type=float, default=0.05,
                                        help="dense (MLP) learning rate (default 0.05)")),
-    ("training", ("--warmup-steps",), dict(type=int, default=100, help=(
+    ("training", ("--warmup-steps",), dict(type=int, help=(
         "linear learning-rate warm-up of both optimizers: step s (1-based) uses "
-        "lr * min(1, s / N); 0 = none. Adagrad's first steps move every weight by ~lr: without "
-        "warm-up the loss jumps (x1.75-2.8 at step 2 on synthetic data); 100 keeps every step "
-        "<= 1.02x the first on the shared datasets (default 100)"))),
+        "lr * min(1, s / N); 0 = none. Default: a quarter of the run's steps, at most 100 "
+        "(torchrec_cce.train.optimizers.default_warmup_steps; Adagrad's first steps move every "
+        "weight by ~lr: without warm-up the loss jumps, x1.75-2.8 at step 2 on synthetic data; "
+        "100 keeps every step <= 1.02x the first on the shared datasets)"))),
     ("training", ("--seed",), dict(type=int, default=0,
                                    help="model init, hashes and the shuffled training order")),
     ("training", ("--recluster-at",), dict(help=(
@@ -247,7 +251,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             args.resume and not args.checkpoint_dir,
         "--keep-checkpoints must be >= 0 (0 keeps all), got {keep_checkpoints}":
             args.keep_checkpoints < 0,
-        "--warmup-steps must be >= 0, got {warmup_steps}": args.warmup_steps < 0,
+        "--warmup-steps must be >= 0, got {warmup_steps}": (args.warmup_steps or 0) < 0,
         **{f"--{f.replace('_', '-')} must be positive, got {{{f}}}":
            getattr(args, f) is not None and getattr(args, f) <= 0
            for f in ("eval_every", "patience", "checkpoint_every")},
@@ -306,6 +310,9 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     torch.manual_seed(args.seed)
     data = load_data(args, rank, world)
     model, budget = build_model(args, data)
+    if args.warmup_steps is None:  # scaled to the run's length
+        steps = args.epochs * (data.steps_per_epoch or 1)
+        args.warmup_steps = default_warmup_steps(min(steps, args.max_steps or steps))
     apply_sparse_optimizer(model.model.sparse_arch, args.sparse_optimizer, args.lr)
     dmp, plan_table = shard(model, world, device, args.batch_size,
                             whole_rows=args.serving_dtype is not None)

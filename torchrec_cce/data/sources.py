@@ -154,9 +154,8 @@ def raw_file_data(args: Any, rank: int, world: int) -> Data:
         train.set_epoch(epoch)  # the epoch's shuffle order: the same on a resume
         return map(modulo, train)
 
-    rows = _count_lines(args.train_path) - (not criteo)
-    steps = max(1, rows // (bs * world))
-    steps -= sum(1 for i in range(steps) if held and i % period in held)
+    steps = _train_batches((_count_lines(args.train_path) - (not criteo)) // world, bs,
+                           (lambda i: i % period in held) if held else None)
     order = (f"through a {args.shuffle_buffer:,}-row shuffle buffer" if args.shuffle_buffer > 1
              else "in file order (not shuffled)")
     notes = [f"{'Criteo TSV' if criteo else 'Avazu CSV'} streamed {order}; "
@@ -194,6 +193,15 @@ def _sizes_flag(args: Any) -> Optional[List[int]]:
     if not args.num_embeddings_per_feature:
         return None
     return [int(x) for x in args.num_embeddings_per_feature.split(",")]
+
+
+def _train_batches(rows: int, batch_size: int, held: Optional[Callable[[int], bool]]) -> int:
+    """Training batches of a rank with ``rows`` rows (lines are dealt to ranks in turn; the
+    smallest rank's count is what every rank trains): the rows of the blocks (unshuffled
+    batches) not ``held`` out, batched again, the last batch partial."""
+    starts = range(0, rows, batch_size)
+    kept = sum(min(batch_size, rows - s) for i, s in enumerate(starts) if not (held and held(i)))
+    return max(1, -(-kept // batch_size))
 
 
 def _count_lines(path: str) -> int:

@@ -26,6 +26,7 @@ from torchrec_cce.train.hooks import (
 from torchrec_cce.train.optimizers import (
     Optimizers,
     apply_sparse_optimizer,
+    default_warmup_steps,
     dense_optimizer,
     sparse_optimizer,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "ReclusterHook",
     "TrainingHook",
     "apply_sparse_optimizer",
+    "default_warmup_steps",
     "dense_optimizer",
     "evaluate",
     "evaluate_val_test",

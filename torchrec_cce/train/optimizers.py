@@ -66,6 +66,20 @@ def apply_sparse_optimizer(sparse_arch: nn.Module, name: str, lr: float) -> None
         apply_optimizer_in_backward(per_id_cls, per_id, {"lr": lr, **opt_kw})
 
 
+DEFAULT_WARMUP_STEPS = 100
+DEFAULT_WARMUP_SHARE = 0.25
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """The warm-up of a run of ``total_steps`` training steps: a quarter of the run, at most
+    ``DEFAULT_WARMUP_STEPS``. Adagrad's first steps move every weight by ~lr, so without a
+    warm-up the loss jumps (x1.75-2.8 at step 2 on synthetic data); 100 steps keep every step
+    <= 1.02x the first on the shared datasets. A short run spent inside a 100-step warm-up never
+    trains at its learning rate (12 steps on the Criteo head: worse than a constant
+    predictor); a quarter of the run leaves it three quarters at full rate."""
+    return max(1, min(DEFAULT_WARMUP_STEPS, int(total_steps * DEFAULT_WARMUP_SHARE)))
+
+
 def warmup_factor(step: int, warmup_steps: int) -> float:
     """Linear warm-up: the learning-rate multiplier of training step ``step`` (1-based)."""
     return 1.0 if warmup_steps <= 0 else min(1.0, step / warmup_steps)
