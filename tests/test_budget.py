@@ -131,7 +131,7 @@ def test_plans_fit_the_budget_and_match_memory_report(methods):
 def _mpe_serving_bytes_at(table, cfg, widths):
     """Build the MPE table (CPU), select ``widths`` (per group, indices into cfg.bits) and
     return the export's exact serving bytes."""
-    from torchrec_cce.mpe.export import export_table, packed_bytes
+    from torchrec_cce.methods.mpe.export import export_table, packed_bytes
 
     ebc = CCEEmbeddingBagCollection([table], {table.name: cfg})
     m = ebc.tables[table.name]

@@ -14,7 +14,7 @@ from torchrec import EmbeddingBagConfig
 from conftest import make_kjt
 from test_recluster import build, check_recluster_state, embed, stacked_ab, train_random
 from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection
-from torchrec_cce.clustering.recluster import recluster
+from torchrec_cce.api import recluster
 
 
 def _table(V: int, dim: int = 8) -> EmbeddingBagConfig:

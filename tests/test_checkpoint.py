@@ -34,7 +34,7 @@ from torchrec_cce.checkpoint import (
     check_finite,
     guard_loss,
 )
-from torchrec_cce.clustering.schedule import ReclusterSchedule
+from torchrec_cce.schedules import ReclusterSchedule
 
 SIZES = {"user": 2000, "item": 500, "ctx": 40}
 DIM = 8

@@ -37,7 +37,7 @@ from torchrec_cce import (
     QRConfig,
 )
 from torchrec_cce.methods.mpe import RETRAIN, SEARCH
-from torchrec_cce.mpe.export import MPEServingTable, export_table, install_serving_tables
+from torchrec_cce.methods.mpe.export import MPEServingTable, export_table, install_serving_tables
 
 V, V_SIDE = 40, 30
 METHODS = {

@@ -25,7 +25,7 @@ from torchrec_cce import (
 )
 from torchrec_cce.methods.mpe import RETRAIN, SEARCH, WARMUP, MPETable, select_bits
 from torchrec_cce.mpe import mpe_summary
-from torchrec_cce.mpe.export import (
+from torchrec_cce.methods.mpe.export import (
     MPEServingTable,
     export_mpe,
     install_serving_tables,
@@ -479,7 +479,7 @@ def test_export_round_trip_equals_training(layout: str, ordered: bool, pooling: 
 def test_fbgemm_widths_and_layout_bytes() -> None:
     """Which widths ride fbgemm rows, and the row bytes both ways at dim 16 (the choice in the
     export's docstring: 3 bits as INT4 would cost 12 B a row vs 6 B packed)."""
-    from torchrec_cce.mpe.export import served_by_fbgemm, stored_row_bytes
+    from torchrec_cce.methods.mpe.export import served_by_fbgemm, stored_row_bytes
 
     assert [b for b in (1, 2, 3, 4, 5, 6, 7, 8, 16) if served_by_fbgemm(b, "torchrec")] == [2, 4, 8]
     assert not any(served_by_fbgemm(b, "packed") for b in (2, 4, 8))

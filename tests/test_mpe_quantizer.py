@@ -1,12 +1,12 @@
-"""LSQ+ quantiser (torchrec_cce/mpe/quantizer.py): values on the grid, straight-through
+"""LSQ+ quantiser (torchrec_cce/methods/mpe/quantizer.py): values on the grid, straight-through
 gradients, learned step/offset updates, bit packing of the serving format."""
 
 import numpy as np
 import pytest
 import torch
 
-from torchrec_cce.mpe.export import pack_codes, row_bytes, unpack_codes
-from torchrec_cce.mpe.quantizer import code_range, grad_scale, initial_step, lsq_plus
+from torchrec_cce.methods.mpe.export import pack_codes, row_bytes, unpack_codes
+from torchrec_cce.methods.mpe.quantizer import code_range, grad_scale, initial_step, lsq_plus
 
 
 def _numpy_lsq(w: np.ndarray, alpha: np.float32, beta: np.ndarray, bits: int) -> np.ndarray:

@@ -15,8 +15,8 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 
 from conftest import make_kjt, ref_combine, ref_forward, ref_hash
 from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, CEConfig, HashingTrickConfig
-from torchrec_cce.clustering.recluster import recluster
-from torchrec_cce.clustering.schedule import ReclusterSchedule
+from torchrec_cce.api import recluster
+from torchrec_cce.schedules import ReclusterSchedule
 from torchrec_cce.hashing import derive_seed
 
 

@@ -19,11 +19,10 @@ from torchrec_cce.configs import (
     compression_for_budget,
     total_compression,
 )
-from torchrec_cce.clustering.recluster import recluster
-from torchrec_cce.clustering.schedule import ReclusterSchedule
-from torchrec_cce.memory import memory_report, summarize
+from torchrec_cce.api import memory_report, mpe_penalty, recluster
+from torchrec_cce.memory import summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
-from torchrec_cce.mpe import MPESchedule, mpe_penalty
+from torchrec_cce.schedules import MPESchedule, ReclusterSchedule
 from torchrec_cce.warm_start import compress_trained
 
 __all__ = [

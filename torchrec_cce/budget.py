@@ -79,7 +79,11 @@ from torchrec_cce.configs import (
     MPEConfig,
     QRConfig,
 )
-from torchrec_cce.methods import packed
+from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
+from torchrec_cce.methods import build_table, packed
+from torchrec_cce.methods.mpe import frequency_ranks
+from torchrec_cce.methods.mpe.export import row_bytes
+from torchrec_cce.serving import quantized_row_bytes
 
 PLAN_METHODS = ("cce", "qr", "ce", "hashing", "memcom", "mpe")
 ALLOCATIONS = ("perplexity", "proportional", "value")
@@ -140,9 +144,6 @@ def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[Compression
     stored size (CCE's packed ``p`` and hash generation, MEmCom's per-id weights), exactly as
     ``memory_report``'s ``compressed_bytes`` of the quantised module. MPE serves itself (its
     serving bound)."""
-    from torchrec_cce.methods import build_table
-    from torchrec_cce.serving import quantized_row_bytes
-
     if isinstance(config, MPEConfig):
         return mpe_serving_bound(table, config)
     method = build_table(table, config, device=torch.device("meta"))
@@ -183,12 +184,9 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
 
 def mpe_serving_bound(table: EmbeddingBagConfig, config: MPEConfig) -> int:
     """The most serving bytes an MPE table can take: every group at its widest candidate
-    (``torchrec_cce.mpe.export.serving_bytes`` with all widths = ``max(bits)``). The learned
+    (``torchrec_cce.methods.mpe.export.serving_bytes`` with all widths = ``max(bits)``). The learned
     widths can only be narrower, so the served table never exceeds it. MPE *trains* fp32 master
     weights (``V * dim * 4`` bytes and more): the budget bounds what is served."""
-    from torchrec_cce.methods.mpe import frequency_ranks
-    from torchrec_cce.mpe.export import row_bytes
-
     V, dim, K = table.num_embeddings, table.embedding_dim, len(config.bits)
     n = 3 * 8 + K + 4 * K + 4 * dim + config.groups + V * row_bytes(dim, max(config.bits))
     if config.counts is None or frequency_ranks(torch.as_tensor(
@@ -350,8 +348,6 @@ def _fit_cce(table: EmbeddingBagConfig, level: int, chunks: int, share: float,
     extra = {} if codebook_dtype is None else {"codebook_dtype": codebook_dtype}
     row_cost = 2 * dim * elem
     if serving_dtype is not None:
-        from torchrec_cce.serving import quantized_row_bytes
-
         row_cost = 2 * chunks * quantized_row_bytes(dim // chunks, serving_dtype)
     max_rows = max(1, V // 2)  # more parameters than the full table is never useful
     spare = level - _H_GENERATION_BYTES
@@ -950,8 +946,6 @@ def plan_compression(
 def _main() -> None:
     """``python -m torchrec_cce.budget``: the plan for Criteo-Kaggle-shaped tables."""
     import argparse
-
-    from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
 
     p = argparse.ArgumentParser(description=_main.__doc__)
     p.add_argument("--fraction", type=float, default=16, help="budget = full bytes / this")

@@ -271,7 +271,7 @@ class MPEConfig:
     Ids are ranked by training frequency and split into ``groups`` groups of
     ``ceil(V / groups)`` ids; each group learns a distribution over the candidate ``bits``
     (0 = the row is pruned to zero) while every row is LSQ+-quantised
-    (:mod:`torchrec_cce.mpe.quantizer`). Search -> select -> retrain is driven by
+    (:mod:`torchrec_cce.methods.mpe.quantizer`). Search -> select -> retrain is driven by
     :class:`torchrec_cce.mpe.MPESchedule`; the memory penalty ``lam * sum(p * bits) /
     group_weight`` is :func:`torchrec_cce.mpe.mpe_penalty`.
 

@@ -38,7 +38,7 @@ from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchrec_cce.checkpoint import MARKER, CheckpointManager
-from torchrec_cce.memory import _iter_collections
+from torchrec_cce.api import iter_collections
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.serving import quantize_codebooks
 
@@ -66,7 +66,7 @@ def _checkpoint_of(path: str) -> tuple:
 
 
 def _check_unsharded(model: nn.Module, what: str) -> None:
-    for name, module in _iter_collections(model):
+    for name, module in iter_collections(model):
         if not isinstance(module, CCEEmbeddingBagCollection):
             raise TypeError(f"{what}: '{name}' is a sharded collection "
                             f"({type(module).__name__}); build the model unsharded (no "
@@ -113,7 +113,7 @@ def quantize_model(model: nn.Module, dtype: torch.dtype = torch.int8,
     _check_unsharded(model, "quantize_model")
     out = model if inplace else copy.deepcopy(model)
     found = False
-    for _, module in list(_iter_collections(out)):
+    for _, module in list(iter_collections(out)):
         quantize_codebooks(module, dtype, inplace=True)
         found = True
     if not found:

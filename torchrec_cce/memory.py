@@ -1,26 +1,19 @@
-"""Exact memory accounting of compressed tables, counted from the real tensors."""
+"""Exact memory accounting of compressed tables, counted from the real tensors (per collection;
+:func:`torchrec_cce.api.memory_report` walks a model)."""
 
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Optional
 
 import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DataType, data_type_to_dtype
 
 from torchrec_cce.methods import CompressedTable, codebook_table_name
+from torchrec_cce.methods.mpe.export import serving_bytes
 
 
 def _dtype_bytes(data_type: DataType) -> int:
     """Bytes per element of a TorchRec ``DataType`` (FP32 4, FP16/BF16 2, INT8 1, ...)."""
     return torch.empty((), dtype=data_type_to_dtype(data_type)).element_size()
-
-
-def _iter_collections(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
-    # Imported here: the distributed package imports this module.
-    from torchrec_cce.modules import CCEEmbeddingBagCollection
-
-    for name, module in model.named_modules():
-        if isinstance(module, CCEEmbeddingBagCollection) or hasattr(module, "cce_memory_report"):
-            yield name, module
 
 
 def stored_bytes(t: torch.Tensor) -> int:
@@ -48,10 +41,8 @@ def _add_training_and_serving(collection: nn.Module,
     for every table. They differ only for MPE, which trains fp32 master weights (plus logits,
     steps, offsets, buffers, and a per-id group index when ids are not frequency-ordered; all
     ``V`` rows, wherever sharded: ``local_training_bytes`` is this rank's) and serves the
-    packed table of :mod:`torchrec_cce.mpe.export`; for MPE ``compressed_bytes`` and ``ratio``
+    packed table of :mod:`torchrec_cce.methods.mpe.export`; for MPE ``compressed_bytes`` and ``ratio``
     are the serving figures (its compression is for storage and serving)."""
-    from torchrec_cce.mpe.export import serving_bytes
-
     for name, row in report.items():
         method = collection.tables[name] if name in collection.tables else None
         if getattr(method, "method_name", "") == "mpe":
@@ -65,11 +56,13 @@ def _add_training_and_serving(collection: nn.Module,
     return report
 
 
-def collection_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
-    """Per-table report for one (unsharded or sharded) ``CCEEmbeddingBagCollection``."""
-    if hasattr(collection, "cce_memory_report"):
-        return _add_training_and_serving(collection, collection.cce_memory_report())
-    return _add_training_and_serving(collection, _unsharded_report(collection))
+def collection_report(collection: nn.Module,
+                      sharded_report: Optional[Dict[str, Dict[str, float]]] = None
+                      ) -> Dict[str, Dict[str, float]]:
+    """Per-table report for one ``CCEEmbeddingBagCollection``; for a sharded one pass its
+    per-table bytes (:func:`torchrec_cce.distributed.planning.sharded_memory_report`)."""
+    base = _unsharded_report(collection) if sharded_report is None else sharded_report
+    return _add_training_and_serving(collection, base)
 
 
 def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
@@ -93,35 +86,6 @@ def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
             "ratio": full_bytes / compressed,
         }
     return report
-
-
-def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
-    """``{table: {"full_bytes", "compressed_bytes", "assignment_bytes", "params", "ratio", ...}}``
-    for every (sharded or unsharded) ``CCEEmbeddingBagCollection`` inside ``model``.
-
-    * ``full_bytes``: the uncompressed table (``V * dim * element size``);
-    * ``codebook_bytes``: every codebook table of the compressed table (at its dtype; fbgemm
-      INT8/INT4 rows with their scale/bias once quantised for serving);
-    * ``assignment_bytes``: CCE's learned ``p`` (bit-packed ``N x chunks``, ``ceil(log2(rows))``
-      bits per entry, in whole int32 words), 0 otherwise;
-    * ``per_id_bytes``: MEmCom's per-id weights (``4 * V``), 0 otherwise;
-    * ``compressed_bytes``: every stored tensor of the table: codebooks + assignment + per-id
-      weights (MEmCom) + CCE's 8-byte hash generation; it equals the sum of
-      ``numel * element_size`` over the table's state-dict tensors;
-    * ``params``: trainable parameters (codebook entries + per-id weights);
-    * ``ratio``: ``full_bytes / compressed_bytes``;
-    * ``training_bytes`` / ``serving_bytes``: bytes stored while training / when served. Equal
-      to ``compressed_bytes`` except for MPE, which trains fp32 master weights and serves a
-      packed table (its ``compressed_bytes`` is the serving figure).
-
-    Full (uncompressed) tables appear with ratio 1. Table names must be unique across
-    collections; a repeated name is reported as ``<module path>.<table>``.
-    """
-    out: Dict[str, Dict[str, float]] = {}
-    for path, collection in _iter_collections(model):
-        for table, row in collection_report(collection).items():
-            out[f"{path}.{table}" if table in out else table] = row
-    return out
 
 
 def summarize(report: Dict[str, Dict[str, float]]) -> Dict[str, float]:

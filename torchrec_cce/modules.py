@@ -30,6 +30,7 @@ from torchrec_cce.methods import (
     codebook_feature_name,
     codebook_table_name,
 )
+from torchrec_cce.ops import fused_default
 from torchrec_cce.stages import (
     check_features,
     compose_pooled,
@@ -241,8 +242,6 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
     def fused(self) -> bool:
         """Whether the remap runs the fused C++ op (resolved on first use)."""
         if self._fused_resolved is None:
-            from torchrec_cce.ops import fused_default
-
             self._fused_resolved = fused_default(self._fused)
         return self._fused_resolved
 

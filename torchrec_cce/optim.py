@@ -1,4 +1,5 @@
-"""Row-wise Adagrad for 2-D rows stepped outside fbgemm's TBE (MPE's id-range master weights).
+"""Sparse-row optimizer helpers: row-wise Adagrad stepped outside fbgemm's TBE (MPE's id-range master
+weights) and :func:`reset_optimizer_state` for rows rewritten by re-clustering or MPE selection.
 
 fbgemm's ``EXACT_ROWWISE_ADAGRAD`` (what ``--sparse-optimizer rowwise_adagrad`` gives every
 codebook) keeps one accumulator per row: for each row with a gradient ``g`` (duplicates summed
@@ -13,9 +14,10 @@ With ``weight_decay`` a sparse step decays only the rows it touches (fbgemm's be
 dense step decays every row (TorchRec's).
 """
 
-from typing import Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
+from torch import nn
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad as _TorchRecRowWiseAdagrad
 from torchrec.optim.rowwise_adagrad import adagrad as _dense_rowwise_adagrad
 
@@ -61,4 +63,37 @@ class RowWiseAdagrad(_TorchRecRowWiseAdagrad):
         p[rows] = p[rows].addcdiv(g, acc.sqrt().add_(group["eps"]), value=-clr)
 
 
-__all__ = ["RowWiseAdagrad"]
+def reset_optimizer_state(params: Iterable[nn.Parameter],
+                          optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
+    """Zero the per-row optimizer state (moments, Adagrad sums) of rewritten parameters.
+
+    Looks in ``optimizers`` and in TorchRec's in-backward optimizers
+    (``apply_optimizer_in_backward`` stores them on ``param._in_backward_optimizers``).
+    Adagrad's accumulators go back to the group's ``initial_accumulator_value``; a ``step``
+    counter (Adam's bias correction) goes back to 0. Returns the number of row-state tensors
+    reset.
+    """
+    n = 0
+    for p in params:
+        opts = list(optimizers) + list(getattr(p, "_in_backward_optimizers", []))
+        for opt in opts:
+            st = opt.state.get(p)
+            if not st:
+                continue
+            init = 0.0
+            for group in opt.param_groups:
+                if any(q is p for q in group["params"]):
+                    init = float(group.get("initial_accumulator_value", 0.0))
+            for key, value in st.items():
+                if not (isinstance(value, torch.Tensor)
+                        and type(value).__name__ in ("Tensor", "Parameter")):
+                    continue
+                if value.shape == p.shape:
+                    value.fill_(init if key == "sum" else 0.0)
+                    n += 1
+                elif key == "step":  # bias corrections (Adam) restart with the moments
+                    value.zero_()
+    return n
+
+
+__all__ = ["RowWiseAdagrad", "reset_optimizer_state"]

@@ -41,6 +41,12 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import DataType
 
+from torchrec_cce.api import iter_collections
+from torchrec_cce.distributed.tensors import local_pieces
+from torchrec_cce.methods import codebook_table_name
+from torchrec_cce.methods.mpe import MPETable
+from torchrec_cce.modules import CCEEmbeddingBagCollection
+
 # torch dtype of the serving format -> fbgemm/TorchRec row type
 SERVING_DTYPES = {torch.int8: DataType.INT8, torch.qint8: DataType.INT8,
                   torch.quint4x2: DataType.INT4}
@@ -63,9 +69,6 @@ def quantized_row_bytes(dim: int, dtype: torch.dtype = torch.int8) -> int:
 
 def _check_servable(module: nn.Module, dtype: torch.dtype) -> None:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection as FloatEBC
-
-    from torchrec_cce.methods.mpe import MPETable
-    from torchrec_cce.modules import CCEEmbeddingBagCollection
 
     if not isinstance(module, CCEEmbeddingBagCollection):
         raise TypeError(
@@ -149,8 +152,6 @@ def serving_bytes(module: nn.Module, dtype: torch.dtype = torch.int8) -> Dict[st
     table of a float ``CCEEmbeddingBagCollection``: its codebook rows as fbgemm INT-N rows plus
     its other state at its stored size; equal to ``memory_report``'s ``compressed_bytes`` of
     the quantised module."""
-    from torchrec_cce.methods import codebook_table_name
-
     _check_servable(module, dtype)
     dims = {c.name: (c.num_embeddings, c.embedding_dim) for c in module.codebook_table_configs()}
     out = {}
@@ -172,14 +173,11 @@ def served_codebooks(module: nn.Module, dtype: torch.dtype = torch.int8) -> Iter
     column-wise shards raise, since serving quantises whole rows."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    from torchrec_cce.distributed.tensors import local_pieces
-    from torchrec_cce.memory import _iter_collections
-
     serving_data_type(dtype)
     saved = []
     try:
         with torch.no_grad():
-            for _, collection in _iter_collections(module):
+            for _, collection in iter_collections(module):
                 for key, value in collection.codebooks.state_dict().items():
                     if not key.endswith(".weight"):
                         continue

@@ -22,6 +22,8 @@ from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.methods import CompressedTable, codebook_feature_name
+from torchrec_cce import ops
+from torchrec_cce.ops import SPEC_COLUMNS, PairCompose, fused_available, spec_row
 from torchrec_cce.validation import check_kjt_layout
 
 
@@ -223,8 +225,6 @@ class FusedRemapPlan:
 
 def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module],
                 keys: List[str], precomputed: Dict[str, int]) -> FusedRemapPlan:
-    from torchrec_cce.ops import spec_row
-
     index = {k: i for i, k in enumerate(keys)}
     rows, out_keys, feats, ks, owners, gens, assigns = [], [], [], [], [], [], []
     for t in tables:
@@ -266,8 +266,6 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                     ks.append(2 if pair else 1)
                     owners.append(t.name)
             first += len(cb.streams)
-    from torchrec_cce.ops import SPEC_COLUMNS
-
     spec = torch.tensor(rows, dtype=torch.int64).reshape(-1, SPEC_COLUMNS)
     return FusedRemapPlan(spec, out_keys, feats, ks, owners, gens, assigns, index)
 
@@ -287,8 +285,6 @@ def fused_remap_features(
     static: Optional[List[_TableInfo]] = None,
 ) -> KeyedJaggedTensor:
     """:func:`remap_features` through one call of ``torch.ops.torchrec_cce.remap``."""
-    from torchrec_cce import ops
-
     if static is None:
         static = _static_tables(tables, methods)
     keys = features.keys()
@@ -396,8 +392,6 @@ def _compose_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Mod
 
 
 def _pair_compose_available() -> bool:
-    from torchrec_cce.ops import fused_available
-
     return fused_available()
 
 
@@ -473,8 +467,6 @@ def compose_pooled(
     elementwise = plan["elementwise"]
     if (elementwise is not None and local_pooled is None and values.device.type == "cpu"
             and values.dtype == torch.float32 and _pair_compose_available()):
-        from torchrec_cce.ops import PairCompose
-
         out = PairCompose.apply(values, elementwise["segments"], elementwise["out_cols"],
                                 elementwise["every_column_used"])
         return KeyedTensor(keys=plan["keys"], length_per_key=plan["dims"], values=out)

@@ -46,6 +46,7 @@ from torchrec_cce.clustering.kmeans import (
 from torchrec_cce.hashing import derive_seed, hash_ids
 from torchrec_cce.methods.base import codebook_table_name
 from torchrec_cce.methods.cce import CCETable
+from torchrec_cce.optim import reset_optimizer_state
 
 DEFAULT_ID_BATCH = 1 << 18
 
@@ -347,39 +348,6 @@ def _write_assignment(state: ReclusterState, mine: torch.Tensor, collective: Col
     parallel_tasks([functools.partial(write, a, b) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
-def reset_optimizer_state(params: Iterable[nn.Parameter],
-                          optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
-    """Zero the per-row optimizer state (moments, Adagrad sums) of rewritten parameters.
-
-    Looks in ``optimizers`` and in TorchRec's in-backward optimizers
-    (``apply_optimizer_in_backward`` stores them on ``param._in_backward_optimizers``).
-    Adagrad's accumulators go back to the group's ``initial_accumulator_value``; a ``step``
-    counter (Adam's bias correction) goes back to 0. Returns the number of row-state tensors
-    reset.
-    """
-    n = 0
-    for p in params:
-        opts = list(optimizers) + list(getattr(p, "_in_backward_optimizers", []))
-        for opt in opts:
-            st = opt.state.get(p)
-            if not st:
-                continue
-            init = 0.0
-            for group in opt.param_groups:
-                if any(q is p for q in group["params"]):
-                    init = float(group.get("initial_accumulator_value", 0.0))
-            for key, value in st.items():
-                if not (isinstance(value, torch.Tensor)
-                        and type(value).__name__ in ("Tensor", "Parameter")):
-                    continue
-                if value.shape == p.shape:
-                    value.fill_(init if key == "sum" else 0.0)
-                    n += 1
-                elif key == "step":  # bias corrections (Adam) restart with the moments
-                    value.zero_()
-    return n
-
-
 def _unsharded_states(collection: nn.Module, collective: Collective
                       ) -> Iterable[Tuple[str, ReclusterState, Dict[str, nn.Parameter]]]:
     for t in collection.embedding_bag_configs():
@@ -398,47 +366,26 @@ def _unsharded_states(collection: nn.Module, collective: Collective
                                      gather_assignment=w > 1), weights
 
 
+
+
+def check_collection_codebooks(collection: nn.Module, collective: Collective) -> None:
+    """``ValueError`` naming the table and chunk if an unsharded collection's CCE codebooks hold
+    NaN/inf (checked before any re-clustering writes state)."""
+    for _, state, _ in _unsharded_states(collection, collective):
+        check_finite_codebooks(state)
+
+
 @torch.no_grad()
-def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
-              iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
-              collective: Optional[Collective] = None) -> Dict[str, Dict[str, float]]:
-    """Re-cluster every CCE table in ``model`` (nested anywhere, sharded or not).
-
-    Args:
-        model: any module containing ``CCEEmbeddingBagCollection``s (or their sharded form).
-        optimizers: dense optimizers whose state for the codebooks must be reset; TorchRec
-            in-backward (fused) optimizers are found automatically.
-        iters: Lloyd iterations per chunk.
-        id_batch: ids re-assigned per batch (bounds memory: never ``V x k`` at once).
-        collective: cross-rank hook; default: the process group if initialised, else local.
-
-    Raises ``ValueError`` naming the table and chunk if any CCE codebook holds NaN/inf, before
-    any state is written. A collective call under ``torch.distributed``: every rank must call
-    it. Returns
-    ``{table: stats}`` (k-means inertia at start/end, empty clusters re-seeded, seconds, ...).
-    """
-    from torchrec_cce.modules import CCEEmbeddingBagCollection
-
-    collective = collective or default_collective()
-    # Refuse before writing anything if any CCE codebook anywhere holds NaN/inf.
-    for _, module in model.named_modules():
-        if hasattr(module, "cce_recluster"):
-            from torchrec_cce.distributed.recluster import check_sharded_codebooks  # noqa: PLC0415
-
-            check_sharded_codebooks(module, collective)
-        elif isinstance(module, CCEEmbeddingBagCollection):
-            for _, state, _ in _unsharded_states(module, collective):
-                check_finite_codebooks(state)
+def recluster_collection(collection: nn.Module, optimizers: Sequence[torch.optim.Optimizer],
+                         iters: int, id_batch: int, collective: Collective
+                         ) -> Dict[str, Dict[str, float]]:
+    """Re-cluster every CCE table of one unsharded ``CCEEmbeddingBagCollection`` (its codebooks
+    live in ``collection.codebooks``); ``{table: stats}``."""
     out: Dict[str, Dict[str, float]] = {}
-    for _, module in model.named_modules():
-        if hasattr(module, "cce_recluster"):
-            out.update(module.cce_recluster(iters=iters, id_batch=id_batch, collective=collective))
-        elif isinstance(module, CCEEmbeddingBagCollection):
-            for name, state, weights in _unsharded_states(module, collective):
-                new_a, new_b, stats = recluster_table(state, collective, iters, id_batch)
-                for suffix, new in state.method.unstack_ab(new_a, new_b).items():
-                    weights[suffix].copy_(new.to(weights[suffix].dtype))
-                stats["optimizer_states_reset"] = reset_optimizer_state(weights.values(),
-                                                                        optimizers)
-                out[name] = stats
+    for name, state, weights in _unsharded_states(collection, collective):
+        new_a, new_b, stats = recluster_table(state, collective, iters, id_batch)
+        for suffix, new in state.method.unstack_ab(new_a, new_b).items():
+            weights[suffix].copy_(new.to(weights[suffix].dtype))
+        stats["optimizer_states_reset"] = reset_optimizer_state(weights.values(), optimizers)
+        out[name] = stats
     return out

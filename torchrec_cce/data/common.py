@@ -12,6 +12,8 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from torchrec_cce.hashing import derive_seed
+
 logger = logging.getLogger(__name__)
 
 PathOrPaths = Union[str, Sequence[str]]
@@ -244,8 +246,6 @@ class StreamOrder:
         self.epoch = int(epoch)
 
     def shuffle_seed(self) -> int:
-        from torchrec_cce.hashing import derive_seed
-
         return derive_seed(self.seed, "raw_stream_shuffle", self.epoch, f"rank{self.rank}")
 
     def ordered_batches(self, rows: Iterable[T]) -> Iterator[List[T]]:

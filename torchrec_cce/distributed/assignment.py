@@ -18,6 +18,9 @@ import torch.distributed as dist
 from torchrec_cce.distributed.id_routing import IdRange, return_to_requesters, route_to_owners
 from torchrec_cce.methods.cce import CCETable
 
+# Assignments smaller than this (bytes) are replicated on every rank instead of split by id.
+DEFAULT_REPLICATE_ASSIGNMENT_BELOW = 1 << 20
+
 
 @torch.no_grad()
 def lookup_sharded_assignments(

@@ -38,6 +38,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
 from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
 from fbgemm_gpu.split_embedding_configs import SparseType
 
+from torchrec_cce.ops import fused_available
+
 log = logging.getLogger("torchrec_cce")
 
 # Tables up to this many weights are "small": their gradient rows and Adagrad state stay in
@@ -55,8 +57,6 @@ def kernel_enabled() -> bool:
     keeps fbgemm's kernel) and the op is built."""
     if os.environ.get("TORCHREC_CCE_TBE_KERNEL", "1") == "0":
         return False
-    from torchrec_cce.ops import fused_available
-
     return fused_available()
 
 

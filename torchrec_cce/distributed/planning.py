@@ -23,8 +23,8 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
+from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
 from torchrec_cce.distributed.id_routing import IdRange
-from torchrec_cce.distributed.sharder import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
 from torchrec_cce.memory import _dtype_bytes
 from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name
 from torchrec_cce.methods.mpe import MPETable

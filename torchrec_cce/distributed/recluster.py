@@ -23,9 +23,9 @@ from torchrec_cce.clustering.recluster import (
     ReclusterState,
     check_finite_codebooks,
     recluster_table,
-    reset_optimizer_state,
 )
 from torchrec_cce.methods import CCETable, codebook_table_name
+from torchrec_cce.optim import reset_optimizer_state
 
 
 def _reset_fused_state(sharded: Any, table_names: List[str]) -> int:

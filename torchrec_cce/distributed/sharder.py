@@ -55,7 +55,11 @@ from torchrec.optim.fused import FusedOptimizerModule
 from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from torchrec_cce.distributed.assignment import IdRange, lookup_sharded_assignments
+from torchrec_cce.distributed.assignment import (
+    DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
+    IdRange,
+    lookup_sharded_assignments,
+)
 from torchrec_cce.distributed.cpu_tbe import check_bfloat16_trainable, use_codebook_kernel
 from torchrec_cce.distributed.per_id_weights import (
     ScaleGrad,
@@ -67,6 +71,8 @@ from torchrec_cce.distributed.per_id_weights import (
 from torchrec_cce.methods import CCETable, MEmComTable, build_table, codebook_feature_name
 from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
+from torchrec_cce.ops import fused_default
+from torchrec_cce.optim import RowWiseAdagrad as SparseRowWiseAdagrad
 from torchrec_cce.stages import (
     check_features,
     compose_pooled,
@@ -74,9 +80,6 @@ from torchrec_cce.stages import (
     mean_lengths,
     remap_features,
 )
-
-# Assignments smaller than this (bytes) are replicated on every rank instead of split by id.
-DEFAULT_REPLICATE_ASSIGNMENT_BELOW = 1 << 20
 
 
 @dataclass
@@ -372,8 +375,6 @@ class ShardedCCEEmbeddingBagCollection(
     def fused(self) -> bool:
         """Whether the remap runs the fused C++ op (as the unsharded module it was built from)."""
         if self._fused_resolved is None:
-            from torchrec_cce.ops import fused_default
-
             self._fused_resolved = fused_default(self._fused)
         return self._fused_resolved
 
@@ -535,16 +536,6 @@ class ShardedCCEEmbeddingBagCollection(
     def unsharded_module_type(self) -> Type[CCEEmbeddingBagCollection]:
         return CCEEmbeddingBagCollection
 
-    def cce_recluster(self, **kwargs: Any) -> Dict[str, Dict[str, float]]:
-        from torchrec_cce.distributed.recluster import recluster_sharded
-
-        return recluster_sharded(self, **kwargs)
-
-    def cce_memory_report(self) -> Dict[str, Dict[str, float]]:
-        from torchrec_cce.distributed.planning import sharded_memory_report
-
-        return sharded_memory_report(self)
-
 
 class _FusedOptimizerHolder(nn.Module, FusedOptimizerModule):
     """A stateless child module exposing a ``FusedOptimizer`` to DistributedModelParallel."""
@@ -581,8 +572,6 @@ def _apply_in_backward_optimizers(optimizers: List[Tuple[type, Dict[str, Any]]],
     from torchrec.optim import optimizers as fused_names
     from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-    from torchrec_cce.optim import RowWiseAdagrad as SparseRowWiseAdagrad
-
     torch_equivalent = {fused_names.SGD: torch.optim.SGD, fused_names.Adam: torch.optim.Adam,
                         fused_names.Adagrad: torch.optim.Adagrad,
                         RowWiseAdagrad: (SparseRowWiseAdagrad if dst.dim() == 2
@@ -597,8 +586,6 @@ def _accepts_sparse_grad(param: nn.Parameter) -> bool:
     """Whether ``param`` is stepped in backward only by optimizers that take sparse gradients
     the same as dense ones (row-wise Adagrad; torch Adagrad and plain SGD without weight decay
     or momentum). Otherwise (e.g. a dense optimizer steps it) its lookups give dense gradients."""
-    from torchrec_cce.optim import RowWiseAdagrad as SparseRowWiseAdagrad
-
     opts = getattr(param, "_in_backward_optimizers", [])
 
     def ok(opt: torch.optim.Optimizer) -> bool:

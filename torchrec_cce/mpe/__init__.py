@@ -1,9 +1,9 @@
-"""MPE (Mixed-Precision Embeddings): quantiser, training hook and serving export.
+"""MPE (Mixed-Precision Embeddings) for users, in one namespace: the training hook and penalty,
+and the serving export. The table itself is :class:`torchrec_cce.methods.mpe.MPETable` (built
+from ``MPEConfig``); its code lives in :mod:`torchrec_cce.methods.mpe`."""
 
-The table itself is :class:`torchrec_cce.methods.mpe.MPETable` (built from ``MPEConfig``).
-"""
-
-from torchrec_cce.mpe.export import (
+from torchrec_cce.api import mpe_penalty, mpe_summary, mpe_tables
+from torchrec_cce.methods.mpe.export import (
     MPEServingTable,
     export_mpe,
     install_serving_tables,
@@ -11,7 +11,7 @@ from torchrec_cce.mpe.export import (
     save_mpe,
     serving_bytes,
 )
-from torchrec_cce.mpe.hook import MPESchedule, mpe_penalty, mpe_summary, mpe_tables
+from torchrec_cce.schedules import MPESchedule
 
 __all__ = [
     "MPESchedule",

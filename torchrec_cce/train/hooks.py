@@ -21,11 +21,10 @@ from torch import nn
 from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRMTrain
 
-from torchrec_cce.clustering.schedule import ReclusterSchedule
+from torchrec_cce.api import mpe_penalty, mpe_summary, mpe_tables
 from torchrec_cce.methods.cce import CCETable
 from torchrec_cce.methods.mpe import WARMUP
-from torchrec_cce.mpe import MPESchedule, mpe_penalty, mpe_summary
-from torchrec_cce.mpe.hook import mpe_tables
+from torchrec_cce.schedules import MPESchedule, ReclusterSchedule
 from torchrec_cce.pipeline import redo_pending_input_dist
 
 

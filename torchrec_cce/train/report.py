@@ -12,8 +12,9 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig
 
+from torchrec_cce.api import memory_report
 from torchrec_cce.budget import config_bytes
-from torchrec_cce.memory import memory_report, summarize
+from torchrec_cce.memory import summarize
 from torchrec_cce.train.evaluation import Protocol
 
 

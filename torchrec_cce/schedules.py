@@ -1,7 +1,12 @@
-"""The MPE training-loop hook: warm-up -> search -> select -> retrain (nothing hidden in forward).
+"""Training-loop hooks that change a model's compressed state between steps (nothing is hidden
+inside ``forward``): :class:`ReclusterSchedule` (CCE re-clustering) and :class:`MPESchedule`
+(MPE's warm-up -> search -> select -> retrain). Every rank calls them at the same steps.
 
-Like :class:`~torchrec_cce.clustering.schedule.ReclusterSchedule`, call :meth:`MPESchedule.step`
-after every optimizer step, and add :func:`mpe_penalty` to the loss::
+**Re-clustering.** The paper re-clusters a few times early in training: after 1/4 and 1/2 of the
+first epoch for one-epoch runs, and once per epoch for the first epochs of multi-epoch runs.
+
+**MPE.** Call :meth:`MPESchedule.step` after every optimizer step, and add
+:func:`~torchrec_cce.api.mpe_penalty` to the loss::
 
     schedule = MPESchedule(search_steps=len(loader))     # e.g. search for one epoch
     for step, batch in enumerate(loader, start=1):
@@ -19,46 +24,63 @@ Stages (global optimizer steps, 1-based):
 * after it: selection and restart (:meth:`~torchrec_cce.methods.mpe.MPETable.select`), then
   retraining at the frozen widths until training ends (the training script's best-epoch
   selection plays the paper's early stopping).
-
-Every rank must call :meth:`step` at the same steps (it is collective when groups are built).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-
-def mpe_tables(model: nn.Module) -> List[nn.Module]:
-    """Every ``MPETable`` inside ``model`` (unsharded collections, sharded ones, DMP/DDP)."""
-    from torchrec_cce.methods.mpe import MPETable
-
-    return [m for m in model.modules() if isinstance(m, MPETable)]
+from torchrec_cce.api import mpe_tables, recluster
+from torchrec_cce.methods.mpe import WARMUP
 
 
-def mpe_penalty(model: nn.Module) -> torch.Tensor:
-    """The memory penalty ``sum over MPE tables of lam * sum_g sum_b p_g(b) * b / group_weight_g``
-    for the tables in the search stage (0 otherwise): add it to the training loss."""
-    terms = [t.penalty() for t in mpe_tables(model)]
-    if not terms:
-        return torch.zeros(())
-    return torch.stack(terms).sum()
+@dataclass
+class ReclusterSchedule:
+    """Re-cluster after the given global steps (1-based: ``at_steps=[100]`` fires after the
+    100th optimizer step).
 
+    Example::
 
-def mpe_summary(model: nn.Module) -> Dict[str, Dict[str, float]]:
-    """Per MPE table: stage, mean selected width over ids (what selection would pick now in
-    the search stage) and the fraction of pruned ids."""
-    out = {}
-    for t in mpe_tables(model):
-        widths = t.current_selection().to(torch.float64)
-        sizes = t.group_sizes().to(torch.float64)
-        out[t.table_name] = {
-            "stage": t.stage_name,
-            "mean_bits": float((widths * sizes).sum() / sizes.sum()),
-            "pruned_fraction": float(sizes[widths == 0].sum() / sizes.sum()),
-        }
-    return out
+        schedule = ReclusterSchedule.from_epochs(steps_per_epoch=len(loader),
+                                                 fractions=[0.25, 0.5])
+        for step, batch in enumerate(loader, start=1):
+            train_step(batch)
+            schedule.step(model, step, optimizers=[dense_opt])
+    """
+
+    at_steps: List[int] = field(default_factory=list)
+    iters: int = 10
+
+    def __post_init__(self) -> None:
+        if any(s <= 0 for s in self.at_steps):
+            raise ValueError(f"ReclusterSchedule steps must be >= 1, got {self.at_steps}")
+        self.at_steps = sorted(set(int(s) for s in self.at_steps))
+
+    @classmethod
+    def from_epochs(cls, steps_per_epoch: int, fractions: Sequence[float] = (),
+                    every_epoch: int = 0, iters: int = 10) -> "ReclusterSchedule":
+        """``fractions`` of the first epoch (e.g. ``[0.25, 0.5]``) and/or the end of each of the
+        first ``every_epoch`` epochs."""
+        if steps_per_epoch <= 0:
+            raise ValueError(f"steps_per_epoch must be positive, got {steps_per_epoch}")
+        bad = [f for f in fractions if not 0 < f <= 1]
+        if bad:
+            raise ValueError(f"recluster fractions must be in (0, 1], got {bad}")
+        steps = [max(1, round(f * steps_per_epoch)) for f in fractions]
+        steps += [(e + 1) * steps_per_epoch for e in range(every_epoch)]
+        return cls(at_steps=steps, iters=iters)
+
+    def due(self, step: int) -> bool:
+        return step in self.at_steps
+
+    def step(self, model: nn.Module, step: int,
+             optimizers: Sequence[torch.optim.Optimizer] = ()) -> Optional[Dict[str, Dict]]:
+        """Call after optimizer step ``step``; re-clusters (collectively) when due."""
+        if not self.due(step):
+            return None
+        return recluster(model, optimizers=optimizers, iters=self.iters)
 
 
 @dataclass
@@ -85,8 +107,6 @@ class MPESchedule:
              optimizers: Sequence[torch.optim.Optimizer] = ()) -> Optional[Dict[str, Dict]]:
         """Call after optimizer step ``step``. Returns ``{table: event}`` when something
         happened (groups built, or widths selected), else None."""
-        from torchrec_cce.methods.mpe import WARMUP
-
         tables = mpe_tables(model)
         if step == 1 and self.warmup_steps == 0:
             missing = [t.table_name for t in tables if int(t.stage) == WARMUP]

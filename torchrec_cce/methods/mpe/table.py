@@ -12,7 +12,7 @@ Follows the authors' public code (github.com/Leopold1423/mpe: ``model/embedding.
 * ``group_weight = group count / smallest group count`` (counts clamped to >= 1 so that an
   empty or unseen group does not divide by zero, where the public code would give inf);
 * **search**: each row's value is ``sum_b p_g(b) * q_b(row)``, ``p_g = softmax(logits_g /
-  tau)`` of the id's group ``g``, ``q_b`` the LSQ+ quantiser (:mod:`torchrec_cce.mpe.quantizer`;
+  tau)`` of the id's group ``g``, ``q_b`` the LSQ+ quantiser (:mod:`torchrec_cce.methods.mpe.quantizer`;
   ``q_0 = 0``); the loss adds ``lam * sum_g sum_b p_g(b) * b / group_weight_g``
   (:meth:`penalty`, summed over groups as in the public code), so rare groups are pushed
   hardest;
@@ -36,7 +36,7 @@ Why this shape (remap -> stock EBC -> compose)? fbgemm's fused TBE owns the weig
 EBC and returns *pooled* sums of raw rows, so a row cannot be quantised inside its lookup, and
 pooling does not commute with rounding. Per-bit-width sub-tables in a pooled EBC would need the
 same per-row straight-through quantisation during retraining, so they cannot be trained through
-a pooled EBC either (they are the *serving* layout, :mod:`torchrec_cce.mpe.export`). So the MPE
+a pooled EBC either (they are the *serving* layout, :mod:`torchrec_cce.methods.mpe.export`). So the MPE
 table contributes no codebook to the inner EBC and looks itself up (:meth:`pooled_lookup`):
 the unique ids of the batch are gathered from the fp32 master weights (a regular parameter),
 only those rows are quantised and mixed, and ``F.embedding_bag`` pools them with the bag's
@@ -66,8 +66,9 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.configs import MPEConfig
 from torchrec_cce.hashing import derive_seed
+from torchrec_cce.optim import reset_optimizer_state
 from torchrec_cce.methods.base import CompressedTable
-from torchrec_cce.mpe.quantizer import (
+from torchrec_cce.methods.mpe.quantizer import (
     code_range,
     effective_step,
     grad_scale,
@@ -276,7 +277,6 @@ class MPETable(CompressedTable):
         """Selection + retrain restart: freeze each group's width (the public code's rule,
         :func:`select_bits`), restart the master weights from their initial values and zero
         their optimizer state. Returns the selected widths."""
-        from torchrec_cce.clustering.recluster import reset_optimizer_state
 
         if int(self.stage) == WARMUP:
             raise RuntimeError(

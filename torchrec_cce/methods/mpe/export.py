@@ -64,7 +64,8 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.methods.base import CompressedTable
-from torchrec_cce.mpe.quantizer import code_range, dequantize
+from torchrec_cce.methods.mpe.quantizer import code_range, dequantize
+from torchrec_cce.methods.mpe.table import MPETable
 
 _CHUNK_ROWS = 1 << 16
 LAYOUTS = ("torchrec", "packed")
@@ -407,7 +408,6 @@ class MPEServingTable(CompressedTable):
 
 
 def _mpe_tables(model: nn.Module) -> Dict[str, nn.Module]:
-    from torchrec_cce.methods.mpe import MPETable
 
     out = {}
     for m in model.modules():
