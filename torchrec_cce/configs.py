@@ -107,6 +107,14 @@ class CCEConfig:
       After a re-clustering ``p`` is the k-means assignment and ``h`` is a fresh hash
       (``keep_remainder=False``, the paper's rule) or stays the deterministic remainder
       (``keep_remainder=True``, so uncovered ids keep their unique pair).
+
+    Initialisation: ``EmbeddingBagConfig.init_fn`` (default: uniform in the table's
+    ``weight_init_min/max``) initialises every row of ``A`` and of ``B`` (one call on the
+    stacked codebook table), so an id's initial chunk ``A_i[p_i(x)] + B_i[h_i(x)]`` is the sum
+    of two independent draws: twice the variance of one full-table row (e.g. ``normal_(std=s)``
+    gives vectors of std ``s * sqrt(2)``). Scale ``init_fn`` by ``1/sqrt(2)`` for rows of the
+    full table's spread. ``reset_parameters()`` re-draws ``A``/``B`` and resets ``p`` and the
+    hash generation to their initial values.
     """
 
     rows: int

@@ -20,7 +20,9 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
-from torchrec.modules.embedding_configs import PoolingType
+from torchrec.distributed.types import ShardedModule
+from torchrec.fx import symbolic_trace
+from torchrec.modules.embedding_configs import DataType, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollectionInterface
 
 from torchrec_cce.configs import CONFIG_TYPES, CompressionConfig
@@ -34,10 +36,12 @@ from torchrec_cce.ops import fused_default
 from torchrec_cce.stages import (
     check_features,
     compose_pooled,
+    embedding_names,
     empty_pooled,
     mean_lengths,
     remap_features,
 )
+from torchrec_cce.tracing import is_fx_tracing, traced_forward
 
 
 def _validate_tables(
@@ -69,15 +73,11 @@ def _validate_tables(
             f"compression names unknown tables {unknown}; the tables are {names} "
             f"(compression keys are EmbeddingBagConfig.name, not feature names)"
         )
-    seen: Dict[str, str] = {}
     for t in tables:
-        for f in t.feature_names or [t.name]:
-            if f in seen:
-                raise ValueError(
-                    f"feature '{f}' is served by tables '{seen[f]}' and '{t.name}'; "
-                    f"each feature must belong to one table"
-                )
-            seen[f] = t.name
+        features = t.feature_names or [t.name]
+        if len(set(features)) != len(features):
+            raise ValueError(f"table '{t.name}' lists a feature twice in {features}; list each "
+                             f"feature once")
 
 
 def _check_config(table: EmbeddingBagConfig, config: object) -> None:
@@ -104,20 +104,24 @@ def _check_budget(table: EmbeddingBagConfig, config: CompressionConfig, allow_la
 
 
 def codebook_configs(
-    table: EmbeddingBagConfig, method: CompressedTable
+    table: EmbeddingBagConfig, method: CompressedTable, names: Optional[List[str]] = None
 ) -> List[EmbeddingBagConfig]:
-    """The inner EBC tables of one logical table (SUM pooling; init range of the logical table)."""
-    features = table.feature_names or [table.name]
+    """The inner EBC tables of one logical table: SUM pooling, the logical table's init range
+    and ``init_fn`` (every codebook row is initialised like a row of the full table), features
+    ``<embedding name>__<stream>`` (``names``: the table's output keys, see
+    :func:`torchrec_cce.stages.embedding_names`; default its feature names)."""
+    names = names or table.feature_names or [table.name]
     return [
         EmbeddingBagConfig(
             name=codebook_table_name(table.name, cb.suffix),
             num_embeddings=cb.num_embeddings,
             embedding_dim=cb.embedding_dim,
-            feature_names=[codebook_feature_name(f, s) for f in features for s in cb.streams],
+            feature_names=[codebook_feature_name(e, s) for e in names for s in cb.streams],
             pooling=PoolingType.SUM,
             data_type=getattr(method, "codebook_data_type", None) or table.data_type,
             weight_init_min=table.get_weight_init_min(),
             weight_init_max=table.get_weight_init_max(),
+            init_fn=table.init_fn,
         )
         for cb in method.codebooks
     ]
@@ -126,8 +130,6 @@ def codebook_configs(
 def _store_bfloat16_as_bfloat16(ebc: EmbeddingBagCollection) -> None:
     """TorchRec's unsharded EBC stores a ``DataType.BF16`` table as float16: store it as
     bfloat16, as the sharded TBE does (same values after rounding, same bytes)."""
-    from torchrec.modules.embedding_configs import DataType
-
     for config in ebc.embedding_bag_configs():
         if config.data_type == DataType.BF16:
             bag = ebc.embedding_bags[config.name]
@@ -177,6 +179,9 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             if t.name in compression:
                 _check_config(t, compression[t.name])
                 _check_budget(t, compression[t.name], allow_larger)
+        # device=None builds where torch's default device points (``with torch.device(...)``),
+        # as TorchRec's EBC does.
+        device = torch.device(device) if device is not None else torch.empty(0).device
         self._embedding_bag_configs = tables
         self._compression = compression
         self._is_weighted = is_weighted
@@ -184,21 +189,45 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         self._fused_resolved: Optional[bool] = None
         self._remap_cache: Dict[object, object] = {}
         self._compose_cache: Dict[object, object] = {}
-        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self._trace_cache: Dict[object, object] = {}
+        self._device = device
+        # TorchRec's EBC attributes: features per table, output keys and widths.
+        self._feature_names: List[List[str]] = [list(t.feature_names) for t in tables]
+        names = embedding_names(tables)
+        self._embedding_names: List[str] = [e for table_names in names for e in table_names]
+        self._lengths_per_embedding: List[int] = [
+            t.embedding_dim for t in tables for _ in t.feature_names]
         self.tables: nn.ModuleDict = nn.ModuleDict(
             {t.name: build_table(t, compression.get(t.name), device=device) for t in tables}
         )
-        self._feature_table: Dict[str, str] = {
-            f: t.name for t in tables for f in t.feature_names
-        }
+        self._feature_table: Dict[str, str] = {}
+        for t in tables:  # a feature served by several tables maps to the first
+            for f in t.feature_names:
+                self._feature_table.setdefault(f, t.name)
         self._inner_weighted = is_weighted or any(
             m.method_name == "memcom" for m in self.tables.values()
         )
-        inner = [c for t in tables for c in codebook_configs(t, self.tables[t.name])]
+        inner = [c for t, table_names in zip(tables, names)
+                 for c in codebook_configs(t, self.tables[t.name], table_names)]
         self.codebooks = EmbeddingBagCollection(
             tables=inner, is_weighted=self._inner_weighted, device=device
         )
         _store_bfloat16_as_bfloat16(self.codebooks)
+        self.register_load_state_dict_pre_hook(_load_stock_ebc_keys)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "codebooks" and isinstance(value, ShardedModule):
+            # DMP shards the inner stock EBC when no sharder handles this module.
+            raise TypeError(
+                "DistributedModelParallel is sharding the codebooks inside a "
+                "CCEEmbeddingBagCollection with TorchRec's EmbeddingBagCollectionSharder, which "
+                "cannot run the remap/compose stages: pass our sharder, e.g. "
+                "DistributedModelParallel(model, sharders=[CCEEmbeddingBagCollectionSharder(), "
+                "*get_default_sharders()], ...) (from torchrec_cce.distributed import "
+                "CCEEmbeddingBagCollectionSharder; from torchrec.distributed.sharding_plan import "
+                "get_default_sharders), and plan with the same sharders"
+            )
+        super().__setattr__(name, value)
 
     # ---- EmbeddingBagCollectionInterface ----
     def embedding_bag_configs(self) -> List[EmbeddingBagConfig]:
@@ -217,13 +246,30 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return dict(self._compression)
 
     def feature_names(self) -> List[str]:
+        """Every served feature, table by table (a feature served by several tables appears
+        once per table, as in TorchRec's EBC)."""
         return [f for t in self._embedding_bag_configs for f in t.feature_names]
 
     def codebook_table_configs(self) -> List[EmbeddingBagConfig]:
         """The inner codebook tables, as the sharding planner sees them."""
         return self.codebooks.embedding_bag_configs()
 
+    def reset_parameters(self) -> None:
+        """Re-initialise every table as at construction (TorchRec's
+        ``EmbeddingBagCollection.reset_parameters``): codebook rows by their table's
+        ``init_fn``, CCE's ``p`` back to its initial hash, MEmCom's weights to 1, MPE's master
+        weights to their seeded initial values. No-op on the meta device."""
+        if self._device.type == "meta":
+            return
+        self.codebooks.reset_parameters()
+        for method in self.tables.values():
+            reset = getattr(method, "reset_parameters", None)
+            if reset is not None:
+                reset()
+
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if is_fx_tracing():  # torch.fx / torchrec.fx.symbolic_trace: see torchrec_cce/tracing.py
+            return traced_forward(self, features)
         if features.stride() == 0:  # a batch of no examples (stock TorchRec's EBC fails on it)
             self.check_features(features)
             return empty_pooled(self._embedding_bag_configs, features.values().device)
@@ -233,9 +279,14 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             return self.compose(features, KeyedTensor(keys=[], length_per_key=[], values=empty))
         return self.compose(features, self.codebooks(remapped))
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script(collection)`` scripts its fx trace (see torchrec_cce/tracing.py):
+        TorchRec's ``symbolic_trace`` of this module, which TorchScript compiles."""
+        return symbolic_trace(self)
+
     # ---- the two stages (shared with the sharded module: see torchrec_cce/stages.py) ----
     def check_features(self, features: KeyedJaggedTensor) -> None:
-        """Raise ``KeyError`` if the KJT has keys no table serves or lacks served keys."""
+        """Raise ``KeyError`` if the KJT lacks a served feature (other keys are ignored)."""
         check_features(self._feature_table, self.feature_names(), features)
 
     @property
@@ -268,3 +319,18 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         return compose_pooled(self._embedding_bag_configs, self.tables,
                               self._compose_lengths(features), pooled, self._is_weighted,
                               cache=self._compose_cache)
+
+
+def _load_stock_ebc_keys(module: CCEEmbeddingBagCollection, state_dict: Dict[str, object],
+                         prefix: str, *args: object) -> None:
+    """``load_state_dict`` pre-hook: a stock ``EmbeddingBagCollection``'s keys
+    (``embedding_bags.<table>.weight``) load into the uncompressed tables
+    (``codebooks.embedding_bags.<table>.weight``), so a model can start from a trained full
+    one. Keys of compressed tables stay unexpected (their rows are not the vectors:
+    ``torchrec_cce.warm_start`` builds them from trained rows)."""
+    full = {t.name for t in module.embedding_bag_configs() if t.name not in module._compression}
+    for table in full:
+        stock = f"{prefix}embedding_bags.{table}.weight"
+        ours = f"{prefix}codebooks.embedding_bags.{table}.weight"
+        if stock in state_dict and ours not in state_dict:
+            state_dict[ours] = state_dict.pop(stock)

@@ -13,12 +13,13 @@ sharded collection.
 import itertools
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.embedding_configs import PoolingType
+from torchrec.modules.embedding_modules import get_embedding_names_by_table
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.methods import CompressedTable, codebook_feature_name
@@ -27,22 +28,29 @@ from torchrec_cce.ops import SPEC_COLUMNS, PairCompose, fused_available, spec_ro
 from torchrec_cce.validation import check_kjt_layout
 
 
-def check_features(feature_table: Mapping[str, str], served: List[str],
+def embedding_names(tables: List[EmbeddingBagConfig]) -> List[List[str]]:
+    """Output key of every (table, feature), TorchRec's rule: the feature name, or
+    ``<feature>@<table>`` for a feature served by several tables. Codebook streams are keyed
+    ``<embedding name>__<stream>``, so a shared feature's tables never collide."""
+    return get_embedding_names_by_table(tables)
+
+
+def table_features(tables: List[EmbeddingBagConfig]) -> List[List[Tuple[str, str]]]:
+    """``(input feature, embedding name)`` of every feature, table by table."""
+    return [list(zip(t.feature_names, names)) for t, names in zip(tables, embedding_names(tables))]
+
+
+def check_features(feature_table: Mapping[str, object], served: List[str],
                    features: KeyedJaggedTensor) -> None:
-    """``KeyError`` for KJT keys no table serves or served keys the KJT lacks; ``ValueError``
-    for inconsistent lengths/values/weights (see :func:`torchrec_cce.validation.check_kjt_layout`)."""
-    keys = features.keys()
-    unknown = [k for k in keys if k not in feature_table]
-    if unknown:
-        raise KeyError(
-            f"KJT features {unknown} are served by no table of this "
-            f"CCEEmbeddingBagCollection; served features: {served}"
-        )
-    present = set(keys)
+    """``KeyError`` for served features the KJT lacks (keys no table serves are ignored, as
+    by TorchRec's ``EmbeddingBagCollection``); ``ValueError`` for inconsistent
+    lengths/values/weights (see :func:`torchrec_cce.validation.check_kjt_layout`)."""
+    present = set(features.keys())
     missing = [f for f in served if f not in present]
     if missing:
         raise KeyError(
-            f"KJT lacks features {missing}; every served feature must be present: {served}"
+            f"KJT lacks features {missing}; every served feature must be present: {served} "
+            f"(the KJT has {features.keys()})"
         )
     if features.variable_stride_per_key():
         raise ValueError(
@@ -54,7 +62,7 @@ def check_features(feature_table: Mapping[str, str], served: List[str],
 def empty_pooled(tables: List[EmbeddingBagConfig], device: torch.device,
                  dtype: torch.dtype = torch.float32) -> KeyedTensor:
     """The ``KeyedTensor`` of a batch with no examples: ``[0, sum of dims]``, logical keys."""
-    keys = [f for t in tables for f in t.feature_names]
+    keys = [e for names in embedding_names(tables) for e in names]
     dims = [t.embedding_dim for t in tables for _ in t.feature_names]
     return KeyedTensor(keys=keys, length_per_key=dims,
                        values=torch.zeros((0, sum(dims)), dtype=dtype, device=device))
@@ -105,7 +113,7 @@ def remap_features(
     packed ``p`` words, read in place), so the cache needs no invalidation. The default
     torch-ops path is the reference the fused one must equal exactly.
     """
-    if fused:
+    if fused and not features.values().is_meta:  # meta tensors: shapes only, reference path
         cache = cache if cache is not None else {}
         static = cache.get(_STATIC)
         if static is None:
@@ -133,16 +141,16 @@ def reference_remap_features(
     values: List[torch.Tensor] = []
     lengths: List[torch.Tensor] = []
     weights: List[torch.Tensor] = []
-    for t in tables:
+    for t, pairs in zip(tables, table_features(tables)):
         method: CompressedTable = methods[t.name]
         remapped = {}
-        for f in t.feature_names:
+        for f, e in pairs:
             jt = per_feature[f]
             ids = jt.values()
             if observe:
                 method.observe(ids)
-            if assignments is not None and f in assignments:
-                streams = method.streams_from(assignments[f], method.bucket(ids))
+            if assignments is not None and e in assignments:
+                streams = method.streams_from(assignments[e], method.bucket(ids))
             else:
                 streams = method.remap(ids)
             w = jt.weights_or_none() if is_weighted else None
@@ -151,15 +159,15 @@ def reference_remap_features(
                 w = id_weights if w is None else w * id_weights
             if inner_weighted and w is None:
                 w = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-            remapped[f] = (streams, w, jt.lengths())
+            remapped[e] = (streams, w, jt.lengths())
         first_stream = 0
         for cb in method.codebooks:
-            for f in t.feature_names:
-                streams, w, lens = remapped[f]
+            for _, e in pairs:
+                streams, w, lens = remapped[e]
                 for j, s in enumerate(cb.streams):
                     rows = streams[first_stream + j]
                     k = rows.shape[1] if rows.dim() == 2 else 1
-                    keys.append(codebook_feature_name(f, s))
+                    keys.append(codebook_feature_name(e, s))
                     values.append(rows.reshape(-1))
                     lengths.append(lens * k if k > 1 else lens)
                     if w is not None:
@@ -187,7 +195,7 @@ class _TableInfo:
 
     name: str
     method: nn.Module
-    features: List[str]
+    features: List[Tuple[str, str]]  # (input feature, embedding name)
     observes: bool          # overrides CompressedTable.observe (CCE's id reservoir)
     id_weights: bool        # overrides CompressedTable.id_weights (MEmCom)
     cce: bool               # has a stored assignment p
@@ -196,14 +204,21 @@ class _TableInfo:
 
 def _static_tables(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Module]):
     """Per-table :class:`_TableInfo` list, or ``_NOT_FUSED`` if some table has no fused
-    description (``stream_specs() is None``)."""
+    description (``stream_specs() is None``) or multiplies per-id weights into a feature
+    another table also serves (the op has one weight per input id)."""
     infos = []
+    counts: Dict[str, int] = {}
     for t in tables:
+        for f in t.feature_names:
+            counts[f] = counts.get(f, 0) + 1
+    for t, pairs in zip(tables, table_features(tables)):
         method = methods[t.name]
         if getattr(method, "stream_specs", lambda: None)() is None:
             return _NOT_FUSED
+        if _uses(method, "id_weights") and any(counts[f] > 1 for f in t.feature_names):
+            return _NOT_FUSED
         cce = hasattr(method, "fused_assignment")
-        infos.append(_TableInfo(t.name, method, list(t.feature_names), _uses(method, "observe"),
+        infos.append(_TableInfo(t.name, method, pairs, _uses(method, "observe"),
                                 _uses(method, "id_weights"), cce,
                                 cce and method.fused_assignment() is not None))
     return infos
@@ -227,7 +242,7 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                 keys: List[str], precomputed: Dict[str, int]) -> FusedRemapPlan:
     index = {k: i for i, k in enumerate(keys)}
     rows, out_keys, feats, ks, owners, gens, assigns = [], [], [], [], [], [], []
-    for t in tables:
+    for t, pairs in zip(tables, table_features(tables)):
         method: CompressedTable = methods[t.name]
         specs = method.stream_specs()
         gen = assign = -1
@@ -235,7 +250,7 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
         if any(sp.kind == "cce_pair" for sp in specs):
             gen = len(gens)
             gens.append(t.name)
-            if any(f not in precomputed for f in t.feature_names):
+            if any(e not in precomputed for _, e in pairs):
                 packed = method.fused_assignment()
                 if packed is None:
                     raise ValueError(f"table '{t.name}': p is stored only for ids "
@@ -245,11 +260,11 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                 assigns.append(t.name)
         first = 0
         for cb in method.codebooks:
-            for f in t.feature_names:
+            for f, e in pairs:
                 for j, s in enumerate(cb.streams):
                     sp = specs[first + j]
                     pair = sp.kind == "cce_pair"
-                    read_packed = pair and f not in precomputed
+                    read_packed = pair and e not in precomputed
                     rows.append(spec_row(
                         index[f], sp.kind, sp.rows, offset=sp.offset, key=sp.key, h_key=sp.h_key,
                         generation=gen if pair else -1,
@@ -258,10 +273,10 @@ def _build_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Modul
                         assignment_count=packed[2] if read_packed else 0,
                         bits=method.assignment_bits if read_packed else 0,
                         chunks=method.chunks if read_packed else 1,
-                        precomputed=precomputed.get(f, -1) if pair else -1,
+                        precomputed=precomputed.get(e, -1) if pair else -1,
                         column=sp.column, num_ids=sp.num_ids, qr_mul=sp.qr_mul,
                         qr_add=sp.qr_add, keep_remainder=sp.keep_remainder))
-                    out_keys.append(codebook_feature_name(f, s))
+                    out_keys.append(codebook_feature_name(e, s))
                     feats.append(index[f])
                     ks.append(2 if pair else 1)
                     owners.append(t.name)
@@ -308,15 +323,15 @@ def fused_remap_features(
             offsets = features.offset_per_key()
             index = {k: i for i, k in enumerate(keys)}
         method = info.method
-        for f in info.features:
+        for f, e in info.features:
             i = index[f]
             f_ids = ids[offsets[i]: offsets[i + 1]]
             if observe and info.observes:
                 method.observe(f_ids)
-            if info.cce and ((assignments is not None and f in assignments) or not info.packed):
-                p = (assignments[f] if assignments is not None and f in assignments
+            if info.cce and ((assignments is not None and e in assignments) or not info.packed):
+                p = (assignments[e] if assignments is not None and e in assignments
                      else method.lookup_assignment(f_ids))
-                precomputed[f] = len(pre_tensors)
+                precomputed[e] = len(pre_tensors)
                 pre_tensors.append(p)
             if info.id_weights:
                 w = method.id_weights(f_ids)
@@ -373,22 +388,22 @@ def _compose_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn.Mod
     part_index = {k: i for i, k in enumerate(pooled_keys)}
     features, columns = [], []
     simple = True
-    for t in tables:
+    for t, pairs in zip(tables, table_features(tables)):
         method: CompressedTable = methods[t.name]
         simple &= method.concat_compose and t.pooling == PoolingType.SUM
-        for f in t.feature_names:
+        for f, e in pairs:
             parts = []  # indices of the feature's streams among the pooled keys
             for s in method.streams():
-                k = codebook_feature_name(f, s)
+                k = codebook_feature_name(e, s)
                 parts.append(part_index[k])
                 columns.extend(range(starts[k], starts[k] + dims[k]))
-            features.append((t, method, f, parts))
+            features.append((t, method, f, e, parts))
     identity = simple and columns == list(range(sum(pooled_dims)))
     return {"features": features, "simple": simple, "identity": identity,
             "columns": torch.tensor(columns, dtype=torch.int64),
             "elementwise": None if simple else _elementwise_plan(tables, methods, starts, dims),
-            "keys": [f for _, _, f, _ in features],
-            "dims": [t.embedding_dim for t, _, _, _ in features]}
+            "keys": [e for _, _, _, e, _ in features],
+            "dims": [t.embedding_dim for t, _, _, _, _ in features]}
 
 
 def _pair_compose_available() -> bool:
@@ -404,13 +419,13 @@ def _elementwise_plan(tables: List[EmbeddingBagConfig], methods: Mapping[str, nn
     (a = Q, b = R) or QR-add (a = Q, c = R) table. None when a table needs the per-feature path
     (MEAN pooling, MPE)."""
     segments, out = [], 0
-    for t in tables:
+    for t, names in zip(tables, embedding_names(tables)):
         method = methods[t.name]
         op = getattr(method, "elementwise_compose", None)
         if t.pooling != PoolingType.SUM or not (method.concat_compose or op in ("mult", "add")):
             return None
-        for f in t.feature_names:
-            keys = [codebook_feature_name(f, s) for s in method.streams()]
+        for e in names:
+            keys = [codebook_feature_name(e, s) for s in method.streams()]
             if method.concat_compose:
                 for k in keys:
                     segments.append((out, starts[k], -1, -1, dims[k]))
@@ -474,9 +489,9 @@ def compose_pooled(
     # One split (its backward is one cat), not a slice per stream: every slice's backward
     # would materialise a zero gradient of the whole pooled output.
     parts = values.split(pooled_dims, dim=1) if pooled_dims else ()
-    for t, method, f, indices in plan["features"]:
-        if local_pooled is not None and f in local_pooled:
-            streams = [local_pooled[f]]
+    for t, method, f, e, indices in plan["features"]:
+        if local_pooled is not None and e in local_pooled:
+            streams = [local_pooled[e]]
         elif getattr(method, "local_lookup", False):
             jt = lengths[f]
             streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]

@@ -79,6 +79,7 @@ from torchrec_cce.stages import (
     feature_ids,
     mean_lengths,
     remap_features,
+    table_features,
 )
 
 
@@ -165,6 +166,8 @@ class ShardedCCEEmbeddingBagCollection(
         self._inner_weighted = module._inner_weighted
         self._feature_table = dict(module._feature_table)
         self._table_features = {t.name: list(t.feature_names) for t in self._embedding_bag_configs}
+        self._table_pairs = dict(zip([t.name for t in self._embedding_bag_configs],
+                                     table_features(self._embedding_bag_configs)))
         self._served = module.feature_names()
         self._fused = module._fused  # None: resolved on first use (see CCEEmbeddingBagCollection)
         self._fused_resolved: Optional[bool] = None
@@ -246,8 +249,8 @@ class ShardedCCEEmbeddingBagCollection(
                 method.id_weight.copy_(src.id_weight[rng.lo: rng.hi])
         _apply_in_backward_optimizers(optimizers, method.id_weight)
         self._memcom_ranges[t.name] = rng
-        for f in t.feature_names:
-            self._memcom_keys[codebook_feature_name(f, "memcom")] = t.name
+        for _, e in self._table_pairs[t.name]:
+            self._memcom_keys[codebook_feature_name(e, "memcom")] = t.name
         return method
 
     # ---- MPE master weights (split by id range, fetched in compute) ----
@@ -283,10 +286,10 @@ class ShardedCCEEmbeddingBagCollection(
             m = self.tables[table]
             # The ranks' gradients arrive summed: take their mean, as DDP and TorchRec do.
             quantized = m.quantize(ScaleGrad.apply(rows, 1.0 / world), uniq)
-            for f in self._table_features[table]:
+            for f, e in self._table_pairs[table]:
                 jt = ctx.mean_lengths[f]
                 weights = jt.weights_or_none() if self._is_weighted else None
-                ctx.local_pooled[f] = m.pool(jt, weights, uniq, quantized)
+                ctx.local_pooled[e] = m.pool(jt, weights, uniq, quantized)
         return anchor
 
     def per_id_range(self, table: str) -> Optional[IdRange]:
@@ -435,13 +438,14 @@ class ShardedCCEEmbeddingBagCollection(
             return {}
         per_feature = feature_ids(features)
         requests, names = [], []
-        for t in self._embedding_bag_configs:
+        for t, pairs in zip(self._embedding_bag_configs,
+                            table_features(self._embedding_bag_configs)):
             if t.name not in self._id_ranges:
                 continue
             m = self.tables[t.name]
-            for f in t.feature_names:
+            for f, e in pairs:  # keyed by embedding name (a shared feature's tables differ)
                 requests.append((m, per_feature[f], self._id_ranges[t.name]))
-                names.append(f)
+                names.append(e)
         return dict(zip(names, lookup_sharded_assignments(requests, self._pg)))
 
     def input_dist(self, ctx: CCEEmbeddingBagCollectionContext,

@@ -107,9 +107,11 @@ class CCETable(CompressedTable):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Set the stored ``p`` to its initial hash (no-op on the meta device)."""
+        """Set the hash generation to 0 and the stored ``p`` to its initial hash (no-op on the
+        meta device)."""
         if self.assignment.is_meta:
             return
+        self.h_generation.zero_()
         step = self.id_alignment() * max(1, (1 << 18) // self.id_alignment())
         device = self.assignment.device
         for b_lo in range(self.stored_lo, self.stored_hi, step):

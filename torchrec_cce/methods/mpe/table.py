@@ -160,14 +160,14 @@ class MPETable(CompressedTable):
             self.register_buffer("group_of", torch.zeros(V, dtype=self._group_dtype(),
                                                          device=device))
         else:
-            counts = torch.as_tensor(np.asarray(config.counts), dtype=torch.int64)
+            counts = torch.as_tensor(np.asarray(config.counts), dtype=torch.int64, device="cpu")
             if bool((counts < 0).any()):
                 raise ValueError(f"table '{table.name}': MPEConfig.counts must be >= 0")
             ranks = frequency_ranks(counts)
             if ranks is not None:
                 self.register_buffer("group_of", torch.empty(V, dtype=self._group_dtype(),
                                                              device=device))
-            if device is None or torch.device(device).type != "meta":
+            if not self.weight.is_meta:
                 self._set_groups(counts.to(self.weight.device), ranks)
         self.reset_parameters()
 
@@ -208,9 +208,13 @@ class MPETable(CompressedTable):
         return w.to(self.weight.device)
 
     def reset_parameters(self) -> None:
+        """Master weights to their seeded initial values, steps to the public code's init,
+        logits and offsets to 0 (the stage, groups and selection are kept)."""
         if self.weight.is_meta:
             return
         with torch.no_grad():
+            self.logits.zero_()
+            self.beta.zero_()
             self.initial_rows(self.id_lo, self.id_hi, out=self.weight)
             mean_abs = uniform_abs_mean(*self.init_range)
             for i, b in enumerate(self.bits):
@@ -243,7 +247,7 @@ class MPETable(CompressedTable):
         return torch.bincount(group, minlength=self.num_groups)
 
     def observe(self, ids: torch.Tensor) -> None:
-        if self.training and int(self.stage) == WARMUP and ids.numel():
+        if self.training and not ids.is_meta and int(self.stage) == WARMUP and ids.numel():
             self._check_ids(ids)
             self.seen_counts += torch.bincount(ids, minlength=self.num_embeddings)
 
@@ -374,6 +378,8 @@ class MPETable(CompressedTable):
         """SUM-pooled quantised rows of every bag of ``jt`` (``[batch, dim]``): quantise the
         batch's unique rows, then pool them with ``F.embedding_bag``."""
         ids = jt.values()
+        if ids.is_meta or self.weight.is_meta:  # shapes only (meta-device model)
+            return torch.empty(jt.lengths().numel(), self.embedding_dim, device="meta")
         self._check_ids(ids)
         if ids.numel() == 0:
             return self.quantized_rows(ids).sum() * 0.0 + torch.zeros(
