@@ -458,13 +458,13 @@ class ShardedCCEEmbeddingBagCollection(
         ctx.mean_lengths = mean_lengths(self._embedding_bag_configs, features)
         # Tables that look themselves up (MPE) need the local ids of the batch; bad ids are
         # refused here, before any collective.
-        local = [f for t in self._embedding_bag_configs
+        local = [(t.name, f) for t in self._embedding_bag_configs
                  if getattr(self.tables[t.name], "local_lookup", False) for f in t.feature_names]
         if local:
             per_feature = features.to_dict()
-            ctx.mean_lengths.update({f: per_feature[f] for f in local})
-            for f in local:
-                self.tables[self._feature_table[f]]._check_ids(per_feature[f].values())
+            ctx.mean_lengths.update({f: per_feature[f] for _, f in local})
+            for table, f in local:  # (a feature may be served by several tables)
+                self.tables[table]._check_ids(per_feature[f].values())
         if self.training:
             per_feature = feature_ids(features)
             ctx.observed_ids = [(t.name, per_feature[f]) for t in self._embedding_bag_configs
