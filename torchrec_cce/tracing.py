@@ -188,8 +188,11 @@ def _trace_plan(module: nn.Module) -> Optional[Dict[str, object]]:
             for f, _ in info.features:
                 id_weight_features.append(served.index(f))
                 id_weight_tables.append(info.name)
-    pooled_keys = [e for e in module.codebooks._embedding_names]
-    pooled_dims = list(module.codebooks._lengths_per_embedding)
+    # The codebook EBC's output layout (TorchRec's EBC, or its quantised form for serving).
+    codebooks = module.codebooks
+    pooled_keys = list(codebooks._embedding_names)
+    pooled_dims = list(getattr(codebooks, "_lengths_per_embedding", None)
+                       or getattr(codebooks, "_length_per_key"))
     starts = dict(zip(pooled_keys, itertools.accumulate([0] + pooled_dims)))
     widths = dict(zip(pooled_keys, pooled_dims))
     parts = []
