@@ -113,7 +113,8 @@ _registered = False
 
 
 def _register_python_side() -> None:
-    """Autograd (gradient w.r.t. the weights input) and a fake kernel for tracing."""
+    """Autograd (gradient w.r.t. the weights input) and fake kernels (meta tensors,
+    ``torch.export``/``torch.compile`` tracing) of the remap and pair-compose ops."""
     global _registered
     if _registered:
         return
@@ -144,6 +145,14 @@ def _register_python_side() -> None:
     @torch.library.register_fake("torchrec_cce::remap_weight_grad")
     def _(grad, lengths, batch, spec, num_ids):  # noqa: ANN001
         return grad.new_empty(num_ids)
+
+    @torch.library.register_fake("torchrec_cce::pair_compose")
+    def _(x, segments, out_cols):  # noqa: ANN001
+        return x.new_empty(x.shape[0], out_cols)
+
+    @torch.library.register_fake("torchrec_cce::pair_compose_backward")
+    def _(grad, x, segments, every_column_used):  # noqa: ANN001
+        return x.new_empty(x.shape)
 
     _registered = True
 
