@@ -1,7 +1,15 @@
-"""Inference export (torchrec_cce/export.py): a model trained under DistributedModelParallel
-(world size 2, gloo) loaded into an unsharded model in another process gives the sharded
-model's outputs exactly, from a plain DCP directory and from a CheckpointManager directory;
-bad targets raise clearly."""
+"""Inference export (torchrec_cce/export.py).
+
+* Sharded -> unsharded: a model trained under DistributedModelParallel (world size 2, gloo)
+  loaded into an unsharded model in another process gives the sharded model's outputs exactly,
+  from a plain DCP directory and from a CheckpointManager directory; then exported.
+* Round trip, every codebook method (CCE, CE, QR add/mult/concat, hashing, MEmCom, full; SUM
+  and MEAN pooling; weighted and unweighted; INT8 and INT4; the collection alone and inside
+  TorchRec's DLRM): quantise -> ``torchrec.fx.symbolic_trace`` -> ``torch.jit.script`` gives
+  the eager quantised model's outputs, within the documented bound of the float model's
+  (``tests/test_serving.py``'s per-element bound); saved to a file and loaded, the same again.
+  MPE is refused with a clear error (no codebook; its lookup is a Python call).
+"""
 
 import os
 from typing import Dict, List
@@ -9,9 +17,17 @@ from typing import Dict, List
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
+from torchrec.models.dlrm import DLRM
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
 
+import test_serving as ts
 from multiprocess import run_multiprocess
 from torchrec_cce import (
     CCEConfig,
@@ -19,9 +35,14 @@ from torchrec_cce import (
     CEConfig,
     HashingTrickConfig,
     MEmComConfig,
+    MPEConfig,
     QRConfig,
+    recluster,
 )
-from torchrec_cce.export import load_unsharded
+from torchrec_cce.checkpoint import CheckpointManager
+from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+from torchrec_cce.export import export_for_inference, load_unsharded, quantize_model
+from torchrec_cce.serving import quantize_codebooks
 
 SIZES = {"a": 1000, "b": 300, "c": 200, "d": 500, "e": 400, "f": 50}
 DIM = 8
@@ -39,13 +60,23 @@ def compression() -> Dict[str, object]:
 
 
 class Model(nn.Module):
-    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+    """Every codebook method in ``ebc``; with ``mpe``, a second collection holding an MPE table
+    (and a full one) on the same features."""
+
+    def __init__(self, device: torch.device = torch.device("cpu"), mpe: bool = False) -> None:
         super().__init__()
         self.ebc = CCEEmbeddingBagCollection(tables(), compression(), device=device)
-        self.head = nn.Linear(len(SIZES) * DIM, 1, device=device)
+        self.mpe = CCEEmbeddingBagCollection(
+            [EmbeddingBagConfig(name="t_m", embedding_dim=DIM, num_embeddings=SIZES["a"],
+                                feature_names=["a"]),
+             EmbeddingBagConfig(name="t_n", embedding_dim=DIM, num_embeddings=SIZES["b"],
+                                feature_names=["b"])],
+            {"t_m": MPEConfig(groups=2, bits=(0, 4, 8))}, device=device) if mpe else None
+        self.head = nn.Linear((len(SIZES) + 2 * mpe) * DIM, 1, device=device)
 
     def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
-        return self.head(self.ebc(kjt).values())
+        pooled = [self.ebc(kjt).values()] + ([self.mpe(kjt).values()] if self.mpe else [])
+        return self.head(torch.cat(pooled, dim=1))
 
 
 def batch(seed: int, n: int = 16) -> KeyedJaggedTensor:
@@ -60,20 +91,11 @@ def batch(seed: int, n: int = 16) -> KeyedJaggedTensor:
 def _train_sharded(rank: int, world: int, directory: str) -> Dict[str, torch.Tensor]:
     """Train a few steps under DMP (CCE's p split by id range, MEmCom's per-id weights
     sharded), re-cluster, save with dcp.save and with CheckpointManager; return outputs."""
-    import torch.distributed.checkpoint as dcp
-    from torchrec.distributed.model_parallel import DistributedModelParallel
-    from torchrec.distributed.types import ShardingEnv
-    from torchrec.optim import RowWiseAdagrad
-    from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
-
-    from torchrec_cce import recluster
-    from torchrec_cce.checkpoint import CheckpointManager
-    from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
-
     torch.manual_seed(0)
-    model = Model(device=torch.device("meta"))
-    apply_optimizer_in_backward(RowWiseAdagrad, [p for p in model.ebc.parameters()
-                                                 if p.dim() == 2], {"lr": 0.1})
+    model = Model(device=torch.device("meta"), mpe=True)
+    apply_optimizer_in_backward(RowWiseAdagrad, [p for n, p in model.named_parameters()
+                                                 if p.dim() == 2 and "head" not in n],
+                                {"lr": 0.1})
     dmp = DistributedModelParallel(
         model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
         sharders=[CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)],
@@ -87,10 +109,17 @@ def _train_sharded(rank: int, world: int, directory: str) -> Dict[str, torch.Ten
             recluster(dmp)
     dcp.save(dmp.state_dict(), checkpoint_id=os.path.join(directory, "plain"))
     CheckpointManager(os.path.join(directory, "managed")).save(4, dmp, None, {"step": 4})
+    try:
+        export_for_inference(dmp)
+        refused = ""
+    except TypeError as e:
+        refused = str(e)
     dmp.eval()
     with torch.no_grad():
-        return {"probe": dmp(batch(7)).detach(), "assignment_words": torch.tensor(
-            dmp.module.ebc.tables["t_a"].assignment.numel())}
+        return {"refused": refused, "probe": dmp(batch(7)).detach(),
+                "pooled": dmp.module.ebc(batch(7)).values(),
+                "assignment_words": torch.tensor(
+                    dmp.module.ebc.tables["t_a"].assignment.numel())}
 
 
 @pytest.mark.timeout(900)
@@ -99,19 +128,31 @@ def test_sharded_training_loads_into_an_unsharded_model(tmp_path) -> None:
     # The assignment really was split across the ranks (each stores part of p).
     full_words = Model().ebc.tables["t_a"].assignment.numel()
     assert all(int(r["assignment_words"]) < full_words for r in ranks)
+    # Exporting the sharded model itself is refused, naming the way
+    refused = ranks[0]["refused"]
+    assert "module.ebc' is a sharded collection (ShardedCCEEmbeddingBagCollection)" in refused
+    assert "load_unsharded" in refused
     for where in ("plain", "managed", os.path.join("managed", "step_4")):
-        model = load_unsharded(Model(), str(tmp_path / where)).eval()
+        model = load_unsharded(Model(mpe=True), str(tmp_path / where)).eval()
         with torch.no_grad():
             out = model(batch(7))
         for r in ranks:  # every rank evaluated the same batch
             assert torch.equal(out, r["probe"]), where
-    fresh = Model().eval()
     with torch.no_grad():  # (the load changed something: a fresh model differs)
-        assert not torch.allclose(fresh(batch(7)), ranks[0]["probe"])
+        assert not torch.allclose(Model(mpe=True).eval()(batch(7)), ranks[0]["probe"])
+    # ... and on to a served file (the codebook collection; MPE serves through torchrec_cce.mpe):
+    # the scripted INT8 model equals the eager quantised one
+    pooled = Pooled(model.ebc).eval()
+    torch.jit.save(export_for_inference(pooled), str(tmp_path / "served.pt"))
+    served = torch.jit.load(str(tmp_path / "served.pt"))
+    with torch.no_grad():
+        expected = quantize_model(pooled)(batch(7))
+        assert torch.equal(served(batch(7)), expected)
+        assert torch.equal(pooled(batch(7)), ranks[0]["pooled"])
+        assert not torch.equal(expected, ranks[0]["pooled"])  # (quantised: not the float ones)
 
 
 def test_load_unsharded_errors(tmp_path) -> None:
-    import torch.distributed.checkpoint as dcp
 
     with pytest.raises(FileNotFoundError, match="not a directory"):
         load_unsharded(Model(), str(tmp_path / "missing"))
@@ -127,11 +168,6 @@ def test_load_unsharded_errors(tmp_path) -> None:
 
 
 def test_quantize_model_quantises_every_collection_in_a_copy() -> None:
-    from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEBC
-
-    from torchrec_cce.export import quantize_model
-    from torchrec_cce.serving import quantize_codebooks
-
     torch.manual_seed(0)
     model = Model()
     served = quantize_model(model)
@@ -143,3 +179,71 @@ def test_quantize_model_quantises_every_collection_in_a_copy() -> None:
         assert torch.equal(served(kjt), expected)
     with pytest.raises(ValueError, match="no CCEEmbeddingBagCollection"):
         quantize_model(nn.Linear(2, 2))
+
+
+class Pooled(nn.Module):
+    """The collection's pooled outputs as one tensor (what a model consumes)."""
+
+    def __init__(self, ebc: nn.Module) -> None:
+        super().__init__()
+        self.ebc = ebc
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.ebc(kjt).values()
+
+
+def _split(values: torch.Tensor, keys: List[str], dim: int) -> Dict[str, torch.Tensor]:
+    return {k: values[:, i * dim:(i + 1) * dim] for i, k in enumerate(keys)}
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.quint4x2], ids=["int8", "int4"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+def test_round_trip_every_method_within_the_bound(tmp_path, dtype, weighted) -> None:
+
+    float_ebc = ts.trained_like()
+    if weighted:
+        float_ebc = CCEEmbeddingBagCollection(ts.tables(), ts.COMPRESSION, is_weighted=True)
+        float_ebc.load_state_dict(ts.trained_like().state_dict())
+    model = Pooled(float_ebc).eval()
+    scripted = export_for_inference(model, dtype)
+    assert isinstance(scripted, torch.jit.ScriptModule)
+    path = str(tmp_path / "model.pt")
+    torch.jit.save(scripted, path)
+    loaded = torch.jit.load(path)
+    eager_quantised = quantize_model(model, dtype)
+    keys = float_ebc.feature_names()
+    for seed in range(3):
+        kjt = ts.batch(seed, weighted)
+        with torch.no_grad():
+            out = scripted(kjt)
+            torch.testing.assert_close(out, eager_quantised(kjt), rtol=0, atol=1e-6)
+            assert torch.equal(loaded(kjt), out)
+            ref = _split(model(kjt), keys, ts.DIM)
+        bound = ts._bounds(float_ebc, kjt, dtype)
+        for key, value in _split(out, keys, ts.DIM).items():
+            err = (value - ref[key]).abs()
+            assert bool((err <= bound[key] + 1e-6).all()), (key, float(err.max()))
+
+
+def test_round_trip_inside_torchrec_dlrm(tmp_path) -> None:
+    torch.manual_seed(0)
+    dlrm = DLRM(embedding_bag_collection=ts.trained_like(), dense_in_features=4,
+                dense_arch_layer_sizes=[8, ts.DIM], over_arch_layer_sizes=[8, 1]).eval()
+    scripted = export_for_inference(dlrm)
+    torch.jit.save(scripted, str(tmp_path / "dlrm.pt"))
+    loaded = torch.jit.load(str(tmp_path / "dlrm.pt"))
+    dense = torch.randn(16, 4, generator=torch.Generator().manual_seed(5))
+    kjt = ts.batch(1, weighted=False)
+    with torch.no_grad():
+        expected = quantize_model(dlrm)(dense, kjt)
+        torch.testing.assert_close(scripted(dense, kjt), expected, rtol=0, atol=1e-6)
+        assert torch.equal(loaded(dense, kjt), scripted(dense, kjt))
+        assert not torch.equal(expected, dlrm(dense, kjt))
+
+
+def test_export_refuses_mpe_and_sharded_targets() -> None:
+
+    ebc = CCEEmbeddingBagCollection(tables(), {"t_a": MPEConfig(groups=2, bits=(0, 4, 8))})
+    for dtype in (torch.int8, None):
+        with pytest.raises(ValueError, match="table 't_a' .* MPE table"):
+            export_for_inference(Pooled(ebc), dtype)

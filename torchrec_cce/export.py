@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchrec_cce.checkpoint import MARKER, CheckpointManager
 from torchrec_cce.api import iter_collections
+from torchrec_cce.methods import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.serving import quantize_codebooks
 
@@ -130,6 +131,13 @@ def export_for_inference(model: nn.Module, dtype: Optional[torch.dtype] = torch.
     torchrec_cce``. Outputs equal the eager quantised model's (up to fp32 summation order),
     within :func:`torchrec_cce.serving.row_error_bound` of the float model's."""
     _check_unsharded(model, "export_for_inference")
+    for path, collection in iter_collections(model):
+        for name, method in collection.tables.items():
+            if isinstance(method, MPETable):
+                raise ValueError(
+                    f"export_for_inference: table '{name}' of '{path}' is an MPE table: it has "
+                    f"no codebook to quantise and its lookup is not TorchScript; serve it with "
+                    f"torchrec_cce.mpe's export (save_mpe / install_serving_tables)")
     served = quantize_model(model, dtype) if dtype is not None else copy.deepcopy(model).eval()
     graph = torchrec.fx.symbolic_trace(served)
     return torch.jit.script(graph)
