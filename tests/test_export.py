@@ -41,7 +41,13 @@ from torchrec_cce import (
 )
 from torchrec_cce.checkpoint import CheckpointManager
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
-from torchrec_cce.export import export_for_inference, load_unsharded, quantize_model
+from torchrec_cce.export import (
+    export_for_inference,
+    export_program,
+    load_program,
+    load_unsharded,
+    quantize_model,
+)
 from torchrec_cce.serving import quantize_codebooks
 
 SIZES = {"a": 1000, "b": 300, "c": 200, "d": 500, "e": 400, "f": 50}
@@ -247,3 +253,23 @@ def test_export_refuses_mpe_and_sharded_targets() -> None:
     for dtype in (torch.int8, None):
         with pytest.raises(ValueError, match="table 't_a' .* MPE table"):
             export_for_inference(Pooled(ebc), dtype)
+
+
+def test_torch_export_round_trip(tmp_path) -> None:
+    model = Pooled(ts.trained_like()).eval()
+    kjt = ts.batch(0, weighted=False)
+    program = export_program(model, (kjt,))
+    path = str(tmp_path / "program.pt2")
+    torch.export.save(program, path)
+    loaded = load_program(path).module()
+    # same shapes as the example, other ids: the ids are inputs, not constants
+    sizes = [t.num_embeddings for t in ts.tables()]  # (the batch's keys are in table order)
+    other = KeyedJaggedTensor(keys=kjt.keys(), lengths=kjt.lengths(), values=torch.cat(
+        [(jt.values() * 7 + 3) % n for jt, n in zip(kjt.to_dict().values(), sizes)]))
+    eager_quantised = quantize_model(model)
+    with torch.no_grad():
+        for x in (kjt, other):
+            expected = eager_quantised(x)
+            torch.testing.assert_close(program.module()(x), expected, rtol=0, atol=1e-6)
+            torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
+        assert not torch.equal(eager_quantised(other), eager_quantised(kjt))

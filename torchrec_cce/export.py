@@ -13,6 +13,7 @@ The path, step by step (:func:`export_for_inference` does 2-4)::
     torch.jit.save(scripted, "model.pt")
     # serving process: import torchrec_cce first (it registers the remap op the graph calls)
     import torchrec_cce; served = torch.jit.load("model.pt")
+    # or torch.export: export_program(model, (kjt,)) -> torch.export.save; load_program
 
 Step 1 works because the sharded collection's state dict has the unsharded one's keys (its
 codebooks, CCE assignments split by id range, MEmCom per-id weights are ``ShardedTensor``s of
@@ -21,20 +22,22 @@ the logical shapes), so ``torch.distributed.checkpoint`` reshards them to one pr
 checkpoints) loads the same way.
 
 What cannot be exported: MPE tables (no codebook to quantise: they serve at their learned
-widths through :mod:`torchrec_cce.mpe`'s export, and the traced graph keeps their lookup as a
-Python call, which TorchScript cannot compile); ``dtype=None`` exports float codebooks. INT4
+widths through :mod:`torchrec_cce.mpe`'s export; the fx graph keeps their lookup as a Python
+call, which TorchScript cannot compile, and ``torch.export`` meets its data-dependent stage
+branches); ``dtype=None`` exports float codebooks. INT4
 (``torch.quint4x2``) needs codebooks whose column count is a multiple of 4
 (:func:`torchrec_cce.serving.quantize_codebooks` says which).
 """
 
 import copy
 import os
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
 import torchrec.fx
 from torch import nn
+from torchrec import KeyedJaggedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from torchrec_cce.checkpoint import MARKER, CheckpointManager
@@ -122,6 +125,20 @@ def quantize_model(model: nn.Module, dtype: torch.dtype = torch.int8,
     return out.eval()
 
 
+def _servable_copy(model: nn.Module, dtype: Optional[torch.dtype], what: str) -> nn.Module:
+    """An eval-mode copy of ``model`` with codebooks quantised to ``dtype`` (None: float);
+    refuses sharded collections and MPE tables (see the module docstring)."""
+    _check_unsharded(model, what)
+    for path, collection in iter_collections(model):
+        for name, method in collection.tables.items():
+            if isinstance(method, MPETable):
+                raise ValueError(
+                    f"{what}: table '{name}' of '{path}' is an MPE table: it has no codebook "
+                    f"to quantise and its lookup is not traceable for serving; serve it with "
+                    f"torchrec_cce.mpe's export (save_mpe / install_serving_tables)")
+    return quantize_model(model, dtype) if dtype is not None else copy.deepcopy(model).eval()
+
+
 def export_for_inference(model: nn.Module, dtype: Optional[torch.dtype] = torch.int8
                          ) -> torch.jit.ScriptModule:
     """TorchScript of an unsharded trained ``model`` for serving: codebooks quantised to
@@ -130,17 +147,28 @@ def export_for_inference(model: nn.Module, dtype: Optional[torch.dtype] = torch.
     not changed. Save with ``torch.jit.save``; load with ``torch.jit.load`` after ``import
     torchrec_cce``. Outputs equal the eager quantised model's (up to fp32 summation order),
     within :func:`torchrec_cce.serving.row_error_bound` of the float model's."""
-    _check_unsharded(model, "export_for_inference")
-    for path, collection in iter_collections(model):
-        for name, method in collection.tables.items():
-            if isinstance(method, MPETable):
-                raise ValueError(
-                    f"export_for_inference: table '{name}' of '{path}' is an MPE table: it has "
-                    f"no codebook to quantise and its lookup is not TorchScript; serve it with "
-                    f"torchrec_cce.mpe's export (save_mpe / install_serving_tables)")
-    served = quantize_model(model, dtype) if dtype is not None else copy.deepcopy(model).eval()
-    graph = torchrec.fx.symbolic_trace(served)
-    return torch.jit.script(graph)
+    served = _servable_copy(model, dtype, "export_for_inference")
+    return torch.jit.script(torchrec.fx.symbolic_trace(served))
 
 
-__all__ = ["export_for_inference", "load_unsharded", "quantize_model"]
+def export_program(model: nn.Module, example_inputs: Tuple[Any, ...],
+                   dtype: Optional[torch.dtype] = torch.int8) -> torch.export.ExportedProgram:
+    """The ``torch.export`` alternative to :func:`export_for_inference`: the quantised copy of
+    ``model`` exported (non-strict) with ``example_inputs`` (e.g. ``(kjt,)``; batch size and
+    id counts are specialised to the example's, as TorchRec's own KJT export does unless given
+    dynamic shapes). Save with ``torch.export.save``; load with :func:`load_program`; call
+    ``.module()``."""
+    served = _servable_copy(model, dtype, "export_program")
+    return torch.export.export(served, tuple(example_inputs), strict=False)
+
+
+def load_program(path: str) -> torch.export.ExportedProgram:
+    """``torch.export.load`` of a file :func:`export_program`'s program was saved to, with
+    TorchRec's ``KeyedJaggedTensor`` (its stored example input) allowed by the weights-only
+    unpickler (torch refuses unknown classes there)."""
+    with torch.serialization.safe_globals([KeyedJaggedTensor]):
+        return torch.export.load(path)
+
+
+__all__ = ["export_for_inference", "export_program", "load_program", "load_unsharded",
+           "quantize_model"]
