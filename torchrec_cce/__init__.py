@@ -4,7 +4,8 @@ Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
                               QRConfig, MEmComConfig, MPEConfig, recluster, memory_report,
-                              plan_compression, compress_trained)
+                              plan_compression, compress_trained, export_for_inference,
+                              load_unsharded)
 """
 
 from torchrec_cce.budget import CompressionPlan, TablePlan, plan_candidates, plan_compression
@@ -20,6 +21,7 @@ from torchrec_cce.configs import (
     total_compression,
 )
 from torchrec_cce.api import memory_report, mpe_penalty, recluster
+from torchrec_cce.export import export_for_inference, load_unsharded
 from torchrec_cce.memory import summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.schedules import MPESchedule, ReclusterSchedule
@@ -39,6 +41,8 @@ __all__ = [
     "ReclusterSchedule",
     "compress_trained",
     "compression_for_budget",
+    "export_for_inference",
+    "load_unsharded",
     "memory_report",
     "mpe_penalty",
     "plan_candidates",

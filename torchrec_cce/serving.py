@@ -74,7 +74,8 @@ def _check_servable(module: nn.Module, dtype: torch.dtype) -> None:
         raise TypeError(
             f"quantize_codebooks serves an unsharded CCEEmbeddingBagCollection, got "
             f"{type(module).__name__}; for a DistributedModelParallel model, load its DCP "
-            f"checkpoint into an unsharded CCEEmbeddingBagCollection first")
+            f"checkpoint into an unsharded model first (torchrec_cce.load_unsharded), and "
+            f"quantise a whole model with torchrec_cce.export.quantize_model")
     data_type = serving_data_type(dtype)
     for name, method in module.tables.items():
         if isinstance(method, MPETable):
