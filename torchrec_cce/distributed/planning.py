@@ -109,6 +109,10 @@ class CCEStorageReservation(StorageReservation):
     def __init__(self, base: Optional[StorageReservation] = None,
                  replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW) -> None:
         self._base = base or HeuristicalStorageReservation(percentage=0.15)
+        # TorchRec's planner reads ``_percentage`` of any reservation that is not its own
+        # heuristic one when it explains why no plan fits (planners.py, "Possible solutions");
+        # without it that explanation raises AttributeError instead of the PlannerError.
+        self._percentage = getattr(self._base, "_percentage", 0.0)
         self._replicate_below = replicate_below
         self.assignment_bytes: Dict[str, List[int]] = {}
         self.per_id_bytes: Dict[str, List[int]] = {}
