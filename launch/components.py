@@ -43,9 +43,6 @@ TRAIN_SCRIPT = "examples/dlrm/train.py"
 BACKEND_ENV = "TORCHREC_CCE_BACKEND"
 """Env var naming the ``torch.distributed`` backend ``train.py`` should use (``gloo`` or ``nccl``)."""
 
-UNSHARED_STORE_ENV = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-"""Set to 1 for jobs with restarts: each attempt's rank 0 hosts a fresh c10d store."""
-
 
 def dlrm(
     *script_args: str,
@@ -109,11 +106,8 @@ def dlrm(
 
     env = dict(env or {})  # never mutate the caller's dict (ddp writes into it)
     env.setdefault(BACKEND_ENV, "nccl" if resource.gpu > 0 else "gloo")
-    if max_retries:
-        # Workers sharing torchrun's rendezvous TCPStore read the previous attempt's gloo/NCCL
-        # addresses after a restart ("Connection refused", pytorch/pytorch#135712): give every
-        # attempt its own store instead.
-        env.setdefault(UNSHARED_STORE_ENV, "1")
+    # Restarts need no TORCH_DISABLE_SHARE_RDZV_TCP_STORE: train.py's workers prefix torchrun's
+    # shared store by restart attempt (torchrec_cce.train.init_distributed, pytorch#135712).
 
     app = ddp(
         *script_args,

@@ -199,9 +199,9 @@ def test_max_retries_restarts_workers_and_the_job() -> None:
     (role,) = dlrm(j="2x4", max_retries=2).roles
     assert role.max_retries == 2
     assert "--max_restarts" not in _torchrun_cmd(dlrm(j="1x2"))  # default: no restarts
-    # Restarted workers must not read the previous attempt's addresses from a shared store.
-    assert role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in dlrm(j="1x2").roles[0].env
+    # No store work-around: the workers key their process group by restart attempt
+    # (tests/test_elastic.py restarts under this component and under plain torchrun).
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in role.env
     with pytest.raises(ValueError, match="max_retries must be >= 0"):
         dlrm(j="1x2", max_retries=-1)
     app = materialize_appdef(dlrm, ["-j", "1x2", "--max_retries", "1", "--", "--resume"])

@@ -1,5 +1,7 @@
 """Elastic restart: a worker SIGKILLed mid-training, restarted by torchrun, finishes the run
-exactly as an uninterrupted run does.
+exactly as an uninterrupted run does; under the TorchX component and under plain ``torchrun
+--max-restarts`` (no TORCH_DISABLE_SHARE_RDZV_TCP_STORE: the workers prefix torchrun's shared
+store by restart attempt, pytorch/pytorch#135712).
 
 The interrupted job goes through the TorchX component (``launch/components.py:dlrm --max_retries
 1``, i.e. ``torchrun --max_restarts 1``) with ``TORCHREC_CCE_FAULT_AT_STEP=6``: in the first
@@ -45,7 +47,8 @@ def _env(home: Path, extra: Dict[str, str]) -> Dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(BIN) + os.pathsep + env.get("PATH", "")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-              "TORCHXCONFIG", "TORCHELASTIC_RESTART_COUNT", "TORCHREC_CCE_FAULT_AT_STEP"):
+              "TORCHXCONFIG", "TORCHELASTIC_RESTART_COUNT", "TORCHREC_CCE_FAULT_AT_STEP",
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"):
         env.pop(k, None)
     real_home = Path(env.get("HOME") or Path.home())
     env.setdefault("XDG_CACHE_HOME", str(real_home / ".cache"))
@@ -75,12 +78,19 @@ def _run(cmd: Sequence[str], home: Path, metrics: Path, **extra: str) -> Dict[st
     return {"log": out, "metrics": json.loads(metrics.read_text())}
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
+    """The uninterrupted run (plain torchrun)."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    return _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", TRAIN,
+                 *FLAGS, "--checkpoint-dir", str(tmp_path / "ck_straight"),
+                 "--metrics-json", str(tmp_path / "straight.json")],
+                tmp_path, tmp_path / "straight.json")
+
+
 @pytest.mark.timeout(2 * TIMEOUT_S)
-def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path: Path) -> None:
-    straight = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", TRAIN,
-                     *FLAGS, "--checkpoint-dir", str(tmp_path / "ck_straight"),
-                     "--metrics-json", str(tmp_path / "straight.json")],
-                    tmp_path, tmp_path / "straight.json")
+def test_killed_worker_restarts_from_checkpoint_and_matches(
+        tmp_path: Path, straight: Dict[str, Any]) -> None:
     killed = _run([str(BIN / "torchx"), "run", "-s", "local_cwd", COMPONENT, "-j", "1x2",
                    "--cpu", "1", "--memMB", "2048", "--max_retries", "1",
                    "--env", f"TORCHREC_CCE_FAULT_AT_STEP={KILL_AT}", "--",
@@ -102,3 +112,24 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(tmp_path: Path) -> N
     after: List = [x for x in a["train_loss_curve"] if x[0] > LAST_CHECKPOINT_BEFORE_KILL]
     assert b["train_loss_curve"] == after
     assert [r["step"] for r in b["reclusterings"]] == [4]  # redone after the restart
+
+
+@pytest.mark.timeout(2 * TIMEOUT_S)
+def test_plain_torchrun_restarts_twice_without_env_workaround(
+        tmp_path: Path, straight: Dict[str, Any]) -> None:
+    """``torchrun --max-restarts 2``, rank 1 killed after step 6 (attempt 0: back to the step-3
+    checkpoint) and after step 9 (attempt 1: back to the end of epoch 1, step 8), nothing else
+    set: attempt 2 finishes with the uninterrupted run's numbers."""
+    killed = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
+                   "--max-restarts", "2", TRAIN, *FLAGS,
+                   "--checkpoint-dir", str(tmp_path / "ck_killed"),
+                   "--metrics-json", str(tmp_path / "killed.json")],
+                  tmp_path, tmp_path / "killed.json", TORCHREC_CCE_FAULT_AT_STEP="6,9")
+    a, b, log = straight["metrics"], killed["metrics"], killed["log"]
+    assert "after step 6 (attempt 0)" in log and "after step 9 (attempt 1)" in log, log[-4000:]
+    assert "connectFullMesh" not in log
+    assert b["restart_count"] == 2 and b["resumed_from_step"] == 8
+    assert b["steps"] == a["steps"] == 16
+    assert (b["test_logloss"], b["test_auc"]) == (a["test_logloss"], a["test_auc"])
+    assert b["evaluations"] == a["evaluations"]
+    assert b["train_loss_curve"] == [x for x in a["train_loss_curve"] if x[0] > 8]

@@ -3,6 +3,12 @@
 ``init_distributed()`` reads RANK / WORLD_SIZE / LOCAL_RANK as torchrun and TorchX set them; a
 plain ``python`` run becomes a world of one. Backend: ``$TORCHREC_CCE_BACKEND``, else NCCL with
 CUDA, else gloo.
+
+Restarts: torchrun (``--max-restarts N``) keeps its rendezvous TCPStore across attempts and
+the workers share it, so a restarted worker group would read the previous attempt's gloo/NCCL
+addresses from it ("Gloo connectFullMesh failed ... Connection refused", pytorch/pytorch#135712).
+``init_distributed`` prefixes the store with the attempt number (``TORCHELASTIC_RESTART_COUNT``),
+so every attempt meets on fresh keys and no ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE`` is needed.
 """
 
 import os
@@ -30,15 +36,21 @@ def init_distributed() -> Tuple[int, int, torch.device]:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     backend = choose_backend()
     if backend == "nccl":
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    store, rank, world = next(dist.rendezvous("env://"))  # torchrun's store, or rank 0's
+    store = dist.PrefixStore(f"torchrec_cce/attempt_{restart_attempt()}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return rank, world, device
+
+
+def restart_attempt() -> int:
+    """torchrun's restart count of this worker group (0 in the first attempt)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
 def in_step(batches: Iterable[T], stop_after: Optional[int] = None) -> Iterator[T]:
