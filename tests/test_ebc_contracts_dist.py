@@ -4,7 +4,12 @@
   (CCE with its assignment split by id range, MEmCom's per-id weights and MPE's master rows
   split by id range, a full and a hashed table);
 * DistributedModelParallel given only TorchRec's default sharders refuses at construction and
-  names ``CCEEmbeddingBagCollectionSharder``.
+  names ``CCEEmbeddingBagCollectionSharder``;
+* TorchRec's own sharding test (``torchrec.distributed.test_utils.test_sharding``: planner,
+  DMP, one SGD step, sharded predictions == unsharded) on its TestSparseNN with compressed
+  collections (tests/torchrec_harness.py).
+
+All in one spawn of two processes: starting them costs most of the time.
 """
 
 from typing import List
@@ -22,6 +27,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_configs import PoolingType
 
 from multiprocess import run_multiprocess
+from torchrec_harness import run_torchrec_sharding_oracle
 from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, MEmComConfig,
                           MPEConfig)
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
@@ -79,7 +85,7 @@ def _default_sharders_only() -> str:
 
 
 def _sharded(rank: int, world: int):
-    """Both checks in one spawn (starting the processes costs most of the time)."""
+    run_torchrec_sharding_oracle(rank, world)  # raises if TorchRec's oracle disagrees
     message = _default_sharders_only()
     ref = reference()
     sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=0)
@@ -100,6 +106,7 @@ def _sharded(rank: int, world: int):
 
 
 def test_sharded_contracts() -> None:
+    """(TorchRec's oracle raised in the children if its check failed.)"""
     for message, (keys, ref_keys, lengths, ref_lengths, err) in run_multiprocess(_sharded, 2):
         # DMP given only TorchRec's default sharders refuses at construction, naming ours
         assert "CCEEmbeddingBagCollectionSharder" in message, message
