@@ -19,7 +19,8 @@ from torch.testing import FileCheck
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.fx import symbolic_trace
-from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain, SparseArch
+from torchrec.distributed.test_utils.model_input import ModelInput
+from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRM_Projection, DLRMTrain, DLRMWrapper, SparseArch
 from torchrec.modules.embedding_configs import PoolingType
 
 from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, CEConfig, HashingTrickConfig,
@@ -530,6 +531,29 @@ def test_torch_export(method: str) -> None:
         def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
             return self.ebc(kjt).values()
 
-    model = Values(collection(t1_t2(d2=4), method, is_weighted=True)).eval()
+    model = Values(collection(t1_t2(d2=4), method, is_weighted=True))  # training mode: CCE
     exported = torch.export.export(model, (weighted_kjt(),), strict=False)
     assert torch.equal(exported.module()(weighted_kjt()), model(weighted_kjt()))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("case", ["basic_with_multiple_features", "empty_sparse_features"])
+def test_dlrm_wrapper_functionality(method: str, case: str) -> None:
+    """DLRMWrapperTest.test_wrapper_functionality: eval gives logits, train (loss, logits)."""
+    if case == "empty_sparse_features":
+        tables = [EmbeddingBagConfig(name="t1", embedding_dim=8, num_embeddings=100, feature_names=["f1"])]
+        kjt = KeyedJaggedTensor.from_offsets_sync(keys=["f1"], values=torch.tensor([], dtype=torch.long),
+                                                  offsets=torch.tensor([0, 0, 0]))
+    else:
+        tables, kjt = t1_t2(d1=8, d2=8, v=100), dlrm_kjt()
+    wrapper = DLRMWrapper(embedding_bag_collection=collection(tables, method), dense_in_features=100,
+                          dense_arch_layer_sizes=[20, 8], over_arch_layer_sizes=[5, 1])
+    model_input = ModelInput(float_features=torch.rand((2, 100)), idlist_features=kjt,
+                             idscore_features=None, label=torch.rand((2,)))
+    wrapper.eval()
+    logits = wrapper(model_input)
+    assert isinstance(logits, torch.Tensor) and logits.size() == (2, 1)
+    wrapper.train()
+    loss, pred = wrapper(model_input)
+    assert loss.size() == () and pred.size() == (2, 1)
+    assert torch.equal(pred, logits)  # the same parameters: training mode changes no output

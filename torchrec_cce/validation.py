@@ -29,7 +29,7 @@ def check_kjt_layout(features: KeyedJaggedTensor) -> None:
     """
     keys = features.keys()
     values, lengths = features.values(), features.lengths()
-    if values.is_meta or torch.compiler.is_compiling():  # no values to read (meta, export)
+    if values.is_meta or torch.compiler.is_exporting():  # no values to read (meta, export)
         return
     if values.dtype not in (torch.int32, torch.int64):
         raise ValueError(

@@ -228,7 +228,7 @@ class CCETable(CompressedTable):
         return torch.stack([hash_ids(ids, k, self.rows) for k in self.h_keys(generation)], dim=1)
 
     def observe(self, ids: torch.Tensor) -> None:
-        if self.training:
+        if self.training and not torch.compiler.is_exporting():  # (an export serves, no sample)
             self.reservoir.observe(ids)
 
     def streams_from(self, p: torch.Tensor, h: torch.Tensor) -> List[torch.Tensor]:
