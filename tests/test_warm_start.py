@@ -8,13 +8,24 @@ reconstruction error is far below the hashed init's and a least-squares hashing 
 parameters; hashing / CE / QR-concat rows are the exact least-squares fit (``lstsq`` on the
 one-hot design), QR-add reaches it by alternating least squares; QR-mult and MEmCom improve on
 their bucket-mean start; MPE masters are the trained rows. Bad input raises naming the table.
+A stock model trained under DistributedModelParallel (world size 2) is warm-started through
+``load_unsharded`` (the sharded module itself is refused, naming that way).
 """
 
 from typing import Dict
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.types import ShardingEnv
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from multiprocess import run_multiprocess
 
 from torchrec_cce import (
     CCEConfig,
@@ -25,6 +36,7 @@ from torchrec_cce import (
     MPEConfig,
     QRConfig,
     compress_trained,
+    load_unsharded,
 )
 from torchrec_cce.methods import codebook_table_name
 
@@ -231,3 +243,61 @@ def test_bad_input_names_the_table():
         compress_trained(bad, {}, tables=cfgs)
     with pytest.raises(ValueError, match="pass `tables`"):
         compress_trained(src.state_dict(), {})
+
+
+class StockModel(nn.Module):
+    """A full model as a TorchRec user trains it: a stock EBC and a linear head."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")) -> None:
+        super().__init__()
+        self.ebc = EmbeddingBagCollection(tables=[
+            EmbeddingBagConfig(name=t, embedding_dim=DIM, num_embeddings=V,
+                               feature_names=[f"f_{t}"]) for t in ("t_full", "t_c")],
+            device=device)
+        self.head = nn.Linear(2 * DIM, 1, device=device)
+
+    def forward(self, kjt: KeyedJaggedTensor) -> torch.Tensor:
+        return self.head(self.ebc(kjt).values())
+
+
+def stock_batch(seed: int, n: int = 32) -> KeyedJaggedTensor:
+    g = torch.Generator().manual_seed(seed)
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=["f_t_full", "f_t_c"], values=torch.randint(0, V, (2 * n,), generator=g),
+        lengths=torch.ones(2 * n, dtype=torch.int64))
+
+
+def _train_stock_sharded(rank: int, world: int, directory: str) -> Dict[str, object]:
+    """Train the stock model under DMP (TorchRec's default sharders), save it with DCP, and
+    try to warm-start from the sharded module itself."""
+    torch.manual_seed(0)
+    model = StockModel(device=torch.device("meta"))
+    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": 0.5})
+    dmp = DistributedModelParallel(model, env=ShardingEnv.from_process_group(
+        dist.GroupMember.WORLD), device=torch.device("cpu"))
+    for step in range(3):
+        dmp(stock_batch(10 + 2 * step + rank)).sum().backward()
+    dcp.save(dmp.state_dict(), checkpoint_id=directory)
+    try:
+        compress_trained(dmp.module.ebc, {"t_c": CCEConfig(rows=16)})
+        refused = ""
+    except TypeError as e:
+        refused = str(e)
+    with torch.no_grad():
+        return {"pooled": dmp.module.ebc(stock_batch(5)).values(), "refused": refused}
+
+
+@pytest.mark.timeout(900)
+def test_warm_start_from_a_sharded_full_model(tmp_path) -> None:
+    ranks = run_multiprocess(_train_stock_sharded, 2, str(tmp_path / "ckpt"), timeout=900)
+    assert "ShardedEmbeddingBagCollection, not an EmbeddingBagCollection" in ranks[0]["refused"]
+    assert "load_unsharded" in ranks[0]["refused"]
+    full = load_unsharded(StockModel(), str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert torch.equal(full.ebc(stock_batch(5)).values(), ranks[0]["pooled"])
+    out = compress_trained(full.ebc, {"t_c": CCEConfig(rows=16)})
+    assert torch.equal(codebook(out, "t_full", ""), full.ebc.embedding_bags["t_full"].weight)
+    E = full.ebc.embedding_bags["t_c"].weight.detach()
+    assert sq_err(every_id(out, "t_c"), E) < sq_err(
+        every_id(CCEEmbeddingBagCollection(full.ebc.embedding_bag_configs(),
+                                           {"t_c": CCEConfig(rows=16)}), "t_c"), E)

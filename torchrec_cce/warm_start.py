@@ -48,7 +48,6 @@ from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.tensor import DTensor
 from torchrec import EmbeddingBagConfig
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from torchrec_cce.clustering.kmeans import LocalCollective
 from torchrec_cce.clustering.recluster import DEFAULT_ID_BATCH, ReclusterState, recluster_table
@@ -267,11 +266,17 @@ def compress_trained(
             ``fused``). Built on CPU; move or shard it afterwards.
 
     Raises ``ValueError``/``KeyError`` naming the table when ``compression`` or ``id_counts``
-    names an unknown table or a trained weight is missing or has another shape.
+    names an unknown table or a trained weight is missing or has another shape; ``TypeError``
+    for a sharded source (load it with :func:`torchrec_cce.load_unsharded` first).
     """
+    if isinstance(source, nn.Module) and not hasattr(source, "embedding_bag_configs"):
+        raise TypeError(
+            f"warm start: the source is a {type(source).__name__}, not an "
+            f"EmbeddingBagCollection; pass the trained EBC or its state dict (a "
+            f"DistributedModelParallel model: save it with torch.distributed.checkpoint and "
+            f"load it into an unsharded model with torchrec_cce.load_unsharded first)")
     if tables is None:
-        if not isinstance(source, EmbeddingBagCollection) and not hasattr(
-                source, "embedding_bag_configs"):
+        if not isinstance(source, nn.Module):
             raise ValueError("warm start: pass `tables` (the EmbeddingBagConfigs of the trained "
                              "collection) when the source is a state dict")
         tables = source.embedding_bag_configs()
