@@ -14,7 +14,8 @@ Per dataset and seed (DLRM, embedding dim 16, one process, a plain training loop
 * ``warm``: ``ptq`` fine-tuned 1 epoch (fresh optimizers, same recipe);
 * ``scratch``: the same compressed model trained from its hashed init for 2 epochs with the
   project's CCE re-clustering schedule (after 1/4 and 1/2 of epoch 1);
-* ``full_2ep``: the full model's second epoch (a reference: what 2 epochs buy uncompressed).
+* ``full_2ep``: ``full_1ep``'s model trained a second epoch (fresh optimizers and warm-up, as
+  ``warm`` has; a reference: what the second epoch buys uncompressed).
 
 Metrics: test log loss and AUC at the best validation log loss, evaluated every quarter epoch
 (``warm``'s evaluations include its start, i.e. ``ptq``). Recipe per dataset from

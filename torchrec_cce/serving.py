@@ -6,7 +6,8 @@ compose, so its serving form swaps ``self.codebooks`` for TorchRec's quantised E
 ``IntNBitTableBatchedEmbeddingBagsCodegen``) and keeps remap and compose unchanged
 (:func:`quantize_codebooks`). It works for every codebook method (CCE, CE, QR, hashing,
 MEmCom, and the full tables of the collection); MPE tables are served at their learned widths
-by :mod:`torchrec_cce.mpe` (export them first).
+by :mod:`torchrec_cce.mpe` (export them first). From a trained (sharded) model to a TorchScript
+or ``torch.export`` file: :mod:`torchrec_cce.export`.
 
 Row format (fbgemm, row alignment 1 as on CPU): ``dim * bits / 8`` code bytes, then an fp16
 scale and an fp16 bias (4 bytes). fbgemm keeps the scale 2-byte aligned, so a codebook's code
