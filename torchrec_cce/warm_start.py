@@ -11,11 +11,12 @@ given, else 1: the fit minimises ``sum_x c_x ||e(x) - E[x]||^2`` over the method
 * **CCE** (the paper's post-training quantisation, "Clustering the Sketch" Sec. 3): the
   re-clustering steps of :func:`torchrec_cce.clustering.recluster.recluster_table` run on the
   trained rows instead of the table's own vectors: per chunk ``i``, ``A_i`` = k-means
-  centroids of the chunk vectors ``E[x, chunk i]`` (sample: all ids, or up to the reservoir's
-  capacity drawn by ``id_counts``), ``p_i(x)`` = nearest centroid of every covered id,
-  ``h_i`` = a fresh hash (generation 1), ``B_i[j]`` = mean residual ``E[x, chunk i] -
-  A_i[p_i(x)]`` of the ids in bucket ``j`` (0 if empty). Uncovered ids (``assigned_ids < V``)
-  keep their hashed ``p``, as in re-clustering.
+  centroids of the chunk vectors ``E[x, chunk i]`` (k-means sample: re-clustering's capacity,
+  ``min(256 rows, 2^21)`` ids, drawn by ``id_counts`` with replacement, or without counts a
+  seeded uniform sample: every id when ``V`` fits), ``p_i(x)`` = nearest centroid of every
+  covered id, ``h_i`` = a fresh hash (generation 1), ``B_i[j]`` = mean residual ``E[x, chunk
+  i] - A_i[p_i(x)]`` of the ids in bucket ``j`` (0 if empty). Uncovered ids (``assigned_ids <
+  V``) keep their hashed ``p``, as in re-clustering.
 * **hashing trick / CE**: each (chunk of a) hashed row is the weighted mean of the trained
   rows (chunks) hashed to it: the exact least-squares fit for fixed hashes.
 * **QR**: ``concat``: quotient and remainder halves are the group means (exact least squares);
@@ -27,9 +28,12 @@ given, else 1: the fit minimises ``sum_x c_x ||e(x) - E[x]||^2`` over the method
   ``H[j] = sum c_x w[x] E[x] / sum c_x w[x]^2`` over the bucket.
 * **MPE**: the fp32 master weights are the trained rows and the quantiser steps start at the
   public code's ``2 mean|W| / sqrt(2^(b-1))`` measured on them (widths are searched from
-  there). Its
-  retrain stage (``MPETable.select``) restarts the masters from their seeded initial values,
-  as in the paper, so the warm start shapes the search only.
+  there). Its retrain stage (``MPETable.select``) restarts the masters from their seeded
+  initial values, as in the paper, so the warm start shapes the search only.
+
+Memory: CCE works in id batches (as re-clustering); the least-squares fits hold a few float64
+``[V, dim]`` temporaries. A sharded trained model: save it with ``torch.distributed.checkpoint``
+and load it into an unsharded one with :func:`torchrec_cce.load_unsharded` first.
 
 Use it on the embedding collection of a trained model and put the result in the compressed
 model (the dense part of the full model can be copied as it is)::
