@@ -242,6 +242,8 @@ def test_device(method: str) -> None:
     ebc = collection(tables, method, device=torch.device("meta"))
     assert ebc.device == torch.device("meta")
     assert all(p.device.type == "meta" for p in ebc.parameters())
+    if method == "none":  # TorchRec's own check (a compressed table's codebooks have other names)
+        assert ebc.embedding_bags["t1"].weight.device == torch.device("meta")
     with torch.device("meta"):
         ebc = collection(tables, method)
     assert ebc.device == torch.device("meta")
@@ -333,6 +335,9 @@ def test_attributes_torchrec_reads_match_the_stock_ebc(method: str) -> None:
     assert ours.device == stock.device
     for attr in ("_feature_names", "_embedding_names", "_lengths_per_embedding"):
         assert getattr(ours, attr) == getattr(stock, attr), attr
+    assert ours.embedding_bags is ours.codebooks.embedding_bags
+    if method == "none":
+        assert list(ours.embedding_bags) == list(stock.embedding_bags)
     assert ours.feature_names() == ["f1", "f3", "f3"]
     assert [c.name for c in ours.embedding_bag_configs()] == [
         c.name for c in stock.embedding_bag_configs()]

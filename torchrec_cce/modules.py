@@ -250,6 +250,12 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
         once per table, as in TorchRec's EBC)."""
         return [f for t in self._embedding_bag_configs for f in t.feature_names]
 
+    @property
+    def embedding_bags(self) -> nn.ModuleDict:
+        """The codebook tables by name, as TorchRec's EBC's ``embedding_bags`` (an uncompressed
+        table keeps its name; a compressed one's are ``<table>__<codebook>``)."""
+        return self.codebooks.embedding_bags
+
     def codebook_table_configs(self) -> List[EmbeddingBagConfig]:
         """The inner codebook tables, as the sharding planner sees them."""
         return self.codebooks.embedding_bag_configs()
