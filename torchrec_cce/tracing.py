@@ -14,7 +14,8 @@ traced graph:
 * :func:`compose`: column slices, products/sums (QR), MEAN division, in the eager order of
   operations, so outputs equal eager bit for bit.
 
-Tables without a fused description (MPE) or a process where the op cannot be loaded: one
+Tables without a fused description (MPE), a feature served by a MEmCom table and another table
+(the op takes one weight per input id), or a process where the op cannot be loaded: one
 wrapped Python call of the eager stages (:func:`eager_stages`); fx works, TorchScript refuses
 it (it takes modules). The traced graph does not observe ids (CCE's re-clustering sample) and
 checks no more than missing features: trace for inference, train eagerly.
