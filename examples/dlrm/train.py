@@ -8,11 +8,10 @@
 Reads RANK / WORLD_SIZE / LOCAL_RANK (torchrun, TorchX); a plain ``python`` run is a world of
 one. Backend: ``$TORCHREC_CCE_BACKEND``, else NCCL with CUDA, else gloo.
 
-Pipeline: data (torchrec_cce.data.sources) -> TorchRec DLRM whose EBC is a
-CCEEmbeddingBagCollection -> planner (with the CCE storage reservation) + DMP with the CCE
-sharder (torchrec_cce.train.sharding) -> sparse optimizer in backward + dense optimizer with
-warm-up (train.optimizers) -> TrainPipelineSparseDist; re-clustering and MPE's stages run as
-hooks after the steps (train.hooks).
+Pipeline: data (torchrec_cce.data.sources) -> TorchRec DLRM over a CCEEmbeddingBagCollection
+-> planner with the CCE storage reservation + DMP with the CCE sharder (torchrec_cce.train) ->
+sparse optimizer in backward + dense optimizer with warm-up -> TrainPipelineSparseDist;
+re-clustering and MPE's stages run as hooks after the steps.
 
 Protocol (train.evaluation): the validation split is evaluated at the end of every epoch (and
 every ``--eval-every`` steps); each evaluation also evaluates the test split on the same model
@@ -320,10 +319,11 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                        dense_lr=args.dense_lr, sparse_lr=args.lr, warmup_steps=args.warmup_steps)
     pipeline = make_pipeline(dmp, optim.dense, device, sparse_dist=not budget["all_mpe"])
     cs = cce_settings(args)
-    hooks = training_hooks(dmp, data.steps_per_epoch or 1, recluster_fractions(cs),
-                           cs["recluster_every_epoch"], cs["kmeans_iters"],
-                           args.mpe_search_steps, args.mpe_warmup_steps,
-                           optimizers=[optim.dense], pipeline=pipeline)
+    hooks = training_hooks(dmp, data.steps_per_epoch or 1, recluster_at=recluster_fractions(cs),
+                           recluster_every_epoch=cs["recluster_every_epoch"],
+                           kmeans_iters=cs["kmeans_iters"], mpe_search_steps=args.mpe_search_steps,
+                           mpe_warmup_steps=args.mpe_warmup_steps, optimizers=[optim.dense],
+                           pipeline=pipeline)  # re-clustering (CCE tables), MPE's stages
     recluster, mpe = hooks.of_type(ReclusterHook), hooks.of_type(MPEHook)
     protocol = Protocol(args.patience)
     checkpoints = checkpoint_manager(args, budget["max_params_per_table"], budget["tables"], say)
