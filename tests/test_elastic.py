@@ -117,16 +117,19 @@ def test_killed_worker_restarts_from_checkpoint_and_matches(
 @pytest.mark.timeout(2 * TIMEOUT_S)
 def test_plain_torchrun_restarts_twice_without_env_workaround(
         tmp_path: Path, straight: Dict[str, Any]) -> None:
-    """``torchrun --max-restarts 2``, rank 1 killed after step 6 (attempt 0: back to the step-3
-    checkpoint) and after step 9 (attempt 1: back to the end of epoch 1, step 8), nothing else
-    set: attempt 2 finishes with the uninterrupted run's numbers."""
+    """``torchrun --max-restarts 2``, rank 1 killed while the step-6 checkpoint is being written
+    (attempt 0: its shards are on disk, the checkpoint incomplete: back to step 3) and after
+    step 9 (attempt 1: back to the end of epoch 1, step 8), nothing else set: attempt 2
+    finishes with the uninterrupted run's numbers."""
     killed = _run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2",
                    "--max-restarts", "2", TRAIN, *FLAGS,
                    "--checkpoint-dir", str(tmp_path / "ck_killed"),
                    "--metrics-json", str(tmp_path / "killed.json")],
-                  tmp_path, tmp_path / "killed.json", TORCHREC_CCE_FAULT_AT_STEP="6,9")
+                  tmp_path, tmp_path / "killed.json", TORCHREC_CCE_FAULT_AT_STEP="save:6,9")
     a, b, log = straight["metrics"], killed["metrics"], killed["log"]
-    assert "after step 6 (attempt 0)" in log and "after step 9 (attempt 1)" in log, log[-4000:]
+    assert "while saving step 6 (attempt 0)" in log, log[-4000:]
+    assert "after step 9 (attempt 1)" in log and "(step 3)" in log, log[-4000:]
+    assert "a partial write left by an interrupted save" in log  # step 6's, removed
     assert "connectFullMesh" not in log
     assert b["restart_count"] == 2 and b["resumed_from_step"] == 8
     assert b["steps"] == a["steps"] == 16

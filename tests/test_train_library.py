@@ -261,6 +261,18 @@ def test_fault_injection_kills_rank_1_at_the_attempts_step(rank: int, killed: bo
         assert out.returncode == 0 and "alive" in out.stdout
 
 
+def test_fault_injection_inside_a_checkpoint_save() -> None:
+    code = ("from torchrec_cce.train.checkpoint import inject_fault\n"
+            "inject_fault(5, 1, 2)\nprint('after the step')\ninject_fault(5, 1, 2, 'save')\n"
+            "print('alive')")
+    env = dict(os.environ, **{FAULT_ENV: "save:5"}, TORCHELASTIC_RESTART_COUNT="0",
+               PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == -9 and "after the step" in out.stdout and "alive" not in out.stdout
+    assert "SIGKILL of rank 1 while saving step 5 (attempt 0)" in out.stdout
+
+
 # ------------------------------------------------------------------ report
 def test_run_metrics_report_the_best_evaluation_and_the_bytes_stored(capsys: Any) -> None:
     from torchrec_cce import memory_report, summarize

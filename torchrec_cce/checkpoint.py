@@ -324,12 +324,15 @@ class CheckpointManager:
         batch_size: the per-rank batch size (rescales positions on a world-size change).
         position_keys: ``progress`` entries counted in global batches.
         log: where messages go (default: this module's logger, rank 0 only).
+        on_written: called with the step on every rank once its shards are written, before
+            the checkpoint is complete (a fault-injection point for restart tests).
     """
 
     def __init__(self, directory: str, keep: int = 2, config: Optional[Dict[str, Any]] = None,
                  batch_size: Optional[int] = None,
                  position_keys: Sequence[str] = DEFAULT_POSITION_KEYS,
-                 log: Optional[Callable[[str], None]] = None) -> None:
+                 log: Optional[Callable[[str], None]] = None,
+                 on_written: Optional[Callable[[int], None]] = None) -> None:
         if keep < 0:
             raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
         self.directory = directory
@@ -338,6 +341,7 @@ class CheckpointManager:
         self.batch_size = batch_size
         self.position_keys = tuple(position_keys)
         self._log = log
+        self.on_written = on_written
         self.last_saved: Optional[str] = None
 
     def log(self, msg: str) -> None:
@@ -398,6 +402,8 @@ class CheckpointManager:
             raise CheckpointError(f"cannot create the checkpoint directory {tmp}: "
                                   f"{error or 'failed on rank 0'}; check --checkpoint-dir")
         dcp.save(self._state(model, optimizer), checkpoint_id=tmp)
+        if self.on_written is not None:
+            self.on_written(step)
         _barrier()  # every rank has written its shards (and rank 0 DCP's .metadata)
         if _rank() == 0:
             try:

@@ -10,14 +10,17 @@ import os
 import signal
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import torch.distributed as dist
 from torch import nn
 
 from torchrec_cce.checkpoint import CheckpointManager
+from torchrec_cce.train.distributed import restart_attempt
 from torchrec_cce.train.evaluation import Protocol
 
 # Test hook: "N[,M,...]" makes rank 1 SIGKILL itself right after step N in the first attempt
-# (TORCHELASTIC_RESTART_COUNT=0), after step M in the second, ... (tests/test_elastic.py,
-# benchmarks/soak.py).
+# (TORCHELASTIC_RESTART_COUNT=0), after step M in the second, ...; "save:N" instead kills it
+# while the checkpoint of step N is being written (its shards on disk, the checkpoint not yet
+# complete). tests/test_elastic.py, benchmarks/soak.py.
 FAULT_ENV = "TORCHREC_CCE_FAULT_AT_STEP"
 # Flags of examples/dlrm/train.py a checkpoint must have been written with (they change the
 # model or its state).
@@ -39,7 +42,9 @@ def checkpoint_manager(args: Any, max_params_per_table: Optional[int], tables: D
         config["serving_dtype"] = args.serving_dtype
     config.update(max_params_per_table=max_params_per_table, tables=tables)
     return CheckpointManager(args.checkpoint_dir, keep=args.keep_checkpoints, config=config,
-                             batch_size=args.batch_size, log=log)
+                             batch_size=args.batch_size, log=log,
+                             on_written=lambda step: inject_fault(step, dist.get_rank(),
+                                                                  dist.get_world_size(), "save"))
 
 
 def save_checkpoint(manager: Optional[CheckpointManager], model: nn.Module, optimizer: Any,
@@ -67,15 +72,20 @@ def load_checkpoint(manager: CheckpointManager, model: nn.Module, optimizer: Any
     return progress, resumed.step, resumed.path
 
 
-def inject_fault(step: int, rank: int, world: int) -> None:
+def inject_fault(step: int, rank: int, world: int, point: str = "step") -> None:
     """The ``$TORCHREC_CCE_FAULT_AT_STEP`` test hook (see :data:`FAULT_ENV`): rank
-    ``min(1, world - 1)`` SIGKILLs itself after the step given for this restart attempt."""
+    ``min(1, world - 1)`` SIGKILLs itself at ``point`` (``"step"``: after training step
+    ``step``; ``"save"``: inside the checkpoint write of step ``step``) when this restart
+    attempt's entry names that point and step."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    steps = [int(x) for x in spec.split(",") if x.strip()]
-    if attempt < len(steps) and step == steps[attempt] and rank == min(1, world - 1):
-        print(f"injected fault: SIGKILL of rank {rank} after step {step} "
-              f"(attempt {attempt})", flush=True)
+    entries = [x.strip() for x in spec.split(",") if x.strip()]
+    attempt = restart_attempt()
+    if attempt >= len(entries) or rank != min(1, world - 1):
+        return
+    at_point, _, at_step = entries[attempt].rpartition(":")
+    if (at_point or "step") == point and int(at_step) == step:
+        where = f"after step {step}" if point == "step" else f"while saving step {step}"
+        print(f"injected fault: SIGKILL of rank {rank} {where} (attempt {attempt})", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
