@@ -153,6 +153,34 @@ def test_grouped_search_equals_cdist_argmin(kind, d):
         assert torch.allclose(dist.double(), want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["grid", "duplicates"])
+@pytest.mark.parametrize("leaf", [16, 0])
+def test_grouped_search_many_superboxes_and_ties(kind, leaf, monkeypatch):
+    """k = 9000 (default leaf: 71 groups in 3 superboxes of 32; leaf 16: 563 groups in 18):
+    the two-level boxes and the box-pruned float64 re-scoring of near-ties give exactly the
+    float64 argmin, lowest index on ties, as the torch path does."""
+    if not native.grouped_supported():
+        pytest.skip("grouped kernel unavailable (needs a C++ compiler and AVX2)")
+    monkeypatch.setattr(kmeans_module, "_GROUP_LEAF", leaf)
+    g = torch.Generator().manual_seed(3)
+    k, d = 9000, 4
+    if kind == "grid":
+        c = torch.randint(-6, 7, (k, d), generator=g).float()
+        x = torch.randint(-12, 13, (4000, d), generator=g).float() / 2
+    else:
+        base = torch.randn(k // 3, d, generator=g)
+        c = base[torch.randint(0, k // 3, (k,), generator=g)]
+        x = torch.cat([base[:2000], torch.randn(2000, d, generator=g)])
+    ref = _float64_argmin(x, c)
+    index = kmeans_module.CentroidIndex(c, method="grouped")
+    assert index.groups.num_supers == -(-index.groups.num_groups // native.BOXES_PER_SUPER) > 1
+    idx, dist = index.brute_force(x)
+    assert torch.equal(idx, ref), int((idx != ref).sum())
+    torch_idx, torch_dist = nearest_centroid(x, c, method="torch")
+    assert torch.equal(torch_idx, ref)
+    assert torch.allclose(dist.double(), torch_dist.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_grouped_search_prunes_low_dimensional_data():
     """At d = 4 the boxes skip most centroids (the point of the kernel): fewer than a quarter of
     the boxes are scanned per row."""

@@ -62,7 +62,7 @@ def _build() -> ctypes.CDLL:
     g = lib.cce_nearest2_grouped
     g.restype = ctypes.c_int
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    g.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, p, p, p, p, p, p, p]
+    g.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p, p]
     return lib
 
 
@@ -137,6 +137,7 @@ def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor
     rc = _LIB.cce_nearest2_grouped(
         x.data_ptr(), n, d, gr.ct.data_ptr(), gr.bias.data_ptr(), gr.ct.shape[1],
         gr.offsets.data_ptr(), gr.num_groups, gr.lo.shape[1], gr.lo.data_ptr(), gr.hi.data_ptr(),
+        gr.num_supers, gr.super_lo.shape[1], gr.super_lo.data_ptr(), gr.super_hi.data_ptr(),
         xn.data_ptr(), margin.data_ptr(), gr.perm.data_ptr(), idx.data_ptr(), best.data_ptr(),
         second.data_ptr(), visited.data_ptr())
     if rc != 0:
@@ -144,41 +145,64 @@ def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor
     return idx, best, second, int(visited)
 
 
+BOXES_PER_SUPER = 32  # csrc/nearest.cpp kBoxesPerSuper
+
+
 class CentroidGroups:
     """Centroids ``[k, d]`` split into groups of at most ``leaf`` by a balanced k-d tree
     (median splits along the widest side), stored group by group for
     :func:`nearest2_grouped`: ``ct [d, kp]`` and ``bias [kp]`` (``||c||^2``, ``inf`` in the
     padding that rounds every group up to 8 columns), ``offsets [G + 1]``, ``perm [kp]``
-    (column -> centroid index) and the groups' bounding boxes ``lo``/``hi`` ``[d, gp]``."""
+    (column -> centroid index), the groups' bounding boxes ``lo``/``hi`` ``[d, gp]`` and
+    those of each run of :data:`BOXES_PER_SUPER` consecutive groups (adjacent leaves of the
+    tree), ``super_lo``/``super_hi`` ``[d, sp]``: the kernel bounds the superboxes first and
+    the groups only inside the superboxes within reach, so a query costs ``O(G / 32)``
+    bounds, not ``O(G)``.
+
+    The tree is built level by level, every node of a level at once (two sorts per level)."""
 
     def __init__(self, centroids: torch.Tensor, sq: torch.Tensor, leaf: int) -> None:
         c = centroids
         k, d = c.shape
         num_leaves = max(1, -(-k // leaf))
-        parts = [(torch.arange(k), num_leaves)]
-        leaves = []
-        while parts:
-            ids, n_leaves = parts.pop()
-            if n_leaves == 1:
-                leaves.append(ids)
-                continue
-            pts = c[ids]
-            dim = int((pts.amax(0) - pts.amin(0)).argmax())
-            order = ids[torch.argsort(pts[:, dim], stable=True)]
-            left_leaves = n_leaves // 2
-            cut = int(round(ids.numel() * left_leaves / n_leaves))
-            parts.append((order[cut:], n_leaves - left_leaves))
-            parts.append((order[:cut], left_leaves))
-        self.num_groups = G = len(leaves)
-        sizes = torch.tensor([g.numel() for g in leaves], dtype=torch.int64)
+        # order: the centroids node by node (each node a contiguous segment of it)
+        order = torch.arange(k)
+        starts = torch.zeros(1, dtype=torch.int64)
+        sizes = torch.tensor([k], dtype=torch.int64)
+        leaves = torch.tensor([num_leaves], dtype=torch.int64)
+        while bool((leaves > 1).any()):
+            nodes = starts.numel()
+            node = torch.repeat_interleave(torch.arange(nodes), sizes)
+            pts = c[order]
+            where = node[:, None].expand(k, d)
+            hi = torch.full((nodes, d), -float("inf")).scatter_reduce_(0, where, pts, "amax")
+            lo = torch.full((nodes, d), float("inf")).scatter_reduce_(0, where, pts, "amin")
+            dim = (hi - lo).argmax(1)
+            key = pts.gather(1, dim[node][:, None]).squeeze(1)
+            key = torch.where((leaves > 1)[node], key, torch.zeros_like(key))  # leaves: keep
+            perm = torch.argsort(key, stable=True)
+            perm = perm[torch.argsort(node[perm], stable=True)]  # by node, then by key
+            order = order[perm]
+            left = leaves // 2
+            cut = torch.div(sizes * left * 2 + leaves, 2 * leaves, rounding_mode="floor")
+            split = leaves > 1
+            # children in order: (left, right) of split nodes, the node itself otherwise
+            ls, lz, ll = starts, torch.where(split, cut, sizes), torch.where(split, left, leaves)
+            rs, rz, rl = starts + cut, sizes - cut, leaves - left
+            both_s = torch.stack([ls, rs], 1)
+            both_z = torch.stack([lz, rz], 1)
+            both_l = torch.stack([ll, rl], 1)
+            keep = torch.stack([torch.ones_like(split), split], 1)
+            starts, sizes, leaves = both_s[keep], both_z[keep], both_l[keep]
+        self.num_groups = G = starts.numel()
         padded = (sizes + 7) // 8 * 8
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), padded.cumsum(0)])
-        order = torch.cat(leaves)
         group = torch.repeat_interleave(torch.arange(G), sizes)
-        first = torch.repeat_interleave(sizes.cumsum(0) - sizes, sizes)
-        cols = self.offsets[group] + torch.arange(k) - first
+        cols = self.offsets[group] + torch.arange(k) - starts[group]
         kp = int(self.offsets[-1])
-        gp = (G + 7) // 8 * 8
+        self.num_supers = S = -(-G // BOXES_PER_SUPER)
+        gp = S * BOXES_PER_SUPER
+        sp = (S + 7) // 8 * 8
         pts = c[order]
         self.ct = torch.zeros(d, kp)
         self.ct[:, cols] = pts.t()
@@ -187,7 +211,14 @@ class CentroidGroups:
         self.perm = torch.zeros(kp, dtype=torch.int64)  # padding: any valid index (never wins)
         self.perm[cols] = order
         where = group[:, None].expand(k, d)
-        self.lo = torch.full((gp, d), float("inf")).scatter_reduce_(0, where, pts, "amin").t().contiguous()
-        self.hi = torch.full((gp, d), float("inf"))
-        self.hi[:G] = -float("inf")
-        self.hi = self.hi.scatter_reduce_(0, where, pts, "amax").t().contiguous()
+        lo = torch.full((gp, d), float("inf")).scatter_reduce_(0, where, pts, "amin")
+        hi = torch.full((gp, d), -float("inf")).scatter_reduce_(0, where, pts, "amax")
+        super_lo = lo.view(S, BOXES_PER_SUPER, d).amin(1)
+        super_hi = hi.view(S, BOXES_PER_SUPER, d).amax(1)
+        hi[G:] = float("inf")  # padding boxes: +inf on both sides (never within reach)
+        self.lo, self.hi = lo.t().contiguous(), hi.t().contiguous()
+        self.super_lo = torch.full((sp, d), float("inf"))
+        self.super_hi = torch.full((sp, d), float("inf"))
+        self.super_lo[:S], self.super_hi[:S] = super_lo, super_hi
+        self.super_lo = self.super_lo.t().contiguous()
+        self.super_hi = self.super_hi.t().contiguous()

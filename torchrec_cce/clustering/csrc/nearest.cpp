@@ -18,6 +18,9 @@
 
 namespace {
 
+// Boxes per superbox of the grouped search (a second level of bounding boxes).
+constexpr int64_t kBoxesPerSuper = 32;
+
 #ifndef CCE_R
 #define CCE_R 2
 #endif
@@ -140,48 +143,51 @@ inline float hmin8(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
+// Squared distance from x to 8 boxes [g, g + 8) of bounds lo/hi ([d, stride]).
+template <int D>
+inline __m256 box_bound8(const float* xr, int d, const float* lo, const float* hi,
+                         int64_t stride, int64_t g) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int t = 0; t < d; ++t) {
+    const __m256 xv = _mm256_set1_ps(xr[t]);
+    const __m256 below = _mm256_sub_ps(_mm256_loadu_ps(lo + t * stride + g), xv);
+    const __m256 above = _mm256_sub_ps(xv, _mm256_loadu_ps(hi + t * stride + g));
+    const __m256 v = _mm256_max_ps(_mm256_max_ps(below, above), _mm256_setzero_ps());
+    acc = _mm256_fmadd_ps(v, v, acc);
+  }
+  return acc;
+}
+
 template <int D>
 void grouped_rows(const float* x, int64_t n, int d_runtime, const float* ct, const float* bias,
                   int64_t kp, const int64_t* goff, int64_t G, int64_t gp, const float* glo,
-                  const float* ghi, const float* xn, const float* margin, const int64_t* perm,
+                  const float* ghi, int64_t S, int64_t sp, const float* slo, const float* shi,
+                  const float* xn, const float* margin, const int64_t* perm,
                   int64_t* idx, float* best, float* second, int64_t* visited) {
   const int d = D > 0 ? D : d_runtime;
   float* lb = new float[gp];
+  float* slb = new float[sp];
   int64_t* cand = new int64_t[gp];
   int64_t nvisit = 0;
+  // the box bounds of superbox s (boxes [32 s, 32 s + 32)) into lb
+  auto super_boxes = [&](const float* xr, int64_t s) {
+    for (int64_t g = s * kBoxesPerSuper; g < (s + 1) * kBoxesPerSuper; g += 8)
+      _mm256_storeu_ps(lb + g, box_bound8<D>(xr, d, glo, ghi, gp, g));
+  };
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * d;
-    // lower bounds, 8 boxes at a time, and the nearest box (lowest index on ties)
-    __m256 lbmin = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-    __m256i lbarg = _mm256_setzero_si256();
-    __m256i lane8 = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    for (int64_t g = 0; g < gp; g += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int t = 0; t < d; ++t) {
-        const __m256 xv = _mm256_set1_ps(xr[t]);
-        const __m256 below = _mm256_sub_ps(_mm256_loadu_ps(glo + t * gp + g), xv);
-        const __m256 above = _mm256_sub_ps(xv, _mm256_loadu_ps(ghi + t * gp + g));
-        const __m256 v = _mm256_max_ps(_mm256_max_ps(below, above), _mm256_setzero_ps());
-        acc = _mm256_fmadd_ps(v, v, acc);
-      }
-      _mm256_storeu_ps(lb + g, acc);
-      const __m256 lt = _mm256_cmp_ps(acc, lbmin, _CMP_LT_OQ);
-      lbmin = _mm256_min_ps(lbmin, acc);
-      lbarg = _mm256_castps_si256(
-          _mm256_blendv_ps(_mm256_castsi256_ps(lbarg), _mm256_castsi256_ps(lane8), lt));
-      lane8 = _mm256_add_epi32(lane8, _mm256_set1_epi32(8));
+    // superbox lower bounds, the nearest superbox (lowest index on ties) and, in it, the
+    // nearest box: scanned first
+    int64_t sfirst = 0;
+    for (int64_t s = 0; s < sp; s += 8) {
+      _mm256_storeu_ps(slb + s, box_bound8<D>(xr, d, slo, shi, sp, s));
     }
-    int64_t first = 0;
-    {
-      alignas(32) float mv[8];
-      alignas(32) int32_t mi[8];
-      _mm256_store_ps(mv, lbmin);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(mi), lbarg);
-      int w = 0;
-      for (int l = 1; l < 8; ++l)
-        if (mv[l] < mv[w] || (mv[l] == mv[w] && mi[l] < mi[w])) w = l;
-      first = mi[w];
-    }
+    for (int64_t s = 1; s < S; ++s)
+      if (slb[s] < slb[sfirst]) sfirst = s;
+    super_boxes(xr, sfirst);
+    int64_t first = sfirst * kBoxesPerSuper;
+    for (int64_t g = first + 1; g < std::min(G, (sfirst + 1) * kBoxesPerSuper); ++g)
+      if (lb[g] < lb[first]) first = g;
     float xm2[16];
     __m256 xb[16];
     for (int t = 0; t < d; ++t) {
@@ -233,16 +239,22 @@ void grouped_rows(const float* x, int64_t n, int d_runtime, const float* ct, con
     };
     scan(first);
     // the other boxes within reach, nearest first (re-checked as the best improves)
+    // (only in the superboxes within reach)
     int64_t m = 0;
     {
-      const __m256 thr = _mm256_set1_ps((cur + slack) * 1.00001f);
-      for (int64_t g = 0; g < gp; g += 8) {
-        unsigned bits = static_cast<unsigned>(
-            _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(lb + g), thr, _CMP_LE_OQ)));
-        while (bits) {
-          const int64_t gg = g + __builtin_ctz(bits);
-          bits &= bits - 1;
-          if (gg != first && gg < G) cand[m++] = gg;
+      const float thr_f = (cur + slack) * 1.00001f;
+      const __m256 thr = _mm256_set1_ps(thr_f);
+      for (int64_t s = 0; s < S; ++s) {
+        if (slb[s] > thr_f) continue;
+        if (s != sfirst) super_boxes(xr, s);
+        for (int64_t g = s * kBoxesPerSuper; g < (s + 1) * kBoxesPerSuper; g += 8) {
+          unsigned bits = static_cast<unsigned>(
+              _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(lb + g), thr, _CMP_LE_OQ)));
+          while (bits) {
+            const int64_t gg = g + __builtin_ctz(bits);
+            bits &= bits - 1;
+            if (gg != first && gg < G) cand[m++] = gg;
+          }
         }
       }
     }
@@ -272,6 +284,7 @@ void grouped_rows(const float* x, int64_t n, int d_runtime, const float* ct, con
     second[r] = s2;
   }
   delete[] lb;
+  delete[] slb;
   delete[] cand;
   *visited += nvisit;
 }
@@ -302,24 +315,30 @@ extern "C" int cce_nearest2(const float* x, int64_t n, int64_t d, const float* c
 }
 
 // Grouped search (see grouped_rows): centroids in group order, ct [d, kp], bias [kp], goff
-// [G + 1] (multiples of 8, goff[G] <= kp), box bounds glo/ghi [d, gp] (gp % 8 == 0, gp >= G,
-// padding boxes +inf), xn / margin [n], perm [kp] (group-order column -> centroid index).
+// [G + 1] (multiples of 8, goff[G] <= kp), box bounds glo/ghi [d, gp] (gp % 32 == 0,
+// gp >= 32 S, padding boxes +inf), superbox bounds slo/shi [d, sp] (superbox s bounds the
+// boxes [32 s, 32 s + 32); S = ceil(G / 32), sp % 8 == 0, sp >= S, padding +inf), xn / margin
+// [n], perm [kp] (group-order column -> centroid index).
 // Writes idx (centroid indices), best, second, and adds the number of boxes scanned to
 // *visited. Returns 0, -1 on bad sizes, -2 without AVX2 (the caller uses cce_nearest2).
 extern "C" int cce_nearest2_grouped(const float* x, int64_t n, int64_t d, const float* ct,
                                     const float* bias, int64_t kp, const int64_t* goff,
                                     int64_t G, int64_t gp, const float* glo, const float* ghi,
+                                    int64_t S, int64_t sp, const float* slo, const float* shi,
                                     const float* xn, const float* margin, const int64_t* perm,
                                     int64_t* idx, float* best, float* second,
                                     int64_t* visited) {
-  if (d < 1 || d > 16 || kp % 8 != 0 || kp <= 0 || G < 1 || gp < G || gp % 8 != 0) return -1;
+  if (d < 1 || d > 16 || kp % 8 != 0 || kp <= 0 || G < 1 || gp % kBoxesPerSuper != 0 ||
+      S != (G + kBoxesPerSuper - 1) / kBoxesPerSuper || gp < S * kBoxesPerSuper || sp < S ||
+      sp % 8 != 0)
+    return -1;
 #ifdef CCE_AVX2
   const int dd = static_cast<int>(d);
   switch (dd) {
-    case 2: grouped_rows<2>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited); break;
-    case 4: grouped_rows<4>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited); break;
-    case 8: grouped_rows<8>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited); break;
-    default: grouped_rows<0>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, xn, margin, perm, idx, best, second, visited);
+    case 2: grouped_rows<2>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
+    case 4: grouped_rows<4>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
+    case 8: grouped_rows<8>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
+    default: grouped_rows<0>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited);
   }
   return 0;
 #else
