@@ -11,7 +11,9 @@ vector), a full reservoir (``min(256 rows, 2^21)`` Zipf-skewed samples), ``--ite
 iterations per chunk, one process, ``--threads`` threads. ``--seeding``: ``new`` is the
 library default (``kmeans(init="auto")``: k-means++ up to 2048 rows, k-means|| above),
 ``old`` forces exact k-means++ at every size (the seeding before k-means||), so both can be
-timed side by side in one run at a size where the old one finishes.
+timed side by side in one run at a size where the old one finishes; ``before`` also re-scores
+the float32 near-ties against all k centroids (``CentroidIndex._exact``, the search before the
+box-pruned re-scoring): the code before k-means|| in both respects.
 
 ``--kaggle``: Criteo Kaggle's 26 cardinalities (33.8M ids) planned by
 :func:`torchrec_cce.plan_compression` (``methods=["cce"]``, ``--budget-mb``, as
@@ -49,7 +51,14 @@ from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
 CHUNKS, DIM = 4, 16
 RESULTS = os.path.join(ROOT, "benchmarks", "results", "recluster.json")
-SEEDINGS = {"new": kmeans_module.AUTO_KMEANSPP_MAX_K, "old": 1 << 62}
+# label -> (largest k seeded by exact k-means++, near-ties re-scored through the boxes)
+SEEDINGS = {"new": (kmeans_module.AUTO_KMEANSPP_MAX_K, True), "old": (1 << 62, True),
+            "before": (1 << 62, False)}
+_EXACT_GROUPED = kmeans_module.CentroidIndex._exact_grouped
+
+
+def _exact_all(index, x, near):  # the O(k)-per-row float64 re-scoring of near-ties
+    return index._exact(x)
 
 
 def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict:
@@ -66,7 +75,8 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict
         wa, wb = m.stack_ab(lambda suffix: ebc.codebooks.embedding_bags[f"t__{suffix}"].weight)
     m.reservoir.observe((torch.rand(m.reservoir.capacity, generator=g) ** 4 * num_ids).long())
     before = kmeans_module.AUTO_KMEANSPP_MAX_K
-    kmeans_module.AUTO_KMEANSPP_MAX_K = SEEDINGS[seeding]
+    kmeans_module.AUTO_KMEANSPP_MAX_K, grouped_ties = SEEDINGS[seeding]
+    kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED if grouped_ties else _exact_all
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
     try:
@@ -74,6 +84,7 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict
             ReclusterState(m, wa, wb, m.assignment, 0, (0, m.assigned_ids)), None, iters)
     finally:
         kmeans_module.AUTO_KMEANSPP_MAX_K = before
+        kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
             "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
@@ -158,8 +169,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ids", default="100000,1000000,10000000", help="table sizes (grid)")
     p.add_argument("--rows", default="4096", help="CCE rows = k (grid)")
-    p.add_argument("--seeding", default="new", help="comma list of new,old (grid); one "
-                   "of them with --kaggle")
+    p.add_argument("--seeding", default="new", help="comma list of new,old,before (grid); "
+                   "one of them with --kaggle")
     p.add_argument("--kaggle", action="store_true",
                    help="every CCE table of Criteo Kaggle's vocabulary at the planner's rows")
     p.add_argument("--budget-mb", type=float, default=64.0, help="with --kaggle")
