@@ -105,8 +105,17 @@ def _load(path: str) -> dict:
 
 
 def _save(path: str, result: dict) -> None:
+    """Write ``result`` over the file's current content, section by section (another run
+    writing other sections of the same file meanwhile keeps them)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    on_disk = _load(path)
+    for key, value in result.items():
+        if isinstance(value, dict) and isinstance(on_disk.get(key), dict):
+            on_disk[key].update(value)
+        else:
+            on_disk[key] = value
+    result = on_disk
+    tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
     os.replace(tmp, path)
