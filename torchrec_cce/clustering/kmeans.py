@@ -27,13 +27,14 @@ Nearest centroid, exactly
 that memory traffic, not the arithmetic, is what BLAS + argmin pays): per row they keep the
 best and second-best score ``||c||^2 - 2 x.c`` in registers. For ``k >= 2048`` the *grouped*
 kernel first splits the centroids into bounding boxes of ``k / 32`` (32 to 128; a balanced
-k-d tree) and scans
+k-d tree; runs of 32 boxes form superboxes, bounded first) and scans
 only the boxes that can hold a centroid within the near-tie margin of the best one found
-(3-4x fewer operations at d = 4); if a batch shows the boxes do not prune (most are scanned,
+(3-4x fewer operations at d = 4, far more at large k); if a batch shows the boxes do not prune (most are scanned,
 as for isotropic data at d = 16), that index switches to the plain brute-force kernel.
 Whatever path, the float32 answer is then made *exact*: a row whose best and second-best
-float32 scores lie within the float32 error bound of each other is re-scored against all
-centroids in float64. The assignment is therefore the argmin of the float64 distance from the
+float32 scores lie within the float32 error bound of each other is re-scored in float64
+against every centroid that could lie within that bound (with boxes: the centroids of the boxes
+within reach, else all). The assignment is therefore the argmin of the float64 distance from the
 float32 point to the float32 centroids (ties: lowest index), whichever path, thread count or
 batch size computed it. Rows are split over ``torch.get_num_threads()`` Python worker threads
 (see :func:`_worker_threads`).
