@@ -70,7 +70,8 @@ def reference() -> CCEEmbeddingBagCollection:
 
 def shard(kind: str, world: int, sgd: bool = True,
           per_id_adagrad: bool = False) -> DistributedModelParallel:
-    sharder = CCEEmbeddingBagCollectionSharder()
+    # "dp" places codebooks data-parallel on purpose (an opt-in of the sharder).
+    sharder = CCEEmbeddingBagCollectionSharder(allow_data_parallel=kind == "dp")
     module = CCEEmbeddingBagCollection(tables(), COMPRESSION, device=torch.device("meta"))
     if per_id_adagrad:  # as train.py: fused SGD on codebooks, in-backward Adagrad on w
         apply_optimizer_in_backward(SGD, [p for p in module.parameters() if p.dim() == 2],

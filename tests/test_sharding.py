@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
@@ -84,7 +85,9 @@ def reference(init: str = "hash") -> CCEEmbeddingBagCollection:
 
 def shard(kind: str, replicate_below: int, world: int, rank: int,
           sgd: bool = False, init: str = "hash") -> Tuple[DistributedModelParallel, CCEEmbeddingBagCollectionSharder]:
-    sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=replicate_below)
+    # "dp" places codebooks data-parallel on purpose (an opt-in of the sharder).
+    sharder = CCEEmbeddingBagCollectionSharder(replicate_assignment_below=replicate_below,
+                                               allow_data_parallel=kind == "dp")
     module = CCEEmbeddingBagCollection(tables(), COMPRESSION if init == "hash" else COMPRESSION_QR,
                                        device=torch.device("meta"))
     if sgd:
@@ -237,9 +240,18 @@ def test_row_wise_codebooks_on_cuda() -> None:
     assert "table_row_wise" in sharder.sharding_types("cuda")
 
 
-def test_cpu_sharding_types_are_torchrecs() -> None:
+def test_cpu_sharding_types_are_torchrecs_model_parallel_ones() -> None:
+    """TorchRec's CPU types; data_parallel only on request (codebooks are model-parallel)."""
+    torchrec_types = set(EmbeddingBagCollectionSharder().sharding_types("cpu"))
     types = CCEEmbeddingBagCollectionSharder().sharding_types("cpu")
-    assert {"data_parallel", "table_wise", "column_wise", "table_column_wise"} <= set(types)
+    assert set(types) == torchrec_types - {"data_parallel"}
+    assert {"table_wise", "column_wise", "table_column_wise"} <= set(types)
+    allowed = CCEEmbeddingBagCollectionSharder(allow_data_parallel=True).sharding_types("cpu")
+    assert set(allowed) == torchrec_types
+    whole_rows = CCEEmbeddingBagCollectionSharder(
+        excluded_sharding_types=("column_wise", "table_column_wise")).sharding_types("cpu")
+    assert set(whole_rows) == torchrec_types - {"data_parallel", "column_wise",
+                                                "table_column_wise"}
 
 
 # ---------------------------------------------------------------- distributed re-clustering

@@ -31,7 +31,7 @@ one piece of the same packed array at any world size.
 import inspect
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -49,6 +49,7 @@ from torchrec.distributed.types import (
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
+    ShardingType,
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.optim.fused import FusedOptimizerModule
@@ -81,6 +82,8 @@ from torchrec_cce.stages import (
     remap_features,
     table_features,
 )
+
+DATA_PARALLEL = ShardingType.DATA_PARALLEL.value
 
 
 @dataclass
@@ -629,11 +632,23 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
     """Shards :class:`~torchrec_cce.CCEEmbeddingBagCollection`: pass it to
     ``DistributedModelParallel(sharders=[...])`` and to the planner.
 
+    Placement policy: every codebook table (and every uncompressed table of the collection) is
+    model-parallel. :meth:`sharding_types` offers the codebook sharder's types *without*
+    ``data_parallel``, so TorchRec's ``EmbeddingShardingPlanner`` (and the one DMP runs when no
+    plan is passed) never replicates a codebook. A data-parallel table would be trained by the
+    torch optimizer DDP steps instead of the fused sparse one (another rule and learning rate
+    than the other tables), and float16 codebooks turn NaN under torch's Adagrad (its float16
+    state rounds ``eps`` to 0). ``allow_data_parallel=True`` offers it again.
+
     Args:
         ebc_sharder: the sharder for the codebook EBC (default: TorchRec's, e.g. built with
             ``fused_params`` to pick the fused optimizer).
         replicate_assignment_below: CCE assignments of fewer bytes are replicated on every rank;
             larger ones are split by id range (``ceil(V / world)`` ids per rank).
+        allow_data_parallel: let the planner replicate codebook tables (see above).
+        excluded_sharding_types: further sharding types the planner may not choose, e.g.
+            ``("column_wise", "table_column_wise")`` to keep every codebook row whole on one
+            rank (evaluating INT-N served rows needs that).
     """
 
     def __init__(
@@ -641,18 +656,40 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         ebc_sharder: Optional[EmbeddingBagCollectionSharder] = None,
         replicate_assignment_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
         qcomm_codecs_registry: Optional[Dict[str, QuantizedCommCodecs]] = None,
+        allow_data_parallel: bool = False,
+        excluded_sharding_types: Sequence[str] = (),
     ) -> None:
         super().__init__(qcomm_codecs_registry=qcomm_codecs_registry)
         self._ebc_sharder = _without_bounds_check(ebc_sharder or EmbeddingBagCollectionSharder(
             qcomm_codecs_registry=self.qcomm_codecs_registry))
         self.replicate_assignment_below = replicate_assignment_below
+        self.allow_data_parallel = allow_data_parallel
+        self.excluded_sharding_types = tuple(excluded_sharding_types)
+
+    def _check_placements(self, module: CCEEmbeddingBagCollection,
+                          params: Dict[str, ParameterSharding], device: torch.device) -> None:
+        """A plan built without this sharder's :meth:`sharding_types` (by hand, or by a planner
+        given other sharders) must still respect them: refuse it, naming table and fix."""
+        allowed = self.sharding_types(device.type)
+        for table, ps in params.items():
+            if ps.sharding_type not in allowed:
+                hint = ("pass CCEEmbeddingBagCollectionSharder(allow_data_parallel=True) to "
+                        "replicate codebooks" if ps.sharding_type == DATA_PARALLEL else
+                        "drop it from excluded_sharding_types")
+                raise ValueError(
+                    f"codebook table '{table}' of {type(module).__name__} is placed "
+                    f"{ps.sharding_type}, which this CCEEmbeddingBagCollectionSharder does not "
+                    f"offer ({allowed}); plan with this sharder (EmbeddingShardingPlanner or "
+                    f"DistributedModelParallel without a plan), or {hint}")
 
     def shard(self, module: CCEEmbeddingBagCollection, params: Dict[str, ParameterSharding],
               env: ShardingEnv, device: Optional[torch.device] = None,
               module_fqn: Optional[str] = None) -> ShardedCCEEmbeddingBagCollection:
+        device = device or torch.device("cuda")
+        self._check_placements(module, params, device)
         return ShardedCCEEmbeddingBagCollection(
             module, params, ebc_sharder=self._ebc_sharder, env=env,
-            device=device or torch.device("cuda"), module_fqn=module_fqn,
+            device=device, module_fqn=module_fqn,
             replicate_assignment_below=self.replicate_assignment_below)
 
     @property
@@ -671,7 +708,11 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         return ShardedCCEEmbeddingBagCollection
 
     def sharding_types(self, compute_device_type: str) -> List[str]:
-        return self._ebc_sharder.sharding_types(compute_device_type)
+        """The codebook sharder's types, without ``data_parallel`` (unless allowed) and the
+        excluded ones (see the class docstring)."""
+        return [t for t in self._ebc_sharder.sharding_types(compute_device_type)
+                if (self.allow_data_parallel or t != DATA_PARALLEL)
+                and t not in self.excluded_sharding_types]
 
     def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
         return self._ebc_sharder.compute_kernels(sharding_type, compute_device_type)
