@@ -108,4 +108,6 @@ def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_
         n += reset_optimizer_state(dense, optimizers)
         stats["optimizer_states_reset"] = n
         out[name] = stats
+    if out:  # the same tables on every rank: batches remapped before are redone
+        sharded.remap_changed()
     return out

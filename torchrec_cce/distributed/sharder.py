@@ -7,7 +7,9 @@ offers). This sharder wraps it the way ``FeatureProcessedEmbeddingBagCollectionS
 * ``input_dist``: check features, remap logical ids to codebook ids (CCE's ``p`` comes from the
   rank that owns each id, see :mod:`torchrec_cce.distributed.assignment`), then the codebook
   EBC's input dist;
-* ``compute``: the codebook EBC's lookups;
+* ``compute``: the codebook EBC's lookups (a batch remapped before the last re-clustering,
+  e.g. the one ``TrainPipelineSparseDist`` distributed a step early, has its input dist redone
+  first, so the pipeline needs no extra call);
 * ``output_dist``: the codebook EBC's output dist, plus a callback composing the logical
   features' vectors.
 
@@ -29,13 +31,17 @@ one piece of the same packed array at any world size.
 """
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+from torchrec.distributed.embedding_sharding import (
+    FusedKJTListSplitsAwaitable,
+    KJTListSplitsAwaitable,
+)
 from torchrec.distributed.embedding_types import BaseEmbeddingSharder, KJTList, ShardedEmbeddingModule
 from torchrec.distributed.embeddingbag import (
     EmbeddingBagCollectionContext,
@@ -100,6 +106,10 @@ class CCEEmbeddingBagCollectionContext(EmbeddingBagCollectionContext):
     # Pooled outputs of the MPE features, computed in ``compute`` from the fetched rows.
     local_pooled: Dict[str, torch.Tensor] = field(default_factory=dict)
     batch_size: int = 0
+    # The batch as given to ``input_dist`` and the module's remap version then: a batch whose
+    # remap predates a re-clustering (a pipeline's prefetched one) is remapped again.
+    features: Optional[KeyedJaggedTensor] = None
+    remap_version: int = 0
 
 
 class _Ready(LazyAwaitable[KeyedTensor]):
@@ -175,6 +185,8 @@ class ShardedCCEEmbeddingBagCollection(
         self._fused = module._fused  # None: resolved on first use (see CCEEmbeddingBagCollection)
         self._fused_resolved: Optional[bool] = None
         self._remap_cache: Dict[Any, Any] = {}
+        # Bumped by every re-clustering (new p and h): contexts remapped before are stale.
+        self._remap_version = 0
         self._compose_cache: Dict[Any, Any] = {}
         compression = module.compression
         # Snapshot the per-id state's in-backward optimizers first: sharding the codebooks
@@ -454,6 +466,7 @@ class ShardedCCEEmbeddingBagCollection(
     def input_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                    features: KeyedJaggedTensor) -> Awaitable[Awaitable[KJTList]]:
         check_features(self._feature_table, self._served, features)
+        ctx.features, ctx.remap_version = features, self._remap_version
         features = _as_int64(features)
         if features.stride() == 0:
             ctx.empty_batch = True
@@ -481,6 +494,28 @@ class ShardedCCEEmbeddingBagCollection(
             return NoWait(NoWait(KJTList([])))
         return self.codebooks.input_dist(ctx, remapped)
 
+    def _current_input(self, ctx: CCEEmbeddingBagCollectionContext,
+                       dist_input: KJTList) -> KJTList:
+        """``dist_input``, or, if the batch was remapped before the last re-clustering (e.g.
+        ``TrainPipelineSparseDist`` ran its input dist one step early), its input dist redone
+        with the current ``p`` and ``h``; ``ctx`` then holds the new dist's state. Collective
+        like any input dist: every rank re-clusters at the same step, so every rank redoes it
+        for the same batch."""
+        if ctx.remap_version == self._remap_version or ctx.features is None:
+            return dist_input
+        fresh = self.create_context()
+        request = self.input_dist(fresh, ctx.features)
+        if isinstance(request, KJTListSplitsAwaitable):
+            # Under TrainPipelineSparseDist the codebook input dists defer their splits
+            # all-to-all to the pipeline (which fuses them across modules): run it here.
+            request = FusedKJTListSplitsAwaitable([request], [fresh], self._pg).wait()[0]
+        else:
+            request = request.wait()
+        dist_input = request.wait()
+        for f in fields(fresh):
+            setattr(ctx, f.name, getattr(fresh, f.name))
+        return dist_input
+
     def _observe(self, ctx: CCEEmbeddingBagCollectionContext) -> None:
         for table, ids in ctx.observed_ids:
             self.tables[table].observe(ids)
@@ -488,6 +523,7 @@ class ShardedCCEEmbeddingBagCollection(
 
     def compute(self, ctx: CCEEmbeddingBagCollectionContext,
                 dist_input: KJTList) -> List[torch.Tensor]:
+        dist_input = self._current_input(ctx, dist_input)
         self._observe(ctx)
         dist_input, anchor = self._resolve_memcom(dist_input)
         mpe_anchor = self._lookup_mpe(ctx)
@@ -514,6 +550,7 @@ class ShardedCCEEmbeddingBagCollection(
 
     def compute_and_output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
+        input = self._current_input(ctx, input)
         if self._memcom_ranges or self._mpe_ranges or not self._has_codebooks:
             return self.output_dist(ctx, self.compute(ctx, input))
         self._observe(ctx)
@@ -542,6 +579,12 @@ class ShardedCCEEmbeddingBagCollection(
     @property
     def unsharded_module_type(self) -> Type[CCEEmbeddingBagCollection]:
         return CCEEmbeddingBagCollection
+
+    def remap_changed(self) -> None:
+        """Note that ``p`` or ``h`` changed (a re-clustering): batches whose input dist ran
+        before (a pipeline's prefetched one) have it redone before they are computed. Call it
+        on every rank at the same step (the redo is collective)."""
+        self._remap_version += 1
 
 
 class _FusedOptimizerHolder(nn.Module, FusedOptimizerModule):
