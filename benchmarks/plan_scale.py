@@ -33,6 +33,7 @@ planner's wall seconds, and the id-range routing traffic of CCE's assignment per
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -66,6 +67,7 @@ from torchrec_cce.distributed import (  # noqa: E402
     per_id_bytes_per_rank,
 )
 from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW  # noqa: E402
+from torchrec_cce.distributed.id_routing import IdRange  # noqa: E402
 from torchrec_cce.memory import _dtype_bytes  # noqa: E402
 from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name  # noqa: E402
 from torchrec_cce.train.sharding import codebook_constraints  # noqa: E402
@@ -275,6 +277,42 @@ def routing_bytes(model: nn.Module, world: int, batch_size: int, ids_per_sample:
     return out
 
 
+def _zipf1_mass(lo: int, hi: int) -> float:
+    """``sum_{k=lo}^{hi-1} 1/(k+1)`` (Zipf(1) weight of ids ``[lo, hi)``, id 0 the most
+    frequent), exact below 10^6 terms, else from the harmonic numbers' asymptotic series."""
+    def harmonic(n: int) -> float:
+        if n < 1_000_000:
+            return float(sum(1.0 / k for k in range(1, n + 1))) if n else 0.0
+        return math.log(n) + 0.5772156649015329 + 1 / (2 * n) - 1 / (12 * n * n)
+    return harmonic(hi) - harmonic(lo)
+
+
+def hot_owner_bytes(model: nn.Module, world: int, batch_size: int, ids_per_sample: Dict[str, int],
+                    replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+                    ) -> Dict[str, float]:
+    """Off-rank routing bytes per batch at the busiest owner when every rank's ids follow
+    Zipf(1) over a frequency-ordered vocabulary (id 0 the most frequent, as the budget
+    planner assumes): rank ``r`` receives ``(W - 1) B L_t m_t(r)`` ids of table ``t``, with
+    ``m_t(r)`` the Zipf(1) mass of its id range ``[lo, hi)`` within ``[0, V)``, and sends one
+    ``C``-chunk int64 answer per id. Rank 0 owns the most frequent ids of every table, so
+    it is the busiest: ``ids_in = 8 x``, ``assign_out = 8 C x``, ``x = sum_t (W - 1) B L_t
+    m_t(0)``; ``ratio`` is its traffic over the mean rank's (:func:`routing_bytes`)."""
+    x, chunks = 0.0, 0
+    for module in model.modules():
+        if not isinstance(module, CCEEmbeddingBagCollection):
+            continue
+        for t in module.embedding_bag_configs():
+            m = module.tables[t.name]
+            if (not isinstance(m, CCETable) or world == 1
+                    or m.logical_assignment_bytes() < replicate_below):
+                continue
+            chunks = max(chunks, m.chunks)
+            rng = IdRange(m.assigned_ids, 0, world, align=m.id_alignment())
+            share = _zipf1_mass(rng.lo, rng.hi) / _zipf1_mass(0, t.num_embeddings)
+            x += (world - 1) * batch_size * sum(ids_per_sample[f] for f in t.feature_names) * share
+    return {"ids_in": 8 * x, "assign_out": 8 * chunks * x, "total": 8 * (1 + chunks) * x}
+
+
 def plan_cell(set_name: str, method: str, world: int, hbm_cap: int = HBM_CAP,
               batch_size: int = BATCH_PER_RANK, proposer: str = "auto") -> Dict[str, object]:
     """Plan one cell of a named table set (see :func:`plan_tables`)."""
@@ -323,7 +361,8 @@ def plan_tables(tables: List[EmbeddingBagConfig], hot: Dict[str, int], method: s
         max_bytes={k: max(per_rank[k]) for k in ("codebook", "ov", "optimizer", "total")},
         sum_bytes={k: sum(per_rank[k]) for k in ("codebook", "ov", "optimizer", "total")},
         max_total_over_cap=max(per_rank["total"]) / hbm_cap,
-        routing=routing_bytes(model, world, batch_size, hot, covered, replicate_below))
+        routing=routing_bytes(model, world, batch_size, hot, covered, replicate_below),
+        hot_owner=hot_owner_bytes(model, world, batch_size, hot, replicate_below))
     return cell
 
 
@@ -375,7 +414,10 @@ def markdown(data: Dict[str, object]) -> str:
              "(ids per sample x covered share); per rank per batch ids out = 8 n (1 - 1/W), "
              "assignments back = 8 C n (1 - 1/W) (int64 answers, C = chunks), counts = "
              "8 (W - 1). The 1 - 1/W is the mean over ranks for any id distribution; under "
-             "skew the owner of hot ids receives more than the mean.", ""]
+             "skew the owner of hot ids receives more than the mean: hot owner = the ids "
+             "rank 0 receives + the assignments it sends back when every rank's ids follow "
+             "Zipf(1) over frequency-ordered ids (`hot_owner_bytes`; rank 0 owns each "
+             "table's most frequent ids).", ""]
     for set_name in SETS:
         cells = [c for c in data["cells"].values() if c["set"] == set_name]
         if not cells:
@@ -383,15 +425,15 @@ def markdown(data: Dict[str, object]) -> str:
         lines += [f"## {set_name}", "",
                   "| method | world | plan | tables by method | compressed GB | codebook GB/rank | O(V) GB/rank | "
                   "optimizer GB/rank | total GB/rank | / cap | codebook tables by sharding type | routing MB/batch"
-                  " | planner s |",
-                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  " | hot owner MB/batch | planner s |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
         order = {m: i for i, m in enumerate(METHODS)}
         for c in sorted(cells, key=lambda c: (order.get(c["method"], 99), c["world"])):
             kinds = " ".join(f"{k} {v}" for k, v in sorted(c["methods"].items()))
             if not c["fits"]:
                 lines.append(f"| {c['method']} | {c['world']} | no plan | {kinds} | "
                              f"{c['compressed_bytes'] / 1e9:.2f} | | | | | | "
-                             f"{c['error'][:90]} | | {c['planner_seconds']:.0f} |")
+                             f"{c['error'][:90]} | | | {c['planner_seconds']:.0f} |")
                 continue
             mx = c["max_bytes"]
             types = ", ".join(f"{k} {v}" for k, v in sorted(c["sharding_types"].items()))
@@ -400,7 +442,9 @@ def markdown(data: Dict[str, object]) -> str:
                 f"{c['compressed_bytes'] / 1e9:.2f} | "
                 f"{mx['codebook'] / 1e9:.3f} | {mx['ov'] / 1e9:.3f} | {mx['optimizer'] / 1e9:.4f}"
                 f" | {mx['total'] / 1e9:.3f} | {c['max_total_over_cap']:.3f} | {types} | "
-                f"{c['routing']['total'] / 1e6:.2f} | {c['planner_seconds']:.0f} |")
+                f"{c['routing']['total'] / 1e6:.2f} | "
+                f"{c.get('hot_owner', {}).get('total', float('nan')) / 1e6:.1f} | "
+                f"{c['planner_seconds']:.0f} |")
         lines.append("")
     if data.get("notes"):
         lines += ["## Notes", ""] + [f"* {n}" for n in data["notes"]] + [""]
@@ -428,6 +472,8 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "plan_scale.json"))
     p.add_argument("--markdown-only", action="store_true")
+    p.add_argument("--refresh-routing", action="store_true",
+                   help="recompute every planned cell's routing bytes (no planning needed)")
     a = p.parse_args()
     torch.set_num_threads(1)
     # Topology(...) built directly, as the brief of this benchmark says: no per-cell warning.
@@ -437,6 +483,18 @@ def main() -> None:
     data["meta"] = {"torchrec": torchrec.__version__, "hbm_cap": HBM_CAP,
                     "batch_per_rank": BATCH_PER_RANK, "local_world_size": LOCAL_WORLD}
     md_path = os.path.splitext(a.out)[0] + ".md"
+    if a.refresh_routing:
+        for cell in data["cells"].values():
+            if cell["fits"]:
+                tables, hot = table_set(cell["set"])
+                compression, cplan = compression_for(cell["method"], tables)
+                model = build_model(tables, compression)
+                covered = ({n: tp.covered_mass for n, tp in cplan.tables.items()
+                            if tp.method == "cce"} if cplan else {})
+                cell["routing"] = routing_bytes(model, cell["world"], cell["batch_per_rank"],
+                                                hot, covered)
+                cell["hot_owner"] = hot_owner_bytes(model, cell["world"],
+                                                    cell["batch_per_rank"], hot)
     if not a.markdown_only:
         sets = [s for s in a.sets.split(",") if s]
         for set_name in sets:

@@ -150,6 +150,31 @@ def test_routing_formula_matches_counted_routing(exact: bool,
     assert formula["counts"] == 8 * (world - 1)
 
 
+def test_hot_owner_formula_matches_counted_routing_of_zipf_ids(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    world, batch, vocab = 8, 4_000, 5_000
+    tables = [EmbeddingBagConfig(name="z", embedding_dim=16, num_embeddings=vocab,
+                                 feature_names=["fz"])]
+    ebc = CCEEmbeddingBagCollection(tables, {"z": CCEConfig(rows=64, chunks=4)},
+                                    device=torch.device("meta"))
+    m = ebc.tables["z"]
+    gen = torch.Generator().manual_seed(1)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)  # Zipf(1), id 0 hottest
+    received = 0  # ids rank 0 gets from the other ranks, counted in the routing's splits
+    for rank in range(world):
+        fake = _FakeDist(world)
+        monkeypatch.setattr(id_routing, "dist", fake)
+        ids = torch.multinomial(weights, batch * 2, replacement=True, generator=gen)
+        route_to_owners([ids], [IdRange(m.assigned_ids, rank, world, align=m.id_alignment())])
+        if rank != 0:
+            received += fake.calls[1][0] // 8
+    formula = plan_scale.hot_owner_bytes(ebc, world, batch, {"fz": 2}, replicate_below=1)
+    assert 8 * received == pytest.approx(formula["ids_in"], rel=0.03)
+    assert formula["assign_out"] == 4 * formula["ids_in"]
+    mean = plan_scale.routing_bytes(ebc, world, batch, {"fz": 2}, replicate_below=1)
+    assert formula["total"] > 2 * (mean["ids_out"] + mean["assign_back"])  # skew: rank 0 is hot
+
+
 def test_compressed_plan_fits_a_cap_the_full_tables_do_not() -> None:
     full = sum(t.num_embeddings * t.embedding_dim * 4 for t in _tables())
     cap = full // WORLD // 2  # even perfectly split, the full tables need twice the HBM
