@@ -275,6 +275,8 @@ def train_cell(method: str, data_dir: str, work: str, args: argparse.Namespace, 
     flags = ["--data", "preprocessed", "--data-dir", data_dir, "--epochs", "1",
              "--batch-size", str(args.batch_size), "--embedding-dim", str(args.dim),
              "--no-progress", "--metrics-json", metrics, *method_flags(method, full)]
+    if args.dim != 16:  # train.py's default --dense-arch 64,16 ends with the embedding dim
+        flags += ["--dense-arch", f"64,{args.dim}"]
     checkpointing = method == "cce"
     if checkpointing:
         flags += ["--checkpoint-dir", ckpt, "--checkpoint-every", str(args.checkpoint_every),

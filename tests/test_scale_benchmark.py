@@ -99,8 +99,8 @@ def test_preprocess_and_one_training_cell(generated: dict) -> None:
     # CCE at 1/16 of the bytes, one epoch, world 2, checkpoint mid-epoch.
     batch = 256
     steps = pre["splits"]["train"] // (2 * batch)
-    args = Namespace(batch_size=batch, dim=8, checkpoint_every=max(1, steps // 2))
-    full = scale.full_bytes(pre["vocab_sizes"], 8)
+    args = Namespace(batch_size=batch, dim=16, checkpoint_every=max(1, steps // 2))
+    full = scale.full_bytes(pre["vocab_sizes"], 16)
     cell = scale.train_cell("cce", str(out), str(tmp), args, full)
     assert cell["steps"] == steps
     assert cell["full_embedding_bytes"] == full
