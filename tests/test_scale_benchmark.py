@@ -111,3 +111,21 @@ def test_preprocess_and_one_training_cell(generated: dict) -> None:
     assert cell["checkpoint_bytes"] > 0
     assert math.isfinite(cell["test_logloss"]) and cell["samples_per_s"] > 0
     assert os.path.isdir(cell["checkpoint_dir"])
+
+
+def test_results_of_concurrent_runs_merge_without_overwriting(tmp_path: Path, monkeypatch) -> None:
+    """Two invocations (different --rows) share scale.json: each writes only its own cells, so a
+    stale copy of the other's cells never overwrites the newer ones on disk."""
+    monkeypatch.setattr(scale, "RESULTS", str(tmp_path / "scale.json"))
+    monkeypatch.setattr(scale, "TABLE", str(tmp_path / "scale.md"))
+    a = {"cells": {"10/other/full": {"v": 1}}}
+    scale.save_results(a, ["10/other/full"])
+    b = scale.load_results()  # b starts now: sees a's first version
+    a["cells"]["10/other/full"] = {"v": 2}
+    a["cells"]["10/other/qr"] = {"v": 3}
+    scale.save_results(a, ["10/other/full", "10/other/qr"])
+    b["cells"]["20/other/full"] = {"v": 4}
+    scale.save_results(b, ["20/other/full"])
+    assert scale.load_results()["cells"] == {"10/other/full": {"v": 2}, "10/other/qr": {"v": 3},
+                                             "20/other/full": {"v": 4}}
+    assert b["cells"] == scale.load_results()["cells"]
