@@ -401,6 +401,43 @@ def check_cuda(cases: List[Case], results: Results, seed: int) -> None:
     results.record("cuda", "autograd", autograd)
 
 
+# ------------------------------------------------------------------ build without ninja
+def build_without_ninja(verbose: bool) -> None:
+    """Build the op library with setuptools (``BuildExtension(use_ninja=False)``), the same
+    sources and flags as ``ops._build``, and load it: for machines without ninja (it is not a
+    torch dependency, and there may be no network to install it)."""
+    import glob
+
+    from setuptools import setup
+    from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
+                                           CUDAExtension)
+
+    cuda = torch.cuda.is_available() and CUDA_HOME is not None
+    csrc = os.path.join(ROOT, "torchrec_cce", "ops", "csrc")
+    sources = [os.path.join(csrc, f) for f in ("remap.cpp", "tbe.cpp", "compose.cpp")]
+    cflags = ["-O3", "-fopenmp", "-fno-math-errno"] + (["-mf16c"] if ops._cpu_has("f16c") else [])
+    name = "torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops"
+    if cuda:
+        ext = CUDAExtension(name, sources + [os.path.join(csrc, "remap_cuda.cu")],
+                            include_dirs=[csrc], extra_link_args=["-fopenmp"],
+                            extra_compile_args={"cxx": cflags, "nvcc": ["-O3"]})
+    else:
+        ext = CppExtension(name, sources, include_dirs=[csrc], extra_link_args=["-fopenmp"],
+                           extra_compile_args={"cxx": cflags})
+    out = os.path.join(ops.build_directory(), "setuptools")
+    os.makedirs(out, exist_ok=True)
+    cwd = os.getcwd()
+    os.chdir(out)  # setuptools reads pyproject.toml / setup.cfg from the working directory
+    try:
+        setup(name=name, ext_modules=[ext],
+              cmdclass={"build_ext": BuildExtension.with_options(use_ninja=False)},
+              script_args=["--verbose" if verbose else "--quiet", "build_ext", "--build-lib",
+                           out, "--build-temp", os.path.join(out, "tmp")])
+    finally:
+        os.chdir(cwd)
+    torch.ops.load_library(sorted(glob.glob(os.path.join(out, name + "*.so")))[-1])
+
+
 # ------------------------------------------------------------------ timing
 def timing_cases(seed: int, batch: int, features: int = 26, mean_len: int = 4) -> Dict[str, Case]:
     """Criteo-shaped batches (``features`` features x ``batch`` bags), one per stream family."""
@@ -464,11 +501,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="bags per feature of the timed batches (0: no timing)")
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per kernel")
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU part")
+    parser.add_argument("--no-ninja", action="store_true",
+                        help="build with setuptools even where ninja exists (automatic without)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the build's output")
     args = parser.parse_args(argv)
 
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.cpu_only
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if args.no_ninja or not is_ninja_available():
+        try:
+            build_without_ninja(args.verbose)
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - setup() exits on errors
+            print(f"gpu_check: FAIL: the op library did not build (setuptools, no ninja): "
+                  f"{' '.join(str(e).split())[:300]}")
+            return 1
     if not ops.load(verbose=args.verbose):
         print(f"gpu_check: FAIL: the op library did not build: {ops._state['error']}")
         return 1
