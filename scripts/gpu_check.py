@@ -21,6 +21,7 @@ Prints one summary line; exit code 0 when every check passed (GPU part skipped w
 """
 
 import argparse
+import glob
 import importlib.util
 import os
 import sys
@@ -62,7 +63,8 @@ class Case:
                  generations: Sequence[torch.Tensor] = (),
                  assignment_values: Sequence[torch.Tensor] = (),
                  precomputed: Sequence[torch.Tensor] = (), bad: bool = False):
-        self.name, self.ids, self.lengths, self.weights, self.batch = name, ids, lengths, weights, batch
+        self.name, self.ids, self.lengths, self.weights = name, ids, lengths, weights
+        self.batch = batch
         self.spec = torch.tensor(spec, dtype=torch.int64).reshape(-1, ops.SPEC_COLUMNS)
         self.generations = list(generations)
         self.assignment_values = list(assignment_values)
@@ -122,7 +124,8 @@ def reference(ids: torch.Tensor, lengths: torch.Tensor, weights: Optional[torch.
                     table = assignment_values[row[ASSIGN]].to(x.device)
                     p = torch.where(inside, table[local.clamp(0, max(table.shape[0] - 1, 0)),
                                                   row[COLUMN]] if table.shape[0] else p, p)
-            h = xq % rows if (qa and (row[KEEP_REMAINDER] or gen == 0)) else hashing.hash_ids(x, h_key, rows)
+            remainder_h = qa and (row[KEEP_REMAINDER] or gen == 0)
+            h = xq % rows if remainder_h else hashing.hash_ids(x, h_key, rows)
             v = torch.stack([p, rows + h], 1).reshape(-1)
         else:
             raise ValueError(f"unknown kind {kind}")
@@ -140,7 +143,8 @@ def reference_weight_grad(grad: torch.Tensor, lengths: torch.Tensor, batch: int,
                           spec: torch.Tensor, num_ids: int) -> torch.Tensor:
     """Gradient of remap's weights w.r.t. the input weights: each value's back to its id."""
     num_features = lengths.numel() // batch
-    bounds = [0] + torch.cumsum(lengths.view(num_features, batch).sum(1).to(torch.int64), 0).tolist()
+    counts = lengths.view(num_features, batch).sum(1).to(torch.int64)
+    bounds = [0] + torch.cumsum(counts, 0).tolist()
     out = torch.zeros(num_ids, dtype=torch.float64, device=grad.device)
     pos = 0
     for row in spec.tolist():
@@ -406,9 +410,7 @@ def build_without_ninja(verbose: bool) -> None:
     """Build the op library with setuptools (``BuildExtension(use_ninja=False)``), the same
     sources and flags as ``ops._build``, and load it: for machines without ninja (it is not a
     torch dependency, and there may be no network to install it)."""
-    import glob
-
-    from setuptools import setup
+    from setuptools import setup  # only here: the ninja build does not need it
     from torch.utils.cpp_extension import (CUDA_HOME, BuildExtension, CppExtension,
                                            CUDAExtension)
 
@@ -539,8 +541,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cases = timing_cases(1234, batch)
         times = time_kernels(cases, has_cuda_kernel, args.repeats if has_cuda_kernel else 3)
         other = "cuda" if has_cuda_kernel else "torch_ref"
-        label = "cuda speedup vs cpu kernel" if has_cuda_kernel else "cpu kernel speedup vs torch ref"
-        ratio = (lambda t: t["cpu"] / t["cuda"]) if has_cuda_kernel else (lambda t: t["torch_ref"] / t["cpu"])
+        if has_cuda_kernel:
+            label, ratio = "cuda speedup vs cpu kernel", lambda t: t["cpu"] / t["cuda"]
+        else:
+            label, ratio = "cpu kernel speedup vs torch ref", lambda t: t["torch_ref"] / t["cpu"]
         n = int(next(iter(cases.values())).ids.numel())
         timing = f"; {label} ({n} ids, {torch.get_num_threads()} cpu threads): " + ", ".join(
             f"{name} {ratio(t):.1f}x" for name, t in times.items())
@@ -548,13 +552,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print("timing " + name + " " + " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in t.items()),
                   file=sys.stderr)
 
-    leaked = [m for m in ("torchrec", "fbgemm_gpu", "torchrec_cce") if sys.modules.get(m) is not None]
+    leaked = [m for m in ("torchrec", "fbgemm_gpu", "torchrec_cce")
+              if sys.modules.get(m) is not None]
     if leaked:
         results.failed.append(f"imports:{','.join(leaked)} imported")
     passed = sum(results.passed.values())
     status = "PASS" if not results.failed else "FAIL"
     parts = ", ".join(f"{k} {v}" for k, v in results.passed.items())
-    gpu = ("" if has_cuda_kernel else
+    gpu = ("" if has_cuda_kernel else "; GPU part skipped (--cpu-only)" if args.cpu_only else
            "; no CUDA: GPU part skipped" if not cuda else "; GPU part FAILED to build")
     print(f"gpu_check: {status} {passed} passed ({parts}), {len(results.failed)} failed"
           f"{' [' + ', '.join(results.failed[:8]) + ']' if results.failed else ''}{gpu}{timing}; "

@@ -3,6 +3,7 @@ remap kernel against the script's pure-torch reference) pass, with TorchRec and 
 unimportable, and the GPU part is reported as skipped. Also: the reference itself agrees with
 the op on a case the script builds, and catches a wrong value (so the checks can fail)."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -16,8 +17,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 
 # Run the script as __main__ with torchrec / fbgemm_gpu blocked (``import torchrec`` raises).
-_BLOCKED = ("import runpy, sys; sys.modules['torchrec'] = None; sys.modules['fbgemm_gpu'] = None; "
-            "sys.argv = [{script!r}] + sys.argv[1:]; runpy.run_path({script!r}, run_name='__main__')")
+_BLOCKED = ("import runpy, sys; sys.modules['torchrec'] = None; "
+            "sys.modules['fbgemm_gpu'] = None; sys.argv = [{script!r}] + sys.argv[1:]; "
+            "runpy.run_path({script!r}, run_name='__main__')")
 
 pytestmark = pytest.mark.skipif(not ops.fused_available(), reason="the fused op cannot be built")
 
@@ -38,8 +40,6 @@ def test_cpu_side_runs_without_torchrec():
 
 
 def _script():  # noqa: ANN202
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("gpu_check_script", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
