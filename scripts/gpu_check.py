@@ -404,6 +404,13 @@ def check_cuda(cases: List[Case], results: Results, seed: int) -> None:
         torch.testing.assert_close(weights.grad.double().cpu(), want)
     results.record("cuda", "autograd", autograd)
 
+    def host_precomputed() -> None:  # p left in host memory while the ids are on the GPU
+        case = next(c for c in cases if c.name == "cce_precomputed")
+        args = list(case.args("cuda"))
+        args[7] = [p.cpu() for p in case.precomputed]
+        _same(case.name, ops.remap(*args), ops.remap(*case.args("cpu")))
+    results.record("cuda", "host_precomputed", host_precomputed)
+
 
 # ------------------------------------------------------------------ build without ninja
 def build_without_ninja(verbose: bool) -> None:
@@ -547,7 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             label, ratio = "cpu kernel speedup vs torch ref", lambda t: t["torch_ref"] / t["cpu"]
         n = int(next(iter(cases.values())).ids.numel())
         timing = f"; {label} ({n} ids, {torch.get_num_threads()} cpu threads): " + ", ".join(
-            f"{name} {ratio(t):.1f}x" for name, t in times.items())
+            f"{name} {ratio(t):.{1 if ratio(t) >= 1 else 2}f}x" for name, t in times.items())
         for name, t in times.items():
             print("timing " + name + " " + " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in t.items()),
                   file=sys.stderr)

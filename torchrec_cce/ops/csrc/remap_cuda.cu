@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> remap_cuda(
     }
   }
   for (size_t i = 0; i < precomputed.size(); ++i) {
-    at::Tensor p = precomputed[i].to(at::kLong).contiguous();
+    at::Tensor p = precomputed[i].to(ids.device(), at::kLong).contiguous();  // host p too
     keep.push_back(p);
     t.pre[i] = p.data_ptr<int64_t>();
     t.pre_stride[i] = p.size(1);
