@@ -1,7 +1,6 @@
 """The training library ``torchrec_cce.train``, module by module, without the example script:
 evaluation protocol, plan selection, warm-up, hooks (alone and inside TorchRec's
-TrainPipelineSparseDist at world size 2), codebook placement, defaults, fault injection and
-the report."""
+TrainPipelineSparseDist at world size 2), defaults, fault injection and the report."""
 
 import argparse
 import os
@@ -13,13 +12,11 @@ from typing import Any, Dict, List, Tuple
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from multiprocess import run_multiprocess
-from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, MPEConfig
-from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, MPEConfig
 from torchrec_cce.train import (Hooks, MPEHook, Optimizers, Protocol, ReclusterHook,
                                 training_hooks)
 from torchrec_cce.train import defaults
@@ -27,7 +24,6 @@ from torchrec_cce.train.checkpoint import FAULT_ENV
 from torchrec_cce.train.optimizers import default_warmup_steps, warmup_factor
 from torchrec_cce.train.plan_select import select_plan
 from torchrec_cce.train.report import print_summary, run_metrics
-from torchrec_cce.train.sharding import codebook_constraints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -177,14 +173,15 @@ def test_hooks_run_any_hook_when_due_with_the_optimizers() -> None:
     assert hook.log == [(model, 3, [opt]), (model, 6, [opt])]
 
 
-# the pipelined loop with hooks equals the plain loop with re-clustering (test_pipeline's)
+# the pipelined loop with hooks (and no pipeline call) equals the plain loop with
+# re-clustering (test_pipeline's)
 def _hooked_pipeline_losses(rank: int, world: int) -> Tuple[List[float], List[float]]:
     from test_pipeline import RECLUSTER_AT, STEPS, build, make_batch, plain_losses
 
     dmp, dense = build(world)
     pipeline = TrainPipelineSparseDist(dmp, dense, torch.device("cpu"))
     hooks = training_hooks(dmp, steps_per_epoch=2 * RECLUSTER_AT, recluster_at=[0.5],
-                           optimizers=[dense], pipeline=pipeline)
+                           optimizers=[dense])  # no pipeline call after the re-clustering
     batches = iter([make_batch(step, rank) for step in range(1, STEPS + 1)])
     losses = []
     for step in range(1, STEPS + 1):
@@ -200,23 +197,6 @@ def test_hooks_keep_the_pipeline_equal_to_the_plain_loop_at_world_2() -> None:
     for rank, (plain, hooked) in enumerate(run_multiprocess(_hooked_pipeline_losses, 2)):
         for step, (a, b) in enumerate(zip(plain, hooked), start=1):
             assert abs(a - b) < 2e-6, f"rank {rank} step {step}: plain {a} vs hooked {b}"
-
-
-# ------------------------------------------------------------------ sharding
-def test_codebook_constraints_keep_codebooks_model_parallel() -> None:
-    ebc = CCEEmbeddingBagCollection(TABLES, {"t_a": CCEConfig(rows=16, chunks=2),
-                                             "t_b": HashingTrickConfig(rows=32)})
-    model = torch.nn.Sequential(ebc)
-    sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
-    allowed = set(sharder.sharding_types("cpu"))
-    cons = codebook_constraints(model, sharder, "cpu")
-    assert set(cons) == {c.name for c in ebc.codebook_table_configs()}
-    for c in cons.values():
-        assert set(c.sharding_types) == allowed - {"data_parallel"}
-    whole = codebook_constraints(model, sharder, "cpu", whole_rows=True)
-    for c in whole.values():
-        assert set(c.sharding_types) == allowed - {"data_parallel", "column_wise",
-                                                   "table_column_wise"}
 
 
 # ------------------------------------------------------------------ defaults

@@ -322,8 +322,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
     hooks = training_hooks(dmp, data.steps_per_epoch or 1, recluster_at=recluster_fractions(cs),
                            recluster_every_epoch=cs["recluster_every_epoch"],
                            kmeans_iters=cs["kmeans_iters"], mpe_search_steps=args.mpe_search_steps,
-                           mpe_warmup_steps=args.mpe_warmup_steps, optimizers=[optim.dense],
-                           pipeline=pipeline)  # re-clustering (CCE tables), MPE's stages
+                           mpe_warmup_steps=args.mpe_warmup_steps,
+                           optimizers=[optim.dense])  # re-clustering (CCE tables), MPE's stages
     recluster, mpe = hooks.of_type(ReclusterHook), hooks.of_type(MPEHook)
     protocol = Protocol(args.patience)
     checkpoints = checkpoint_manager(args, budget["max_params_per_table"], budget["tables"], say)

@@ -1,8 +1,7 @@
 """Training hooks: re-clustering (CCE) and MPE's warm-up / search / selection, behind one
 small interface, run between training steps.
 
-    hooks = training_hooks(dmp, steps_per_epoch=len(loader), optimizers=[dense_opt],
-                           pipeline=pipeline)
+    hooks = training_hooks(dmp, steps_per_epoch=len(loader), optimizers=[dense_opt])
     for step in range(1, steps + 1):
         loss = pipeline.progress(it)
         for line in hooks.after_step(step):
@@ -105,9 +104,10 @@ class Hooks:
     """The hooks of one training run, bound to its model.
 
     ``after_step(step)`` runs every due hook (with ``optimizers``, whose state a re-clustering
-    or an MPE selection resets for the changed rows) and returns their console lines. With a
-    ``pipeline`` (TorchRec's ``TrainPipelineSparseDist``), the batch it has in flight is
-    remapped again after a hook that changes the remap."""
+    or an MPE selection resets for the changed rows) and returns their console lines. A
+    ``TrainPipelineSparseDist`` needs no call after a re-clustering (the sharded collection
+    redoes the input dist of a batch remapped before it); given a ``pipeline``, its batch in
+    flight is remapped at once instead (optional)."""
 
     def __init__(self, model: nn.Module, hooks: Sequence[TrainingHook],
                  optimizers: Sequence[torch.optim.Optimizer] = (), pipeline: Any = None) -> None:

@@ -15,12 +15,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.planner.types import (
-    KernelConfig,
-    ParameterConstraints,
-    TopologyFactory,
-    TrainerConfig,
-)
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.train_pipeline import TrainPipelineBase, TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingEnv
 
@@ -31,38 +26,22 @@ from torchrec_cce.distributed import (
     plan_memory,
 )
 from torchrec_cce.distributed.sharder import shard_unplanned
-from torchrec_cce.modules import CCEEmbeddingBagCollection
-
-
-def _collections(model: nn.Module) -> list:
-    return [m for m in model.modules() if isinstance(m, CCEEmbeddingBagCollection)]
-
-
-def codebook_constraints(model: nn.Module, sharder: Any, compute_device: str,
-                         whole_rows: bool = False) -> Dict[str, ParameterConstraints]:
-    """Planner constraints placing every codebook model-parallel.
-
-    One recipe for every method: every embedding table (full tables and codebooks alike) is
-    model-parallel, so it trains with the fused sparse optimizer. TorchRec's planner would place
-    small tables data-parallel, and DMP trains those with the dense optimizer instead: methods
-    whose codebooks are small would then train with another optimizer than the full table (and
-    float16 ones would NaN: torch Adagrad's float16 state underflows eps to 0 at step 1).
-    ``whole_rows`` also leaves out column-wise placements (serving INT-N rows quantises whole
-    rows: evaluating the served values needs every codebook row on one rank)."""
-    split_rows = ("data_parallel",) + (("column_wise", "table_column_wise") if whole_rows else ())
-    model_parallel = [s for s in sharder.sharding_types(compute_device) if s not in split_rows]
-    return {c.name: ParameterConstraints(sharding_types=model_parallel)
-            for ebc in _collections(model) for c in ebc.codebook_table_configs()}
 
 
 def shard(model: nn.Module, world: int, device: torch.device, batch_size: int,
           whole_rows: bool = False) -> Tuple[nn.Module, str]:
     """Plan and shard ``model`` over the default process group (collective).
 
-    Returns the ``DistributedModelParallel`` and the plan's memory table (per table: method,
-    bytes, bytes per rank). A collection the plan does not place (every table MPE: no codebook)
-    is sharded by :func:`torchrec_cce.distributed.sharder.shard_unplanned`."""
-    sharder = CCEEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder())
+    Every codebook is model-parallel (the CCE sharder offers no data-parallel placement), so it
+    trains with the fused sparse optimizer like a full table. ``whole_rows`` also leaves out
+    column-wise placements (serving INT-N rows quantises whole rows: evaluating the served
+    values needs every codebook row on one rank). Returns the ``DistributedModelParallel`` and
+    the plan's memory table (per table: method, bytes, bytes per rank). A collection the plan
+    does not place (every table MPE: no codebook) is sharded by
+    :func:`torchrec_cce.distributed.sharder.shard_unplanned`."""
+    sharder = CCEEmbeddingBagCollectionSharder(
+        EmbeddingBagCollectionSharder(),
+        excluded_sharding_types=("column_wise", "table_column_wise") if whole_rows else ())
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world,
                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
@@ -72,10 +51,8 @@ def shard(model: nn.Module, world: int, device: torch.device, batch_size: int,
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                       if "sparse_arch" not in n)
     base = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
-    constraints = codebook_constraints(model, sharder, device.type, whole_rows)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
-                                       storage_reservation=CCEStorageReservation(base=base),
-                                       constraints=constraints or None)
+                                       storage_reservation=CCEStorageReservation(base=base))
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
     table = format_plan(plan_memory(plan, model, world))  # before DMP swaps modules
     env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
