@@ -99,12 +99,12 @@ def ref_lsq(w: torch.Tensor, alpha: float, beta: torch.Tensor, bits: int) -> tor
 def ref_mpe_row(m, cfg: MPEConfig, table: EmbeddingBagConfig, x: int) -> torch.Tensor:
     """One MPE row as the model uses it: search = ``sum_b softmax(logits_g / tau)_b * q_b(w)``
     (softmax in float64 here), retrain = ``q_{selected_g}(w)``, warm-up = ``w``."""
-    w, beta = m.weight.detach()[x].float(), m.beta.detach().float()
+    w, beta = m.weight.detach()[x].float(), m.offsets().detach().float()
     stage = int(m.stage)
     if stage == 0:
         return w.clone()
     g = ref_mpe_group(cfg, table.num_embeddings, x)
-    alphas = [float(a) for a in m.alpha.detach()]
+    alphas = [float(a) for a in m.steps().detach()]
     if stage == 2:
         b = int(m.selected[g])
         return ref_lsq(w, alphas[list(cfg.bits).index(b)], beta, b)

@@ -4,11 +4,13 @@
 * placement: TorchRec's ``EmbeddingShardingPlanner`` and DMP's default planner never make a
   codebook data-parallel with ``CCEEmbeddingBagCollectionSharder`` (float16 codebooks train
   without NaN); ``allow_data_parallel=True`` opts back in.
+* one in-backward optimizer over every sparse parameter (the golden example's line) works with
+  MEmCom and MPE and equals the example's former split;
 """
 
-from typing import Dict, List
-
+import copy
 import math
+from typing import Dict, List
 
 import pytest
 import torch
@@ -26,8 +28,11 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from multiprocess import run_multiprocess
-from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig
+from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, MEmComConfig,
+                          MPEConfig)
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
+from torchrec_cce.methods import MEmComTable
+from torchrec_cce.methods.mpe import MPETable
 
 B = 64
 SIZES = {"f0": 5000, "f1": 2000, "f2": 10}
@@ -101,7 +106,7 @@ def _placements(rank: int, world: int) -> Dict[str, Dict[str, str]]:
 
 
 def test_planners_never_make_codebooks_data_parallel() -> None:
-    for placements in run_multiprocess(_placements, 2):
+    for placements in run_multiprocess(_placements, 2, timeout=900):
         tables = {"t_f0__cce", "t_f1__hash", "t_f2"}
         for key in ("planner allow=False", "dmp default"):
             assert set(placements[key]) == tables, key
@@ -126,7 +131,7 @@ def _train_fp16(rank: int, world: int, allow: bool) -> List[float]:
 
 
 def test_float16_codebooks_train_without_nan_by_default() -> None:
-    for losses in run_multiprocess(_train_fp16, 2, False):
+    for losses in run_multiprocess(_train_fp16, 2, False, timeout=900):
         assert all(math.isfinite(x) for x in losses), losses
         assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.01, losses
 
@@ -134,7 +139,7 @@ def test_float16_codebooks_train_without_nan_by_default() -> None:
 def test_float16_codebooks_turn_nan_when_data_parallel() -> None:
     """Why the default matters: the same model with data-parallel codebooks under torch's
     Adagrad (float16 state: eps rounds to 0, rows without gradient divide 0 by 0)."""
-    for losses in run_multiprocess(_train_fp16, 2, True):
+    for losses in run_multiprocess(_train_fp16, 2, True, timeout=900):
         assert not all(math.isfinite(x) for x in losses), losses
 
 
@@ -155,6 +160,96 @@ def _hand_made_data_parallel_plan(rank: int, world: int) -> str:
 
 
 def test_hand_made_data_parallel_plan_is_refused_with_the_fix() -> None:
-    for message in run_multiprocess(_hand_made_data_parallel_plan, 2):
+    for message in run_multiprocess(_hand_made_data_parallel_plan, 2, timeout=900):
         assert "data_parallel" in message and "allow_data_parallel=True" in message, message
         assert "t_f" in message, message
+
+
+# ---------------------------------------------------------------- 2. one in-backward optimizer
+MIXED_SIZES = {"f0": 5000, "f1": 2000, "f3": 3000, "f2": 10}
+
+
+def mixed_compression() -> Dict:
+    counts = torch.arange(3000, 0, -1)  # frequency-ordered ids: MPE searches from step 1
+    return {"t_f0": CCEConfig(rows=16, chunks=2), "t_f1": MEmComConfig(rows=64),
+            "t_f3": MPEConfig(groups=4, bits=(0, 2, 4, 8), counts=counts)}
+
+
+def one_line(model: DLRMTrain, cls: type, kwargs: Dict) -> None:
+    """The golden example's line: every sparse parameter, one optimizer."""
+    apply_optimizer_in_backward(cls, model.model.sparse_arch.parameters(), kwargs)
+
+
+def example_split(model: DLRMTrain, cls: type, kwargs: Dict, per_id_cls: type) -> None:
+    """examples/dlrm/train.py's split before the library carried it: MPE's small replicated
+    parameters left to the dense optimizer, MEmCom's per-id weights given ``per_id_cls``
+    (torch's element-wise rule), every other sparse parameter ``cls``."""
+    ebc = model.model.sparse_arch.embedding_bag_collection
+    small = [p for m in ebc.tables.values() if isinstance(m, MPETable)
+             for p in (m.logits, m.alpha, m.beta)]
+    per_id = [m.id_weight for m in ebc.tables.values() if isinstance(m, MEmComTable)]
+    skip = {id(p) for p in small + per_id}
+    apply_optimizer_in_backward(cls, [p for p in model.model.sparse_arch.parameters()
+                                      if id(p) not in skip], kwargs)
+    apply_optimizer_in_backward(per_id_cls, per_id, kwargs)
+
+
+def _mixed_losses(rank: int, world: int, optimizer: str, split: bool) -> List[float]:
+    model = dlrm(mixed_compression(), MIXED_SIZES)
+    cls, per_id_cls, kwargs = {
+        "rowwise_adagrad": (RowWiseAdagrad, torch.optim.Adagrad, {"lr": 0.1, "eps": 1e-8}),
+        "sgd": (torch.optim.SGD, torch.optim.SGD, {"lr": 0.1}),
+    }[optimizer]
+    if split:
+        example_split(model, cls, kwargs, per_id_cls)
+    else:
+        one_line(model, cls, kwargs)
+    dmp = DistributedModelParallel(
+        model, sharders=[CCEEmbeddingBagCollectionSharder(), *get_default_sharders()],
+        device=CPU)
+    return plain_loop(dmp, dense_optimizer(dmp), rank, 16, MIXED_SIZES)
+
+
+@pytest.mark.parametrize("optimizer", ["rowwise_adagrad", "sgd"])
+def test_one_in_backward_optimizer_over_all_sparse_params_equals_the_split(optimizer: str
+                                                                          ) -> None:
+    one = run_multiprocess(_mixed_losses, 2, optimizer, False, timeout=900)
+    split = run_multiprocess(_mixed_losses, 2, optimizer, True, timeout=900)
+    for rank, (a, b) in enumerate(zip(one, split)):
+        # The same rules on the same values; only the operation order of one per-id update
+        # differs (torch Adagrad's sparse step divides g by its std, then scales by -lr;
+        # row-wise Adagrad's addcdiv does it the other way round): float32 rounding only.
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=2e-6)
+        assert all(math.isfinite(x) for x in a)
+        assert sum(a[-5:]) / 5 < sum(a[:5]) / 5 - 0.01, f"rank {rank}: {a}"
+
+
+def test_one_line_row_wise_adagrad_on_per_id_columns_is_adagrad() -> None:
+    """Unsharded: RowWiseAdagrad builds on every parameter of the collection (none is 1-D),
+    and on MEmCom's [V, 1] weights and MPE's [K, 1] / [dim, 1] steps and offsets it is
+    exactly torch's Adagrad (rows of one element)."""
+    tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=8, num_embeddings=n,
+                                 feature_names=[f]) for f, n in MIXED_SIZES.items()]
+    torch.manual_seed(0)
+    one = CCEEmbeddingBagCollection(tables, mixed_compression())
+    split = copy.deepcopy(one)
+    assert all(p.dim() == 2 for p in one.parameters())
+    kwargs = {"lr": 0.1, "eps": 1e-8}
+    apply_optimizer_in_backward(RowWiseAdagrad, one.parameters(), kwargs)
+    columns = {n for n, _ in one.named_parameters() if n.endswith(("id_weight", "alpha", "beta"))}
+    assert len(columns) == 3
+    named = dict(split.named_parameters())
+    apply_optimizer_in_backward(RowWiseAdagrad, [p for n, p in named.items() if n not in columns],
+                                kwargs)
+    apply_optimizer_in_backward(torch.optim.Adagrad, [named[n] for n in columns], kwargs)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    for step in range(3):
+        kjt = make_batch(step, 0, MIXED_SIZES).sparse_features
+        for m in (one, split):
+            (m(kjt).values() ** 2).sum().backward()
+    after = dict(one.named_parameters())
+    for n in columns:
+        assert not torch.equal(before[n], after[n].detach()), n  # stepped
+    for n, p in named.items():
+        torch.testing.assert_close(after[n].detach(), p.detach(), rtol=0, atol=0, msg=n)
+

@@ -59,7 +59,7 @@ def reference() -> CCEEmbeddingBagCollection:
     with torch.no_grad():  # non-trivial per-id state, so that fetching it by id range is tested
         ids = torch.arange(0, V, 3)
         ref.tables["a"].write_assignment(ids, torch.full((ids.numel(), 2), 5))
-        ref.tables["c"].id_weight.copy_(torch.linspace(0.5, 1.5, V))
+        ref.tables["c"].id_weight.copy_(torch.linspace(0.5, 1.5, V).unsqueeze(1))
     return ref
 
 

@@ -110,7 +110,7 @@ def randomise_mpe(m) -> None:  # noqa: ANN001
     with torch.no_grad():
         m.logits.uniform_(-2, 2)
         m.beta.uniform_(-0.02, 0.02)
-        m.alpha.mul_(torch.linspace(0.5, 1.5, m.alpha.numel()))
+        m.steps().mul_(torch.linspace(0.5, 1.5, m.alpha.numel()))
         if m.config is METHODS["mpe_retrain"] or m.config is METHODS["mpe_served"]:
             m.select()
             m.selected.copy_(torch.tensor(MPE_RETRAIN_WIDTHS))

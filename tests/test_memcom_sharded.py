@@ -74,10 +74,10 @@ def shard(kind: str, world: int, sgd: bool = True,
     sharder = CCEEmbeddingBagCollectionSharder(allow_data_parallel=kind == "dp")
     module = CCEEmbeddingBagCollection(tables(), COMPRESSION, device=torch.device("meta"))
     if per_id_adagrad:  # as train.py: fused SGD on codebooks, in-backward Adagrad on w
-        apply_optimizer_in_backward(SGD, [p for p in module.parameters() if p.dim() == 2],
-                                    {"lr": LR})
-        apply_optimizer_in_backward(torch.optim.Adagrad,
-                                    [p for p in module.parameters() if p.dim() == 1], {"lr": LR})
+        per_id = [p for n, p in module.named_parameters() if n.endswith("id_weight")]
+        apply_optimizer_in_backward(SGD, [p for p in module.parameters()
+                                          if not any(p is q for q in per_id)], {"lr": LR})
+        apply_optimizer_in_backward(torch.optim.Adagrad, per_id, {"lr": LR})
     elif sgd:
         apply_optimizer_in_backward(SGD, module.parameters(), {"lr": LR})
     names = [c.name for c in module.codebook_table_configs()]

@@ -99,8 +99,8 @@ def ref_groups(t: MPETable, counts: np.ndarray) -> np.ndarray:
 def ref_rows(t: MPETable, ids: torch.Tensor) -> torch.Tensor:
     """Rows as the table should see them, from its parameters (search mix or frozen width)."""
     W = t.weight.detach()[ids]
-    alpha = (t.alpha.detach().abs() + 1e-10)
-    beta = t.beta.detach()
+    alpha = (t.steps().detach().abs() + 1e-10)
+    beta = t.offsets().detach()
     groups = t.group_ids(ids)
     out = torch.zeros_like(W)
     for r in range(ids.numel()):
@@ -184,7 +184,7 @@ def test_forward_equals_reference(pooling: PoolingType, weighted: bool, stage: s
     t = ebc.tables["big"]
     with torch.no_grad():
         t.logits.copy_(torch.randn(t.logits.shape) * 3e-3)
-        t.beta.copy_(torch.randn(DIM) * 1e-3)
+        t.offsets().copy_(torch.randn(DIM) * 1e-3)
         if stage == "retrain":
             t.select()
             t.selected[:2] = 0  # some pruned groups too
@@ -379,7 +379,7 @@ def serving_bound(ebc: CCEEmbeddingBagCollection, features: KeyedJaggedTensor) -
     sum_j |w_j| (|c_j alpha| + |beta|)`` over each bag of ``n`` ids (fp32 summation order;
     fbgemm's fp16 scale 1 and bias -2^(b-1) are exact)."""
     t = ebc.tables["big"]
-    beta = t.beta.detach()
+    beta = t.offsets().detach()
     rows = (t.quantized_rows(torch.arange(V)).detach() - beta).abs() + beta.abs()
     out = []
     for f in ("a", "b"):

@@ -192,7 +192,7 @@ def test_alternating_fits_improve_on_their_start(config):
         m = out.tables["t_c"]
         H = codebook(out, "t_c", "memcom")[m.bucket(torch.arange(V))]
         w_ref = (E * H).sum(1) / (H * H).sum(1)
-        assert not torch.allclose(m.id_weight.detach(), torch.ones(V))
+        assert not torch.allclose(m.id_weight.detach(), torch.ones(V, 1))
         # H was refit after w: w is optimal for the H of the previous round, so compare the
         # error of the refit w against the stored one
         assert sq_err(w_ref.unsqueeze(1) * H, E) <= sq_err(every_id(out, "t_c"), E) * (1 + 1e-4)
@@ -204,7 +204,7 @@ def test_mpe_masters_are_the_trained_rows():
     m = out.tables["t_c"]
     assert torch.equal(m.weight.detach(), src.embedding_bags["t_c"].weight.detach())
     mean_abs = float(src.embedding_bags["t_c"].weight.detach().abs().mean())
-    torch.testing.assert_close(m.alpha.detach(), torch.tensor(
+    torch.testing.assert_close(m.steps().detach(), torch.tensor(
         [2 * mean_abs / (2.0 ** (b - 1)) ** 0.5 for b in (0, 2, 4, 8)]))
 
 

@@ -229,7 +229,7 @@ def traced_forward(module: nn.Module, features: KeyedJaggedTensor) -> KeyedTenso
         served, plan.spec, [methods[n].h_generation for n in plan.generation_tables],
         [methods[n].assignment for n in plan.assignment_tables], plan.keys,
         plan.stream_feature, plan.stream_k, module._is_weighted, module._inner_weighted,
-        p["id_weight_features"], [methods[n].id_weight for n in p["id_weight_tables"]],
+        p["id_weight_features"], [methods[n].id_weight.view(-1) for n in p["id_weight_tables"]],
         [methods[n].num_embeddings for n in p["id_weight_tables"]])
     pooled = module.codebooks(remapped)
     return compose(served, pooled, p["parts"], p["keys"], p["dims"])

@@ -184,7 +184,7 @@ def _fit_codebooks(method: CompressedTable, E: torch.Tensor, c: torch.Tensor,
             H = _weighted_ratio(cw * w.unsqueeze(1) * Ed, (c * w * w).unsqueeze(1).expand_as(Ed),
                                 b, method.rows, H)
         with torch.no_grad():
-            method.id_weight.copy_(w.to(method.id_weight.dtype))
+            method.id_weight.copy_(w.to(method.id_weight.dtype).view(method.id_weight.shape))
         return {"memcom": H}
     raise TypeError(f"warm start: no fit for {type(method).__name__}")
 

@@ -67,11 +67,14 @@ def fetch_per_id_rows(requests: List[PerIdRequest], group: Optional[dist.Process
     return rows_out, anchor
 
 
-def fetch_per_id_weights(requests: List[PerIdRequest], group: Optional[dist.ProcessGroup] = None
+def fetch_per_id_weights(requests: List[PerIdRequest], group: Optional[dist.ProcessGroup] = None,
+                         sparse_grad: Union[bool, Sequence[bool]] = False
                          ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-    """:func:`fetch_per_id_rows` for 1-D shards (MEmCom's per-id weights): ``weights[i][j]`` =
-    the weight of ``requests[i]``'s id ``j``."""
-    return fetch_per_id_rows(requests, group)
+    """:func:`fetch_per_id_rows` for shards of one value per id (1-D, or a ``[n, 1]`` column
+    like MEmCom's per-id weights): ``weights[i][j]`` = the weight of ``requests[i]``'s id
+    ``j`` (1-D)."""
+    rows, anchor = fetch_per_id_rows(requests, group, sparse_grad)
+    return [r.reshape(-1) for r in rows], anchor
 
 
 class ScaleGrad(torch.autograd.Function):

@@ -333,13 +333,14 @@ class ShardedCCEEmbeddingBagCollection(
                     ids = kjt.values()[bounds[i]: bounds[i + 1]]
                     places[table].append((g, i, ids))
         # One request per table, in the same table order on every rank (even with no ids here).
-        requests = []
+        requests, sparse = [], []
         for table, rng in self._memcom_ranges.items():
             m = self.tables[table]
             ids = [x for _, _, x in places[table]]
             ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64, device=self._device)
             requests.append((torch.remainder(ids, m.num_embeddings), rng, m.id_weight))
-        fetched_per_table, anchor = fetch_per_id_weights(requests, self._pg)
+            sparse.append(_accepts_sparse_grad(m.id_weight))
+        fetched_per_table, anchor = fetch_per_id_weights(requests, self._pg, sparse_grad=sparse)
         by_group: Dict[int, Dict[int, Tuple[str, torch.Tensor]]] = {}
         for table, fetched in zip(self._memcom_ranges, fetched_per_table):
             sizes = [x.numel() for _, _, x in places[table]]
@@ -380,9 +381,10 @@ class ShardedCCEEmbeddingBagCollection(
                 if isinstance(value, ShardedTensor):
                     for shard in value.local_shards():
                         lo, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
-                        target[lo - rng.lo: lo - rng.lo + n].copy_(shard.tensor)
+                        piece = target[lo - rng.lo: lo - rng.lo + n]  # (reshape: a 1-D
+                        piece.copy_(shard.tensor.reshape(piece.shape))  # w of an older save)
                 elif value.shape[0] == rng.num_ids:  # the full (unsharded) tensor
-                    target.copy_(value[rng.lo: rng.hi])
+                    target.copy_(value[rng.lo: rng.hi].reshape(target.shape))
                 else:
                     raise ValueError(
                         f"{key}: expected a ShardedTensor or the full tensor of {rng.num_ids} "
@@ -612,9 +614,13 @@ def _apply_in_backward_optimizers(optimizers: List[Tuple[type, Dict[str, Any]]],
     ``torchrec.optim.optimizers.SGD/Adam/Adagrad`` only name fbgemm's fused optimizers (their
     ``step`` raises), so the per-id state gets the ``torch.optim`` class of the same name.
     ``RowWiseAdagrad`` (fbgemm's ``EXACT_ROWWISE_ADAGRAD``) becomes
-    :class:`torchrec_cce.optim.RowWiseAdagrad` on 2-D rows (MPE's master weights: one
-    accumulator per row, sparse gradients) and ``torch.optim.Adagrad`` on MEmCom's 1-D per-id
-    weights (rows of one element, where the two rules are the same).
+    :class:`torchrec_cce.optim.RowWiseAdagrad` (same rule and state, sparse gradients): one
+    accumulator per row of MPE's master weights, and per id for MEmCom's ``[V, 1]`` weights
+    (rows of one element, where it is exactly ``torch.optim.Adagrad``); a 1-D parameter gets
+    ``torch.optim.Adagrad``.
+
+    MPE's logits, steps and offsets get none: the sharded table's are replicated and trained
+    by the dense optimizer (DDP averages their gradients), like every replicated parameter.
     """
     if not optimizers:
         return

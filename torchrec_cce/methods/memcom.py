@@ -2,7 +2,11 @@
 ``e(x) = w[x] * H[h(x)]``.
 
 ``H`` is hashed and shared; ``w`` is one trainable scalar per id, applied as a per-sample
-weight of the pooled lookup, so the codebook stays an ordinary (weighted) EBC table.
+weight of the pooled lookup, so the codebook stays an ordinary (weighted) EBC table. ``w`` is
+stored as a ``[V, 1]`` column (rows of one element), so the optimizer a TorchRec user gives
+every sparse parameter applies to it as to any table: row-wise Adagrad on one-element rows is
+exactly Adagrad (``apply_optimizer_in_backward(RowWiseAdagrad, ...)`` works on it). A 1-D ``w``
+of an older checkpoint loads into the column.
 
 Sharded (``id_shard=(lo, hi)``, built by the sharder), the table stores only ``w[lo:hi]`` and
 the two stages move to the rank that computes the codebook lookup: :meth:`remap` passes the raw
@@ -35,8 +39,9 @@ class MEmComTable(CompressedTable):
         self.codebooks = [Codebook("memcom", config.rows, table.embedding_dim, ["memcom"])]
         self.sharded = id_shard is not None
         self.id_lo, self.id_hi = id_shard if self.sharded else (0, table.num_embeddings)
-        # w[id_lo:id_hi] (all of w unless sharded by id range).
-        self.id_weight = nn.Parameter(torch.empty(self.id_hi - self.id_lo, device=device))
+        # w[id_lo:id_hi] (all of w unless sharded by id range), one row per id.
+        self.id_weight = nn.Parameter(torch.empty(self.id_hi - self.id_lo, 1, device=device))
+        self._register_load_state_dict_pre_hook(_column_from_vector)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -61,7 +66,7 @@ class MEmComTable(CompressedTable):
     def id_weights(self, ids: torch.Tensor) -> Optional[torch.Tensor]:
         if self.sharded:
             return None
-        return self.id_weight[torch.remainder(ids, self.num_embeddings)]
+        return self.id_weight[torch.remainder(ids, self.num_embeddings), 0]
 
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return pooled[0]
@@ -75,3 +80,11 @@ class MEmComTable(CompressedTable):
 
     def extra_parameters(self) -> int:
         return self.num_embeddings
+
+
+def _column_from_vector(state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+    """Load a 1-D ``id_weight`` (checkpoints written before it became a column)."""
+    key = prefix + "id_weight"
+    value = state_dict.get(key)
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        state_dict[key] = value.unsqueeze(1)

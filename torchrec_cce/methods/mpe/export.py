@@ -168,12 +168,12 @@ def export_table(table: nn.Module, layout: str = DEFAULT_LAYOUT) -> Dict[str, to
     groups_by_rank = table.group_ids(order.to(table.weight.device)).cpu()
     rows_by_rank, _ = _global_rows(bits_per_group, groups_by_rank,
                                    torch.tensor(table.bits))
-    alpha = (table.alpha.abs() + 1e-10).detach().cpu()
+    alpha = (table.steps().abs() + 1e-10).detach().cpu()
     out: Dict[str, torch.Tensor] = {
         "header": torch.tensor([V, dim, table.num_groups], dtype=torch.int64),
         "candidates": torch.tensor(table.bits, dtype=torch.uint8),
         "alpha": alpha.clone(),
-        "beta": table.beta.detach().cpu().clone(),
+        "beta": table.offsets().detach().cpu().clone(),
         "bits": bits_per_group.to(torch.uint8),
     }
     width_by_rank = bits_per_group[groups_by_rank]

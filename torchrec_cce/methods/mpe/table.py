@@ -50,6 +50,14 @@ and pools them with :meth:`pool`; the gradients return to the owners, whose in-b
 optimizer steps them. The small logits, steps and offsets (and the per-id group index, when
 kept) stay replicated and DMP's DDP averages their gradients.
 
+The steps and offsets are stored as columns (``alpha`` ``[K, 1]``, ``beta`` ``[dim, 1]``) so
+that no parameter of the collection is 1-D: ``apply_optimizer_in_backward(RowWiseAdagrad,
+<all sparse parameters>)`` can build its optimizer on each (row-wise Adagrad on one-element
+rows is Adagrad). Under DMP the sharded table's logits, steps and offsets are replicated and
+trained by the dense optimizer (DDP averages their gradients), whatever in-backward optimizer
+they had before sharding; only the master weights keep theirs. 1-D steps/offsets of an older
+checkpoint load into the columns.
+
 Every parameter stays in the autograd graph in every stage (multiplied by 0 where unused), so
 DMP's DDP (``static_graph=True``, ``find_unused_parameters=False``) sees a gradient for each.
 """
@@ -145,8 +153,11 @@ class MPETable(CompressedTable):
         # Master weights of ids [id_lo, id_hi) (all ids unless sharded by id range).
         self.weight = nn.Parameter(torch.empty(self.id_hi - self.id_lo, d, device=device))
         self.logits = nn.Parameter(torch.zeros(config.groups, K, device=device))
-        self.alpha = nn.Parameter(torch.ones(K, device=device))
-        self.beta = nn.Parameter(torch.zeros(d, device=device))
+        # One step per width and one offset per dimension, stored as [K, 1] / [dim, 1]
+        # columns (see the module docstring); read them as vectors (steps(), offsets()).
+        self.alpha = nn.Parameter(torch.ones(K, 1, device=device))
+        self.beta = nn.Parameter(torch.zeros(d, 1, device=device))
+        self._register_load_state_dict_pre_hook(_columns_from_vectors)
         self.register_buffer("grad_scales", torch.tensor(
             [grad_scale(b, V * d) if b > 0 else 0.0 for b in self.bits], device=device))
         self.register_buffer("stage", torch.tensor(SEARCH, dtype=torch.int64, device=device))
@@ -229,6 +240,14 @@ class MPETable(CompressedTable):
         totals.index_add_(0, group, counts.to(torch.float64))
         totals = totals.clamp(min=1)
         self.group_weight.copy_((totals / totals.min()).to(self.group_weight.dtype))
+
+    def steps(self) -> torch.Tensor:
+        """The LSQ+ steps ``alpha`` as a ``[K]`` vector (a view of the parameter)."""
+        return self.alpha.view(-1)
+
+    def offsets(self) -> torch.Tensor:
+        """The LSQ+ offsets ``beta`` as a ``[dim]`` vector (a view of the parameter)."""
+        return self.beta.view(-1)
 
     # ---- groups, stages ----
     @property
@@ -334,7 +353,7 @@ class MPETable(CompressedTable):
         """Master-weight rows ``w`` of ``ids`` (``[n, dim]``, however fetched) as the model
         sees them in the current stage."""
         stage = int(self.stage)
-        alpha = effective_step(self.alpha)
+        alpha = effective_step(self.steps())
         if stage == WARMUP:
             out = w
         elif stage == SEARCH:
@@ -344,7 +363,7 @@ class MPETable(CompressedTable):
                 if b == 0:
                     continue
                 lo, hi = code_range(b)
-                q = lsq_plus(w, alpha[i], self.beta, lo, hi, self.grad_scales[i])
+                q = lsq_plus(w, alpha[i], self.offsets(), lo, hi, self.grad_scales[i])
                 out = out + p[:, i:i + 1] * q
         else:
             out = self._retrain_rows(w, ids, alpha)
@@ -361,7 +380,7 @@ class MPETable(CompressedTable):
         kept = (width > 0).unsqueeze(1)
         safe = torch.where(width > 0, width, torch.ones_like(width)).to(w.dtype).unsqueeze(1)
         lo, hi = -(2 ** (safe - 1)), 2 ** (safe - 1) - 1
-        q = lsq_plus(w, alpha[index].unsqueeze(1), self.beta, lo, hi,
+        q = lsq_plus(w, alpha[index].unsqueeze(1), self.offsets(), lo, hi,
                      self.grad_scales[index].unsqueeze(1))
         return q * kept.to(w.dtype)
 
@@ -370,8 +389,8 @@ class MPETable(CompressedTable):
         i = self.bits.index(bits)
         lo, hi = code_range(bits)
         with torch.no_grad():
-            c = quantize_codes(self._local_rows(ids), effective_step(self.alpha)[i], self.beta,
-                               lo, hi)
+            c = quantize_codes(self._local_rows(ids), effective_step(self.steps())[i],
+                               self.offsets(), lo, hi)
         return c.to(torch.int64)
 
     def pooled_lookup(self, jt: JaggedTensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
@@ -430,3 +449,11 @@ class MPETable(CompressedTable):
     def extra_parameters(self) -> int:
         return self.num_embeddings * self.embedding_dim + sum(
             p.numel() for p in (self.logits, self.alpha, self.beta))
+
+
+def _columns_from_vectors(state_dict: dict, prefix: str, *args) -> None:  # noqa: ANN002
+    """Load 1-D ``alpha``/``beta`` (checkpoints written before they became columns)."""
+    for name in ("alpha", "beta"):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.dim() == 1:
+            state_dict[prefix + name] = value.unsqueeze(1)
