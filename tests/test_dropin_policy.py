@@ -6,6 +6,8 @@
   without NaN); ``allow_data_parallel=True`` opts back in.
 * one in-backward optimizer over every sparse parameter (the golden example's line) works with
   MEmCom and MPE and equals the example's former split;
+* a collection of MPE tables only is sharded by DMP itself and trains in
+  ``TrainPipelineSparseDist`` (the re-clustering case is in tests/test_pipeline.py).
 """
 
 import copy
@@ -19,6 +21,7 @@ from torchrec import EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.datasets.utils import Batch
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.sharding_plan import construct_module_sharding_plan, data_parallel
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.models.dlrm import DLRM, DLRMTrain
@@ -253,3 +256,33 @@ def test_one_line_row_wise_adagrad_on_per_id_columns_is_adagrad() -> None:
     for n, p in named.items():
         torch.testing.assert_close(after[n].detach(), p.detach(), rtol=0, atol=0, msg=n)
 
+
+# ---------------------------------------------------------------- 4. a collection of MPE tables only
+MPE_SIZES = {"f0": 300, "f1": 10}
+
+
+def _all_mpe_losses(rank: int, world: int, pipelined: bool):
+    model = dlrm({f"t_{f}": MPEConfig(groups=2, bits=(0, 4, 8), counts=torch.arange(n, 0, -1))
+                  for f, n in MPE_SIZES.items()}, MPE_SIZES)
+    apply_optimizer_in_backward(RowWiseAdagrad, model.model.sparse_arch.parameters(),
+                                {"lr": 0.1, "eps": 1e-8})
+    dmp = DistributedModelParallel(model, sharders=[CCEEmbeddingBagCollectionSharder()],
+                                   device=CPU)  # DMP's own planner, no helper
+    sharded = dmp.module.model.sparse_arch.embedding_bag_collection
+    local_rows = {t: sharded.tables[t].weight.shape[0] for t in ("t_f0", "t_f1")}
+    dense = dense_optimizer(dmp)
+    if not pipelined:
+        return local_rows, plain_loop(dmp, dense, rank, 12, MPE_SIZES)
+    pipeline = TrainPipelineSparseDist(dmp, dense, CPU)
+    batches = iter([make_batch(step, rank, MPE_SIZES) for step in range(1, 13)])
+    return local_rows, [float(pipeline.progress(batches)[0]) for _ in range(12)]
+
+
+def test_all_mpe_collection_shards_under_dmp_and_trains_in_the_sparse_dist_pipeline() -> None:
+    plain = run_multiprocess(_all_mpe_losses, 2, False, timeout=900)
+    piped = run_multiprocess(_all_mpe_losses, 2, True, timeout=900)
+    for rank, ((rows, a), (_, b)) in enumerate(zip(plain, piped)):
+        # master weights split by id range: ceil(V / 2) ids on rank 0, the rest on rank 1
+        assert rows == {"t_f0": 150, "t_f1": 5}, rows
+        assert a == b, f"rank {rank}: plain {a} vs pipelined {b}"
+        assert sum(a[-4:]) / 4 < sum(a[:4]) / 4, a

@@ -51,7 +51,6 @@ from torchrec.distributed.embeddingbag import (
 from torchrec.distributed.types import (
     Awaitable,
     LazyAwaitable,
-    NoWait,
     ParameterSharding,
     QuantizedCommCodecs,
     ShardingEnv,
@@ -90,6 +89,8 @@ from torchrec_cce.stages import (
 )
 
 DATA_PARALLEL = ShardingType.DATA_PARALLEL.value
+# The plan entry of a collection with no codebook (see the sharder's shardable_parameters).
+MPE_PLAN_SUFFIX = "__mpe"
 
 
 @dataclass
@@ -200,6 +201,8 @@ class ShardedCCEEmbeddingBagCollection(
             module.codebooks, table_name_to_parameter_sharding, env=env, device=device,
             module_fqn=append_prefix(module_fqn or "", "codebooks") if module_fqn else None,
         )
+        if not self._has_codebooks:  # never called: nothing of it to set up (pipelines check)
+            self.codebooks._has_uninitialized_input_dist = False
         # CPU codebook TBEs train with torchrec_cce's kernel (same state, same maths as fbgemm's;
         # see torchrec_cce/distributed/cpu_tbe.py).
         self.codebook_kernels = use_codebook_kernel(self.codebooks)
@@ -493,7 +496,8 @@ class ShardedCCEEmbeddingBagCollection(
                                   fused=self.fused, cache=self._remap_cache)
         if not self._has_codebooks:  # only MPE tables: nothing to distribute
             ctx.batch_size = features.stride()
-            return NoWait(NoWait(KJTList([])))
+            # (the form TorchRec's input dists return, which TrainPipelineSparseDist expects)
+            return KJTListSplitsAwaitable([], ctx)
         return self.codebooks.input_dist(ctx, remapped)
 
     def _current_input(self, ctx: CCEEmbeddingBagCollectionContext,
@@ -735,6 +739,7 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
               env: ShardingEnv, device: Optional[torch.device] = None,
               module_fqn: Optional[str] = None) -> ShardedCCEEmbeddingBagCollection:
         device = device or torch.device("cuda")
+        params = {t: p for t, p in params.items() if not t.endswith(MPE_PLAN_SUFFIX)}
         self._check_placements(module, params, device)
         return ShardedCCEEmbeddingBagCollection(
             module, params, ebc_sharder=self._ebc_sharder, env=env,
@@ -746,7 +751,16 @@ class CCEEmbeddingBagCollectionSharder(BaseEmbeddingSharder[CCEEmbeddingBagColle
         return self._ebc_sharder.fused_params
 
     def shardable_parameters(self, module: CCEEmbeddingBagCollection) -> Dict[str, nn.Parameter]:
-        return self._ebc_sharder.shardable_parameters(module.codebooks)
+        """The codebook tables' weights. A collection with no codebook (every table MPE) offers
+        its first MPE table's logits instead (as ``<table>__mpe``, a small ``[groups, K]``
+        tensor), so that the planner gives it a plan entry and DistributedModelParallel shards
+        it (splitting the master weights by id range); that entry's placement is not used."""
+        params = self._ebc_sharder.shardable_parameters(module.codebooks)
+        if not params:
+            mpe = [(n, m) for n, m in module.tables.items() if isinstance(m, MPETable)]
+            if mpe:
+                params = {mpe[0][0] + MPE_PLAN_SUFFIX: mpe[0][1].logits}
+        return params
 
     @property
     def module_type(self) -> Type[CCEEmbeddingBagCollection]:
