@@ -5,9 +5,9 @@ No GPU is needed: TorchRec's ``EmbeddingShardingPlanner`` plans a simulated CUDA
 CPU machine, for a ``DLRM_DCN`` whose ``CCEEmbeddingBagCollection`` lives on the meta device
 (nothing is allocated). The planner sees the project's storage reservation
 (:class:`torchrec_cce.distributed.CCEStorageReservation`: the O(V) state split by id range is
-reserved on every rank) and the project's constraints (every codebook model-parallel,
-:func:`torchrec_cce.train.sharding.codebook_constraints`), with one extra constraint: the
-``fused`` (HBM) kernel only, so "fits" means fits in 80 GB of HBM, not in host memory via UVM.
+reserved on every rank) and the CCE sharder's sharding types (every codebook
+model-parallel), with one constraint: the ``fused`` (HBM) kernel only, so "fits" means fits
+in 80 GB of HBM, not in host memory via UVM.
 
 Per cell (table set x method x world size) the JSON records, per rank:
 
@@ -49,7 +49,7 @@ from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner
 from torchrec.distributed.planner.proposers import GreedyProposer, UniformProposer
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.planner.types import PlannerError, Topology
+from torchrec.distributed.planner.types import ParameterConstraints, PlannerError, Topology
 from torchrec.distributed.types import ShardingPlan
 from torchrec.models.dlrm import DLRM_DCN
 from torchrec.optim import RowWiseAdagrad
@@ -70,7 +70,6 @@ from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BEL
 from torchrec_cce.distributed.id_routing import IdRange  # noqa: E402
 from torchrec_cce.memory import _dtype_bytes  # noqa: E402
 from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name  # noqa: E402
-from torchrec_cce.train.sharding import codebook_constraints  # noqa: E402
 
 GiB = 1 << 30
 HBM_CAP = 80 * GiB
@@ -162,9 +161,11 @@ def make_planner(model: nn.Module, sharder: CCEEmbeddingBagCollectionSharder, wo
                         local_world_size=min(LOCAL_WORLD, world), hbm_cap=hbm_cap)
     dense_bytes = sum(p.numel() * 4 for n, p in model.named_parameters() if "sparse_arch" not in n)
     base = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
-    constraints = codebook_constraints(model, sharder, "cuda")
-    for c in constraints.values():
-        c.compute_kernels = [EmbeddingComputeKernel.FUSED.value]
+    # The CCE sharder itself keeps codebooks model-parallel (no data_parallel); HBM kernel only.
+    fused = [EmbeddingComputeKernel.FUSED.value]
+    constraints = {c.name: ParameterConstraints(compute_kernels=fused)
+                   for m in model.modules() if isinstance(m, CCEEmbeddingBagCollection)
+                   for c in m.codebook_table_configs()}
     return EmbeddingShardingPlanner(
         topology=topology, batch_size=batch_size,
         storage_reservation=CCEStorageReservation(base=base, replicate_below=replicate_below),
