@@ -154,7 +154,10 @@ def test_sharded_training_loads_into_an_unsharded_model(tmp_path) -> None:
     with torch.no_grad():
         expected = quantize_model(pooled)(batch(7))
         assert torch.equal(served(batch(7)), expected)
-        assert torch.equal(pooled(batch(7)), ranks[0]["pooled"])
+        # The sharded MEmCom table is a fused TBE with per-sample weights (model-parallel since
+        # the sharder leaves out data_parallel); it sums a weighted bag in another order than
+        # nn.EmbeddingBag: equal to 1 float32 ulp, not bit for bit.
+        torch.testing.assert_close(pooled(batch(7)), ranks[0]["pooled"], rtol=0, atol=5e-7)
         assert not torch.equal(expected, ranks[0]["pooled"])  # (quantised: not the float ones)
 
 
