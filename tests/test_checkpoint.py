@@ -623,6 +623,7 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+@pytest.mark.slow  # world 1 covers the same exactness: test_mpe_resume_mid_warmup_search_and_retrain_is_exact
 @pytest.mark.timeout(2400)
 def test_mpe_resume_mid_search_and_retrain_two_processes(tmp_path) -> None:
     """The same at world size 2 under torchrun (MPE tables replicated by DMP's DDP, the other

@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TORCHREC_CCE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_quick_quality_benchmark_writes_csv_within_budgets(tmp_path: Path) -> None:
     if not (SHARED / "frappe.csv").exists():

@@ -85,6 +85,7 @@ def test_zipf_head_share_matches_the_sampler_cdf(generated: dict, column: int) -
         assert abs(observed - p) < 5 * sigma, (k, observed, p)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_preprocess_and_one_training_cell(generated: dict) -> None:
     tmp: Path = generated["dir"]
