@@ -290,15 +290,23 @@ class CentroidIndex:
             s = torch.addmm(self._bias, xb, self._ct, alpha=-2.0)
             margin = self._err((xb * xb).sum(1)).mul_(2.0)
             r, col = torch.nonzero(s <= (s.amin(1) + margin)[:, None], as_tuple=True)
-            d64 = (xb.double().index_select(0, r) - c64.index_select(0, col)).square_().sum(1)
-            dmin = torch.full((m,), float("inf"), dtype=torch.float64, device=x.device)
-            dmin.scatter_reduce_(0, r, d64, reduce="amin")
-            cand = torch.where(d64 == dmin.index_select(0, r), col, torch.full_like(col, self.k))
-            win = torch.full((m,), self.k, dtype=torch.int64, device=x.device)
-            win.scatter_reduce_(0, r, cand, reduce="amin")
+            win, dmin = self._float64_argmin(xb, r, col, c64)
             idx[lo: lo + m] = win
             best[lo: lo + m] = dmin.float()
         return idx, best
+
+    def _float64_argmin(self, xb: torch.Tensor, r: torch.Tensor, col: torch.Tensor,
+                        c64: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """For candidate pairs (row ``r`` of ``xb``, centroid ``col`` of float64 ``c64``): each
+        row's nearest candidate in float64 (lowest index on ties) and its squared distance."""
+        m = xb.shape[0]
+        d64 = (xb.double().index_select(0, r) - c64.index_select(0, col)).square_().sum(1)
+        dmin = torch.full((m,), float("inf"), dtype=torch.float64, device=xb.device)
+        dmin.scatter_reduce_(0, r, d64, reduce="amin")
+        cand = torch.where(d64 == dmin.index_select(0, r), col, torch.full_like(col, self.k))
+        win = torch.full((m,), self.k, dtype=torch.int64, device=xb.device)
+        win.scatter_reduce_(0, r, cand, reduce="amin")
+        return win, dmin
 
     def _exact_grouped(self, x: torch.Tensor, near: torch.Tensor
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -314,6 +322,7 @@ class CentroidIndex:
         best = torch.empty(n, dtype=torch.float32, device=x.device)
         lo, hi = gr.lo[:, : gr.num_groups], gr.hi[:, : gr.num_groups]
         sizes = gr.offsets[1:] - gr.offsets[:-1]
+        c64 = self.centroids.double()
         rows = max(1, _EXACT_BATCH_ELEMENTS // max(1, gr.num_groups * self.d))
         for a in range(0, n, rows):
             xb = x[a: a + rows]
@@ -333,13 +342,7 @@ class CentroidIndex:
             cols = first + within
             real = torch.isfinite(gr.bias[cols])  # drop the groups' padding columns
             r, col = r[real], gr.perm[cols[real]]
-            d64 = (xb.double().index_select(0, r)
-                   - self.centroids.double().index_select(0, col)).square_().sum(1)
-            dmin = torch.full((m,), float("inf"), dtype=torch.float64, device=x.device)
-            dmin.scatter_reduce_(0, r, d64, reduce="amin")
-            cand = torch.where(d64 == dmin.index_select(0, r), col, torch.full_like(col, self.k))
-            win = torch.full((m,), self.k, dtype=torch.int64, device=x.device)
-            win.scatter_reduce_(0, r, cand, reduce="amin")
+            win, dmin = self._float64_argmin(xb, r, col, c64)
             idx[a: a + m] = win
             best[a: a + m] = dmin.float()
         return idx, best
