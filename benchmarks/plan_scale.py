@@ -38,7 +38,7 @@ import os
 import sys
 import time
 from collections import Counter
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torchrec
@@ -235,6 +235,21 @@ def _ov_total_bytes(model: nn.Module, table: str, world: int, replicate_below: i
     raise KeyError(table)
 
 
+def _routed_tables(model: nn.Module, world: int, replicate_below: int
+                   ) -> Iterator[Tuple[EmbeddingBagConfig, CCETable]]:
+    """``(table config, CCE table)`` of every CCE table whose assignment is split by id range
+    (so its lookups are routed): none at world size 1 or below ``replicate_below`` bytes."""
+    if world == 1:
+        return
+    for module in model.modules():
+        if not isinstance(module, CCEEmbeddingBagCollection):
+            continue
+        for t in module.embedding_bag_configs():
+            m = module.tables[t.name]
+            if isinstance(m, CCETable) and m.logical_assignment_bytes() >= replicate_below:
+                yield t, m
+
+
 def routing_bytes(model: nn.Module, world: int, batch_size: int, ids_per_sample: Dict[str, int],
                   covered: Optional[Dict[str, float]] = None,
                   replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW) -> Dict[str, float]:
@@ -258,17 +273,10 @@ def routing_bytes(model: nn.Module, world: int, batch_size: int, ids_per_sample:
     ``covered``: ``{table: c_t}`` (default 1: every id covered)."""
     covered = covered or {}
     n, chunks = 0.0, 0
-    for module in model.modules():
-        if not isinstance(module, CCEEmbeddingBagCollection):
-            continue
-        for t in module.embedding_bag_configs():
-            m = module.tables[t.name]
-            if (not isinstance(m, CCETable) or world == 1
-                    or m.logical_assignment_bytes() < replicate_below):
-                continue
-            chunks = max(chunks, m.chunks)
-            n += batch_size * sum(ids_per_sample[f] for f in t.feature_names) * covered.get(
-                t.name, 1.0)
+    for t, m in _routed_tables(model, world, replicate_below):
+        chunks = max(chunks, m.chunks)
+        n += batch_size * sum(ids_per_sample[f] for f in t.feature_names) * covered.get(
+            t.name, 1.0)
     if n == 0:
         return {"lookups": 0, "ids_out": 0, "assign_back": 0, "counts": 0, "total": 0}
     off = 1 - 1 / world
@@ -299,18 +307,11 @@ def hot_owner_bytes(model: nn.Module, world: int, batch_size: int, ids_per_sampl
     it is the busiest: ``ids_in = 8 x``, ``assign_out = 8 C x``, ``x = sum_t (W - 1) B L_t
     m_t(0)``; ``ratio`` is its traffic over the mean rank's (:func:`routing_bytes`)."""
     x, chunks = 0.0, 0
-    for module in model.modules():
-        if not isinstance(module, CCEEmbeddingBagCollection):
-            continue
-        for t in module.embedding_bag_configs():
-            m = module.tables[t.name]
-            if (not isinstance(m, CCETable) or world == 1
-                    or m.logical_assignment_bytes() < replicate_below):
-                continue
-            chunks = max(chunks, m.chunks)
-            rng = IdRange(m.assigned_ids, 0, world, align=m.id_alignment())
-            share = _zipf1_mass(rng.lo, rng.hi) / _zipf1_mass(0, t.num_embeddings)
-            x += (world - 1) * batch_size * sum(ids_per_sample[f] for f in t.feature_names) * share
+    for t, m in _routed_tables(model, world, replicate_below):
+        chunks = max(chunks, m.chunks)
+        rng = IdRange(m.assigned_ids, 0, world, align=m.id_alignment())
+        share = _zipf1_mass(rng.lo, rng.hi) / _zipf1_mass(0, t.num_embeddings)
+        x += (world - 1) * batch_size * sum(ids_per_sample[f] for f in t.feature_names) * share
     return {"ids_in": 8 * x, "assign_out": 8 * chunks * x, "total": 8 * (1 + chunks) * x}
 
 
