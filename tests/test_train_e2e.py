@@ -343,8 +343,10 @@ def test_torchrun_preprocessed_two_workers(tmp_path: Path) -> None:
         (["--data", "criteo_tsv"], ["--train-path", "criteo_tsv"]),
         (["--method", "hashing", "--recluster-at", "0.5"], ["--recluster-at", "cce"]),
         (["--data", "preprocessed"], ["--data-dir", "preprocess"]),
+        (["--embedding-dropout", "1"], ["--embedding-dropout", "[0, 1)"]),
     ],
-    ids=["criteo_tsv-without-train-path", "recluster-at-without-cce", "preprocessed-without-dir"],
+    ids=["criteo_tsv-without-train-path", "recluster-at-without-cce", "preprocessed-without-dir",
+         "embedding-dropout-1"],
 )
 def test_bad_flags_fail_with_usage_error(tmp_path: Path, args: List[str], names: List[str]) -> None:
     run = _run([PYTHON, TRAIN, *args, "--metrics-json", str(tmp_path / "m.json")], tmp_path,

@@ -45,7 +45,7 @@ from torchrec_cce.data.sources import (  # noqa: E402
 from torchrec_cce.train import (  # noqa: E402
     MPEDLRMTrain, MPEHook, Optimizers, Protocol, ReclusterHook, apply_sparse_optimizer,
     default_warmup_steps, dense_optimizer, evaluate_val_test, in_step, init_distributed,
-    make_pipeline, shard, training_hooks)
+    make_pipeline, regularize_pooled, shard, training_hooks)
 from torchrec_cce.train.checkpoint import (  # noqa: E402
     checkpoint_manager, inject_fault, load_checkpoint, save_checkpoint)
 from torchrec_cce.train.defaults import (  # noqa: E402
@@ -144,6 +144,16 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
                                               help="optimizer of the MLPs (default adagrad)")),
     ("training", ("--dense-lr",), dict(type=float, default=0.05,
                                        help="dense (MLP) learning rate (default 0.05)")),
+    ("training", ("--embedding-gain",), dict(action="store_true", help=(
+        "a learned [features, dim] gain (initialised to 1) on the pooled embeddings before the "
+        "interaction, trained by the dense optimizer; any --method "
+        "(torchrec_cce.train.regularize_pooled)"))),
+    ("training", ("--embedding-l2",), dict(type=float, default=0.0, help=(
+        "L2 penalty on the pooled embeddings: the gradient of l2/2 * batch mean of their sum "
+        "of squares, added in backward (the reported loss is unchanged); reaches every row a "
+        "method composes them from (default 0)"))),
+    ("training", ("--embedding-dropout",), dict(type=float, default=0.0, help=(
+        "dropout on the pooled embeddings while training (default 0)"))),
     ("training", ("--warmup-steps",), dict(type=int, help=(
         "linear learning-rate warm-up of both optimizers: step s (1-based) uses "
         "lr * min(1, s / N); 0 = none. Default: a quarter of the run's steps, at most 100 "
@@ -251,6 +261,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--keep-checkpoints must be >= 0 (0 keeps all), got {keep_checkpoints}":
             args.keep_checkpoints < 0,
         "--warmup-steps must be >= 0, got {warmup_steps}": (args.warmup_steps or 0) < 0,
+        "--embedding-l2 must be >= 0, got {embedding_l2}": args.embedding_l2 < 0,
+        "--embedding-dropout must be in [0, 1), got {embedding_dropout}":
+            not 0 <= args.embedding_dropout < 1,
         **{f"--{f.replace('_', '-')} must be positive, got {{{f}}}":
            getattr(args, f) is not None and getattr(args, f) <= 0
            for f in ("eval_every", "patience", "checkpoint_every")},
@@ -285,6 +298,8 @@ def build_model(args: argparse.Namespace, data: Any) -> Tuple[nn.Module, Dict[st
                   dense_device=torch.device("cpu"))
     dlrm = (DLRM_DCN(**common, dcn_num_layers=args.dcn_layers, dcn_low_rank_dim=args.dcn_low_rank)
             if args.dcn else DLRM(**common))
+    regularize_pooled(dlrm, gain=args.embedding_gain, l2=args.embedding_l2,
+                      dropout=args.embedding_dropout)
     model = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return model, {"max_params_per_table": cap, "compressed_tables": len(compression),
                    "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),

@@ -6,6 +6,8 @@
 * :mod:`~torchrec_cce.train.optimizers`: sparse rule in backward for every embedding row,
   dense optimizer, warm-up reaching fbgemm's fused optimizers (``Optimizers``);
 * :mod:`~torchrec_cce.train.hooks`: re-clustering and MPE stages (``training_hooks``);
+* :mod:`~torchrec_cce.train.pooled`: gain, L2 and dropout on the pooled embeddings
+  (``regularize_pooled``);
 * :mod:`~torchrec_cce.train.evaluation`: ``evaluate`` and the best-validation ``Protocol``;
 * :mod:`~torchrec_cce.train.checkpoint`: checkpoint glue and the fault-injection test hook;
 * :mod:`~torchrec_cce.train.plan_select`: choosing a budget plan on validation data;
@@ -30,6 +32,7 @@ from torchrec_cce.train.optimizers import (
     dense_optimizer,
     sparse_optimizer,
 )
+from torchrec_cce.train.pooled import PooledRegularizer, regularize_pooled
 from torchrec_cce.train.sharding import make_pipeline, shard
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "MPEDLRMTrain",
     "MPEHook",
     "Optimizers",
+    "PooledRegularizer",
     "Protocol",
     "ReclusterHook",
     "TrainingHook",
@@ -48,6 +52,7 @@ __all__ = [
     "in_step",
     "init_distributed",
     "make_pipeline",
+    "regularize_pooled",
     "shard",
     "sparse_optimizer",
     "training_hooks",
