@@ -3,7 +3,8 @@
 Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
-                              QRConfig, MEmComConfig, MPEConfig, recluster, memory_report,
+                              QRConfig, MEmComConfig, MPEConfig, TieredConfig, recluster,
+                              memory_report,
                               plan_compression, compress_trained, export_for_inference,
                               load_unsharded)
 """
@@ -17,6 +18,7 @@ from torchrec_cce.configs import (
     MEmComConfig,
     MPEConfig,
     QRConfig,
+    TieredConfig,
     compression_for_budget,
     total_compression,
 )
@@ -50,5 +52,6 @@ __all__ = [
     "recluster",
     "summarize",
     "TablePlan",
+    "TieredConfig",
     "total_compression",
 ]

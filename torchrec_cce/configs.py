@@ -354,10 +354,75 @@ class FullConfig:
         return table.num_embeddings * table.embedding_dim
 
 
+def cold_table(table: EmbeddingBagConfig, hot_ids: int) -> EmbeddingBagConfig:
+    """The cold part of ``table`` when its ids ``[0, hot_ids)`` are hot: the ids
+    ``[hot_ids, V)`` renumbered from 0 (same name, dim, pooling, dtype and init)."""
+    return dataclasses.replace(table, num_embeddings=table.num_embeddings - hot_ids)
+
+
+@dataclass(frozen=True)
+class TieredConfig:
+    """A hot tier of exclusive rows in front of any method (CAFE's hot/cold split, Zhang et
+    al., SIGMOD 2024, with the hot set taken from a frequency-ordered vocabulary).
+
+    Ids ``[0, hot_ids)`` (with :mod:`torchrec_cce.data.preprocess`'s vocabularies: the most
+    frequent ones) read one row each of an uncompressed ``hot_ids x dim`` table stored at
+    ``hot_dtype`` (None: the logical table's ``data_type``); the ids ``[hot_ids, V)`` go through
+    ``cold`` (any other config) as the ids ``[0, V - hot_ids)`` of a table of ``V - hot_ids``
+    ids: CCE's assignment, MEmCom's weights and MPE's master rows cover cold ids only. A bag's
+    vector is the sum of its hot and cold parts; with MEAN pooling every part is divided by the
+    whole bag's length (for a QR-mult cold part, the product of the divided pools). Ids outside
+    ``[0, V)`` raise. Parameters: ``hot_ids * dim`` plus ``cold``'s on ``V - hot_ids`` ids.
+
+    An ``MPEConfig`` cold part with ``counts`` of all ``V`` ids uses the cold ids' counts.
+    """
+
+    hot_ids: int
+    cold: Any
+    hot_dtype: Optional[torch.dtype] = None
+
+    def validate(self, table: EmbeddingBagConfig) -> None:
+        if not isinstance(self.hot_ids, int) or isinstance(self.hot_ids, bool) or \
+                not 0 < self.hot_ids < table.num_embeddings:
+            raise ValueError(
+                f"table '{table.name}': TieredConfig.hot_ids must be an int in [1, "
+                f"{table.num_embeddings - 1}] (the table has {table.num_embeddings} ids), got "
+                f"{self.hot_ids!r}; for every id hot use FullConfig, for none the cold config "
+                f"alone"
+            )
+        if isinstance(self.cold, TieredConfig) or not isinstance(self.cold, CONFIG_TYPES):
+            raise ValueError(
+                f"table '{table.name}': TieredConfig.cold must be one of "
+                f"{[c.__name__ for c in CONFIG_TYPES if c is not TieredConfig]}, got "
+                f"{self.cold!r}"
+            )
+        codebook_data_type(table, self.hot_dtype)
+        if isinstance(self.cold, MEmComConfig) and self.hot_dtype not in (None, torch.float32):
+            raise ValueError(
+                f"table '{table.name}': a MEmCom cold tier weights every lookup by fp32 per-id "
+                f"weights, so the hot rows must be float32 too; pass hot_dtype=None"
+            )
+        self.cold_config(table).validate(cold_table(table, self.hot_ids))
+
+    def cold_config(self, table: EmbeddingBagConfig) -> Any:
+        """``cold`` as it applies to the cold table (MPE counts restricted to cold ids)."""
+        counts = getattr(self.cold, "counts", None)
+        if counts is not None and len(counts) == table.num_embeddings:
+            return dataclasses.replace(self.cold, counts=counts[self.hot_ids:])
+        return self.cold
+
+    def hot_parameters(self, table: EmbeddingBagConfig) -> int:
+        return self.hot_ids * table.embedding_dim
+
+    def num_parameters(self, table: EmbeddingBagConfig) -> int:
+        return self.hot_parameters(table) + self.cold.num_parameters(
+            cold_table(table, self.hot_ids))
+
+
 CompressionConfig = Union[CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig,
-                          MPEConfig, FullConfig]
+                          MPEConfig, FullConfig, TieredConfig]
 CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig,
-                FullConfig)
+                FullConfig, TieredConfig)
 
 METHOD_NAMES = ("full", "hashing", "ce", "qr", "cce", "memcom", "mpe")
 

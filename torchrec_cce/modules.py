@@ -118,7 +118,8 @@ def codebook_configs(
             embedding_dim=cb.embedding_dim,
             feature_names=[codebook_feature_name(e, s) for e in names for s in cb.streams],
             pooling=PoolingType.SUM,
-            data_type=getattr(method, "codebook_data_type", None) or table.data_type,
+            data_type=(getattr(method, "codebook_data_types", {}).get(cb.suffix)
+                       or getattr(method, "codebook_data_type", None) or table.data_type),
             weight_init_min=table.get_weight_init_min(),
             weight_init_max=table.get_weight_init_max(),
             init_fn=table.init_fn,
@@ -205,7 +206,8 @@ class CCEEmbeddingBagCollection(EmbeddingBagCollectionInterface):
             for f in t.feature_names:
                 self._feature_table.setdefault(f, t.name)
         self._inner_weighted = is_weighted or any(
-            m.method_name == "memcom" for m in self.tables.values()
+            m.method_name == "memcom" or getattr(m, "id_weighted", False)
+            for m in self.tables.values()
         )
         inner = [c for t, table_names in zip(tables, names)
                  for c in codebook_configs(t, self.tables[t.name], table_names)]

@@ -149,23 +149,25 @@ def reference_remap_features(
             ids = jt.values()
             if observe:
                 method.observe(ids)
+            w = jt.weights_or_none() if is_weighted else None
+            if hasattr(method, "remap_bags"):  # tiered: each stream has its own bags
+                remapped[e] = method.remap_bags(ids, jt.lengths(), w)
+                continue
             if assignments is not None and e in assignments:
                 streams = method.streams_from(assignments[e], method.bucket(ids))
             else:
                 streams = method.remap(ids)
-            w = jt.weights_or_none() if is_weighted else None
             id_weights = method.id_weights(ids)
             if id_weights is not None:
                 w = id_weights if w is None else w * id_weights
-            if inner_weighted and w is None:
-                w = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
-            remapped[e] = (streams, w, jt.lengths())
+            remapped[e] = [(rows, jt.lengths(), w) for rows in streams]
         first_stream = 0
         for cb in method.codebooks:
             for _, e in pairs:
-                streams, w, lens = remapped[e]
                 for j, s in enumerate(cb.streams):
-                    rows = streams[first_stream + j]
+                    rows, lens, w = remapped[e][first_stream + j]
+                    if inner_weighted and w is None:
+                        w = torch.ones(rows.shape[:1], dtype=torch.float32, device=rows.device)
                     k = rows.shape[1] if rows.dim() == 2 else 1
                     keys.append(codebook_feature_name(e, s))
                     values.append(rows.reshape(-1))
@@ -492,9 +494,10 @@ def compose_pooled(
     for t, method, f, e, indices in plan["features"]:
         if local_pooled is not None and e in local_pooled:
             streams = [local_pooled[e]]
-        elif getattr(method, "local_lookup", False):
+        elif getattr(method, "local_lookup", False):  # after its codebook streams (tiered)
             jt = lengths[f]
-            streams = [method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
+            streams = [parts[i] for i in indices] + [
+                method.pooled_lookup(jt, jt.weights_or_none() if is_weighted else None)]
         else:
             streams = [parts[i] for i in indices]
         if t.pooling == PoolingType.MEAN:

@@ -352,6 +352,7 @@ def _unsharded_states(collection: nn.Module, collective: Collective
                       ) -> Iterable[Tuple[str, ReclusterState, Dict[str, nn.Parameter]]]:
     for t in collection.embedding_bag_configs():
         method = collection.tables[t.name]
+        method = getattr(method, "cold", method)  # a tiered table's cold CCE (TieredTable)
         if not isinstance(method, CCETable):
             continue
         weights = {cb.suffix: collection.codebooks.embedding_bags[

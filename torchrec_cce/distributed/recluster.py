@@ -54,6 +54,7 @@ def _sharded_states(sharded: Any, collective: Collective
     state = sharded.codebooks.state_dict()
     for t in sharded.embedding_bag_configs():
         method = sharded.tables[t.name]
+        method = getattr(method, "cold", method)  # a tiered table's cold CCE (TieredTable)
         if not isinstance(method, CCETable):
             continue
         suffixes = [cb.suffix for cb in method.codebooks]

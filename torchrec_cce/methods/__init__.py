@@ -14,7 +14,9 @@ from torchrec_cce.configs import (
     MEmComConfig,
     MPEConfig,
     QRConfig,
+    TieredConfig,
     codebook_data_type,
+    cold_table,
 )
 from torchrec_cce.methods.base import (
     Codebook,
@@ -29,6 +31,7 @@ from torchrec_cce.methods.hashing_trick import HashingTrickTable
 from torchrec_cce.methods.memcom import MEmComTable
 from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.methods.qr import QRTable
+from torchrec_cce.methods.tiered import TieredTable
 
 
 def build_table(
@@ -45,6 +48,11 @@ def build_table(
     if config is None:
         return FullTable(table)
     config.validate(table)
+    if isinstance(config, TieredConfig):  # the cold method on the cold ids, behind hot rows
+        cold = build_table(cold_table(table, config.hot_ids), config.cold_config(table),
+                           device=device, store_assignment=store_assignment,
+                           assignment_range=assignment_range)
+        return TieredTable(table, config, cold)
     if isinstance(config, CCEConfig):
         method: CompressedTable = CCETable(table, config, device=device,
                                            store_assignment=store_assignment,
@@ -65,7 +73,7 @@ def build_table(
         raise TypeError(
             f"table '{table.name}': unsupported compression config {type(config).__name__}; use "
             f"one of CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig, "
-            f"FullConfig"
+            f"FullConfig, TieredConfig"
         )
     method.codebook_data_type = codebook_data_type(table, getattr(config, "codebook_dtype", None))
     return method
@@ -81,6 +89,7 @@ __all__ = [
     "MEmComTable",
     "MPETable",
     "QRTable",
+    "TieredTable",
     "build_table",
     "codebook_feature_name",
     "codebook_table_name",

@@ -1,0 +1,125 @@
+"""Hot/cold tiers (:class:`~torchrec_cce.configs.TieredConfig`): ids ``[0, H)`` read exclusive
+rows of an uncompressed ``H x dim`` codebook (``<table>__hot``, stream ``hot``), the other ids go
+through any method (the *cold* table, a :class:`CompressedTable` of ``V - H`` ids that sees the
+id ``x`` as ``x - H``).
+
+A tiered table is not one remap of every id: :meth:`TieredTable.split` sends each bag's hot ids
+to the hot stream and its cold ids to the cold method's streams, each with its own bag lengths
+(and per-id weights), so the codebook EBC pools the two parts separately and
+:meth:`TieredTable.compose` adds them. The cold method's codebooks keep their names
+(``<table>__cce`` ...), so everything that walks a method's codebooks by name (re-clustering,
+byte counts) sees the cold table as it would see the table alone. The fused remap op has no
+description of the split (:meth:`stream_specs` is None): collections with a tiered table take
+the torch-ops remap.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torchrec import EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from torchrec_cce.configs import TieredConfig, codebook_data_type
+from torchrec_cce.methods.base import Codebook, CompressedTable
+
+Bags = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # ids, lengths, weights
+
+
+class TieredTable(CompressedTable):
+    """A hot tier of ``hot_ids`` exclusive rows in front of the ``cold`` method."""
+
+    method_name = "tiered"
+
+    def __init__(self, table: EmbeddingBagConfig, config: TieredConfig,
+                 cold: CompressedTable) -> None:
+        super().__init__(table)
+        self.hot_ids: int = config.hot_ids
+        self.cold = cold
+        self.codebooks = [Codebook("hot", self.hot_ids, table.embedding_dim, ["hot"])] + list(
+            cold.codebooks)
+        # Codebook suffix -> stored precision (read by modules.codebook_configs).
+        cold_type = getattr(cold, "codebook_data_type", None) or table.data_type
+        self.codebook_data_types = {cb.suffix: cold_type for cb in cold.codebooks}
+        self.codebook_data_types["hot"] = codebook_data_type(table, config.hot_dtype)
+        # MPE cold tables pool their own (quantised) rows at compose time.
+        self.local_lookup: bool = bool(getattr(cold, "local_lookup", False))
+        # MEmCom cold tables weight their lookups: the collection's codebook EBC is weighted.
+        self.id_weighted: bool = (type(cold).id_weights is not CompressedTable.id_weights)
+
+    @property
+    def cold_method_name(self) -> str:
+        return self.cold.method_name
+
+    def check_ids(self, ids: torch.Tensor) -> None:
+        if ids.numel() and not ids.is_meta:
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.num_embeddings:
+                raise ValueError(
+                    f"table '{self.table_name}': id {lo if lo < 0 else hi} is outside "
+                    f"[0, {self.num_embeddings}); a tiered table (TieredConfig) reads ids "
+                    f"[0, {self.hot_ids}) from its hot rows and needs vocabulary ids: map raw "
+                    f"values to ids upstream (torchrec_cce.data.preprocess)"
+                )
+
+    def split(self, ids: torch.Tensor, lengths: torch.Tensor,
+              weights: Optional[torch.Tensor] = None) -> Tuple[Bags, Bags]:
+        """Bags of ``ids`` -> (hot bags, cold bags): the same bags with only their hot ids /
+        only their cold ids (shifted by ``-hot_ids``), order kept, weights carried."""
+        self.check_ids(ids)
+        if ids.is_meta:  # shapes only: every id counted cold
+            return (ids[:0], torch.zeros_like(lengths), None if weights is None else weights[:0]
+                    ), (ids, lengths, weights)
+        hot = ids < self.hot_ids
+        bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=ids.device), lengths,
+                                      output_size=ids.numel())
+        hot_lengths = torch.zeros_like(lengths).index_add_(0, bag, hot.to(lengths.dtype))
+        cold = ~hot
+        return ((ids[hot], hot_lengths, None if weights is None else weights[hot]),
+                (ids[cold] - self.hot_ids, lengths - hot_lengths,
+                 None if weights is None else weights[cold]))
+
+    def remap_bags(self, ids: torch.Tensor, lengths: torch.Tensor,
+                   weights: Optional[torch.Tensor] = None) -> List[Bags]:
+        """One ``(rows, lengths, weights)`` per stream (hot first, then the cold method's);
+        ``rows`` is ``[n]`` or ``[n, k]`` as from :meth:`CompressedTable.remap`, the cold
+        method's per-id weights (MEmCom) multiplied into its streams' weights."""
+        (h_ids, h_len, h_w), (c_ids, c_len, c_w) = self.split(ids, lengths, weights)
+        id_w = self.cold.id_weights(c_ids)
+        if id_w is not None:
+            c_w = id_w if c_w is None else c_w * id_w
+        return [(h_ids, h_len, h_w)] + [(rows, c_len, c_w) for rows in self.cold.remap(c_ids)]
+
+    def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
+        raise NotImplementedError(
+            f"table '{self.table_name}': a tiered table remaps bags (remap_bags), not ids")
+
+    def observe(self, ids: torch.Tensor) -> None:
+        self.check_ids(ids)
+        if not ids.is_meta:
+            self.cold.observe(ids[ids >= self.hot_ids] - self.hot_ids)
+
+    def pooled_lookup(self, jt: JaggedTensor, weights: Optional[torch.Tensor]) -> torch.Tensor:
+        """The cold part's own SUM-pooled lookup (an MPE cold table, ``local_lookup``)."""
+        _, (c_ids, c_len, c_w) = self.split(jt.values(), jt.lengths(), weights)
+        return self.cold.pooled_lookup(JaggedTensor(values=c_ids, lengths=c_len, weights=c_w),
+                                       c_w)
+
+    def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
+        return pooled[0].to(torch.float32) + self.cold.compose(pooled[1:]).to(torch.float32)
+
+    def reset_parameters(self) -> None:
+        reset = getattr(self.cold, "reset_parameters", None)
+        if reset is not None:
+            reset()
+
+    def state_bytes(self) -> int:
+        return self.cold.state_bytes()
+
+    def assignment_bytes(self) -> int:
+        return self.cold.assignment_bytes()
+
+    def per_id_bytes(self) -> int:
+        return getattr(self.cold, "per_id_bytes", lambda: 0)()
+
+    def extra_parameters(self) -> int:
+        return self.cold.extra_parameters()
