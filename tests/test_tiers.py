@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig
+from torchrec.fx import symbolic_trace
 from torchrec.modules.embedding_configs import PoolingType
 
 from conftest import make_kjt, ref_pool
@@ -244,3 +245,12 @@ def test_float16_hot_rows():
     assert torch.equal(out[0], hot[H - 1].float())
     assert torch.equal(out[1], (hot[0] + hot[5]).float())
     torch.testing.assert_close(out[2], reference(ebc, [[H]])[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fx_trace_equals_eager():
+    """TorchRec's fx tracer takes a collection with a tiered table (the eager stages as one
+    wrapped call, as for MPE tables) and the traced module computes the same pooled values."""
+    ebc = tiered(COLD["cce"])
+    kjt = make_kjt({"f": BAGS})
+    traced = symbolic_trace(ebc)
+    assert torch.equal(traced(kjt).values(), ebc(kjt).values())
