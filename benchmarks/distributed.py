@@ -166,7 +166,7 @@ def _mpe_sharded(rank: int, world: int, num_ids: int, batch: int):
     row = memory_report(dmp)["big"]
     w = dmp.module.tables["big"].weight
     state = w._in_backward_optimizers[0].state[w]["sum"]
-    return {"rank": rank, "local_master_bytes": row["local_master_bytes"],
+    return {"rank": rank, "local_per_id_bytes": row["local_per_id_bytes"],
             "local_training_bytes": row["local_training_bytes"],
             "planned_bytes": planned[rank],
             "local_optimizer_state_bytes": state.numel() * state.element_size(),
@@ -184,7 +184,7 @@ def mpe_row(num_ids: int, batch: int) -> dict:
           f"serving bound now {ranks[0]['serving_bytes'] / mib:.2f} MiB (full "
           f"{ranks[0]['full_bytes'] / mib:.1f} MiB)")
     for r in ranks:
-        print(f"  rank {r['rank']}: master rows {r['local_master_bytes'] / mib:.2f} MiB, training "
+        print(f"  rank {r['rank']}: master rows {r['local_per_id_bytes'] / mib:.2f} MiB, training "
               f"state {r['local_training_bytes'] / mib:.2f} MiB (planned "
               f"{r['planned_bytes'] / mib:.2f}), row-wise Adagrad state "
               f"{r['local_optimizer_state_bytes'] / mib:.2f} MiB, step "

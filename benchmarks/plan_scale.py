@@ -62,14 +62,13 @@ from torchrec_cce.budget import CompressionPlan  # noqa: E402
 from torchrec_cce.distributed import (  # noqa: E402
     CCEEmbeddingBagCollectionSharder,
     CCEStorageReservation,
-    assignment_bytes_per_rank,
-    mpe_bytes_per_rank,
-    per_id_bytes_per_rank,
+    table_state_bytes_per_rank,
 )
 from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW  # noqa: E402
 from torchrec_cce.distributed.id_routing import IdRange  # noqa: E402
+from torchrec_cce.distributed.per_id_state import stored_id_range  # noqa: E402
 from torchrec_cce.memory import _dtype_bytes  # noqa: E402
-from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name  # noqa: E402
+from torchrec_cce.methods import CCETable, CompressedTable  # noqa: E402
 
 GiB = 1 << 30
 HBM_CAP = 80 * GiB
@@ -206,33 +205,33 @@ def rank_bytes(plan: ShardingPlan, model: nn.Module, world: int,
                 placed += rows * cols * elem
             tensors[cfg.name] = [cfg.num_embeddings * cfg.embedding_dim * elem, placed]
     ov = [0] * world
-    for name, per_rank in {**assignment_bytes_per_rank(model, world, replicate_below),
-                           **per_id_bytes_per_rank(model, world),
-                           **mpe_bytes_per_rank(model, world)}.items():
+    for name, per_rank in table_state_bytes_per_rank(model, world, replicate_below).items():
         for r, b in enumerate(per_rank):
             ov[r] += b
-        tensors[f"{name}:ov"] = [_ov_total_bytes(model, name, world, replicate_below),
+        tensors[f"{name}:ov"] = [_ov_total_bytes(_table(model, name), world, replicate_below),
                                  sum(per_rank)]
-    for name, per_rank in per_id_bytes_per_rank(model, world).items():
-        for r, b in enumerate(per_rank):  # torch Adagrad on MEmCom's fp32 per-id weights
-            optim[r] += b
+        method = _table(model, name)
+        for r in range(world):  # row-wise Adagrad: one fp32 per stored row of trainable state
+            rng = stored_id_range(method, r, world, replicate_below)
+            optim[r] += sum(s.entries(s.num_ids if rng is None else rng.hi - rng.lo) * 4
+                            for s in method.per_id_state() if s.trainable)
     total = [c + o + p for c, o, p in zip(codebook, ov, optim)]
     return {"codebook": codebook, "ov": ov, "optimizer": optim, "total": total,
             "sharding_types": dict(types), "tensors": tensors}
 
 
-def _ov_total_bytes(model: nn.Module, table: str, world: int, replicate_below: int) -> int:
-    """The whole O(V) state of ``table`` times its copies (replicated assignments: ``world``)."""
+def _table(model: nn.Module, table: str) -> CompressedTable:
     for module in model.modules():
         if isinstance(module, CCEEmbeddingBagCollection) and table in module.tables:
-            m = module.tables[table]
-            if isinstance(m, CCETable):
-                total = m.logical_assignment_bytes()
-                return total * world if world == 1 or total < replicate_below else total
-            if isinstance(m, MEmComTable):
-                return m.per_id_bytes()
-            return sum(mpe_bytes_per_rank(module, world)[table])
+            return module.tables[table]
     raise KeyError(table)
+
+
+def _ov_total_bytes(method: CompressedTable, world: int, replicate_below: int) -> int:
+    """The whole O(V) state of a table times its copies (kept whole: ``world`` copies)."""
+    copies = world if stored_id_range(method, 0, world, replicate_below) is None else 1
+    return (sum(s.total_bytes for s in method.per_id_state()) * copies
+            + method.replicated_state_bytes() * world)
 
 
 def _routed_tables(model: nn.Module, world: int, replicate_below: int

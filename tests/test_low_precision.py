@@ -177,10 +177,10 @@ def test_low_precision_trains_under_dmp(low: torch.dtype) -> None:
         # the one CCE codebook table is on rank 0 (table-wise), the small full table on rank 1
         assert report["local_codebook_bytes"] == (cb16 if rank == 0 else 0)
         assert planned["compressed_bytes"] == cb16 + packed + 8  # + the int64 hash generation
-    # The planned per-rank bytes count codebooks at float16, plus p (replicated: it is below
-    # the sharder's replication threshold).
+    # The planned per-rank bytes count codebooks at float16, plus p and the hash generation
+    # (replicated: p is below the sharder's replication threshold).
     planned = results[0][3]["bytes_per_rank"]
-    assert planned == [cb16 + packed, packed]
+    assert planned == [cb16 + packed + 8, packed + 8]
 
 
 # ---------------------------------------------------------------- every method at float16

@@ -266,7 +266,7 @@ def test_per_rank_bytes_are_the_id_range_share() -> None:
     for rank, (report, planned) in enumerate(results):
         big, mean = report["big"], report["mean"]
         rows_big, rows_mean = (2501, 1500) if rank == 0 else (2500, 1500)
-        assert big["local_master_bytes"] == rows_big * 8 * 4
+        assert big["local_per_id_bytes"] == rows_big * 8 * 4
         assert big["local_training_bytes"] == rows_big * 8 * 4 + small_big
         assert mean["local_training_bytes"] == rows_mean * 4 * 4 + small_mean
         assert big["training_bytes"] == ref["big"]["training_bytes"] == V_BIG * 8 * 4 + small_big
@@ -287,7 +287,7 @@ def test_initial_rows_of_any_id_range_equal_the_whole_table() -> None:
     cfg = MPEConfig(groups=8, counts=np.arange(V, 0, -1))
     full = MPETable(t, cfg)
     cut = INIT_BLOCK_ROWS + 77
-    parts = [MPETable(t, cfg, id_shard=(0, cut)), MPETable(t, cfg, id_shard=(cut, V))]
+    parts = [MPETable(t, cfg, id_range=(0, cut)), MPETable(t, cfg, id_range=(cut, V))]
     assert torch.equal(torch.cat([p.weight for p in parts]), full.weight)
     ids = torch.tensor([0, INIT_BLOCK_ROWS - 1, INIT_BLOCK_ROWS, V - 1])
     assert torch.equal(full.initial_weight(ids), full.weight[ids])

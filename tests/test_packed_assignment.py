@@ -123,14 +123,14 @@ def test_write_assignment_rejects_bad_input():
 
 def test_shard_range_reads_only_its_ids():
     t = EmbeddingBagConfig(name="t", embedding_dim=8, num_embeddings=100, feature_names=["f"])
-    m = CCETable(t, CCEConfig(rows=24, chunks=4), assignment_range=(8, 16))
+    m = CCETable(t, CCEConfig(rows=24, chunks=4), id_range=(8, 16))
     assert m.assignment.numel() == 8 * 4 * 5 // 32
     assert torch.equal(m.lookup_assignment(torch.tensor([9, 150])),
                        m.hash_assignment(torch.tensor([9, 150])))
     with pytest.raises(ValueError, match="another rank"):
         m.lookup_assignment(torch.tensor([3]))
     with pytest.raises(ValueError, match="multiple of 8"):
-        CCETable(t, CCEConfig(rows=24, chunks=4), assignment_range=(4, 16))
+        CCETable(t, CCEConfig(rows=24, chunks=4), id_range=(4, 16))
 
 
 # ---------------------------------------------------------------- bytes == stored tensors

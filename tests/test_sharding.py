@@ -216,7 +216,7 @@ def _plan(rank: int, world: int):
     plan = planner.collective_plan(module, [sharder], dist.GroupMember.WORLD)
     mem = plan_memory(plan, module, world)
     types = {name: ps.sharding_type for name, ps in plan.get_plan_for_module("").items()}
-    return types, mem, reservation.assignment_bytes
+    return types, mem, reservation.state_bytes
 
 
 def test_planner_counts_assignment_and_honours_constraints() -> None:
@@ -224,9 +224,10 @@ def test_planner_counts_assignment_and_honours_constraints() -> None:
     assert types["huge__cce"] == "column_wise"
     assert types["other"] == "table_wise"
     per_rank_assignment = 1_000_000 * 4 * 10 // 8  # ceil(V/2) ids x 4 chunks x 10 bits, packed
-    assert reserved["huge"] == [per_rank_assignment, per_rank_assignment]
+    per_rank_state = per_rank_assignment + 8  # and the hash generation (int64) on every rank
+    assert reserved == {"huge": [per_rank_state, per_rank_state]}  # "other" is a full table
     codebook_bytes = (2 * 4 * 1024) * 4 * 4  # one table: 2*chunks*rows rows of dim/chunks fp32
-    assert sum(mem["huge"]["bytes_per_rank"]) == codebook_bytes + 2 * per_rank_assignment
+    assert sum(mem["huge"]["bytes_per_rank"]) == codebook_bytes + 2 * per_rank_state
     assert all(b >= per_rank_assignment for b in mem["huge"]["bytes_per_rank"])
     assert mem["huge"]["compressed_bytes"] == codebook_bytes + 2_000_000 * 4 * 10 // 8 + 8
     assert mem["huge"]["full_bytes"] == 2_000_000 * 16 * 4

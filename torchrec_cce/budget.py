@@ -148,7 +148,7 @@ def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[Compression
         return mpe_serving_bound(table, config)
     method = build_table(table, config, device=torch.device("meta"))
     return (sum(cb.num_embeddings * quantized_row_bytes(cb.embedding_dim, serving_dtype)
-                for cb in method.codebooks) + method.state_bytes())
+                for cb in method.codebooks) + method.logical_state_bytes())
 
 
 def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
@@ -158,28 +158,17 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
     ``torch.quint4x2``) its serving bytes with INT-N codebooks (:func:`serving_config_bytes`)."""
     if serving_dtype is not None:
         return serving_config_bytes(table, config, serving_dtype)
-    V, dim, elem = table.num_embeddings, table.embedding_dim, _elem(table)
-    if config is None:
-        return V * dim * elem
+    if isinstance(config, MPEConfig):
+        return mpe_serving_bound(table, config)
+    elem = _elem(table)
     dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
     if dtype is not None:
         elem = _dtype_bytes(dtype)
-    if isinstance(config, FullConfig):
-        return V * dim * elem
-    if isinstance(config, CCEConfig):
-        n = config.num_assigned(table)
-        return (2 * config.rows * dim * elem
-                + packed.packed_bytes(n, config.chunks, packed.bits_for(config.rows))
-                + _H_GENERATION_BYTES)
-    if isinstance(config, (CEConfig, HashingTrickConfig)):
-        return config.rows * dim * elem
-    if isinstance(config, QRConfig):
-        return config.num_parameters(table) * elem
-    if isinstance(config, MEmComConfig):
-        return config.rows * dim * elem + V * _MEMCOM_WEIGHT_BYTES
-    if isinstance(config, MPEConfig):
-        return mpe_serving_bound(table, config)
-    raise TypeError(f"table '{table.name}': unsupported config {config!r}")
+    # The codebooks, plus the state the method declares (methods.base.PerIdState and its
+    # replicated state), counted from the module itself on the meta device (no memory).
+    method = build_table(table, config, device=torch.device("meta"))
+    return (sum(cb.num_embeddings * cb.embedding_dim for cb in method.codebooks) * elem
+            + method.logical_state_bytes())
 
 
 def mpe_serving_bound(table: EmbeddingBagConfig, config: MPEConfig) -> int:

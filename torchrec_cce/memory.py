@@ -79,7 +79,7 @@ def _unsharded_report(collection: nn.Module) -> Dict[str, Dict[str, float]]:
             "full_bytes": full_bytes,
             "codebook_bytes": codebook_bytes,
             "assignment_bytes": method.assignment_bytes(),
-            "per_id_bytes": getattr(method, "per_id_bytes", lambda: 0)(),
+            "per_id_bytes": method.per_id_bytes(),
             "compressed_bytes": compressed,
             "full_params": t.num_embeddings * t.embedding_dim,
             "params": codebook_params + method.extra_parameters(),

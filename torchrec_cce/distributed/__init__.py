@@ -2,11 +2,9 @@
 
 from torchrec_cce.distributed.planning import (
     CCEStorageReservation,
-    assignment_bytes_per_rank,
     format_plan_memory,
-    mpe_bytes_per_rank,
-    per_id_bytes_per_rank,
     plan_memory,
+    table_state_bytes_per_rank,
 )
 from torchrec_cce.distributed.sharder import (
     CCEEmbeddingBagCollectionSharder,
@@ -17,9 +15,7 @@ __all__ = [
     "CCEEmbeddingBagCollectionSharder",
     "CCEStorageReservation",
     "ShardedCCEEmbeddingBagCollection",
-    "assignment_bytes_per_rank",
     "format_plan_memory",
-    "mpe_bytes_per_rank",
-    "per_id_bytes_per_rank",
     "plan_memory",
+    "table_state_bytes_per_rank",
 ]

@@ -1,12 +1,13 @@
 """Make TorchRec's planner see the true bytes of CCE tables, and show a plan's memory per rank.
 
 TorchRec 1.8's storage estimator counts only the tensors returned by ``shardable_parameters``
-(the codebooks). The O(V) state split by id range is invisible to it: a CCE table's assignment
-``p`` (bit-packed ``N x chunks``), MEmCom's per-id weights and MPE's fp32 master weights (plus
-MPE's small replicated state). :class:`CCEStorageReservation` wraps any planner
-``StorageReservation`` and additionally reserves, on every device, the bytes of that state the
-rank will hold (its id range when split, everything when replicated), so plans that would not
-fit are rejected by the planner itself.
+(the codebooks). The O(V) state split by id range is invisible to it: each method's declared
+per-id state (``CompressedTable.per_id_state()``: CCE's bit-packed ``p``, MEmCom's per-id
+weights, MPE's fp32 master weights) plus its small replicated state.
+:class:`CCEStorageReservation` wraps any planner ``StorageReservation`` and additionally
+reserves, on every device, the bytes of that state the rank will hold (placed by the sharder's
+rule, :mod:`torchrec_cce.distributed.per_id_state`), so plans that would not fit are rejected
+by the planner itself.
 """
 
 import copy
@@ -24,81 +25,33 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ModuleSharder, ShardingPlan
 
 from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
-from torchrec_cce.distributed.id_routing import IdRange
-from torchrec_cce.memory import _dtype_bytes
-from torchrec_cce.methods import CCETable, MEmComTable, codebook_table_name
-from torchrec_cce.methods.mpe import MPETable
+from torchrec_cce.distributed.per_id_state import state_bytes_per_rank
+from torchrec_cce.memory import _dtype_bytes, stored_bytes
+from torchrec_cce.methods import codebook_table_name
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 
 
-def assignment_bytes_per_rank(model: nn.Module, world_size: int,
-                              replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
-                              ) -> Dict[str, List[int]]:
-    """``{table: [bytes of p on rank 0, rank 1, ...]}`` for every CCE table in ``model``."""
+def table_state_bytes_per_rank(model: nn.Module, world_size: int,
+                               replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+                               ) -> Dict[str, List[int]]:
+    """``{table: [bytes on rank 0, rank 1, ...]}`` of the non-codebook state of every table
+    that has some, in every ``CCEEmbeddingBagCollection`` of ``model``: its per-id state (CCE's
+    packed ``p``, MEmCom's per-id weights, MPE's master rows) placed as the sharder places it
+    (:func:`~torchrec_cce.distributed.per_id_state.stored_id_range`), plus the state every rank
+    keeps whole (CCE's hash generation, MPE's logits and buffers)."""
     out: Dict[str, List[int]] = {}
     for _, module in model.named_modules():
         if not isinstance(module, CCEEmbeddingBagCollection):
             continue
         for name, method in module.tables.items():
-            if not isinstance(method, CCETable):
-                continue
-            total = method.logical_assignment_bytes()
-            if world_size == 1 or total < replicate_below:
-                out[name] = [total] * world_size
-            else:
-                ranges = [IdRange(method.assigned_ids, r, world_size, align=method.id_alignment())
-                          for r in range(world_size)]
-                out[name] = [method.packed_assignment_bytes(rng.hi - rng.lo) for rng in ranges]
+            if method.per_id_state() or method.replicated_state_bytes():
+                out[name] = state_bytes_per_rank(method, world_size, replicate_below)
     return out
-
-
-def per_id_bytes_per_rank(model: nn.Module, world_size: int) -> Dict[str, List[int]]:
-    """``{table: [bytes of MEmCom's per-id weights on rank 0, rank 1, ...]}`` (split by id
-    range, ``ceil(V / world)`` float32 weights per rank) for every MEmCom table in ``model``."""
-    out: Dict[str, List[int]] = {}
-    for _, module in model.named_modules():
-        if not isinstance(module, CCEEmbeddingBagCollection):
-            continue
-        for name, method in module.tables.items():
-            if isinstance(method, MEmComTable):
-                elem = method.id_weight.element_size()
-                out[name] = [(r.hi - r.lo) * elem for r in
-                             (IdRange(method.num_embeddings, k, world_size)
-                              for k in range(world_size))]
-    return out
-
-
-def mpe_bytes_per_rank(model: nn.Module, world_size: int) -> Dict[str, List[int]]:
-    """``{table: [MPE training bytes on rank 0, rank 1, ...]}``: the fp32 master rows of the
-    rank's id range (``ceil(V / world)`` ids per rank) plus the replicated logits, steps,
-    offsets and buffers, for every MPE table in ``model``."""
-    out: Dict[str, List[int]] = {}
-    for _, module in model.named_modules():
-        if not isinstance(module, CCEEmbeddingBagCollection):
-            continue
-        for name, method in module.tables.items():
-            if isinstance(method, MPETable):
-                out[name] = [(r.hi - r.lo) * method.master_row_bytes()
-                             + method.replicated_state_bytes()
-                             for r in (IdRange(method.num_embeddings, k, world_size)
-                                       for k in range(world_size))]
-    return out
-
-
-def _logical_state_bytes(method: object) -> int:
-    """Bytes of a table's non-codebook state: CCE's packed ``p`` and hash generation, or
-    MEmCom's per-id weights (else 0)."""
-    if isinstance(method, CCETable):
-        return method.logical_state_bytes()
-    if isinstance(method, MEmComTable):
-        return method.per_id_bytes()
-    if isinstance(method, MPETable):
-        return method.logical_state_bytes()
-    return 0
 
 
 class CCEStorageReservation(StorageReservation):
-    """Reserve the CCE assignments' bytes on top of a base reservation.
+    """Reserve the bytes of the tables' non-codebook state (:func:`table_state_bytes_per_rank`)
+    on top of a base reservation.
 
     Args:
         base: the reservation for dense parts and inputs (default:
@@ -114,9 +67,8 @@ class CCEStorageReservation(StorageReservation):
         # without it that explanation raises AttributeError instead of the PlannerError.
         self._percentage = getattr(self._base, "_percentage", 0.0)
         self._replicate_below = replicate_below
-        self.assignment_bytes: Dict[str, List[int]] = {}
-        self.per_id_bytes: Dict[str, List[int]] = {}
-        self.mpe_bytes: Dict[str, List[int]] = {}
+        # {table: [bytes on each rank]} of the last reserve() (table_state_bytes_per_rank).
+        self.state_bytes: Dict[str, List[int]] = {}
         self._last: Optional[Topology] = None
 
     def reserve(self, topology: Topology, batch_size: int, module: nn.Module,
@@ -124,14 +76,10 @@ class CCEStorageReservation(StorageReservation):
                 constraints: Optional[Dict[str, ParameterConstraints]] = None) -> Topology:
         reserved = self._base.reserve(topology, batch_size, module, sharders, constraints)
         reserved = copy.deepcopy(reserved)
-        self.assignment_bytes = assignment_bytes_per_rank(module, topology.world_size,
-                                                          self._replicate_below)
-        self.per_id_bytes = per_id_bytes_per_rank(module, topology.world_size)
-        self.mpe_bytes = mpe_bytes_per_rank(module, topology.world_size)
+        self.state_bytes = table_state_bytes_per_rank(module, topology.world_size,
+                                                      self._replicate_below)
         for rank, device in enumerate(reserved.devices):
-            need = sum(b[rank] for b in self.assignment_bytes.values())
-            need += sum(b[rank] for b in self.per_id_bytes.values())
-            need += sum(b[rank] for b in self.mpe_bytes.values())
+            need = sum(b[rank] for b in self.state_bytes.values())
             if topology.compute_device == "cpu":
                 device.storage.ddr -= need
             else:
@@ -148,10 +96,8 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
                 replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
                 ) -> Dict[str, Dict[str, object]]:
     """Per logical table: full bytes, compressed bytes, and bytes on each rank (codebook shards
-    as placed by ``plan`` plus the assignment), for every CCE collection in ``model``."""
-    assign = assignment_bytes_per_rank(model, world_size, replicate_below)
-    assign.update(per_id_bytes_per_rank(model, world_size))  # O(V) state: p or per-id weights
-    assign.update(mpe_bytes_per_rank(model, world_size))  # or MPE's master rows (+ small state)
+    as placed by ``plan`` plus the non-codebook state), for every CCE collection in ``model``."""
+    assign = table_state_bytes_per_rank(model, world_size, replicate_below)
     rows: Dict[str, Dict[str, object]] = {}
     for path, module in model.named_modules():
         if not isinstance(module, CCEEmbeddingBagCollection):
@@ -181,7 +127,7 @@ def plan_memory(plan: ShardingPlan, model: nn.Module, world_size: int,
             rows[t.name] = {
                 "method": method.method_name,
                 "full_bytes": t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type),
-                "compressed_bytes": codebook_total + _logical_state_bytes(method),
+                "compressed_bytes": codebook_total + method.logical_state_bytes(),
                 "bytes_per_rank": per_rank,
             }
     return rows
@@ -224,24 +170,15 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
                 local_codebook += sum(s.tensor.numel() * elem for s in value.local_shards())
             else:
                 local_codebook += numel * elem
-        assignment = local_assignment = per_id = local_per_id = other_state = 0
-        if isinstance(method, CCETable):
-            assignment = method.logical_assignment_bytes()
-            other_state = method.logical_state_bytes() - assignment  # the hash generation
-            shard = sharded.assignment_shard(t.name)
-            local_assignment = shard.numel() * shard.element_size()
-        if isinstance(method, MEmComTable):
-            per_id = method.per_id_bytes()
-            local_per_id = method.state_bytes()  # this rank's id range of the weights
-            params += method.extra_parameters()
-        mpe: Dict[str, float] = {}
-        if isinstance(method, MPETable):  # training state: global, and this rank's share
-            other_state = method.logical_state_bytes()
-            params += method.extra_parameters()
-            mpe = {"local_master_bytes": method.weight.shape[0] * method.master_row_bytes(),
-                   "local_training_bytes": method.state_bytes()}
+        states = method.per_id_state()
+        assignment = sum(s.total_bytes for s in states if not s.trainable)
+        per_id = method.per_id_bytes()
+        local_assignment = sum(stored_bytes(getattr(method, s.name)) for s in states
+                               if not s.trainable)
+        local_per_id = sum(stored_bytes(getattr(method, s.name)) for s in states if s.trainable)
+        params += method.extra_parameters()
         full = t.num_embeddings * t.embedding_dim * _dtype_bytes(t.data_type)
-        compressed = codebook_bytes + assignment + other_state + per_id
+        compressed = codebook_bytes + method.logical_state_bytes()
         report[t.name] = {
             "method": method.method_name,
             "full_bytes": full,
@@ -255,6 +192,7 @@ def sharded_memory_report(sharded: nn.Module) -> Dict[str, Dict[str, float]]:
             "local_codebook_bytes": local_codebook,
             "local_assignment_bytes": local_assignment,
             "local_per_id_bytes": local_per_id,
-            **mpe,
+            # this rank's non-codebook training state (per-id part and replicated part)
+            "local_training_bytes": method.state_bytes(),
         }
     return report

@@ -17,10 +17,12 @@ Codebook table names, for ``ParameterConstraints``: ``<table>__cce`` (CCE: every
 ``A_i`` and ``B_i`` in one table), ``<table>__ce``, ``<table>__hash``, ``<table>__qr_q`` /
 ``<table>__qr_r``; full tables keep their name.
 
-O(V) state that is not a codebook is split by id range (``ceil(V / world)`` ids per rank) and
-reached through all-to-alls: CCE's assignment (read in ``input_dist``), MEmCom's per-id weights
-and MPE's fp32 master weights (fetched differentiably in ``compute``, stepped in backward by
-their owner's in-backward optimizer, whose state is in ``dmp.fused_optimizer``).
+O(V) state that is not a codebook is what each method declares by ``per_id_state()``
+(:class:`~torchrec_cce.methods.PerIdState`); it is split by id range (``ceil(V / world)`` ids per
+rank, placed by :mod:`torchrec_cce.distributed.per_id_state`) and reached through all-to-alls:
+CCE's assignment (read in ``input_dist``; kept whole on every rank when small), MEmCom's per-id
+weights and MPE's fp32 master weights (fetched differentiably in ``compute``, stepped in
+backward by their owner's in-backward optimizer, whose state is in ``dmp.fused_optimizer``).
 
 State-dict keys equal the unsharded module's (``codebooks.embedding_bags.<t>.weight``,
 ``tables.<t>.assignment``, ``tables.<t>.h_generation``, ``tables.<t>.id_weight``,
@@ -37,7 +39,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
-from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 from torchrec.distributed.embedding_sharding import (
     FusedKJTListSplitsAwaitable,
     KJTListSplitsAwaitable,
@@ -58,7 +59,6 @@ from torchrec.distributed.types import (
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.optim.fused import FusedOptimizerModule
-from torchrec.modules.embedding_configs import PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import (
@@ -67,14 +67,21 @@ from torchrec_cce.distributed.assignment import (
     lookup_sharded_assignments,
 )
 from torchrec_cce.distributed.cpu_tbe import check_bfloat16_trainable, use_codebook_kernel
+from torchrec_cce.distributed.per_id_state import load_state, sharded_state, stored_id_range
 from torchrec_cce.distributed.per_id_weights import (
     ScaleGrad,
     fetch_per_id_rows,
     fetch_per_id_weights,
-    id_range_sharded,
     per_id_fused_optimizer,
 )
-from torchrec_cce.methods import CCETable, MEmComTable, build_table, codebook_feature_name
+from torchrec_cce.methods import (
+    CCETable,
+    CompressedTable,
+    MEmComTable,
+    PerIdState,
+    build_table,
+    codebook_feature_name,
+)
 from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.ops import fused_default
@@ -190,12 +197,11 @@ class ShardedCCEEmbeddingBagCollection(
         self._remap_version = 0
         self._compose_cache: Dict[Any, Any] = {}
         compression = module.compression
-        # Snapshot the per-id state's in-backward optimizers first: sharding the codebooks
-        # consumes keys of the kwargs dict apply_optimizer_in_backward shares between params.
-        per_id_optimizers = {n: _in_backward_optimizers(m.id_weight)
-                             for n, m in module.tables.items() if isinstance(m, MEmComTable)}
-        per_id_optimizers.update({n: _in_backward_optimizers(m.weight)
-                                  for n, m in module.tables.items() if isinstance(m, MPETable)})
+        # Snapshot the in-backward optimizers of the trainable per-id state first: sharding the
+        # codebooks consumes keys of the kwargs dict apply_optimizer_in_backward shares.
+        per_id_optimizers = {(n, s.name): _in_backward_optimizers(getattr(m, s.name))
+                             for n, m in module.tables.items()
+                             for s in m.per_id_state() if s.trainable}
         self._has_codebooks = bool(module.codebooks.embedding_bag_configs())
         self.codebooks: ShardedEmbeddingBagCollection = ebc_sharder.shard(
             module.codebooks, table_name_to_parameter_sharding, env=env, device=device,
@@ -207,91 +213,56 @@ class ShardedCCEEmbeddingBagCollection(
         # see torchrec_cce/distributed/cpu_tbe.py).
         self.codebook_kernels = use_codebook_kernel(self.codebooks)
         check_bfloat16_trainable(self.codebooks)
-        rank, world = env.rank, env.world_size
         self.tables = nn.ModuleDict()
+        # The id range of the per-id state this rank stores, for every table whose state is
+        # split (methods.base.PerIdState; the placement rule: distributed/per_id_state.py).
         self._id_ranges: Dict[str, IdRange] = {}
-        # MEmCom: per-id weights split by id range; stream key -> table, table -> its id range.
-        self._memcom_keys: Dict[str, str] = {}
-        self._memcom_ranges: Dict[str, IdRange] = {}
-        # MPE: master weights split by id range, fetched in compute (table -> its id range).
-        self._mpe_ranges: Dict[str, IdRange] = {}
         for t in self._embedding_bag_configs:
             src = module.tables[t.name]
-            if isinstance(src, MEmComTable):
-                self.tables[t.name] = self._build_memcom(t, src, compression[t.name], rank, world,
-                                                         per_id_optimizers[t.name])
-                continue
-            if isinstance(src, MPETable):
-                self.tables[t.name] = self._build_mpe(t, src, compression[t.name], rank, world,
-                                                      per_id_optimizers[t.name])
-                continue
-            if not isinstance(src, CCETable):
-                self.tables[t.name] = build_table(t, compression.get(t.name), device=device)
-                continue
-            replicate = (world == 1 or
-                         src.logical_assignment_bytes() < replicate_assignment_below)
-            rng = None
-            if not replicate:
-                rng = IdRange(src.assigned_ids, rank, world, align=src.id_alignment())
+            rng = stored_id_range(src, env.rank, env.world_size, replicate_assignment_below)
+            method = build_table(t, compression.get(t.name), device=device,
+                                 id_range=None if rng is None else (rng.lo, rng.hi))
+            _copy_table_state(src, method, rng)
+            for state in method.per_id_state():
+                if state.trainable:
+                    _apply_in_backward_optimizers(per_id_optimizers[(t.name, state.name)],
+                                                  getattr(method, state.name))
+            if rng is not None:
                 self._id_ranges[t.name] = rng
-            method = build_table(t, compression[t.name], device=device,
-                                 assignment_range=None if replicate else (rng.lo, rng.hi))
-            if not replicate:  # saved and loaded by the hooks below, as a ShardedTensor
-                method.register_buffer("assignment", method.assignment, persistent=False)
-            if not src.h_generation.is_meta:
-                method.h_generation.copy_(src.h_generation)
-            if not src.assignment.is_meta:  # id ranges start on word boundaries: copy words
-                first = src.packed_assignment_bytes(method.stored_lo) // src.assignment.element_size()
-                method.assignment.copy_(src.assignment[first: first + method.assignment.numel()])
             self.tables[t.name] = method
-        self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_assignment_shards)
-        self._register_load_state_dict_pre_hook(
-            ShardedCCEEmbeddingBagCollection._load_assignment_shards, with_module=True)
-        # In-backward optimizers of the per-id state, checkpointed with the codebooks' ones.
-        # DistributedModelParallel collects it (with the codebooks' one) into dmp.fused_optimizer.
-        per_id_optimizer = per_id_fused_optimizer(
-            [(key, param, rng) for key, param, rng in self._per_id_state()], self._pg)
-        if per_id_optimizer is not None:
-            self.per_id_optimizer = _FusedOptimizerHolder(per_id_optimizer)
+        # Stream key of a MEmCom table's raw ids in the codebook input -> its table.
+        self._memcom_keys: Dict[str, str] = {
+            codebook_feature_name(e, "memcom"): t for t in self._tables_of(MEmComTable)
+            for _, e in self._table_pairs[t]}
+        # The split per-id state (read where ids are remapped, or trained where they are looked
+        # up) is saved and loaded as ShardedTensors, and its in-backward optimizers are
+        # checkpointed with the codebooks' ones: DistributedModelParallel collects this one
+        # (with the codebooks') into dmp.fused_optimizer.
         self._register_state_dict_hook(ShardedCCEEmbeddingBagCollection._save_per_id_shards)
         self._register_load_state_dict_pre_hook(
             ShardedCCEEmbeddingBagCollection._load_per_id_shards, with_module=True)
+        per_id_optimizer = per_id_fused_optimizer(
+            [(key, local, rng) for key, local, state, rng in self._split_state()
+             if state.trainable], self._pg)
+        if per_id_optimizer is not None:
+            self.per_id_optimizer = _FusedOptimizerHolder(per_id_optimizer)
 
-    # ---- MEmCom per-id weights (split by id range, fetched at lookup time) ----
-    def _build_memcom(self, t: Any, src: MEmComTable, config: Any, rank: int, world: int,
-                      optimizers: List[Tuple[type, Dict[str, Any]]]) -> MEmComTable:
-        rng = IdRange(t.num_embeddings, rank, world)
-        method = MEmComTable(t, config, device=self._device, id_shard=(rng.lo, rng.hi))
-        if not src.id_weight.is_meta:
-            with torch.no_grad():
-                method.id_weight.copy_(src.id_weight[rng.lo: rng.hi])
-        _apply_in_backward_optimizers(optimizers, method.id_weight)
-        self._memcom_ranges[t.name] = rng
-        for _, e in self._table_pairs[t.name]:
-            self._memcom_keys[codebook_feature_name(e, "memcom")] = t.name
-        return method
-
-    # ---- MPE master weights (split by id range, fetched in compute) ----
-    def _build_mpe(self, t: Any, src: MPETable, config: Any, rank: int, world: int,
-                   optimizers: List[Tuple[type, Dict[str, Any]]]) -> MPETable:
-        rng = IdRange(t.num_embeddings, rank, world)
-        method = MPETable(t, config, device=self._device, id_shard=(rng.lo, rng.hi))
-        if not src.weight.is_meta:  # the unsharded module's state, this rank's rows
-            state = dict(src.state_dict())
-            state["weight"] = state["weight"][rng.lo: rng.hi]
-            method.load_state_dict(state)
-        _apply_in_backward_optimizers(optimizers, method.weight)
-        self._mpe_ranges[t.name] = rng
-        return method
+    def _tables_of(self, kind: type) -> List[str]:
+        """Tables of method class ``kind`` whose per-id state is split by id range (their
+        lookups go through the owners: CCE's ``p`` in input_dist, MEmCom's weights and MPE's
+        master rows in compute)."""
+        return [t for t in self._id_ranges if isinstance(self.tables[t], kind)]
 
     def _lookup_mpe(self, ctx: CCEEmbeddingBagCollectionContext) -> Optional[torch.Tensor]:
         """Pooled outputs of the MPE features into ``ctx.local_pooled``: each table's unique
         ids of this rank's batch, their master rows fetched from the owners (one all-to-all
         for every MPE table), quantised and pooled here. Returns the fetch's anchor. Collective."""
-        if not self._mpe_ranges:
+        tables = self._tables_of(MPETable)
+        if not tables:
             return None
         requests, uniqs, sparse = [], [], []
-        for table, rng in self._mpe_ranges.items():
+        for table in tables:
+            rng = self._id_ranges[table]
             features = self._table_features[table]
             ids = [ctx.mean_lengths[f].values() for f in features]
             uniq = torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.int64)
@@ -300,7 +271,7 @@ class ShardedCCEEmbeddingBagCollection(
             sparse.append(_accepts_sparse_grad(self.tables[table].weight))
         fetched, anchor = fetch_per_id_rows(requests, self._pg, sparse_grad=sparse)
         world = self._env.world_size
-        for table, uniq, rows in zip(self._mpe_ranges, uniqs, fetched):
+        for table, uniq, rows in zip(tables, uniqs, fetched):
             m = self.tables[table]
             # The ranks' gradients arrive summed: take their mean, as DDP and TorchRec do.
             quantized = m.quantize(ScaleGrad.apply(rows, 1.0 / world), uniq)
@@ -310,24 +281,21 @@ class ShardedCCEEmbeddingBagCollection(
                 ctx.local_pooled[e] = m.pool(jt, weights, uniq, quantized)
         return anchor
 
-    def per_id_range(self, table: str) -> Optional[IdRange]:
-        """The id range of the per-id state (MEmCom's weights, MPE's master rows) this rank
-        stores for ``table``."""
-        return self._memcom_ranges.get(table) or self._mpe_ranges.get(table)
-
-    def _per_id_state(self) -> Iterator[Tuple[str, nn.Parameter, IdRange]]:
-        """``(state-dict key, local parameter, id range)`` of every id-range split parameter."""
-        for table, rng in self._memcom_ranges.items():
-            yield f"tables.{table}.id_weight", self.tables[table].id_weight, rng
-        for table, rng in self._mpe_ranges.items():
-            yield f"tables.{table}.weight", self.tables[table].weight, rng
+    def _split_state(self) -> Iterator[Tuple[str, torch.Tensor, PerIdState, IdRange]]:
+        """``(state-dict key, local tensor, declaration, id range)`` of every per-id state split
+        by id range on this rank."""
+        for table, rng in self._id_ranges.items():
+            method = self.tables[table]
+            for state in method.per_id_state():
+                yield f"tables.{table}.{state.name}", getattr(method, state.name), state, rng
 
     def _resolve_memcom(self, dist_input: KJTList) -> Tuple[KJTList, Optional[torch.Tensor]]:
         """Raw MEmCom ids in the distributed codebook input -> hashed rows, with their per-id
         weights (fetched from the owning ranks) as per-sample weights. Collective."""
-        if not self._memcom_ranges:
+        tables = self._tables_of(MEmComTable)
+        if not tables:
             return dist_input, None
-        places: Dict[str, List[Tuple[int, int, torch.Tensor]]] = {t: [] for t in self._memcom_ranges}
+        places: Dict[str, List[Tuple[int, int, torch.Tensor]]] = {t: [] for t in tables}
         for g, kjt in enumerate(dist_input):
             bounds = kjt.offset_per_key()
             for i, key in enumerate(kjt.keys()):
@@ -337,15 +305,15 @@ class ShardedCCEEmbeddingBagCollection(
                     places[table].append((g, i, ids))
         # One request per table, in the same table order on every rank (even with no ids here).
         requests, sparse = [], []
-        for table, rng in self._memcom_ranges.items():
-            m = self.tables[table]
+        for table in tables:
+            rng, m = self._id_ranges[table], self.tables[table]
             ids = [x for _, _, x in places[table]]
             ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64, device=self._device)
             requests.append((torch.remainder(ids, m.num_embeddings), rng, m.id_weight))
             sparse.append(_accepts_sparse_grad(m.id_weight))
         fetched_per_table, anchor = fetch_per_id_weights(requests, self._pg, sparse_grad=sparse)
         by_group: Dict[int, Dict[int, Tuple[str, torch.Tensor]]] = {}
-        for table, fetched in zip(self._memcom_ranges, fetched_per_table):
+        for table, fetched in zip(tables, fetched_per_table):
             sizes = [x.numel() for _, _, x in places[table]]
             for (g, i, _), w in zip(places[table], fetched.split(sizes)):
                 by_group.setdefault(g, {})[i] = (table, w)
@@ -371,28 +339,15 @@ class ShardedCCEEmbeddingBagCollection(
     @staticmethod
     def _save_per_id_shards(module: "ShardedCCEEmbeddingBagCollection",
                             destination: Dict[str, Any], prefix: str, _local_metadata: Any) -> None:
-        for key, param, rng in module._per_id_state():
-            destination[prefix + key] = id_range_sharded(param.detach(), rng, module._pg)
+        for key, local, state, rng in module._split_state():
+            destination[prefix + key] = sharded_state(local.detach(), state, rng, module._pg)
 
     def _load_per_id_shards(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        for key, target, rng in self._per_id_state():
+        for key, target, state, rng in self._split_state():
             key = prefix + key
-            if key not in state_dict:
-                continue
-            value = state_dict[key]
-            with torch.no_grad():
-                if isinstance(value, ShardedTensor):
-                    for shard in value.local_shards():
-                        lo, n = shard.metadata.shard_offsets[0], shard.metadata.shard_sizes[0]
-                        piece = target[lo - rng.lo: lo - rng.lo + n]  # (reshape: a 1-D
-                        piece.copy_(shard.tensor.reshape(piece.shape))  # w of an older save)
-                elif value.shape[0] == rng.num_ids:  # the full (unsharded) tensor
-                    target.copy_(value[rng.lo: rng.hi].reshape(target.shape))
-                else:
-                    raise ValueError(
-                        f"{key}: expected a ShardedTensor or the full tensor of {rng.num_ids} "
-                        f"ids, got shape {tuple(value.shape)}")
-            state_dict[key] = target  # loaded above; the default loader copies it onto itself
+            if key in state_dict:
+                load_state(target, state_dict[key], state, rng, key)
+                state_dict[key] = target  # loaded above; the default loader copies it onto itself
 
     @property
     def fused(self) -> bool:
@@ -401,66 +356,29 @@ class ShardedCCEEmbeddingBagCollection(
             self._fused_resolved = fused_default(self._fused)
         return self._fused_resolved
 
-    # ---- assignment storage ----
+    # ---- per-id state placement ----
     def id_range(self, table: str) -> Optional[IdRange]:
-        """The id range of ``p`` this rank stores for ``table`` (None: replicated)."""
+        """The id range of ``table``'s per-id state (CCE's ``p``, MEmCom's weights, MPE's master
+        rows) this rank stores (None: whole on every rank, or none)."""
         return self._id_ranges.get(table)
 
     def assignment_shard(self, table: str) -> torch.Tensor:
         """The packed words of ``p`` this rank stores for ``table`` (its id range, or all)."""
         return self.tables[table].assignment
 
-    def _word_offset(self, table: str, first_id: int) -> int:
-        m = self.tables[table]
-        return m.packed_assignment_bytes(first_id) // m.assignment.element_size()
-
-    def _sharded_assignment(self, table: str) -> ShardedTensor:
-        """This rank's packed words as a piece of the one packed array (a 1-D ShardedTensor)."""
-        rng, m = self._id_ranges[table], self.tables[table]
-        shards = []
-        if m.assignment.numel():
-            meta = ShardMetadata(shard_offsets=[self._word_offset(table, rng.lo)],
-                                 shard_sizes=[m.assignment.numel()],
-                                 placement=f"rank:{rng.rank}/{m.assignment.device}")
-            shards.append(Shard(tensor=m.assignment, metadata=meta))
-        total = m.logical_assignment_bytes() // m.assignment.element_size()
-        return ShardedTensor._init_from_local_shards(shards, (total,), process_group=self._pg)
-
-    @staticmethod
-    def _save_assignment_shards(module: "ShardedCCEEmbeddingBagCollection",
-                                destination: Dict[str, Any], prefix: str, _local_metadata: Any
-                                ) -> None:
-        for table in module._id_ranges:
-            destination[f"{prefix}tables.{table}.assignment"] = module._sharded_assignment(table)
-
-    def _load_assignment_shards(self, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
-        for table, rng in self._id_ranges.items():
-            key = f"{prefix}tables.{table}.assignment"
-            if key not in state_dict:
-                continue
-            value = state_dict.pop(key)
-            target = self.tables[table].assignment
-            first = self._word_offset(table, rng.lo)
-            if isinstance(value, ShardedTensor):
-                for shard in value.local_shards():
-                    lo = shard.metadata.shard_offsets[0]
-                    n = shard.metadata.shard_sizes[0]
-                    target[lo - first: lo - first + n].copy_(shard.tensor)
-            else:  # the full packed array
-                target.copy_(value[first: first + target.numel()])
-
     # ---- ShardedModule ----
     def create_context(self) -> CCEEmbeddingBagCollectionContext:
         return CCEEmbeddingBagCollectionContext()
 
     def _remote_assignments(self, features: KeyedJaggedTensor) -> Dict[str, torch.Tensor]:
-        if not self._id_ranges:
+        cce = self._tables_of(CCETable)
+        if not cce:
             return {}
         per_feature = feature_ids(features)
         requests, names = [], []
         for t, pairs in zip(self._embedding_bag_configs,
                             table_features(self._embedding_bag_configs)):
-            if t.name not in self._id_ranges:
+            if t.name not in cce:
                 continue
             m = self.tables[t.name]
             for f, e in pairs:  # keyed by embedding name (a shared feature's tables differ)
@@ -557,7 +475,7 @@ class ShardedCCEEmbeddingBagCollection(
     def compute_and_output_dist(self, ctx: CCEEmbeddingBagCollectionContext,
                                 input: KJTList) -> LazyAwaitable[KeyedTensor]:
         input = self._current_input(ctx, input)
-        if self._memcom_ranges or self._mpe_ranges or not self._has_codebooks:
+        if self._tables_of(MEmComTable) or self._tables_of(MPETable) or not self._has_codebooks:
             return self.output_dist(ctx, self.compute(ctx, input))
         self._observe(ctx)
         awaitable = self.codebooks.compute_and_output_dist(ctx, input)
@@ -579,8 +497,9 @@ class ShardedCCEEmbeddingBagCollection(
     def sharded_parameter_names(self, prefix: str = "") -> Iterator[str]:
         for fqn, _ in self.codebooks.named_parameters():
             yield append_prefix(prefix, f"codebooks.{fqn}")
-        for key, _, _ in self._per_id_state():  # split by id range: DDP must not all-reduce them
-            yield append_prefix(prefix, key)
+        for key, _, state, _ in self._split_state():  # split by id range: DDP must not
+            if state.trainable:                           # all-reduce them
+                yield append_prefix(prefix, key)
 
     @property
     def unsharded_module_type(self) -> Type[CCEEmbeddingBagCollection]:
@@ -603,6 +522,20 @@ class _FusedOptimizerHolder(nn.Module, FusedOptimizerModule):
     @property
     def fused_optimizer(self):  # noqa: ANN201 - KeyedOptimizer
         return self._optimizer
+
+
+@torch.no_grad()
+def _copy_table_state(src: CompressedTable, dst: CompressedTable, rng: Optional[IdRange]) -> None:
+    """Load the unsharded table's state into the rank's table: every tensor whole, the per-id
+    state's entries of ``rng`` only (nothing when ``src`` was built on the meta device)."""
+    state = dict(src.state_dict())
+    if any(v.is_meta for v in state.values()):
+        return
+    if rng is not None:
+        for s in dst.per_id_state():
+            first = s.entries(rng.lo)
+            state[s.name] = state[s.name][first: first + getattr(dst, s.name).shape[0]]
+    dst.load_state_dict(state)
 
 
 def _in_backward_optimizers(param: nn.Parameter) -> List[Tuple[type, Dict[str, Any]]]:

@@ -21,6 +21,7 @@ from torchrec_cce.configs import (
 from torchrec_cce.methods.base import (
     Codebook,
     CompressedTable,
+    PerIdState,
     codebook_feature_name,
     codebook_table_name,
 )
@@ -39,12 +40,18 @@ def build_table(
     config: Optional[CompressionConfig],
     device: Optional[torch.device] = None,
     store_assignment: bool = True,
-    assignment_range: Optional[Tuple[int, int]] = None,
+    id_range: Optional[Tuple[int, int]] = None,
 ) -> CompressedTable:
     """The remap/compose module for ``table`` compressed by ``config`` (None: full table).
 
+    ``id_range=(lo, hi)``: store the per-id state (:meth:`CompressedTable.per_id_state`) of ids
+    ``[lo, hi)`` only (the sharder's split by id range); only for methods that have some.
+
     Every method's codebook tables are stored at ``config.codebook_dtype`` (None: the logical
     table's ``data_type``), read by ``modules.codebook_configs`` as ``codebook_data_type``."""
+    if id_range is not None and not isinstance(config, (CCEConfig, MEmComConfig, MPEConfig)):
+        raise ValueError(f"table '{table.name}': {type(config).__name__} has no per-id state to "
+                         f"store by id range (id_range={id_range})")
     if config is None:
         return FullTable(table)
     config.validate(table)
@@ -56,7 +63,7 @@ def build_table(
     if isinstance(config, CCEConfig):
         method: CompressedTable = CCETable(table, config, device=device,
                                            store_assignment=store_assignment,
-                                           assignment_range=assignment_range)
+                                           id_range=id_range)
     elif isinstance(config, CEConfig):
         method = CETable(table, config)
     elif isinstance(config, HashingTrickConfig):
@@ -64,9 +71,9 @@ def build_table(
     elif isinstance(config, QRConfig):
         method = QRTable(table, config)
     elif isinstance(config, MEmComConfig):
-        method = MEmComTable(table, config, device=device)
+        method = MEmComTable(table, config, device=device, id_range=id_range)
     elif isinstance(config, MPEConfig):
-        return MPETable(table, config, device=device)
+        return MPETable(table, config, device=device, id_range=id_range)
     elif isinstance(config, FullConfig):
         method = FullTable(table)
     else:
@@ -82,6 +89,7 @@ def build_table(
 __all__ = [
     "Codebook",
     "CompressedTable",
+    "PerIdState",
     "CCETable",
     "CETable",
     "FullTable",

@@ -16,11 +16,17 @@ the logical name: full tables pass through unchanged).
 
 ``stream_specs()`` describes the same remap for the fused C++ op (``torchrec_cce.ops``): one
 :class:`StreamSpec` per stream; the torch-ops ``remap`` stays the reference.
+
+State with one entry per id (CCE's packed assignment ``p``, MEmCom's per-id weights, MPE's
+master rows) is declared once, by ``per_id_state()`` (:class:`PerIdState`): the sharder splits
+it by id range from that declaration and saves it as ShardedTensors, the planner's storage
+reservation and the byte counts read their bytes from it. A method built with
+``id_range=(lo, hi)`` stores only the entries of ids ``[lo, hi)``.
 """
 
 import abc
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 from torch import nn
@@ -62,6 +68,40 @@ class StreamSpec:
     qr_add: int = 0
     keep_remainder: bool = False
     extra: dict = field(default_factory=dict, compare=False)
+
+
+def _one_entry_per_id(num_ids: int) -> int:
+    return num_ids
+
+
+@dataclass(frozen=True)
+class PerIdState:
+    """One tensor of a table holding the state of every id, split by id range when sharded.
+
+    ``name``: the table module's attribute and state-dict key (``"assignment"``, ``"id_weight"``,
+    ``"weight"``). It covers ids ``[0, num_ids)``; the first ``n`` ids take ``entries(n)``
+    entries along dim 0 (one row per id, or whole packed words), each ``entry_bytes`` bytes.
+    Id ranges start at multiples of ``align`` ids. ``trainable``: a parameter read where the
+    lookup is computed, with gradients and an in-backward optimizer (MEmCom's weights, MPE's
+    masters), always split by id range under the sharder; else a buffer read where ids are
+    remapped (CCE's ``p``), kept whole on every rank when small.
+    """
+
+    name: str
+    num_ids: int
+    entry_bytes: int
+    entries: Callable[[int], int] = _one_entry_per_id
+    align: int = 1
+    trainable: bool = True
+
+    def bytes_of(self, num_ids: int) -> int:
+        """Bytes of the state of ``num_ids`` consecutive ids (from an aligned id)."""
+        return self.entries(num_ids) * self.entry_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the state of all ``num_ids`` ids, wherever they are stored."""
+        return self.bytes_of(self.num_ids)
 
 
 def codebook_table_name(table: str, suffix: str) -> str:
@@ -110,9 +150,24 @@ class CompressedTable(nn.Module, abc.ABC):
     def observe(self, ids: torch.Tensor) -> None:
         """Called with each training batch's ids before ``remap`` (CCE keeps a sample)."""
 
-    def state_bytes(self) -> int:
-        """Bytes of non-codebook state stored per table (assignment, per-id weights)."""
+    def per_id_state(self) -> List[PerIdState]:
+        """The state with one entry per id (see :class:`PerIdState`); none by default."""
+        return []
+
+    def replicated_state_bytes(self) -> int:
+        """Bytes of the non-codebook state every rank keeps whole (CCE's hash generation,
+        MPE's logits and buffers)."""
         return 0
+
+    def state_bytes(self) -> int:
+        """Bytes of non-codebook state this module stores: its part of the per-id state (all
+        of it, or its id range) plus the replicated state."""
+        return sum(_tensor_bytes(getattr(self, s.name)) for s in self.per_id_state()) \
+            + self.replicated_state_bytes()
+
+    def logical_state_bytes(self) -> int:
+        """:meth:`state_bytes` of the whole table (all ids), wherever the state is stored."""
+        return sum(s.total_bytes for s in self.per_id_state()) + self.replicated_state_bytes()
 
     def assignment_bytes(self) -> int:
         """Bytes of the learned id -> codebook-row assignment (CCE's ``p``)."""
@@ -122,5 +177,13 @@ class CompressedTable(nn.Module, abc.ABC):
         """Trainable parameters held outside the codebook EBC (MEmCom's per-id weights)."""
         return 0
 
+    def per_id_bytes(self) -> int:
+        """Bytes of the whole trainable per-id state (MEmCom's ``w``; MPE's master rows)."""
+        return sum(s.total_bytes for s in self.per_id_state() if s.trainable)
+
     def streams(self) -> List[str]:
         return [s for cb in self.codebooks for s in cb.streams]
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

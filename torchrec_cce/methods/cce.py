@@ -44,7 +44,7 @@ from torchrec_cce.clustering.sampling import IdReservoir
 from torchrec_cce.configs import CCEConfig, codebook_data_type
 from torchrec_cce.hashing import combine_keys, derive_seed, hash_ids
 from torchrec_cce.methods import packed
-from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
+from torchrec_cce.methods.base import Codebook, CompressedTable, PerIdState, StreamSpec
 
 MAX_RESERVOIR = 1 << 21
 
@@ -67,8 +67,8 @@ class CCETable(CompressedTable):
 
     def __init__(self, table: EmbeddingBagConfig, config: CCEConfig,
                  device: Optional[torch.device] = None, store_assignment: bool = True,
-                 assignment_range: Optional[Tuple[int, int]] = None) -> None:
-        """``assignment_range``: the covered ids ``[lo, hi)`` whose ``p`` this module stores
+                 id_range: Optional[Tuple[int, int]] = None) -> None:
+        """``id_range``: the covered ids ``[lo, hi)`` whose ``p`` this module stores
         (default all of ``[0, N)``; the sharder passes a rank's id range).
         ``store_assignment=False`` stores none."""
         super().__init__(table)
@@ -88,14 +88,14 @@ class CCETable(CompressedTable):
                                    [f"cce_c{i}" for i in range(self.chunks)])]
         self.assignment_bits = packed.bits_for(self.rows)
         self.assigned_ids = config.num_assigned(table)
-        lo, hi = assignment_range if assignment_range is not None else (0, self.assigned_ids)
+        lo, hi = id_range if id_range is not None else (0, self.assigned_ids)
         if not store_assignment:
             lo = hi = 0
         if not 0 <= lo <= hi <= self.assigned_ids:
-            raise ValueError(f"table '{table.name}': assignment_range {(lo, hi)} is not inside "
+            raise ValueError(f"table '{table.name}': id_range {(lo, hi)} is not inside "
                              f"the covered ids [0, {self.assigned_ids})")
         if lo % self.id_alignment():
-            raise ValueError(f"table '{table.name}': assignment_range must start at a multiple "
+            raise ValueError(f"table '{table.name}': id_range must start at a multiple "
                              f"of {self.id_alignment()} ids (a packed word boundary), got {lo}")
         self.stored_lo, self.stored_hi = lo, hi
         self.register_buffer("h_generation", torch.zeros((), dtype=torch.int64, device=device))
@@ -299,10 +299,15 @@ class CCETable(CompressedTable):
         """Bytes of the whole packed ``p`` (covered ids), wherever it is stored."""
         return self.packed_assignment_bytes(self.assigned_ids)
 
-    def state_bytes(self) -> int:
-        """Stored non-codebook bytes of this module: its packed ``p`` and the hash generation."""
-        return self.assignment_bytes() + self.h_generation.numel() * self.h_generation.element_size()
+    def _assignment_words(self, num_ids: int) -> int:
+        return packed.num_words(num_ids, self.chunks, self.assignment_bits)
 
-    def logical_state_bytes(self) -> int:
-        """:meth:`state_bytes` of the whole table (all of ``p``), wherever it is stored."""
-        return self.logical_assignment_bytes() + self.h_generation.element_size()
+    def per_id_state(self) -> List[PerIdState]:
+        """The packed ``p`` of the covered ids: whole int32 words, read where ids are remapped."""
+        return [PerIdState("assignment", self.assigned_ids, self.assignment.element_size(),
+                           entries=self._assignment_words, align=self.id_alignment(),
+                           trainable=False)]
+
+    def replicated_state_bytes(self) -> int:
+        """The hash generation (one int64)."""
+        return self.h_generation.numel() * self.h_generation.element_size()

@@ -8,7 +8,7 @@ every sparse parameter applies to it as to any table: row-wise Adagrad on one-el
 exactly Adagrad (``apply_optimizer_in_backward(RowWiseAdagrad, ...)`` works on it). A 1-D ``w``
 of an older checkpoint loads into the column.
 
-Sharded (``id_shard=(lo, hi)``, built by the sharder), the table stores only ``w[lo:hi]`` and
+Sharded (``id_range=(lo, hi)``, built by the sharder), the table stores only ``w[lo:hi]`` and
 the two stages move to the rank that computes the codebook lookup: :meth:`remap` passes the raw
 ids through the input all-to-all, and the sharded module hashes them (:meth:`bucket`) and
 fetches their weights from the ranks owning them
@@ -23,7 +23,7 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.configs import MEmComConfig
 from torchrec_cce.hashing import derive_seed, hash_ids
-from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
+from torchrec_cce.methods.base import Codebook, CompressedTable, PerIdState, StreamSpec
 
 
 class MEmComTable(CompressedTable):
@@ -32,13 +32,15 @@ class MEmComTable(CompressedTable):
 
     def __init__(self, table: EmbeddingBagConfig, config: MEmComConfig,
                  device: Optional[torch.device] = None,
-                 id_shard: Optional[Tuple[int, int]] = None) -> None:
+                 id_range: Optional[Tuple[int, int]] = None) -> None:
+        """``id_range=(lo, hi)`` (built by the sharder) stores the weights of ids ``[lo, hi)``
+        only; the sharded module then hashes ids and fetches weights where it looks them up."""
         super().__init__(table)
         self.rows = config.rows
         self.hash_key = derive_seed(config.seed, table.name, 0, "memcom")
         self.codebooks = [Codebook("memcom", config.rows, table.embedding_dim, ["memcom"])]
-        self.sharded = id_shard is not None
-        self.id_lo, self.id_hi = id_shard if self.sharded else (0, table.num_embeddings)
+        self.sharded = id_range is not None
+        self.id_lo, self.id_hi = id_range if self.sharded else (0, table.num_embeddings)
         # w[id_lo:id_hi] (all of w unless sharded by id range), one row per id.
         self.id_weight = nn.Parameter(torch.empty(self.id_hi - self.id_lo, 1, device=device))
         self._register_load_state_dict_pre_hook(_column_from_vector)
@@ -71,12 +73,9 @@ class MEmComTable(CompressedTable):
     def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
         return pooled[0]
 
-    def per_id_bytes(self) -> int:
-        """Bytes of the whole ``w`` (``V`` floats), wherever it is stored."""
-        return self.num_embeddings * self.id_weight.element_size()
-
-    def state_bytes(self) -> int:
-        return self.id_weight.numel() * self.id_weight.element_size()
+    def per_id_state(self) -> List[PerIdState]:
+        """``w``: one float per id (a ``[V, 1]`` column), trained where ids are looked up."""
+        return [PerIdState("id_weight", self.num_embeddings, self.id_weight.element_size())]
 
     def extra_parameters(self) -> int:
         return self.num_embeddings

@@ -42,7 +42,7 @@ the unique ids of the batch are gathered from the fp32 master weights (a regular
 only those rows are quantised and mixed, and ``F.embedding_bag`` pools them with the bag's
 offsets and per-sample weights, so multi-hot bags and weighted/SUM/MEAN pooling are exact
 (quantise rows, then pool). Under ``DistributedModelParallel`` the master weights are
-model-parallel: the sharder builds each rank's table with ``id_shard=(lo, hi)`` (it stores
+model-parallel: the sharder builds each rank's table with ``id_range=(lo, hi)`` (it stores
 rows ``[lo, hi)`` only, ``ceil(V / world)`` ids per rank), fetches the batch's unique rows from
 their owners through a differentiable all-to-all
 (:mod:`torchrec_cce.distributed.per_id_weights`), quantises them here with :meth:`quantize`
@@ -75,7 +75,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from torchrec_cce.configs import MPEConfig
 from torchrec_cce.hashing import derive_seed
 from torchrec_cce.optim import reset_optimizer_state
-from torchrec_cce.methods.base import CompressedTable
+from torchrec_cce.methods.base import CompressedTable, PerIdState
 from torchrec_cce.methods.mpe.quantizer import (
     code_range,
     effective_step,
@@ -124,7 +124,7 @@ def frequency_ranks(counts: torch.Tensor) -> Optional[torch.Tensor]:
 class MPETable(CompressedTable):
     """One MPE table: fp32 master weights, group logits, LSQ+ steps and offsets (see module).
 
-    ``id_shard=(lo, hi)`` (built by the sharder) stores master-weight rows ``[lo, hi)`` only;
+    ``id_range=(lo, hi)`` (built by the sharder) stores master-weight rows ``[lo, hi)`` only;
     the sharded module fetches rows from their owners and calls :meth:`quantize` and
     :meth:`pool` itself."""
 
@@ -133,7 +133,7 @@ class MPETable(CompressedTable):
 
     def __init__(self, table: EmbeddingBagConfig, config: MPEConfig,
                  device: Optional[torch.device] = None,
-                 id_shard: Optional[Tuple[int, int]] = None) -> None:
+                 id_range: Optional[Tuple[int, int]] = None) -> None:
         super().__init__(table)
         V, d = table.num_embeddings, table.embedding_dim
         self.config = config
@@ -144,10 +144,10 @@ class MPETable(CompressedTable):
         self.lam = float(config.lam)
         self.init_range = (table.get_weight_init_min(), table.get_weight_init_max())
         self.seed = config.seed
-        self.sharded = id_shard is not None
-        self.id_lo, self.id_hi = id_shard if self.sharded else (0, V)
+        self.sharded = id_range is not None
+        self.id_lo, self.id_hi = id_range if self.sharded else (0, V)
         if not 0 <= self.id_lo <= self.id_hi <= V:
-            raise ValueError(f"table '{table.name}': id_shard {id_shard} is not inside [0, {V}]")
+            raise ValueError(f"table '{table.name}': id_range {id_range} is not inside [0, {V}]")
         self.codebooks = []
         K = len(self.bits)
         # Master weights of ids [id_lo, id_hi) (all ids unless sharded by id range).
@@ -437,14 +437,10 @@ class MPETable(CompressedTable):
         """Bytes of one master-weight row (fp32)."""
         return self.embedding_dim * self.weight.element_size()
 
-    def state_bytes(self) -> int:
-        """Training state stored by this module: its master-weight rows (all, or its id range
-        when sharded) plus the replicated state (every tensor of its state dict)."""
-        return self.weight.shape[0] * self.master_row_bytes() + self.replicated_state_bytes()
-
-    def logical_state_bytes(self) -> int:
-        """Training state of the whole table (all ``V`` master rows), wherever stored."""
-        return self.num_embeddings * self.master_row_bytes() + self.replicated_state_bytes()
+    def per_id_state(self) -> List[PerIdState]:
+        """The fp32 master rows, trained where ids are looked up. (Its training state: with
+        :meth:`replicated_state_bytes`, ``state_bytes`` / ``logical_state_bytes``.)"""
+        return [PerIdState("weight", self.num_embeddings, self.master_row_bytes())]
 
     def extra_parameters(self) -> int:
         return self.num_embeddings * self.embedding_dim + sum(
