@@ -423,8 +423,8 @@ def build_without_ninja(verbose: bool) -> None:
 
     cuda = torch.cuda.is_available() and CUDA_HOME is not None
     csrc = os.path.join(ROOT, "torchrec_cce", "ops", "csrc")
-    sources = [os.path.join(csrc, f) for f in ("remap.cpp", "tbe.cpp", "compose.cpp")]
-    cflags = ["-O3", "-fopenmp", "-fno-math-errno"] + (["-mf16c"] if ops._cpu_has("f16c") else [])
+    sources = [os.path.join(csrc, f) for f in ops.SOURCES]
+    cflags = ops.cxx_flags()
     name = "torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops"
     if cuda:
         ext = CUDAExtension(name, sources + [os.path.join(csrc, "remap_cuda.cu")],

@@ -21,8 +21,8 @@ single-process run on the concatenated samples (same seed) up to float summation
 
 Nearest centroid, exactly
 -------------------------
-:class:`CentroidIndex` finds every row's nearest centroid with the compiled kernels
-(:mod:`torchrec_cce.clustering.native`, CPU, ``d <= 16``) when they build, else by batched
+:class:`CentroidIndex` finds every row's nearest centroid with the op library's kernels
+(:mod:`torchrec_cce.clustering.native`, CPU, ``d <= 16``) where it is built, else by batched
 ``addmm`` + argmin in torch. The kernels never write an ``n x k`` matrix (at CCE's chunk dims
 that memory traffic, not the arithmetic, is what BLAS + argmin pays): per row they keep the
 best and second-best score ``||c||^2 - 2 x.c`` in registers. For ``k >= 2048`` the *grouped*
@@ -246,10 +246,10 @@ class CentroidIndex:
         fits = c.device.type == "cpu" and self.d <= 16
         if method in ("native", "grouped") and not (fits and native.available()):
             raise RuntimeError(f"CentroidIndex(method={method!r}): the compiled kernel needs "
-                               "CPU tensors with d <= 16 and a C++ compiler (see torchrec_cce."
-                               "clustering.native)")
+                               "CPU tensors with d <= 16 and the op library (python -m "
+                               "torchrec_cce.ops; see torchrec_cce.clustering.native)")
         if method == "grouped" and not native.grouped_supported():
-            raise RuntimeError("CentroidIndex(method='grouped'): this build has no AVX2")
+            raise RuntimeError("CentroidIndex(method='grouped'): this CPU has no AVX2 + FMA")
         self.native = method != "torch" and fits and native.available()
         k = self.k
         if self.native:

@@ -1,124 +1,50 @@
-"""The optional compiled nearest-centroid kernel (``csrc/nearest.cpp``), built on first use.
+"""The nearest-centroid kernels of the op library (``torchrec_cce/ops/csrc/nearest.cpp``).
 
-:func:`nearest2` runs the kernel: best and second-best score ``||c||^2 - 2 x.c`` and the best
-index of every row, without materialising distances; :func:`nearest2_grouped` does the same
-over centroids grouped in bounding boxes (:class:`CentroidGroups`), skipping the boxes that
-cannot hold a centroid within the caller's near-tie margin of the best. The shared library is compiled once with
-the system C++ compiler (``$CXX`` or ``c++``; about a second, no torch headers) into
-``$TORCHREC_CCE_CACHE`` (default ``~/.cache/torchrec_cce``), keyed by a hash of the source and
-flags, and loaded with :mod:`ctypes` (whose calls release the GIL). Where no compiler exists or
-the build fails, :func:`available` is ``False`` after a one-line warning and callers use the
-pure-torch path, which yields the same assignments. ``TORCHREC_CCE_NATIVE=0`` disables it.
+:func:`nearest2` runs ``torch.ops.torchrec_cce.nearest2``: best and second-best score
+``||c||^2 - 2 x.c`` and the best index of every row, without materialising distances;
+:func:`nearest2_grouped` does the same over centroids grouped in bounding boxes
+(:class:`CentroidGroups`), skipping the boxes that cannot hold a centroid within the caller's
+near-tie margin of the best. They are built with the rest of the op library
+(:func:`torchrec_cce.ops.load`, ``python -m torchrec_cce.ops``); the op call releases the GIL,
+so k-means' Python worker threads run them in parallel. Where the library cannot be built,
+:func:`available` is ``False`` (after the library's one-line notice) and callers use the
+pure-torch path, which yields the same assignments. ``TORCHREC_CCE_NATIVE=0`` makes k-means use
+the torch path without trying the library.
 """
 
-import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
-_SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "nearest.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-std=c++17"]
-_LOCK = threading.Lock()
-_LIB: Optional[ctypes.CDLL] = None
-_TRIED = False
-
-
-def _build() -> ctypes.CDLL:
-    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not cxx:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    with open(_SRC, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(source + " ".join([cxx] + _FLAGS).encode()).hexdigest()[:16]
-    cache = os.environ.get("TORCHREC_CCE_CACHE",
-                           os.path.join(os.path.expanduser("~"), ".cache", "torchrec_cce"))
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, f"nearest_{key}.so")
-    if not os.path.exists(path):
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-        os.close(fd)
-        try:
-            subprocess.run([cxx, *_FLAGS, "-o", tmp, _SRC], check=True, capture_output=True,
-                           text=True)
-            os.replace(tmp, path)  # atomic: concurrent builders never load a partial file
-        except subprocess.CalledProcessError as e:
-            raise RuntimeError((e.stderr or "").strip().splitlines()[-1:] or "build failed") from e
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(path)
-    fn = lib.cce_nearest2
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                   ctypes.c_void_p]
-    g = lib.cce_nearest2_grouped
-    g.restype = ctypes.c_int
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    g.argtypes = [p, i64, i64, p, p, i64, p, i64, i64, p, p, i64, i64, p, p, p, p, p, p, p, p, p]
-    return lib
+from torchrec_cce import ops
 
 
 def available() -> bool:
-    """Whether the compiled kernel can be used (builds it on the first call)."""
-    global _LIB, _TRIED
-    if _TRIED:
-        return _LIB is not None
-    with _LOCK:
-        if not _TRIED:
-            if os.environ.get("TORCHREC_CCE_NATIVE", "1") != "0":
-                try:
-                    _LIB = _build()
-                except Exception as e:  # no compiler, read-only cache, ...: torch path
-                    warnings.warn("torchrec_cce: compiled nearest-centroid kernel unavailable "
-                                  f"({e}); using the pure-torch path (same results, slower)",
-                                  RuntimeWarning)
-                    _LIB = None
-            _TRIED = True
-    return _LIB is not None
+    """Whether the kernels can be used (builds or loads the op library on the first call)."""
+    return os.environ.get("TORCHREC_CCE_NATIVE", "1") != "0" and ops.fused_available()
 
 
-def nearest2(x: torch.Tensor, ct: torch.Tensor, bias: torch.Tensor,
-             out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+def simd() -> bool:
+    """Whether this CPU runs the AVX2 + FMA kernels (else :func:`nearest2` runs its scalar
+    kernel, with the same answers, and there is no grouped kernel)."""
+    return available() and bool(torch.ops.torchrec_cce.nearest2_simd())
+
+
+def nearest2(x: torch.Tensor, ct: torch.Tensor, bias: torch.Tensor
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(best index int64, best score, second-best score) of each row of ``x [n, d]`` against
     centroids given as ``ct [d, kp]`` (``kp % 8 == 0``) and ``bias [kp]`` (``||c||^2``, ``inf``
     for padding); CPU float32, ``1 <= d <= 16``. Requires :func:`available`."""
     if not available():
-        raise RuntimeError("nearest2: the compiled kernel is not available")
-    if not (x.dtype == ct.dtype == bias.dtype == torch.float32 and x.device.type == "cpu"):
-        raise ValueError("nearest2: CPU float32 tensors required")
-    x, ct, bias = x.contiguous(), ct.contiguous(), bias.contiguous()
-    n, d = x.shape
-    kp = ct.shape[1]
-    if out is None:
-        out = (torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n))
-    idx, best, second = out
-    rc = _LIB.cce_nearest2(x.data_ptr(), n, d, ct.data_ptr(), bias.data_ptr(), kp,
-                           idx.data_ptr(), best.data_ptr(), second.data_ptr())
-    if rc != 0:
-        raise ValueError(f"nearest2: unsupported shapes x {tuple(x.shape)}, ct {tuple(ct.shape)}")
-    return idx, best, second
+        raise RuntimeError("nearest2: the op library is not available (python -m torchrec_cce.ops)")
+    return torch.ops.torchrec_cce.nearest2(x.contiguous(), ct.contiguous(), bias.contiguous(),
+                                           simd())
 
 
 def grouped_supported() -> bool:
-    """Whether the grouped (pruned) kernel exists in this build (it needs AVX2 + FMA)."""
-    global _GROUPED_OK
-    if not available():
-        return False
-    if _GROUPED_OK is None:
-        _GROUPED_OK = bool(_LIB.cce_grouped_available())
-    return _GROUPED_OK
-
-
-_GROUPED_OK: Optional[bool] = None
+    """Whether the grouped (pruned) kernel runs here (it needs AVX2 + FMA)."""
+    return simd()
 
 
 def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor,
@@ -128,20 +54,11 @@ def nearest2_grouped(x: torch.Tensor, groups: "CentroidGroups", xn: torch.Tensor
     ``||x||^2 + best + 2 margin`` are skipped. ``xn``: ``||x||^2`` per row; ``margin``: the
     caller's near-tie margin per row (score units). Also returns the number of boxes scanned."""
     if not grouped_supported():
-        raise RuntimeError("nearest2_grouped: this build has no grouped kernel (needs AVX2)")
-    x, xn, margin = x.contiguous(), xn.contiguous(), margin.contiguous()
-    n, d = x.shape
-    idx, best, second = torch.empty(n, dtype=torch.int64), torch.empty(n), torch.empty(n)
-    visited = torch.zeros(1, dtype=torch.int64)
+        raise RuntimeError("nearest2_grouped: no grouped kernel here (needs AVX2 + FMA)")
     gr = groups
-    rc = _LIB.cce_nearest2_grouped(
-        x.data_ptr(), n, d, gr.ct.data_ptr(), gr.bias.data_ptr(), gr.ct.shape[1],
-        gr.offsets.data_ptr(), gr.num_groups, gr.lo.shape[1], gr.lo.data_ptr(), gr.hi.data_ptr(),
-        gr.num_supers, gr.super_lo.shape[1], gr.super_lo.data_ptr(), gr.super_hi.data_ptr(),
-        xn.data_ptr(), margin.data_ptr(), gr.perm.data_ptr(), idx.data_ptr(), best.data_ptr(),
-        second.data_ptr(), visited.data_ptr())
-    if rc != 0:
-        raise ValueError(f"nearest2_grouped: unsupported shapes x {tuple(x.shape)}")
+    idx, best, second, visited = torch.ops.torchrec_cce.nearest2_grouped(
+        x.contiguous(), gr.ct, gr.bias, gr.offsets, gr.num_groups, gr.lo, gr.hi, gr.num_supers,
+        gr.super_lo, gr.super_hi, xn.contiguous(), margin.contiguous(), gr.perm)
     return idx, best, second, int(visited)
 
 

@@ -10,13 +10,15 @@
   :class:`torchrec_cce.distributed.cpu_tbe.CodebookTBE`.
 * ``pair_compose`` (``csrc/compose.cpp``): the compose stage of collections with QR-mult/add
   tables, :class:`PairCompose`.
+* ``nearest2`` / ``nearest2_grouped`` / ``nearest2_simd`` (``csrc/nearest.cpp``): the
+  nearest-centroid kernels of k-means (:mod:`torchrec_cce.clustering.native`).
 
 Build: ``scripts/bootstrap.sh`` calls :func:`load` (``python -m torchrec_cce.ops``) so the
 library is compiled at install time, into ``build/torchrec_cce_ops`` next to the package (or
 ``$TORCHREC_CCE_BUILD_DIR``). Where it cannot be built or loaded (no compiler), :func:`load`
 logs one line (:data:`NOTICE`) and the modules use torch-ops paths (fbgemm's TBE kernel, the
-per-feature compose). ``TORCHREC_CCE_FUSED=0`` selects the remap's reference path without
-trying to build.
+per-feature compose, k-means' torch search). ``TORCHREC_CCE_FUSED=0`` selects the remap's
+reference path without trying to build; ``TORCHREC_CCE_NATIVE=0`` k-means' torch search.
 """
 
 import logging
@@ -57,20 +59,30 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
+SOURCES = ("remap.cpp", "tbe.cpp", "compose.cpp", "nearest.cpp")  # in csrc/; CUDA: remap_cuda.cu
+
+
+def cxx_flags() -> List[str]:
+    """The C++ flags of the library. ``-ffp-contract=off``: no multiply-add is fused unless the
+    source says so (the nearest-centroid kernels' float32 scores are the same bits on every
+    path); the AVX2 kernels get their ISA per function (``csrc/nearest.cpp``), not here."""
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+    if _cpu_has("f16c"):  # float16 codebook rows converted 4 at a time (ops/csrc/tbe.cpp)
+        flags.append("-mf16c")
+    return flags
+
+
 def _build(verbose: bool) -> None:
     from torch.utils.cpp_extension import CUDA_HOME, load as cpp_load
 
-    sources = [os.path.join(_CSRC, f) for f in ("remap.cpp", "tbe.cpp", "compose.cpp")]
+    sources = [os.path.join(_CSRC, f) for f in SOURCES]
     cuda = torch.cuda.is_available() and CUDA_HOME is not None
     if cuda:
         sources.append(os.path.join(_CSRC, "remap_cuda.cu"))
     directory = build_directory()
-    cflags = ["-O3", "-fopenmp", "-fno-math-errno"]
-    if _cpu_has("f16c"):  # float16 codebook rows converted 4 at a time (ops/csrc/tbe.cpp)
-        cflags.append("-mf16c")
     os.makedirs(directory, exist_ok=True)
     cpp_load(name="torchrec_cce_ops_cuda" if cuda else "torchrec_cce_ops", sources=sources,
-             extra_cflags=cflags, extra_ldflags=["-fopenmp"],
+             extra_cflags=cxx_flags(), extra_ldflags=["-fopenmp"],
              extra_cuda_cflags=["-O3"], extra_include_paths=[_CSRC],
              build_directory=directory, is_python_module=False, verbose=verbose)
 
@@ -84,7 +96,8 @@ def load(verbose: bool = False) -> bool:
         try:
             if os.environ.get("TORCHREC_CCE_FORCE_NO_FUSED") == "1":
                 raise RuntimeError("TORCHREC_CCE_FORCE_NO_FUSED=1")
-            if not hasattr(torch.ops.torchrec_cce, "remap"):
+            if not (hasattr(torch.ops.torchrec_cce, "remap")
+                    and hasattr(torch.ops.torchrec_cce, "nearest2")):
                 _build(verbose)
             _register_python_side()
             _state["loaded"] = True
@@ -218,5 +231,5 @@ class PairCompose(torch.autograd.Function):
                 None, None, None)
 
 
-__all__ = ["NOTICE", "PairCompose", "build_directory", "fused_available", "fused_default", "load", "remap",
-           "spec_row"]
+__all__ = ["NOTICE", "PairCompose", "SOURCES", "build_directory", "cxx_flags", "fused_available",
+           "fused_default", "load", "remap", "spec_row"]

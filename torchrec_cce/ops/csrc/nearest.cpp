@@ -1,21 +1,32 @@
-// Fused nearest-centroid search for small dimensions (CCE chunks: d = 1..16).
+// torchrec_cce::nearest2 / nearest2_grouped: fused nearest-centroid search for small dimensions
+// (CCE chunks: d = 1..16).
 //
 // For each row x of X [n, d] it scores every centroid as  bias[j] - 2 x.c_j  (bias = ||c||^2,
 // +inf for padding) and returns the best and the second-best score and the best index, without
 // ever writing the n x k distance matrix (what BLAS + a separate argmin must do: at d = 4 that
-// matrix traffic, not the arithmetic, is the cost). Ties keep the lowest index. Single-threaded
-// and plain C ABI (loaded with ctypes, which releases the GIL): the Python caller splits the
-// rows over its worker threads. No torch headers, so it builds in about a second.
+// matrix traffic, not the arithmetic, is the cost). Ties keep the lowest index. Single-threaded:
+// the Python caller (clustering/kmeans.py) splits the rows over its worker threads, and the
+// torch.ops call releases the GIL while the kernel runs.
+//
+// The AVX2 + FMA kernels (namespace avx2) are compiled for that target under a GCC target pragma
+// (the rest of the op library stays at the baseline ISA) and chosen at run time where the CPU
+// has both; elsewhere (or with clang) the scalar kernel runs. Every score is the same chain of fused
+// multiply-adds on every path (std::fma in the scalar one), and the library is built with
+// -ffp-contract=off (ops/__init__.py), so all paths return the same float32 bits.
+#include <torch/library.h>
+#include <torch/types.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CCE_SIMD 1  // the AVX2 kernels below (GCC target pragma), chosen at run time
 #include <immintrin.h>
-#define CCE_AVX2 1
 #endif
 
+namespace torchrec_cce {
 namespace {
 
 // Boxes per superbox of the grouped search (a second level of bounding boxes).
@@ -28,8 +39,9 @@ constexpr int64_t kBoxesPerSuper = 32;
 #define CCE_J 4
 #endif
 
-// ct: [d, kp] (kp a multiple of 8), bias: [kp]. Scalar reference path (any CPU).
-void scalar_rows(const float* x, int64_t n, int d, const float* ct, const float* bias,
+// ct: [d, kp] (kp a multiple of 8), bias: [kp]. Scalar path (any CPU; inlined into the AVX2
+// kernels for their remainder rows).
+__attribute__((always_inline)) inline void scalar_rows(const float* x, int64_t n, int d, const float* ct, const float* bias,
                  int64_t kp, int64_t* idx, float* best, float* second) {
   for (int64_t r = 0; r < n; ++r) {
     const float* xr = x + r * d;
@@ -52,7 +64,10 @@ void scalar_rows(const float* x, int64_t n, int d, const float* ct, const float*
   }
 }
 
-#ifdef CCE_AVX2
+#ifdef CCE_SIMD
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
 // R query rows x J vectors of 8 centroids per step: R * J independent FMA chains (one chain
 // of d FMAs per row is latency-bound), then a running best / second-best / index per lane.
 template <int D, int R, int J>
@@ -124,7 +139,6 @@ void avx2_rows(const float* x, int64_t n, int d, const float* ct, const float* b
   }
   if (r < n) scalar_rows(x + r * d, n - r, d, ct, bias, kp, idx + r, best + r, second + r);
 }
-#endif
 
 // ---- grouped (pruned) search ------------------------------------------------------------
 // Centroids are stored group by group (columns [goff[g], goff[g+1]) of ct, multiples of 8,
@@ -135,7 +149,6 @@ void avx2_rows(const float* x, int64_t n, int d, const float* ct, const float* b
 // score lies within margin of the best is scored: the caller's near-tie test stays valid).
 // Scores and the lane-wise best / second-best updates are the same operations as the brute
 // force, so both return the same float32 answers.
-#ifdef CCE_AVX2
 inline float hmin8(__m256 v) {
   __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   m = _mm_min_ps(m, _mm_movehl_ps(m, m));
@@ -288,69 +301,163 @@ void grouped_rows(const float* x, int64_t n, int d_runtime, const float* ct, con
   delete[] cand;
   *visited += nvisit;
 }
+
+// Brute force at any d in [1, 16] (specialised for the usual chunk dims).
+void brute(const float* x, int64_t n, int d, const float* ct, const float* bias, int64_t kp,
+           int64_t* idx, float* best, float* second) {
+  switch (d) {
+    case 1: avx2_rows<1>(x, n, d, ct, bias, kp, idx, best, second); break;
+    case 2: avx2_rows<2>(x, n, d, ct, bias, kp, idx, best, second); break;
+    case 4: avx2_rows<4>(x, n, d, ct, bias, kp, idx, best, second); break;
+    case 8: avx2_rows<8>(x, n, d, ct, bias, kp, idx, best, second); break;
+    case 16: avx2_rows<16>(x, n, d, ct, bias, kp, idx, best, second); break;
+    default: avx2_rows<0>(x, n, d, ct, bias, kp, idx, best, second);
+  }
+}
+
+// Grouped search at any d in [1, 16].
+void grouped(const float* x, int64_t n, int d, const float* ct, const float* bias, int64_t kp,
+             const int64_t* goff, int64_t G, int64_t gp, const float* glo, const float* ghi,
+             int64_t S, int64_t sp, const float* slo, const float* shi, const float* xn,
+             const float* margin, const int64_t* perm, int64_t* idx, float* best, float* second,
+             int64_t* visited) {
+  switch (d) {
+    case 2: grouped_rows<2>(x, n, d, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
+    case 4: grouped_rows<4>(x, n, d, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
+    case 8: grouped_rows<8>(x, n, d, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
+    default: grouped_rows<0>(x, n, d, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited);
+  }
+}
+}  // namespace avx2
+#pragma GCC pop_options
 #endif
+
+
+
+// Whether this CPU runs the AVX2 + FMA kernels (decided once per process).
+bool simd_available() {
+#ifdef CCE_SIMD
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void check_f32(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == dim &&
+                  t.is_contiguous(),
+              "torchrec_cce::nearest2: ", name, " must be a contiguous CPU float32 tensor of ",
+              dim, " dims, got ", t.scalar_type(), " ", t.sizes());
+}
+
+void check_i64(const at::Tensor& t, const char* name, int64_t numel) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1 &&
+                  t.is_contiguous() && t.numel() >= numel,
+              "torchrec_cce::nearest2_grouped: ", name,
+              " must be a contiguous CPU int64 vector of at least ", numel, " entries, got ",
+              t.scalar_type(), " ", t.sizes());
+}
+
+// x [n, d], ct [d, kp] (kp % 8 == 0, 1 <= d <= 16), bias [kp]: (best index int64 [n], best
+// score [n], second-best score [n]). simd=False runs the scalar kernel (tests; same answers).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nearest2_cpu(const at::Tensor& x,
+                                                           const at::Tensor& ct,
+                                                           const at::Tensor& bias, bool simd) {
+  check_f32(x, "x", 2);
+  check_f32(ct, "ct", 2);
+  check_f32(bias, "bias", 1);
+  const int64_t n = x.size(0), d = x.size(1), kp = ct.size(1);
+  TORCH_CHECK(d >= 1 && d <= 16 && ct.size(0) == d && kp > 0 && kp % 8 == 0 &&
+                  bias.size(0) == kp,
+              "torchrec_cce::nearest2: unsupported shapes x ", x.sizes(), ", ct ", ct.sizes(),
+              ", bias ", bias.sizes(), " (1 <= d <= 16, ct [d, kp] with kp % 8 == 0)");
+  auto idx = at::empty({n}, x.options().dtype(at::kLong));
+  auto best = at::empty({n}, x.options());
+  auto second = at::empty({n}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = ct.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  float *b1 = best.data_ptr<float>(), *b2 = second.data_ptr<float>();
+  const int dd = static_cast<int>(d);
+#ifdef CCE_SIMD
+  if (simd && simd_available()) {
+    avx2::brute(xp, n, dd, cp, bp, kp, ip, b1, b2);
+    return {idx, best, second};
+  }
+#endif
+  scalar_rows(xp, n, dd, cp, bp, kp, ip, b1, b2);
+  return {idx, best, second};
+}
+
+// Grouped search (see grouped_rows; AVX2 + FMA only, see nearest2_simd): centroids in group
+// order, ct [d, kp], bias [kp], offsets [G + 1] (multiples of 8, offsets[G] <= kp), box bounds
+// lo/hi [d, gp] (gp % 32 == 0, gp >= 32 S, padding boxes +inf), superbox bounds super_lo /
+// super_hi [d, sp] (superbox s bounds the boxes [32 s, 32 s + 32); S = ceil(G / 32),
+// sp % 8 == 0, sp >= S, padding +inf), xn / margin [n], perm [kp] (group-order column ->
+// centroid index). Returns (centroid index [n], best [n], second [n], boxes scanned (0-d)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nearest2_grouped_cpu(
+    const at::Tensor& x, const at::Tensor& ct, const at::Tensor& bias,
+    const at::Tensor& offsets, int64_t num_groups, const at::Tensor& lo, const at::Tensor& hi,
+    int64_t num_supers, const at::Tensor& super_lo, const at::Tensor& super_hi,
+    const at::Tensor& xn, const at::Tensor& margin, const at::Tensor& perm) {
+  TORCH_CHECK(simd_available(),
+              "torchrec_cce::nearest2_grouped: needs a CPU with AVX2 and FMA (see nearest2_simd)");
+  check_f32(x, "x", 2);
+  check_f32(ct, "ct", 2);
+  check_f32(bias, "bias", 1);
+  for (const auto* t : {&lo, &hi, &super_lo, &super_hi}) check_f32(*t, "box bounds", 2);
+  check_f32(xn, "xn", 1);
+  check_f32(margin, "margin", 1);
+  const int64_t n = x.size(0), d = x.size(1), kp = ct.size(1), G = num_groups, S = num_supers;
+  const int64_t gp = lo.size(1), sp = super_lo.size(1);
+  TORCH_CHECK(d >= 1 && d <= 16 && ct.size(0) == d && kp > 0 && kp % 8 == 0 &&
+                  bias.size(0) == kp && G >= 1 && gp % kBoxesPerSuper == 0 &&
+                  S == (G + kBoxesPerSuper - 1) / kBoxesPerSuper && gp >= S * kBoxesPerSuper &&
+                  sp >= S && sp % 8 == 0 && lo.size(0) == d && hi.sizes() == lo.sizes() &&
+                  super_lo.size(0) == d && super_hi.sizes() == super_lo.sizes() &&
+                  xn.size(0) == n && margin.size(0) == n,
+              "torchrec_cce::nearest2_grouped: unsupported shapes x ", x.sizes(), ", ct ",
+              ct.sizes(), ", boxes ", lo.sizes(), ", superboxes ", super_lo.sizes());
+  check_i64(offsets, "offsets", G + 1);
+  check_i64(perm, "perm", kp);
+  auto idx = at::empty({n}, x.options().dtype(at::kLong));
+  auto best = at::empty({n}, x.options());
+  auto second = at::empty({n}, x.options());
+  auto visited = at::zeros({}, x.options().dtype(at::kLong));
+#ifdef CCE_SIMD
+  const int dd = static_cast<int>(d);
+  const float *xp = x.data_ptr<float>(), *cp = ct.data_ptr<float>(), *bp = bias.data_ptr<float>();
+  const float *glo = lo.data_ptr<float>(), *ghi = hi.data_ptr<float>();
+  const float *slo = super_lo.data_ptr<float>(), *shi = super_hi.data_ptr<float>();
+  const int64_t *goff = offsets.data_ptr<int64_t>(), *pp = perm.data_ptr<int64_t>();
+  int64_t* ip = idx.data_ptr<int64_t>();
+  float *b1 = best.data_ptr<float>(), *b2 = second.data_ptr<float>();
+  int64_t* vp = visited.data_ptr<int64_t>();
+  const float *xnp = xn.data_ptr<float>(), *mp = margin.data_ptr<float>();
+  avx2::grouped(xp, n, dd, cp, bp, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xnp, mp, pp, ip,
+                  b1, b2, vp);
+#endif
+  return {idx, best, second, visited};
+}
 
 }  // namespace
 
-// x [n, d], ct [d, kp] (kp % 8 == 0, 1 <= d <= 16), bias [kp], all float32 contiguous.
-// Writes idx [n], best [n], second [n] (scores ||c||^2 - 2 x.c). Returns 0, or -1 on bad sizes.
-extern "C" int cce_nearest2(const float* x, int64_t n, int64_t d, const float* ct,
-                            const float* bias, int64_t kp, int64_t* idx, float* best,
-                            float* second) {
-  if (d < 1 || d > 16 || kp % 8 != 0 || kp <= 0) return -1;
-  const int dd = static_cast<int>(d);
-#ifdef CCE_AVX2
-  switch (dd) {
-    case 1: avx2_rows<1>(x, n, dd, ct, bias, kp, idx, best, second); break;
-    case 2: avx2_rows<2>(x, n, dd, ct, bias, kp, idx, best, second); break;
-    case 4: avx2_rows<4>(x, n, dd, ct, bias, kp, idx, best, second); break;
-    case 8: avx2_rows<8>(x, n, dd, ct, bias, kp, idx, best, second); break;
-    case 16: avx2_rows<16>(x, n, dd, ct, bias, kp, idx, best, second); break;
-    default: avx2_rows<0>(x, n, dd, ct, bias, kp, idx, best, second);
-  }
-#else
-  scalar_rows(x, n, dd, ct, bias, kp, idx, best, second);
-#endif
-  return 0;
+TORCH_LIBRARY_FRAGMENT(torchrec_cce, m) {
+  m.def("nearest2(Tensor x, Tensor ct, Tensor bias, bool simd=True) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "nearest2_grouped(Tensor x, Tensor ct, Tensor bias, Tensor offsets, int num_groups, "
+      "Tensor lo, Tensor hi, int num_supers, Tensor super_lo, Tensor super_hi, Tensor xn, "
+      "Tensor margin, Tensor perm) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Whether this CPU runs the AVX2 + FMA kernels (and so has nearest2_grouped).
+  m.def("nearest2_simd() -> bool", [] { return simd_available(); });
 }
 
-// Grouped search (see grouped_rows): centroids in group order, ct [d, kp], bias [kp], goff
-// [G + 1] (multiples of 8, goff[G] <= kp), box bounds glo/ghi [d, gp] (gp % 32 == 0,
-// gp >= 32 S, padding boxes +inf), superbox bounds slo/shi [d, sp] (superbox s bounds the
-// boxes [32 s, 32 s + 32); S = ceil(G / 32), sp % 8 == 0, sp >= S, padding +inf), xn / margin
-// [n], perm [kp] (group-order column -> centroid index).
-// Writes idx (centroid indices), best, second, and adds the number of boxes scanned to
-// *visited. Returns 0, -1 on bad sizes, -2 without AVX2 (the caller uses cce_nearest2).
-extern "C" int cce_nearest2_grouped(const float* x, int64_t n, int64_t d, const float* ct,
-                                    const float* bias, int64_t kp, const int64_t* goff,
-                                    int64_t G, int64_t gp, const float* glo, const float* ghi,
-                                    int64_t S, int64_t sp, const float* slo, const float* shi,
-                                    const float* xn, const float* margin, const int64_t* perm,
-                                    int64_t* idx, float* best, float* second,
-                                    int64_t* visited) {
-  if (d < 1 || d > 16 || kp % 8 != 0 || kp <= 0 || G < 1 || gp % kBoxesPerSuper != 0 ||
-      S != (G + kBoxesPerSuper - 1) / kBoxesPerSuper || gp < S * kBoxesPerSuper || sp < S ||
-      sp % 8 != 0)
-    return -1;
-#ifdef CCE_AVX2
-  const int dd = static_cast<int>(d);
-  switch (dd) {
-    case 2: grouped_rows<2>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
-    case 4: grouped_rows<4>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
-    case 8: grouped_rows<8>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited); break;
-    default: grouped_rows<0>(x, n, dd, ct, bias, kp, goff, G, gp, glo, ghi, S, sp, slo, shi, xn, margin, perm, idx, best, second, visited);
-  }
-  return 0;
-#else
-  return -2;
-#endif
+TORCH_LIBRARY_IMPL(torchrec_cce, CPU, m) {
+  m.impl("nearest2", &nearest2_cpu);
+  m.impl("nearest2_grouped", &nearest2_grouped_cpu);
 }
 
-// 1 if this build has the grouped kernel (AVX2 + FMA), else 0.
-extern "C" int cce_grouped_available() {
-#ifdef CCE_AVX2
-  return 1;
-#else
-  return 0;
-#endif
-}
+}  // namespace torchrec_cce
