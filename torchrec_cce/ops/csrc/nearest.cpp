@@ -271,15 +271,23 @@ void grouped_rows(const float* x, int64_t n, int d_runtime, const float* ct, con
         }
       }
     }
-    for (int64_t a = 1; a < m; ++a) {
-      const int64_t v = cand[a];
-      int64_t b = a;
-      for (; b > 0 && lb[cand[b - 1]] > lb[v]; --b) cand[b] = cand[b - 1];
-      cand[b] = v;
-    }
-    for (int64_t a = 0; a < m; ++a) {
-      if (lb[cand[a]] > (cur + slack) * 1.00001f) break;
-      scan(cand[a]);
+    // scan them in increasing bound order (lowest box index on equal bounds) until the next
+    // bound is out of reach: each step selects the nearest remaining one and drops those out
+    // of reach (O(m) per scanned box; sorting all m candidates cost O(m^2) per row)
+    while (m > 0) {
+      const float reach = (cur + slack) * 1.00001f;
+      int64_t keep = 0, pick = -1;
+      for (int64_t a = 0; a < m; ++a) {
+        const int64_t g = cand[a];
+        if (lb[g] > reach) continue;
+        if (pick < 0 || lb[g] < lb[pick] || (lb[g] == lb[pick] && g < pick)) pick = g;
+        cand[keep++] = g;
+      }
+      if (pick < 0) break;
+      m = 0;
+      for (int64_t a = 0; a < keep; ++a)
+        if (cand[a] != pick) cand[m++] = cand[a];
+      scan(pick);
     }
     alignas(32) float v1[8], v2[8];
     alignas(32) int32_t vi[8];
