@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -233,15 +234,68 @@ def string_keys(arr: pa.Array, width: int, seed: Optional[int]) -> Tuple[np.ndar
     return h, lengths
 
 
-class Vocabulary:
-    """Raw value strings -> ids (``values[i]`` has id ``i + 1``; everything else is id 0)."""
+_PACK_MASKS = np.array([(1 << (8 * i)) - 1 for i in range(8)] + [(1 << 64) - 1], dtype=np.uint64)
+FAST_PATH = True  # packed integer keys and typed dense columns; False = the string path (tests)
 
-    def __init__(self, name: str, values: pa.Array):
+
+def packed_keys(arr: pa.Array) -> Optional[np.ndarray]:
+    """uint64 key per string: its bytes zero-padded, little-endian; ``None`` unless every value
+    has at most 8 bytes and none holds a NUL byte (then the key is one-to-one with the string:
+    Criteo's 8-hex-digit tokens, Avazu's ids). Vectorised, no per-value Python."""
+    if not FAST_PATH:
+        return None
+    starts, lengths, data = _string_parts(arr)
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    if int(lengths.max()) > 8:
+        return None
+    lo, hi = int(starts[0]), int(starts[-1] + lengths[-1])
+    if hi > lo and not data[lo:hi].all():  # a NUL byte: packing would not be one-to-one
+        return None
+    pad = np.zeros(hi - lo + 16, dtype=np.uint8)
+    pad[: hi - lo] = data[lo:hi]
+    rel = starts - lo
+    out = np.empty(n, dtype=np.uint64)
+    phase = rel & 7
+    for r in range(8):  # unaligned 8-byte loads, grouped by start address modulo 8
+        sel = phase == r
+        if sel.any():
+            words = np.frombuffer(pad, dtype="<u8", count=(len(pad) - r) // 8, offset=r)
+            out[sel] = words[rel[sel] >> 3]
+    return out & _PACK_MASKS[lengths]
+
+
+def unpack_keys(keys: np.ndarray) -> pa.Array:
+    """The strings of :func:`packed_keys`' keys."""
+    mat = np.ascontiguousarray(keys, dtype="<u8").view(np.uint8).reshape(-1, 8)
+    nonzero = mat != 0
+    offsets = np.zeros(len(keys) + 1, dtype=np.int64)
+    np.cumsum(nonzero.sum(axis=1), out=offsets[1:])
+    data = mat[nonzero]
+    if offsets[-1] >= 1 << 31:
+        return pa.LargeStringArray.from_buffers(len(keys), pa.py_buffer(offsets), pa.py_buffer(data))
+    return pa.StringArray.from_buffers(len(keys), pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
+
+
+class Vocabulary:
+    """Raw value strings -> ids (``values[i]`` has id ``i + 1``; everything else is id 0).
+
+    ``keys``: the values' :func:`packed_keys` when every value packs; blocks that pack too are
+    then looked up by integer key (each distinct key of a block once, by binary search).
+    """
+
+    def __init__(self, name: str, values: pa.Array, keys: Optional[np.ndarray] = None):
         self.name = name
         self.values = values
         _, self.lengths, _ = _string_parts(values) if len(values) else (None, np.zeros(0, np.int64), None)
         self.width = int(self.lengths.max()) if len(values) else 0
         self.seed: Optional[int] = None if self.width <= 8 else 1
+        self.packed = keys is not None
+        if self.packed:  # one-to-one keys, equal to string_keys(values, width, None)
+            self.order = np.argsort(keys, kind="stable")
+            self.sorted_keys = keys[self.order]
+            return
         for _attempt in range(8):
             keys, _ = string_keys(values, self.width, self.seed)
             order = np.argsort(keys, kind="stable")
@@ -258,10 +312,22 @@ class Vocabulary:
 
     def encode(self, arr: pa.Array) -> np.ndarray:
         """int32 ids of a string array (0 for values not in the vocabulary)."""
+        keys = packed_keys(arr) if self.packed else None
+        if keys is not None:
+            if len(arr) > 1024:
+                d = pa.array(keys).dictionary_encode()
+                return self._lookup(d.dictionary.to_numpy())[d.indices.to_numpy(zero_copy_only=False)]
+            return self._lookup(keys)
         if len(arr) > 1024:  # look up each distinct value of the block once
             d = arr.dictionary_encode()
             return self._encode(d.dictionary)[d.indices.to_numpy(zero_copy_only=False)]
         return self._encode(arr)
+
+    def _lookup(self, keys: np.ndarray) -> np.ndarray:
+        if len(keys) == 0 or len(self.sorted_keys) == 0:
+            return np.zeros(len(keys), dtype=np.int32)
+        pos = np.minimum(np.searchsorted(self.sorted_keys, keys), len(self.sorted_keys) - 1)
+        return np.where(self.sorted_keys[pos] == keys, self.order[pos] + 1, 0).astype(np.int32)
 
     def _encode(self, arr: pa.Array) -> np.ndarray:
         n = len(arr)
@@ -288,17 +354,35 @@ class ValueCounter:
     """Occurrences and first-seen position of every value of one feature (training rows).
 
     Per block a vectorised ``group_by``; block results are merged into the running table
-    whenever they outgrow it (so every value is merged O(log) times).
+    whenever they outgrow it (so every value is merged O(log) times). Values are grouped by
+    their :func:`packed_keys` (column ``v`` uint64) until a block has a value that does not
+    pack; from then on (and for what was counted before) by the strings themselves.
     """
 
     def __init__(self):
         self.table: Optional[pa.Table] = None
         self.pending: List[pa.Table] = []
         self.pending_rows = 0
+        self.packed = True
+
+    def _to_strings(self) -> None:
+        def conv(t: pa.Table) -> pa.Table:
+            v = unpack_keys(t.column("v").to_numpy()).cast(pa.string())
+            return t.set_column(t.schema.get_field_index("v"), "v", v)
+
+        self.table = conv(self.table) if self.table is not None else None
+        self.pending = [conv(t) for t in self.pending]
+        self.packed = False
 
     def add(self, values: pa.Array, order_keys: np.ndarray) -> None:
         if len(values) == 0:
             return
+        if self.packed:
+            keys = packed_keys(values)
+            if keys is None:
+                self._to_strings()
+            else:
+                values = pa.array(keys)
         t = pa.table({"v": values, "first": pa.array(order_keys, pa.int64())})
         g = t.group_by("v", use_threads=False).aggregate([("first", "min"), ("first", "count")])
         g = _named(g, {"v": "v", "first_min": "first", "first_count": "count"})
@@ -319,7 +403,8 @@ class ValueCounter:
         self.table = t
 
     def result(self) -> pa.Table:
-        """``v``, ``first``, ``count`` of every distinct value."""
+        """``v``, ``first``, ``count`` of every distinct value (``v``: uint64 packed keys while
+        :attr:`packed`, else strings)."""
         self._merge()
         if self.table is None:
             return pa.table({"v": pa.array([], pa.string()), "first": pa.array([], pa.int64()),
@@ -335,8 +420,12 @@ def build_vocabulary(name: str, table: pa.Table, min_count: int) -> Tuple[Vocabu
     keep = count >= min_count
     idx = np.flatnonzero(keep)
     order = idx[np.lexsort((first[idx], -count[idx]))]
-    values = table.column("v").combine_chunks().take(pa.array(order, pa.int64()))
     counts = np.concatenate([[int(count[~keep].sum())], count[order]]).astype(np.int64)
+    v = table.column("v")
+    if v.type == pa.uint64():  # packed keys
+        keys = v.to_numpy()[order]
+        return Vocabulary(name, unpack_keys(keys), keys), counts, int(len(count))
+    values = v.combine_chunks().take(pa.array(order, pa.int64()))
     return Vocabulary(name, values), counts, int(len(count))
 
 
@@ -407,7 +496,9 @@ class FileReader:
         self.skipped_text.append(row.text)
         return "skip"
 
-    def _open(self):
+    def _open(self, typed: bool):
+        """The pyarrow streaming reader; ``typed``: dense columns parsed as float64 by the CSV
+        reader (empty = null), else every column as strings."""
         spec = self.spec
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path}: no such file (check --input/--test-input)")
@@ -416,15 +507,20 @@ class FileReader:
         self.raw = pa.OSFile(self.path, "rb")
         stream = pa.CompressedInputStream(self.raw, "gzip") if self.path.endswith(".gz") else self.raw
         cols = spec.source_columns()
+        types = {c: pa.string() for c in cols}
+        if typed:
+            types.update({c: pa.float64() for c in spec.dense})
         read = pcsv.ReadOptions(use_threads=False, block_size=self.block_size,
                                 column_names=spec.column_names)
         parse = pcsv.ParseOptions(delimiter=spec.delimiter, quote_char='"' if spec.quoting else False,
                                   ignore_empty_lines=False, invalid_row_handler=self._handler)
-        conv = pcsv.ConvertOptions(column_types={c: pa.string() for c in cols}, include_columns=cols,
+        conv = pcsv.ConvertOptions(column_types=types, include_columns=cols, null_values=[""],
                                    strings_can_be_null=False, quoted_strings_can_be_null=False)
         try:
             return pcsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=conv)
         except pa.ArrowInvalid as e:
+            if typed:
+                raise
             if "Empty CSV file" in str(e):
                 raise ValueError(f"{self.path}: empty file; nothing to preprocess") from None
             raise ValueError(f"{self.path}: cannot read as {spec.fmt}: {e}") from None
@@ -436,37 +532,79 @@ class FileReader:
         except Exception:
             return 0
 
-    def _lines(self, first_good: int, n: int) -> np.ndarray:
+    def _lines(self, first_good: int, n: int, skipped: List[int]) -> np.ndarray:
         """Physical lines of good rows ``first_good .. first_good + n - 1`` (0-based)."""
         base = 1 + int(self.spec.header)  # line of the first data row
         k = np.arange(first_good, first_good + n, dtype=np.int64)
-        if not self.skipped:
+        if not skipped:
             return k + base
-        s = np.asarray(self.skipped, dtype=np.int64)
+        s = np.asarray(skipped, dtype=np.int64)
         at = s - base - np.arange(len(s))  # number of good rows before each skipped line
         return k + base + np.searchsorted(at, k, side="right")
 
+    def _reset(self) -> None:
+        if self.raw is not None:
+            self.raw.close()
+        self.skipped, self.skipped_text = [], []
+
+    def _record_batches(self):
+        """``(record batch, lines skipped so far)``; the next block is parsed in a background
+        thread while the caller works on this one (pyarrow releases the GIL). Dense columns
+        are parsed by the CSV reader when every value of the file converts; at the first
+        block that does not, the file is read again as strings from that block on."""
+        typed = FAST_PATH and bool(self.spec.dense)
+        done = 0  # batches handed out
+        with ThreadPoolExecutor(1) as pool:
+            while True:
+                try:
+                    reader = self._open(typed)
+                    for _ in range(done):  # after a fall-back: skip what was handed out
+                        reader.read_next_batch()
+                    fut = pool.submit(self._next_batch, reader)
+                    while True:
+                        item = fut.result()
+                        if item is None:
+                            return
+                        fut = pool.submit(self._next_batch, reader)
+                        done += 1
+                        yield item
+                except pa.ArrowInvalid:
+                    if not typed:
+                        raise
+                    fut = None
+                    self._reset()
+                    typed = False
+
+    def _next_batch(self, reader):
+        try:
+            rb = reader.read_next_batch()
+        except StopIteration:
+            return None
+        return rb, len(self.skipped)
+
     def blocks(self, bad: BadRows):
         spec = self.spec
-        reader = self._open()
         good_seen = 0  # rows pyarrow returned so far
         reported = 0
         rows_in_file = 0
-        for rb in reader:
+        for rb, nskip in self._record_batches():
             n = rb.num_rows
-            lines = self._lines(good_seen, n)
+            lines = self._lines(good_seen, n, self.skipped[:nskip])
             good_seen += n
-            for line, text in zip(self.skipped[reported:], self.skipped_text[reported:]):
+            for line, text in zip(self.skipped[reported:nskip], self.skipped_text[reported:nskip]):
                 bad.add(self.path, line, "wrong_field_count", text)
-            bad.rows += len(self.skipped) - reported
-            reported = len(self.skipped)
+            bad.rows += nskip - reported
+            reported = nskip
             keep = np.ones(n, dtype=bool)
             # blank lines come back as all-empty rows: drop them silently
-            blank = np.ones(n, dtype=bool)
-            for c in rb.column_names:
-                blank &= pc.equal(pc.binary_length(rb.column(c)), 0).to_numpy(zero_copy_only=False)
-            keep &= ~blank
             label_col = rb.column("click" if spec.fmt == "avazu_csv" else spec.label)
+            blank = pc.equal(pc.binary_length(label_col), 0).to_numpy(zero_copy_only=False)
+            if blank.any():
+                for c in rb.column_names:
+                    col = rb.column(c)
+                    empty = pc.is_null(col) if col.type == pa.float64() else pc.equal(pc.binary_length(col), 0)
+                    blank &= empty.to_numpy(zero_copy_only=False)
+            keep &= ~blank
             is01 = pc.is_in(label_col, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
             badlabel = keep & ~is01
             if badlabel.any():
@@ -476,16 +614,19 @@ class FileReader:
             nonnum = np.zeros(n, dtype=bool)
             for j, c in enumerate(spec.dense):
                 col = rb.column(c)
-                empty = pc.equal(pc.binary_length(col), 0)
-                col = pc.if_else(empty, pa.scalar(None, pa.string()), col)
-                try:
-                    vals = pc.cast(col, pa.float64())
-                    ok = np.ones(n, dtype=bool)
-                except pa.ArrowInvalid:
-                    ok = pc.fill_null(pc.match_substring_regex(
-                        col, r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"), True)
-                    ok = ok.to_numpy(zero_copy_only=False)
-                    vals = pc.cast(pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string())), pa.float64())
+                if col.type == pa.float64():  # parsed by the CSV reader; empty = null
+                    vals, ok = col, np.ones(n, dtype=bool)
+                else:
+                    empty = pc.equal(pc.binary_length(col), 0)
+                    col = pc.if_else(empty, pa.scalar(None, pa.string()), col)
+                    try:
+                        vals = pc.cast(col, pa.float64())
+                        ok = np.ones(n, dtype=bool)
+                    except pa.ArrowInvalid:
+                        ok = pc.fill_null(pc.match_substring_regex(
+                            col, r"^\s*[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?\s*$"), True)
+                        ok = ok.to_numpy(zero_copy_only=False)
+                        vals = pc.cast(pc.if_else(pa.array(ok), col, pa.scalar(None, pa.string())), pa.float64())
                 v = pc.fill_null(vals, 0.0).to_numpy(zero_copy_only=False)
                 ok &= np.isfinite(v)
                 nonnum |= keep & ~ok
@@ -533,6 +674,7 @@ class FileReader:
             bad.add(self.path, line, "wrong_field_count", text)
         bad.rows += len(self.skipped) - reported
         rows_in_file += len(self.skipped)
+        self._reset()
         if rows_in_file == 0:
             raise ValueError(f"{self.path}: no data rows (empty file{' after the header' if spec.header else ''})")
 

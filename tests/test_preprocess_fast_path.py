@@ -1,0 +1,97 @@
+"""The fast path of torchrec_cce.data.preprocess (packed integer keys, dense columns parsed by the
+CSV reader, prefetching) writes byte-for-byte the files of the string path, including files
+that force its fall-backs mid-way (a long value, a non-numeric dense cell, a NUL byte)."""
+
+import filecmp
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import torchrec_cce.data.preprocess as pp
+
+
+def test_packed_keys_one_to_one_and_round_trip():
+    values = ["", "a", "ab", "0000000a", "a0000000", "ffffffff", "é", "1234567", "12345678"]
+    arr = pa.array(values)
+    keys = pp.packed_keys(arr)
+    want = [int.from_bytes(v.encode().ljust(8, b"\0"), "little") for v in values]
+    assert keys.tolist() == want
+    assert len(set(want)) == len(values)
+    assert pp.unpack_keys(keys).to_pylist() == values
+    assert pp.packed_keys(arr.slice(3, 4)).tolist() == want[3:7]  # sliced arrays: offsets
+    assert pp.packed_keys(pa.array(["123456789"])) is None  # > 8 bytes
+    assert pp.packed_keys(pa.array(["a\0"])) is None  # NUL: "a" and "a\0" would share a key
+
+
+def _criteo_text(rng, n, long_at=None, bad_dense_at=None, nul_at=None):
+    lines = []
+    pools = [rng.integers(0, 1 << 32, size=s) for s in (5, 40, 3000)]
+    for i in range(n):
+        dense = [str(int(x)) if rng.random() > 0.2 else "" for x in rng.integers(-2, 1000, 13)]
+        if i == bad_dense_at:
+            dense[3] = "abc"
+        cats = []
+        for j in range(26):
+            pool = pools[j % 3]
+            v = pool[min(int(rng.zipf(1.3)) - 1, len(pool) - 1)]
+            cats.append(f"{v:08x}" if rng.random() > 0.1 else "")
+        if i == long_at:
+            cats[2] = "0123456789abcdef"
+        if i == nul_at:
+            cats[5] = "ab\0cd"
+        lines.append("\t".join([str(int(rng.random() < 0.25))] + dense + cats))
+    return "\n".join(lines) + "\n"
+
+
+def _run(tmp_path, monkeypatch, fast, name, args):
+    monkeypatch.setattr(pp, "FAST_PATH", fast)
+    out = tmp_path / name
+    pp.preprocess(args + ["--no-progress", "--out", str(out)])
+    return out
+
+
+def _assert_same_files(a: Path, b: Path):
+    names = sorted(os.path.relpath(os.path.join(r, f), a) for r, _, fs in os.walk(a) for f in fs)
+    assert names == sorted(os.path.relpath(os.path.join(r, f), b) for r, _, fs in os.walk(b) for f in fs)
+    assert "train.parquet" in names and "meta.json" in names
+    for n in names:
+        if n == "meta.json":
+            ma, mb = (json.loads((d / n).read_text()) for d in (a, b))
+            ma.pop("command"), mb.pop("command")
+            assert ma == mb
+        else:
+            assert filecmp.cmp(a / n, b / n, shallow=False), n
+
+
+@pytest.mark.parametrize("case", ["clean", "fallbacks"])
+def test_criteo_fast_path_bytes_equal_string_path(tmp_path, monkeypatch, case):
+    rng = np.random.default_rng(0)
+    kw = {} if case == "clean" else {"long_at": 2500, "bad_dense_at": 1700, "nul_at": 3100}
+    path = tmp_path / "c.tsv"
+    path.write_text(_criteo_text(rng, 4000, **kw))
+    args = ["--format", "criteo_tsv", "--input", str(path), "--block-size", "65536",
+            "--min-count", "2"]
+    fast = _run(tmp_path, monkeypatch, True, "fast", args)
+    slow = _run(tmp_path, monkeypatch, False, "slow", args)
+    _assert_same_files(fast, slow)
+    meta = json.loads((fast / "meta.json").read_text())
+    assert meta["source"]["bad_rows"]["total"] == (0 if case == "clean" else 1)
+
+
+def test_csv_multi_hot_fast_path_bytes_equal_string_path(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    rows = ["label,c,long,tags,d"]
+    for i in range(3000):
+        tags = "|".join(rng.choice(["t1", "t2", "t3", "tag-longer-than-8"] if i > 2000 else ["t1", "t2"],
+                                   size=rng.integers(0, 4)))
+        rows.append(f"{i % 2},v{int(rng.zipf(1.4)) % 200},value-{i % 37}-long,{tags},{rng.random():.6f}")
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(rows) + "\n")
+    args = ["--format", "csv", "--input", str(path), "--block-size", "16384", "--dense-columns", "d",
+            "--multi-hot-columns", "tags", "--split", "0.7,0.2,0.1"]
+    _assert_same_files(_run(tmp_path, monkeypatch, True, "fast", args),
+                       _run(tmp_path, monkeypatch, False, "slow", args))
