@@ -52,6 +52,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from torchrec_cce.data.spill import Spill
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -323,6 +325,13 @@ class Vocabulary:
             return self._encode(d.dictionary)[d.indices.to_numpy(zero_copy_only=False)]
         return self._encode(arr)
 
+    def encode_distinct(self, dictionary: pa.Array) -> np.ndarray:
+        """int32 ids of :func:`dictionary_encode`'s dictionary (packed keys or strings)."""
+        if dictionary.type == pa.uint64():
+            keys = dictionary.to_numpy(zero_copy_only=False)
+            return self._lookup(keys) if self.packed else self._encode(unpack_keys(keys).cast(pa.string()))
+        return self._encode(dictionary)
+
     def _lookup(self, keys: np.ndarray) -> np.ndarray:
         if len(keys) == 0 or len(self.sorted_keys) == 0:
             return np.zeros(len(keys), dtype=np.int32)
@@ -345,6 +354,27 @@ class Vocabulary:
 
 
 # ------------------------------------------------------------------------------ counting tables
+def dictionary_encode(values: pa.Array) -> Tuple[np.ndarray, pa.Array]:
+    """``(indices, dictionary)`` of a block's string array: the dictionary holds the distinct
+    :func:`packed_keys` (uint64) when every value packs, else the distinct strings; indices are
+    the smallest unsigned type that fits (pass 1 stores them for pass 2)."""
+    keys = packed_keys(values)
+    d = (pa.array(keys) if keys is not None else values).dictionary_encode()
+    idx = d.indices.to_numpy(zero_copy_only=False)
+    m = len(d.dictionary)
+    return idx.astype(np.uint8 if m <= 1 << 8 else np.uint16 if m <= 1 << 16 else np.uint32), d.dictionary
+
+
+def count_distinct(indices: np.ndarray, dictionary: pa.Array, order_keys: np.ndarray):
+    """``(values, first order key, count)`` of the dictionary entries that ``indices`` use."""
+    m = len(dictionary)
+    count = np.bincount(indices, minlength=m)
+    first = np.full(m, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first, indices, order_keys)
+    seen = np.flatnonzero(count)
+    return dictionary.take(pa.array(seen)), first[seen], count[seen].astype(np.int64)
+
+
 def _named(t: pa.Table, names: Dict[str, str]) -> pa.Table:
     """Columns of ``t`` selected and renamed by ``{old: new}`` (aggregate's order varies)."""
     return pa.table({new: t.column(old) for old, new in names.items()})
@@ -385,7 +415,21 @@ class ValueCounter:
                 values = pa.array(keys)
         t = pa.table({"v": values, "first": pa.array(order_keys, pa.int64())})
         g = t.group_by("v", use_threads=False).aggregate([("first", "min"), ("first", "count")])
-        g = _named(g, {"v": "v", "first_min": "first", "first_count": "count"})
+        self._add_table(_named(g, {"v": "v", "first_min": "first", "first_count": "count"}))
+
+    def add_groups(self, values: pa.Array, first: np.ndarray, count: np.ndarray) -> None:
+        """Add distinct ``values`` (packed uint64 keys or strings) seen ``count`` times, first at
+        order key ``first`` (from :func:`count_distinct`)."""
+        if len(values) == 0:
+            return
+        if values.type == pa.uint64() and not self.packed:
+            values = unpack_keys(values.to_numpy(zero_copy_only=False)).cast(pa.string())
+        elif values.type != pa.uint64() and self.packed:
+            self._to_strings()
+        g = pa.table({"v": values, "first": pa.array(first, pa.int64()), "count": pa.array(count, pa.int64())})
+        self._add_table(g)
+
+    def _add_table(self, g: pa.Table) -> None:
         self.pending.append(g)
         self.pending_rows += g.num_rows
         if self.pending_rows >= max(1 << 20, self.table.num_rows if self.table is not None else 0):
@@ -746,6 +790,120 @@ def parse_fractions(text: str, test_input: bool) -> List[float]:
     return fr
 
 
+# ------------------------------------------------------------------------------ per-block work
+def _bag_order_keys(order: np.ndarray, parent: np.ndarray) -> np.ndarray:
+    """First-seen order key of each bag value: (row, place in the bag)."""
+    place = np.arange(len(parent)) - np.searchsorted(parent, parent)
+    return (order[parent] << np.int64(8)) | np.minimum(place, 255)
+
+
+def _dense_out(spec: Spec, dense: np.ndarray) -> List[np.ndarray]:
+    """The written float32 dense columns of a block's parsed ``[n, n_dense]`` values."""
+    out = []
+    for j in range(len(spec.dense)):
+        d = dense[:, j]
+        if spec.dense_transform == "log":
+            d = np.log1p(np.maximum(d, 0.0))
+        out.append(d.astype(np.float32))
+    return out
+
+
+def _spill_block(spill: Spill, spec: Spec, b: Block, split: np.ndarray,
+                 counters: Dict[str, "ValueCounter"]) -> dict:
+    """Pass 1 on the fast path: dictionary-encode each feature of the block, count the train
+    rows' values from the dictionary, and store what pass 2 needs; returns the references."""
+    tr = split == 0
+    rec = {"split": spill.put(split), "label": spill.put(b.label),
+           "dense": [spill.put(d) for d in _dense_out(spec, b.dense)]}
+    for name in spec.categorical:
+        idx, dic = dictionary_encode(b.cats[name])
+        rec[name] = (spill.put(idx), spill.put(dic))
+        if tr.any():
+            counters[name].add_groups(*count_distinct(idx[tr], dic, b.order[tr]))
+    for name in spec.multi_hot:
+        flat, parent = b.multi[name]
+        idx, dic = dictionary_encode(flat)
+        rec[name] = (spill.put(idx), spill.put(dic), spill.put(parent))
+        sel = tr[parent]
+        if sel.any():
+            counters[name].add_groups(*count_distinct(idx[sel], dic, _bag_order_keys(b.order, parent)[sel]))
+    return rec
+
+
+def _block_tables(spec: Spec, schema: pa.Schema, oov_rows: Dict[str, int], split: np.ndarray,
+                  label: np.ndarray, dense: List[np.ndarray], ids: Dict[str, np.ndarray],
+                  bags: Dict[str, Tuple[np.ndarray, np.ndarray]]) -> List[Tuple[str, pa.Table]]:
+    """Pass 2: one block's encoded rows per split; counts train OOV rows."""
+    n = len(split)
+    cols = {"label": pa.array(label)}
+    for c, d in zip(spec.dense, dense):
+        cols[c] = pa.array(d)
+    for name in spec.categorical:
+        oov_rows[name] += int(((ids[name] == 0) & (split == 0)).sum())
+        cols[name] = pa.array(ids[name])
+    for name in spec.multi_hot:
+        parent, bag_ids = bags[name]
+        lengths = np.bincount(parent, minlength=n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+        oov_rows[name] += int(np.unique(parent[(bag_ids == 0) & (split[parent] == 0)]).size)
+        cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(bag_ids))
+    table = pa.table(cols, schema=schema)
+    return [(s, table.filter(pa.array(split == si))) for si, s in enumerate(SPLITS) if (split == si).any()]
+
+
+def _write_parts(writers, rows2: np.ndarray, parts: List[Tuple[str, pa.Table]]) -> None:
+    for s, t in parts:
+        writers[s].write_table(t)
+        rows2[SPLITS.index(s)] += t.num_rows
+
+
+def _encode_spilled(spill: Spill, blocks: List[dict], spec: Spec, vocabs: Dict[str, "Vocabulary"],
+                    schema: pa.Schema, writers, oov_rows, rows2, bar) -> None:
+    """Pass 2 from pass 1's stored blocks: each block dictionary's ids, looked up once; the
+    parquet writing runs in a second thread, in block order, one block behind."""
+    with ThreadPoolExecutor(1) as pool:
+        pending = []
+        for rec in blocks:
+            ids, bags = {}, {}
+            for name in spec.categorical:
+                idx, dic = (spill.get(r) for r in rec[name])
+                ids[name] = vocabs[name].encode_distinct(dic)[idx]
+            for name in spec.multi_hot:
+                idx, dic, parent = (spill.get(r) for r in rec[name])
+                bags[name] = (parent, vocabs[name].encode_distinct(dic)[idx])
+            parts = _block_tables(spec, schema, oov_rows, spill.get(rec["split"]), spill.get(rec["label"]),
+                                  [spill.get(r) for r in rec["dense"]], ids, bags)
+            while len(pending) > 1:
+                pending.pop(0).result()
+            pending.append(pool.submit(_write_parts, writers, rows2, parts))
+            bar.update(rec["bytes"])
+        for f in pending:
+            f.result()
+
+
+def _encode_reparsed(args, spec: Spec, files: List[str], sizes: List[int], splitter: "Splitter",
+                     vocabs: Dict[str, "Vocabulary"], schema: pa.Schema, writers, oov_rows, rows2,
+                     bar) -> None:
+    """Pass 2 by parsing the input again (the string path)."""
+    bad2 = BadRows()
+    for fi, p in enumerate(files):
+        reader = FileReader(spec, p, fi, args.block_size, args.max_bad_fraction)
+        done = 0
+        for b in reader.blocks(bad2):
+            split = splitter.assign(fi, b.order, b.lines)
+            ids = {name: vocabs[name].encode(b.cats[name]) for name in spec.categorical}
+            bags = {}
+            for name in spec.multi_hot:
+                flat, parent = b.multi[name]
+                bags[name] = (parent, vocabs[name].encode(flat))
+            _write_parts(writers, rows2, _block_tables(spec, schema, oov_rows, split, b.label,
+                                                       _dense_out(spec, b.dense), ids, bags))
+            pos = reader.position()
+            bar.update(pos - done)
+            done = pos
+        bar.update(sizes[fi] - done) if sizes[fi] > done else None
+
+
 # ----------------------------------------------------------------------------------------- main
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
@@ -801,10 +959,23 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
     splitter = Splitter(fractions, by_order, args.seed, len(inputs), bases, total, spec.header,
                         random_val_test=args.random_val_test)
     sizes = [os.path.getsize(p) for p in files]
-    progress = not args.no_progress
 
-    # ---- pass 1: count
+    # ---- pass 1: count (and, on the fast path, keep every block's encoded columns for pass 2)
     counters = {name: ValueCounter() for name, _ in spec.features}
+    os.makedirs(args.out, exist_ok=True)
+    spill = Spill(os.path.join(args.out, ".pass1.tmp")) if FAST_PATH else None
+    blocks: List[dict] = []
+    try:
+        return _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_order,
+                           tests, counters, spill, blocks)
+    finally:
+        if spill is not None:
+            spill.close()
+
+
+def _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_order, tests,
+                counters, spill, blocks) -> dict:
+    progress = not args.no_progress
     rows = np.zeros(3, dtype=np.int64)
     clicks = np.zeros(3, dtype=np.int64)
     bad1 = BadRows()
@@ -819,18 +990,17 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
                 clicks += np.bincount(split, weights=b.label, minlength=3).astype(np.int64)
                 good += len(split)
                 tr = split == 0
-                if tr.any():
+                pos = reader.position()
+                if spill is not None:  # dictionary-encode every value once; keep for pass 2
+                    blocks.append(dict(_spill_block(spill, spec, b, split, counters), bytes=pos - done))
+                elif tr.any():
                     trm = pa.array(tr)
                     for name in spec.categorical:
                         counters[name].add(b.cats[name].filter(trm), b.order[tr])
                     for name in spec.multi_hot:
                         flat, parent = b.multi[name]
                         sel = tr[parent]
-                        # first-seen position of a bag value: (row, place in the bag)
-                        place = np.arange(len(parent)) - np.searchsorted(parent, parent)
-                        key = (b.order[parent] << np.int64(8)) | np.minimum(place, 255)
-                        counters[name].add(flat.filter(pa.array(sel)), key[sel])
-                pos = reader.position()
+                        counters[name].add(flat.filter(pa.array(sel)), _bag_order_keys(b.order, parent)[sel])
                 bar.update(pos - done)
                 done = pos
             bar.update(sizes[fi] - done) if sizes[fi] > done else None
@@ -845,19 +1015,23 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
     # ---- vocabularies
     os.makedirs(os.path.join(args.out, "counts"), exist_ok=True)
     os.makedirs(os.path.join(args.out, "vocab"), exist_ok=True)
-    vocabs: Dict[str, Vocabulary] = {}
-    features_meta = []
-    for name, kind in spec.features:
-        vocab, counts, distinct = build_vocabulary(name, counters.pop(name).result(), args.min_count)
-        vocabs[name] = vocab
+    def vocabulary(feature: Tuple[str, str]) -> Tuple[Vocabulary, dict]:
+        name, kind = feature
+        vocab, counts, distinct = build_vocabulary(name, counters[name].result(), args.min_count)
+        counters[name] = None  # free the counting table
         np.save(os.path.join(args.out, "counts", f"{name}.npy"), counts)
         pq.write_table(pa.table({
             "id": pa.array(np.arange(len(vocab), dtype=np.int32)),
             "value": pa.concat_arrays([pa.array([None], pa.string()), vocab.values.cast(pa.string())]),
             "count": pa.array(counts),
         }), os.path.join(args.out, "vocab", f"{name}.parquet"))
-        features_meta.append({"name": name, "kind": kind, "vocab_size": len(vocab), "oov_id": 0,
-                              "distinct_train_values": distinct, "oov_train_rows": 0})
+        return vocab, {"name": name, "kind": kind, "vocab_size": len(vocab), "oov_id": 0,
+                       "distinct_train_values": distinct, "oov_train_rows": 0}
+
+    with ThreadPoolExecutor(2) as pool:  # sorting, grouping and writing release the GIL
+        built = list(pool.map(vocabulary, spec.features))
+    vocabs: Dict[str, Vocabulary] = {name: v for (name, _), (v, _) in zip(spec.features, built)}
+    features_meta = [m for _, m in built]
 
     # ---- pass 2: encode and write
     schema_fields = [pa.field("label", pa.int8())] + [pa.field(c, pa.float32()) for c in spec.dense]
@@ -867,43 +1041,14 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
     tmp_paths = {s: os.path.join(args.out, f".{s}.parquet.tmp") for s in SPLITS}
     writers = {s: pq.ParquetWriter(tmp_paths[s], schema) for s in SPLITS}
     oov_rows = {name: 0 for name, _ in spec.features}
-    bad2 = BadRows()
     rows2 = np.zeros(3, dtype=np.int64)
     try:
         with _progress(sum(sizes), "pass 2/2 (encode)", progress) as bar:
-            for fi, p in enumerate(files):
-                reader = FileReader(spec, p, fi, args.block_size, args.max_bad_fraction)
-                done = 0
-                for b in reader.blocks(bad2):
-                    split = splitter.assign(fi, b.order, b.lines)
-                    n = len(split)
-                    cols = {"label": pa.array(b.label)}
-                    for j, c in enumerate(spec.dense):
-                        d = b.dense[:, j]
-                        if spec.dense_transform == "log":
-                            d = np.log1p(np.maximum(d, 0.0))
-                        cols[c] = pa.array(d.astype(np.float32))
-                    for name in spec.categorical:
-                        ids = vocabs[name].encode(b.cats[name])
-                        oov_rows[name] += int(((ids == 0) & (split == 0)).sum())
-                        cols[name] = pa.array(ids)
-                    for name in spec.multi_hot:
-                        flat, parent = b.multi[name]
-                        ids = vocabs[name].encode(flat)
-                        lengths = np.bincount(parent, minlength=n)
-                        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-                        oov_rows[name] += int(np.unique(parent[(ids == 0) & (split[parent] == 0)]).size)
-                        cols[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))
-                    table = pa.table(cols, schema=schema)
-                    for si, s in enumerate(SPLITS):
-                        sel = split == si
-                        if sel.any():
-                            writers[s].write_table(table.filter(pa.array(sel)))
-                            rows2[si] += int(sel.sum())
-                    pos = reader.position()
-                    bar.update(pos - done)
-                    done = pos
-                bar.update(sizes[fi] - done) if sizes[fi] > done else None
+            if spill is not None:
+                _encode_spilled(spill, blocks, spec, vocabs, schema, writers, oov_rows, rows2, bar)
+            else:
+                _encode_reparsed(args, spec, files, sizes, splitter, vocabs, schema, writers,
+                                 oov_rows, rows2, bar)
     finally:
         for w in writers.values():
             w.close()
