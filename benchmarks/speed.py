@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/speed.py                 # dims 16 and 64, batch 4096, 26 tables
     .venv/bin/python benchmarks/speed.py --quick         # CI-size smoke run (seconds)
     .venv/bin/python benchmarks/speed.py --sections layout --dims 16
+    .venv/bin/python benchmarks/speed.py --sections real  # real data: benchmarks/speed_real.py
 
 Setup (the issue's protocol): 26 Criteo-Kaggle-shaped tables (cardinalities capped at
 ``--cap``, one single-hot feature each, Zipf ids), every table larger than the budget of
@@ -425,11 +426,20 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "speed.json"))
     p.add_argument("--default-malloc", action="store_true",
                    help="keep glibc's default malloc settings (see GLIBC_MALLOC_ENV)")
-    args = p.parse_args()
+    args, rest = p.parse_known_args()
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in GLIBC_MALLOC_ENV.items()):
         # glibc reads these at process start: run this script again with them set.
         os.execve(sys.executable, [sys.executable, *sys.argv],
                   {**os.environ, **GLIBC_MALLOC_ENV})
+    if "real" in args.sections.split(","):  # whole training steps on the shared datasets
+        import speed_real
+
+        speed_real.main(rest)
+        args.sections = ",".join(x for x in args.sections.split(",") if x != "real")
+        if not args.sections:
+            return
+    elif rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.quick:
         args.batch, args.cap, args.reps, args.steps, args.warmup = 128, 20_000, 1, 1, 1
         args.dims, args.tables = "16", 6
