@@ -11,6 +11,14 @@
   the less load-sensitive figure on a shared machine).
 * ``loader``: batches/s and samples/s of ``PreprocessedDataset`` (train split, shuffled,
   ``--batch-size``, one full epoch per repetition).
+* ``--ref REV``: the same runs of ``torchrec_cce/data/preprocess.py`` as of git revision ``REV``
+  (extracted to ``--tmp``), alternating with the working tree's in one invocation (the machine's
+  load changes by the minute), and a byte-for-byte comparison of the two outputs
+  (``meta.json`` without its ``command``).
+* ``--full-vocab``: peak RSS at Criteo Kaggle's full vocabulary, 33.8M ids: a TSV of
+  ``max(cardinalities)`` = 10,131,227 rows in which categorical ``j`` cycles through its
+  Kaggle cardinality (row ``i`` has rank ``i mod card_j``, written as in ``scale.py``), so every
+  value of every column appears; preprocessed once with ``--split 1,0,0`` (all rows train).
 
 Medians of ``--reps`` repetitions; the machine is a shared, loaded 2-core VM, so figures are noisy.
 
@@ -18,6 +26,8 @@ Usage::
 
     python benchmarks/preprocess.py                  # 1.5M rows, 3 repetitions
     python benchmarks/preprocess.py --rows 200000 --reps 1   # smoke run
+    python benchmarks/preprocess.py --ref 49008b4            # side by side with that revision
+    python benchmarks/preprocess.py --full-vocab --reps 0    # the 33.8M-id vocabulary only
 """
 
 import argparse
@@ -75,10 +85,40 @@ def make_tsv(path: str, rows: int) -> dict:
     return {"rows": written, "bytes": os.path.getsize(path), "growing_columns": len(grow)}
 
 
+def make_full_vocab_tsv(path: str) -> dict:
+    """Every value of Criteo Kaggle's 26 vocabularies at least once (module docstring)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from scale import KAGGLE_CARDINALITIES, _string_array, hex_values
+
+    rows = max(KAGGLE_CARDINALITIES)
+    names = ["label"] + [f"int_{i}" for i in range(13)] + [f"cat_{i}" for i in range(26)]
+    schema = pa.schema([("label", pa.int8())] + [(n, pa.int64()) for n in names[1:14]]
+                       + [(n, pa.string()) for n in names[14:]])
+    rng = np.random.default_rng(0)
+    opts = pcsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+    with pcsv.CSVWriter(path, schema, write_options=opts) as w:
+        for lo in range(0, rows, 1 << 20):
+            i = np.arange(lo, min(rows, lo + (1 << 20)), dtype=np.int64)
+            cols = [pa.array((rng.random(len(i)) < 0.25).astype(np.int8))]
+            cols += [pa.array(rng.integers(0, 100, len(i))) for _ in range(13)]
+            cols += [_string_array(hex_values(i % c + 1, j)) for j, c in enumerate(KAGGLE_CARDINALITIES)]
+            w.write_table(pa.Table.from_arrays(cols, schema=schema))
+    return {"rows": rows, "ids": sum(KAGGLE_CARDINALITIES), "bytes": os.path.getsize(path)}
+
+
 CHILD = r"""
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from torchrec_cce.data.preprocess import preprocess
+if {module!r}:
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("preprocess_ref", {module!r})
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    preprocess = mod.preprocess
+else:
+    from torchrec_cce.data.preprocess import preprocess
 t, c = time.perf_counter(), time.process_time()
 meta = preprocess({args!r})
 dt, cpu = time.perf_counter() - t, time.process_time() - c
@@ -89,14 +129,43 @@ print(json.dumps({{"seconds": dt, "cpu_seconds": cpu, "rows": rows,
 """
 
 
-def run_preprocess(tsv: str, out: str) -> dict:
-    args = ["--format", "criteo_tsv", "--input", tsv, "--no-progress", "--out", out]
-    code = CHILD.format(repo=REPO, args=args)
+def run_preprocess(tsv: str, out: str, module: str = "", extra=()) -> dict:
+    """One ``preprocess()`` call in a fresh process (``module``: a file to take it from)."""
+    args = ["--format", "criteo_tsv", "--input", tsv, "--no-progress", "--out", out, *extra]
+    code = CHILD.format(repo=REPO, args=args, module=module)
     env = dict(os.environ, PYTHONPATH=REPO)
+    load = os.getloadavg()[0]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(r.stderr)
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return dict(json.loads(r.stdout.strip().splitlines()[-1]), load_avg_1min=load)
+
+
+def same_outputs(a: str, b: str) -> list:
+    """Files that differ between two output directories (``meta.json`` minus ``command``)."""
+    import filecmp
+
+    names = sorted(os.path.relpath(os.path.join(r, f), a) for r, _, fs in os.walk(a) for f in fs)
+    other = sorted(os.path.relpath(os.path.join(r, f), b) for r, _, fs in os.walk(b) for f in fs)
+    differ = sorted(set(names) ^ set(other))
+    for n in set(names) & set(other):
+        if n == "meta.json":
+            ma, mb = (json.load(open(os.path.join(d, n))) for d in (a, b))
+            ma.pop("command"), mb.pop("command")
+            if ma != mb:
+                differ.append(n)
+        elif not filecmp.cmp(os.path.join(a, n), os.path.join(b, n), shallow=False):
+            differ.append(n)
+    return differ
+
+
+def summary(reps: list) -> dict:
+    med = lambda xs: float(np.median(xs))  # noqa: E731
+    return {"reps": reps, "median_rows_per_s": med([r["rows"] / r["seconds"] for r in reps]),
+            "median_seconds": med([r["seconds"] for r in reps]),
+            "median_rows_per_cpu_s": med([r["rows"] / r["cpu_seconds"] for r in reps]),
+            "max_peak_rss_mb": max(r["peak_rss_mb"] for r in reps),
+            "median_load_avg_1min": med([r["load_avg_1min"] for r in reps])}
 
 
 def run_loader(out: str, batch_size: int) -> dict:
@@ -123,44 +192,79 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1_500_000)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--ref", default=None, help="git revision to run side by side (see above)")
+    p.add_argument("--full-vocab", action="store_true", help="also the 33.8M-id vocabulary run")
     p.add_argument("--tmp", default="/tmp/torchrec_cce_preprocess_bench")
     args = p.parse_args()
     os.makedirs(args.tmp, exist_ok=True)
-    tsv = os.path.join(args.tmp, f"criteo_shaped_{args.rows}.tsv")
-    t = time.perf_counter()
-    info = make_tsv(tsv, args.rows)
-    info["generate_s"] = time.perf_counter() - t
-    out = os.path.join(args.tmp, "pre")
-    pre, loads = [], []
-    for _ in range(args.reps):  # interleaved: preprocess, then a loader epoch on its output
-        pre.append(run_preprocess(tsv, out))
-        loads.append(run_loader(out, args.batch_size))
-        print(f"preprocess {pre[-1]['rows'] / pre[-1]['seconds']:,.0f} rows/s, "
-              f"{pre[-1]['rows'] / pre[-1]['cpu_seconds']:,.0f} rows/CPU-s "
-              f"({pre[-1]['seconds']:.1f} s, peak RSS {pre[-1]['peak_rss_mb']:.0f} MB); loader "
-              f"{loads[-1]['samples_per_s']:,.0f} samples/s", flush=True)
-    med = lambda xs: float(np.median(xs))  # noqa: E731
-    result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "note": "shared, loaded 2-core VM: noisy"},
-        "input": dict(info, path=tsv, format="criteo_tsv"),
-        "preprocess": {"reps": pre, "median_rows_per_s": med([r["rows"] / r["seconds"] for r in pre]),
-                       "median_seconds": med([r["seconds"] for r in pre]),
-                       "median_rows_per_cpu_s": med([r["rows"] / r["cpu_seconds"] for r in pre]),
-                       "max_peak_rss_mb": max(r["peak_rss_mb"] for r in pre)},
-        "loader": {"batch_size": args.batch_size, "reps": loads,
-                   "median_batches_per_s": med([r["batches_per_s"] for r in loads]),
-                   "median_samples_per_s": med([r["samples_per_s"] for r in loads])},
-        "command": " ".join(["python", "benchmarks/preprocess.py"] + sys.argv[1:]),
-    }
+    result = {}  # this invocation's parts; the others of RESULTS are kept
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                         "note": "shared, loaded 2-core VM: noisy; wall figures depend on the load"}
+    result["command"] = " ".join(["python", "benchmarks/preprocess.py"] + sys.argv[1:])
+    ref_module = ""
+    if args.ref:
+        ref_module = os.path.join(args.tmp, "preprocess_ref.py")
+        src = subprocess.run(["git", "-C", REPO, "show", f"{args.ref}:torchrec_cce/data/preprocess.py"],
+                             check=True, capture_output=True, text=True).stdout
+        with open(ref_module, "w") as f:
+            f.write(src)
+    if args.reps:
+        tsv = os.path.join(args.tmp, f"criteo_shaped_{args.rows}.tsv")
+        t = time.perf_counter()
+        info = make_tsv(tsv, args.rows)
+        info["generate_s"] = time.perf_counter() - t
+        out, ref_out = os.path.join(args.tmp, "pre"), os.path.join(args.tmp, "pre_ref")
+        pre, ref, loads = [], [], []
+        for _ in range(args.reps):  # interleaved: [reference,] preprocess, a loader epoch
+            if ref_module:
+                ref.append(run_preprocess(tsv, ref_out, ref_module))
+                print(f"reference {ref[-1]['rows'] / ref[-1]['seconds']:,.0f} rows/s, "
+                      f"{ref[-1]['rows'] / ref[-1]['cpu_seconds']:,.0f} rows/CPU-s "
+                      f"({ref[-1]['seconds']:.1f} s, peak RSS {ref[-1]['peak_rss_mb']:.0f} MB)", flush=True)
+            pre.append(run_preprocess(tsv, out))
+            loads.append(run_loader(out, args.batch_size))
+            print(f"preprocess {pre[-1]['rows'] / pre[-1]['seconds']:,.0f} rows/s, "
+                  f"{pre[-1]['rows'] / pre[-1]['cpu_seconds']:,.0f} rows/CPU-s "
+                  f"({pre[-1]['seconds']:.1f} s, peak RSS {pre[-1]['peak_rss_mb']:.0f} MB, load "
+                  f"{pre[-1]['load_avg_1min']:.1f}); loader {loads[-1]['samples_per_s']:,.0f} samples/s",
+                  flush=True)
+        med = lambda xs: float(np.median(xs))  # noqa: E731
+        result["input"] = dict(info, path=tsv, format="criteo_tsv")
+        result["preprocess"] = summary(pre)
+        result["loader"] = {"batch_size": args.batch_size, "reps": loads,
+                            "median_batches_per_s": med([r["batches_per_s"] for r in loads]),
+                            "median_samples_per_s": med([r["samples_per_s"] for r in loads])}
+        if ref_module:
+            differ = same_outputs(out, ref_out)
+            result["reference"] = dict(summary(ref), revision=args.ref, differing_files=differ,
+                                       cpu_speedup=result["preprocess"]["median_rows_per_cpu_s"]
+                                       / summary(ref)["median_rows_per_cpu_s"])
+            print(f"reference {args.ref}: outputs {'identical' if not differ else 'DIFFER: ' + str(differ)}")
+        print(f"median: preprocess {result['preprocess']['median_rows_per_s']:,.0f} rows/s "
+              f"({result['preprocess']['median_rows_per_cpu_s']:,.0f} rows/CPU-s), loader "
+              f"{result['loader']['median_samples_per_s']:,.0f} samples/s")
+    if args.full_vocab:
+        tsv = os.path.join(args.tmp, "criteo_full_vocab.tsv")
+        t = time.perf_counter()
+        info = make_full_vocab_tsv(tsv) if not os.path.exists(tsv) else {
+            "rows": None, "bytes": os.path.getsize(tsv), "reused": True}
+        info["generate_s"] = time.perf_counter() - t
+        r = run_preprocess(tsv, os.path.join(args.tmp, "pre_full_vocab"), extra=["--split", "1,0,0"])
+        result["full_vocab"] = dict(r, input=dict(info, path=tsv), rows_per_s=r["rows"] / r["seconds"],
+                                    rows_per_cpu_s=r["rows"] / r["cpu_seconds"])
+        print(f"full vocabulary: {r['vocab_total']:,} ids, {r['rows'] / r['seconds']:,.0f} rows/s, "
+              f"{r['rows'] / r['cpu_seconds']:,.0f} rows/CPU-s, peak RSS {r['peak_rss_mb']:,.0f} MB", flush=True)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
+    merged = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            merged = json.load(f)
+    merged.update(result)
     with open(RESULTS, "w") as f:
+        json.dump(merged, f, indent=1)
+    with open(os.path.join(args.tmp, "last_result.json"), "w") as f:
         json.dump(result, f, indent=1)
-    print(json.dumps({k: result[k] for k in ("input",)}, indent=1))
-    print(f"median: preprocess {result['preprocess']['median_rows_per_s']:,.0f} rows/s "
-          f"({result['preprocess']['median_rows_per_cpu_s']:,.0f} rows/CPU-s), loader "
-          f"{result['loader']['median_batches_per_s']:,.1f} batches/s = "
-          f"{result['loader']['median_samples_per_s']:,.0f} samples/s -> {RESULTS}")
+    print(f"-> {RESULTS}")
 
 
 if __name__ == "__main__":
