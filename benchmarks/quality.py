@@ -116,6 +116,9 @@ RECIPES: Dict[str, Dict[str, float]] = {
 FULL_RECIPES: Dict[str, List[str]] = {
     "frappe": ["--embedding-l2", "0.001"],
     "movielens": ["--embedding-dropout", "0.2"],
+    "yelp2018": ["--embedding-gain"],
+    "synthetic": ["--dense-lr", "0.016666666666666666"],
+    "criteo_head": ["--dense-lr", "0.016666666666666666"],
 }
 
 # row name -> train.py arguments (besides data, budget, seed and recipe)

@@ -14,6 +14,10 @@ log loss mean ± std (population, as in quality.py) over seeds 0-2 of that recip
 one ``examples/dlrm/train.py`` run built by ``quality.cell_args`` plus the recipe's flags (later
 flags win); a finished cell's metrics JSON in ``--workdir`` is never rerun.
 
+``--probes`` adds, where the tuned full table still loses (:data:`MIN_COUNT_PROBES`), the same
+full table and recipe on the data preprocessed with ``--min-count k``: evidence of whether the
+compressed rows win by pooling rare ids.
+
 Outputs: ``benchmarks/results/tune_reference.csv`` (one row per cell) and
 ``tune_reference.md`` (per dataset: every recipe's seed-0 validation/test log loss per row, the
 chosen recipe, and the old (committed grid) and tuned results with the verdict: is the tuned
@@ -55,6 +59,10 @@ ROWS: Dict[str, List[Tuple[str, Optional[int]]]] = {
     "criteo_head": [("full", None), ("hashing_fp16", 64)],
 }
 SEEDS = (0, 1, 2)
+# Evidence where the tuned full table still loses: the same full table and tuned recipe on the
+# dataset preprocessed with ``--min-count k`` (ids seen fewer than k times in training share
+# the OOV row): does merging rare ids alone close the gap? (``--probes``)
+MIN_COUNT_PROBES: Dict[str, Tuple[int, ...]] = {"criteo_head": (2, 4), "synthetic": (4,)}
 CSV_FIELDS = ["dataset", "row", "budget_fraction", "recipe", "seed", "status", "val_logloss",
               "test_logloss", "test_auc", "best_epoch", "epochs_run", "embedding_bytes",
               "wall_seconds", "train_args", "error"]
@@ -67,6 +75,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="quality.py's workdir (preprocessed data); cells go to <workdir>/tune")
     p.add_argument("--results", default=RESULTS)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--order", help="comma-separated GRID recipes: the order the seed-0 cells "
+                   "are trained in (default GRID's; a partial search reports what ran)")
+    p.add_argument("--probes", action="store_true",
+                   help="also train the MIN_COUNT_PROBES cells (after the full table's search)")
     p.add_argument("--only", choices=["full", "compressed"],
                    help="train only the full rows or only the compressed ones (the report "
                         "reads every finished cell)")
@@ -141,15 +153,57 @@ def chosen(rows: List[Dict]) -> Optional[str]:
 
 def tune_row(dataset: str, row: str, fraction: Optional[int], full_bytes: Optional[int],
              data_args: List[str], qargs: argparse.Namespace, workdir: str,
-             train: bool) -> List[Dict]:
+             train: bool, order: Optional[List[str]] = None) -> List[Dict]:
     budget = None if fraction is None else full_bytes // fraction
-    out = [r for g in GRID for r in [run_cell(dataset, row, fraction, budget, g, 0, data_args,
-                                              qargs, workdir, train)] if r]
+    order = (order or []) + [g for g in GRID if g not in (order or [])]
+    out = [r for g in order for r in [run_cell(dataset, row, fraction, budget, g, 0, data_args,
+                                               qargs, workdir, train)] if r]
+    out.sort(key=lambda r: list(GRID).index(r["recipe"]))
     pick = chosen(out)
     if pick is not None:
         out += [r for s in SEEDS[1:] for r in [run_cell(dataset, row, fraction, budget, pick, s,
                                                         data_args, qargs, workdir, train)] if r]
     return out
+
+
+def min_count_data(dataset: str, k: int, workdir: str) -> List[str]:
+    """train.py data arguments of ``dataset`` preprocessed with ``--min-count k`` (the base
+    preprocessing command of its meta.json plus the flag; made on first use)."""
+    import subprocess
+
+    base = os.path.join(workdir, "data", dataset)
+    out = f"{base}_min{k}"
+    if not os.path.exists(os.path.join(out, "meta.json")):
+        with open(os.path.join(base, "meta.json")) as f:
+            cmd = list(json.load(f)["command"])
+        cmd = cmd[:cmd.index("--out")] + ["--min-count", str(k), "--no-progress", "--out", out]
+        subprocess.run([sys.executable, *cmd[1:]], cwd=quality.ROOT, check=True,
+                       env=quality._env(), stdout=sys.stderr)
+    return ["--data", "preprocessed", "--data-dir", out]
+
+
+def probe_rows(dataset: str, pick: Optional[str], qargs: argparse.Namespace, workdir: str,
+               train: bool) -> List[Dict]:
+    """The full table with the tuned recipe ``pick`` on the min-count data, seeds 0-2 (row
+    ``full_min<k>``)."""
+    out = []
+    for k in MIN_COUNT_PROBES.get(dataset, ()) if pick else ():
+        data_args = min_count_data(dataset, k, workdir) if train else []
+        for s in SEEDS:
+            path = cell_path(workdir, dataset, f"full_min{k}", None, pick, s)
+            if not train and not os.path.exists(path):
+                continue
+            if train and not os.path.exists(path):
+                args = train_args(dataset, "full", None, pick, s, data_args, qargs)
+                error = quality._train([*args, "--metrics-json", path + ".partial"], 1)
+                if error is None:
+                    os.replace(path + ".partial", path)
+                else:
+                    with open(path, "w") as f:
+                        json.dump({"error": error}, f)
+            out.append(run_cell(dataset, f"full_min{k}", None, None, pick, s, [], qargs,
+                                workdir, train=False))
+    return [r for r in out if r]
 
 
 def old_grid(dataset: str) -> Dict[Tuple[str, str], Tuple[float, float, int]]:
@@ -209,10 +263,14 @@ def report(dataset: str, rows: List[Dict], results: str) -> List[str]:
         pick, st = tuned.get(key, ("(search unfinished)", None))
         out.append(f"| {key[0]} | {key[1] or 'full'} | {_pm(old.get(key))} | {pick} | "
                    f"{_pm(st)} |")
+    missing = [f"{r} {'1/' + str(f) if f else 'full'}" for r, f in ROWS.get(dataset, [])
+               if (r, f"1/{f}" if f else "") not in _row_keys(rows)]
+    if missing:
+        out += ["", "Not run yet (compute): " + ", ".join(missing) + "."]
     full = tuned.get(("full", ""))
     if full is not None:
         out += ["", verdict(full[1], old, tuned)]
-    return out + [""]
+    return out + probe_report(rows) + [""]
 
 
 def summary(dataset: str, rows: List[Dict]) -> List[str]:
@@ -255,7 +313,25 @@ def summary(dataset: str, rows: List[Dict]) -> List[str]:
 
 
 def _row_keys(rows: List[Dict]) -> List[Tuple[str, str]]:
-    return list(dict.fromkeys((r["row"], r["budget_fraction"]) for r in rows))
+    """The searched rows (not the min-count probes), in order."""
+    return list(dict.fromkeys((r["row"], r["budget_fraction"]) for r in rows
+                              if not r["row"].startswith("full_min")))
+
+
+def probe_report(rows: List[Dict]) -> List[str]:
+    """Markdown lines of the min-count probes (full table, tuned recipe, seeds 0-2)."""
+    probes = [r for r in rows if r["row"].startswith("full_min") and r["status"] == "ok"]
+    if not probes:
+        return []
+    out = ["", "The tuned full table on the data preprocessed with `--min-count k` (ids seen "
+           "fewer than k times in training share the OOV row; same recipe):", "",
+           "| k | table rows (bytes) | test log loss |", "|---|---|---|"]
+    for row in dict.fromkeys(r["row"] for r in probes):
+        mine = [r for r in probes if r["row"] == row]
+        nbytes = int(mine[0]["embedding_bytes"])
+        out.append(f"| {row[len('full_min'):]} | {nbytes // 64:,} ({nbytes:,} B) | "
+                   f"{_pm(_stats([float(r['test_logloss']) for r in mine]))} |")
+    return out
 
 
 def verdict(full: Tuple[float, float, int], old: Dict, tuned: Dict) -> str:
@@ -301,7 +377,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 full_bytes = int(base[0]["embedding_bytes"])
             wanted = args.only is None or (args.only == "full") == (fraction is None)
             rows += tune_row(dataset, row, fraction, full_bytes, data_args, qargs,
-                             args.workdir, wanted and not args.report_only)
+                             args.workdir, wanted and not args.report_only,
+                             args.order.split(",") if args.order else None)
+            if fraction is None:
+                rows += probe_rows(dataset, chosen([r for r in rows if r["row"] == "full"]),
+                                   qargs, args.workdir, args.probes and not args.report_only)
         all_rows += rows
         details += report(dataset, rows, args.results)
         table += summary(dataset, rows)
