@@ -49,7 +49,8 @@ def build_table(
 
     Every method's codebook tables are stored at ``config.codebook_dtype`` (None: the logical
     table's ``data_type``), read by ``modules.codebook_configs`` as ``codebook_data_type``."""
-    if id_range is not None and not isinstance(config, (CCEConfig, MEmComConfig, MPEConfig)):
+    if id_range is not None and not isinstance(getattr(config, "cold", config),
+                                               (CCEConfig, MEmComConfig, MPEConfig)):
         raise ValueError(f"table '{table.name}': {type(config).__name__} has no per-id state to "
                          f"store by id range (id_range={id_range})")
     if config is None:
@@ -58,7 +59,7 @@ def build_table(
     if isinstance(config, TieredConfig):  # the cold method on the cold ids, behind hot rows
         cold = build_table(cold_table(table, config.hot_ids), config.cold_config(table),
                            device=device, store_assignment=store_assignment,
-                           assignment_range=assignment_range)
+                           id_range=id_range)
         return TieredTable(table, config, cold)
     if isinstance(config, CCEConfig):
         method: CompressedTable = CCETable(table, config, device=device,

@@ -115,6 +115,12 @@ class TieredTable(CompressedTable):
     def state_bytes(self) -> int:
         return self.cold.state_bytes()
 
+    def logical_state_bytes(self) -> int:
+        return self.cold.logical_state_bytes()
+
+    def replicated_state_bytes(self) -> int:
+        return self.cold.replicated_state_bytes()
+
     def assignment_bytes(self) -> int:
         return self.cold.assignment_bytes()
 
