@@ -152,6 +152,11 @@ METHODS: Dict[str, List[str]] = {
     # MPE is sized by its serving-bytes bound (every group at its widest candidate width);
     # it trains fp32 master weights: embedding_training_bytes records those
     "mpe": ["--method", "mpe"],
+    # a hot tier (TieredConfig, docs/tiers.md): half of each compressed table's bytes for
+    # exclusive rows of its most frequent ids, the method on the rest (--hot-ids auto)
+    "cce_hot": ["--method", "cce", "--hot-ids", "auto"],
+    "qr_mult_hot": ["--method", "qr", "--qr-operation", "mult", "--hot-ids", "auto"],
+    "hashing_hot": ["--method", "hashing", "--hot-ids", "auto"],
     "planner": [],
     # the planner's candidate plans (rule, QR first, CCE wherever it fits) each trained, the
     # lowest validation log loss kept: up to 3 runs per cell

@@ -556,8 +556,10 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
         plans = B.plan_candidates(tables, budget, counts=counts)
         rule = plan_compression(tables, budget, counts=counts)
         assert tuple(plans[0].tables.values()) == tuple(rule.tables.values())
-        assert 1 <= len(plans) <= len(B.CANDIDATE_LADDERS) + len(B.CANDIDATE_METHODS)
-        # the ladders' plans, then the single-method plans, duplicates dropped, in that order
+        assert 1 <= len(plans) <= (len(B.CANDIDATE_LADDERS) + len(B.CANDIDATE_METHODS)
+                                   + len(B.CANDIDATE_TIERED_LADDERS))
+        # the ladders' plans, then the single-method plans, then the tiered ladders' plans,
+        # duplicates dropped, in that order
         offered = []
         for ladder in B.CANDIDATE_LADDERS:
             p = plan_compression(tables, budget, counts=counts, ladder=ladder)
@@ -567,6 +569,11 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
             p = plan_compression(tables, budget, counts=counts, methods=[method],
                                  codebook_dtype=torch.float16)
             assert {r.method for r in p.tables.values()} <= {"full", method}
+            offered.append(p)
+        for ladder in B.CANDIDATE_TIERED_LADDERS:
+            p = B.tier_plan(plan_compression(tables, budget, counts=counts, ladder=ladder),
+                            tables, counts=counts)
+            assert any(r.hot_ids for r in p.tables.values())
             offered.append(p)
         assert all(p.total_bytes <= budget for p in offered)
         expected = distinct(offered)
@@ -589,8 +596,11 @@ def test_plan_candidates_start_with_the_rule_and_are_distinct_fitting_plans():
     small = full // 10_000
     with pytest.raises(B.BudgetTooSmallError, match="cannot hold even the smallest"):
         plan_compression(tables, small, counts=counts, methods=["cce"], codebook_dtype=torch.float16)
-    ladder_plans = distinct(plan_compression(tables, small, counts=counts, ladder=ladder)
-                            for ladder in B.CANDIDATE_LADDERS)
+    ladder_plans = distinct([plan_compression(tables, small, counts=counts, ladder=ladder)
+                             for ladder in B.CANDIDATE_LADDERS]
+                            + [B.tier_plan(plan_compression(tables, small, counts=counts,
+                                                            ladder=ladder), tables, counts=counts)
+                               for ladder in B.CANDIDATE_TIERED_LADDERS])
     assert distinct(B.plan_candidates(tables, small, counts=counts)) == ladder_plans
     # QR first puts QR on 'big' at 1/4, where the rule puts CCE
     qr_first = plan_compression(tables, full // 4, counts=counts, ladder=B.CANDIDATE_LADDERS[1])

@@ -9,7 +9,8 @@ Public API::
                               load_unsharded)
 """
 
-from torchrec_cce.budget import CompressionPlan, TablePlan, plan_candidates, plan_compression
+from torchrec_cce.budget import (CompressionPlan, TablePlan, plan_candidates, plan_compression,
+                                 tier_compression, tier_plan)
 from torchrec_cce.configs import (
     CCEConfig,
     CEConfig,
@@ -52,6 +53,8 @@ __all__ = [
     "recluster",
     "summarize",
     "TablePlan",
+    "tier_compression",
+    "tier_plan",
     "TieredConfig",
     "total_compression",
 ]

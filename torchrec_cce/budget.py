@@ -78,6 +78,8 @@ from torchrec_cce.configs import (
     MEmComConfig,
     MPEConfig,
     QRConfig,
+    TieredConfig,
+    cold_table,
 )
 from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
 from torchrec_cce.methods import build_table, packed
@@ -146,6 +148,10 @@ def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[Compression
     serving bound)."""
     if isinstance(config, MPEConfig):
         return mpe_serving_bound(table, config)
+    if isinstance(config, TieredConfig):
+        return (config.hot_ids * quantized_row_bytes(table.embedding_dim, serving_dtype)
+                + serving_config_bytes(cold_table(table, config.hot_ids),
+                                       config.cold_config(table), serving_dtype))
     method = build_table(table, config, device=torch.device("meta"))
     return (sum(cb.num_embeddings * quantized_row_bytes(cb.embedding_dim, serving_dtype)
                 for cb in method.codebooks) + method.logical_state_bytes())
@@ -161,6 +167,10 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
     if isinstance(config, MPEConfig):
         return mpe_serving_bound(table, config)
     elem = _elem(table)
+    if isinstance(config, TieredConfig):  # hot rows + the cold method on V - H ids
+        hot = _dtype_bytes(config.hot_dtype) if config.hot_dtype is not None else elem
+        return (config.hot_ids * table.embedding_dim * hot
+                + config_bytes(cold_table(table, config.hot_ids), config.cold_config(table)))
     dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
     if dtype is not None:
         elem = _dtype_bytes(dtype)
@@ -206,6 +216,9 @@ class TablePlan:
     mass_share: float = 0.0          # the table's share of all tables' training mass
     covered_mass: float = 0.0        # CCE: mass share of [0, N) within the table; full: 1
     config: Optional[CompressionConfig] = field(default=None, compare=False)
+    hot_ids: Optional[int] = None    # tiered (TieredConfig): ids [0, H) in exclusive rows;
+                                     # method, rows, ... then describe the cold part
+    hot_mass: float = 0.0            # tiered: mass share of [0, H) within the table
 
 
 @dataclass
@@ -241,12 +254,14 @@ class CompressionPlan:
     def format(self) -> str:
         """A printable table (MiB)."""
         mib = 1 << 20
-        head = (f"{'table':<14}{'method':<8}{'prec.':<6}{'rows':>10}{'chunks':>7}{'assigned':>11}"
-                f"{'cov.mass':>9}{'MiB':>10}{'full MiB':>10}")
+        head = (f"{'table':<14}{'method':<8}{'prec.':<6}{'hot ids':>9}{'rows':>10}{'chunks':>7}"
+                f"{'assigned':>11}{'cov.mass':>9}{'MiB':>10}{'full MiB':>10}")
         lines = [head, "-" * len(head)]
         for n, p in self.tables.items():
             lines.append(
-                f"{n:<14}{p.method:<8}{p.precision[:5]:<6}{p.rows if p.rows is not None else '':>10}"
+                f"{n:<14}{p.method:<8}{p.precision[:5]:<6}"
+                f"{p.hot_ids if p.hot_ids is not None else '':>9}"
+                f"{p.rows if p.rows is not None else '':>10}"
                 f"{p.chunks if p.chunks is not None else '':>7}"
                 f"{p.assigned_ids if p.assigned_ids is not None else '':>11}"
                 f"{p.covered_mass:>9.3f}{p.bytes / mib:>10.3f}{p.full_bytes / mib:>10.3f}")
@@ -594,20 +609,31 @@ CANDIDATE_LADDERS: Tuple[Tuple[Tuple[str, float], ...], ...] = (
 # the four plans above gave 0.6714; the all-CCE plan had the lowest validation loss on 2 of 3
 # seeds.
 CANDIDATE_METHODS: Tuple[str, ...] = ("cce",)
+# Plans also offered with a hot tier on every compressed table (tier_plan: AUTO_HOT_SHARE of
+# each table's bytes for exclusive rows of its most frequent ids, the ladder's method re-sized
+# to the rest): the rule's ladder and QR's.
+CANDIDATE_TIERED_LADDERS: Tuple[Tuple[Tuple[str, float], ...], ...] = (
+    AUTO_LADDER,
+    (("qr", 0.0), ("ce", 0.0)),
+)
+AUTO_HOT_SHARE = 0.5
 
 
 def plan_candidates(tables: Sequence[EmbeddingBagConfig], byte_budget: Union[int, float],
                     counts: Optional[Mapping[str, object]] = None,
                     ladders: Sequence[Sequence[Tuple[str, float]]] = CANDIDATE_LADDERS,
                     single_methods: Sequence[str] = CANDIDATE_METHODS,
+                    tiered_ladders: Sequence[Sequence[Tuple[str, float]]] = CANDIDATE_TIERED_LADDERS,
+                    hot_share: float = AUTO_HOT_SHARE,
                     **kwargs) -> List[CompressionPlan]:
     """The distinct plans of ``plan_compression(methods=None, ladder=L)`` for every ladder
     ``L`` in ``ladders`` (default :data:`CANDIDATE_LADDERS`: the rule's plan first), then of
     ``plan_compression(methods=[M])`` for every ``M`` in ``single_methods`` (default
     :data:`CANDIDATE_METHODS`; at ``codebook_dtype`` or :data:`AUTO_DTYPE`; left out where M
-    cannot fit the budget), each fitting ``byte_budget``: the choices to train and compare on
-    validation data when the per-table rule alone is not trusted. ``kwargs`` go to
-    :func:`plan_compression`."""
+    cannot fit the budget), then the plans of every ladder of ``tiered_ladders`` (default
+    :data:`CANDIDATE_TIERED_LADDERS`) with a hot tier (:func:`tier_plan` at ``hot_share``),
+    each fitting ``byte_budget``: the choices to train and compare on validation data when the
+    per-table rule alone is not trusted. ``kwargs`` go to :func:`plan_compression`."""
     if kwargs.get("methods") is not None:
         raise ValueError("plan_candidates chooses the methods itself; leave methods out")
     kwargs.pop("methods", None)
@@ -629,11 +655,116 @@ def plan_candidates(tables: Sequence[EmbeddingBagConfig], byte_budget: Union[int
         except BudgetTooSmallError:  # the budget cannot hold method's smallest configs
             continue
         offer(plan)
+    tier_kwargs = {k: kwargs[k] for k in ("chunks", "assignment_share", "qr_operation",
+                                          "serving_dtype") if k in kwargs}
+    for ladder in tiered_ladders:
+        plan = plan_compression(tables, byte_budget, counts=counts, ladder=ladder, **kwargs)
+        offer(tier_plan(plan, tables, counts=counts, hot_share=hot_share, **tier_kwargs))
     return plans
 
 
+def _hot_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_ids: int,
+             counts: Optional[object], chunks: int, assignment_share: float,
+             serving_dtype: Optional[torch.dtype]) -> Optional[TieredConfig]:
+    """``TieredConfig(hot_ids, cold)`` of at most ``level`` bytes, ``cold`` the method of
+    ``config`` (its chunks, dtype, QR operation) sized to the bytes the hot rows leave, or
+    None if that method has no config in them."""
+    method = _METHOD_OF[type(config)]
+    dtype = getattr(config, "codebook_dtype", None)
+    hot_dtype = None if method in ("memcom", "mpe") else dtype
+    hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
+               else t.embedding_dim * (_dtype_bytes(hot_dtype) if hot_dtype else _elem(t)))
+    cold_t = cold_table(t, hot_ids)
+    cold_counts = None
+    if counts is not None and np.ndim(counts) > 0:
+        cold_counts = np.asarray(counts.detach().cpu().numpy() if torch.is_tensor(counts)
+                                 else counts, dtype=np.float64)[hot_ids:]
+    cold = _fit(method, cold_t, level - hot_ids * hot_row,
+                getattr(config, "chunks", _table_chunks(t, chunks)), assignment_share,
+                getattr(config, "operation", "mult"), dtype,
+                cold_counts if method == "mpe" else None, serving_dtype)
+    if cold is None:
+        return None
+    tiered = TieredConfig(hot_ids=hot_ids, cold=cold, hot_dtype=hot_dtype)
+    return tiered if config_bytes(t, tiered, serving_dtype) <= level else None
+
+
+def tier_compression(tables: Sequence[EmbeddingBagConfig],
+                     compression: Mapping[str, CompressionConfig],
+                     counts: Optional[Mapping[str, object]] = None,
+                     hot_ids: Union[int, str] = "auto", **kwargs) -> Dict[str, CompressionConfig]:
+    """``compression`` with a hot tier on every compressed table at no more stored bytes
+    (:func:`tier_plan` of the configs as they are; ``kwargs`` go to it)."""
+    rows = {}
+    for t in tables:
+        c = compression.get(t.name)
+        method = "full" if c is None else _METHOD_OF[type(c)]
+        rows[t.name] = TablePlan(table=t.name, method=method, bytes=config_bytes(t, c),
+                                 full_bytes=config_bytes(t, None), precision=_precision(t),
+                                 config=c)
+    plan = CompressionPlan(byte_budget=sum(p.bytes for p in rows.values()), tables=rows)
+    return tier_plan(plan, tables, counts=counts, hot_ids=hot_ids, **kwargs).compression
+
+
+def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
+              counts: Optional[Mapping[str, object]] = None,
+              hot_ids: Union[int, str] = "auto", hot_share: float = AUTO_HOT_SHARE,
+              chunks: int = 4, assignment_share: float = 0.5, qr_operation: str = "mult",
+              serving_dtype: Optional[torch.dtype] = None) -> CompressionPlan:
+    """``plan`` with a hot tier on every compressed table, at no more bytes per table.
+
+    A compressed table of ``b`` bytes becomes ``TieredConfig(H, cold)``: the ids ``[0, H)``
+    (the most frequent ones in a frequency-ordered vocabulary) get exclusive rows at the
+    method's codebook precision (float32 for MEmCom/MPE), and the same method, re-sized by the
+    planner's rules, takes the cold ids in the bytes left. ``hot_ids="auto"``: ``H`` is the
+    number of rows in ``hot_share`` of ``b``; an int: at most that many (and at most ``V -
+    1``). ``H`` is halved until the cold method fits its bytes (a table where none fits keeps
+    its plan). Full tables stay as they are. ``qr_operation`` is unused (each cold QR keeps its
+    table's operation); the other arguments are :func:`plan_compression`'s."""
+    if hot_ids != "auto" and (not isinstance(hot_ids, int) or hot_ids < 1):
+        raise ValueError(f"hot_ids must be 'auto' or an int >= 1, got {hot_ids!r}")
+    if not 0 < hot_share < 1:
+        raise ValueError(f"hot_share must be in (0, 1), got {hot_share}")
+    curves = {t.name: _Curve(t, _table_counts(counts, t)) for t in tables}
+    out = dict(plan.tables)
+    for t in tables:
+        p = plan.tables[t.name]
+        cfg = p.config
+        if cfg is None or isinstance(cfg, (FullConfig, TieredConfig)) or t.num_embeddings < 2:
+            continue
+        row = t.embedding_dim * _elem(t)
+        dtype = getattr(cfg, "codebook_dtype", None)
+        if dtype is not None and not isinstance(cfg, (MEmComConfig, MPEConfig)):
+            row = t.embedding_dim * _dtype_bytes(dtype)
+        H = (int(hot_share * p.bytes) // row) if hot_ids == "auto" else hot_ids
+        H = min(H, t.num_embeddings - 1)
+        tiered = None
+        while H >= 1 and tiered is None:
+            tiered = _hot_fit(t, cfg, p.bytes, H, _table_counts(counts, t), chunks,
+                              assignment_share, serving_dtype)
+            H = H if tiered is not None else H // 2
+        if tiered is None:
+            continue
+        cold_t = cold_table(t, H)
+        curve = curves[t.name]
+        covered = 0.0
+        if isinstance(tiered.cold, CCEConfig):
+            covered = curve.prefix(H + tiered.cold.num_assigned(cold_t)) - curve.prefix(H)
+        fields = {"rows": None, "chunks": None, "assigned_ids": None, "precision": p.precision,
+                  **_config_fields(tiered.cold, cold_t)}
+        out[t.name] = dataclasses.replace(
+            p, method=_METHOD_OF[type(tiered.cold)] + "+hot",
+            bytes=config_bytes(t, tiered, serving_dtype),
+            covered_mass=covered, config=tiered, hot_ids=H, hot_mass=curve.prefix(H), **fields)
+    tiered_plan = CompressionPlan(byte_budget=plan.byte_budget, tables=out)
+    assert tiered_plan.total_bytes <= plan.total_bytes, (tiered_plan.total_bytes,
+                                                         plan.total_bytes)
+    return tiered_plan
+
+
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
-              MEmComConfig: "memcom", MPEConfig: "mpe", FullConfig: "full"}
+              MEmComConfig: "memcom", MPEConfig: "mpe", FullConfig: "full",
+              TieredConfig: "tiered"}
 
 
 def _config_fields(config: Optional[CompressionConfig], table: EmbeddingBagConfig

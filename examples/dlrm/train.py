@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from torchrec_cce import CCEEmbeddingBagCollection  # noqa: E402
 from torchrec_cce.checkpoint import guard_loss  # noqa: E402
-from torchrec_cce.configs import METHOD_NAMES, CCEConfig  # noqa: E402
+from torchrec_cce.configs import METHOD_NAMES  # noqa: E402
 from torchrec_cce.data.common import DEFAULT_SHUFFLE_BUFFER  # noqa: E402
 from torchrec_cce.data.sources import (  # noqa: E402
     DATA_CHOICES, load_data, table_configs, table_counts)
@@ -50,8 +50,8 @@ from torchrec_cce.train.checkpoint import (  # noqa: E402
     checkpoint_manager, inject_fault, load_checkpoint, save_checkpoint)
 from torchrec_cce.train.defaults import (  # noqa: E402
     DEFAULT_CCE_ASSIGNMENT_SHARE, DEFAULT_CCE_INIT, DEFAULT_KMEANS_ITERS, DEFAULT_RECLUSTER_HELP,
-    apply_cce_settings, cce_settings, make_compression, planned_compression,
-    recluster_fractions, serving_dtype)
+    apply_cce_settings, cce_settings, has_cce, make_compression, parse_hot_ids,
+    planned_compression, recluster_fractions, serving_dtype)
 from torchrec_cce.train.plan_select import select_plan  # noqa: E402
 from torchrec_cce.train.report import (  # noqa: E402
     plot_loss, print_summary, quiet_known_warnings, run_metrics, write_metrics)
@@ -103,6 +103,10 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         "'validation' trains each distinct plan of torchrec_cce.plan_candidates (the rule's, QR "
         "first, CCE wherever it fits, CE alone, CCE alone; same seed and recipe) and keeps the "
         "one with the lowest validation log loss (up to 5x the training time)"))),
+    ("model", ("--hot-ids",), dict(type=parse_hot_ids, help=(
+        "a hot tier on every compressed table (torchrec_cce.TieredConfig, docs/tiers.md): its "
+        "N most frequent ids (an int, at most) or 'auto' (half of the table's bytes) get "
+        "exclusive rows, the method takes the rest in the bytes left; any --method"))),
     ("model", ("--max-params-per-table",), dict(type=int, help=(
         "the paper's cap: tables with num_embeddings*dim above it are compressed to this many "
         "parameters (default: 1/16 of the largest table)"))),
@@ -243,6 +247,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--plan-select validation trains several models one after the other; it does not "
         "checkpoint: drop --checkpoint-dir (or pick the plan first and checkpoint that run)":
             args.plan_select == "validation" and bool(args.checkpoint_dir),
+        "--hot-ids with --plan-select validation: the candidate plans already include tiered "
+        "ones; drop --hot-ids": args.hot_ids is not None and args.plan_select == "validation",
         "--recluster-at only applies to --method cce": bool(args.recluster_at)
             and args.method != "cce",
         "--no-recluster contradicts --recluster-at/--recluster-every-epoch": args.no_recluster
@@ -302,7 +308,7 @@ def build_model(args: argparse.Namespace, data: Any) -> Tuple[nn.Module, Dict[st
                       dropout=args.embedding_dropout)
     model = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return model, {"max_params_per_table": cap, "compressed_tables": len(compression),
-                   "has_cce": any(isinstance(c, CCEConfig) for c in compression.values()),
+                   "has_cce": has_cce(compression),
                    # an all-MPE collection has no codebook EBC: no sparse-dist pipeline
                    "all_mpe": args.method == "mpe" and len(compression) == len(tables),
                    "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan,

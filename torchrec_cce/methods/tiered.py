@@ -28,13 +28,14 @@ Bags = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # ids, lengths
 class TieredTable(CompressedTable):
     """A hot tier of ``hot_ids`` exclusive rows in front of the ``cold`` method."""
 
-    method_name = "tiered"
+    method_name = "tiered"  # per instance: "<cold method>+hot"
 
     def __init__(self, table: EmbeddingBagConfig, config: TieredConfig,
                  cold: CompressedTable) -> None:
         super().__init__(table)
         self.hot_ids: int = config.hot_ids
         self.cold = cold
+        self.method_name = f"{cold.method_name}+hot"  # e.g. "cce+hot" (memory_report, plans)
         self.codebooks = [Codebook("hot", self.hot_ids, table.embedding_dim, ["hot"])] + list(
             cold.codebooks)
         # Codebook suffix -> stored precision (read by modules.codebook_configs).

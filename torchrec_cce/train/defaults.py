@@ -14,6 +14,7 @@ The functions taking ``args`` read the flags of ``examples/dlrm/train.py`` (an
 ``argparse.Namespace`` or any object with those attributes).
 """
 
+import argparse
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,8 +22,9 @@ import numpy as np
 import torch
 from torchrec import EmbeddingBagConfig
 
-from torchrec_cce.budget import plan_candidates, plan_compression
-from torchrec_cce.configs import CCEConfig, MPEConfig, compression_for_budget
+from torchrec_cce.budget import plan_candidates, plan_compression, tier_compression, tier_plan
+from torchrec_cce.configs import (CCEConfig, MEmComConfig, MPEConfig, TieredConfig,
+                                  compression_for_budget)
 
 DEFAULT_RECLUSTER_AT = "0.25,0.5"
 DEFAULT_RECLUSTER_EPOCHS = 0  # epoch ends that also re-cluster (epochs 1..N; before the last)
@@ -84,17 +86,42 @@ def codebook_dtype(args: Any) -> Optional[torch.dtype]:
 
 def apply_cce_settings(compression: Dict, args: Any) -> Dict:
     """CCE configs with the init of :func:`cce_settings` (bytes are unchanged), and every
-    config that has a ``codebook_dtype`` at ``--codebook-dtype`` when it is given."""
+    config that has a ``codebook_dtype`` at ``--codebook-dtype`` when it is given (a tiered
+    table's cold config, and its hot rows unless the cold part is MEmCom or MPE)."""
     cs = cce_settings(args)
     dtype = codebook_dtype(args)
-    out = {}
-    for n, c in compression.items():
+
+    def apply(c: Any) -> Any:
+        if isinstance(c, TieredConfig):
+            hot = c.hot_dtype
+            if dtype is not None and not isinstance(c.cold, (MEmComConfig, MPEConfig)):
+                hot = dtype
+            return dataclasses.replace(c, cold=apply(c.cold), hot_dtype=hot)
         if isinstance(c, CCEConfig):
             c = dataclasses.replace(c, init=cs["init"], keep_remainder=cs["keep_remainder"])
         if dtype is not None and any(f.name == "codebook_dtype" for f in dataclasses.fields(c)):
             c = dataclasses.replace(c, codebook_dtype=dtype)
-        out[n] = c
-    return out
+        return c
+
+    return {n: apply(c) for n, c in compression.items()}
+
+
+def parse_hot_ids(text: str) -> Any:
+    """``--hot-ids``: ``"auto"`` or a positive int."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--hot-ids takes 'auto' or an int >= 1, got {text!r}")
+    return value
+
+
+def has_cce(compression: Dict) -> bool:
+    """Whether some table (or a tiered table's cold part) is CCE (re-clustering applies)."""
+    return any(isinstance(getattr(c, "cold", c), CCEConfig) for c in compression.values())
 
 
 def make_compression(tables: List[EmbeddingBagConfig], args: Any,
@@ -114,8 +141,13 @@ def make_compression(tables: List[EmbeddingBagConfig], args: Any,
             compression = {n: dataclasses.replace(c, counts=counts[n])
                            for n, c in compression.items()}
         return compression, cap
-    return compression_for_budget(tables, args.method, cap, chunks=args.chunks,
-                                  seed=args.seed, qr_operation=args.qr_operation), cap
+    compression = compression_for_budget(tables, args.method, cap, chunks=args.chunks,
+                                         seed=args.seed, qr_operation=args.qr_operation)
+    if getattr(args, "hot_ids", None) is not None:  # --hot-ids: a hot tier, same bytes
+        compression = tier_compression(tables, compression, counts=counts, hot_ids=args.hot_ids,
+                                       chunks=args.chunks,
+                                       assignment_share=args.cce_assignment_share)
+    return compression, cap
 
 
 def planned_compression(tables: List[EmbeddingBagConfig], args: Any,
@@ -132,6 +164,10 @@ def planned_compression(tables: List[EmbeddingBagConfig], args: Any,
     if candidate is None:
         plan, candidates = plan_compression(tables, budget_bytes, methods=args.planner_methods,
                                             **kwargs), 1
+        if getattr(args, "hot_ids", None) is not None:  # --hot-ids: a hot tier per table
+            plan = tier_plan(plan, tables, counts=counts, hot_ids=args.hot_ids,
+                             chunks=args.chunks, assignment_share=args.cce_assignment_share,
+                             serving_dtype=serving_dtype(args))
     else:
         plans = plan_candidates(tables, budget_bytes, **kwargs)
         plan, candidates = plans[candidate], len(plans)
@@ -140,6 +176,7 @@ def planned_compression(tables: List[EmbeddingBagConfig], args: Any,
     compression = {n: (dataclasses.replace(c, tau=args.mpe_tau, lam=args.mpe_lambda,
                                            seed=args.seed) if isinstance(c, MPEConfig) else c)
                    for n, c in plan.compression.items()}
-    used = sorted({p.method for p in plan.tables.values() if p.method != "full"})
+    # (a tiered table's method is its cold part's, "<method>+hot")
+    used = sorted({p.method.split("+")[0] for p in plan.tables.values() if p.method != "full"})
     method = used[0] if len(used) == 1 else ("full" if not used else "mixed")
     return compression, plan, candidates, method

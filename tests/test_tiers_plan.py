@@ -1,0 +1,82 @@
+"""The byte-budget planner with hot tiers (tier_plan, plan_candidates' tiered plans): every
+plan fits its budget, its bytes are exactly what memory_report counts of the built module, a
+tiered table never takes more bytes than its untiered plan, and the hot ids are the prefix the
+rule says."""
+
+import numpy as np
+import pytest
+import torch
+from torchrec import EmbeddingBagConfig
+
+from torchrec_cce import (CCEEmbeddingBagCollection, TieredConfig, memory_report, plan_candidates,
+                          plan_compression)
+from torchrec_cce.budget import AUTO_HOT_SHARE, config_bytes, tier_plan
+
+DIM = 16
+
+
+def tables():
+    return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=DIM, num_embeddings=v,
+                               feature_names=[f"f{i}"])
+            for i, v in enumerate([5000, 800, 8, 40000])]
+
+
+def counts(ts):
+    g = np.random.default_rng(0)
+    return {t.name: np.sort(g.zipf(1.3, t.num_embeddings))[::-1].astype(np.float64) for t in ts}
+
+
+def report_bytes(ts, plan):
+    ebc = CCEEmbeddingBagCollection(ts, plan.compression, device=torch.device("meta"))
+    return {n: r["compressed_bytes"] for n, r in memory_report(ebc).items()}
+
+
+FULL = sum(config_bytes(t, None) for t in tables())
+
+
+@pytest.mark.parametrize("method,fraction", [("cce", 16), ("qr", 16), ("hashing", 64),
+                                             ("ce", 64), ("memcom", 4)])
+def test_tiered_plans_fit_and_match_memory_report(method, fraction):
+    ts, c = tables(), counts(tables())
+    base = plan_compression(ts, FULL / fraction, counts=c, methods=[method])
+    plan = tier_plan(base, ts, counts=c)
+    assert plan.total_bytes <= base.total_bytes <= FULL / fraction
+    assert report_bytes(ts, plan) == {n: p.bytes for n, p in plan.tables.items()}
+    tiered = [n for n, p in plan.tables.items() if p.hot_ids]
+    assert "t3" in tiered  # the large table gets a hot tier
+    for n, p in plan.tables.items():
+        assert p.bytes <= base.tables[n].bytes
+        if n not in tiered:
+            assert p == base.tables[n]
+            continue
+        cfg = p.config
+        assert isinstance(cfg, TieredConfig) and cfg.hot_ids == p.hot_ids
+        assert p.method == method + "+hot"  # the cold part keeps the table's method
+        # auto: AUTO_HOT_SHARE of the table's bytes in hot rows (halved only if the cold
+        # method cannot fit the rest)
+        row = DIM * (2 if cfg.hot_dtype == torch.float16 else 4)
+        assert cfg.hot_ids <= AUTO_HOT_SHARE * base.tables[n].bytes // row
+        mass = c[n][: cfg.hot_ids].sum() / c[n].sum()
+        assert p.hot_mass == pytest.approx(mass)
+
+
+def test_explicit_hot_ids():
+    ts, c = tables(), counts(tables())
+    base = plan_compression(ts, FULL / 8, counts=c, methods=["cce"])
+    plan = tier_plan(base, ts, counts=c, hot_ids=300)
+    assert plan.tables["t3"].hot_ids == 300
+    assert report_bytes(ts, plan) == {n: p.bytes for n, p in plan.tables.items()}
+    for bad in (0, -1, "all", 2.5):
+        with pytest.raises(ValueError, match="hot_ids must be 'auto' or an int"):
+            tier_plan(base, ts, hot_ids=bad)
+
+
+def test_candidates_include_fitting_tiered_plans():
+    ts, c = tables(), counts(tables())
+    for fraction in (16, 64):
+        plans = plan_candidates(ts, FULL / fraction, counts=c)
+        tiered = [p for p in plans if any(r.hot_ids for r in p.tables.values())]
+        assert tiered and len(tiered) < len(plans)
+        for p in plans:
+            assert p.total_bytes <= FULL / fraction
+            assert report_bytes(ts, p) == {n: r.bytes for n, r in p.tables.items()}

@@ -1,0 +1,75 @@
+"""``examples/dlrm/train.py --hot-ids`` on the shared Frappe file (preprocessed into a temporary
+directory): any --method, with --embedding-budget-mb (the planner sizes hot rows + the method)
+and with the per-table cap; the model trains, its bytes are the plan's, and the tiered tables
+are the ones the plan says."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_train_protocol import cli_error, run
+from torchrec_cce.data.preprocess import main as preprocess
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TORCHREC_CCE_SHARED_DATA", REPO / ".." / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def frappe(tmp_path_factory):
+    path = SHARED / "frappe.csv"
+    if not path.exists():
+        pytest.skip(f"shared data file {path} not found (expected <repo>/../shared/data, or set "
+                    f"TORCHREC_CCE_SHARED_DATA): the --hot-ids run needs a real vocabulary")
+    out = tmp_path_factory.mktemp("frappe")
+    preprocess(["--format", "csv", "--input", str(path), "--label-column", "label",
+                "--categorical-columns", "user,item,daytime,weekday,isweekend,homework,cost,"
+                "weather,country,city", "--split", "0.8,0.1,0.1", "--no-progress",
+                "--out", str(out)])
+    return out
+
+
+def train(data_dir, *argv):
+    return run("--data", "preprocessed", "--data-dir", str(data_dir), "--epochs", "1",
+               "--max-steps", "6", "--batch-size", "512", "--no-progress", *argv)
+
+
+def check(m, budget_mib=None):
+    assert all(np.isfinite(v) for _, v in m["train_loss_curve"]) and np.isfinite(m["test_logloss"])
+    if budget_mib is not None:
+        assert m["embedding_bytes"] <= budget_mib * 2**20
+    return {n: r for n, r in m["embedding_tables"].items() if r["method"].endswith("+hot")}
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("method", ["qr", "hashing"])
+def test_budget_and_method(frappe, method):
+    budget = {"memcom": 0.12}.get(method, 0.02)
+    m = train(frappe, "--method", method, "--embedding-budget-mb", str(budget),
+              "--hot-ids", "auto")
+    tiered = check(m, budget)
+    plan = m["embedding_plan"]["tables"]
+    assert "t_item" in tiered and plan["t_item"]["hot_ids"] > 0
+    for name, row in plan.items():  # memory_report measured what the planner planned
+        assert m["embedding_tables"][name]["compressed_bytes"] == row["bytes"], name
+        assert (name in tiered) == bool(row["hot_ids"]), name
+        assert m["embedding_tables"][name]["method"] == row["method"], name
+        if row["hot_ids"]:
+            assert row["method"] == method + "+hot"
+    assert m["method"] == method
+
+
+@pytest.mark.timeout(600)
+def test_cap_and_explicit_hot_ids(frappe):
+    m = train(frappe, "--method", "qr", "--hot-ids", "64")
+    tiered = check(m)
+    assert set(tiered) >= {"t_item"}
+    assert "TieredConfig(hot_ids=64" in m["stdout"] or any(
+        r["codebook_bytes"] for r in tiered.values())
+
+
+def test_flag_errors():
+    assert "--hot-ids takes 'auto' or an int >= 1" in cli_error("--hot-ids", "0")
+    assert "the candidate plans already include tiered" in cli_error(
+        "--embedding-budget-mb", "1", "--plan-select", "validation", "--hot-ids", "auto")
