@@ -203,8 +203,9 @@ def test_bytes_exact(name, hot_dtype):
     assert r["codebook_bytes"] == hot_bytes + alone["codebook_bytes"]
     assert r["assignment_bytes"] == alone["assignment_bytes"]
     assert r["per_id_bytes"] == alone["per_id_bytes"]
-    assert r["compressed_bytes"] == hot_bytes + alone["compressed_bytes"] - (
-        alone["compressed_bytes"] - alone["training_bytes"])
+    for key in ("compressed_bytes", "training_bytes", "serving_bytes"):  # (MPE: serving)
+        assert r[key] == hot_bytes + alone[key], key
+    assert r["method"] == alone["method"] + "+hot"
     assert r["params"] == H * DIM + alone["params"]
     assert cfg.num_parameters(table()) == H * DIM + cfg.cold.num_parameters(cold_t)
 

@@ -1,9 +1,12 @@
 """Tiered tables (TieredConfig) under DistributedModelParallel (gloo, world size 2): forward and
-one in-backward SGD step equal the unsharded module's, for CCE (replicated p), QR-mult (MEAN
-pooling) and hashing cold parts, table-wise and column-wise codebooks."""
+one in-backward SGD step equal the unsharded module's, for CCE (p whole on every rank, or split
+by id range), QR-mult (MEAN pooling), MEmCom (per-id weights split by id range and fetched from
+their owners), MPE (master rows likewise) and hashing cold parts, table-wise and column-wise
+codebooks."""
 
 from typing import List
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -21,14 +24,14 @@ from torchrec.optim.optimizers import SGD
 
 from dist_state import gathered_state
 from multiprocess import run_multiprocess
-from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, QRConfig,
-                          TieredConfig)
+from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, MEmComConfig,
+                          MPEConfig, QRConfig, TieredConfig, memory_report)
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
 from torchrec_cce.distributed.tensors import scatter_full
 
 LR = 0.5
-SIZES = {"f_cce": 3001, "f_qr": 2000, "f_hash": 800}
-HOT = {"f_cce": 100, "f_qr": 37, "f_hash": 1}
+SIZES = {"f_cce": 3001, "f_qr": 2000, "f_mem": 1501, "f_mpe": 900, "f_hash": 800}
+HOT = {"f_cce": 100, "f_qr": 37, "f_mem": 250, "f_mpe": 30, "f_hash": 1}
 
 
 def tables() -> List[EmbeddingBagConfig]:
@@ -38,6 +41,8 @@ def tables() -> List[EmbeddingBagConfig]:
 
 
 COLD = {"cce": CCEConfig(rows=16, chunks=2, seed=1), "qr": QRConfig(collisions=20),
+        "mem": MEmComConfig(rows=32, seed=2),
+        "mpe": MPEConfig(groups=4, bits=(0, 2, 4, 8), counts=np.arange(900, 0, -1), tau=0.5),
         "hash": HashingTrickConfig(rows=40, seed=3)}
 COMPRESSION = {t: TieredConfig(hot_ids=HOT[f"f_{t}"], cold=c) for t, c in COLD.items()}
 
@@ -61,13 +66,25 @@ def batch(seed: int, batch_size: int = 8) -> KeyedJaggedTensor:
 
 def reference() -> CCEEmbeddingBagCollection:
     torch.manual_seed(0)
-    return CCEEmbeddingBagCollection(tables(), COMPRESSION)
+    ref = CCEEmbeddingBagCollection(tables(), COMPRESSION)
+    with torch.no_grad():  # non-trivial per-id weights, so fetching the right ones is tested
+        w = ref.tables["mem"].cold.id_weight
+        w.copy_(torch.rand(w.shape, generator=torch.Generator().manual_seed(1)) + 0.5)
+    return ref
+
+
+def _mpe_dense(name: str) -> bool:
+    return name.startswith("tables.mpe.cold.") and name != "tables.mpe.cold.weight"
 
 
 def shard(kind: str, world: int) -> DistributedModelParallel:
-    sharder = CCEEmbeddingBagCollectionSharder()
+    # "tw": p of the CCE cold part split by id range too (below: kept whole on every rank)
+    sharder = CCEEmbeddingBagCollectionSharder(
+        replicate_assignment_below=0 if kind == "tw" else 1 << 30)
     module = CCEEmbeddingBagCollection(tables(), COMPRESSION, device=torch.device("meta"))
-    apply_optimizer_in_backward(SGD, module.parameters(), {"lr": LR})
+    # (MPE's logits and quantiser steps are dense parameters: not stepped here)
+    apply_optimizer_in_backward(SGD, [p for n, p in module.named_parameters()
+                                      if not _mpe_dense(n)], {"lr": LR})
     names = [c.name for c in module.codebook_table_configs()]
     gens = {"tw": lambda i: table_wise(rank=i % world, compute_kernel="fused"),
             "cw": lambda i: column_wise(ranks=list(range(world)), compute_kernel="fused")}[kind]
@@ -86,9 +103,12 @@ def _forward_and_step(rank: int, world: int, kind: str):
     kjt = batch(100 + rank)
     out = dmp(kjt).wait()
     forward_err = (out.values() - ref(kjt).values()).abs().max().item()
+    split = {t: dmp.module.id_range(t) is not None for t in COLD}
+    sharded_bytes = {t: r["compressed_bytes"] for t, r in memory_report(dmp).items()}
+    assert sharded_bytes == {t: r["compressed_bytes"] for t, r in memory_report(ref).items()}
     w = torch.randn(out.values().shape, generator=torch.Generator().manual_seed(rank))
     (out.values() * w).sum().backward()
-    return forward_err, gathered_state(dmp)
+    return forward_err, gathered_state(dmp), split
 
 
 @pytest.mark.parametrize("kind", ["tw", "cw"])
@@ -102,12 +122,17 @@ def test_sharded_forward_and_step_equal_unsharded(kind: str) -> None:
     loss.backward()
     params = dict(ref.named_parameters())
     for name in ("codebooks.embedding_bags.cce__hot.weight",
-                 "codebooks.embedding_bags.cce__cce.weight",
-                 "codebooks.embedding_bags.qr__qr_q.weight"):
+                 "codebooks.embedding_bags.cce__cce.weight", "tables.mem.cold.id_weight",
+                 "tables.mpe.cold.weight", "codebooks.embedding_bags.qr__qr_q.weight"):
         assert params[name].grad.abs().sum() > 0, name
-    for rank, (forward_err, after) in enumerate(results):
+    for rank, (forward_err, after, split) in enumerate(results):
+        # per-id state split by id range: MEmCom's and MPE's always, CCE's p when asked
+        assert split == {"cce": kind == "tw", "qr": False, "mem": True, "mpe": True,
+                         "hash": False}
         assert forward_err < 1e-5, f"rank {rank} {kind}: forward differs by {forward_err}"
         for name, p in params.items():
             expected = p.detach() - LR * 0.5 * p.grad  # the mean of the two ranks' gradients
+            if _mpe_dense(name):
+                expected = p.detach()
             err = (after[name].float() - expected).abs().max().item()
             assert err < 1e-5, f"rank {rank} {kind}: {name} update differs by {err}"

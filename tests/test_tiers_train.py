@@ -43,7 +43,7 @@ def check(m, budget_mib=None):
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("method", ["qr", "hashing"])
+@pytest.mark.parametrize("method", ["qr", "hashing", "cce", "memcom"])
 def test_budget_and_method(frappe, method):
     budget = {"memcom": 0.12}.get(method, 0.02)
     m = train(frappe, "--method", method, "--embedding-budget-mb", str(budget),

@@ -45,10 +45,13 @@ def _add_training_and_serving(collection: nn.Module,
     are the serving figures (its compression is for storage and serving)."""
     for name, row in report.items():
         method = collection.tables[name] if name in collection.tables else None
-        if getattr(method, "method_name", "") == "mpe":
-            serving = serving_bytes(method)
-            row.update(training_bytes=method.logical_state_bytes(), serving_bytes=serving,
-                       compressed_bytes=serving, params=method.extra_parameters(),
+        mpe = getattr(method, "cold", method)  # a tiered table's MPE cold part: plus hot rows
+        if getattr(mpe, "method_name", "") == "mpe":
+            hot = row["codebook_bytes"] if mpe is not method else 0
+            hot_params = row["params"] - method.extra_parameters() if mpe is not method else 0
+            serving = serving_bytes(mpe) + hot
+            row.update(training_bytes=mpe.logical_state_bytes() + hot, serving_bytes=serving,
+                       compressed_bytes=serving, params=mpe.extra_parameters() + hot_params,
                        ratio=row["full_bytes"] / serving)
         else:
             row.setdefault("training_bytes", row["compressed_bytes"])

@@ -151,7 +151,9 @@ def reference_remap_features(
                 method.observe(ids)
             w = jt.weights_or_none() if is_weighted else None
             if hasattr(method, "remap_bags"):  # tiered: each stream has its own bags
-                remapped[e] = method.remap_bags(ids, jt.lengths(), w)
+                remapped[e] = method.remap_bags(
+                    ids, jt.lengths(), w,
+                    assignments[e] if assignments is not None and e in assignments else None)
                 continue
             if assignments is not None and e in assignments:
                 streams = method.streams_from(assignments[e], method.bucket(ids))
@@ -492,8 +494,8 @@ def compose_pooled(
     # would materialise a zero gradient of the whole pooled output.
     parts = values.split(pooled_dims, dim=1) if pooled_dims else ()
     for t, method, f, e, indices in plan["features"]:
-        if local_pooled is not None and e in local_pooled:
-            streams = [local_pooled[e]]
+        if local_pooled is not None and e in local_pooled:  # after its codebook streams (tiered)
+            streams = [parts[i] for i in indices] + [local_pooled[e]]
         elif getattr(method, "local_lookup", False):  # after its codebook streams (tiered)
             jt = lengths[f]
             streams = [parts[i] for i in indices] + [

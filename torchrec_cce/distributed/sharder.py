@@ -59,7 +59,7 @@ from torchrec.distributed.types import (
 )
 from torchrec.distributed.utils import append_prefix
 from torchrec.optim.fused import FusedOptimizerModule
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor, KeyedTensor
 
 from torchrec_cce.distributed.assignment import (
     DEFAULT_REPLICATE_ASSIGNMENT_BELOW,
@@ -251,7 +251,12 @@ class ShardedCCEEmbeddingBagCollection(
         """Tables of method class ``kind`` whose per-id state is split by id range (their
         lookups go through the owners: CCE's ``p`` in input_dist, MEmCom's weights and MPE's
         master rows in compute)."""
-        return [t for t in self._id_ranges if isinstance(self.tables[t], kind)]
+        return [t for t in self._id_ranges if isinstance(self._method(t), kind)]
+
+    def _method(self, table: str) -> nn.Module:
+        """The method holding ``table``'s per-id state: the table's, or a tiered table's cold
+        part (methods/tiered.py; its ids are the cold ids ``x - hot_ids``)."""
+        return getattr(self.tables[table], "cold", self.tables[table])
 
     def _lookup_mpe(self, ctx: CCEEmbeddingBagCollectionContext) -> Optional[torch.Tensor]:
         """Pooled outputs of the MPE features into ``ctx.local_pooled``: each table's unique
@@ -264,22 +269,33 @@ class ShardedCCEEmbeddingBagCollection(
         for table in tables:
             rng = self._id_ranges[table]
             features = self._table_features[table]
-            ids = [ctx.mean_lengths[f].values() for f in features]
+            ids = [self._local_bags(table, f, ctx)[0].values() for f in features]
             uniq = torch.unique(torch.cat(ids)) if ids else torch.empty(0, dtype=torch.int64)
-            requests.append((uniq, rng, self.tables[table].weight))
+            requests.append((uniq, rng, self._method(table).weight))
             uniqs.append(uniq)
-            sparse.append(_accepts_sparse_grad(self.tables[table].weight))
+            sparse.append(_accepts_sparse_grad(self._method(table).weight))
         fetched, anchor = fetch_per_id_rows(requests, self._pg, sparse_grad=sparse)
         world = self._env.world_size
         for table, uniq, rows in zip(tables, uniqs, fetched):
-            m = self.tables[table]
+            m = self._method(table)
             # The ranks' gradients arrive summed: take their mean, as DDP and TorchRec do.
             quantized = m.quantize(ScaleGrad.apply(rows, 1.0 / world), uniq)
             for f, e in self._table_pairs[table]:
-                jt = ctx.mean_lengths[f]
-                weights = jt.weights_or_none() if self._is_weighted else None
+                jt, weights = self._local_bags(table, f, ctx)
                 ctx.local_pooled[e] = m.pool(jt, weights, uniq, quantized)
         return anchor
+
+    def _local_bags(self, table: str, feature: str, ctx: CCEEmbeddingBagCollectionContext
+                    ) -> Tuple[JaggedTensor, Optional[torch.Tensor]]:
+        """The bags (and weights) of ``feature`` that ``table``'s own lookup pools: all of them,
+        or a tiered table's cold ids only."""
+        jt = ctx.mean_lengths[feature]
+        weights = jt.weights_or_none() if self._is_weighted else None
+        split = getattr(self.tables[table], "split", None)
+        if split is None:
+            return jt, weights
+        _, (ids, lengths, weights) = split(jt.values(), jt.lengths(), weights)
+        return JaggedTensor(values=ids, lengths=lengths, weights=weights), weights
 
     def _split_state(self) -> Iterator[Tuple[str, torch.Tensor, PerIdState, IdRange]]:
         """``(state-dict key, local tensor, declaration, id range)`` of every per-id state split
@@ -306,7 +322,7 @@ class ShardedCCEEmbeddingBagCollection(
         # One request per table, in the same table order on every rank (even with no ids here).
         requests, sparse = [], []
         for table in tables:
-            rng, m = self._id_ranges[table], self.tables[table]
+            rng, m = self._id_ranges[table], self._method(table)
             ids = [x for _, _, x in places[table]]
             ids = torch.cat(ids) if ids else torch.empty(0, dtype=torch.int64, device=self._device)
             requests.append((torch.remainder(ids, m.num_embeddings), rng, m.id_weight))
@@ -328,7 +344,7 @@ class ShardedCCEEmbeddingBagCollection(
                 # The ranks' gradients arrive summed (every sharding type): take their mean,
                 # as TorchRec and DDP do for the codebooks.
                 w = ScaleGrad.apply(w, 1.0 / world)
-                values[i] = self.tables[table].bucket(values[i])
+                values[i] = self._method(table).bucket(values[i])
                 weights[i] = weights[i] * w.to(weights[i].dtype)
             out[g] = KeyedJaggedTensor(
                 keys=kjt.keys(), values=torch.cat(values), weights=torch.cat(weights),
@@ -364,7 +380,7 @@ class ShardedCCEEmbeddingBagCollection(
 
     def assignment_shard(self, table: str) -> torch.Tensor:
         """The packed words of ``p`` this rank stores for ``table`` (its id range, or all)."""
-        return self.tables[table].assignment
+        return self._method(table).assignment
 
     # ---- ShardedModule ----
     def create_context(self) -> CCEEmbeddingBagCollectionContext:
@@ -380,9 +396,11 @@ class ShardedCCEEmbeddingBagCollection(
                             table_features(self._embedding_bag_configs)):
             if t.name not in cce:
                 continue
-            m = self.tables[t.name]
+            m = self._method(t.name)
+            cold_ids = getattr(self.tables[t.name], "cold_ids", None)  # tiered: cold ids' p
             for f, e in pairs:  # keyed by embedding name (a shared feature's tables differ)
-                requests.append((m, per_feature[f], self._id_ranges[t.name]))
+                ids = per_feature[f] if cold_ids is None else cold_ids(per_feature[f])
+                requests.append((m, ids, self._id_ranges[t.name]))
                 names.append(e)
         return dict(zip(names, lookup_sharded_assignments(requests, self._pg)))
 

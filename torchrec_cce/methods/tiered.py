@@ -13,6 +13,7 @@ description of the split (:meth:`stream_specs` is None): collections with a tier
 the torch-ops remap.
 """
 
+import dataclasses
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ from torchrec import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.configs import TieredConfig, codebook_data_type
-from torchrec_cce.methods.base import Codebook, CompressedTable
+from torchrec_cce.methods.base import Codebook, CompressedTable, PerIdState
 
 Bags = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # ids, lengths, weights
 
@@ -79,20 +80,46 @@ class TieredTable(CompressedTable):
                 (ids[cold] - self.hot_ids, lengths - hot_lengths,
                  None if weights is None else weights[cold]))
 
+    def cold_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The cold ids among ``ids``, as the cold method sees them (``x - hot_ids``), in order."""
+        self.check_ids(ids)
+        return ids[ids >= self.hot_ids] - self.hot_ids
+
     def remap_bags(self, ids: torch.Tensor, lengths: torch.Tensor,
-                   weights: Optional[torch.Tensor] = None) -> List[Bags]:
+                   weights: Optional[torch.Tensor] = None,
+                   assignment: Optional[torch.Tensor] = None) -> List[Bags]:
         """One ``(rows, lengths, weights)`` per stream (hot first, then the cold method's);
         ``rows`` is ``[n]`` or ``[n, k]`` as from :meth:`CompressedTable.remap`, the cold
-        method's per-id weights (MEmCom) multiplied into its streams' weights."""
+        method's per-id weights (MEmCom) multiplied into its streams' weights. ``assignment``:
+        a CCE cold part's ``p`` of the cold ids (:meth:`cold_ids`), looked up elsewhere (the
+        sharded module fetches it from the ranks owning those ids)."""
         (h_ids, h_len, h_w), (c_ids, c_len, c_w) = self.split(ids, lengths, weights)
         id_w = self.cold.id_weights(c_ids)
         if id_w is not None:
             c_w = id_w if c_w is None else c_w * id_w
-        return [(h_ids, h_len, h_w)] + [(rows, c_len, c_w) for rows in self.cold.remap(c_ids)]
+        streams = (self.cold.remap(c_ids) if assignment is None
+                   else self.cold.streams_from(assignment, self.cold.bucket(c_ids)))
+        return [(h_ids, h_len, h_w)] + [(rows, c_len, c_w) for rows in streams]
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
         raise NotImplementedError(
             f"table '{self.table_name}': a tiered table remaps bags (remap_bags), not ids")
+
+    _check_ids = check_ids  # (the sharded module's check of self-looked-up tables' ids)
+
+    def per_id_state(self) -> List[PerIdState]:
+        """The cold part's per-id state (over the ``V - hot_ids`` cold ids), named by its path
+        from this module (``"cold.assignment"`` ...: see :meth:`__getattr__`)."""
+        return [dataclasses.replace(s, name=f"cold.{s.name}") for s in self.cold.per_id_state()]
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - a tensor or a submodule
+        """Dotted names reach into submodules (``"cold.id_weight"``), so code that reads a
+        per-id state by its declared name (``getattr(method, state.name)``) finds the cold
+        part's."""
+        if "." in name:
+            head, rest = name.split(".", 1)
+            return getattr(super().__getattr__(head), rest)
+        return super().__getattr__(name)
 
     def observe(self, ids: torch.Tensor) -> None:
         self.check_ids(ids)
@@ -126,7 +153,7 @@ class TieredTable(CompressedTable):
         return self.cold.assignment_bytes()
 
     def per_id_bytes(self) -> int:
-        return getattr(self.cold, "per_id_bytes", lambda: 0)()
+        return self.cold.per_id_bytes()
 
     def extra_parameters(self) -> int:
         return self.cold.extra_parameters()
