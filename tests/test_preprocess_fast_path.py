@@ -95,3 +95,33 @@ def test_csv_multi_hot_fast_path_bytes_equal_string_path(tmp_path, monkeypatch):
             "--multi-hot-columns", "tags", "--split", "0.7,0.2,0.1"]
     _assert_same_files(_run(tmp_path, monkeypatch, True, "fast", args),
                        _run(tmp_path, monkeypatch, False, "slow", args))
+
+
+@pytest.mark.parametrize("switch_at", [None, 9])
+def test_value_counter_merges_equal_reference(monkeypatch, switch_at):
+    """Counts and first-seen keys after many small merges (packed arrays merged by binary search,
+    and a switch to strings part-way) equal a direct count."""
+    monkeypatch.setattr(pp.ValueCounter, "MERGE_ROWS", 5)
+    rng = np.random.default_rng(2)
+    pool = [f"{v:08x}" for v in rng.integers(0, 1 << 32, 300)] + ["", "a"]
+    counter, want, pos = pp.ValueCounter(), {}, 0
+    for block in range(20):
+        vals = [pool[min(int(rng.zipf(1.2)) - 1, len(pool) - 1)] for _ in range(int(rng.integers(1, 60)))]
+        if block == switch_at:
+            vals[0] = "longer-than-eight"
+        order = np.arange(pos, pos + len(vals), dtype=np.int64) * 3 + 1
+        for v, o in zip(vals, order):
+            c, f = want.get(v, (0, None))
+            want[v] = (c + 1, int(o) if f is None else f)
+        pos += len(vals)
+        if block % 2:
+            counter.add(pa.array(vals), order)
+        else:
+            idx, dic = pp.dictionary_encode(pa.array(vals))
+            counter.add_groups(*pp.count_distinct(idx, dic, order))
+    t = counter.result()
+    v = t.column("v")
+    values = pp.unpack_keys(v.to_numpy()).to_pylist() if v.type == pa.uint64() else v.to_pylist()
+    got = {s: (int(c), int(f)) for s, c, f in zip(values, t.column("count").to_numpy(), t.column("first").to_numpy())}
+    assert got == want
+    assert counter.packed == (switch_at is None)

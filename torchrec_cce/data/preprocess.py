@@ -398,56 +398,96 @@ def _named(t: pa.Table, names: Dict[str, str]) -> pa.Table:
 class ValueCounter:
     """Occurrences and first-seen position of every value of one feature (training rows).
 
-    Per block a vectorised ``group_by``; block results are merged into the running table
-    whenever they outgrow it (so every value is merged O(log) times). Values are grouped by
-    their :func:`packed_keys` (column ``v`` uint64) until a block has a value that does not
-    pack; from then on (and for what was counted before) by the strings themselves.
+    Values are counted by their :func:`packed_keys` until a block has a value that does not pack;
+    from then on (and for what was counted before) by the strings themselves. Packed keys live in
+    sorted numpy arrays (``keys``, ``first``, ``count``): pending block results are reduced by a
+    sort and merged in by binary search whenever they outgrow the arrays (so every value is
+    merged O(log) times). Strings go through a vectorised ``group_by`` per block and merge.
     """
 
+    MERGE_ROWS = 1 << 20  # pending distinct values that trigger a merge, at least
+
     def __init__(self):
-        self.table: Optional[pa.Table] = None
+        self.table: Optional[pa.Table] = None  # strings
         self.pending: List[pa.Table] = []
         self.pending_rows = 0
         self.packed = True
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.first = np.zeros(0, dtype=np.int64)
+        self.count = np.zeros(0, dtype=np.int64)
+        self.pending_keys: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def _to_strings(self) -> None:
-        def conv(t: pa.Table) -> pa.Table:
-            v = unpack_keys(t.column("v").to_numpy()).cast(pa.string())
-            return t.set_column(t.schema.get_field_index("v"), "v", v)
-
-        self.table = conv(self.table) if self.table is not None else None
-        self.pending = [conv(t) for t in self.pending]
+        self._merge_packed()
+        if len(self.keys):
+            self.table = pa.table({"v": unpack_keys(self.keys).cast(pa.string()),
+                                   "first": pa.array(self.first), "count": pa.array(self.count)})
+        self.keys, self.first, self.count = self.keys[:0], self.first[:0], self.count[:0]
         self.packed = False
 
     def add(self, values: pa.Array, order_keys: np.ndarray) -> None:
+        """Add every value of a block with its order key (first-seen position)."""
         if len(values) == 0:
             return
-        if self.packed:
-            keys = packed_keys(values)
-            if keys is None:
-                self._to_strings()
-            else:
-                values = pa.array(keys)
-        t = pa.table({"v": values, "first": pa.array(order_keys, pa.int64())})
+        keys = packed_keys(values) if self.packed else None
+        if keys is None and self.packed:
+            self._to_strings()
+        t = pa.table({"v": values if keys is None else pa.array(keys),
+                      "first": pa.array(order_keys, pa.int64())})
         g = t.group_by("v", use_threads=False).aggregate([("first", "min"), ("first", "count")])
-        self._add_table(_named(g, {"v": "v", "first_min": "first", "first_count": "count"}))
+        g = _named(g, {"v": "v", "first_min": "first", "first_count": "count"})
+        if keys is not None:
+            self.add_groups(g.column("v").combine_chunks(), g.column("first").to_numpy(),
+                            g.column("count").to_numpy())
+        else:
+            self._add_table(g)
 
     def add_groups(self, values: pa.Array, first: np.ndarray, count: np.ndarray) -> None:
         """Add distinct ``values`` (packed uint64 keys or strings) seen ``count`` times, first at
         order key ``first`` (from :func:`count_distinct`)."""
         if len(values) == 0:
             return
-        if values.type == pa.uint64() and not self.packed:
+        if values.type == pa.uint64() and self.packed:
+            self.pending_keys.append((values.to_numpy(zero_copy_only=False),
+                                      np.asarray(first, np.int64), np.asarray(count, np.int64)))
+            self.pending_rows += len(values)
+            if self.pending_rows >= max(self.MERGE_ROWS, len(self.keys)):
+                self._merge_packed()
+            return
+        if values.type == pa.uint64():
             values = unpack_keys(values.to_numpy(zero_copy_only=False)).cast(pa.string())
-        elif values.type != pa.uint64() and self.packed:
+        elif self.packed:
             self._to_strings()
         g = pa.table({"v": values, "first": pa.array(first, pa.int64()), "count": pa.array(count, pa.int64())})
         self._add_table(g)
 
+    def _merge_packed(self) -> None:
+        parts, self.pending_keys, self.pending_rows = self.pending_keys, [], 0
+        if not parts:
+            return
+        k, f, c = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        o = np.argsort(k, kind="stable")
+        k, f, c = k[o], f[o], c[o]
+        start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
+        k, f, c = k[start], np.minimum.reduceat(f, start), np.add.reduceat(c, start)
+        if not len(self.keys):
+            self.keys, self.first, self.count = k, f, c
+            return
+        pos = np.searchsorted(self.keys, k)  # k sorted: the searches walk the arrays in order
+        hit = pos < len(self.keys)
+        hit[hit] = self.keys[pos[hit]] == k[hit]
+        at = pos[hit]
+        self.first[at] = np.minimum(self.first[at], f[hit])
+        self.count[at] += c[hit]
+        new = ~hit
+        self.keys = np.insert(self.keys, pos[new], k[new])
+        self.first = np.insert(self.first, pos[new], f[new])
+        self.count = np.insert(self.count, pos[new], c[new])
+
     def _add_table(self, g: pa.Table) -> None:
         self.pending.append(g)
         self.pending_rows += g.num_rows
-        if self.pending_rows >= max(1 << 20, self.table.num_rows if self.table is not None else 0):
+        if self.pending_rows >= max(self.MERGE_ROWS, self.table.num_rows if self.table is not None else 0):
             self._merge()
 
     def _merge(self) -> None:
@@ -464,6 +504,11 @@ class ValueCounter:
     def result(self) -> pa.Table:
         """``v``, ``first``, ``count`` of every distinct value (``v``: uint64 packed keys while
         :attr:`packed`, else strings)."""
+        if self.packed:
+            self._merge_packed()
+            if len(self.keys):
+                return pa.table({"v": pa.array(self.keys), "first": pa.array(self.first),
+                                 "count": pa.array(self.count)})
         self._merge()
         if self.table is None:
             return pa.table({"v": pa.array([], pa.string()), "first": pa.array([], pa.int64()),
