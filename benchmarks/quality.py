@@ -10,7 +10,8 @@ assignments at their packed size, MEmCom per-id weights, MPE scales). Each cell 
 ``examples/dlrm/train.py --embedding-budget-mb`` with the same recipe for every method, a
 validation split evaluated every epoch, early stopping, and the test metrics of the best
 validation epoch. ``--method`` is omitted for the ``planner`` row (plan_compression picks the
-methods); ``full`` runs once per seed (it is the reference, not a budget).
+methods); ``full`` runs once per seed (it is the reference, not a budget) with its own tuned
+flags on top of the recipe (:data:`FULL_RECIPES`, chosen by ``benchmarks/tune_reference.py``).
 
 Datasets are read in place from ``../shared/data`` (preprocessed once into ``--workdir`` with
 ``python -m torchrec_cce.data.preprocess``: true vocabularies, so the full table is
@@ -113,6 +114,8 @@ RECIPES: Dict[str, Dict[str, float]] = {
 # recipe benchmarks/tune_reference.py chose for it on validation log loss out of the same
 # search it offered the compressed rows that beat the full table (results/tune_reference.md).
 # Without it the full table overfits or lacks a gain and is beaten at a fraction of its bytes.
+# Cell names do not carry the recipe: delete a workdir's `<dataset>__full__*` cells trained
+# before a change here (the committed grid's full rows predate it).
 FULL_RECIPES: Dict[str, List[str]] = {
     "frappe": ["--embedding-l2", "0.001"],
     "movielens": ["--embedding-dropout", "0.2"],
