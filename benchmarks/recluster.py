@@ -61,8 +61,11 @@ def _exact_all(index, x, near):  # the O(k)-per-row float64 re-scoring of near-t
     return index._exact(x)
 
 
-def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict:
-    """Re-cluster one freshly built CCE table once; its timings and statistics."""
+def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str,
+              warm: bool = False) -> dict:
+    """Re-cluster one freshly built CCE table once; its timings and statistics. ``warm``:
+    re-cluster it first (untimed but recorded as ``first_*``), write the new codebooks, then
+    time a second re-clustering (k-means starts from the first one's centroids)."""
     t = [EmbeddingBagConfig(name="t", embedding_dim=DIM, num_embeddings=num_ids,
                             feature_names=["f"])]
     ebc = CCEEmbeddingBagCollection(t, {"t": config})
@@ -74,6 +77,16 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict
             w.copy_(torch.randn(w.shape, generator=g))
         wa, wb = m.stack_ab(lambda suffix: ebc.codebooks.embedding_bags[f"t__{suffix}"].weight)
     m.reservoir.observe((torch.rand(m.reservoir.capacity, generator=g) ** 4 * num_ids).long())
+    first = None
+    if warm:
+        start, cpu = time.perf_counter(), time.process_time()
+        new_a, new_b, _ = recluster_table(
+            ReclusterState(m, wa, wb, m.assignment, 0, (0, m.assigned_ids)), None, iters)
+        first = (round(time.perf_counter() - start, 2), round(time.process_time() - cpu, 2))
+        with torch.no_grad():
+            for suffix, w in m.unstack_ab(new_a, new_b).items():
+                ebc.codebooks.embedding_bags[f"t__{suffix}"].weight.copy_(w)
+            wa, wb = m.stack_ab(lambda suffix: ebc.codebooks.embedding_bags[f"t__{suffix}"].weight)
     before = kmeans_module.AUTO_KMEANSPP_MAX_K
     kmeans_module.AUTO_KMEANSPP_MAX_K, grouped_ties = SEEDINGS[seeding]
     kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED if grouped_ties else _exact_all
@@ -86,7 +99,10 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str) -> dict
         kmeans_module.AUTO_KMEANSPP_MAX_K = before
         kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED
     seconds = time.perf_counter() - start
+    extra = {} if first is None else {"first_seconds": first[0], "first_cpu_seconds": first[1]}
     return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
+            **extra, "warm_start": stats["warm_start"],
+            "kmeans_iters_run": stats["kmeans_iters_run"],
             "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
             "num_samples": stats["num_samples"],
             "num_distinct_samples": stats["num_distinct_samples"],
@@ -139,11 +155,12 @@ def grid(args: argparse.Namespace, result: dict) -> None:
     for num_ids in (int(v) for v in args.ids.split(",")):
         for rows in (int(v) for v in args.rows.split(",")):
             for seeding in args.seeding.split(","):
-                key = f"ids={num_ids},rows={rows},seeding={seeding},iters={args.iters}"
+                key = (f"ids={num_ids},rows={rows},seeding={seeding},iters={args.iters}"
+                       f"{',warm' if args.warm else ''}{args.label}")
                 _cell(result, "cells", key, dict(num_ids=num_ids, rows=rows, seeding=seeding,
                                                   iters=args.iters), args.repeats, args.out,
                       lambda: run_table(CCEConfig(rows=rows, chunks=CHUNKS), num_ids,
-                                        args.iters, seeding))
+                                        args.iters, seeding, args.warm))
 
 
 def kaggle(args: argparse.Namespace, result: dict) -> None:
@@ -152,7 +169,8 @@ def kaggle(args: argparse.Namespace, result: dict) -> None:
               for i, c in enumerate(CRITEO_KAGGLE_CARDINALITIES)]
     plan = plan_compression(tables, int(args.budget_mb * 2**20), methods=["cce"],
                             chunks=CHUNKS)
-    section = f"kaggle_budget_mb={args.budget_mb:g},seeding={args.seeding},iters={args.iters}"
+    section = (f"kaggle_budget_mb={args.budget_mb:g},seeding={args.seeding},iters={args.iters}"
+               f"{',warm' if args.warm else ''}{args.label}")
     todo = [(t, plan.compression[t.name]) for t in tables
             if isinstance(plan.compression.get(t.name), CCEConfig)]
     todo.sort(key=lambda tc: tc[0].num_embeddings)  # small tables first: early, cheap cells
@@ -161,7 +179,7 @@ def kaggle(args: argparse.Namespace, result: dict) -> None:
               dict(num_ids=t.num_embeddings, rows=config.rows,
                    assigned_ids=config.assigned_ids or t.num_embeddings),
               args.repeats, args.out,
-              lambda: run_table(config, t.num_embeddings, args.iters, args.seeding))
+              lambda: run_table(config, t.num_embeddings, args.iters, args.seeding, args.warm))
     cells = result[section]
     done = [c for c in cells.values() if c["runs"]]
     result.setdefault("kaggle_totals", {})[section] = {
@@ -169,6 +187,8 @@ def kaggle(args: argparse.Namespace, result: dict) -> None:
         "total_ids": sum(t.num_embeddings for t in tables),
         "assigned_ids": sum(c["assigned_ids"] for c in done),
         "total_median_seconds": round(sum(c["median_seconds"] for c in done), 2),
+        "total_cpu_seconds": round(sum(statistics.median(r["cpu_seconds"] for r in c["runs"])
+                                       for c in done), 2),
         "max_rows": max(c["rows"] for c in done) if done else None}
     _save(args.out, result)
     print(json.dumps(result["kaggle_totals"][section]), flush=True)
@@ -187,6 +207,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=RESULTS)
+    p.add_argument("--warm", action="store_true",
+                   help="time a table's second re-clustering (k-means warm-started from the "
+                   "first one's centroids), not its first")
+    p.add_argument("--label", default="", help="appended to the cell / section keys (e.g. "
+                   "',kernel=2026-12': a code version measured apart from earlier results)")
     args = p.parse_args(argv)
     for s in args.seeding.split(","):
         if s not in SEEDINGS:

@@ -396,6 +396,47 @@ def test_result_does_not_depend_on_id_batch_and_repeats_cleanly():
     check_recluster_state(a, "t", old, 1)
 
 
+def test_second_recluster_warm_starts_from_the_codebook(monkeypatch):
+    """The first re-clustering seeds k-means (p came from the hash); every later one starts
+    Lloyd from the table's current A_i (the previous centroids, trained on since): k-means gets
+    exactly those rows as its initial centroids, and the end inertia is at most the inertia
+    of A_i itself (Lloyd never increases it). Given vectors (warm start from a trained full
+    table) never start from A."""
+    from torchrec_cce.clustering import recluster as recluster_module
+
+    spec = [("t", 400, 8, CCEConfig(rows=16, chunks=2, seed=4))]
+    ebc = build(spec)
+    calls = []
+    real = recluster_module.kmeans
+
+    def spy(x, k, **kw):
+        init = kw.get("init")
+        calls.append(init.clone() if isinstance(init, torch.Tensor) else init)
+        res = real(x, k, **kw)
+        calls[-1] = (calls[-1], res)
+        return res
+
+    monkeypatch.setattr(recluster_module, "kmeans", spy)
+    train_random(ebc, steps=15)
+    first = recluster(ebc)["t"]
+    assert first["warm_start"] == 0 and [c[0] for c in calls] == ["auto", "auto"]
+    train_random(ebc, steps=15, seed=1)
+    A_before = stacked_ab(ebc, "t")[0].view(2, 16, -1).clone()
+    calls.clear()
+    second = recluster(ebc)["t"]
+    assert second["warm_start"] == 1 and len(calls) == 2
+    for i, (init, res) in enumerate(calls):
+        assert torch.equal(init, A_before[i])
+        assert res.inertia <= res.inertia_history[0]
+    assert second["kmeans_iters_run"] == sum(res.iters_run for _, res in calls)
+    m = ebc.tables["t"]
+    state = recluster_module.ReclusterState(m, *m.stack_ab(lambda s: weight(ebc, f"t__{s}")),
+                                            m.assignment, 0, (0, 400))
+    assert recluster_module.warm_start_from_codebook(state, 2)
+    state.vectors = lambda ids: torch.zeros(ids.numel(), 2, 4)
+    assert not recluster_module.warm_start_from_codebook(state, 2)
+
+
 def test_kmeans_runs_on_distinct_ids_weighted_by_occurrences():
     """A sample and the same sample with every occurrence doubled give the same re-clustering
     (k-means on the distinct ids, weighted by occurrences: same points, weights x2), and the

@@ -231,6 +231,15 @@ class _Clock:
         self.last, self.last_cpu = now, cpu
 
 
+def warm_start_from_codebook(state: ReclusterState, generation: int) -> bool:
+    """Whether k-means starts from the table's codebook ``A_i`` instead of seeding: after a
+    first re-clustering (``generation >= 1``), when the vectors are the table's own. Then each
+    row of ``A_i`` was a centroid of the ids assigned to it, trained on since, so Lloyd starts
+    near its end (no seeding pass; fewer iterations to its tolerance). Before (``p`` from
+    the hash or QR initialisation) and for given vectors, the rows are no such centroids."""
+    return generation >= 1 and state.vectors is None
+
+
 @torch.no_grad()
 def recluster_table(state: ReclusterState, collective: Optional[Collective] = None,
                     iters: int = 10, id_batch: int = DEFAULT_ID_BATCH
@@ -271,14 +280,20 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
     clock("sample_vectors")
     centroids: List[torch.Tensor] = []
     start_inertia = end_inertia = 0.0
-    reseeded = 0
+    reseeded = iters_run = 0
+    # After a first re-clustering, A_i holds centroids of the current assignment (trained on
+    # since): they seed Lloyd (see warm_start_from_codebook).
+    warm = warm_start_from_codebook(state, generation)
     for i in range(c):
+        init = A.view(c, rows, -1)[i] if warm else "auto"
         res = kmeans(x[:, i], k=rows, iters=iters, collective=collective, weights=weight,
-                     seed=derive_seed(m.config.seed, m.table_name, i, f"kmeans{generation}"))
+                     seed=derive_seed(m.config.seed, m.table_name, i, f"kmeans{generation}"),
+                     init=init)
         centroids.append(res.centroids.to(A.dtype))
         start_inertia += float(res.inertia_history[0]) if res.inertia_history else float(res.inertia)
         end_inertia += float(res.inertia)
         reseeded += int(res.reseeded)
+        iters_run += int(res.iters_run)
         clock("kmeans_lloyd")
     cents = torch.stack(centroids)  # [c, rows, chunk_dim]
     kmeans_seconds = time.perf_counter() - start
@@ -308,6 +323,8 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         "kmeans_inertia_start": start_inertia,
         "kmeans_inertia_end": end_inertia,
         "reseeded": reseeded,
+        "warm_start": int(warm),
+        "kmeans_iters_run": iters_run,
         "num_samples": occurrences,
         "num_distinct_samples": distinct,
         "num_ids": m.num_embeddings,
