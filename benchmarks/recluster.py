@@ -5,6 +5,7 @@ vocabulary at the planner's rows. Resumable: finished cells are skipped.
     .venv/bin/python benchmarks/recluster.py --ids 10000000 --rows 131072
     .venv/bin/python benchmarks/recluster.py --ids 1000000 --rows 8192 --seeding old,new
     .venv/bin/python benchmarks/recluster.py --kaggle --budget-mb 64          # 26 tables
+    .venv/bin/python benchmarks/recluster.py --kaggle --warm                  # second re-clusterings
 
 A cell: one table, dim 16, 4 chunks, random normal codebooks (every id has a distinct old
 vector), a full reservoir (``min(256 rows, 2^21)`` Zipf-skewed samples), ``--iters`` Lloyd
@@ -19,6 +20,11 @@ box-pruned re-scoring): the code before k-means|| in both respects.
 :func:`torchrec_cce.plan_compression` (``methods=["cce"]``, ``--budget-mb``, as
 ``train.py --method cce --embedding-budget-mb``); each CCE table is one cell (re-clustering
 re-assigns its covered ids ``[0, assigned_ids)``); the total is the sum over tables.
+
+``--warm``: each cell re-clusters its table twice and times the second one (k-means then
+starts from the first one's centroids, as every scheduled re-clustering after the first does;
+no training in between, so the vectors moved only by the first re-clustering). ``--label``
+appends to the cell keys, so a code version's cells sit apart from earlier results.
 
 Every cell records wall and process-CPU seconds, the phases (``phases_seconds``: sampling and
 old vectors, k-means of all chunks, the all-ids pass split into reading ``p``, hashing,
