@@ -25,7 +25,8 @@ from torchrec.optim.optimizers import SGD
 from dist_state import gathered_state
 from multiprocess import run_multiprocess
 from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, MEmComConfig,
-                          MPEConfig, QRConfig, TieredConfig, memory_report)
+                          MPEConfig, QRConfig, TieredConfig, memory_report,
+                          recluster)
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
 from torchrec_cce.distributed.tensors import scatter_full
 
@@ -136,3 +137,37 @@ def test_sharded_forward_and_step_equal_unsharded(kind: str) -> None:
                 expected = p.detach()
             err = (after[name].float() - expected).abs().max().item()
             assert err < 1e-5, f"rank {rank} {kind}: {name} update differs by {err}"
+
+
+# ---------------------------------------------------------------- re-clustering a cold CCE part
+def _recluster(rank: int, world: int):
+    ref = reference()
+    dmp = shard("tw", world)  # the cold CCE part's p split by id range
+    for key, value in dmp.state_dict().items():
+        scatter_full(value, ref.state_dict()[key])
+    dmp.train()
+    for seed in range(3):  # training batches fill the cold part's id reservoir
+        dmp(batch(300 + 10 * seed + rank)).wait()
+    before = gathered_state(dmp)["tables.cce.cold.assignment"].clone()
+    stats = recluster(dmp)
+    state = gathered_state(dmp)
+    # (gathered_state sums float32 pieces: the packed int32 words of p are read exactly here)
+    words = dmp.module.assignment_shard("cce").clone()
+    kjt = batch(400)  # the same batch on both ranks
+    return stats, words, state, dmp(kjt).wait().values().detach()
+
+
+def test_recluster_of_a_split_cold_cce_part() -> None:
+    results = run_multiprocess(_recluster, 2, timeout=600)
+    (stats0, words0, state0, out0), (_, words1, state1, out1) = results
+    assert "cce" in stats0 and int(state0["tables.cce.cold.h_generation"]) == 1
+    ref = reference()
+    p_before = ref.tables["cce"].cold.assignment.clone()
+    p_after = torch.cat([words0, words1])  # rank 0's id range, then rank 1's
+    assert p_after.shape == p_before.shape and not torch.equal(p_after, p_before)
+    # the unsharded module with the re-clustered state computes what the sharded one does
+    state = {k: v.to(ref.state_dict()[k].dtype) for k, v in state0.items()}
+    state["tables.cce.cold.assignment"] = p_after
+    ref.load_state_dict(state)
+    torch.testing.assert_close(out0, ref(batch(400)).values(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out1, out0)
