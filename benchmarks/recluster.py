@@ -21,9 +21,10 @@ box-pruned re-scoring): the code before k-means|| in both respects.
 ``train.py --method cce --embedding-budget-mb``); each CCE table is one cell (re-clustering
 re-assigns its covered ids ``[0, assigned_ids)``); the total is the sum over tables.
 
-``--warm``: each cell re-clusters its table twice and times the second one (k-means then
-starts from the first one's centroids, as every scheduled re-clustering after the first does;
-no training in between, so the vectors moved only by the first re-clustering). ``--label``
+``--warm``: each cell re-clusters its table twice and times the second one with k-means
+started from the first one's centroids (``clustering.recluster.WARM_START``, off by default:
+see benchmarks/README.md; no training in between, so the vectors moved only by the first
+re-clustering). ``--label``
 appends to the cell keys, so a code version's cells sit apart from earlier results.
 
 Every cell records wall and process-CPU seconds, the phases (``phases_seconds``: sampling and
@@ -52,6 +53,7 @@ from torchrec import EmbeddingBagConfig  # noqa: E402
 from torchrec_cce import CCEConfig, CCEEmbeddingBagCollection, plan_compression  # noqa: E402
 from torchrec_cce.clustering import kmeans as kmeans_module  # noqa: E402
 from torchrec_cce.clustering import native  # noqa: E402
+from torchrec_cce.clustering import recluster as recluster_module  # noqa: E402
 from torchrec_cce.clustering.recluster import ReclusterState, recluster_table  # noqa: E402
 from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES  # noqa: E402
 
@@ -98,10 +100,12 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str,
     kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED if grouped_ties else _exact_all
     load = os.getloadavg()[0]
     start, cpu = time.perf_counter(), time.process_time()
+    recluster_module.WARM_START = warm
     try:
         _, _, stats = recluster_table(
             ReclusterState(m, wa, wb, m.assignment, 0, (0, m.assigned_ids)), None, iters)
     finally:
+        recluster_module.WARM_START = False
         kmeans_module.AUTO_KMEANSPP_MAX_K = before
         kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED
     seconds = time.perf_counter() - start

@@ -397,12 +397,15 @@ def test_result_does_not_depend_on_id_batch_and_repeats_cleanly():
 
 
 def test_second_recluster_warm_starts_from_the_codebook(monkeypatch):
-    """The first re-clustering seeds k-means (p came from the hash); every later one starts
-    Lloyd from the table's current A_i (the previous centroids, trained on since): k-means gets
-    exactly those rows as its initial centroids, and the end inertia is at most the inertia
-    of A_i itself (Lloyd never increases it). Given vectors (warm start from a trained full
-    table) never start from A."""
+    """By default every re-clustering seeds k-means. With ``WARM_START`` the first still seeds
+    (p came from the hash) and every later one starts Lloyd from the table's current A_i:
+    k-means gets exactly those rows as its initial centroids, and the end inertia is at most
+    the inertia of A_i itself (Lloyd never increases it). Given vectors (warm start from a
+    trained full table) never start from A."""
     from torchrec_cce.clustering import recluster as recluster_module
+
+    assert recluster_module.WARM_START is False
+    monkeypatch.setattr(recluster_module, "WARM_START", True)
 
     spec = [("t", 400, 8, CCEConfig(rows=16, chunks=2, seed=4))]
     ebc = build(spec)
