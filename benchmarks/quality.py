@@ -431,17 +431,25 @@ def run_cell(dataset: str, method: str, fraction: Optional[int], budget_bytes: O
     name = cell_name(dataset, method, fraction, seed)
     path = os.path.join(args.workdir, "cells", f"{name}.json")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        train_args = cell_args(dataset, method, budget_bytes, seed, data_args, args)
-        error = _train([*train_args, "--metrics-json", path + ".partial"], args.nproc)
-        if error is None:
-            os.replace(path + ".partial", path)
-        else:  # a config that cannot fit is a result too: record it, do not retry
-            with open(path, "w") as f:
-                json.dump({"error": error}, f)
+        train_into(path, cell_args(dataset, method, budget_bytes, seed, data_args, args),
+                   args.nproc)
     with open(path) as f:
         metrics = json.load(f)
     return to_row(dataset, method, fraction, budget_bytes, seed, metrics)
+
+
+def train_into(path: str, train_args: List[str], nproc: int = 1,
+               error_extra: Optional[Dict] = None) -> None:
+    """Run train.py with ``train_args``, its metrics JSON written to ``path`` once it finishes
+    (``path.partial`` until then). A failed run is recorded as ``{"error": <why>}`` (plus
+    ``error_extra``): a config that cannot fit is a result too, not retried."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    error = _train([*train_args, "--metrics-json", path + ".partial"], nproc)
+    if error is None:
+        os.replace(path + ".partial", path)
+    else:
+        with open(path, "w") as f:
+            json.dump({"error": error, **(error_extra or {})}, f)
 
 
 def print_jobs(dataset: str, args: argparse.Namespace) -> None:

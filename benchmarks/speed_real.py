@@ -58,16 +58,9 @@ def run_cell(dataset: str, method: str, fraction: Optional[int], rnd: int,
     name = f"{dataset}__{method}__{'full' if fraction is None else f'1-{fraction}'}__r{rnd}"
     path = os.path.join(workdir, "cells", name + ".json")
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         budget = None if fraction is None else full_bytes // fraction
-        train_args = quality.cell_args(dataset, method, budget, 0, data_args, q,
-                                       full_recipe=False)
-        error = quality._train([*train_args, "--metrics-json", path + ".partial"], 1)
-        if error is None:
-            os.replace(path + ".partial", path)
-        else:
-            with open(path, "w") as f:
-                json.dump({"error": error}, f)
+        quality.train_into(path, quality.cell_args(dataset, method, budget, 0, data_args, q,
+                                                   full_recipe=False))
     with open(path) as f:
         return json.load(f)
 

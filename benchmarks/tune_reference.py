@@ -115,13 +115,7 @@ def run_cell(dataset: str, row: str, fraction: Optional[int], budget_bytes: Opti
     if not os.path.exists(path):
         if not train:
             return None
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        error = quality._train([*args, "--metrics-json", path + ".partial"], 1)
-        if error is None:
-            os.replace(path + ".partial", path)
-        else:
-            with open(path, "w") as f:
-                json.dump({"error": error, "train_args": args}, f)
+        quality.train_into(path, args, error_extra={"train_args": args})
     with open(path) as f:
         m = json.load(f)
     out = {k: "" for k in CSV_FIELDS}
@@ -194,13 +188,8 @@ def probe_rows(dataset: str, pick: Optional[str], qargs: argparse.Namespace, wor
             if not train and not os.path.exists(path):
                 continue
             if train and not os.path.exists(path):
-                args = train_args(dataset, "full", None, pick, s, data_args, qargs)
-                error = quality._train([*args, "--metrics-json", path + ".partial"], 1)
-                if error is None:
-                    os.replace(path + ".partial", path)
-                else:
-                    with open(path, "w") as f:
-                        json.dump({"error": error}, f)
+                quality.train_into(path, train_args(dataset, "full", None, pick, s, data_args,
+                                                    qargs))
             out.append(run_cell(dataset, f"full_min{k}", None, None, pick, s, [], qargs,
                                 workdir, train=False))
     return [r for r in out if r]

@@ -104,6 +104,16 @@ class PerIdState:
         return self.bytes_of(self.num_ids)
 
 
+def check_id_range(table: str, ids: torch.Tensor, num_ids: int, fix: str) -> None:
+    """Raise a ``ValueError`` naming ``table``, the first id outside ``[0, num_ids)`` and
+    ``fix`` (what to do about it), if ``ids`` has one (no-op on the meta device)."""
+    if ids.numel() and not ids.is_meta:
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_ids:
+            raise ValueError(f"table '{table}': id {lo if lo < 0 else hi} is outside "
+                             f"[0, {num_ids}); {fix}")
+
+
 def codebook_table_name(table: str, suffix: str) -> str:
     return f"{table}__{suffix}" if suffix else table
 

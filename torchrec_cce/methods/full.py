@@ -5,7 +5,7 @@ from typing import List
 import torch
 from torchrec import EmbeddingBagConfig
 
-from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec
+from torchrec_cce.methods.base import Codebook, CompressedTable, StreamSpec, check_id_range
 
 
 class FullTable(CompressedTable):
@@ -19,14 +19,9 @@ class FullTable(CompressedTable):
         self.codebooks = [Codebook("", table.num_embeddings, table.embedding_dim, [""])]
 
     def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        if ids.numel() and not ids.is_meta:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise ValueError(
-                    f"table '{self.table_name}': id {lo if lo < 0 else hi} is outside "
-                    f"[0, {self.num_embeddings}); take ids modulo num_embeddings upstream or "
-                    f"compress the table with a hashing-based method"
-                )
+        check_id_range(self.table_name, ids, self.num_embeddings,
+                       "take ids modulo num_embeddings upstream or compress the table with a "
+                       "hashing-based method")
         return [ids]
 
     def stream_specs(self) -> List[StreamSpec]:

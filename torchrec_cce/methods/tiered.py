@@ -21,7 +21,7 @@ from torchrec import EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from torchrec_cce.configs import TieredConfig, codebook_data_type
-from torchrec_cce.methods.base import Codebook, CompressedTable, PerIdState
+from torchrec_cce.methods.base import Codebook, CompressedTable, PerIdState, check_id_range
 
 Bags = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # ids, lengths, weights
 
@@ -53,15 +53,10 @@ class TieredTable(CompressedTable):
         return self.cold.method_name
 
     def check_ids(self, ids: torch.Tensor) -> None:
-        if ids.numel() and not ids.is_meta:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise ValueError(
-                    f"table '{self.table_name}': id {lo if lo < 0 else hi} is outside "
-                    f"[0, {self.num_embeddings}); a tiered table (TieredConfig) reads ids "
-                    f"[0, {self.hot_ids}) from its hot rows and needs vocabulary ids: map raw "
-                    f"values to ids upstream (torchrec_cce.data.preprocess)"
-                )
+        check_id_range(self.table_name, ids, self.num_embeddings,
+                       f"a tiered table (TieredConfig) reads ids [0, {self.hot_ids}) from its "
+                       f"hot rows and needs vocabulary ids: map raw values to ids upstream "
+                       f"(torchrec_cce.data.preprocess)")
 
     def split(self, ids: torch.Tensor, lengths: torch.Tensor,
               weights: Optional[torch.Tensor] = None) -> Tuple[Bags, Bags]:

@@ -75,7 +75,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor
 from torchrec_cce.configs import MPEConfig
 from torchrec_cce.hashing import derive_seed
 from torchrec_cce.optim import reset_optimizer_state
-from torchrec_cce.methods.base import CompressedTable, PerIdState
+from torchrec_cce.methods.base import CompressedTable, PerIdState, check_id_range
 from torchrec_cce.methods.mpe.quantizer import (
     code_range,
     effective_step,
@@ -328,13 +328,9 @@ class MPETable(CompressedTable):
 
     # ---- lookup ----
     def _check_ids(self, ids: torch.Tensor) -> None:
-        if ids.numel() and not ids.is_meta:
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= self.num_embeddings:
-                raise ValueError(
-                    f"table '{self.table_name}': id {lo if lo < 0 else hi} is outside "
-                    f"[0, {self.num_embeddings}); MPE tables need ids in range (map raw values "
-                    f"to vocabulary ids upstream, e.g. torchrec_cce.data.preprocess)")
+        check_id_range(self.table_name, ids, self.num_embeddings,
+                       "MPE tables need ids in range (map raw values to vocabulary ids "
+                       "upstream, e.g. torchrec_cce.data.preprocess)")
 
     def _local_rows(self, ids: torch.Tensor) -> torch.Tensor:
         if self.sharded:
