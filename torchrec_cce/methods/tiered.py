@@ -135,20 +135,13 @@ class TieredTable(CompressedTable):
         if reset is not None:
             reset()
 
-    def state_bytes(self) -> int:
-        return self.cold.state_bytes()
-
-    def logical_state_bytes(self) -> int:
-        return self.cold.logical_state_bytes()
-
+    # state_bytes / logical_state_bytes / per_id_bytes: the base class derives them from
+    # per_id_state() (the cold part's, reached by dotted name) and this:
     def replicated_state_bytes(self) -> int:
         return self.cold.replicated_state_bytes()
 
     def assignment_bytes(self) -> int:
         return self.cold.assignment_bytes()
-
-    def per_id_bytes(self) -> int:
-        return self.cold.per_id_bytes()
 
     def extra_parameters(self) -> int:
         return self.cold.extra_parameters()
