@@ -48,6 +48,7 @@ import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -183,16 +184,20 @@ def _status(pid: int) -> Dict[str, Any]:
 def run(cmd: Sequence[str], log_path: str, env: Optional[Dict[str, str]] = None,
         timeout: float = 3 * 3600) -> Dict[str, Any]:
     """Run ``cmd`` from the repo root, polling the peak RSS (``VmHWM``) of it and every
-    descendant twice a second. Returns exit code, wall seconds and ``{pid: status}``."""
+    descendant twice a second, and the machine's 1-minute load average (median and max: a
+    2-rank run alone is ~2 on this 2-core machine; more means other work shared the cores).
+    Returns exit code, wall seconds, ``{pid: status}`` and ``loadavg_1min``."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         seen: Dict[int, Dict[str, Any]] = {}
+        load: List[float] = []  # the machine's 1-minute load average, sampled with the RSS
         done = threading.Event()
 
         def poll() -> None:
             while not done.is_set():
+                load.append(os.getloadavg()[0])
                 stack = [proc.pid]
                 while stack:
                     pid = stack.pop()
@@ -212,7 +217,9 @@ def run(cmd: Sequence[str], log_path: str, env: Optional[Dict[str, str]] = None,
             code = proc.wait()
         done.set()
         t.join()
-    return {"returncode": code, "seconds": time.perf_counter() - start, "processes": seen}
+    return {"returncode": code, "seconds": time.perf_counter() - start, "processes": seen,
+            "loadavg_1min": {"median": round(statistics.median(load), 2) if load else None,
+                             "max": round(max(load), 2) if load else None}}
 
 
 def _tail(path: str, n: int = 3000) -> str:
@@ -238,7 +245,8 @@ def preprocess(tsv: str, out: str, rows: Optional[int], log: str) -> Dict[str, A
             "peak_rss": max(p["peak_rss"] for p in r["processes"].values()),
             "splits": {s: v["rows"] for s, v in meta["splits"].items()},
             "vocab_sizes": [f["vocab_size"] for f in meta["features"]], "out": out,
-            "seconds_note": "wall, imports of torch/torchrec (~20 s here) included"}
+            "seconds_note": "wall, imports of torch/torchrec (~20 s here) included",
+            "loadavg_1min": r["loadavg_1min"]}
 
 
 # ---------------------------------------------------------------------------- phase 3: train
@@ -319,6 +327,7 @@ def train_cell(method: str, data_dir: str, work: str, args: argparse.Namespace, 
                 n: {"method": t["method"], "rows": t["rows"]}
                 for n, t in m["embedding_plan"]["tables"].items()},
             "restart_count": m["restart_count"], "resumed_from_step": m["resumed_from_step"],
+            "loadavg_1min": r["loadavg_1min"],
             "metrics_json": metrics, "log": log}
     if checkpointing:
         steps = sorted((d for d in os.listdir(ckpt) if d.startswith("step_")),
@@ -375,7 +384,10 @@ def write_table(res: Dict[str, Any]) -> None:
              "ran. Peak RSS is per rank (VmHWM), max over ranks; predicted = the planner's "
              "embedding training bytes / world size (the tables only: the process baseline of "
              "torch + TorchRec is not in it; 'over planner_256' subtracts the peak RSS of the "
-             "1/256 cell, whose tables are tiny, as an estimate of that baseline).", ""]
+             "1/256 cell, whose tables are tiny, as an estimate of that baseline). 'vs full' "
+             "marked * compares with a full cell of another invocation (other load); 'load' is "
+             "the machine's 1-minute load average during the cell (median, max; the run alone "
+             "is ~2 on 2 cores).", ""]
     sizes = sorted({int(k.split("/")[0]) for k in res["cells"]})
     for rows in sizes:
         c = {k.split("/", 1)[1]: v for k, v in res["cells"].items() if k.startswith(f"{rows}/")}
@@ -406,10 +418,16 @@ def write_table(res: Dict[str, Any]) -> None:
             if "exactness" in t:
                 note.append(f"killed after step {t['fault_at']}, resumed from "
                             f"{t['resumed_from_step']}, exact={t['exactness']['exact']}")
-            ratio = t.get("ratio_to_full")
+            ratio, mark = t.get("ratio_to_full"), ""
+            # full ran in another invocation of this script (under other load): marked *
+            if ratio is None and "train/full" in c and m not in ("full", "cce_fault"):
+                ratio, mark = t["samples_per_s"] / c["train/full"]["samples_per_s"], "*"
+            load = t.get("loadavg_1min") or {}
+            if load.get("median") is not None:
+                note.append(f"load {load['median']:.1f} (max {load['max']:.1f})")
             lines.append(
                 f"| train | {m} | {t['seconds']:.1f} | {t['samples_per_s']:,.0f} | "
-                f"{'' if ratio is None else f'{ratio:.2f}x'} | {t['recluster_seconds']:.2f} | {rss:.0f} | "
+                f"{'' if ratio is None else f'{ratio:.2f}x{mark}'} | {t['recluster_seconds']:.2f} | {rss:.0f} | "
                 f"{'' if base is None else f'{rss - base:.0f}'} | "
                 f"{t['predicted_per_rank'] / mib:.2f} | {t['embedding_bytes'] / mib:.2f} "
                 f"({t['full_embedding_bytes'] / mib:.2f}) | {t['test_logloss']:.4f} | {'; '.join(note)} |")
