@@ -245,6 +245,10 @@ for _m, _a in (("hashing", ["--method", "hashing"]), ("ce", ["--method", "ce"]),
     ABLATIONS[f"alloc_prop_{_m}"] = _a + ["--planner-allocation", "proportional"]
 for _m in ("ce_fp16", "qr_mult_fp16", "cce_no_recluster"):
     ABLATIONS[f"alloc_value_{_m}"] = METHODS[_m] + ["--planner-allocation", "value"]
+# Lloyd iterations per re-clustering (the default is DEFAULT_KMEANS_ITERS): is a shorter
+# k-means, the lever for re-clustering time at Criteo size, worth its log loss?
+for _n in (1, 3, 10):
+    ABLATIONS[f"abl_kmeans_iters{_n}"] = METHODS["cce"] + ["--kmeans-iters", str(_n)]
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this
