@@ -3,7 +3,8 @@
 Public API::
 
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
-                              QRConfig, MEmComConfig, MPEConfig, TieredConfig, recluster,
+                              QRConfig, MEmComConfig, MPEConfig, TieredConfig,
+                              OnlineTieredConfig, recluster, migrate_hot,
                               memory_report,
                               plan_compression, compress_trained, export_for_inference,
                               load_unsharded)
@@ -18,12 +19,13 @@ from torchrec_cce.configs import (
     HashingTrickConfig,
     MEmComConfig,
     MPEConfig,
+    OnlineTieredConfig,
     QRConfig,
     TieredConfig,
     compression_for_budget,
     total_compression,
 )
-from torchrec_cce.api import memory_report, mpe_penalty, recluster
+from torchrec_cce.api import memory_report, migrate_hot, mpe_penalty, recluster
 from torchrec_cce.export import export_for_inference, load_unsharded
 from torchrec_cce.memory import summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
@@ -40,6 +42,7 @@ __all__ = [
     "MEmComConfig",
     "MPEConfig",
     "MPESchedule",
+    "OnlineTieredConfig",
     "QRConfig",
     "ReclusterSchedule",
     "compress_trained",
@@ -47,6 +50,7 @@ __all__ = [
     "export_for_inference",
     "load_unsharded",
     "memory_report",
+    "migrate_hot",
     "mpe_penalty",
     "plan_candidates",
     "plan_compression",

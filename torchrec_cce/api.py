@@ -2,6 +2,7 @@
 collections, unsharded or sharded, and call each one's own code.
 
 * :func:`recluster`: re-cluster every CCE table (collective under ``torch.distributed``);
+* :func:`migrate_hot`: move the online hot tiers to their sketches' hot sets (collective);
 * :func:`memory_report`: bytes of every table, counted from the stored tensors;
 * :func:`mpe_tables`, :func:`mpe_penalty`, :func:`mpe_summary`: MPE's per-model views.
 """
@@ -17,9 +18,11 @@ from torchrec_cce.clustering.recluster import (
     check_collection_codebooks,
     recluster_collection,
 )
+from torchrec_cce.distributed.hot_migration import migrate_sharded
 from torchrec_cce.distributed.planning import sharded_memory_report
 from torchrec_cce.distributed.recluster import check_sharded_codebooks, recluster_sharded
 from torchrec_cce.distributed.sharder import ShardedCCEEmbeddingBagCollection
+from torchrec_cce.hot_migration import migrate_collection
 from torchrec_cce.memory import collection_report
 from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
@@ -68,6 +71,26 @@ def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = ()
                                          collective=collective, optimizers=optimizers))
         else:
             out.update(recluster_collection(module, optimizers, iters, id_batch, collective))
+    return out
+
+
+@torch.no_grad()
+def migrate_hot(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
+                step: Optional[int] = None, collective: Optional[Collective] = None
+                ) -> Dict[str, Dict[str, int]]:
+    """Migrate every online hot tier (``OnlineTieredConfig``) in ``model`` due at ``step``
+    (a multiple of its ``migrate_every``; None: every one): the sketch summed over ranks, its
+    top ``hot_ids`` made the hot set, each newly hot id's row set to its current cold vector
+    and that row's optimizer state (in ``optimizers`` and in-backward optimizers) reset.
+    Collective under ``torch.distributed``: every rank calls it at the same step. Returns
+    ``{table: {"hot", "promoted", "demoted", "sketch_total", "optimizer_states_reset"}}``."""
+    collective = collective or default_collective()
+    out: Dict[str, Dict[str, int]] = {}
+    for _, module in iter_collections(model):
+        if isinstance(module, ShardedCCEEmbeddingBagCollection):
+            out.update(migrate_sharded(module, optimizers, collective, step))
+        else:
+            out.update(migrate_collection(module, optimizers, collective, step))
     return out
 
 

@@ -77,11 +77,13 @@ from torchrec_cce.configs import (
     HashingTrickConfig,
     MEmComConfig,
     MPEConfig,
+    OnlineTieredConfig,
     QRConfig,
     TieredConfig,
     cold_table,
 )
 from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
+from torchrec_cce.hot_sketch import HotSketch
 from torchrec_cce.methods import build_table, packed
 from torchrec_cce.methods.mpe import frequency_ranks
 from torchrec_cce.methods.mpe.export import row_bytes
@@ -152,9 +154,21 @@ def serving_config_bytes(table: EmbeddingBagConfig, config: Optional[Compression
         return (config.hot_ids * quantized_row_bytes(table.embedding_dim, serving_dtype)
                 + serving_config_bytes(cold_table(table, config.hot_ids),
                                        config.cold_config(table), serving_dtype))
+    if isinstance(config, OnlineTieredConfig):
+        return (config.hot_ids * quantized_row_bytes(table.embedding_dim, serving_dtype)
+                + online_state_bytes(table, config)
+                + serving_config_bytes(table, config.cold, serving_dtype))
     method = build_table(table, config, device=torch.device("meta"))
     return (sum(cb.num_embeddings * quantized_row_bytes(cb.embedding_dim, serving_dtype)
                 for cb in method.codebooks) + method.logical_state_bytes())
+
+
+def online_state_bytes(table: EmbeddingBagConfig, config: OnlineTieredConfig) -> int:
+    """Bytes an online hot tier adds besides its hot rows: the sketch and the hot map
+    (``HotSketch.stored_bytes`` + 16 bytes per hot id)."""
+    sketch = HotSketch(table.num_embeddings, width=config.sketch_width,
+                       depth=config.sketch_depth, device=torch.device("meta"))
+    return sketch.stored_bytes() + 2 * 8 * config.hot_ids
 
 
 def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
@@ -171,6 +185,10 @@ def config_bytes(table: EmbeddingBagConfig, config: Optional[CompressionConfig],
         hot = _dtype_bytes(config.hot_dtype) if config.hot_dtype is not None else elem
         return (config.hot_ids * table.embedding_dim * hot
                 + config_bytes(cold_table(table, config.hot_ids), config.cold_config(table)))
+    if isinstance(config, OnlineTieredConfig):  # hot rows, sketch and hot map + cold on V ids
+        hot = _dtype_bytes(config.hot_dtype) if config.hot_dtype is not None else elem
+        return (config.hot_ids * table.embedding_dim * hot + online_state_bytes(table, config)
+                + config_bytes(table, config.cold))
     dtype = getattr(config, "codebook_dtype", None)  # low-precision codebooks, if set
     if dtype is not None:
         elem = _dtype_bytes(dtype)

@@ -390,10 +390,11 @@ class TieredConfig:
                 f"{self.hot_ids!r}; for every id hot use FullConfig, for none the cold config "
                 f"alone"
             )
-        if isinstance(self.cold, TieredConfig) or not isinstance(self.cold, CONFIG_TYPES):
+        if isinstance(self.cold, (TieredConfig, OnlineTieredConfig)) or \
+                not isinstance(self.cold, CONFIG_TYPES):
             raise ValueError(
                 f"table '{table.name}': TieredConfig.cold must be one of "
-                f"{[c.__name__ for c in CONFIG_TYPES if c is not TieredConfig]}, got "
+                f"{[c.__name__ for c in CONFIG_TYPES if c not in _TIERED]}, got "
                 f"{self.cold!r}"
             )
         codebook_data_type(table, self.hot_dtype)
@@ -419,10 +420,69 @@ class TieredConfig:
             cold_table(table, self.hot_ids))
 
 
+@dataclass(frozen=True)
+class OnlineTieredConfig:
+    """A hot tier whose hot set is learned during training (CAFE, Zhang et al., SIGMOD 2024):
+    for raw streams whose ids are not frequency-ordered (no preprocessing counts).
+
+    A heavy-hitter sketch (:class:`~torchrec_cce.hot_sketch.HotSketch`, ``sketch_width`` x
+    ``sketch_depth`` counters per sketched level) counts every id of every training batch.
+    After every ``migrate_every`` training steps (the migration hook of
+    :func:`torchrec_cce.train.training_hooks`) the hot set becomes the sketch's top ``hot_ids``
+    ids: those read one exclusive row each of an ``hot_ids x dim`` table stored at
+    ``hot_dtype`` (None: the table's ``data_type``); a newly hot id's row starts as its current
+    cold vector (its optimizer state reset), an id no longer hot reads the cold method again.
+    Every other id goes through ``cold`` (hashing, CE, QR, CCE or MEmCom) over all ``V`` ids.
+    Before the first migration no id is hot. Ids outside ``[0, V)`` raise.
+
+    Parameters: ``hot_ids * dim`` plus ``cold``'s on ``V`` ids. Stored bytes add the sketch
+    (``HotSketch.stored_bytes``) and the hot map (sorted hot ids and their slots, int64).
+    """
+
+    hot_ids: int
+    cold: Any
+    hot_dtype: Optional[torch.dtype] = None
+    migrate_every: int = 1000
+    sketch_width: int = 16384
+    sketch_depth: int = 4
+    seed: int = 0
+
+    def validate(self, table: EmbeddingBagConfig) -> None:
+        if not isinstance(self.hot_ids, int) or isinstance(self.hot_ids, bool) or \
+                not 0 < self.hot_ids < table.num_embeddings:
+            raise ValueError(
+                f"table '{table.name}': OnlineTieredConfig.hot_ids must be an int in [1, "
+                f"{table.num_embeddings - 1}] (the table has {table.num_embeddings} ids), got "
+                f"{self.hot_ids!r}")
+        allowed = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig)
+        if not isinstance(self.cold, allowed):
+            raise ValueError(
+                f"table '{table.name}': OnlineTieredConfig.cold must be one of "
+                f"{[c.__name__ for c in allowed]}, got {self.cold!r} (MPE already spends its "
+                f"bytes by frequency; a full table has no cold ids)")
+        for what in ("migrate_every", "sketch_width", "sketch_depth"):
+            _require_positive(table, f"OnlineTieredConfig.{what}", getattr(self, what))
+        codebook_data_type(table, self.hot_dtype)
+        if isinstance(self.cold, MEmComConfig) and self.hot_dtype not in (None, torch.float32):
+            raise ValueError(
+                f"table '{table.name}': a MEmCom cold tier weights every lookup by fp32 per-id "
+                f"weights, so the hot rows must be float32 too; pass hot_dtype=None")
+        self.cold.validate(table)
+
+    def hot_parameters(self, table: EmbeddingBagConfig) -> int:
+        return self.hot_ids * table.embedding_dim
+
+    def num_parameters(self, table: EmbeddingBagConfig) -> int:
+        return self.hot_parameters(table) + self.cold.num_parameters(table)
+
+
 CompressionConfig = Union[CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig,
-                          MPEConfig, FullConfig, TieredConfig]
+                          MPEConfig, FullConfig, TieredConfig,
+                          OnlineTieredConfig]
 CONFIG_TYPES = (CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig,
-                FullConfig, TieredConfig)
+                FullConfig, TieredConfig, OnlineTieredConfig)
+
+_TIERED = (TieredConfig, OnlineTieredConfig)
 
 METHOD_NAMES = ("full", "hashing", "ce", "qr", "cce", "memcom", "mpe")
 

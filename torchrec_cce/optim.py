@@ -96,4 +96,31 @@ def reset_optimizer_state(params: Iterable[nn.Parameter],
     return n
 
 
-__all__ = ["RowWiseAdagrad", "reset_optimizer_state"]
+def reset_optimizer_rows(param: nn.Parameter, rows: torch.Tensor,
+                         optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
+    """Reset the optimizer state of rows ``rows`` of ``param`` only (rows given a new meaning:
+    a hot tier's migrated rows), in ``optimizers`` and ``param``'s in-backward optimizers:
+    every state tensor with one entry per row of ``param`` (Adagrad sums, row-wise sums
+    ``[rows, 1]``, Adam moments) gets those rows set back to their initial value (Adagrad's
+    ``initial_accumulator_value``, else 0). Step counters are shared by all rows and left as
+    they are. Returns the number of state tensors touched."""
+    n = 0
+    if rows.numel() == 0:
+        return 0
+    for opt in list(optimizers) + list(getattr(param, "_in_backward_optimizers", [])):
+        st = opt.state.get(param)
+        if not st:
+            continue
+        init = 0.0
+        for group in opt.param_groups:
+            if any(q is param for q in group["params"]):
+                init = float(group.get("initial_accumulator_value", 0.0))
+        for key, value in st.items():
+            if (isinstance(value, torch.Tensor) and value.dim() >= 1
+                    and value.shape[0] == param.shape[0] and key != "step"):
+                value[rows] = init if key == "sum" else 0.0
+                n += 1
+    return n
+
+
+__all__ = ["RowWiseAdagrad", "reset_optimizer_rows", "reset_optimizer_state"]

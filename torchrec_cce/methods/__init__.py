@@ -13,6 +13,7 @@ from torchrec_cce.configs import (
     HashingTrickConfig,
     MEmComConfig,
     MPEConfig,
+    OnlineTieredConfig,
     QRConfig,
     TieredConfig,
     codebook_data_type,
@@ -31,6 +32,7 @@ from torchrec_cce.methods.full import FullTable
 from torchrec_cce.methods.hashing_trick import HashingTrickTable
 from torchrec_cce.methods.memcom import MEmComTable
 from torchrec_cce.methods.mpe import MPETable
+from torchrec_cce.methods.online_tiered import OnlineTieredTable
 from torchrec_cce.methods.qr import QRTable
 from torchrec_cce.methods.tiered import TieredTable
 
@@ -61,6 +63,10 @@ def build_table(
                            device=device, store_assignment=store_assignment,
                            id_range=id_range)
         return TieredTable(table, config, cold)
+    if isinstance(config, OnlineTieredConfig):  # the cold method on all ids, behind hot rows
+        cold = build_table(table, config.cold, device=device,
+                           store_assignment=store_assignment, id_range=id_range)
+        return OnlineTieredTable(table, config, cold, device=device)
     if isinstance(config, CCEConfig):
         method: CompressedTable = CCETable(table, config, device=device,
                                            store_assignment=store_assignment,
@@ -81,7 +87,7 @@ def build_table(
         raise TypeError(
             f"table '{table.name}': unsupported compression config {type(config).__name__}; use "
             f"one of CCEConfig, CEConfig, HashingTrickConfig, QRConfig, MEmComConfig, MPEConfig, "
-            f"FullConfig, TieredConfig"
+            f"FullConfig, TieredConfig, OnlineTieredConfig"
         )
     method.codebook_data_type = codebook_data_type(table, getattr(config, "codebook_dtype", None))
     return method
@@ -97,6 +103,7 @@ __all__ = [
     "HashingTrickTable",
     "MEmComTable",
     "MPETable",
+    "OnlineTieredTable",
     "QRTable",
     "TieredTable",
     "build_table",
