@@ -29,7 +29,7 @@ from torchrec_cce.api import memory_report, migrate_hot, mpe_penalty, recluster
 from torchrec_cce.export import export_for_inference, load_unsharded
 from torchrec_cce.memory import summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
-from torchrec_cce.schedules import MPESchedule, ReclusterSchedule
+from torchrec_cce.schedules import MigrationSchedule, MPESchedule, ReclusterSchedule
 from torchrec_cce.warm_start import compress_trained
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "HashingTrickConfig",
     "MEmComConfig",
     "MPEConfig",
+    "MigrationSchedule",
     "MPESchedule",
     "OnlineTieredConfig",
     "QRConfig",

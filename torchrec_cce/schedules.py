@@ -1,6 +1,10 @@
 """Training-loop hooks that change a model's compressed state between steps (nothing is hidden
-inside ``forward``): :class:`ReclusterSchedule` (CCE re-clustering) and :class:`MPESchedule`
-(MPE's warm-up -> search -> select -> retrain). Every rank calls them at the same steps.
+inside ``forward``): :class:`ReclusterSchedule` (CCE re-clustering), :class:`MPESchedule`
+(MPE's warm-up -> search -> select -> retrain) and :class:`MigrationSchedule` (online hot
+tiers). Every rank calls them at the same steps.
+
+**Hot-tier migration.** An ``OnlineTieredConfig`` table migrates after every
+``migrate_every``-th global step (its sketch's hot set becomes the hot tier).
 
 **Re-clustering.** The paper re-clusters a few times early in training: after 1/4 and 1/2 of the
 first epoch for one-epoch runs, and once per epoch for the first epochs of multi-epoch runs.
@@ -32,7 +36,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from torchrec_cce.api import mpe_tables, recluster
+from torchrec_cce.api import migrate_hot, mpe_tables, recluster
+from torchrec_cce.methods import OnlineTieredTable
 from torchrec_cce.methods.mpe import WARMUP
 
 
@@ -132,3 +137,40 @@ class MPESchedule:
                     "mean_bits": float((widths * sizes).sum()) / float(sizes.sum()),
                 }
         return events
+
+
+@dataclass
+class MigrationSchedule:
+    """Migrate the online hot tiers of a model after every step that is a multiple of a
+    table's ``migrate_every`` (``OnlineTieredConfig``); ``every``: those periods.
+
+    Example::
+
+        schedule = MigrationSchedule.from_model(model)
+        for step, batch in enumerate(loader, start=1):
+            train_step(batch)
+            schedule.step(model, step, optimizers=[dense_opt])
+    """
+
+    every: List[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if any(e <= 0 for e in self.every):
+            raise ValueError(f"MigrationSchedule periods must be >= 1, got {self.every}")
+        self.every = sorted(set(int(e) for e in self.every))
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "MigrationSchedule":
+        """The ``migrate_every`` of every online tiered table in ``model``."""
+        return cls(every=[m.migrate_every for m in model.modules()
+                          if isinstance(m, OnlineTieredTable)])
+
+    def due(self, step: int) -> bool:
+        return any(step % e == 0 for e in self.every)
+
+    def step(self, model: nn.Module, step: int,
+             optimizers: Sequence[torch.optim.Optimizer] = ()) -> Optional[Dict[str, Dict]]:
+        """Call after optimizer step ``step``; migrates (collectively) the tables due."""
+        if not self.due(step):
+            return None
+        return migrate_hot(model, optimizers=optimizers, step=step)

@@ -5,7 +5,7 @@
   the train pipeline (``make_pipeline``);
 * :mod:`~torchrec_cce.train.optimizers`: sparse rule in backward for every embedding row,
   dense optimizer, warm-up reaching fbgemm's fused optimizers (``Optimizers``);
-* :mod:`~torchrec_cce.train.hooks`: re-clustering and MPE stages (``training_hooks``);
+* :mod:`~torchrec_cce.train.hooks`: re-clustering, MPE stages and hot-tier migration (``training_hooks``);
 * :mod:`~torchrec_cce.train.pooled`: gain, L2 and dropout on the pooled embeddings
   (``regularize_pooled``);
 * :mod:`~torchrec_cce.train.evaluation`: ``evaluate`` and the best-validation ``Protocol``;
@@ -20,6 +20,7 @@ from torchrec_cce.train.evaluation import Protocol, evaluate, evaluate_val_test
 from torchrec_cce.train.hooks import (
     Hooks,
     MPEDLRMTrain,
+    MigrationHook,
     MPEHook,
     ReclusterHook,
     TrainingHook,
@@ -38,6 +39,7 @@ from torchrec_cce.train.sharding import make_pipeline, shard
 __all__ = [
     "Hooks",
     "MPEDLRMTrain",
+    "MigrationHook",
     "MPEHook",
     "Optimizers",
     "PooledRegularizer",

@@ -1,5 +1,5 @@
-"""Training hooks: re-clustering (CCE) and MPE's warm-up / search / selection, behind one
-small interface, run between training steps.
+"""Training hooks: re-clustering (CCE), MPE's warm-up / search / selection and the migration of
+online hot tiers, behind one small interface, run between training steps.
 
     hooks = training_hooks(dmp, steps_per_epoch=len(loader), optimizers=[dense_opt])
     for step in range(1, steps + 1):
@@ -23,7 +23,8 @@ from torchrec.models.dlrm import DLRMTrain
 from torchrec_cce.api import mpe_penalty, mpe_summary, mpe_tables
 from torchrec_cce.methods.cce import CCETable
 from torchrec_cce.methods.mpe import WARMUP
-from torchrec_cce.schedules import MPESchedule, ReclusterSchedule
+from torchrec_cce.methods import OnlineTieredTable
+from torchrec_cce.schedules import MigrationSchedule, MPESchedule, ReclusterSchedule
 from torchrec_cce.pipeline import redo_pending_input_dist
 
 
@@ -100,6 +101,38 @@ class MPEHook:
         return record
 
 
+class MigrationHook:
+    """Migrates the online hot tiers (``OnlineTieredConfig``) on a :class:`MigrationSchedule`.
+
+    ``log``: ``{"step", "tables": per-table statistics}`` per migration. ``changes_remap``: the
+    hot map changed, so a batch already remapped must be remapped again."""
+
+    changes_remap = True
+
+    def __init__(self, schedule: MigrationSchedule) -> None:
+        self.schedule = schedule
+        self.log: List[Dict[str, Any]] = []
+        self.seconds = 0.0
+        self.last_message = ""
+
+    def due(self, step: int) -> bool:
+        return self.schedule.due(step)
+
+    def run(self, model: nn.Module, step: int,
+            optimizers: Sequence[torch.optim.Optimizer] = ()) -> Optional[Dict[str, Any]]:
+        t0 = time.perf_counter()
+        stats = self.schedule.step(model, step, optimizers=optimizers)
+        self.seconds += time.perf_counter() - t0
+        if not stats:
+            return None
+        record = {"step": step, "tables": stats}
+        self.log.append(record)
+        promoted = sum(s["promoted"] for s in stats.values())
+        self.last_message = (f"migrated hot tiers of {len(stats)} tables at step {step} "
+                             f"({promoted} ids promoted)")
+        return record
+
+
 class Hooks:
     """The hooks of one training run, bound to its model.
 
@@ -150,7 +183,8 @@ def training_hooks(model: nn.Module, steps_per_epoch: int,
                    optimizers: Sequence[torch.optim.Optimizer] = (),
                    pipeline: Any = None) -> Hooks:
     """The hooks ``model`` needs: re-clustering of its CCE tables at ``recluster_at``
-    (fractions of epoch 1) and the end of the first ``recluster_every_epoch`` epochs, and MPE's
+    (fractions of epoch 1) and the end of the first ``recluster_every_epoch`` epochs, migration
+    of its online hot tiers every ``migrate_every`` steps, and MPE's
     stages for its MPE tables (search for ``mpe_search_steps``, default one epoch, after
     ``mpe_warmup_steps``, default :func:`default_mpe_warmup`)."""
     steps_per_epoch = max(1, steps_per_epoch)
@@ -159,6 +193,8 @@ def training_hooks(model: nn.Module, steps_per_epoch: int,
         hooks.append(ReclusterHook(ReclusterSchedule.from_epochs(
             steps_per_epoch, list(recluster_at), every_epoch=recluster_every_epoch,
             iters=kmeans_iters)))
+    if any(isinstance(m, OnlineTieredTable) for m in model.modules()):
+        hooks.append(MigrationHook(MigrationSchedule.from_model(model)))
     if mpe_tables(model):
         warmup = (default_mpe_warmup(model, steps_per_epoch) if mpe_warmup_steps is None
                   else mpe_warmup_steps)
