@@ -34,7 +34,10 @@ from tqdm import tqdm
 
 from torchrec.models.dlrm import DLRM, DLRM_DCN, DLRMTrain
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, "..", ".."))  # the repo's torchrec_cce
+if HERE not in sys.path:  # flags.py beside this file, also when run via runpy or imported
+    sys.path.insert(0, HERE)
 
 from torchrec_cce import CCEEmbeddingBagCollection  # noqa: E402
 from torchrec_cce.checkpoint import guard_loss  # noqa: E402

@@ -1,7 +1,10 @@
 """Reader of a directory written by ``python -m torchrec_cce.data.preprocess``.
 
-A split is loaded into memory as numpy columns once; batches are gathered with vector ops
-(fancy indexing, and ``repeat``/``cumsum`` for multi-hot bags), never a per-row Python loop.
+A split's columns are decoded once into ``.npy`` files that every process memory-maps
+(:mod:`torchrec_cce.data.column_cache`: the rows sit once in the page cache, shared by the
+ranks; ``mmap=False`` or a read-only directory decodes them into private memory instead);
+batches are gathered with vector ops (fancy indexing, and ``repeat``/``cumsum`` for multi-hot
+bags), never a per-row Python loop.
 
 Batch order over ranks (``B`` = ``batch_size``, ``w`` = ``world_size``, ``N`` = rows):
 
@@ -29,6 +32,8 @@ import torch
 from torch.utils.data import IterableDataset
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from torchrec_cce.data.column_cache import SplitColumns, bag_names, split_columns
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -102,12 +107,15 @@ class PreprocessedDataset(IterableDataset):
     ``dense_features`` float32 ``[b, n_dense]`` (``n_dense`` may be 0), ``sparse_features`` a
     KJT with keys = feature names in meta order and int64 values (one id per sample for
     categorical features, a bag for multi-hot ones), ``labels`` float32 ``[b]``. See the
-    module docstring for the exact rank/batch semantics.
+    module docstring for the exact rank/batch semantics. ``mmap``: map the split's columns from
+    a cache of ``.npy`` files in ``cache_dir`` (default ``<data_dir>/mmap``, built on first use)
+    instead of decoding them into this process's memory.
     """
 
     def __init__(self, data_dir: str, split: str = "train", batch_size: int = 4096, rank: int = 0,
                  world_size: int = 1, shuffle: Optional[bool] = None, seed: int = 0,
-                 drop_last: Optional[bool] = None) -> None:
+                 drop_last: Optional[bool] = None, mmap: bool = True,
+                 cache_dir: Optional[str] = None) -> None:
         import pyarrow.parquet as pq
 
         if split not in SPLITS:
@@ -133,36 +141,54 @@ class PreprocessedDataset(IterableDataset):
             if c not in names:
                 raise ValueError(f"{data_dir}: column {c!r} missing from {split}.parquet; re-run the preprocessing")
 
-        def column(name):  # one column at a time: peak memory ~ the numpy arrays
+        def column(name):  # one column at a time: peak memory ~ one column
             return pq.read_table(path, columns=[name]).column(0).combine_chunks()
 
-        self.labels = column("label").to_numpy().astype(np.float32)
-        n = self.num_rows = len(self.labels)
-        expected = int(self.meta["splits"][split]["rows"])
-        if n != expected:
-            raise ValueError(f"{data_dir}: {split}.parquet has {n} rows, meta.json says "
-                             f"{expected}; re-run the preprocessing")
-        self.dense = np.empty((n, len(self.dense_names)), dtype=np.float32)
-        for j, c in enumerate(self.dense_names):
-            self.dense[:, j] = column(c).to_numpy()
         # ids are stored as int32 (vocabularies < 2**31) and widened to int64 per batch
         id_dtype = np.int32 if max(self.vocab_sizes, default=1) < (1 << 31) else np.int64
         single = [f for f, k in zip(self.feature_names, self.kinds) if k == "categorical"]
-        self.ids = np.empty((n, len(single)), dtype=id_dtype)
-        for j, c in enumerate(single):
-            self.ids[:, j] = column(c).to_numpy()
-        self._single_col = {f: j for j, f in enumerate(single)}
-        self.bags: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # name -> (offsets, values)
-        for f, k in zip(self.feature_names, self.kinds):
-            if k == "multi_hot":
+        multi = [f for f, k in zip(self.feature_names, self.kinds) if k == "multi_hot"]
+        expected = int(self.meta["splits"][split]["rows"])
+
+        def fill(allocate) -> SplitColumns:
+            label = column("label").to_numpy()
+            n = len(label)
+            if n != expected:
+                raise ValueError(f"{data_dir}: {split}.parquet has {n} rows, meta.json says "
+                                 f"{expected}; re-run the preprocessing")
+            labels = allocate("labels", (n,), np.float32)
+            labels[:] = label
+            dense = allocate("dense", (n, len(self.dense_names)), np.float32)
+            for j, c in enumerate(self.dense_names):
+                dense[:, j] = column(c).to_numpy()
+            ids = allocate("ids", (n, len(single)), id_dtype)
+            for j, c in enumerate(single):
+                ids[:, j] = column(c).to_numpy()
+                check(c, ids[:, j])
+            bags = {}
+            for i, f in enumerate(multi):
                 col = column(f)
                 offs = col.offsets.to_numpy().astype(np.int64)
-                vals = col.values.to_numpy().astype(id_dtype)
-                self.bags[f] = (offs - offs[0], vals[offs[0]: offs[-1]])
-        for f, v in zip(self.feature_names, self.vocab_sizes):
-            arr = self.ids[:, self._single_col[f]] if f in self._single_col else self.bags[f][1]
+                vals = col.values.to_numpy()[offs[0]: offs[-1]]
+                check(f, vals)
+                off_name, val_name = bag_names(i)
+                bags[f] = (allocate(off_name, offs.shape, np.int64),
+                           allocate(val_name, vals.shape, id_dtype))
+                bags[f][0][:] = offs - offs[0]
+                bags[f][1][:] = vals
+            return SplitColumns(labels, dense, ids, bags)
+
+        def check(feature: str, arr: np.ndarray) -> None:
+            v = self.vocab_sizes[self.feature_names.index(feature)]
             if arr.size and (arr.min() < 0 or arr.max() >= v):
-                raise ValueError(f"{data_dir}: ids of {f!r} outside [0, {v}); re-run the preprocessing")
+                raise ValueError(f"{data_dir}: ids of {feature!r} outside [0, {v}); re-run the "
+                                 "preprocessing")
+
+        cols = split_columns(data_dir, split, path, fill, multi, cache_dir, mapped=mmap)
+        self.labels, self.dense, self.ids, self.bags = cols.labels, cols.dense, cols.ids, cols.bags
+        self.mapped: bool = cols.mapped
+        n = self.num_rows = len(self.labels)
+        self._single_col = {f: j for j, f in enumerate(single)}
         if self.drop_last:
             self._num_batches = n // (batch_size * world_size)
             if self._num_batches == 0:
