@@ -3,7 +3,8 @@ each rank trains on its own batches; after ``migrate_hot`` every rank holds the 
 and hot rows of the unsharded module that saw both ranks' batches, and forward plus one
 in-backward SGD step equal that module's. Cold parts: CCE (p whole, or split by id range and
 fetched from its owners), QR-mult (MEAN), MEmCom (per-id weights split by id range) and hashing;
-codebooks table-wise or column-wise."""
+codebooks table-wise or column-wise. A checkpoint saved between migrations (each rank holding
+pending sketch counts of its own batches) resumes to the uninterrupted run's hot sets."""
 
 from typing import List
 
@@ -26,6 +27,7 @@ from dist_state import gathered_state
 from multiprocess import run_multiprocess
 from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConfig, MEmComConfig,
                           OnlineTieredConfig, QRConfig, memory_report, migrate_hot)
+from torchrec_cce.checkpoint import CheckpointManager
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
 from torchrec_cce.distributed.tensors import scatter_full
 
@@ -153,3 +155,50 @@ def test_sharded_migration_forward_and_step_equal_unsharded(kind: str) -> None:
             expected = p.detach() - LR * 0.5 * p.grad  # the mean of the two ranks' gradients
             err = (after[name].float() - expected).abs().max().item()
             assert err < 1e-5, f"rank {rank} {kind}: {name} update differs by {err}"
+
+
+# ---------------------------------------------------------------- checkpoint between migrations
+def _checkpoint_resume(rank: int, world: int, ckpt_dir: str):
+    ref = reference()
+
+    def fresh() -> DistributedModelParallel:
+        dmp = shard("tw", world)
+        for key, value in dmp.state_dict().items():
+            scatter_full(value, ref.state_dict()[key])
+        dmp.train()
+        return dmp
+
+    batches = [batch(2000 + 10 * rank + i) for i in range(4)]
+    manager = CheckpointManager(ckpt_dir, config={"test": "online tiers"}, batch_size=16)
+    saved = fresh()
+    for kjt in batches[:2]:  # pending counts of this rank's batches only
+        saved(kjt).wait()
+    manager.save(2, saved, None, {"epoch": 0, "step": 2, "step_in_epoch": 2})
+    resumed = shard("tw", world)
+    resumed.train()
+    assert manager.load(resumed) is not None
+    uninterrupted = fresh()
+    for kjt in batches[:2]:
+        uninterrupted(kjt).wait()
+    out = []
+    for dmp in (resumed, uninterrupted):
+        for kjt in batches[2:]:
+            dmp(kjt).wait()
+        migrate_hot(dmp)
+        tables = dmp.module.tables
+        out.append(({t: (tables[t].sketch.counts.clone(), tables[t].hot_sorted.clone())
+                     for t in COLD},
+                    {k: v for k, v in gathered_state(dmp).items() if "__hot." in k}))
+    return out
+
+
+def test_checkpoint_between_migrations_resumes_to_the_same_hot_sets(tmp_path) -> None:
+    results = run_multiprocess(_checkpoint_resume, 2, str(tmp_path), timeout=600)
+    for rank, ((r_sketch, r_hot), (u_sketch, u_hot)) in enumerate(results):
+        for t in COLD:
+            assert torch.equal(r_sketch[t][0], u_sketch[t][0]), (rank, t)
+            assert torch.equal(r_sketch[t][1], u_sketch[t][1]), (rank, t)
+            assert torch.equal(r_sketch[t][0], results[0][1][0][t][0])  # same on both ranks
+        for key in u_hot:
+            assert torch.equal(r_hot[key], u_hot[key]), (rank, key)
+

@@ -5,6 +5,8 @@ A checkpoint holds everything a run needs to continue exactly where it stopped:
 * the model's state dict (sharded codebooks, CCE assignments, also when split by id range,
   hash generations), written by DCP so that it reshards to another world size;
 * the optimizer's state dict (the fused sparse optimizer's and the dense one's);
+* online hot tiers' sketches, their pending per-rank counts summed over ranks first
+  (:func:`torchrec_cce.hot_migration.sync_sketches`), so the saved counts hold every rank's ids;
 * per-rank training state that is not in any state dict: the re-clustering reservoir of every
   CCE table (its ids, count and generator) and the RNG states (torch CPU, CUDA, ``random``,
   numpy) of every rank;
@@ -55,7 +57,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from torchrec_cce.clustering.kmeans import default_collective
 from torchrec_cce.distributed.tensors import local_pieces
+from torchrec_cce.hot_migration import sync_sketches
 from torchrec_cce.methods.cce import CCETable
 
 logger = logging.getLogger(__name__)
@@ -383,6 +387,9 @@ class CheckpointManager:
 
         Refuses (:class:`NonFiniteError`, nothing written) if the model holds NaN/inf."""
         check_finite(model, step, self.latest())
+        # Online hot tiers: every rank's pending sketch counts summed into the (replicated)
+        # counts first, so the one copy DCP writes holds all ranks' ids.
+        sync_sketches(model, default_collective())
         final = os.path.join(self.directory, f"{CHECKPOINT_PREFIX}{step}")
         tmp = os.path.join(self.directory, f"{TMP_PREFIX}{step}")
         t0 = time.perf_counter()

@@ -23,6 +23,19 @@ def online_tables(collection: nn.Module, step: Optional[int] = None
 
 
 @torch.no_grad()
+def sync_sketches(model: nn.Module, collective: Any = None) -> int:
+    """Sum every online tier's pending sketch counts over ranks into its counts (collective;
+    None: this process only), so that every rank's sketch state is the same: a checkpoint then
+    saves (and a resume on any world size loads) the counts of all ranks' batches. The hot set
+    is recomputed only at a migration, from counts + pending, so an earlier sum changes
+    nothing. Returns the number of sketches synced."""
+    sketches = [m.sketch for m in model.modules() if isinstance(m, OnlineTieredTable)]
+    for sketch in sketches:
+        sketch.sync(collective)
+    return len(sketches)
+
+
+@torch.no_grad()
 def migrate_collection(collection: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
                        collective: Any = None, step: Optional[int] = None
                        ) -> Dict[str, Dict[str, int]]:
