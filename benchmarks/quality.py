@@ -529,20 +529,25 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
 
 
 def _plan_label(plan: Dict) -> str:
-    """The methods of a plan's compressed tables, e.g. ``cce+ce``, or ``full``."""
+    """The methods of a plan's compressed tables, e.g. ``cce+ce``, or ``full``; ``hot:`` in
+    front of the plan's label when any table has a hot tier (the methods are the cold parts')."""
     methods = [t["method"] for t in plan["tables"].values() if t["method"] != "full"]
-    return "+".join(dict.fromkeys(sorted(methods, key=methods.index))) or "full"
+    label = "+".join(dict.fromkeys(sorted(methods, key=methods.index))) or "full"
+    return ("hot:" if any(t.get("hot_ids") for t in plan["tables"].values()) else "") + label
 
 
 def _config_summary(m: Dict) -> Dict:
-    """Per compressed table: method, rows, chunks, assigned ids, precision (from the plan), plus
-    the CCE schedule/init in effect."""
+    """Per compressed table: method, rows, chunks, assigned ids, precision (from the plan; of
+    the cold part for a tiered table, with its hot ids and their mass share), plus the CCE
+    schedule/init in effect."""
     plan = (m.get("embedding_plan") or {}).get("tables", {})
-    out: Dict = {n: {k: v for k, v in t.items() if k in ("method", "rows", "chunks",
-                                                         "assigned_ids", "precision")
-                     and v is not None}
-                 for n, t in plan.items()
-                 if t.get("method") != "full" or t.get("precision") == "fp16"}
+    keys = ("method", "rows", "chunks", "assigned_ids", "precision", "hot_ids")
+    out: Dict = {}
+    for n, t in plan.items():
+        if t.get("method") != "full" or t.get("precision") == "fp16":
+            out[n] = {k: t[k] for k in keys if t.get(k) is not None}
+            if t.get("hot_ids"):
+                out[n]["hot_mass"] = round(t["hot_mass"], 3)
     if m.get("cce_settings"):
         out["cce"] = {k: v for k, v in m["cce_settings"].items() if k != "recluster_steps"}
     return out

@@ -1,0 +1,168 @@
+"""Issue 23's targets checked on the quality grid's CSVs (``benchmarks/quality.py``).
+
+    .venv/bin/python benchmarks/quality_targets.py --datasets frappe,movielens --budgets 16,64,256
+
+Per dataset and budget: the best row, the validation planner's row (``planner_val``) with the
+candidate plan each seed chose (``hot:`` marks a plan with hot tiers), the best non-tiered
+single-method row, the full reference, and CCE's standing (its best row, tiered or not: rank
+among the rows trained within the budget, gap to the best, the hot ids and their share of the
+table's occurrences where tiered). Then each target, met or missed:
+
+* planner: ``planner_val`` no worse than the best non-tiered single method beyond noise (the
+  larger seed std of the two rows, as in the summary's verdicts);
+* gap: where that method trails the full table by more than 0.005 log loss, ``planner_val``
+  closes at least a third of the gap;
+* full: the full table is the best row or within one std of it (the larger std of the two).
+
+Test log loss, means over seeds. Written to ``<results>/quality_targets.md``.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Dict, List, Optional, Tuple
+
+from quality import (METHODS, PLANNER_ROWS, RESULTS, ROW_ALIASES, SERVING_ROWS, mean_by)
+
+GAP_FLOOR = 0.005      # the gap to the full table below which the planner need close nothing
+GAP_SHARE = 1 / 3      # the share of a larger gap the planner must close
+TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a)
+PLANNER = "planner_val"
+
+
+def read_rows(path: str) -> List[Dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def chosen_plans(rows: List[Dict], method: str, fraction: str) -> List[str]:
+    """The candidate each seed of ``method`` at ``fraction`` chose (its CSV note marks it
+    ``*``), as ``<label> (s<seed>)``."""
+    out = []
+    for r in sorted(rows, key=lambda r: int(r["seed"])):
+        if r["method"] != method or r["budget_fraction"] != fraction or r["status"] != "ok":
+            continue
+        picks = [c.rsplit(" ", 2)[0] for c in r.get("note", "").split(": ", 1)[-1].split(", ")
+                 if c.endswith(" *")]
+        out.append(f"{picks[0] if picks else '?'} (s{r['seed']})")
+    return out
+
+
+def hot_tables(rows: List[Dict], method: str, fraction: str) -> str:
+    """``table hot ids (hot mass)`` of each tiered table of seed 0's cell (from the CSV's
+    config: the plan is the same for every seed)."""
+    for r in sorted(rows, key=lambda r: int(r["seed"])):
+        if r["method"] == method and r["budget_fraction"] == fraction and r["status"] == "ok":
+            config = json.loads(r["config"] or "{}")
+            return ", ".join(f"{n.removeprefix('t_')} {t['hot_ids']} ({t['hot_mass']:.2f})"
+                             for n, t in config.items() if isinstance(t, dict)
+                             and t.get("hot_ids"))
+    return ""
+
+
+def _spread(ll: Dict, a: Tuple[str, str], b: Tuple[str, str]) -> float:
+    return max(ll[a][3], ll[b][3])
+
+
+def check(rows: List[Dict], fraction: str) -> Optional[Dict]:
+    """The figures and verdicts of one budget (None when the full row or the budget's rows
+    are missing)."""
+    ll = mean_by(rows, "test_logloss")
+    full = ("full", "")
+    trained = sorted(m for m, f in ll if f == fraction and m not in SERVING_ROWS
+                     and m not in ROW_ALIASES)
+    singles = [m for m in trained if m not in PLANNER_ROWS and m not in TIERED_ROWS]
+    if full not in ll or not singles:
+        return None
+    rank = sorted(trained, key=lambda m: (ll[(m, fraction)][0], m))
+    best, single = rank[0], min(singles, key=lambda m: (ll[(m, fraction)][0], m))
+    out = {"fraction": fraction, "ll": ll, "rank": rank, "best": best, "single": single}
+    if (PLANNER, fraction) in ll:
+        p, s = ll[(PLANNER, fraction)][0], ll[(single, fraction)][0]
+        noise = _spread(ll, (PLANNER, fraction), (single, fraction))
+        out["planner_ok"] = p - s <= noise
+        out["planner_txt"] = (f"{p - s:+.4f} vs {single} (noise {noise:.4f})")
+        gap = s - ll[full][0]
+        if gap > GAP_FLOOR:
+            closed = (s - p) / gap
+            out["gap_ok"] = closed >= GAP_SHARE
+            out["gap_txt"] = f"gap {gap:.4f}, closed {closed:.0%}"
+        else:
+            out["gap_txt"] = f"gap {gap:+.4f} <= {GAP_FLOOR} (n/a)"
+    b = ll[(best, fraction)][0]
+    out["full_ok"] = ll[full][0] - b <= _spread(ll, full, (best, fraction))
+    out["full_txt"] = f"full {ll[full][0] - b:+.4f} vs {best}"
+    cce = [m for m in rank if m.startswith("cce") and m not in ROW_ALIASES]
+    if cce:
+        c = cce[0]
+        out["cce"] = (f"{c} #{rank.index(c) + 1}/{len(rank)}, "
+                      f"{ll[(c, fraction)][0] - b:+.4f} vs best")
+    return out
+
+
+def _cell(ll: Dict, m: str, f: str) -> str:
+    mean, _, n, std = ll[(m, f)]
+    return f"{m} {mean:.4f}" + (f" ±{std:.4f}" if n > 1 else " (1 seed)")
+
+
+def _verdict(ok: Optional[bool], txt: str) -> str:
+    return txt if ok is None else f"{'met' if ok else '**missed**'}: {txt}"
+
+
+def report(dataset: str, rows: List[Dict], fractions: List[str]) -> str:
+    ll = mean_by(rows, "test_logloss")
+    if ("full", "") not in ll:
+        return f"### {dataset}\n\n(no full-table result)\n"
+    out = [f"### {dataset}", "", f"Full reference (tuned recipe): {_cell(ll, 'full', '')}.", "",
+           "| budget | best row | planner_val (choice per seed) | best non-tiered single | "
+           "CCE standing | hot tier of cce_hot (ids, share of occurrences) |",
+           "|---|---|---|---|---|---|"]
+    checks = [c for c in (check(rows, f) for f in fractions) if c]
+    for c in checks:
+        f = c["fraction"]
+        planner = (f"{_cell(ll, PLANNER, f)}: " + ", ".join(chosen_plans(rows, PLANNER, f))
+                   if (PLANNER, f) in ll else "")
+        out.append(f"| {f} | **{_cell(ll, c['best'], f)}** | {planner} | "
+                   f"{_cell(ll, c['single'], f)} | {c.get('cce', '')} | "
+                   f"{hot_tables(rows, 'cce_hot', f)} |")
+    out += ["", "| budget | planner no worse than the best non-tiered method | planner closes "
+            ">= 1/3 of the gap to full | full best or within 1 std |", "|---|---|---|---|"]
+    for c in checks:
+        out.append(f"| {c['fraction']} | {_verdict(c.get('planner_ok'), c.get('planner_txt', ''))}"
+                   f" | {_verdict(c.get('gap_ok'), c.get('gap_txt', ''))} | "
+                   f"{_verdict(c['full_ok'], c['full_txt'])} |")
+    tiers = [(m, m.removesuffix("_hot")) for m in TIERED_ROWS]
+    out += ["", "The hot tier's effect (tiered row minus the same method without it):", "",
+            "| budget | " + " | ".join(m for m, _ in tiers) + " |", "|---|" + "---|" * len(tiers)]
+    for c in checks:
+        f = c["fraction"]
+        cells = [f"{ll[(t, f)][0] - ll[(b, f)][0]:+.4f}" if (t, f) in ll and (b, f) in ll
+                 else "" for t, b in tiers]
+        out.append(f"| {f} | " + " | ".join(cells) + " |")
+    return "\n".join(out + [""])
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", default="frappe,movielens")
+    p.add_argument("--budgets", default="16,64,256")
+    p.add_argument("--results", default=RESULTS)
+    args = p.parse_args(argv)
+    fractions = [f"1/{b}" for b in args.budgets.split(",")]
+    texts = []
+    for dataset in args.datasets.split(","):
+        path = os.path.join(args.results, f"quality_{dataset}.csv")
+        if not os.path.exists(path):
+            raise SystemExit(f"dataset '{dataset}': {path} is missing (run benchmarks/quality.py "
+                             f"--datasets {dataset} first)")
+        texts.append(report(dataset, read_rows(path), fractions))
+    with open(os.path.join(args.results, "quality_targets.md"), "w") as f:
+        f.write("\n".join(texts))
+    print("\n".join(texts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
