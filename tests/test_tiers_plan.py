@@ -8,9 +8,10 @@ import pytest
 import torch
 from torchrec import EmbeddingBagConfig
 
-from torchrec_cce import (CCEEmbeddingBagCollection, TieredConfig, memory_report, plan_candidates,
-                          plan_compression)
+from torchrec_cce import (CCEEmbeddingBagCollection, OnlineTieredConfig, TieredConfig,
+                          memory_report, plan_candidates, plan_compression)
 from torchrec_cce.budget import AUTO_HOT_SHARE, config_bytes, tier_plan
+from torchrec_cce.hot_sketch import HotSketch
 
 DIM = 16
 
@@ -80,3 +81,29 @@ def test_candidates_include_fitting_tiered_plans():
         for p in plans:
             assert p.total_bytes <= FULL / fraction
             assert report_bytes(ts, p) == {n: r.bytes for n, r in p.tables.items()}
+
+
+@pytest.mark.parametrize("method,fraction", [("cce", 8), ("qr", 16), ("hashing", 16),
+                                             ("memcom", 4)])
+def test_online_tiered_plans_fit_and_match_memory_report(method, fraction):
+    """hot_set="online": OnlineTieredConfig per compressed table at no more bytes, its sketch
+    in at most the sketch share of them and at least hot_ids counters wide, bytes exactly
+    memory_report's (sketch, hot map, hot rows, cold method over all ids)."""
+    ts = tables()
+    base = plan_compression(ts, FULL / fraction, methods=[method])
+    plan = tier_plan(base, ts, hot_set="online", migrate_every=50, sketch_share=0.25)
+    assert plan.total_bytes <= base.total_bytes
+    assert report_bytes(ts, plan) == {n: p.bytes for n, p in plan.tables.items()}
+    online = [n for n, p in plan.tables.items() if p.hot_ids]
+    assert "t3" in online
+    for n in online:
+        p, cfg = plan.tables[n], plan.tables[n].config
+        assert isinstance(cfg, OnlineTieredConfig) and cfg.migrate_every == 50
+        assert p.method == method + "+online_hot" and cfg.hot_ids == p.hot_ids
+        sketch = HotSketch(next(t for t in ts if t.name == n).num_embeddings,
+                           width=cfg.sketch_width, depth=cfg.sketch_depth)
+        assert cfg.sketch_width >= cfg.hot_ids
+        assert sketch.stored_bytes() <= 0.25 * base.tables[n].bytes
+        assert p.bytes <= base.tables[n].bytes
+    with pytest.raises(ValueError, match="hot_set must be 'prefix' or 'online'"):
+        tier_plan(base, ts, hot_set="sketch")

@@ -69,7 +69,30 @@ def test_cap_and_explicit_hot_ids(frappe):
         r["codebook_bytes"] for r in tiered.values())
 
 
+@pytest.mark.timeout(600)
+def test_online_hot_set(frappe):
+    """--hot-set online: the planner's OnlineTieredConfig (sketch + hot rows + the method over
+    every id in the table's bytes) is what memory_report measures, and the training hooks
+    migrate every --migrate-every steps with no call in train.py's loop."""
+    m = train(frappe, "--method", "hashing", "--embedding-budget-mb", "0.05", "--hot-ids",
+              "auto", "--hot-set", "online", "--migrate-every", "2")
+    check(m, 0.05)
+    plan = m["embedding_plan"]["tables"]
+    online = {n for n, r in plan.items() if r["method"] == "hashing+online_hot"}
+    assert "t_item" in online
+    for name, row in plan.items():
+        assert m["embedding_tables"][name]["compressed_bytes"] == row["bytes"], name
+        assert m["embedding_tables"][name]["method"] == row["method"], name
+    assert [r["step"] for r in m["migrations"]] == [2, 4, 6]
+    first = m["migrations"][0]["tables"]
+    assert set(first) == online
+    assert all(s["promoted"] == plan[n]["hot_ids"] for n, s in first.items())
+    # (fused row-wise Adagrad state of the promoted rows zeroed: one state tensor per table)
+    assert all(s["optimizer_states_reset"] >= 1 for s in first.values())
+
+
 def test_flag_errors():
     assert "--hot-ids takes 'auto' or an int >= 1" in cli_error("--hot-ids", "0")
     assert "the candidate plans already include tiered" in cli_error(
         "--embedding-budget-mb", "1", "--plan-select", "validation", "--hot-ids", "auto")
+    assert "--hot-set online needs --hot-ids" in cli_error("--hot-set", "online")

@@ -707,6 +707,50 @@ def _hot_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_i
     return tiered if config_bytes(t, tiered, serving_dtype) <= level else None
 
 
+SKETCH_DEPTH = 4
+MAX_SKETCH_WIDTH = 16384
+
+
+def sketch_width_for(table: EmbeddingBagConfig, byte_budget: int,
+                     depth: int = SKETCH_DEPTH) -> int:
+    """The largest power-of-two ``width`` (at most :data:`MAX_SKETCH_WIDTH`) whose
+    ``HotSketch(V, width, depth)`` stores at most ``byte_budget`` bytes; 0 if none does."""
+    width, best = 1, 0
+    while width <= MAX_SKETCH_WIDTH:
+        sketch = HotSketch(table.num_embeddings, width=width, depth=depth,
+                           device=torch.device("meta"))
+        if sketch.stored_bytes() > byte_budget:
+            break
+        best, width = width, 2 * width
+    return best
+
+
+def _online_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_ids: int,
+                chunks: int, assignment_share: float, serving_dtype: Optional[torch.dtype],
+                migrate_every: int, sketch_share: float) -> Optional[OnlineTieredConfig]:
+    """``OnlineTieredConfig(hot_ids, cold)`` of at most ``level`` bytes: a sketch in
+    ``sketch_share`` of them (at least ``hot_ids`` counters wide, else None), the hot rows and
+    map, and ``config``'s method over all ``V`` ids sized to the bytes left (None if it has no
+    config in them)."""
+    method = _METHOD_OF[type(config)]
+    width = sketch_width_for(t, int(sketch_share * level))
+    if width < hot_ids or method == "mpe":
+        return None
+    dtype = getattr(config, "codebook_dtype", None)
+    hot_dtype = None if method == "memcom" else dtype
+    hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
+               else t.embedding_dim * (_dtype_bytes(hot_dtype) if hot_dtype else _elem(t)))
+    probe = OnlineTieredConfig(hot_ids=hot_ids, cold=config, migrate_every=migrate_every,
+                               sketch_width=width, sketch_depth=SKETCH_DEPTH)
+    cold = _fit(method, t, level - hot_ids * hot_row - online_state_bytes(t, probe),
+                getattr(config, "chunks", _table_chunks(t, chunks)), assignment_share,
+                getattr(config, "operation", "mult"), dtype, None, serving_dtype)
+    if cold is None:
+        return None
+    online = dataclasses.replace(probe, cold=cold, hot_dtype=hot_dtype)
+    return online if config_bytes(t, online, serving_dtype) <= level else None
+
+
 def tier_compression(tables: Sequence[EmbeddingBagConfig],
                      compression: Mapping[str, CompressionConfig],
                      counts: Optional[Mapping[str, object]] = None,
@@ -728,8 +772,15 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
               counts: Optional[Mapping[str, object]] = None,
               hot_ids: Union[int, str] = "auto", hot_share: float = AUTO_HOT_SHARE,
               chunks: int = 4, assignment_share: float = 0.5, qr_operation: str = "mult",
-              serving_dtype: Optional[torch.dtype] = None) -> CompressionPlan:
+              serving_dtype: Optional[torch.dtype] = None, hot_set: str = "prefix",
+              migrate_every: int = 1000, sketch_share: float = 0.25) -> CompressionPlan:
     """``plan`` with a hot tier on every compressed table, at no more bytes per table.
+
+    ``hot_set="online"``: ``OnlineTieredConfig`` instead (ids not frequency-ordered; the hot
+    set learned by a sketch, migrated every ``migrate_every`` steps): the sketch takes
+    ``sketch_share`` of the table's bytes (its width, a power of two, at least ``H``), the hot
+    rows ``H`` rows as below, the method covers all ``V`` ids in the bytes left; MPE tables
+    keep their plan.
 
     A compressed table of ``b`` bytes becomes ``TieredConfig(H, cold)``: the ids ``[0, H)``
     (the most frequent ones in a frequency-ordered vocabulary) get exclusive rows at the
@@ -743,12 +794,18 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
         raise ValueError(f"hot_ids must be 'auto' or an int >= 1, got {hot_ids!r}")
     if not 0 < hot_share < 1:
         raise ValueError(f"hot_share must be in (0, 1), got {hot_share}")
+    if hot_set not in ("prefix", "online"):
+        raise ValueError(f"hot_set must be 'prefix' or 'online', got {hot_set!r}")
+    if hot_set == "online" and not 0 < hot_share + sketch_share < 1:
+        raise ValueError(f"hot_share + sketch_share must be in (0, 1), got {hot_share} + "
+                         f"{sketch_share}")
     curves = {t.name: _Curve(t, _table_counts(counts, t)) for t in tables}
     out = dict(plan.tables)
     for t in tables:
         p = plan.tables[t.name]
         cfg = p.config
-        if cfg is None or isinstance(cfg, (FullConfig, TieredConfig)) or t.num_embeddings < 2:
+        if cfg is None or isinstance(cfg, (FullConfig, TieredConfig, OnlineTieredConfig)) or \
+                t.num_embeddings < 2:
             continue
         row = t.embedding_dim * _elem(t)
         dtype = getattr(cfg, "codebook_dtype", None)
@@ -758,10 +815,21 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
         H = min(H, t.num_embeddings - 1)
         tiered = None
         while H >= 1 and tiered is None:
-            tiered = _hot_fit(t, cfg, p.bytes, H, _table_counts(counts, t), chunks,
-                              assignment_share, serving_dtype)
+            if hot_set == "online":
+                tiered = _online_fit(t, cfg, p.bytes, H, chunks, assignment_share,
+                                     serving_dtype, migrate_every, sketch_share)
+            else:
+                tiered = _hot_fit(t, cfg, p.bytes, H, _table_counts(counts, t), chunks,
+                                  assignment_share, serving_dtype)
             H = H if tiered is not None else H // 2
         if tiered is None:
+            continue
+        if isinstance(tiered, OnlineTieredConfig):
+            out[t.name] = dataclasses.replace(
+                p, method=_METHOD_OF[type(tiered.cold)] + "+online_hot",
+                bytes=config_bytes(t, tiered, serving_dtype), config=tiered, hot_ids=H,
+                **{"rows": None, "chunks": None, "assigned_ids": None, "precision": p.precision,
+                   **_config_fields(tiered.cold, t)})
             continue
         cold_t = cold_table(t, H)
         curve = curves[t.name]
@@ -782,7 +850,7 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
 
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",
               MEmComConfig: "memcom", MPEConfig: "mpe", FullConfig: "full",
-              TieredConfig: "tiered"}
+              TieredConfig: "tiered", OnlineTieredConfig: "online_tiered"}
 
 
 def _config_fields(config: Optional[CompressionConfig], table: EmbeddingBagConfig

@@ -103,7 +103,9 @@ def reset_optimizer_rows(param: nn.Parameter, rows: torch.Tensor,
     every state tensor with one entry per row of ``param`` (Adagrad sums, row-wise sums
     ``[rows, 1]``, Adam moments) gets those rows set back to their initial value (Adagrad's
     ``initial_accumulator_value``, else 0). Step counters are shared by all rows and left as
-    they are. Returns the number of state tensors touched."""
+    they are. Sharded state (``ShardedTensor``, a sharded module's fused optimizer) is left to
+    its module (:mod:`torchrec_cce.distributed.hot_migration`). Returns the number of state
+    tensors touched."""
     n = 0
     if rows.numel() == 0:
         return 0
@@ -116,8 +118,8 @@ def reset_optimizer_rows(param: nn.Parameter, rows: torch.Tensor,
             if any(q is param for q in group["params"]):
                 init = float(group.get("initial_accumulator_value", 0.0))
         for key, value in st.items():
-            if (isinstance(value, torch.Tensor) and value.dim() >= 1
-                    and value.shape[0] == param.shape[0] and key != "step"):
+            if (isinstance(value, torch.Tensor) and type(value).__name__ in ("Tensor", "Parameter")
+                    and value.dim() >= 1 and value.shape[0] == param.shape[0] and key != "step"):
                 value[rows] = init if key == "sum" else 0.0
                 n += 1
     return n

@@ -66,6 +66,13 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         "a hot tier on every compressed table (torchrec_cce.TieredConfig, docs/tiers.md): its "
         "N most frequent ids (an int, at most) or 'auto' (half of the table's bytes) get "
         "exclusive rows, the method takes the rest in the bytes left; any --method"))),
+    ("model", ("--hot-set",), dict(choices=["prefix", "online"], default="prefix", help=(
+        "with --hot-ids: 'prefix' takes the first ids of the frequency-ordered vocabulary as "
+        "hot; 'online' learns the hot set during training with a heavy-hitter sketch "
+        "(torchrec_cce.OnlineTieredConfig, for ids not ordered by frequency; the sketch takes "
+        "a quarter of the table's bytes, the method covers every id)"))),
+    ("model", ("--migrate-every",), dict(type=int, default=100, help=(
+        "--hot-set online: recompute the hot set every N training steps"))),
     ("model", ("--max-params-per-table",), dict(type=int, help=(
         "the paper's cap: tables with num_embeddings*dim above it are compressed to this many "
         "parameters (default: 1/16 of the largest table)"))),
@@ -208,6 +215,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             args.plan_select == "validation" and bool(args.checkpoint_dir),
         "--hot-ids with --plan-select validation: the candidate plans already include tiered "
         "ones; drop --hot-ids": args.hot_ids is not None and args.plan_select == "validation",
+        "--hot-set online needs --hot-ids (how many ids the hot tier holds, or 'auto')":
+            args.hot_set == "online" and args.hot_ids is None,
+        "--migrate-every must be >= 1, got {migrate_every}": args.migrate_every < 1,
         "--recluster-at only applies to --method cce": bool(args.recluster_at)
             and args.method != "cce",
         "--no-recluster contradicts --recluster-at/--recluster-every-epoch": args.no_recluster

@@ -43,8 +43,8 @@ from torchrec_cce import CCEEmbeddingBagCollection  # noqa: E402
 from torchrec_cce.checkpoint import guard_loss  # noqa: E402
 from torchrec_cce.data.sources import load_data, table_configs, table_counts  # noqa: E402
 from torchrec_cce.train import (  # noqa: E402
-    MPEDLRMTrain, MPEHook, Optimizers, Protocol, ReclusterHook, apply_sparse_optimizer,
-    default_warmup_steps, dense_optimizer, evaluate_val_test, in_step, init_distributed,
+    MigrationHook, MPEDLRMTrain, MPEHook, Optimizers, Protocol, ReclusterHook,
+    apply_sparse_optimizer, default_warmup_steps, dense_optimizer, evaluate_val_test, in_step, init_distributed,
     make_pipeline, regularize_pooled, shard, training_hooks)
 from torchrec_cce.train.checkpoint import (  # noqa: E402
     checkpoint_manager, inject_fault, load_checkpoint, save_checkpoint)
@@ -125,6 +125,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
                            mpe_warmup_steps=args.mpe_warmup_steps,
                            optimizers=[optim.dense])  # re-clustering (CCE tables), MPE's stages
     recluster, mpe = hooks.of_type(ReclusterHook), hooks.of_type(MPEHook)
+    migration = hooks.of_type(MigrationHook)  # online hot tiers (--hot-set online)
     protocol = Protocol(args.patience)
     checkpoints = checkpoint_manager(args, budget["max_params_per_table"], budget["tables"], say)
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0}
@@ -256,7 +257,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         plan=budget["plan"], plan_candidates=budget["plan_candidates"],
         serving_dtype=serving_dtype(args), losses=losses,
         reclusterings=recluster.log if recluster else [],
-        mpe=mpe.log if mpe else [],
+        mpe=mpe.log if mpe else [], migrations=migration.log if migration else [],
         colliding_features=[n for n, c in zip(collisions.names, collisions.reported) if c]
         if collisions is not None else [],
         bayes_logloss=data.bayes_logloss, resumed_from=resumed_from,

@@ -23,7 +23,8 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.budget import plan_candidates, plan_compression, tier_compression, tier_plan
-from torchrec_cce.configs import (CCEConfig, MEmComConfig, MPEConfig, TieredConfig,
+from torchrec_cce.configs import (CCEConfig, MEmComConfig, MPEConfig, OnlineTieredConfig,
+                                  TieredConfig,
                                   compression_for_budget)
 
 DEFAULT_RECLUSTER_AT = "0.25,0.5"
@@ -92,7 +93,7 @@ def apply_cce_settings(compression: Dict, args: Any) -> Dict:
     dtype = codebook_dtype(args)
 
     def apply(c: Any) -> Any:
-        if isinstance(c, TieredConfig):
+        if isinstance(c, (TieredConfig, OnlineTieredConfig)):
             hot = c.hot_dtype
             if dtype is not None and not isinstance(c.cold, (MEmComConfig, MPEConfig)):
                 hot = dtype
@@ -117,6 +118,14 @@ def parse_hot_ids(text: str) -> Any:
     if value < 1:
         raise argparse.ArgumentTypeError(f"--hot-ids takes 'auto' or an int >= 1, got {text!r}")
     return value
+
+
+def hot_set_kwargs(args: Any) -> Dict[str, Any]:
+    """``--hot-set`` / ``--migrate-every`` as :func:`torchrec_cce.budget.tier_plan` arguments."""
+    hot_set = getattr(args, "hot_set", None) or "prefix"
+    if hot_set == "prefix":
+        return {}
+    return {"hot_set": hot_set, "migrate_every": getattr(args, "migrate_every", None) or 1000}
 
 
 def has_cce(compression: Dict) -> bool:
@@ -146,7 +155,8 @@ def make_compression(tables: List[EmbeddingBagConfig], args: Any,
     if getattr(args, "hot_ids", None) is not None:  # --hot-ids: a hot tier, same bytes
         compression = tier_compression(tables, compression, counts=counts, hot_ids=args.hot_ids,
                                        chunks=args.chunks,
-                                       assignment_share=args.cce_assignment_share)
+                                       assignment_share=args.cce_assignment_share,
+                                       **hot_set_kwargs(args))
     return compression, cap
 
 
@@ -167,7 +177,7 @@ def planned_compression(tables: List[EmbeddingBagConfig], args: Any,
         if getattr(args, "hot_ids", None) is not None:  # --hot-ids: a hot tier per table
             plan = tier_plan(plan, tables, counts=counts, hot_ids=args.hot_ids,
                              chunks=args.chunks, assignment_share=args.cce_assignment_share,
-                             serving_dtype=serving_dtype(args))
+                             serving_dtype=serving_dtype(args), **hot_set_kwargs(args))
     else:
         plans = plan_candidates(tables, budget_bytes, **kwargs)
         plan, candidates = plans[candidate], len(plans)

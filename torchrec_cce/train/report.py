@@ -76,6 +76,7 @@ def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int
                 losses: Sequence[Tuple[int, float]] = (),
                 reclusterings: Sequence[Dict[str, Any]] = (),
                 mpe: Sequence[Dict[str, Any]] = (), colliding_features: Sequence[str] = (),
+                migrations: Sequence[Dict[str, Any]] = (),
                 bayes_logloss: Optional[float] = None, resumed_from: Optional[int] = None,
                 last_checkpoint: Optional[str] = None,
                 cce_settings: Optional[Dict[str, Any]] = None,
@@ -135,6 +136,7 @@ def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int
         "last_checkpoint": last_checkpoint,
         "train_loss_curve": list(losses),
         "reclusterings": list(reclusterings),
+        "migrations": list(migrations),  # online hot tiers: {"step", "tables": stats}
         # the CCE schedule/init in effect (flags given, else the defaults)
         "cce_settings": cce_settings,
         "wall_seconds": time.perf_counter() - start,
