@@ -29,7 +29,8 @@ from torchrec_cce import (CCEConfig, CCEEmbeddingBagCollection, HashingTrickConf
                           OnlineTieredConfig, QRConfig, memory_report, migrate_hot)
 from torchrec_cce.checkpoint import CheckpointManager
 from torchrec_cce.distributed import CCEEmbeddingBagCollectionSharder
-from torchrec_cce.distributed.tensors import scatter_full
+from torchrec_cce.train import apply_sparse_optimizer
+from torchrec_cce.distributed.tensors import local_pieces, scatter_full
 
 LR = 0.5
 SIZES = {"f_cce": 3001, "f_qr": 2000, "f_mem": 1501, "f_hash": 800}
@@ -202,3 +203,62 @@ def test_checkpoint_between_migrations_resumes_to_the_same_hot_sets(tmp_path) ->
         for key in u_hot:
             assert torch.equal(r_hot[key], u_hot[key]), (rank, key)
 
+
+
+# ---------------------------------------------------------------- fused optimizer state of rows
+def _fused_reset(rank: int, world: int):
+    V, H = 800, 10
+    t = [EmbeddingBagConfig(name="hash", embedding_dim=8, num_embeddings=V,
+                            feature_names=["f_hash"])]
+    cfg = {"hash": OnlineTieredConfig(hot_ids=H, cold=HashingTrickConfig(rows=40, seed=3),
+                                      sketch_width=512, sketch_depth=3)}  # exact
+    sharder = CCEEmbeddingBagCollectionSharder()
+    module = CCEEmbeddingBagCollection(t, cfg, device=torch.device("meta"))
+    apply_sparse_optimizer(module, "rowwise_adagrad", 0.1)  # fused EXACT_ROWWISE_ADAGRAD
+    plan = ShardingPlan({"": construct_module_sharding_plan(
+        module, {c.name: table_wise(rank=i % world, compute_kernel="fused")
+                 for i, c in enumerate(module.codebook_table_configs())}, sharder=sharder,
+        local_size=world, world_size=world, device_type="cpu")})
+    dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(
+        dist.GroupMember.WORLD), plan=plan, sharders=[sharder], device=torch.device("cpu"))
+    dmp.train()
+
+    def bags(ids):
+        ids = torch.tensor(ids, dtype=torch.int64)
+        return KeyedJaggedTensor.from_lengths_sync(keys=["f_hash"], values=ids,
+                                                   lengths=torch.ones_like(ids))
+
+    def momentum() -> torch.Tensor:
+        """The hot table's row-wise Adagrad sums ``[H]`` (held by one rank: table-wise)."""
+        full = torch.zeros(H)
+        for k, s in dmp.fused_optimizer.state_dict()["state"].items():
+            for v in s.values():
+                if "hash__hot" in str(k) and hasattr(v, "local_shards"):
+                    for tensor, off in local_pieces(v):
+                        full[off[0]: off[0] + tensor.shape[0]] = tensor.float().reshape(-1)
+        dist.all_reduce(full)
+        return full
+
+    old = [7 * i + 3 for i in range(H)]  # hot after the first migration
+    new = [500 + i for i in range(4)]    # overtake old[6:] before the second
+    dmp(bags(old * 20)).wait()
+    migrate_hot(dmp)
+    m = dmp.module.tables["hash"]
+    dmp(bags(old)).wait().values().sum().backward()  # every hot row gets Adagrad state
+    before = momentum()
+    dmp(bags(new * 40 + old[:6] * 30)).wait()
+    stats = migrate_hot(dmp)["hash"]
+    promoted = m.hot_lookup(torch.tensor(new))[1]
+    return stats, promoted, before, momentum(), m.hot_set()
+
+
+def test_migration_zeroes_fused_optimizer_state_of_promoted_rows_only() -> None:
+    results = run_multiprocess(_fused_reset, 2, timeout=600)
+    for stats, promoted, before, after, hot in results:
+        assert stats["promoted"] == 4 and stats["demoted"] == 4
+        assert sorted(hot.tolist()) == sorted([7 * i + 3 for i in range(6)] + [500, 501, 502, 503])
+        assert torch.all(before > 0)
+        kept = [i for i in range(10) if i not in promoted.tolist()]
+        assert torch.all(after[promoted] == 0)
+        assert torch.equal(after[kept], before[kept])
+    assert torch.equal(results[0][3], results[1][3])
