@@ -131,7 +131,8 @@ class OnlineTieredTable(CompressedTable):
         if ids.is_meta or not self.training or torch.compiler.is_exporting():
             return
         self.sketch.observe(ids)
-        self.cold.observe(self.cold_ids(ids))
+        if type(self.cold).observe is not CompressedTable.observe:  # (CCE's sample)
+            self.cold.observe(self.cold_ids(ids))
 
     # ---- migration ----
     @torch.no_grad()
