@@ -40,6 +40,13 @@ Usage::
     python benchmarks/scale.py --rows 200000
     python benchmarks/scale.py                         # full size: 45,840,617 rows
     python benchmarks/scale.py --train-txt /data/criteo/train.txt
+    python benchmarks/scale.py --phases train --max-steps 600 --eval-batches 25  # a slice
+
+``--max-steps N`` trains the first N steps of the epoch only (re-clusterings at 1/4 and 1/2 of
+them, checkpoints every N/2; cells keyed ``<rows>/train@N/<method>``) and ``--eval-batches``
+evaluates on the first batches of val/test (``train.py --limit-val-batches/--limit-test-batches``):
+the full-size tables, memory, re-clustering of the whole vocabulary and checkpoints in a slice of
+the time an epoch takes.
 """
 
 import argparse
@@ -297,6 +304,14 @@ def train_cell(method: str, data_dir: str, work: str, args: argparse.Namespace, 
     flags = ["--data", "preprocessed", "--data-dir", data_dir, "--epochs", "1",
              "--batch-size", str(args.batch_size), "--embedding-dim", str(args.dim),
              "--no-progress", "--metrics-json", metrics, *method_flags(method, full)]
+    if args.run_steps != args.epoch_steps:
+        flags += ["--max-steps", str(args.run_steps)]
+        if method == "cce" or method.startswith("planner"):  # re-cluster at 1/4, 1/2 of the run
+            flags += ["--recluster-at", ",".join(f"{f * args.run_steps / args.epoch_steps:.6g}"
+                                                 for f in (0.25, 0.5))]
+    if args.eval_batches:
+        flags += ["--limit-val-batches", str(args.eval_batches),
+                  "--limit-test-batches", str(args.eval_batches)]
     if args.dim != 16:  # train.py's default --dense-arch 64,16 ends with the embedding dim
         flags += ["--dense-arch", f"64,{args.dim}"]
     checkpointing = method == "cce"
@@ -334,7 +349,7 @@ def train_cell(method: str, data_dir: str, work: str, args: argparse.Namespace, 
                 n: {"method": t["method"], "rows": t["rows"]}
                 for n, t in m["embedding_plan"]["tables"].items()},
             "restart_count": m["restart_count"], "resumed_from_step": m["resumed_from_step"],
-            "loadavg_1min": r["loadavg_1min"],
+            "loadavg_1min": r["loadavg_1min"], "eval_batches_per_rank": args.eval_batches,
             "metrics_json": metrics, "log": log}
     if checkpointing:
         steps = sorted((d for d in os.listdir(ckpt) if d.startswith("step_")),
@@ -405,10 +420,6 @@ def write_table(res: Dict[str, Any]) -> None:
                   "peak RSS / rank MiB | over planner_256 MiB | predicted / rank MiB | "
                   "embedding MiB (full MiB) | test logloss | notes |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        b256 = c.get("train/planner_256", {})
-        private = bool(b256.get("peak_anon_per_rank"))  # compare private with private
-        base = b256.get("peak_anon_per_rank" if private else "peak_rss_per_rank")
-        base = max(base.values()) / mib if base else None
         if "generate/data" in c:
             g = c["generate/data"]
             lines.append(f"| generate | - | {g['seconds']:.1f} | {g['rows_per_s']:,.0f} | | | | | | | | "
@@ -417,35 +428,46 @@ def write_table(res: Dict[str, Any]) -> None:
             p = c["preprocess/data"]
             lines.append(f"| preprocess | - | {p['seconds']:.1f} | {p['rows_per_s']:,.0f} | | | "
                          f"{p['peak_rss'] / mib:.0f} | | | | | {sum(p['vocab_sizes']):,} ids; imports included |")
-        for m in METHODS + ("cce_fault",):
-            t = c.get(f"train/{m}")
-            if t is None:
-                continue
-            rss = max(t["peak_rss_per_rank"].values()) / mib if t["peak_rss_per_rank"] else float("nan")
-            anon = max(t["peak_anon_per_rank"].values()) / mib if t.get("peak_anon_per_rank") else None
-            over = None
-            if base is not None and (anon is not None or not private):
-                over = (anon if private else rss) - base
-            note = []
-            if t.get("checkpoint_bytes"):
-                saves = ", ".join(f"{x:.1f}" for x in t.get("checkpoint_save_seconds", []))
-                note.append(f"checkpoint {t['checkpoint_bytes'] / mib:.1f} MiB, saves {saves} s")
-            if "exactness" in t:
-                note.append(f"killed after step {t['fault_at']}, resumed from "
-                            f"{t['resumed_from_step']}, exact={t['exactness']['exact']}")
-            ratio, mark = t.get("ratio_to_full"), ""
-            # full ran in another invocation of this script (under other load): marked *
-            if ratio is None and "train/full" in c and m not in ("full", "cce_fault"):
-                ratio, mark = t["samples_per_s"] / c["train/full"]["samples_per_s"], "*"
-            load = t.get("loadavg_1min") or {}
-            if load.get("median") is not None:
-                note.append(f"load {load['median']:.1f} (max {load['max']:.1f})")
-            lines.append(
-                f"| train | {m} | {t['seconds']:.1f} | {t['samples_per_s']:,.0f} | "
-                f"{'' if ratio is None else f'{ratio:.2f}x{mark}'} | {t['recluster_seconds']:.2f} | {rss:.0f}"
-                f"{'' if anon is None else f' ({anon:.0f})'} | {'' if over is None else f'{over:.0f}'} | "
-                f"{t['predicted_per_rank'] / mib:.2f} | {t['embedding_bytes'] / mib:.2f} "
-                f"({t['full_embedding_bytes'] / mib:.2f}) | {t['test_logloss']:.4f} | {'; '.join(note)} |")
+        # "train": one epoch; "train@N": its first N steps (--max-steps)
+        for phase in sorted({k.split("/")[0] for k in c if k.startswith("train")},
+                            key=lambda p: (p != "train", p)):
+            steps = phase.partition("@")[2]
+            label = "train" if not steps else f"train ({int(steps):,} steps)"
+            b256 = c.get(f"{phase}/planner_256", {})
+            private = bool(b256.get("peak_anon_per_rank"))  # compare private with private
+            base = b256.get("peak_anon_per_rank" if private else "peak_rss_per_rank")
+            base = max(base.values()) / mib if base else None
+            for m in METHODS + ("cce_fault",):
+                t = c.get(f"{phase}/{m}")
+                if t is None:
+                    continue
+                rss = max(t["peak_rss_per_rank"].values()) / mib if t["peak_rss_per_rank"] else float("nan")
+                anon = max(t["peak_anon_per_rank"].values()) / mib if t.get("peak_anon_per_rank") else None
+                over = None
+                if base is not None and (anon is not None or not private):
+                    over = (anon if private else rss) - base
+                note = []
+                if t.get("checkpoint_bytes"):
+                    saves = ", ".join(f"{x:.1f}" for x in t.get("checkpoint_save_seconds", []))
+                    note.append(f"checkpoint {t['checkpoint_bytes'] / mib:.1f} MiB, saves {saves} s")
+                if "exactness" in t:
+                    note.append(f"killed after step {t['fault_at']}, resumed from "
+                                f"{t['resumed_from_step']}, exact={t['exactness']['exact']}")
+                ratio, mark = t.get("ratio_to_full"), ""
+                # full ran in another invocation of this script (under other load): marked *
+                if ratio is None and f"{phase}/full" in c and m not in ("full", "cce_fault"):
+                    ratio, mark = t["samples_per_s"] / c[f"{phase}/full"]["samples_per_s"], "*"
+                if t.get("eval_batches_per_rank"):
+                    note.append(f"val/test: first {t['eval_batches_per_rank']} batches per rank")
+                load = t.get("loadavg_1min") or {}
+                if load.get("median") is not None:
+                    note.append(f"load {load['median']:.1f} (max {load['max']:.1f})")
+                lines.append(
+                    f"| {label} | {m} | {t['seconds']:.1f} | {t['samples_per_s']:,.0f} | "
+                    f"{'' if ratio is None else f'{ratio:.2f}x{mark}'} | {t['recluster_seconds']:.2f} | {rss:.0f}"
+                    f"{'' if anon is None else f' ({anon:.0f})'} | {'' if over is None else f'{over:.0f}'} | "
+                    f"{t['predicted_per_rank'] / mib:.2f} | {t['embedding_bytes'] / mib:.2f} "
+                    f"({t['full_embedding_bytes'] / mib:.2f}) | {t['test_logloss']:.4f} | {'; '.join(note)} |")
         lines.append("")
     with open(TABLE, "w") as f:
         f.write("\n".join(lines))
@@ -461,6 +483,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=None,
                    help="per-rank batch (default: 4096, less for small --rows so an epoch has >= 40 steps)")
     p.add_argument("--dim", type=int, default=16)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train the first N steps of the epoch only (re-clusterings at 1/4 and "
+                        "1/2 of them, checkpoints every N/2); cells go to phase 'train@N'")
+    p.add_argument("--eval-batches", type=int, default=None,
+                   help="evaluate on the first N val and test batches per rank (default: all)")
     p.add_argument("--force", action="store_true", help="redo finished cells")
     p.add_argument("--no-results", action="store_true", help="do not write benchmarks/results (tests)")
     args = p.parse_args(argv)
@@ -505,15 +532,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size is None:
         args.batch_size = int(min(4096, max(64, train_rows // (2 * 40))))
     epoch_steps = train_rows // (2 * args.batch_size)
-    args.checkpoint_every = max(1, epoch_steps // 2)
+    args.run_steps = min(epoch_steps, args.max_steps or epoch_steps)
+    args.epoch_steps = epoch_steps
+    args.checkpoint_every = max(1, args.run_steps // 2)
     full = full_bytes(vocab, args.dim)
     res.setdefault("settings", {})[tag] = {"batch_size_per_rank": args.batch_size, "world_size": 2,
                                           "epoch_steps": epoch_steps, "dim": args.dim,
                                           "full_fp32_bytes": full}
-    # 3. train (ratios to full are within this invocation only)
+    # 3. train (ratios to full are within this invocation only); a --max-steps run is its own
+    # phase, "train@<steps>", beside the whole-epoch "train"
+    phase = "train" if args.run_steps == epoch_steps else f"train@{args.run_steps}"
     fresh: Dict[str, Dict[str, Any]] = {}
     for m in args.methods.split(","):
-        key = f"{tag}/train/{m}"
+        key = f"{tag}/{phase}/{m}"
         if "train" in phases and not done(key):
             fresh[m] = cells[key] = train_cell(m, out, work, args, full)
             print(f"train {m}: {cells[key]['samples_per_s']:,.0f} samples/s", flush=True)
@@ -523,12 +554,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             cell["ratio_to_full"] = cell["samples_per_s"] / fresh["full"]["samples_per_s"]
         save()
     # 4. fault: SIGKILL rank 1 right after the first checkpoint, resume, compare with cce
-    key = f"{tag}/train/cce_fault"
-    if "fault" in phases and not done(key) and f"{tag}/train/cce" in cells:
+    key = f"{tag}/{phase}/cce_fault"
+    if "fault" in phases and not done(key) and f"{tag}/{phase}/cce" in cells:
         fault_at = args.checkpoint_every + 1
         cell = train_cell("cce", out, work, args, full, fault_at=fault_at)
         cell["fault_at"] = fault_at
-        cell["exactness"] = exactness(cells[f"{tag}/train/cce"], cell, cell["resumed_from_step"])
+        cell["exactness"] = exactness(cells[f"{tag}/{phase}/cce"], cell, cell["resumed_from_step"])
         cells[key] = cell
         print(f"fault: resumed from {cell['resumed_from_step']}, exact={cell['exactness']['exact']}",
               flush=True)

@@ -100,7 +100,8 @@ def test_preprocess_and_one_training_cell(generated: dict) -> None:
     # CCE at 1/16 of the bytes, one epoch, world 2, checkpoint mid-epoch.
     batch = 256
     steps = pre["splits"]["train"] // (2 * batch)
-    args = Namespace(batch_size=batch, dim=16, checkpoint_every=max(1, steps // 2))
+    args = Namespace(batch_size=batch, dim=16, checkpoint_every=max(1, steps // 2),
+                     run_steps=steps, epoch_steps=steps, eval_batches=None)
     full = scale.full_bytes(pre["vocab_sizes"], 16)
     cell = scale.train_cell("cce", str(out), str(tmp), args, full)
     assert cell["steps"] == steps
@@ -112,6 +113,13 @@ def test_preprocess_and_one_training_cell(generated: dict) -> None:
     assert cell["checkpoint_bytes"] > 0
     assert math.isfinite(cell["test_logloss"]) and cell["samples_per_s"] > 0
     assert os.path.isdir(cell["checkpoint_dir"])
+    # --max-steps / --eval-batches: the first half of the epoch, both re-clusterings inside it
+    half = Namespace(batch_size=batch, dim=16, checkpoint_every=max(1, steps // 4),
+                     run_steps=steps // 2, epoch_steps=steps, eval_batches=1)
+    part = scale.train_cell("full", str(out), str(tmp), half, full)
+    assert part["steps"] == steps // 2 and part["eval_batches_per_rank"] == 1
+    part = scale.train_cell("cce", str(out), str(tmp), half, full)
+    assert part["steps"] == steps // 2 and part["reclusterings"] == 2
 
 
 def test_results_of_concurrent_runs_merge_without_overwriting(tmp_path: Path, monkeypatch) -> None:
@@ -130,3 +138,19 @@ def test_results_of_concurrent_runs_merge_without_overwriting(tmp_path: Path, mo
     assert scale.load_results()["cells"] == {"10/other/full": {"v": 2}, "10/other/qr": {"v": 3},
                                              "20/other/full": {"v": 4}}
     assert b["cells"] == scale.load_results()["cells"]
+
+
+def test_table_rows_per_phase(tmp_path: Path, monkeypatch) -> None:
+    """A --max-steps run ("train@N") is tabulated apart from the whole-epoch "train" phase, its
+    ratios against its own full cell."""
+    monkeypatch.setattr(scale, "TABLE", str(tmp_path / "scale.md"))
+    cell = dict(seconds=10.0, samples_per_s=100.0, recluster_seconds=0.0,
+                peak_rss_per_rank={"rank0": 2**30}, predicted_per_rank=2**20,
+                embedding_bytes=2**20, full_embedding_bytes=2**24, test_logloss=0.5)
+    cells = {"10/train/full": dict(cell), "10/train@5/full": dict(cell, samples_per_s=50.0),
+             "10/train@5/cce": dict(cell, samples_per_s=75.0, eval_batches_per_rank=3)}
+    scale.write_table({"cells": cells})
+    rows = [r for r in (tmp_path / "scale.md").read_text().splitlines() if r.startswith("| train")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| train", "full"], ["| train (5 steps)", "full"],
+                                                  ["| train (5 steps)", "cce"]]
+    assert "1.50x*" in rows[2] and "first 3 batches per rank" in rows[2]

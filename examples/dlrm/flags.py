@@ -167,6 +167,10 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         f"frequent ids'); the rest is codebook rows (default {DEFAULT_CCE_ASSIGNMENT_SHARE})"))),
     ("evaluation", ("--eval-every",), dict(type=int, help=(
         "also evaluate every N steps (val and test; always at each epoch's end)"))),
+    ("evaluation", ("--limit-val-batches",), dict(type=int, help=(
+        "evaluate on the first N validation batches per rank only (default: all)"))),
+    ("evaluation", ("--limit-test-batches",), dict(type=int, help=(
+        "evaluate on the first N test batches per rank only (default: all)"))),
     ("evaluation", ("--patience",), dict(type=int, help=(
         "stop after N evaluations in a row without a lower val log loss"))),
     ("output", ("--checkpoint-dir",), dict(help=(

@@ -9,6 +9,8 @@ config per feature (:func:`table_configs`).
 ``batch_size`` and ``seed``.
 """
 
+import dataclasses
+import itertools
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
@@ -52,10 +54,28 @@ class Data:
 
 
 def load_data(args: Any, rank: int, world: int) -> Data:
-    """This rank's splits of ``--data`` (see the module docstring for the flags read)."""
+    """This rank's splits of ``--data`` (see the module docstring for the flags read), with
+    evaluation cut to the first ``--limit-val-batches`` / ``--limit-test-batches`` batches per
+    rank when given (TorchRec's ``dlrm_main`` flags of the same names)."""
     builders = {"synthetic": synthetic_data, "preprocessed": preprocessed_data,
                 "criteo_tsv": raw_file_data, "avazu_csv": raw_file_data, "criteo_npy": npy_data}
-    return builders[args.data](args, rank, world)
+    data = builders[args.data](args, rank, world)
+    return limit_eval_batches(data, getattr(args, "limit_val_batches", None),
+                              getattr(args, "limit_test_batches", None))
+
+
+def limit_eval_batches(data: Data, val: Optional[int], test: Optional[int]) -> Data:
+    """``data`` whose ``val()`` / ``test()`` stop after ``val`` / ``test`` batches (None: all).
+    Every rank yields the same number of evaluation batches, so the cut keeps them in step."""
+    for name, limit in (("val", val), ("test", test)):
+        if limit is not None and limit < 1:
+            raise ValueError(f"--limit-{name}-batches must be >= 1, got {limit}")
+
+    def cut(batches: Callable[[], Iterable[Batch]], limit: Optional[int]
+            ) -> Callable[[], Iterable[Batch]]:
+        return batches if limit is None else (lambda: itertools.islice(batches(), limit))
+
+    return dataclasses.replace(data, val=cut(data.val, val), test=cut(data.test, test))
 
 
 def synthetic_data(args: Any, rank: int, world: int) -> Data:
