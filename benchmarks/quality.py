@@ -530,8 +530,10 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
 
 def _plan_label(plan: Dict) -> str:
     """The methods of a plan's compressed tables, e.g. ``cce+ce``, or ``full``; ``hot:`` in
-    front of the plan's label when any table has a hot tier (the methods are the cold parts')."""
-    methods = [t["method"] for t in plan["tables"].values() if t["method"] != "full"]
+    front when any table has a hot tier (a tiered table's method ``qr+hot`` counts as ``qr``,
+    its cold part)."""
+    methods = [t["method"].removesuffix("+hot") for t in plan["tables"].values()
+               if t["method"] != "full"]
     label = "+".join(dict.fromkeys(sorted(methods, key=methods.index))) or "full"
     return ("hot:" if any(t.get("hot_ids") for t in plan["tables"].values()) else "") + label
 
@@ -674,7 +676,8 @@ def plot(dataset: str, rows: List[Dict], path: str) -> None:
             pts = sorted((b, v) for (m, _), (v, b, _, _) in means.items() if m == method)
             style = dict(color="k", lw=2.5, marker="*", ms=10, ls="-" if method == "planner"
                          else "--") if method in PLANNER_ROWS else dict(
-                color=cmap(i % 20), marker="o", ms=4, ls="--" if "fp16" in method else "-")
+                color=cmap(i % 20), marker="^" if method in TIERED_ROWS else "o",
+                ms=6 if method in TIERED_ROWS else 4, ls="--" if "fp16" in method else "-")
             ax.plot([b for b, _ in pts], [v for _, v in pts], label=method, **style)
         if full:
             ax.axhline(full[0], color="k", ls=":", label=f"full ({full[1] / 2 ** 20:.1f} MiB)")
@@ -700,6 +703,8 @@ SERVING_ROWS = ("mpe", "cce_int8")
 # The planner's rows: the per-table rule, and the choice between its candidate plans on
 # validation data. Each is compared with the single-method rows.
 PLANNER_ROWS = ("planner", "planner_val")
+# Rows with a hot tier (train.py --hot-ids): drawn with triangles next to their method's row.
+TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a)
 
 
 def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:

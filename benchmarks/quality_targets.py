@@ -24,11 +24,10 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from quality import (METHODS, PLANNER_ROWS, RESULTS, ROW_ALIASES, SERVING_ROWS, mean_by)
+from quality import PLANNER_ROWS, RESULTS, ROW_ALIASES, SERVING_ROWS, TIERED_ROWS, mean_by
 
 GAP_FLOOR = 0.005      # the gap to the full table below which the planner need close nothing
 GAP_SHARE = 1 / 3      # the share of a larger gap the planner must close
-TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a)
 PLANNER = "planner_val"
 
 

@@ -11,8 +11,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _plan(method: str, hot_ids: int = 0, hot_mass: float = 0.0) -> dict:
     table = {"method": method, "rows": 7, "precision": "fp16"}
-    if hot_ids:
-        table.update(hot_ids=hot_ids, hot_mass=hot_mass)
+    if hot_ids:  # a tiered table's plan: method "<cold method>+hot", rows... of the cold part
+        table.update(method=method + "+hot", hot_ids=hot_ids, hot_mass=hot_mass)
     return {"tables": {"t_user": table, "t_day": {"method": "full", "precision": "fp32"}}}
 
 
@@ -57,8 +57,9 @@ def test_targets_report_met_and_missed(tmp_path: Path) -> None:
                   "--results", str(res)])
     rows = quality_targets.read_rows(str(res / "quality_frappe.csv"))
     hot = next(r for r in rows if r["method"] == "cce_hot")
-    assert json.loads(hot["config"])["t_user"] == {"method": "cce", "rows": 7, "precision": "fp16",
-                                                   "hot_ids": 5, "hot_mass": 0.4}
+    assert json.loads(hot["config"])["t_user"] == {"method": "cce+hot", "rows": 7,
+                                                   "precision": "fp16", "hot_ids": 5,
+                                                   "hot_mass": 0.4}
     assert quality_targets.chosen_plans(rows, "planner_val", "1/16") == ["hot:cce (s0)",
                                                                          "cce (s1)"]
     assert quality_targets.hot_tables(rows, "cce_hot", "1/16") == "user 5 (0.40)"
