@@ -74,7 +74,7 @@ def test_exact_levels_give_the_true_top_k():
     want, counts = true_top_k(s, num_ids, 200)
     ids, est = sketch.top_k(200)
     assert torch.equal(ids, want)
-    assert torch.equal(est, counts[want])
+    assert torch.equal(est.long(), counts[want])
     # Fewer seen ids than k: only the seen ones, zero counts never returned.
     few = HotSketch(num_ids, width=1024, depth=4)
     few.observe(torch.tensor([5, 7, 5, 2999]))
@@ -127,3 +127,21 @@ def test_two_ranks_equal_one_process_seeing_the_union(stream):
     for counts, (r_ids, r_est) in results:
         assert torch.equal(counts, single.counts)
         assert torch.equal(r_ids, ids) and torch.equal(r_est, est)
+
+
+def test_int32_counters_halve_at_the_limit_and_refuse_overflow(monkeypatch):
+    import torchrec_cce.hot_sketch as hs
+
+    monkeypatch.setattr(hs, "LIMIT", 64)  # the int32 bound, scaled down
+    sketch = HotSketch(100, width=64, depth=2, table="t_user")
+    assert sketch.counts.dtype == sketch.pending.dtype == torch.int32
+    sketch.observe(torch.tensor([5] * 40 + [9] * 21 + [3]))
+    sketch.sync()
+    assert not sketch.halve_if_large()  # 40 < 64
+    sketch.observe(torch.tensor([5] * 30 + [9] * 3))
+    sketch.sync()
+    assert sketch.halve_if_large()  # 70 >= 64: every counter halved, rounding down
+    ids, est = sketch.top_k(3)
+    assert (ids.tolist(), est.tolist()) == ([5, 9], [35, 12])  # id 3: 1 -> 0, no longer seen
+    with pytest.raises(ValueError, match="t_user.*migrate more often"):
+        sketch.observe(torch.zeros(64, dtype=torch.int64))

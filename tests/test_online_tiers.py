@@ -263,7 +263,7 @@ def test_bytes_exact(name, hot_dtype):
     cfg = ebc.compression["t"]
     hot_bytes = H * DIM * (2 if hot_dtype == torch.float16 else 4)
     sketch = HotSketch(V, width=16, depth=4)
-    assert sketch.stored_bytes() == 2 * 8 * sketch.size
+    assert sketch.stored_bytes() == 2 * 4 * sketch.size
     alone = memory_report(CCEEmbeddingBagCollection([table()], {"t": cfg.cold},
                                                     allow_larger=True))["t"]
     r = memory_report(ebc)["t"]

@@ -16,8 +16,13 @@ to one process's that saw the union of the ranks' ids (in any order, split any w
 rank computes the same hot set. ``counts`` and ``pending`` are buffers of the state dict
 (resume mid-stream = uninterrupted).
 
-**Memory.** ``2 * 8 * sum_l min(n_l, depth * width)`` bytes (``counts`` and ``pending``, int64),
+**Memory.** ``2 * 4 * sum_l min(n_l, depth * width)`` bytes (``counts`` and ``pending``, int32),
 ``n_l = ceil(V / 2**(l * branch_bits))`` prefixes at level ``l``: :meth:`HotSketch.stored_bytes`.
+Counters stay in int32 by :meth:`HotSketch.halve_if_large` (every counter halved, rounding
+down, once one reaches ``2**30``; the online tier calls it at every migration, on counters
+identical on every rank, so ranks stay identical; it also ages old counts, as CAFE's decay
+does). Between two syncs fewer than ``2**30`` ids may be counted (per rank, and summed over
+ranks), else :meth:`observe` / :meth:`sync` raise.
 
 **Error.** Estimates never undercount. On a sketched level, with probability at least
 ``1 - exp(-depth)`` an estimate exceeds the true count by at most ``e / width * N`` (``N``: ids
@@ -36,6 +41,8 @@ import torch
 from torch import nn
 
 from torchrec_cce.hashing import derive_seed, hash_ids
+
+LIMIT = 2 ** 30  # counters are int32: halved at this size, and no more ids between syncs
 
 
 class HotSketch(nn.Module):
@@ -70,16 +77,17 @@ class HotSketch(nn.Module):
         self.keys: List[List[int]] = [
             [derive_seed(seed, table, level * depth + r, "hot_sketch") for r in range(depth)]
             for level in range(len(self.level_sizes))]
-        self.register_buffer("counts", torch.zeros(self.size, dtype=torch.int64, device=device))
-        self.register_buffer("pending", torch.zeros(self.size, dtype=torch.int64, device=device))
+        self.register_buffer("counts", torch.zeros(self.size, dtype=torch.int32, device=device))
+        self.register_buffer("pending", torch.zeros(self.size, dtype=torch.int32, device=device))
+        self._since_sync = 0  # ids counted into pending (bounds every pending counter)
 
     @property
     def levels(self) -> int:
         return len(self.level_sizes)
 
     def stored_bytes(self) -> int:
-        """Bytes of ``counts`` and ``pending`` (int64 each)."""
-        return 2 * 8 * self.size
+        """Bytes of ``counts`` and ``pending`` (int32 each)."""
+        return 2 * 4 * self.size
 
     def _slots(self, prefixes: torch.Tensor, level: int) -> torch.Tensor:
         """Counter positions of ``prefixes`` at ``level``: ``[n]`` (exact) or ``[depth, n]``."""
@@ -105,19 +113,48 @@ class HotSketch(nn.Module):
         self._check(ids)
         if ids.numel() == 0:
             return
+        if self._since_sync + ids.numel() >= LIMIT:
+            raise ValueError(
+                f"table '{self.table_name}': {self._since_sync + ids.numel()} ids counted since "
+                f"the hot-id sketch was last summed over ranks (at most {LIMIT - 1}); migrate "
+                f"more often (OnlineTieredConfig.migrate_every)")
+        self._since_sync += ids.numel()
         ids = ids.to(torch.int64)
         slots = [self._slots(ids >> (level * self.branch_bits), level).reshape(-1)
                  for level in range(self.levels)]
         index = torch.cat(slots)
-        self.pending.index_add_(0, index, torch.ones_like(index))
+        self.pending.index_add_(0, index, torch.ones_like(index, dtype=self.pending.dtype))
 
     @torch.no_grad()
     def sync(self, collective: Any = None) -> None:
         """Fold every rank's ``pending`` into ``counts`` (``collective.all_reduce_sum``; None:
         this process only). Collective: every rank calls it at the same step."""
-        delta = self.pending if collective is None else collective.all_reduce_sum(self.pending)
-        self.counts.add_(delta)
+        pending = self.pending.to(torch.int64)  # summed over ranks without overflow
+        delta = pending if collective is None else collective.all_reduce_sum(pending)
+        total = self.counts.to(torch.int64) + delta
+        if self.size and int(total.max()) >= 2 ** 31:
+            raise ValueError(
+                f"table '{self.table_name}': a hot-id sketch counter would exceed int32 (more "
+                f"than {LIMIT} ids counted by all ranks since the last migration); migrate "
+                f"more often (OnlineTieredConfig.migrate_every)")
+        self.counts.copy_(total)
         self.pending.zero_()
+        self._since_sync = 0
+
+    @torch.no_grad()
+    def halve_if_large(self) -> bool:
+        """Halve every counter of ``counts`` (rounding down) if one has reached ``2**30``;
+        returns whether it did. Call it where ``counts`` is the same on every rank (after
+        :meth:`sync`, at a migration)."""
+        if self.size == 0 or int(self.counts.max()) < LIMIT:
+            return False
+        self.counts.div_(2, rounding_mode="floor")
+        return True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # noqa: ANN001
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # A loaded pending counter bounds the ids counted since its last sync.
+        self._since_sync = int(self.pending.max()) if self.size else 0
 
     @property
     def total(self) -> int:

@@ -143,6 +143,7 @@ class OnlineTieredTable(CompressedTable):
         hot ids (ascending) and the hot-codebook rows they now read, which the caller fills
         with :meth:`cold_vectors`. Ids still hot keep their slots. Collective."""
         self.sketch.sync(collective)
+        self.sketch.halve_if_large()  # (the same counters on every rank)
         new, _ = self.sketch.top_k(self.hot_ids)
         old = self.hot_set()
         old_slots = self.hot_lookup(old)[1]
@@ -222,3 +223,4 @@ class OnlineTieredTable(CompressedTable):
         self.hot_slot.copy_(slots)
         self.sketch.counts.zero_()
         self.sketch.pending.zero_()
+        self.sketch._since_sync = 0
