@@ -272,12 +272,13 @@ class CompressionPlan:
     def format(self) -> str:
         """A printable table (MiB)."""
         mib = 1 << 20
-        head = (f"{'table':<14}{'method':<8}{'prec.':<6}{'hot ids':>9}{'rows':>10}{'chunks':>7}"
+        width = max([8] + [len(p.method) + 1 for p in self.tables.values()])  # "<cold>+hot"
+        head = (f"{'table':<14}{'method':<{width}}{'prec.':<6}{'hot ids':>9}{'rows':>10}{'chunks':>7}"
                 f"{'assigned':>11}{'cov.mass':>9}{'MiB':>10}{'full MiB':>10}")
         lines = [head, "-" * len(head)]
         for n, p in self.tables.items():
             lines.append(
-                f"{n:<14}{p.method:<8}{p.precision[:5]:<6}"
+                f"{n:<14}{p.method:<{width}}{p.precision[:5]:<6}"
                 f"{p.hot_ids if p.hot_ids is not None else '':>9}"
                 f"{p.rows if p.rows is not None else '':>10}"
                 f"{p.chunks if p.chunks is not None else '':>7}"
