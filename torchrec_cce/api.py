@@ -15,6 +15,7 @@ from torch import nn
 from torchrec_cce.clustering.kmeans import Collective, default_collective
 from torchrec_cce.clustering.recluster import (
     DEFAULT_ID_BATCH,
+    LLOYD_ITERS,
     check_collection_codebooks,
     recluster_collection,
 )
@@ -39,7 +40,7 @@ def iter_collections(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 
 @torch.no_grad()
 def recluster(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer] = (),
-              iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
+              iters: int = LLOYD_ITERS, id_batch: int = DEFAULT_ID_BATCH,
               collective: Optional[Collective] = None) -> Dict[str, Dict[str, float]]:
     """Re-cluster every CCE table in ``model`` (nested anywhere, sharded or not).
 

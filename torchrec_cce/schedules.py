@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from torchrec_cce.api import migrate_hot, mpe_tables, recluster
+from torchrec_cce.clustering.recluster import LLOYD_ITERS
 from torchrec_cce.methods import OnlineTieredTable
 from torchrec_cce.methods.mpe import WARMUP
 
@@ -56,7 +57,7 @@ class ReclusterSchedule:
     """
 
     at_steps: List[int] = field(default_factory=list)
-    iters: int = 10
+    iters: int = LLOYD_ITERS
 
     def __post_init__(self) -> None:
         if any(s <= 0 for s in self.at_steps):
@@ -65,7 +66,7 @@ class ReclusterSchedule:
 
     @classmethod
     def from_epochs(cls, steps_per_epoch: int, fractions: Sequence[float] = (),
-                    every_epoch: int = 0, iters: int = 10) -> "ReclusterSchedule":
+                    every_epoch: int = 0, iters: int = LLOYD_ITERS) -> "ReclusterSchedule":
         """``fractions`` of the first epoch (e.g. ``[0.25, 0.5]``) and/or the end of each of the
         first ``every_epoch`` epochs."""
         if steps_per_epoch <= 0:

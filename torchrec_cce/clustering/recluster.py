@@ -49,6 +49,9 @@ from torchrec_cce.methods.cce import CCETable
 from torchrec_cce.optim import reset_optimizer_state
 
 DEFAULT_ID_BATCH = 1 << 18
+# Lloyd iterations per chunk and re-clustering (every caller's default: train.py --kmeans-iters,
+# recluster(), ReclusterSchedule, training_hooks).
+LLOYD_ITERS = 10
 
 
 @dataclass
@@ -249,7 +252,7 @@ def warm_start_from_codebook(state: ReclusterState, generation: int) -> bool:
 
 @torch.no_grad()
 def recluster_table(state: ReclusterState, collective: Optional[Collective] = None,
-                    iters: int = 10, id_batch: int = DEFAULT_ID_BATCH
+                    iters: int = LLOYD_ITERS, id_batch: int = DEFAULT_ID_BATCH
                     ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, float]]:
     """Re-cluster one CCE table. Writes ``p`` (``state.assignment``) and bumps the hash
     generation; returns the new ``(A, B)`` for the caller to write into its codebook storage

@@ -20,6 +20,7 @@ from torchrec_cce.distributed.tensors import gather_full, local_pieces, scatter_
 from torchrec_cce.clustering.kmeans import Collective, default_collective
 from torchrec_cce.clustering.recluster import (
     DEFAULT_ID_BATCH,
+    LLOYD_ITERS,
     ReclusterState,
     check_finite_codebooks,
     recluster_table,
@@ -89,7 +90,7 @@ def check_sharded_codebooks(sharded: Any, collective: Optional[Collective] = Non
 
 
 @torch.no_grad()
-def recluster_sharded(sharded: Any, iters: int = 10, id_batch: int = DEFAULT_ID_BATCH,
+def recluster_sharded(sharded: Any, iters: int = LLOYD_ITERS, id_batch: int = DEFAULT_ID_BATCH,
                       collective: Optional[Collective] = None,
                       optimizers: Any = ()) -> Dict[str, Dict[str, float]]:
     """Re-cluster every CCE table of a ``ShardedCCEEmbeddingBagCollection`` (collective).

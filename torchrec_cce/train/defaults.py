@@ -23,13 +23,14 @@ import torch
 from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.budget import plan_candidates, plan_compression, tier_compression, tier_plan
+from torchrec_cce.clustering.recluster import LLOYD_ITERS
 from torchrec_cce.configs import (CCEConfig, MEmComConfig, MPEConfig, OnlineTieredConfig,
                                   TieredConfig,
                                   compression_for_budget)
 
 DEFAULT_RECLUSTER_AT = "0.25,0.5"
 DEFAULT_RECLUSTER_EPOCHS = 0  # epoch ends that also re-cluster (epochs 1..N; before the last)
-DEFAULT_KMEANS_ITERS = 10
+DEFAULT_KMEANS_ITERS = LLOYD_ITERS
 DEFAULT_CCE_INIT = "qr"
 DEFAULT_CCE_KEEP_REMAINDER = True
 DEFAULT_CCE_ASSIGNMENT_SHARE = 0.25

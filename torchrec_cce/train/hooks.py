@@ -21,6 +21,7 @@ from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRMTrain
 
 from torchrec_cce.api import mpe_penalty, mpe_summary, mpe_tables
+from torchrec_cce.clustering.recluster import LLOYD_ITERS
 from torchrec_cce.methods.cce import CCETable
 from torchrec_cce.methods.mpe import WARMUP
 from torchrec_cce.methods import OnlineTieredTable
@@ -178,7 +179,7 @@ def default_mpe_warmup(model: nn.Module, steps_per_epoch: int) -> int:
 
 def training_hooks(model: nn.Module, steps_per_epoch: int,
                    recluster_at: Sequence[float] = (0.25, 0.5), recluster_every_epoch: int = 0,
-                   kmeans_iters: int = 10, mpe_search_steps: Optional[int] = None,
+                   kmeans_iters: int = LLOYD_ITERS, mpe_search_steps: Optional[int] = None,
                    mpe_warmup_steps: Optional[int] = None,
                    optimizers: Sequence[torch.optim.Optimizer] = (),
                    pipeline: Any = None) -> Hooks:
