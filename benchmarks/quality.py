@@ -519,12 +519,11 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
                train_samples_per_s=m.get("train_samples_per_s", ""),
                wall_seconds=m.get("wall_seconds", ""),
                config=json.dumps(_config_summary(m), default=str))
-    if m.get("plan_selection"):  # planner_val: every candidate's validation loss, the choice
+    if m.get("plan_selection"):  # planner_val: every candidate's val / test loss, the choice
         sel = m["plan_selection"]
-        row["note"] = "candidates (val log loss): " + ", ".join(
-            f"{_plan_label(c['plan'])} {c['val_logloss']:.4f}" + (" *" if i == sel["chosen"]
-                                                                  else "")
-            for i, c in enumerate(sel["candidates"]))
+        row["note"] = "candidates (val / test log loss): " + ", ".join(
+            f"{_plan_label(c['plan'])} {c['val_logloss']:.4f}/{c.get('test_logloss', 0):.4f}"
+            + (" *" if i == sel["chosen"] else "") for i, c in enumerate(sel["candidates"]))
     return row
 
 

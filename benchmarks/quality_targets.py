@@ -36,16 +36,31 @@ def read_rows(path: str) -> List[Dict]:
         return list(csv.DictReader(f))
 
 
+def _candidates(note: str) -> List[Tuple[str, float, float, bool]]:
+    """(label, val, test log loss, chosen) of each candidate in a planner_val CSV note
+    (``candidates (val / test log loss): qr+ce 0.2758/0.2835 *, cce 0.2823/0.2882``)."""
+    out = []
+    for c in note.split(": ", 1)[-1].split(", "):
+        label, losses, *star = c.split(" ")
+        val, test = losses.split("/")
+        out.append((label, float(val), float(test), star == ["*"]))
+    return out
+
+
 def chosen_plans(rows: List[Dict], method: str, fraction: str) -> List[str]:
     """The candidate each seed of ``method`` at ``fraction`` chose (its CSV note marks it
-    ``*``), as ``<label> (s<seed>)``."""
+    ``*``), as ``<label> (s<seed>)``, and where another candidate had the lowest test log loss,
+    ``; test best <label> <test log loss>``."""
     out = []
     for r in sorted(rows, key=lambda r: int(r["seed"])):
         if r["method"] != method or r["budget_fraction"] != fraction or r["status"] != "ok":
             continue
-        picks = [c.rsplit(" ", 2)[0] for c in r.get("note", "").split(": ", 1)[-1].split(", ")
-                 if c.endswith(" *")]
-        out.append(f"{picks[0] if picks else '?'} (s{r['seed']})")
+        cands = _candidates(r["note"])
+        pick = next(c for c in cands if c[3])
+        oracle = min(cands, key=lambda c: c[2])
+        out.append(f"{pick[0]} (s{r['seed']}" + ("" if oracle is pick else
+                                                 f"; test best {oracle[0]} {oracle[2]:.4f}")
+                   + ")")
     return out
 
 
@@ -82,7 +97,8 @@ def check(rows: List[Dict], fraction: str) -> Optional[Dict]:
         p, s = ll[(PLANNER, fraction)][0], ll[(single, fraction)][0]
         noise = _spread(ll, (PLANNER, fraction), (single, fraction))
         out["planner_ok"] = p - s <= noise
-        out["planner_txt"] = (f"{p - s:+.4f} vs {single} (noise {noise:.4f})")
+        seeds = f"{ll[(PLANNER, fraction)][2]}/{ll[(single, fraction)][2]}"
+        out["planner_txt"] = f"{p - s:+.4f} vs {single} (noise {noise:.4f}, seeds {seeds})"
         gap = s - ll[full][0]
         if gap > GAP_FLOOR:
             closed = (s - p) / gap

@@ -27,8 +27,9 @@ def _cell(test_ll: float, plan: dict, selection: dict = None) -> dict:
 
 def _selection(chosen: int) -> dict:
     return {"chosen": chosen, "candidates": [
-        {"plan": _plan("cce"), "val_logloss": 0.41},
-        {"plan": _plan("cce", hot_ids=5, hot_mass=0.4), "val_logloss": 0.40}]}
+        {"plan": _plan("cce"), "val_logloss": 0.41, "test_logloss": 0.39},
+        {"plan": _plan("cce", hot_ids=5, hot_mass=0.4), "val_logloss": 0.40,
+         "test_logloss": 0.38}]}
 
 
 def test_targets_report_met_and_missed(tmp_path: Path) -> None:
@@ -60,8 +61,9 @@ def test_targets_report_met_and_missed(tmp_path: Path) -> None:
     assert json.loads(hot["config"])["t_user"] == {"method": "cce+hot", "rows": 7,
                                                    "precision": "fp16", "hot_ids": 5,
                                                    "hot_mass": 0.4}
-    assert quality_targets.chosen_plans(rows, "planner_val", "1/16") == ["hot:cce (s0)",
-                                                                         "cce (s1)"]
+    # seed 1 chose the plan without the tier; the tiered one had the lower test log loss
+    assert quality_targets.chosen_plans(rows, "planner_val", "1/16") == [
+        "hot:cce (s0)", "cce (s1; test best hot:cce 0.3800)"]
     assert quality_targets.hot_tables(rows, "cce_hot", "1/16") == "user 5 (0.40)"
 
     c16 = quality_targets.check(rows, "1/16")
@@ -78,6 +80,6 @@ def test_targets_report_met_and_missed(tmp_path: Path) -> None:
 
     quality_targets.main(["--datasets", "frappe", "--budgets", "16,64", "--results", str(res)])
     text = (res / "quality_targets.md").read_text()
-    assert "planner_val 0.3700 ±0.0000: hot:cce (s0), cce (s1)" in text
+    assert "planner_val 0.3700 ±0.0000: hot:cce (s0), cce (s1; test best hot:cce 0.3800)" in text
     assert f"| 1/16 | {0.43 - 0.45:+.4f} |" in text  # cce_hot - cce; no qr/hashing tier rows
     assert text.count("**missed**") == 2
