@@ -76,6 +76,14 @@ def hot_tables(rows: List[Dict], method: str, fraction: str) -> str:
     return ""
 
 
+def paired_difference(rows: List[Dict], a: str, b: str, fraction: str) -> List[float]:
+    """Test log loss of row ``a`` minus row ``b`` at ``fraction``, per seed both ran (ok)."""
+    ll = {(r["method"], r["seed"]): float(r["test_logloss"]) for r in rows
+          if r["budget_fraction"] == fraction and r["status"] == "ok"}
+    seeds = sorted({s for m, s in ll if m == a} & {s for m, s in ll if m == b}, key=int)
+    return [ll[(a, s)] - ll[(b, s)] for s in seeds]
+
+
 def _spread(ll: Dict, a: Tuple[str, str], b: Tuple[str, str]) -> float:
     return max(ll[a][3], ll[b][3])
 
@@ -149,12 +157,15 @@ def report(dataset: str, rows: List[Dict], fractions: List[str]) -> str:
                    f" | {_verdict(c.get('gap_ok'), c.get('gap_txt', ''))} | "
                    f"{_verdict(c['full_ok'], c['full_txt'])} |")
     tiers = [(m, m.removesuffix("_hot")) for m in TIERED_ROWS]
-    out += ["", "The hot tier's effect (tiered row minus the same method without it):", "",
+    out += ["", "The hot tier's effect (tiered row minus the same method without it, mean over "
+            "the seeds both rows ran; n seeds):", "",
             "| budget | " + " | ".join(m for m, _ in tiers) + " |", "|---|" + "---|" * len(tiers)]
     for c in checks:
         f = c["fraction"]
-        cells = [f"{ll[(t, f)][0] - ll[(b, f)][0]:+.4f}" if (t, f) in ll and (b, f) in ll
-                 else "" for t, b in tiers]
+        cells = []
+        for t, b in tiers:
+            d = paired_difference(rows, t, b, f)
+            cells.append(f"{sum(d) / len(d):+.4f} (n={len(d)})" if d else "")
         out.append(f"| {f} | " + " | ".join(cells) + " |")
     return "\n".join(out + [""])
 
