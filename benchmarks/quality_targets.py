@@ -49,8 +49,8 @@ def _candidates(note: str) -> List[Tuple[str, float, float, bool]]:
 
 def chosen_plans(rows: List[Dict], method: str, fraction: str) -> List[str]:
     """The candidate each seed of ``method`` at ``fraction`` chose (its CSV note marks it
-    ``*``), as ``<label> (s<seed>)``, and where another candidate had the lowest test log loss,
-    ``; test best <label> <test log loss>``."""
+    ``*``), as ``<label> (s<seed>)``, and where another candidate had a lower test log loss,
+    ``; test best <label> <its test log loss>``."""
     out = []
     for r in sorted(rows, key=lambda r: int(r["seed"])):
         if r["method"] != method or r["budget_fraction"] != fraction or r["status"] != "ok":
@@ -58,7 +58,7 @@ def chosen_plans(rows: List[Dict], method: str, fraction: str) -> List[str]:
         cands = _candidates(r["note"])
         pick = next(c for c in cands if c[3])
         oracle = min(cands, key=lambda c: c[2])
-        out.append(f"{pick[0]} (s{r['seed']}" + ("" if oracle is pick else
+        out.append(f"{pick[0]} (s{r['seed']}" + ("" if oracle[2] >= pick[2] else
                                                  f"; test best {oracle[0]} {oracle[2]:.4f}")
                    + ")")
     return out
