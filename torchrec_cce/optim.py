@@ -63,6 +63,15 @@ class RowWiseAdagrad(_TorchRecRowWiseAdagrad):
         p[rows] = p[rows].addcdiv(g, acc.sqrt().add_(group["eps"]), value=-clr)
 
 
+def _initial_accumulator(opt: torch.optim.Optimizer, param: torch.Tensor) -> float:
+    """The value ``opt``'s state for ``param`` starts from (Adagrad's
+    ``initial_accumulator_value`` of ``param``'s group, else 0)."""
+    for group in opt.param_groups:
+        if any(q is param for q in group["params"]):
+            return float(group.get("initial_accumulator_value", 0.0))
+    return 0.0
+
+
 def reset_optimizer_state(params: Iterable[nn.Parameter],
                           optimizers: Sequence[torch.optim.Optimizer] = ()) -> int:
     """Zero the per-row optimizer state (moments, Adagrad sums) of rewritten parameters.
@@ -80,10 +89,7 @@ def reset_optimizer_state(params: Iterable[nn.Parameter],
             st = opt.state.get(p)
             if not st:
                 continue
-            init = 0.0
-            for group in opt.param_groups:
-                if any(q is p for q in group["params"]):
-                    init = float(group.get("initial_accumulator_value", 0.0))
+            init = _initial_accumulator(opt, p)
             for key, value in st.items():
                 if not (isinstance(value, torch.Tensor)
                         and type(value).__name__ in ("Tensor", "Parameter")):
@@ -113,10 +119,7 @@ def reset_optimizer_rows(param: nn.Parameter, rows: torch.Tensor,
         st = opt.state.get(param)
         if not st:
             continue
-        init = 0.0
-        for group in opt.param_groups:
-            if any(q is param for q in group["params"]):
-                init = float(group.get("initial_accumulator_value", 0.0))
+        init = _initial_accumulator(opt, param)
         for key, value in st.items():
             if (isinstance(value, torch.Tensor) and type(value).__name__ in ("Tensor", "Parameter")
                     and value.dim() >= 1 and value.shape[0] == param.shape[0] and key != "step"):

@@ -41,16 +41,16 @@ class TrainingHook(Protocol):
         ...
 
 
-class ReclusterHook:
-    """Re-clusters every CCE table at the steps of a :class:`ReclusterSchedule`.
-
-    ``log``: ``{"step", "tables": per-table statistics}`` per re-clustering; ``seconds``: their
-    wall time. ``changes_remap``: a batch already remapped (a pipeline's prefetched one) must be
-    remapped again."""
+class _TimedScheduleHook:
+    """A hook that runs a schedule's ``step`` on the schedule's steps, timing it: ``log`` holds
+    ``{"step", "tables": per-table statistics}`` per run and ``seconds`` their wall time.
+    Subclasses say what happened in :meth:`message`; ``skip_empty``: a run that touched no
+    table is not logged."""
 
     changes_remap = True
+    skip_empty = False
 
-    def __init__(self, schedule: ReclusterSchedule) -> None:
+    def __init__(self, schedule: Any) -> None:
         self.schedule = schedule
         self.log: List[Dict[str, Any]] = []
         self.seconds = 0.0
@@ -64,13 +64,30 @@ class ReclusterHook:
         t0 = time.perf_counter()
         stats = self.schedule.step(model, step, optimizers=optimizers)
         self.seconds += time.perf_counter() - t0
-        if stats is None:
+        if stats is None or (self.skip_empty and not stats):
             return None
         record = {"step": step, "tables": stats}
         self.log.append(record)
-        secs = sum(s["seconds"] for s in stats.values())
-        self.last_message = f"re-clustered {len(stats)} tables at step {step} in {secs:.2f} s"
+        self.last_message = self.message(step, stats)
         return record
+
+    def message(self, step: int, stats: Dict[str, Dict[str, Any]]) -> str:
+        return f"{type(self).__name__}: {len(stats)} tables at step {step}"
+
+
+class ReclusterHook(_TimedScheduleHook):
+    """Re-clusters every CCE table at the steps of a :class:`ReclusterSchedule`.
+
+    ``log``: ``{"step", "tables": per-table statistics}`` per re-clustering; ``seconds``: their
+    wall time. ``changes_remap``: a batch already remapped (a pipeline's prefetched one) must be
+    remapped again."""
+
+    def __init__(self, schedule: ReclusterSchedule) -> None:
+        super().__init__(schedule)
+
+    def message(self, step: int, stats: Dict[str, Dict[str, Any]]) -> str:
+        secs = sum(s["seconds"] for s in stats.values())
+        return f"re-clustered {len(stats)} tables at step {step} in {secs:.2f} s"
 
 
 class MPEHook:
@@ -102,36 +119,21 @@ class MPEHook:
         return record
 
 
-class MigrationHook:
+class MigrationHook(_TimedScheduleHook):
     """Migrates the online hot tiers (``OnlineTieredConfig``) on a :class:`MigrationSchedule`.
 
     ``log``: ``{"step", "tables": per-table statistics}`` per migration. ``changes_remap``: the
     hot map changed, so a batch already remapped must be remapped again."""
 
-    changes_remap = True
+    skip_empty = True
 
     def __init__(self, schedule: MigrationSchedule) -> None:
-        self.schedule = schedule
-        self.log: List[Dict[str, Any]] = []
-        self.seconds = 0.0
-        self.last_message = ""
+        super().__init__(schedule)
 
-    def due(self, step: int) -> bool:
-        return self.schedule.due(step)
-
-    def run(self, model: nn.Module, step: int,
-            optimizers: Sequence[torch.optim.Optimizer] = ()) -> Optional[Dict[str, Any]]:
-        t0 = time.perf_counter()
-        stats = self.schedule.step(model, step, optimizers=optimizers)
-        self.seconds += time.perf_counter() - t0
-        if not stats:
-            return None
-        record = {"step": step, "tables": stats}
-        self.log.append(record)
+    def message(self, step: int, stats: Dict[str, Dict[str, Any]]) -> str:
         promoted = sum(s["promoted"] for s in stats.values())
-        self.last_message = (f"migrated hot tiers of {len(stats)} tables at step {step} "
-                             f"({promoted} ids promoted)")
-        return record
+        return (f"migrated hot tiers of {len(stats)} tables at step {step} "
+                f"({promoted} ids promoted)")
 
 
 class Hooks:
