@@ -216,9 +216,9 @@ def test_cce_defaults_and_their_overrides() -> None:
                   "codebook_dtype": defaults.DEFAULT_CCE_CODEBOOK_DTYPE}
     assert defaults.recluster_fractions(cs) == [
         float(f) for f in defaults.DEFAULT_RECLUSTER_AT.split(",")]
-    off = defaults.cce_settings(_flags(no_recluster=True, cce_init="hash", kmeans_iters=3))
+    off = defaults.cce_settings(_flags(no_recluster=True, cce_init="hash", kmeans_iters=5))
     assert (off["recluster_at"], off["recluster_every_epoch"]) == ("", 0)
-    assert off["init"] == "hash" and off["keep_remainder"] is False and off["kmeans_iters"] == 3
+    assert off["init"] == "hash" and off["keep_remainder"] is False and off["kmeans_iters"] == 5
     # float16 is CCE's default only: a planner choosing per table keeps float32 unless asked
     assert defaults.codebook_dtype(_flags()) == torch.float16
     assert defaults.codebook_dtype(_flags(embedding_budget_mb=1.0)) is None
