@@ -23,37 +23,32 @@ optimizer state), newly hot ids take the freed slots in id order, and the caller
 row from the id's current cold vector (:meth:`cold_vectors`) and resets its optimizer state.
 """
 
-import dataclasses
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torchrec import EmbeddingBagConfig
 
-from torchrec_cce.configs import OnlineTieredConfig, codebook_data_type
+from torchrec_cce.configs import OnlineTieredConfig
 from torchrec_cce.hot_sketch import HotSketch
-from torchrec_cce.methods.base import Codebook, CompressedTable, PerIdState, check_id_range
+from torchrec_cce.methods.base import CompressedTable, check_id_range
+from torchrec_cce.methods.tiered import Bags, TieredTable
 
-Bags = Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]  # ids, lengths, weights
 
+class OnlineTieredTable(TieredTable):
+    """``hot_ids`` exclusive rows for the ids a sketch finds hot, ``cold`` for the rest.
 
-class OnlineTieredTable(CompressedTable):
-    """``hot_ids`` exclusive rows for the ids a sketch finds hot, ``cold`` for the rest."""
+    What it shares with the prefix tier (:class:`TieredTable`: the hot codebook, remap of bags
+    into hot and cold streams, compose, the cold part's state and bytes) is inherited; the hot
+    set (:meth:`split`, :meth:`cold_ids`), counting, migration and the sketch's bytes are its
+    own."""
 
     method_name = "online_tiered"  # per instance: "<cold method>+online_hot"
 
     def __init__(self, table: EmbeddingBagConfig, config: OnlineTieredConfig,
                  cold: CompressedTable, device: Optional[torch.device] = None) -> None:
-        super().__init__(table)
-        self.hot_ids: int = config.hot_ids
+        super().__init__(table, config, cold)
         self.migrate_every: int = config.migrate_every
-        self.cold = cold
         self.method_name = f"{cold.method_name}+online_hot"
-        self.codebooks = [Codebook("hot", self.hot_ids, table.embedding_dim, ["hot"])] + list(
-            cold.codebooks)
-        cold_type = getattr(cold, "codebook_data_type", None) or table.data_type
-        self.codebook_data_types = {cb.suffix: cold_type for cb in cold.codebooks}
-        self.codebook_data_types["hot"] = codebook_data_type(table, config.hot_dtype)
-        self.id_weighted: bool = (type(cold).id_weights is not CompressedTable.id_weights)
         self.sketch = HotSketch(table.num_embeddings, width=config.sketch_width,
                                 depth=config.sketch_depth, seed=config.seed, table=table.name,
                                 device=device)
@@ -99,30 +94,6 @@ class OnlineTieredTable(CompressedTable):
         if ids.is_meta:
             return ids
         return ids[~self.hot_lookup(ids)[0]]
-
-    # ---- remap / compose (as TieredTable) ----
-    def remap_bags(self, ids: torch.Tensor, lengths: torch.Tensor,
-                   weights: Optional[torch.Tensor] = None,
-                   assignment: Optional[torch.Tensor] = None) -> List[Bags]:
-        """One ``(rows, lengths, weights)`` per stream (hot first, then the cold method's), the
-        cold method's per-id weights (MEmCom) multiplied in. ``assignment``: a CCE cold part's
-        ``p`` of :meth:`cold_ids`, looked up elsewhere (the sharded module)."""
-        (h_rows, h_len, h_w), (c_ids, c_len, c_w) = self.split(ids, lengths, weights)
-        id_w = self.cold.id_weights(c_ids)
-        if id_w is not None:
-            c_w = id_w if c_w is None else c_w * id_w
-        streams = (self.cold.remap(c_ids) if assignment is None
-                   else self.cold.streams_from(assignment, self.cold.bucket(c_ids)))
-        return [(h_rows, h_len, h_w)] + [(rows, c_len, c_w) for rows in streams]
-
-    def remap(self, ids: torch.Tensor) -> List[torch.Tensor]:
-        raise NotImplementedError(
-            f"table '{self.table_name}': a tiered table remaps bags (remap_bags), not ids")
-
-    _check_ids = check_ids  # (the sharded module's check of self-looked-up tables' ids)
-
-    def compose(self, pooled: List[torch.Tensor]) -> torch.Tensor:
-        return pooled[0].to(torch.float32) + self.cold.compose(pooled[1:]).to(torch.float32)
 
     def observe(self, ids: torch.Tensor) -> None:
         """Training batches only: count ``ids`` in the sketch, pass the cold ones on (CCE's
@@ -186,38 +157,17 @@ class OnlineTieredTable(CompressedTable):
         return self.cold.compose(pooled).to(torch.float32)
 
     # ---- state ----
-    def per_id_state(self) -> List[PerIdState]:
-        """The cold part's per-id state (over all ``V`` ids), named by its path from this
-        module (``"cold.assignment"`` ...: see :meth:`__getattr__`)."""
-        return [dataclasses.replace(s, name=f"cold.{s.name}") for s in self.cold.per_id_state()]
-
-    def __getattr__(self, name: str):  # noqa: ANN204 - a tensor or a submodule
-        """Dotted names reach into submodules (``"cold.id_weight"``)."""
-        if "." in name:
-            head, rest = name.split(".", 1)
-            return getattr(super().__getattr__(head), rest)
-        return super().__getattr__(name)
-
     def hot_map_bytes(self) -> int:
         """Bytes of ``hot_sorted`` and ``hot_slot`` (int64 each)."""
         return 2 * 8 * self.hot_ids
 
     def replicated_state_bytes(self) -> int:
         """The cold part's, plus the sketch and the hot map (the same on every rank)."""
-        return (self.cold.replicated_state_bytes() + self.sketch.stored_bytes()
-                + self.hot_map_bytes())
-
-    def assignment_bytes(self) -> int:
-        return self.cold.assignment_bytes()
-
-    def extra_parameters(self) -> int:
-        return self.cold.extra_parameters()
+        return super().replicated_state_bytes() + self.sketch.stored_bytes() + self.hot_map_bytes()
 
     def reset_parameters(self) -> None:
         """The cold part's own reset, an empty hot set and a zero sketch (as constructed)."""
-        reset = getattr(self.cold, "reset_parameters", None)
-        if reset is not None:
-            reset()
+        super().reset_parameters()
         slots = torch.arange(self.hot_ids, dtype=torch.int64, device=self.hot_slot.device)
         self.hot_sorted.copy_(slots + self.num_embeddings)
         self.hot_slot.copy_(slots)

@@ -100,7 +100,9 @@ class TieredTable(CompressedTable):
         raise NotImplementedError(
             f"table '{self.table_name}': a tiered table remaps bags (remap_bags), not ids")
 
-    _check_ids = check_ids  # (the sharded module's check of self-looked-up tables' ids)
+    def _check_ids(self, ids: torch.Tensor) -> None:
+        """(The sharded module's check of self-looked-up tables' ids.)"""
+        self.check_ids(ids)
 
     def per_id_state(self) -> List[PerIdState]:
         """The cold part's per-id state (over the ``V - hot_ids`` cold ids), named by its path
