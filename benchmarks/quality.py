@@ -22,7 +22,9 @@ Outputs, per dataset: ``benchmarks/results/quality_<dataset>.csv`` (one row per 
 ``quality_summary.md`` (the best method at each budget; the smallest bytes at which each method
 comes within 0.1% of the full table's log loss; whether validation ranks the rows as test does),
 and ``quality_tables.md`` (the README's per-dataset tables). Resumable: a finished cell's
-metrics JSON in ``--workdir`` is never rerun.
+metrics JSON in ``--workdir`` is never rerun. Partial runs add up: a run's rows are merged into
+the CSVs already in ``--results`` (a run's row replaces the one of its dataset, method, budget
+and seed; every other row is kept), and the summary covers every dataset with a CSV there.
 
 Rows: ``planner`` is the per-table rule of :func:`torchrec_cce.plan_compression`
 (``methods=None``: float16 tables, the small-table floors, the CCE/QR/CE ladder);
@@ -630,6 +632,28 @@ def write_csv(rows: List[Dict], path: str) -> None:
         w.writerows(rows)
 
 
+def read_csv(path: str) -> List[Dict]:
+    """The rows of a results CSV written by :func:`write_csv` (``[]`` if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return [{k: r.get(k, "") for k in CSV_FIELDS} for r in csv.DictReader(f)]
+
+
+def _row_key(r: Dict) -> tuple:
+    return (r["dataset"], r["method"], str(r["budget_fraction"]), str(r["seed"]))
+
+
+def merge_rows(new: List[Dict], path: str) -> List[Dict]:
+    """``new`` merged into the rows of the results CSV at ``path``, keyed by (dataset, method,
+    budget, seed): a row of ``new`` replaces the CSV's row of its key, the CSV's other rows are
+    kept. A run over part of the grid (other budgets, methods or seeds, or another workdir)
+    thus never drops rows committed before it."""
+    merged = {_row_key(r): r for r in read_csv(path)}
+    merged.update((_row_key(r), r) for r in new)
+    return list(merged.values())
+
+
 def mean_by(rows: List[Dict], key: str) -> Dict:
     """{(method, fraction): (mean of key, mean bytes, n seeds, std of key)} over ok rows (std:
     population standard deviation over the seeds, 0 for one seed)."""
@@ -895,10 +919,25 @@ def ablation_summary(dataset: str, ablation_rows: List[Dict], rows: List[Dict]) 
     return "\n".join(out + [""])
 
 
+def report(dataset: str, rows: List[Dict], ablation_rows: List[Dict],
+           results: Optional[str]) -> tuple:
+    """(summary text, README table) of a dataset's grid and ablation rows; the plot is redrawn
+    into ``results`` unless it is None."""
+    if results is not None:
+        try:
+            plot(dataset, rows, os.path.join(results, f"quality_{dataset}.png"))
+        except Exception:  # a plot must not lose the numbers
+            traceback.print_exc()
+    text = summary(dataset, rows)
+    if ablation_rows:
+        text += "\n" + ablation_summary(dataset, ablation_rows, rows)
+    return text, readme_table(dataset, rows)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     os.makedirs(args.results, exist_ok=True)
-    texts, tables = [], []
+    texts, tables = {}, {}
     for dataset in args.datasets.split(","):
         if dataset not in DATASETS:
             raise SystemExit(f"unknown dataset {dataset!r}; choose from {sorted(DATASETS)}")
@@ -915,25 +954,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         for r in rows:  # the generator's Bayes-optimal test log loss (synthetic only)
             if floor is not None and r["status"] == "ok":
                 r["bayes_logloss"] = floor
-        ablation_rows = [r for r in rows if r["method"] in ABLATIONS]
-        rows = [r for r in rows if r["method"] not in ABLATIONS]
-        write_csv(rows, os.path.join(args.results, f"quality_{dataset}.csv"))
-        try:
-            plot(dataset, rows, os.path.join(args.results, f"quality_{dataset}.png"))
-        except Exception:  # a plot must not lose the numbers
-            traceback.print_exc()
-        texts.append(summary(dataset, rows))
-        tables.append(readme_table(dataset, rows))
+        grid_csv = os.path.join(args.results, f"quality_{dataset}.csv")
+        abl_csv = os.path.join(args.results, f"quality_{dataset}_ablations.csv")
+        ablation_rows = merge_rows([r for r in rows if r["method"] in ABLATIONS], abl_csv)
+        rows = merge_rows([r for r in rows if r["method"] not in ABLATIONS], grid_csv)
+        write_csv(rows, grid_csv)
         if ablation_rows:
-            write_csv(ablation_rows, os.path.join(args.results,
-                                                  f"quality_{dataset}_ablations.csv"))
-            texts.append(ablation_summary(dataset, ablation_rows, rows))
-        print(texts[-1], flush=True)
+            write_csv(ablation_rows, abl_csv)
+        texts[dataset], tables[dataset] = report(dataset, rows, ablation_rows, args.results)
+        print(texts[dataset], flush=True)
     if not args.print_jobs:
+        for dataset in DATASETS:  # datasets this run left alone keep their part of the summary
+            if dataset not in texts and os.path.exists(
+                    os.path.join(args.results, f"quality_{dataset}.csv")):
+                texts[dataset], tables[dataset] = report(
+                    dataset, read_csv(os.path.join(args.results, f"quality_{dataset}.csv")),
+                    read_csv(os.path.join(args.results, f"quality_{dataset}_ablations.csv")),
+                    None)
+        order = [d for d in DATASETS if d in texts]
         with open(os.path.join(args.results, "quality_summary.md"), "w") as f:
-            f.write("\n".join(texts))
+            f.write("\n".join(texts[d] for d in order))
         with open(os.path.join(args.results, "quality_tables.md"), "w") as f:
-            f.write("\n".join(tables))  # the README's tables
+            f.write("\n".join(tables[d] for d in order))  # the README's tables
     return 0
 
 

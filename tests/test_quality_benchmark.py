@@ -144,3 +144,39 @@ def test_summary_reports_whether_validation_ranks_rows_like_test(tmp_path: Path)
     rho = spearmanr([vt[m][0] for m in names], [vt[m][1] for m in names]).correlation
     assert rho == pytest.approx(-0.4)  # the 4 rows' ranks; with mpe's row it would differ
     assert f"| 1/16 | 4 | {rho:+.2f} | qr_mult 0.3000 / 0.4200 | hashing 0.3300 / 0.4000 |" in text
+
+
+def test_partial_runs_merge_into_the_results_csv(tmp_path: Path) -> None:
+    """A --report-only run from a workdir holding part of the grid keeps the rows already in
+    the results CSV (other budgets, seeds, datasets), replaces those it re-ran, and the summary
+    still covers the dataset it did not run."""
+    import json
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    res = str(tmp_path / "res")
+
+    def run(work: str, spec: dict, dataset: str = "frappe") -> list:
+        cells = tmp_path / work / "cells"
+        cells.mkdir(parents=True)
+        for name, m in spec.items():
+            (cells / f"{name}.json").write_text(json.dumps(m))
+        quality.main(["--report-only", "--datasets", dataset, "--workdir", str(tmp_path / work),
+                      "--results", res])
+        with open(tmp_path / "res" / f"quality_{dataset}.csv") as f:
+            return list(csv.DictReader(f))
+
+    run("a", {"frappe__full__full__s0": _cell(0.30, 1600, "full"),
+              "frappe__qr_mult__1-16__s0": _cell(0.40, 100, "qr"),
+              "frappe__qr_mult__1-16__s1": _cell(0.42, 100, "qr")})
+    run("m", {"movielens__full__full__s0": _cell(0.60, 1600, "full")}, "movielens")
+    rows = run("b", {"frappe__full__full__s0": _cell(0.30, 1600, "full"),
+                     "frappe__qr_mult__1-16__s1": _cell(0.44, 100, "qr"),
+                     "frappe__qr_mult__1-64__s0": _cell(0.50, 25, "qr")})
+    got = {(r["method"], r["budget_fraction"], r["seed"]): r["test_logloss"] for r in rows}
+    assert got == {("full", "", "0"): "0.3", ("qr_mult", "1/16", "0"): "0.4",
+                   ("qr_mult", "1/16", "1"): "0.44", ("qr_mult", "1/64", "0"): "0.5"}
+    text = (tmp_path / "res" / "quality_summary.md").read_text()
+    assert "### frappe" in text and "### movielens" in text
+    assert "| 1/16 | **qr_mult** | 0.4200 ± 0.0200 |" in text  # seed 0 kept, seed 1 replaced
