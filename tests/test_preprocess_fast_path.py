@@ -27,7 +27,20 @@ def test_packed_keys_one_to_one_and_round_trip():
     assert pp.packed_keys(pa.array(["a\0"])) is None  # NUL: "a" and "a\0" would share a key
 
 
-def _criteo_text(rng, n, long_at=None, bad_dense_at=None, nul_at=None):
+def test_fixed_width_keys_equal_packed_string_keys():
+    """The CSV reader's fixed-width parse (nulls = empty cells) packs to the strings' keys."""
+    values = ["abcdefgh", "", "12345678", "", "0000000a"]
+    fixed = pa.array([v.encode() or None for v in values], pa.binary(8))
+    want = pp.packed_keys(pa.array(values)).tolist()
+    assert pp.packed_keys(fixed).tolist() == want
+    assert pp.packed_keys(fixed.slice(1, 3)).tolist() == want[1:4]
+    assert pp.text_values(fixed).to_pylist() == values
+    assert pp.packed_keys(pa.array([b"abc\0defg", None], pa.binary(8))) is None
+    assert pp.packed_keys(pa.array([b"abcdefgh", None, b"abc\0defg"], pa.binary(8)).slice(0, 2)).tolist() == [
+        want[0], 0]  # the NUL is outside the slice
+
+
+def _criteo_text(rng, n, long_at=None, bad_dense_at=None, nul_at=None, nul8_at=None, short_at=None):
     lines = []
     pools = [rng.integers(0, 1 << 32, size=s) for s in (5, 40, 3000)]
     for i in range(n):
@@ -43,6 +56,10 @@ def _criteo_text(rng, n, long_at=None, bad_dense_at=None, nul_at=None):
             cats[2] = "0123456789abcdef"
         if i == nul_at:
             cats[5] = "ab\0cd"
+        if i == nul8_at:  # 8 bytes: the fixed-width parse takes it, the packed keys must not
+            cats[7] = "ab\0cdefg"
+        if i == short_at:  # not 8 bytes: the fixed-width parse falls back to strings
+            cats[9] = "abc"
         lines.append("\t".join([str(int(rng.random() < 0.25))] + dense + cats))
     return "\n".join(lines) + "\n"
 
@@ -67,10 +84,11 @@ def _assert_same_files(a: Path, b: Path):
             assert filecmp.cmp(a / n, b / n, shallow=False), n
 
 
-@pytest.mark.parametrize("case", ["clean", "fallbacks"])
+@pytest.mark.parametrize("case", ["clean", "fallbacks", "nul8", "short"])
 def test_criteo_fast_path_bytes_equal_string_path(tmp_path, monkeypatch, case):
     rng = np.random.default_rng(0)
-    kw = {} if case == "clean" else {"long_at": 2500, "bad_dense_at": 1700, "nul_at": 3100}
+    kw = {"clean": {}, "fallbacks": {"long_at": 2500, "bad_dense_at": 1700, "nul_at": 3100},
+          "nul8": {"nul8_at": 2900}, "short": {"short_at": 1200, "bad_dense_at": 3500}}[case]
     path = tmp_path / "c.tsv"
     path.write_text(_criteo_text(rng, 4000, **kw))
     args = ["--format", "criteo_tsv", "--input", str(path), "--block-size", "65536",
@@ -79,7 +97,7 @@ def test_criteo_fast_path_bytes_equal_string_path(tmp_path, monkeypatch, case):
     slow = _run(tmp_path, monkeypatch, False, "slow", args)
     _assert_same_files(fast, slow)
     meta = json.loads((fast / "meta.json").read_text())
-    assert meta["source"]["bad_rows"]["total"] == (0 if case == "clean" else 1)
+    assert meta["source"]["bad_rows"]["total"] == int("bad_dense_at" in kw)
 
 
 def test_csv_multi_hot_fast_path_bytes_equal_string_path(tmp_path, monkeypatch):

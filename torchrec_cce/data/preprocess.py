@@ -78,6 +78,7 @@ AVAZU_COLUMNS = (
 # Avazu's hour (YYMMDDHH) becomes hour-of-day and weekday, as in AvazuCsvDataset.
 AVAZU_CATEGORICAL = ["hour_of_day", "weekday"] + AVAZU_COLUMNS[3:]
 MIN_ROWS_FOR_BAD_CHECK = 10_000
+WORKERS = 2  # threads for the per-feature work of a block (the machine's cores, at most 2 here)
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -97,6 +98,7 @@ class Spec:
     column_names: Optional[List[str]] = None  # for header-less files
     quoting: bool = True
     dense_transform: str = "none"
+    fixed_width: int = 0  # categorical values are usually this many bytes: parsed as such (fast path)
 
     @property
     def features(self) -> List[Tuple[str, str]]:
@@ -134,7 +136,7 @@ def build_spec(args: argparse.Namespace, header: Optional[List[str]], first_file
     if args.format == "criteo_tsv":
         return Spec("criteo_tsv", "label", list(CRITEO_DENSE), list(CRITEO_CATEGORICAL), [],
                     delimiter="\t", header=False, quoting=False,
-                    column_names=["label"] + CRITEO_DENSE + CRITEO_CATEGORICAL,
+                    column_names=["label"] + CRITEO_DENSE + CRITEO_CATEGORICAL, fixed_width=8,
                     dense_transform="log" if transform == "auto" else transform)
     if args.format == "avazu_csv":
         return Spec("avazu_csv", "click", [], list(AVAZU_CATEGORICAL), [], delimiter=",",
@@ -256,6 +258,8 @@ def packed_keys(arr: pa.Array) -> Optional[np.ndarray]:
     Criteo's 8-hex-digit tokens, Avazu's ids). Vectorised, no per-value Python."""
     if not FAST_PATH:
         return None
+    if pa.types.is_fixed_size_binary(arr.type):
+        return _fixed_width_keys(arr)
     starts, lengths, data = _string_parts(arr)
     n = len(lengths)
     if n == 0:
@@ -276,6 +280,37 @@ def packed_keys(arr: pa.Array) -> Optional[np.ndarray]:
             words = np.frombuffer(pad, dtype="<u8", count=(len(pad) - r) // 8, offset=r)
             out[sel] = words[rel[sel] >> 3]
     return out & _PACK_MASKS[lengths]
+
+
+def _fixed_width_keys(arr: pa.Array) -> Optional[np.ndarray]:
+    """:func:`packed_keys` of a ``fixed_size_binary`` array of at most 8 bytes whose nulls stand
+    for empty strings (the CSV reader's fixed-width parse): the data buffer viewed as integers,
+    zero where null. ``None`` when a value holds a NUL byte."""
+    n, width = len(arr), arr.type.byte_width
+    if width > 8:
+        return None
+    validity, data = arr.buffers()
+    mat = np.frombuffer(data, dtype=np.uint8, count=(arr.offset + n) * width)[arr.offset * width:]
+    mat = mat.reshape(n, width)
+    valid = None if arr.null_count == 0 else arr.is_valid().to_numpy(zero_copy_only=False)
+    if not (mat.all() if valid is None else mat[valid].all()):
+        return None  # a NUL byte: packing would not be one-to-one
+    if width == 8:
+        keys = mat.view("<u8")[:, 0].copy()
+    else:
+        keys = np.zeros((n, 8), dtype=np.uint8)
+        keys[:, :width] = mat
+        keys = keys.view("<u8")[:, 0]
+    if valid is not None:
+        keys[~valid] = 0
+    return keys
+
+
+def text_values(arr: pa.Array) -> pa.Array:
+    """A categorical column as strings (a fixed-width parse's nulls are empty strings)."""
+    if arr.type == pa.string():
+        return arr
+    return pc.fill_null(pc.cast(pc.cast(arr, pa.binary()), pa.string()), "")
 
 
 def unpack_keys(keys: np.ndarray) -> pa.Array:
@@ -374,7 +409,7 @@ def dictionary_encode(values: pa.Array) -> Tuple[np.ndarray, pa.Array]:
     :func:`packed_keys` (uint64) when every value packs, else the distinct strings; indices are
     the smallest unsigned type that fits (pass 1 stores them for pass 2)."""
     keys = packed_keys(values)
-    d = (pa.array(keys) if keys is not None else values).dictionary_encode()
+    d = (pa.array(keys) if keys is not None else text_values(values)).dictionary_encode()
     idx = d.indices.to_numpy(zero_copy_only=False)
     m = len(d.dictionary)
     return idx.astype(np.uint8 if m <= 1 << 8 else np.uint16 if m <= 1 << 16 else np.uint32), d.dictionary
@@ -600,9 +635,11 @@ class FileReader:
         self.skipped_text.append(row.text)
         return "skip"
 
-    def _open(self, typed: bool):
-        """The pyarrow streaming reader; ``typed``: dense columns parsed as float64 by the CSV
-        reader (empty = null), else every column as strings."""
+    def _open(self, level: int):
+        """The pyarrow streaming reader at a parsing ``level``: 2 = as 1, and the categorical
+        columns as ``fixed_size_binary`` of ``spec.fixed_width`` bytes (empty = null; the
+        data buffer is then the packed keys); 1 = dense columns parsed as float64 by the CSV
+        reader (empty = null); 0 = every column as strings."""
         spec = self.spec
         if not os.path.exists(self.path):
             raise FileNotFoundError(f"{self.path}: no such file (check --input/--test-input)")
@@ -612,8 +649,10 @@ class FileReader:
         stream = pa.CompressedInputStream(self.raw, "gzip") if self.path.endswith(".gz") else self.raw
         cols = spec.source_columns()
         types = {c: pa.string() for c in cols}
-        if typed:
+        if level >= 1:
             types.update({c: pa.float64() for c in spec.dense})
+        if level >= 2:
+            types.update({c: pa.binary(spec.fixed_width) for c in spec.categorical})
         read = pcsv.ReadOptions(use_threads=False, block_size=self.block_size,
                                 column_names=spec.column_names)
         parse = pcsv.ParseOptions(delimiter=spec.delimiter, quote_char='"' if spec.quoting else False,
@@ -623,7 +662,7 @@ class FileReader:
         try:
             return pcsv.open_csv(stream, read_options=read, parse_options=parse, convert_options=conv)
         except pa.ArrowInvalid as e:
-            if typed:
+            if level:
                 raise
             if "Empty CSV file" in str(e):
                 raise ValueError(f"{self.path}: empty file; nothing to preprocess") from None
@@ -653,15 +692,20 @@ class FileReader:
 
     def _record_batches(self):
         """``(record batch, lines skipped so far)``; the next block is parsed in a background
-        thread while the caller works on this one (pyarrow releases the GIL). Dense columns
-        are parsed by the CSV reader when every value of the file converts; at the first
-        block that does not, the file is read again as strings from that block on."""
-        typed = FAST_PATH and bool(self.spec.dense)
+        thread while the caller works on this one (pyarrow releases the GIL). Dense (and, with
+        ``spec.fixed_width``, categorical) columns are converted by the CSV reader when every
+        value of the file converts; at the first block that does not, the file is read again
+        one :meth:`_open` level lower from that block on."""
+        levels = [0]
+        if FAST_PATH and self.spec.dense:
+            levels.insert(0, 1)
+        if FAST_PATH and self.spec.fixed_width and self.spec.categorical:
+            levels.insert(0, 2)
         done = 0  # batches handed out
         with ThreadPoolExecutor(1) as pool:
             while True:
                 try:
-                    reader = self._open(typed)
+                    reader = self._open(levels[0])
                     for _ in range(done):  # after a fall-back: skip what was handed out
                         reader.read_next_batch()
                     fut = pool.submit(self._next_batch, reader)
@@ -673,11 +717,11 @@ class FileReader:
                         done += 1
                         yield item
                 except pa.ArrowInvalid:
-                    if not typed:
+                    if len(levels) == 1:
                         raise
                     fut = None
                     self._reset()
-                    typed = False
+                    levels.pop(0)
 
     def _next_batch(self, reader):
         try:
@@ -706,7 +750,7 @@ class FileReader:
             if blank.any():
                 for c in rb.column_names:
                     col = rb.column(c)
-                    empty = pc.is_null(col) if col.type == pa.float64() else pc.equal(pc.binary_length(col), 0)
+                    empty = pc.equal(pc.binary_length(col), 0) if col.type == pa.string() else pc.is_null(col)
                     blank &= empty.to_numpy(zero_copy_only=False)
             keep &= ~blank
             is01 = pc.is_in(label_col, value_set=pa.array(["0", "1"])).to_numpy(zero_copy_only=False)
@@ -785,7 +829,9 @@ class FileReader:
     def _bad_mask(self, bad: BadRows, mask: np.ndarray, lines: np.ndarray, rb, reason: str) -> None:
         if mask.any():
             i = int(np.flatnonzero(mask)[0])
-            text = self.spec.delimiter.join(str(rb.column(c)[i].as_py()) for c in rb.column_names)
+            text = self.spec.delimiter.join(
+                str(text_values(rb.column(c)[i : i + 1])[0].as_py()) if pa.types.is_fixed_size_binary(rb.column(c).type)
+                else str(rb.column(c)[i].as_py()) for c in rb.column_names)
             bad.add(self.path, int(lines[i]), reason, text, n=int(mask.sum()))
 
 
@@ -869,24 +915,36 @@ def _dense_out(spec: Spec, dense: np.ndarray) -> List[np.ndarray]:
 
 
 def _spill_block(spill: Spill, spec: Spec, b: Block, split: np.ndarray,
-                 counters: Dict[str, "ValueCounter"]) -> dict:
+                 counters: Dict[str, "ValueCounter"], pool: ThreadPoolExecutor) -> dict:
     """Pass 1 on the fast path: dictionary-encode each feature of the block, count the train
-    rows' values from the dictionary, and store what pass 2 needs; returns the references."""
+    rows' values from the dictionary (features in parallel on ``pool``: the work is in numpy
+    and pyarrow, which release the GIL), and store what pass 2 needs; returns the references."""
     tr = split == 0
-    rec = {"split": spill.put(split), "label": spill.put(b.label),
-           "dense": [spill.put(d) for d in _dense_out(spec, b.dense)]}
-    for name in spec.categorical:
+    any_train = bool(tr.any())
+    order_tr = b.order[tr]
+
+    def categorical(name: str):
         idx, dic = dictionary_encode(b.cats[name])
-        rec[name] = (spill.put(idx), spill.put(dic))
-        if tr.any():
-            counters[name].add_groups(*count_distinct(idx[tr], dic, b.order[tr]))
-    for name in spec.multi_hot:
+        if any_train:
+            counters[name].add_groups(*count_distinct(idx[tr], dic, order_tr))
+        return idx, dic
+
+    def multi_hot(name: str):
         flat, parent = b.multi[name]
         idx, dic = dictionary_encode(flat)
-        rec[name] = (spill.put(idx), spill.put(dic), spill.put(parent))
         sel = tr[parent]
         if sel.any():
             counters[name].add_groups(*count_distinct(idx[sel], dic, _bag_order_keys(b.order, parent)[sel]))
+        return idx, dic, parent
+
+    cats = pool.map(categorical, spec.categorical)
+    multi = pool.map(multi_hot, spec.multi_hot)
+    rec = {"split": spill.put(split), "label": spill.put(b.label),
+           "dense": [spill.put(d) for d in _dense_out(spec, b.dense)]}
+    for name, arrays in zip(spec.categorical, cats):
+        rec[name] = tuple(spill.put(a) for a in arrays)
+    for name, arrays in zip(spec.multi_hot, multi):
+        rec[name] = tuple(spill.put(a) for a in arrays)
     return rec
 
 
@@ -918,24 +976,29 @@ def _write_parts(writers, rows2: np.ndarray, parts: List[Tuple[str, pa.Table]]) 
 
 
 def _encode_spilled(spill: Spill, blocks: List[dict], spec: Spec, vocabs: Dict[str, "Vocabulary"],
-                    schema: pa.Schema, writers, oov_rows, rows2, bar) -> None:
-    """Pass 2 from pass 1's stored blocks: each block dictionary's ids, looked up once; the
-    parquet writing runs in a second thread, in block order, one block behind."""
-    with ThreadPoolExecutor(1) as pool:
+                    schema: pa.Schema, writers, oov_rows, rows2, bar, pool: ThreadPoolExecutor) -> None:
+    """Pass 2 from pass 1's stored blocks: each block dictionary's ids, looked up once (features
+    in parallel on ``pool``); the parquet writing runs in another thread, in block order, one
+    block behind."""
+
+    def lookup(item):
+        name, (idx, dic) = item
+        return vocabs[name].encode_distinct(dic)[idx]
+
+    with ThreadPoolExecutor(1) as writer:
         pending = []
         for rec in blocks:
-            ids, bags = {}, {}
-            for name in spec.categorical:
-                idx, dic = (spill.get(r) for r in rec[name])
-                ids[name] = vocabs[name].encode_distinct(dic)[idx]
-            for name in spec.multi_hot:
-                idx, dic, parent = (spill.get(r) for r in rec[name])
-                bags[name] = (parent, vocabs[name].encode_distinct(dic)[idx])
+            names = list(spec.categorical) + list(spec.multi_hot)
+            stored = [(name, tuple(spill.get(r) for r in rec[name])) for name in names]
+            found = list(pool.map(lookup, [(name, a[:2]) for name, a in stored]))
+            ids = dict(zip(spec.categorical, found))
+            bags = {name: (a[2], f) for (name, a), f in zip(stored[len(spec.categorical):],
+                                                            found[len(spec.categorical):])}
             parts = _block_tables(spec, schema, oov_rows, spill.get(rec["split"]), spill.get(rec["label"]),
                                   [spill.get(r) for r in rec["dense"]], ids, bags)
             while len(pending) > 1:
                 pending.pop(0).result()
-            pending.append(pool.submit(_write_parts, writers, rows2, parts))
+            pending.append(writer.submit(_write_parts, writers, rows2, parts))
             bar.update(rec["bytes"])
         for f in pending:
             f.result()
@@ -1026,15 +1089,16 @@ def preprocess(argv: Optional[Sequence[str]] = None) -> dict:
     spill = Spill(os.path.join(args.out, ".pass1.tmp")) if FAST_PATH else None
     blocks: List[dict] = []
     try:
-        return _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_order,
-                           tests, counters, spill, blocks)
+        with ThreadPoolExecutor(WORKERS) as pool:  # per-feature work; numpy/pyarrow release the GIL
+            return _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_order,
+                               tests, counters, spill, blocks, pool)
     finally:
         if spill is not None:
             spill.close()
 
 
 def _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_order, tests,
-                counters, spill, blocks) -> dict:
+                counters, spill, blocks, pool) -> dict:
     progress = not args.no_progress
     rows = np.zeros(3, dtype=np.int64)
     clicks = np.zeros(3, dtype=np.int64)
@@ -1052,7 +1116,7 @@ def _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_
                 tr = split == 0
                 pos = reader.position()
                 if spill is not None:  # dictionary-encode every value once; keep for pass 2
-                    blocks.append(dict(_spill_block(spill, spec, b, split, counters), bytes=pos - done))
+                    blocks.append(dict(_spill_block(spill, spec, b, split, counters, pool), bytes=pos - done))
                 elif tr.any():
                     trm = pa.array(tr)
                     for name in spec.categorical:
@@ -1088,8 +1152,7 @@ def _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_
         return vocab, {"name": name, "kind": kind, "vocab_size": len(vocab), "oov_id": 0,
                        "distinct_train_values": distinct, "oov_train_rows": 0}
 
-    with ThreadPoolExecutor(2) as pool:  # sorting, grouping and writing release the GIL
-        built = list(pool.map(vocabulary, spec.features))
+    built = list(pool.map(vocabulary, spec.features))  # sorting, grouping and writing release the GIL
     vocabs: Dict[str, Vocabulary] = {name: v for (name, _), (v, _) in zip(spec.features, built)}
     features_meta = [m for _, m in built]
 
@@ -1105,7 +1168,7 @@ def _preprocess(args, argv, spec, files, inputs, sizes, splitter, fractions, by_
     try:
         with _progress(sum(sizes), "pass 2/2 (encode)", progress) as bar:
             if spill is not None:
-                _encode_spilled(spill, blocks, spec, vocabs, schema, writers, oov_rows, rows2, bar)
+                _encode_spilled(spill, blocks, spec, vocabs, schema, writers, oov_rows, rows2, bar, pool)
             else:
                 _encode_reparsed(args, spec, files, sizes, splitter, vocabs, schema, writers,
                                  oov_rows, rows2, bar)
