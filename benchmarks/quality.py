@@ -163,8 +163,8 @@ METHODS: Dict[str, List[str]] = {
     "qr_mult_hot": ["--method", "qr", "--qr-operation", "mult", "--hot-ids", "auto"],
     "hashing_hot": ["--method", "hashing", "--hot-ids", "auto"],
     "planner": [],
-    # the planner's candidate plans (rule, QR first, CCE wherever it fits) each trained, the
-    # lowest validation log loss kept: up to 3 runs per cell
+    # the planner's candidate plans (torchrec_cce.plan_candidates: ladders, CCE alone, tiered
+    # ladders) each trained, the lowest validation log loss kept: up to 8 runs per cell
     "planner_val": ["--plan-select", "validation"],
 }
 # CCE ablations (issue 9 item 3), re-run under the fixed protocol (every table trained by the

@@ -638,6 +638,12 @@ def test_train_plan_select_validation_keeps_the_lowest_validation_loss():
     check_train_plan(m, 0.1)
     plans = [c["plan"]["tables"] for c in cands]
     assert all(p != q for i, p in enumerate(plans) for q in plans[i + 1:])
+    # the tiered CCE candidate (CANDIDATE_TIERED_LADDERS) trains, its cold CCE re-clustered
+    tiered_cce = [c for c in cands
+                  if any(t["method"] == "cce+hot" for t in c["plan"]["tables"].values())]
+    assert tiered_cce, [[t["method"] for t in p.values()] for p in plans]
+    assert np.isfinite(tiered_cce[0]["val_logloss"]) and tiered_cce[0]["reclusterings"] > 0
+    assert tiered_cce[0]["plan"]["total_bytes"] <= 0.1 * 2**20
     # candidate 0 is the rule's plan: the same run as without --plan-select
     rule = train_run("--embedding-budget-mb", "0.1", "--epochs", "2")
     assert rule["embedding_plan"] == cands[0]["plan"]

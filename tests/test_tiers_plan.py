@@ -80,7 +80,40 @@ def test_candidates_include_fitting_tiered_plans():
         assert tiered and len(tiered) < len(plans)
         for p in plans:
             assert p.total_bytes <= FULL / fraction
+            assert p.total_bytes == sum(config_bytes(t, p.tables[t.name].config) for t in ts)
             assert report_bytes(ts, p) == {n: r.bytes for n, r in p.tables.items()}
+
+
+@pytest.mark.parametrize("fraction", [16, 64])
+def test_candidates_include_a_tiered_cce_plan(fraction):
+    """CANDIDATE_TIERED_LADDERS' CCE-first ladder: a candidate whose CCE tables all get a hot
+    tier (CCE keeps the cold part), the
+    cold CCE sized to the bytes the hot rows leave, each table within its untiered plan's bytes,
+    the plan within the budget."""
+    from torchrec_cce import CCEConfig
+    from torchrec_cce.budget import CANDIDATE_TIERED_LADDERS
+
+    ts, c = tables(), counts(tables())
+    ladder = (("cce", 0.0), ("qr", 0.0), ("ce", 0.0))
+    assert ladder in CANDIDATE_TIERED_LADDERS
+    base = plan_compression(ts, FULL / fraction, counts=c, ladder=ladder)
+    want = tier_plan(base, ts, counts=c)
+    plans = plan_candidates(ts, FULL / fraction, counts=c)
+    keys = [tuple(p.tables.values()) for p in plans]
+    assert tuple(want.tables.values()) in keys
+    cce = [n for n, r in base.tables.items() if r.method == "cce"]
+    assert "t3" in cce  # the largest table
+    for big in cce:
+        row = want.tables[big]
+        assert row.method == "cce+hot" and row.hot_ids >= 1
+        assert isinstance(row.config.cold, CCEConfig)
+        assert row.bytes <= base.tables[big].bytes
+        cold_t = EmbeddingBagConfig(name=big, embedding_dim=DIM, feature_names=["f"],
+                                    num_embeddings=ts[int(big[1])].num_embeddings - row.hot_ids)
+        assert row.bytes == (row.hot_ids * DIM * 2  # float16 hot rows (the ladder's dtype)
+                             + config_bytes(cold_t, row.config.cold))
+    assert want.total_bytes <= FULL / fraction
+    assert report_bytes(ts, want) == {n: r.bytes for n, r in want.tables.items()}
 
 
 @pytest.mark.parametrize("method,fraction", [("cce", 8), ("qr", 16), ("hashing", 16),

@@ -56,7 +56,8 @@ def test_select_plan_keeps_the_lowest_validation_loss() -> None:
         calls.append(i)
         m = {"plan_candidates": len(vals), "embedding_plan": {"i": i}, "method": f"m{i}",
              "val_logloss": vals[i], "val_auc": 0.7, "test_logloss": 1 + i, "test_auc": 0.6,
-             "best_epoch": 1, "wall_seconds": 0.0, "args": {"plan_candidate": i}}
+             "best_epoch": 1, "wall_seconds": 0.0, "args": {"plan_candidate": i},
+             "reclusterings": [{"step": s} for s in range(i)]}
         return m, f"curves {i}"
 
     metrics, extra = select_plan(candidate, lines.append)
@@ -64,6 +65,7 @@ def test_select_plan_keeps_the_lowest_validation_loss() -> None:
     sel = metrics["plan_selection"]
     assert sel["chosen"] == 1 and [c["val_logloss"] for c in sel["candidates"]] == vals
     assert [c["plan"] for c in sel["candidates"]] == [{"i": i} for i in range(4)]
+    assert [c["reclusterings"] for c in sel["candidates"]] == [0, 1, 2, 3]
     assert metrics["test_logloss"] == 2 and metrics["args"]["plan_candidate"] is None
     assert "plan_candidates" not in metrics
     assert lines[0].startswith("-- candidate plan 1 ") and "1: m1 0.4900 *" in lines[-1]

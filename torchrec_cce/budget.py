@@ -630,10 +630,16 @@ CANDIDATE_LADDERS: Tuple[Tuple[Tuple[str, float], ...], ...] = (
 CANDIDATE_METHODS: Tuple[str, ...] = ("cce",)
 # Plans also offered with a hot tier on every compressed table (tier_plan: AUTO_HOT_SHARE of
 # each table's bytes for exclusive rows of its most frequent ids, the ladder's method re-sized
-# to the rest): the rule's ladder and QR's.
+# to the rest): the rule's ladder, QR's and CCE's. CCE's: on MovieLens at 1/16 of the float32
+# bytes CCE with a hot tier (train.py --method cce --hot-ids auto) was the best row (test log
+# loss 0.6561 +- 0.0052, 3 seeds; CCE alone 0.6790, QR-mult fp16 0.6609), while the two other
+# tiered ladders both give QR(+CE) tiers there and the planner's choice was 0.6623
+# (benchmarks/results/tiers_grid); clustering spends its rows on the cold tail, where sharing is
+# forced, and the hot ids keep rows of their own.
 CANDIDATE_TIERED_LADDERS: Tuple[Tuple[Tuple[str, float], ...], ...] = (
     AUTO_LADDER,
     (("qr", 0.0), ("ce", 0.0)),
+    (("cce", 0.0), ("qr", 0.0), ("ce", 0.0)),
 )
 AUTO_HOT_SHARE = 0.5
 

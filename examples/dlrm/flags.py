@@ -60,8 +60,9 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
     ("model", ("--plan-select",), dict(choices=["rule", "validation"], default="rule", help=(
         "with --embedding-budget-mb and no --method: 'rule' trains the planner's rule plan; "
         "'validation' trains each distinct plan of torchrec_cce.plan_candidates (the rule's, QR "
-        "first, CCE wherever it fits, CE alone, CCE alone; same seed and recipe) and keeps the "
-        "one with the lowest validation log loss (up to 5x the training time)"))),
+        "first, CCE wherever it fits, CE alone, CCE alone, then the rule's, QR's and CCE's with a "
+        "hot tier; same seed and recipe) and keeps the one with the lowest validation log loss "
+        "(up to 8x the training time)"))),
     ("model", ("--hot-ids",), dict(type=parse_hot_ids, help=(
         "a hot tier on every compressed table (torchrec_cce.TieredConfig, docs/tiers.md): its "
         "N most frequent ids (an int, at most) or 'auto' (half of the table's bytes) get "

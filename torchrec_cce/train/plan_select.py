@@ -20,7 +20,8 @@ def select_plan(train_candidate: Callable[[int], Tuple[Dict[str, Any], Any]],
     run's ``(metrics, extra)``.
 
     The chosen metrics gain ``plan_selection`` = ``{"chosen": index, "candidates": [{"plan",
-    "method", val/test log loss and AUC, "best_epoch", "wall_seconds"}, ...]}``; their
+    "method", val/test log loss and AUC, "best_epoch", "wall_seconds", "reclusterings" (how
+    many ran)}, ...]}``; their
     ``wall_seconds`` covers every run and ``args["plan_candidate"]`` is reset to None."""
     start = time.perf_counter()
     runs: List[Tuple[Dict[str, Any], Any]] = []
@@ -38,7 +39,8 @@ def select_plan(train_candidate: Callable[[int], Tuple[Dict[str, Any], Any]],
     metrics["plan_selection"] = {
         "chosen": best,
         "candidates": [{"plan": m["embedding_plan"], "method": m["method"],
-                        **{k: m[k] for k in PLAN_FIELDS}} for m, _ in runs]}
+                        **{k: m[k] for k in PLAN_FIELDS},
+                        "reclusterings": len(m.get("reclusterings") or [])} for m, _ in runs]}
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["args"] = dict(metrics["args"], plan_candidate=None)
     log("plan selection (lowest val log loss): " + ", ".join(
