@@ -3,6 +3,7 @@ CSV reader, prefetching) writes byte-for-byte the files of the string path, incl
 that force its fall-backs mid-way (a long value, a non-numeric dense cell, a NUL byte)."""
 
 import filecmp
+import gzip
 import json
 import os
 from pathlib import Path
@@ -143,3 +144,54 @@ def test_value_counter_merges_equal_reference(monkeypatch, switch_at):
     got = {s: (int(c), int(f)) for s, c, f in zip(values, t.column("count").to_numpy(), t.column("first").to_numpy())}
     assert got == want
     assert counter.packed == (switch_at is None)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_blocks_parsed_in_pieces_bytes_equal_whole_blocks(tmp_path, monkeypatch, gz):
+    """Blocks parsed in pieces and put together are pyarrow's whole blocks (same parquet row
+    groups), gzip input included; a line longer than a piece falls back to whole blocks."""
+    rng = np.random.default_rng(3)
+    text = _criteo_text(rng, 3000, long_at=2000)
+    lines = text.splitlines()
+    lines[2600] = lines[2600].replace("\t", "\t" + "7" * 5000, 1)  # a 5 kB dense cell: > a piece
+    path = tmp_path / ("c.tsv.gz" if gz else "c.tsv")
+    data = ("\n".join(lines) + "\n").encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    args = ["--format", "criteo_tsv", "--input", str(path), "--block-size", str(1 << 16)]
+    whole = _run(tmp_path, monkeypatch, True, "whole", args)  # 64 KiB pieces: whole blocks
+    pieces = []
+    real = pp.FileReader._next_batch
+
+    def spy(self, reader):
+        pieces.append(self.parse_split)
+        return real(self, reader)
+
+    monkeypatch.setattr(pp.FileReader, "_next_batch", spy)
+    monkeypatch.setattr(pp, "PARSE_PIECE", 1 << 12)
+    split = _run(tmp_path, monkeypatch, True, "pieces", args)
+    _assert_same_files(whole, split)
+    assert pieces[0] == 16 and pieces[-1] == 1  # 16 pieces a block until the long line
+    assert pq_row_groups(whole / "train.parquet") > 4
+
+
+def test_csv_blocks_parsed_in_pieces_bytes_equal_whole_blocks(tmp_path, monkeypatch):
+    """The same for a headered CSV with quoted cells."""
+    rng = np.random.default_rng(4)
+    rows = ["label,c,tags,d"]
+    for i in range(4000):
+        tags = "|".join(rng.choice(["t1", "t2", "t3"], size=rng.integers(0, 4)))
+        rows.append(f'{i % 2},"v{int(rng.zipf(1.4)) % 500}",{tags},{rng.random():.6f}')
+    path = tmp_path / "in.csv"
+    path.write_text("\n".join(rows) + "\n")
+    args = ["--format", "csv", "--input", str(path), "--block-size", str(1 << 14), "--dense-columns", "d",
+            "--multi-hot-columns", "tags"]
+    whole = _run(tmp_path, monkeypatch, True, "whole", args)
+    monkeypatch.setattr(pp, "PARSE_PIECE", 1 << 10)
+    _assert_same_files(whole, _run(tmp_path, monkeypatch, True, "pieces", args))
+    assert pq_row_groups(whole / "train.parquet") > 4
+
+
+def pq_row_groups(path) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_row_groups
