@@ -69,6 +69,24 @@ def _exact_all(index, x, near):  # the O(k)-per-row float64 re-scoring of near-t
     return index._exact(x)
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (``VmHWM``) to its current RSS (Linux ``clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str,
               warm: bool = False) -> dict:
     """Re-cluster one freshly built CCE table once; its timings and statistics. ``warm``:
@@ -99,6 +117,8 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str,
     kmeans_module.AUTO_KMEANSPP_MAX_K, grouped_ties = SEEDINGS[seeding]
     kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED if grouped_ties else _exact_all
     load = os.getloadavg()[0]
+    rss_reset = _reset_peak_rss()
+    rss_before = _status_kib("VmRSS")
     start, cpu = time.perf_counter(), time.process_time()
     recluster_module.WARM_START = warm
     try:
@@ -109,11 +129,14 @@ def run_table(config: CCEConfig, num_ids: int, iters: int, seeding: str,
         kmeans_module.AUTO_KMEANSPP_MAX_K = before
         kmeans_module.CentroidIndex._exact_grouped = _EXACT_GROUPED
     seconds = time.perf_counter() - start
+    peak_delta = (_status_kib("VmHWM") - rss_before) * 1024 if rss_reset else None
     extra = {} if first is None else {"first_seconds": first[0], "first_cpu_seconds": first[1]}
     return {"seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu, 2),
             **extra, "warm_start": stats["warm_start"],
             "kmeans_iters_run": stats["kmeans_iters_run"],
             "loadavg_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "peak_rss_delta_bytes": peak_delta,
+            "workspace_estimate_bytes": recluster_module.recluster_workspace_bytes(m),
             "num_samples": stats["num_samples"],
             "num_distinct_samples": stats["num_distinct_samples"],
             "kmeans_inertia_start": round(stats["kmeans_inertia_start"], 1),

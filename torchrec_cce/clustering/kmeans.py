@@ -65,6 +65,8 @@ _ARGMIN_WIDTH = 128
 _F32_EPS = 1.2e-7
 # float64 re-scoring of near-ties: distances per batch
 _EXACT_BATCH_ELEMENTS = 1 << 20
+# Lloyd statistics: rows converted to float64 at once per worker (bounds that copy's memory).
+_STATS_BLOCK = 1 << 16
 # Grouped (pruned) search: centroids per bounding box, the smallest k and largest d it is
 # tried at, and the fraction of boxes scanned above which a query batch falls back to the
 # brute force for the rest of the index's life.
@@ -634,18 +636,23 @@ def _local_stats(xs: torch.Tensor, assign: torch.Tensor, dist2: torch.Tensor,
     n, d = xs.shape
 
     def part(lo: int, hi: int) -> torch.Tensor:
-        a, x64 = assign[lo:hi], xs[lo:hi].double()
         out = torch.zeros(k * d + k + 2, dtype=torch.float64, device=xs.device)
-        if w is not None:
-            w64 = w[lo:hi].double()
-            x64.mul_(w64[:, None])
-            out[k * d: k * d + k] = torch.bincount(a, weights=w64, minlength=k)
-            out[-2] = (dist2[lo:hi].double() * w64).sum()
-        else:
-            out[k * d: k * d + k] = torch.bincount(a, minlength=k)
-            out[-2] = dist2[lo:hi].sum(dtype=torch.float64)
-        out[: k * d].view(k, d).index_add_(0, a, x64)
-        out[-1] = (hi - lo) if prev is None else int((a != prev[lo:hi]).sum())
+        sums, counts = out[: k * d].view(k, d), out[k * d: k * d + k]
+        changed = 0
+        for a0 in range(lo, hi, _STATS_BLOCK):  # float64 copies of one block at a time
+            a1 = min(hi, a0 + _STATS_BLOCK)
+            a, x64 = assign[a0:a1], xs[a0:a1].double()
+            if w is not None:
+                w64 = w[a0:a1].double()
+                x64.mul_(w64[:, None])
+                counts.add_(torch.bincount(a, weights=w64, minlength=k))
+                out[-2] += (dist2[a0:a1].double() * w64).sum()
+            else:
+                counts.add_(torch.bincount(a, minlength=k))
+                out[-2] += dist2[a0:a1].sum(dtype=torch.float64)
+            sums.index_add_(0, a, x64)
+            changed += (a1 - a0) if prev is None else int((a != prev[a0:a1]).sum())
+        out[-1] = changed
         return out
 
     parts = _parallel([functools.partial(part, lo, hi) for lo, hi in _split(n, _workers(), 1 << 16)])
@@ -704,7 +711,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         raise ValueError("kmeans: method must be 'auto', 'grouped', 'native', 'torch' or "
                          f"'brute', got {method!r}")
     coll = collective if collective is not None else default_collective()
-    x = x.detach().to(torch.float32).contiguous()
+    x = x.detach().to(torch.float32)  # may be a strided view: centring below makes the copy
     n, d = x.shape
     if weights is None:
         w = torch.ones(n, device=x.device)

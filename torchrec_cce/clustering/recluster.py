@@ -56,6 +56,44 @@ DEFAULT_ID_BATCH = 1 << 18
 LLOYD_ITERS = 3
 
 
+def recluster_workspace_bytes(method: CCETable, world_size: int = 1,
+                              workers: Optional[int] = None,
+                              id_batch: int = DEFAULT_ID_BATCH) -> int:
+    """Estimated peak of the temporary memory one rank allocates while re-clustering
+    ``method`` (freed afterwards; training's own state not included): the largest of its
+    phases, each counted from the tensors it holds at once. ``world_size`` ranks share the
+    distinct sampled ids and the covered ids; ``workers`` (default
+    ``torch.get_num_threads()``) partial results are held at once.
+    ``benchmarks/recluster.py`` compares it with the measured peak RSS of each table."""
+    w = max(1, int(world_size))
+    t = max(1, int(workers or torch.get_num_threads()))
+    c, cd, k = method.chunks, method.chunk_dim, method.rows
+    occ = w * method.reservoir.capacity  # every rank's sample, gathered
+    distinct = min(occ, method.num_embeddings)
+    n = -(-distinct // w)  # this rank's distinct sampled ids
+    pool = min(distinct, max(4096, 8 * k))  # k-means' replicated init pool
+    sums = c * k * (cd + 1) * 8  # residual sums + counts, float64
+    gathered = occ * 8 if w > 1 else 0
+    # 1. the distinct sample: gathered ids, sort temporaries, unique ids + counts
+    sample = gathered + 2 * occ * 8 + 16 * distinct
+    # 2-3. unique ids/counts kept, weights, the vectors [n, c, cd]; per chunk: centred copy,
+    # finiteness mask, assignment, distances, previous assignment; pool and k-means|| state;
+    # per-worker statistics (k x (cd + 1) float64 and one float64 block)
+    lloyd = (16 * distinct + 4 * n + n * c * cd * 4 + n * (cd * 4 + cd + 8 + 4 + 8)
+             + pool * ((cd + 1) * 4 * 2 + 3 * 8)
+             + t * ((k * (cd + 1) + 2) * 8 + (1 << 16) * (cd + 1) * 8))
+    # 4. every covered id: new p (int32) of this rank's ids; per batch in flight: ids, old p,
+    # old and new buckets (int64 per chunk), a chunk's vectors, residuals, nearest index and
+    # distance, partial sums; the totals and their all-reduce
+    covered = -(-int(method.assigned_ids) // w)
+    per_batch = id_batch * (8 + 3 * c * 8 + cd * 4 + cd * 8 + 8 + 4) + sums
+    all_ids = covered * c * 4 + t * per_batch + 3 * sums + c * k * cd * 4
+    # 5. a replicated p is re-assembled from every rank's part
+    write = int(method.assigned_ids) * c * 4 * 2 if w > 1 else 0
+    stacked_ab = 2 * c * k * cd * 4
+    return max(sample, lloyd, all_ids, write) + stacked_ab
+
+
 @dataclass
 class ReclusterState:
     """What re-clustering reads and writes for one CCE table, wherever it lives.
@@ -200,18 +238,21 @@ def _assign_all_ids(state: ReclusterState, A: torch.Tensor, B: torch.Tensor,
             clock("all_ids_residual")
         return sums, counts, residual_sq, times
 
-    parts = parallel_tasks([functools.partial(batch, b_lo, min(hi, b_lo + id_batch))
-                            for b_lo in range(lo, hi, id_batch)])
+    tasks = [functools.partial(batch, b_lo, min(hi, b_lo + id_batch))
+             for b_lo in range(lo, hi, id_batch)]
     sums = torch.zeros(c, rows, m.chunk_dim, dtype=torch.float64, device=dev)
     counts = torch.zeros(c, rows, dtype=torch.float64, device=dev)
     residual_sq = torch.zeros((), dtype=torch.float64, device=dev)
-    for s_part, c_part, r_part, times in parts:  # batch order: deterministic sums
-        sums += s_part
-        counts += c_part
-        residual_sq += r_part
-        if phases is not None:
-            for k, v in times.items():
-                phases[k] = phases.get(k, 0.0) + v
+    with worker_threads() as wave:  # at most this many batches' partial sums held at once
+        wave = max(1, wave)
+    for w_lo in range(0, len(tasks), wave):
+        for s_part, c_part, r_part, times in parallel_tasks(tasks[w_lo: w_lo + wave]):
+            sums += s_part  # batch order: deterministic sums
+            counts += c_part
+            residual_sq += r_part
+            if phases is not None:
+                for k, v in times.items():
+                    phases[k] = phases.get(k, 0.0) + v
     return new_p, sums, counts, float(residual_sq)
 
 
@@ -286,9 +327,13 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
             return chunk_vectors(m, A, B, _lookup(state, ids), m.bucket(ids))
 
         step = 1 << 16
-        x = torch.cat(parallel_tasks([functools.partial(vectors, a, min(a + step, sample.numel()))
-                                      for a in range(0, sample.numel(), step)])
-                      or [A.new_zeros(0, c, m.chunk_dim)])
+        x = A.new_empty(sample.numel(), c, m.chunk_dim)  # filled in place: no second copy
+
+        def fill(a: int, b: int) -> None:
+            x[a:b] = vectors(a, b)
+
+        parallel_tasks([functools.partial(fill, a, min(a + step, sample.numel()))
+                        for a in range(0, sample.numel(), step)])
     clock("sample_vectors")
     centroids: List[torch.Tensor] = []
     start_inertia = end_inertia = 0.0
@@ -307,6 +352,7 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
         iters_run += int(res.iters_run)
         clock("kmeans_lloyd")
     cents = torch.stack(centroids)  # [c, rows, chunk_dim]
+    del x, sample, weight  # the sample's vectors are not needed by the all-ids pass
     kmeans_seconds = time.perf_counter() - start
 
     # 4: every owned id -> nearest centroid; residuals into buckets of the fresh hash.
