@@ -344,6 +344,11 @@ def train_cell(method: str, data_dir: str, work: str, args: argparse.Namespace, 
             "embedding_bytes": m["embedding_bytes"], "full_embedding_bytes": m["full_embedding_bytes"],
             "predicted_embedding_training_bytes": predicted,
             "predicted_per_rank": predicted // world, "peak_rss_per_rank": ranks,
+            # besides the tables' share: CCE's id reservoirs (every rank) and, in runs that
+            # re-cluster, the largest table's estimated re-clustering workspace
+            "predicted_sample_bytes_per_rank": int(m.get("embedding_sample_bytes_per_rank", 0)),
+            "predicted_recluster_workspace_bytes": (int(m.get("recluster_workspace_bytes", 0))
+                                                    if m["reclusterings"] else 0),
             "peak_anon_per_rank": anon,
             "plan": None if m["embedding_plan"] is None else {
                 n: {"method": t["method"], "rows": t["rows"]}
@@ -406,7 +411,9 @@ def write_table(res: Dict[str, Any]) -> None:
              "ran. Peak RSS is per rank (VmHWM), max over ranks, with the peak private part (RssAnon: "
              "without the page cache of the memory-mapped data, shared by the ranks) in brackets "
              "where recorded; predicted = the planner's "
-             "embedding training bytes / world size (the tables only: the process baseline of "
+             "embedding training bytes / world size, plus (cells run since the reservoirs were "
+             "counted) CCE's id reservoirs and the largest table's estimated re-clustering "
+             "workspace (the process baseline of "
              "torch + TorchRec is not in it; 'over planner_256' subtracts the peak (private where "
              "recorded) RSS of the 1/256 cell, whose tables are tiny, as an estimate of that baseline). 'vs full' "
              "marked * compares with a full cell of another invocation (other load); 'load' is "
@@ -450,6 +457,14 @@ def write_table(res: Dict[str, Any]) -> None:
                 if t.get("checkpoint_bytes"):
                     saves = ", ".join(f"{x:.1f}" for x in t.get("checkpoint_save_seconds", []))
                     note.append(f"checkpoint {t['checkpoint_bytes'] / mib:.1f} MiB, saves {saves} s")
+                predicted = t["predicted_per_rank"]
+                if "predicted_sample_bytes_per_rank" in t:
+                    extra = (t["predicted_sample_bytes_per_rank"],
+                             t["predicted_recluster_workspace_bytes"])
+                    if any(extra):
+                        note.append(f"predicted = tables {predicted / mib:.0f} + reservoirs "
+                                    f"{extra[0] / mib:.0f} + re-clustering {extra[1] / mib:.0f} MiB")
+                    predicted += sum(extra)
                 if "exactness" in t:
                     note.append(f"killed after step {t['fault_at']}, resumed from "
                                 f"{t['resumed_from_step']}, exact={t['exactness']['exact']}")
@@ -466,7 +481,7 @@ def write_table(res: Dict[str, Any]) -> None:
                     f"| {label} | {m} | {t['seconds']:.1f} | {t['samples_per_s']:,.0f} | "
                     f"{'' if ratio is None else f'{ratio:.2f}x{mark}'} | {t['recluster_seconds']:.2f} | {rss:.0f}"
                     f"{'' if anon is None else f' ({anon:.0f})'} | {'' if over is None else f'{over:.0f}'} | "
-                    f"{t['predicted_per_rank'] / mib:.2f} | {t['embedding_bytes'] / mib:.2f} "
+                    f"{predicted / mib:.2f} | {t['embedding_bytes'] / mib:.2f} "
                     f"({t['full_embedding_bytes'] / mib:.2f}) | {t['test_logloss']:.4f} | {'; '.join(note)} |")
         lines.append("")
     with open(TABLE, "w") as f:

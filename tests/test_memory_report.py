@@ -133,6 +133,23 @@ def test_summarize_totals_and_nested_model():
     assert s["param_ratio"] == pytest.approx(total_compression(tables, ebc.compression))
 
 
+def test_sample_bytes_count_cce_reservoirs_per_rank():
+    """CCE's id reservoir (min(256 rows, 2^21) int64 slots, on every rank, outside the state
+    dict) is reported as sample_bytes, tiered CCE's through its cold part, other methods 0;
+    summarize adds them up per rank and keeps them out of training_bytes."""
+    from torchrec_cce import TieredConfig
+    tables = [table("a", v=1000), table("b", v=3000), table("c", v=500), table("d", v=100_000)]
+    ebc = CCEEmbeddingBagCollection(tables, {
+        "a": CCEConfig(rows=64, chunks=4), "b": TieredConfig(hot_ids=100, cold=CCEConfig(rows=32)),
+        "c": QRConfig(collisions=20), "d": CCEConfig(rows=10_000)}, device="meta")
+    rep = memory_report(ebc)
+    expected = {"a": 256 * 64 * 8, "b": 256 * 32 * 8, "c": 0, "d": (1 << 21) * 8}
+    assert {t: r["sample_bytes"] for t, r in rep.items()} == expected
+    s = summarize(rep)
+    assert s["sample_bytes_per_rank"] == sum(expected.values())
+    assert s["training_bytes"] == sum(r["compressed_bytes"] for r in rep.values())
+
+
 # ---------------------------------------------------------------- the paper's protocol
 BUDGET_TABLES = [table("small", v=10), table("mid", v=1000), table("big", v=5000)]
 P = 4000  # parameters per table; small (160 params) stays full

@@ -178,6 +178,11 @@ def test_torchx_component_cce_two_workers(torchx_cce_epoch1: Dict[str, Any]) -> 
     # CCE stores a cluster assignment on top of the codebooks, and still saves memory
     assert m["assignment_bytes"] > 0
     assert m["compression_ratio_params"] > 2
+    # every rank keeps each CCE table's id reservoir; re-clustering's workspace is estimated
+    cce_rows = [r for r in m["embedding_tables"].values() if r["method"] == "cce"]
+    assert cce_rows and all(r["sample_bytes"] > 0 for r in cce_rows)
+    assert m["embedding_sample_bytes_per_rank"] == sum(r["sample_bytes"] for r in cce_rows)
+    assert m["recluster_workspace_bytes"] > 0
     # --recluster-at 0.5: exactly one re-clustering, half-way through the 8 steps
     assert len(m["reclusterings"]) == 1, m["reclusterings"]
     (rc,) = m["reclusterings"]

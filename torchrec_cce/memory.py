@@ -45,6 +45,7 @@ def _add_training_and_serving(collection: nn.Module,
     are the serving figures (its compression is for storage and serving)."""
     for name, row in report.items():
         method = collection.tables[name] if name in collection.tables else None
+        row["sample_bytes"] = method.sample_bytes() if method is not None else 0
         mpe = getattr(method, "cold", method)  # a tiered table's MPE cold part: plus hot rows
         if getattr(mpe, "method_name", "") == "mpe":
             hot = row["codebook_bytes"] if mpe is not method else 0
@@ -105,6 +106,8 @@ def summarize(report: Dict[str, Dict[str, float]]) -> Dict[str, float]:
         "full_bytes": full_bytes,
         "compressed_bytes": compressed,
         "assignment_bytes": sum(r["assignment_bytes"] for r in report.values()),
+        # held by every rank (CCE's id reservoirs), not in training_bytes
+        "sample_bytes_per_rank": sum(r.get("sample_bytes", 0) for r in report.values()),
         "full_params": full_params,
         "params": params,
         "param_ratio": full_params / params if params else float("inf"),

@@ -183,6 +183,11 @@ class CompressedTable(nn.Module, abc.ABC):
         """Bytes of the learned id -> codebook-row assignment (CCE's ``p``)."""
         return 0
 
+    def sample_bytes(self) -> int:
+        """Bytes of training-only samples kept outside every state dict, by *each* rank (CCE's
+        id reservoir, which re-clustering draws from); 0 by default."""
+        return 0
+
     def extra_parameters(self) -> int:
         """Trainable parameters held outside the codebook EBC (MEmCom's per-id weights)."""
         return 0

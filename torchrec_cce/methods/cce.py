@@ -308,6 +308,10 @@ class CCETable(CompressedTable):
                            entries=self._assignment_words, align=self.id_alignment(),
                            trainable=False)]
 
+    def sample_bytes(self) -> int:
+        """The id reservoir's slots (``capacity`` int64s, on every rank)."""
+        return self.reservoir.ids.numel() * self.reservoir.ids.element_size()
+
     def replicated_state_bytes(self) -> int:
         """The hash generation (one int64)."""
         return self.h_generation.numel() * self.h_generation.element_size()

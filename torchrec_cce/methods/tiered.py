@@ -145,5 +145,8 @@ class TieredTable(CompressedTable):
     def assignment_bytes(self) -> int:
         return self.cold.assignment_bytes()
 
+    def sample_bytes(self) -> int:
+        return self.cold.sample_bytes()
+
     def extra_parameters(self) -> int:
         return self.cold.extra_parameters()

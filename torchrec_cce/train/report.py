@@ -14,7 +14,9 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.api import memory_report
 from torchrec_cce.budget import config_bytes
+from torchrec_cce.clustering.recluster import recluster_workspace_bytes
 from torchrec_cce.memory import summarize
+from torchrec_cce.methods.cce import CCETable
 from torchrec_cce.train.evaluation import Protocol
 
 
@@ -113,6 +115,12 @@ def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int
         "embedding_bytes": totals["compressed_bytes"],
         "embedding_training_bytes": totals["training_bytes"],
         "embedding_serving_bytes": totals["serving_bytes"],
+        # held by every rank besides its share of the training bytes: CCE's id reservoirs, and
+        # while a table is re-clustered the largest table's estimated temporary memory
+        "embedding_sample_bytes_per_rank": totals["sample_bytes_per_rank"],
+        "recluster_workspace_bytes": max(
+            (recluster_workspace_bytes(m, world) for m in model.modules()
+             if isinstance(m, CCETable)), default=0),
         "mpe": list(mpe),
         "full_embedding_bytes": totals["full_bytes"],
         "full_embedding_params": totals["full_params"],
