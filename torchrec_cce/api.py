@@ -112,7 +112,9 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
     * ``ratio``: ``full_bytes / compressed_bytes``;
     * ``training_bytes`` / ``serving_bytes``: bytes stored while training / when served. Equal
       to ``compressed_bytes`` except for MPE, which trains fp32 master weights and serves a
-      packed table (its ``compressed_bytes`` is the serving figure).
+      packed table (its ``compressed_bytes`` is the serving figure);
+    * ``sample_bytes``: training-only samples every rank keeps besides its share of the above
+      (CCE's id reservoir, ``min(256 rows, 2^21)`` int64 slots); 0 for other methods.
 
     Full (uncompressed) tables appear with ratio 1. Table names must be unique across
     collections; a repeated name is reported as ``<module path>.<table>``.
