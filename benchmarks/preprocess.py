@@ -15,6 +15,9 @@
   (extracted to ``--tmp``), alternating with the working tree's in one invocation (the machine's
   load changes by the minute), and a byte-for-byte comparison of the two outputs
   (``meta.json`` without its ``command``).
+* ``--input TSV``: time an existing Criteo TSV instead of the tiled one (e.g. the first ``N``
+  lines of a full-size ``train.txt`` or of ``scale.py``'s generated file: ``head -n N``);
+  ``--section NAME`` keeps such a run's figures under their own key of the results.
 * ``--full-vocab``: peak RSS at Criteo Kaggle's full vocabulary, 33.8M ids: a TSV of
   ``max(cardinalities)`` = 10,131,227 rows in which categorical ``j`` cycles through its
   Kaggle cardinality (row ``i`` has rank ``i mod card_j``, written as in ``scale.py``), so every
@@ -27,6 +30,7 @@ Usage::
     python benchmarks/preprocess.py                  # 1.5M rows, 3 repetitions
     python benchmarks/preprocess.py --rows 200000 --reps 1   # smoke run
     python benchmarks/preprocess.py --ref 49008b4            # side by side with that revision
+    python benchmarks/preprocess.py --input slice.tsv --ref 945b047   # an existing TSV
     python benchmarks/preprocess.py --full-vocab --reps 0    # the 33.8M-id vocabulary only
 """
 
@@ -142,11 +146,15 @@ def run_preprocess(tsv: str, out: str, module: str = "", extra=()) -> dict:
 
 
 def same_outputs(a: str, b: str) -> list:
-    """Files that differ between two output directories (``meta.json`` minus ``command``)."""
+    """Files that differ between two output directories (``meta.json`` minus ``command``; the
+    loader's column cache ``mmap/`` left out)."""
     import filecmp
 
-    names = sorted(os.path.relpath(os.path.join(r, f), a) for r, _, fs in os.walk(a) for f in fs)
-    other = sorted(os.path.relpath(os.path.join(r, f), b) for r, _, fs in os.walk(b) for f in fs)
+    def files(d):  # what preprocessing wrote (the loader adds its column cache, mmap/)
+        return sorted(n for n in (os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+                      if not n.startswith("mmap" + os.sep))
+
+    names, other = files(a), files(b)
     differ = sorted(set(names) ^ set(other))
     for n in set(names) & set(other):
         if n == "meta.json":
@@ -194,10 +202,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--ref", default=None, help="git revision to run side by side (see above)")
     p.add_argument("--full-vocab", action="store_true", help="also the 33.8M-id vocabulary run")
+    p.add_argument("--input", default=None, help="an existing Criteo TSV to time instead of the tiled one")
+    p.add_argument("--section", default=None,
+                   help="store this run's input/preprocess/loader/reference under this key of the results")
     p.add_argument("--tmp", default="/tmp/torchrec_cce_preprocess_bench")
     args = p.parse_args()
     os.makedirs(args.tmp, exist_ok=True)
     result = {}  # this invocation's parts; the others of RESULTS are kept
+    top = result
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                          "note": "shared, loaded 2-core VM: noisy; wall figures depend on the load"}
     result["command"] = " ".join(["python", "benchmarks/preprocess.py"] + sys.argv[1:])
@@ -209,10 +221,14 @@ def main() -> None:
         with open(ref_module, "w") as f:
             f.write(src)
     if args.reps:
-        tsv = os.path.join(args.tmp, f"criteo_shaped_{args.rows}.tsv")
-        t = time.perf_counter()
-        info = make_tsv(tsv, args.rows)
-        info["generate_s"] = time.perf_counter() - t
+        if args.input:
+            tsv = args.input
+            info = {"rows": None, "bytes": os.path.getsize(tsv), "given": True}
+        else:
+            tsv = os.path.join(args.tmp, f"criteo_shaped_{args.rows}.tsv")
+            t = time.perf_counter()
+            info = make_tsv(tsv, args.rows)
+            info["generate_s"] = time.perf_counter() - t
         out, ref_out = os.path.join(args.tmp, "pre"), os.path.join(args.tmp, "pre_ref")
         pre, ref, loads = [], [], []
         for _ in range(args.reps):  # interleaved: [reference,] preprocess, a loader epoch
@@ -229,6 +245,10 @@ def main() -> None:
                   f"{pre[-1]['load_avg_1min']:.1f}); loader {loads[-1]['samples_per_s']:,.0f} samples/s",
                   flush=True)
         med = lambda xs: float(np.median(xs))  # noqa: E731
+        if args.section:
+            result = result.setdefault(args.section, {"command": top["command"]})
+            result["load_avg_1min_at_end"] = os.getloadavg()[0]
+        info["rows"] = info["rows"] or pre[0]["rows"]
         result["input"] = dict(info, path=tsv, format="criteo_tsv")
         result["preprocess"] = summary(pre)
         result["loader"] = {"batch_size": args.batch_size, "reps": loads,
@@ -238,11 +258,14 @@ def main() -> None:
             differ = same_outputs(out, ref_out)
             result["reference"] = dict(summary(ref), revision=args.ref, differing_files=differ,
                                        cpu_speedup=result["preprocess"]["median_rows_per_cpu_s"]
-                                       / summary(ref)["median_rows_per_cpu_s"])
+                                       / summary(ref)["median_rows_per_cpu_s"],
+                                       wall_speedup_median_of_pairs=med([r["seconds"] / q["seconds"]
+                                                                         for r, q in zip(ref, pre)]))
             print(f"reference {args.ref}: outputs {'identical' if not differ else 'DIFFER: ' + str(differ)}")
         print(f"median: preprocess {result['preprocess']['median_rows_per_s']:,.0f} rows/s "
               f"({result['preprocess']['median_rows_per_cpu_s']:,.0f} rows/CPU-s), loader "
               f"{result['loader']['median_samples_per_s']:,.0f} samples/s")
+    result = top
     if args.full_vocab:
         tsv = os.path.join(args.tmp, "criteo_full_vocab.tsv")
         t = time.perf_counter()
