@@ -123,13 +123,19 @@ if {module!r}:
     preprocess = mod.preprocess
 else:
     from torchrec_cce.data.preprocess import preprocess
+def peak_mb():  # this process's own high-water mark: VmHWM; ru_maxrss keeps the parent's
+    try:           # at the fork (Linux carries it over execve), e.g. a loader epoch's
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t, c = time.perf_counter(), time.process_time()
 meta = preprocess({args!r})
 dt, cpu = time.perf_counter() - t, time.process_time() - c
 rows = sum(s["rows"] for s in meta["splits"].values())
 print(json.dumps({{"seconds": dt, "cpu_seconds": cpu, "rows": rows,
                    "vocab_total": sum(f["vocab_size"] for f in meta["features"]),
-                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+                   "peak_rss_mb": peak_mb()}}))
 """
 
 
@@ -203,6 +209,7 @@ def main() -> None:
     p.add_argument("--ref", default=None, help="git revision to run side by side (see above)")
     p.add_argument("--full-vocab", action="store_true", help="also the 33.8M-id vocabulary run")
     p.add_argument("--input", default=None, help="an existing Criteo TSV to time instead of the tiled one")
+    p.add_argument("--no-loader", action="store_true", help="skip the loader epochs")
     p.add_argument("--section", default=None,
                    help="store this run's input/preprocess/loader/reference under this key of the results")
     p.add_argument("--tmp", default="/tmp/torchrec_cce_preprocess_bench")
@@ -238,12 +245,13 @@ def main() -> None:
                       f"{ref[-1]['rows'] / ref[-1]['cpu_seconds']:,.0f} rows/CPU-s "
                       f"({ref[-1]['seconds']:.1f} s, peak RSS {ref[-1]['peak_rss_mb']:.0f} MB)", flush=True)
             pre.append(run_preprocess(tsv, out))
-            loads.append(run_loader(out, args.batch_size))
+            if not args.no_loader:
+                loads.append(run_loader(out, args.batch_size))
             print(f"preprocess {pre[-1]['rows'] / pre[-1]['seconds']:,.0f} rows/s, "
                   f"{pre[-1]['rows'] / pre[-1]['cpu_seconds']:,.0f} rows/CPU-s "
                   f"({pre[-1]['seconds']:.1f} s, peak RSS {pre[-1]['peak_rss_mb']:.0f} MB, load "
-                  f"{pre[-1]['load_avg_1min']:.1f}); loader {loads[-1]['samples_per_s']:,.0f} samples/s",
-                  flush=True)
+                  f"{pre[-1]['load_avg_1min']:.1f})"
+                  + (f"; loader {loads[-1]['samples_per_s']:,.0f} samples/s" if loads else ""), flush=True)
         med = lambda xs: float(np.median(xs))  # noqa: E731
         if args.section:
             result = result.setdefault(args.section, {"command": top["command"]})
@@ -251,9 +259,10 @@ def main() -> None:
         info["rows"] = info["rows"] or pre[0]["rows"]
         result["input"] = dict(info, path=tsv, format="criteo_tsv")
         result["preprocess"] = summary(pre)
-        result["loader"] = {"batch_size": args.batch_size, "reps": loads,
-                            "median_batches_per_s": med([r["batches_per_s"] for r in loads]),
-                            "median_samples_per_s": med([r["samples_per_s"] for r in loads])}
+        if loads:
+            result["loader"] = {"batch_size": args.batch_size, "reps": loads,
+                                "median_batches_per_s": med([r["batches_per_s"] for r in loads]),
+                                "median_samples_per_s": med([r["samples_per_s"] for r in loads])}
         if ref_module:
             differ = same_outputs(out, ref_out)
             result["reference"] = dict(summary(ref), revision=args.ref, differing_files=differ,
@@ -263,8 +272,8 @@ def main() -> None:
                                                                          for r, q in zip(ref, pre)]))
             print(f"reference {args.ref}: outputs {'identical' if not differ else 'DIFFER: ' + str(differ)}")
         print(f"median: preprocess {result['preprocess']['median_rows_per_s']:,.0f} rows/s "
-              f"({result['preprocess']['median_rows_per_cpu_s']:,.0f} rows/CPU-s), loader "
-              f"{result['loader']['median_samples_per_s']:,.0f} samples/s")
+              f"({result['preprocess']['median_rows_per_cpu_s']:,.0f} rows/CPU-s)"
+              + (f", loader {result['loader']['median_samples_per_s']:,.0f} samples/s" if loads else ""))
     result = top
     if args.full_vocab:
         tsv = os.path.join(args.tmp, "criteo_full_vocab.tsv")

@@ -8,18 +8,20 @@
 One streaming pass over the input, one over a temporary file (bounded memory: one pyarrow
 block at a time plus the per-feature tables of distinct training values and the vocabularies):
 
-1. parse, validate and split every row (the next block is parsed in a background thread;
-   dense columns by the CSV reader itself, or, in a file with a value it rejects, from that
-   block on as strings, checked as before); dictionary-encode every categorical value of the
-   block, as a packed uint64 key when every value has at most 8 bytes and no NUL (Criteo's
-   8-hex-digit tokens, Avazu's ids) and as strings otherwise; count the training rows' values
-   from the dictionaries (merged geometrically), rows and clicks per split; store the block's
+1. parse, validate and split every row (the next block is parsed in a background thread, in
+   1 MiB pieces put together again; dense columns converted by the CSV reader itself, and
+   Criteo's categoricals as 8-byte fixed-width values, or, in a file with a value it rejects,
+   from that block on as strings, checked as before); dictionary-encode every categorical
+   value of the block, as a packed uint64 key when every value has at most 8 bytes and no NUL
+   (Criteo's 8-hex-digit tokens, Avazu's ids) and as strings otherwise; count the training
+   rows' values from the dictionaries (merged geometrically), rows and clicks per split (the
+   features of a block on two threads); store the block's
    split, label, dense columns, dictionary indices and dictionaries in ``DIR/.pass1.tmp``
    (:class:`~torchrec_cce.data.spill.Spill`; about 130 bytes per Criteo-shaped row, deleted at the end);
 2. build the vocabularies (id 0 = out-of-vocabulary; ids ``1..V-1`` = training values seen
    ``>= --min-count`` times, in descending training frequency, ties in first-seen order; two
-   features at a time), then look each stored block's dictionary up once and write
-   ``DIR/{train,val,test}.parquet`` (in a second thread).
+   features at a time), then look each stored block's dictionary up once (two features at a
+   time) and write ``DIR/{train,val,test}.parquet`` (in another thread).
 
 ``FAST_PATH = False`` re-parses the input in pass 2 and handles every value as a string (the
 reference the tests compare the fast path's files with, byte for byte).
@@ -996,15 +998,16 @@ def _write_parts(writers, rows2: np.ndarray, parts: List[Tuple[str, pa.Table]]) 
 def _encode_spilled(spill: Spill, blocks: List[dict], spec: Spec, vocabs: Dict[str, "Vocabulary"],
                     schema: pa.Schema, writers, oov_rows, rows2, bar, pool: ThreadPoolExecutor) -> None:
     """Pass 2 from pass 1's stored blocks: each block dictionary's ids, looked up once (features
-    in parallel on ``pool``); the parquet writing runs in another thread, in block order, one
-    block behind."""
+    in parallel on ``pool``); each split's parquet file is written in a thread of its own, in
+    block order, at most one block behind."""
 
     def lookup(item):
         name, (idx, dic) = item
         return vocabs[name].encode_distinct(dic)[idx]
 
-    with ThreadPoolExecutor(1) as writer:
-        pending = []
+    split_writers = {s: ThreadPoolExecutor(1) for s in SPLITS}  # one each: keeps block order
+    try:
+        pending: List[list] = []
         for rec in blocks:
             names = list(spec.categorical) + list(spec.multi_hot)
             stored = [(name, tuple(spill.get(r) for r in rec[name])) for name in names]
@@ -1015,11 +1018,16 @@ def _encode_spilled(spill: Spill, blocks: List[dict], spec: Spec, vocabs: Dict[s
             parts = _block_tables(spec, schema, oov_rows, spill.get(rec["split"]), spill.get(rec["label"]),
                                   [spill.get(r) for r in rec["dense"]], ids, bags)
             while len(pending) > 1:
-                pending.pop(0).result()
-            pending.append(writer.submit(_write_parts, writers, rows2, parts))
+                for f in pending.pop(0):
+                    f.result()
+            pending.append([split_writers[s].submit(_write_parts, writers, rows2, [(s, t)]) for s, t in parts])
             bar.update(rec["bytes"])
-        for f in pending:
-            f.result()
+        for fs in pending:
+            for f in fs:
+                f.result()
+    finally:
+        for w in split_writers.values():
+            w.shutdown()
 
 
 def _encode_reparsed(args, spec: Spec, files: List[str], sizes: List[int], splitter: "Splitter",
