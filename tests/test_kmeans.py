@@ -328,6 +328,33 @@ def test_deterministic_and_seed_dependent():
     assert not torch.equal(a.centroids, c.centroids)
 
 
+def test_without_the_final_pass_the_same_centroids_one_search_fewer(monkeypatch):
+    """final_pass=False (re-clustering: only the centroids are used) gives bit-identical
+    centroids after the same updates, and runs one nearest-centroid pass fewer; its inertia is
+    that of the centroids before the last update (>= the final one)."""
+    x = _mixture(5000, 4, 30, seed=8)
+    passes = []
+    original = kmeans_module.CentroidIndex.brute_force
+
+    def counting(self, rows):
+        passes.append(rows.shape[0])
+        return original(self, rows)
+
+    monkeypatch.setattr(kmeans_module.CentroidIndex, "brute_force", counting)
+    full = kmeans(x, 40, iters=3, seed=1, tol=0, init="random")
+    lloyd_full = passes.count(x.shape[0])
+    passes.clear()
+    short = kmeans(x, 40, iters=3, seed=1, tol=0, init="random", final_pass=False)
+    assert passes.count(x.shape[0]) == lloyd_full - 1 == 3
+    assert torch.equal(short.centroids, full.centroids)
+    assert short.iters_run == full.iters_run == 3
+    assert short.inertia_history == full.inertia_history[:-1]
+    assert short.inertia == full.inertia_history[-2] >= full.inertia
+    assert short.inertia == pytest.approx(_brute_inertia(x, kmeans(x, 40, iters=2, seed=1, tol=0,
+                                                                   init="random").centroids),
+                                          rel=1e-4)
+
+
 def test_tol_stops_early():
     x = _mixture(4000, 4, 30, seed=7)
     full = kmeans(x, 30, iters=40, seed=0, tol=0)

@@ -191,8 +191,9 @@ def test_recluster_sets_centroids_mean_residuals_and_fresh_hash(reclustered):
 
 
 def test_centroids_are_kmeans_of_the_sample(reclustered):
-    """A_i are k-means centroids of the sample's "before" chunk vectors: the reported inertia is
-    the sample's inertia w.r.t. the new A (recomputed with cdist) and went down during Lloyd;
+    """A_i are k-means centroids of the sample's "before" chunk vectors: the sample's inertia
+    w.r.t. the new A (recomputed with cdist) is at most the reported one (the last assignment
+    pass's, before the final update), which went down during Lloyd;
     A is (nearly) a Lloyd fixed point (one more Lloyd update from A gains < 1%); and the
     inertia is within 1.4x of scikit-learn's k-means (4 greedy k-means++ restarts, up to 300
     iterations) on the same points (measured: 1.07x and 1.30x; the k-means++ initialisation
@@ -218,7 +219,9 @@ def test_centroids_are_kmeans_of_the_sample(reclustered):
             means[counts > 0] = sums[counts > 0] / counts[counts > 0, None]
             after = float(((x[:, i] - means[assign]) ** 2).sum())
             lloyd_gain_max = max(lloyd_gain_max, (part - after) / part)
-        assert inertia == pytest.approx(stats[name]["kmeans_inertia_end"], rel=1e-3)
+        # kmeans_inertia_end is the last assignment pass's (before the final update: the pass
+        # that would score the final centroids is skipped), so it bounds the new A's inertia
+        assert inertia <= stats[name]["kmeans_inertia_end"] * (1 + 1e-4)
         assert stats[name]["kmeans_inertia_end"] < stats[name]["kmeans_inertia_start"]
         assert lloyd_gain_max < 0.01, (name, lloyd_gain_max)
         sk = sum(KMeans(n_clusters=rows, n_init=4, random_state=0).fit(

@@ -666,7 +666,8 @@ def _local_stats(xs: torch.Tensor, assign: torch.Tensor, dist2: torch.Tensor,
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
            weights: Optional[torch.Tensor] = None, collective: Optional[Collective] = None,
            init: Union[str, torch.Tensor] = "auto", tol: float = 1e-4, *, pool_size: Optional[int] = None,
-           batch_size: Optional[int] = None, method: str = "auto") -> KMeansResult:
+           batch_size: Optional[int] = None, method: str = "auto",
+           final_pass: bool = True) -> KMeansResult:
     """Lloyd's k-means of this rank's samples ``x [n, d]`` together with every other rank's.
 
     Every rank must call it (with the same ``k``, ``iters``, ``seed``, ``init``, ``tol``,
@@ -693,6 +694,11 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         batch_size: rows per brute-force distance batch (default: ~1M distances per batch).
         method: nearest-centroid search, ``"auto"`` (compiled kernel when available),
             ``"native"`` or ``"torch"`` (``"brute"``: alias); all give the same assignments.
+        final_pass: after the last update, assign the samples to the final centroids once more
+            (``assignment`` and ``inertia`` then describe them). ``False`` skips that pass when
+            only the centroids are wanted (re-clustering): the same centroids, one pass fewer;
+            ``assignment``/``inertia`` are then those of the centroids before the last update
+            (an upper bound of the final inertia), and ``iters_run`` counts the updates.
 
     Threads: torch ops run single-threaded on ``torch.get_num_threads()`` Python worker
     threads; the global torch thread count is 1 during the call and restored after it.
@@ -780,6 +786,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
                 centroids = coll.all_reduce_sum(centroids * float(coll.rank == 0))
         prev = assign
         iters_run += 1
+        if not final_pass and iters_run >= iters:
+            break  # the centroids are final; their assignment pass is skipped
 
     return KMeansResult(centroids=centroids + shift, assignment=assign, inertia=history[-1],
                         inertia_history=history, reseeded=reseeded, iters_run=iters_run)

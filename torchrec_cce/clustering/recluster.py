@@ -343,6 +343,7 @@ def recluster_table(state: ReclusterState, collective: Optional[Collective] = No
     for i in range(c):
         init = A.view(c, rows, -1)[i] if warm else "auto"
         res = kmeans(x[:, i], k=rows, iters=iters, collective=collective, weights=weight,
+                     final_pass=False,  # only the centroids are used: step 4 assigns every id
                      seed=derive_seed(m.config.seed, m.table_name, i, f"kmeans{generation}"),
                      init=init)
         centroids.append(res.centroids.to(A.dtype))
