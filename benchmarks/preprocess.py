@@ -219,7 +219,9 @@ def main() -> None:
     top = result
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                          "note": "shared, loaded 2-core VM: noisy; wall figures depend on the load"}
-    result["command"] = " ".join(["python", "benchmarks/preprocess.py"] + sys.argv[1:])
+    command = " ".join(["python", "benchmarks/preprocess.py"] + sys.argv[1:])
+    if not args.section:
+        result["command"] = command
     ref_module = ""
     if args.ref:
         ref_module = os.path.join(args.tmp, "preprocess_ref.py")
@@ -254,7 +256,7 @@ def main() -> None:
                   + (f"; loader {loads[-1]['samples_per_s']:,.0f} samples/s" if loads else ""), flush=True)
         med = lambda xs: float(np.median(xs))  # noqa: E731
         if args.section:
-            result = result.setdefault(args.section, {"command": top["command"]})
+            result = result.setdefault(args.section, {"command": command})
             result["load_avg_1min_at_end"] = os.getloadavg()[0]
         info["rows"] = info["rows"] or pre[0]["rows"]
         result["input"] = dict(info, path=tsv, format="criteo_tsv")

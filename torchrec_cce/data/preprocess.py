@@ -343,7 +343,7 @@ class Vocabulary:
         self.seed: Optional[int] = None if self.width <= 8 else 1
         self.packed = keys is not None
         if self.packed:  # one-to-one keys, equal to string_keys(values, width, None)
-            self.order = np.argsort(keys, kind="stable")
+            self.order = np.argsort(keys)  # distinct keys: any sort gives this order (SIMD's is fastest)
             self.sorted_keys = keys[self.order]
             return
         for _attempt in range(8):
@@ -504,7 +504,7 @@ class ValueCounter:
         if not parts:
             return
         k, f, c = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        o = np.argsort(k, kind="stable")
+        o = np.argsort(k)  # equal keys' min and sum do not depend on their order: no stable sort
         k, f, c = k[o], f[o], c[o]
         start = np.flatnonzero(np.concatenate([[True], k[1:] != k[:-1]]))
         k, f, c = k[start], np.minimum.reduceat(f, start), np.add.reduceat(c, start)
