@@ -220,7 +220,7 @@ def main() -> None:
     result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
                          "note": "shared, loaded 2-core VM: noisy; wall figures depend on the load"}
     command = " ".join(["python", "benchmarks/preprocess.py"] + sys.argv[1:])
-    if not args.section:
+    if args.reps and not args.section:  # the command of the top-level figures
         result["command"] = command
     ref_module = ""
     if args.ref:
@@ -285,7 +285,7 @@ def main() -> None:
         info["generate_s"] = time.perf_counter() - t
         r = run_preprocess(tsv, os.path.join(args.tmp, "pre_full_vocab"), extra=["--split", "1,0,0"])
         result["full_vocab"] = dict(r, input=dict(info, path=tsv), rows_per_s=r["rows"] / r["seconds"],
-                                    rows_per_cpu_s=r["rows"] / r["cpu_seconds"])
+                                    rows_per_cpu_s=r["rows"] / r["cpu_seconds"], command=command)
         print(f"full vocabulary: {r['vocab_total']:,} ids, {r['rows'] / r['seconds']:,.0f} rows/s, "
               f"{r['rows'] / r['cpu_seconds']:,.0f} rows/CPU-s, peak RSS {r['peak_rss_mb']:,.0f} MB", flush=True)
     os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
