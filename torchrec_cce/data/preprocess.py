@@ -610,7 +610,7 @@ class Block:
     lines: np.ndarray  # 1-based physical line of every good row
     order: np.ndarray  # int64 global order key (file index << 40 | line; < 2**55)
     label: np.ndarray  # int8
-    dense: np.ndarray  # float32 [n, n_dense]
+    dense: List[np.ndarray]  # float32 [n] per dense column
     cats: Dict[str, pa.Array]  # string arrays
     multi: Dict[str, Tuple[pa.Array, np.ndarray]]  # (flat string values, int64 row of each)
 
@@ -778,9 +778,9 @@ class FileReader:
             if badlabel.any():
                 i = int(np.flatnonzero(badlabel)[0])
                 raise _label_error(self.path, spec.label, int(lines[i]), label_col[i].as_py())
-            dense = np.zeros((n, len(spec.dense)), dtype=np.float64)
+            dense = []  # float64 [n] per column (contiguous: one pass each)
             nonnum = np.zeros(n, dtype=bool)
-            for j, c in enumerate(spec.dense):
+            for c in spec.dense:
                 col = rb.column(c)
                 if col.type == pa.float64():  # parsed by the CSV reader; empty = null
                     vals, ok = col, np.ones(n, dtype=bool)
@@ -798,7 +798,7 @@ class FileReader:
                 v = pc.fill_null(vals, 0.0).to_numpy(zero_copy_only=False)
                 ok &= np.isfinite(v)
                 nonnum |= keep & ~ok
-                dense[:, j] = np.where(ok, v, 0.0)
+                dense.append(np.where(ok, v, 0.0))
             self._bad_mask(bad, nonnum, lines, rb, "non_numeric_dense")
             keep &= ~nonnum
             cats: Dict[str, pa.Array] = {}
@@ -836,7 +836,8 @@ class FileReader:
                 multi[c] = (flat, parent)
             good_lines = lines[keep]
             order = (np.int64(self.file_index) << np.int64(40)) | good_lines
-            yield Block(self.path, good_lines, order, label, dense[keep].astype(np.float32),
+            yield Block(self.path, good_lines, order, label,
+                        [(d[keep] if nb < n else d).astype(np.float32) for d in dense],
                         cats, multi)
         for line, text in zip(self.skipped[reported:], self.skipped_text[reported:]):
             bad.add(self.path, line, "wrong_field_count", text)
@@ -923,11 +924,11 @@ def _bag_order_keys(order: np.ndarray, parent: np.ndarray) -> np.ndarray:
     return (order[parent] << np.int64(8)) | np.minimum(place, 255)
 
 
-def _dense_out(spec: Spec, dense: np.ndarray) -> List[np.ndarray]:
-    """The written float32 dense columns of a block's parsed ``[n, n_dense]`` values."""
+def _dense_out(spec: Spec, dense: List[np.ndarray]) -> List[np.ndarray]:
+    """The written float32 dense columns of a block's parsed columns."""
     out = []
     for j in range(len(spec.dense)):
-        d = dense[:, j]
+        d = dense[j]
         if spec.dense_transform == "log":
             d = np.log1p(np.maximum(d, 0.0))
         out.append(d.astype(np.float32))
