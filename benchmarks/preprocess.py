@@ -157,8 +157,8 @@ def same_outputs(a: str, b: str) -> list:
     import filecmp
 
     def files(d):  # what preprocessing wrote (the loader adds its column cache, mmap/)
-        return sorted(n for n in (os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
-                      if not n.startswith("mmap" + os.sep))
+        every = (os.path.relpath(os.path.join(r, f), d) for r, _, fs in os.walk(d) for f in fs)
+        return sorted(n for n in every if not n.startswith("mmap" + os.sep))
 
     names, other = files(a), files(b)
     differ = sorted(set(names) ^ set(other))

@@ -81,7 +81,7 @@ AVAZU_COLUMNS = (
 AVAZU_CATEGORICAL = ["hour_of_day", "weekday"] + AVAZU_COLUMNS[3:]
 MIN_ROWS_FOR_BAD_CHECK = 10_000
 PARSE_PIECE = 1 << 20  # bytes: a --block-size block is parsed in pieces of this size (FileReader)
-WORKERS = 2  # threads for the per-feature work of a block (the machine's cores, at most 2 here)
+WORKERS = 2  # threads for a block's per-feature work (numpy and pyarrow release the GIL)
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -703,10 +703,11 @@ class FileReader:
         one :meth:`_open` level lower from that block on.
 
         Blocks are parsed in :attr:`parse_split` pieces of ``PARSE_PIECE`` bytes (a third less
-        CPU than 16 MiB at once: a piece stays in the CPU's caches) and put together again: pyarrow's block ``k`` holds the lines that end in bytes
-        ``[k * size, (k + 1) * size)``, so ``parse_split`` consecutive pieces are one block of
-        ``--block-size`` and the output (its parquet row groups) does not change. A line longer
-        than a piece makes pyarrow fail: then the file is read again in whole blocks."""
+        CPU than 16 MiB at once: a piece stays in the CPU's caches) and put together again:
+        pyarrow's block ``k`` holds the lines that end in bytes ``[k * size, (k + 1) * size)``,
+        so ``parse_split`` consecutive pieces are one block of ``--block-size`` and the output
+        (its parquet row groups) does not change. A line longer than a piece makes pyarrow
+        fail: then the file is read again in whole blocks."""
         levels = [0]
         if FAST_PATH and self.spec.dense:
             levels.insert(0, 1)
@@ -850,9 +851,9 @@ class FileReader:
     def _bad_mask(self, bad: BadRows, mask: np.ndarray, lines: np.ndarray, rb, reason: str) -> None:
         if mask.any():
             i = int(np.flatnonzero(mask)[0])
-            text = self.spec.delimiter.join(
-                str(text_values(rb.column(c)[i : i + 1])[0].as_py()) if pa.types.is_fixed_size_binary(rb.column(c).type)
-                else str(rb.column(c)[i].as_py()) for c in rb.column_names)
+            text = self.spec.delimiter.join(str(text_values(rb.column(c).slice(i, 1))[0].as_py())
+                                            if pa.types.is_fixed_size_binary(rb.column(c).type)
+                                            else str(rb.column(c)[i].as_py()) for c in rb.column_names)
             bad.add(self.path, int(lines[i]), reason, text, n=int(mask.sum()))
 
 
