@@ -239,9 +239,33 @@ def _planted(clusters: int, n: int, d: int, seed: int) -> torch.Tensor:
     return centres[lab] + scale[lab] * torch.randn(n, d, generator=g)
 
 
+def _seeding_variants(growths: List[float]) -> Dict[str, Any]:
+    """label -> (init, k-means|| growth or None): k-means++, k-means|| at each growth, random."""
+    out: Dict[str, Any] = {"kmeans++": ("kmeans++", None)}
+    for g in growths:
+        out["kmeans||" if g == kmeans_module.KMEANS_PARALLEL_GROWTH else f"kmeans||@{g:g}"] = (
+            "kmeans||", g)
+    out["random"] = ("random", None)
+    return out
+
+
+def _kmeans_with_growth(growth, *args, **kwargs):
+    """:func:`kmeans` whose k-means|| rounds grow by ``growth`` (None: the library default)."""
+    if growth is None:
+        return kmeans(*args, **kwargs)
+    orig = kmeans_module._kmeans_parallel
+    kmeans_module._kmeans_parallel = functools.partial(orig, growth=growth)
+    try:
+        return kmeans(*args, **kwargs)
+    finally:
+        kmeans_module._kmeans_parallel = orig
+
+
 def seeding(args: argparse.Namespace) -> Dict[str, Any]:
-    """Seeding quality (k-means objective) of kmeans++ / kmeans|| / random, same data."""
-    inits = ("kmeans++", "kmeans||", "random")
+    """Seeding quality (k-means objective) of kmeans++ / kmeans|| (at each ``--growths``) /
+    random, same data, right after seeding and after each of ``--seeding-steps`` Lloyd steps."""
+    variants = _seeding_variants([float(g) for g in args.growths.split(",")])
+    steps = [int(s) for s in args.seeding_steps.split(",")]
     ks = [int(k) for k in args.seeding_k.split(",")]
     sets = {}
     if os.path.exists(args.yelp):
@@ -256,25 +280,29 @@ def seeding(args: argparse.Namespace) -> Dict[str, Any]:
                 continue
             row: Dict[str, Any] = {"data": name, "n": int(x.shape[0]), "d": int(x.shape[1]),
                                    "k": k, "seeds": args.seeds}
-            for init in inits:
-                r0, r10, secs = [], [], []
+            for label, (init, growth) in variants.items():
+                r0, secs = [], []
+                after: Dict[int, List[float]] = {s: [] for s in steps}
                 for s in range(args.seeds):
                     t = time.process_time()
-                    r0.append(kmeans(x, k, iters=0, seed=s, init=init).inertia)
+                    r0.append(_kmeans_with_growth(growth, x, k, iters=0, seed=s, init=init).inertia)
                     secs.append(time.process_time() - t)
-                    r10.append(kmeans(x, k, iters=10, seed=s, init=init, tol=0).inertia)
-                row[init] = {"seeded": sum(r0) / len(r0), "after_10": sum(r10) / len(r10),
-                             "seed_plus_one_pass_cpu_s": round(min(secs), 3)}
-            for init in inits:
-                row[init]["seeded_vs_kmeanspp"] = round(row[init]["seeded"]
-                                                        / row["kmeans++"]["seeded"], 4)
-                row[init]["after_10_vs_kmeanspp"] = round(row[init]["after_10"]
-                                                          / row["kmeans++"]["after_10"], 4)
+                    for n_steps in steps:
+                        after[n_steps].append(_kmeans_with_growth(
+                            growth, x, k, iters=n_steps, seed=s, init=init, tol=0).inertia)
+                row[label] = {"seeded": sum(r0) / len(r0),
+                              "seed_plus_one_pass_cpu_s": round(min(secs), 3),
+                              **{f"after_{n}": sum(v) / len(v) for n, v in after.items()}}
+            for label in variants:
+                for key in ["seeded"] + [f"after_{n}" for n in steps]:
+                    row[label][f"{key}_vs_kmeanspp"] = round(row[label][key]
+                                                            / row["kmeans++"][key], 4)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    return {"seeding": rows, "seeding_meta": {
+    return {args.seeding_key: rows, f"{args.seeding_key}_meta": {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": torch.get_num_threads(),
-        "growth": kmeans_module.KMEANS_PARALLEL_GROWTH,
+        "growth": kmeans_module.KMEANS_PARALLEL_GROWTH, "growths": args.growths,
+        "lloyd_steps": args.seeding_steps,
         "loadavg_1min": round(os.getloadavg()[0], 2)}}
 
 
@@ -308,6 +336,12 @@ def main(argv=None) -> None:
     p.add_argument("--datasets", default="gaussian,mixture", help="kmeans_vs_faiss data")
     p.add_argument("--seeding-k", default="1024,4096", help="seeding section: k values")
     p.add_argument("--seeds", type=int, default=3, help="seeding section: seeds per cell")
+    p.add_argument("--growths", default=f"{kmeans_module.KMEANS_PARALLEL_GROWTH:g},2",
+                   help="seeding section: k-means|| round growth factors compared")
+    p.add_argument("--seeding-key", default="seeding",
+                   help="seeding section: JSON key of its rows (and <key>_meta)")
+    p.add_argument("--seeding-steps", default="3,10",
+                   help="seeding section: Lloyd steps after which the objective is recorded")
     p.add_argument("--yelp", default=YELP, help="seeding section: label,user,item csv")
     p.add_argument("--out", default=RESULTS, help="JSON file to merge the results into")
     args = p.parse_args(argv)
