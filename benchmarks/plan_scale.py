@@ -15,7 +15,9 @@ Per cell (table set x method x world size) the JSON records, per rank:
   every shard of ``plan.sharding_spec``);
 * ``ov``: bytes of the O(V) state the rank holds (CCE's packed assignment split by id range,
   MEmCom's per-id weights, MPE's master rows: ``torchrec_cce.distributed.planning``'s
-  ``*_bytes_per_rank``, the sharder's own split);
+  ``*_bytes_per_rank``, the sharder's own split), and its share of CCE's id reservoirs (results
+  written before 2026-12-07 11:00 UTC leave the reservoirs out: 2^21 ids x 8 bytes per CCE table
+  over all ranks, 2 MiB per table per rank at 8 ranks);
 * ``optimizer``: row-wise Adagrad state: one fp32 per row of every codebook shard on the rank
   (fbgemm's ``EXACT_ROWWISE_ADAGRAD`` keeps one momentum per local row, so a column-wise or grid
   shard keeps its own copy for its rows), plus one fp32 per id of MEmCom's per-id weights
@@ -228,10 +230,11 @@ def _table(model: nn.Module, table: str) -> CompressedTable:
 
 
 def _ov_total_bytes(method: CompressedTable, world: int, replicate_below: int) -> int:
-    """The whole O(V) state of a table times its copies (kept whole: ``world`` copies)."""
+    """The whole O(V) state of a table times its copies (kept whole: ``world`` copies), plus
+    every rank's share of CCE's id reservoir."""
     copies = world if stored_id_range(method, 0, world, replicate_below) is None else 1
     return (sum(s.total_bytes for s in method.per_id_state()) * copies
-            + method.replicated_state_bytes() * world)
+            + (method.replicated_state_bytes() + method.sample_bytes(world)) * world)
 
 
 def _routed_tables(model: nn.Module, world: int, replicate_below: int

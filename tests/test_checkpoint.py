@@ -291,6 +291,8 @@ def test_reshard_world2_to_world1(straight) -> None:
     # Re-clustering samples: both ranks' reservoirs merged into the one rank's.
     name = "ebc.tables.t_user"
     parts = [straight["ranks"][r]["reservoirs"][name] for r in range(2)]
+    # under DMP each of the 2 ranks kept half of the table's sample (CCETable.share_sample)
+    assert [p["ids"].numel() for p in parts] == [-(-CAPACITY // 2)] * 2
     merged = one["reservoirs"][name]
     assert merged["seen"] == parts[0]["seen"] + parts[1]["seen"]
     assert merged["ids"].numel() == CAPACITY  # full

@@ -55,8 +55,12 @@ def test_id_ranges_split_the_state_exactly(name: str, world: int) -> None:
         rng = stored_id_range(whole, rank, world, replicate_below=0)
         assert rng is not None and rng.lo % max(s.align for s in whole.per_id_state()) == 0
         part = build_table(TABLE, CONFIGS[name], id_range=(rng.lo, rng.hi))
-        # What the planner reserves for the rank is what its table stores.
-        assert per_rank[rank] == part.state_bytes()
+        part.share_sample(world)  # as the sharder does: CCE keeps its share of the sample
+        # What the planner reserves for the rank is what its table stores (and samples).
+        assert per_rank[rank] == part.state_bytes() + part.sample_bytes()
+        if name.startswith("cce"):  # each rank's share of the id reservoir: ceil(C / world)
+            assert part.reservoir.capacity == -(-whole.sample_capacity // world)
+            assert part.sample_bytes() == whole.sample_bytes(world) == 8 * part.reservoir.capacity
         for s in part.per_id_state():
             pieces[s.name].append(getattr(part, s.name))
             whole_t = getattr(whole, s.name)
@@ -67,7 +71,8 @@ def test_id_ranges_split_the_state_exactly(name: str, world: int) -> None:
     for s in whole.per_id_state():
         torch.testing.assert_close(torch.cat(pieces[s.name]), getattr(whole, s.name))
     assert sum(per_rank) == (whole.logical_state_bytes()
-                             + (world - 1) * whole.replicated_state_bytes())
+                             + (world - 1) * whole.replicated_state_bytes()
+                             + world * whole.sample_bytes(world))
 
 
 def test_small_read_only_state_is_kept_whole_and_trainable_state_is_always_split() -> None:
@@ -76,7 +81,8 @@ def test_small_read_only_state_is_kept_whole_and_trainable_state_is_always_split
     assert stored_id_range(cce, 0, 2, replicate_below=total + 1) is None
     assert stored_id_range(cce, 0, 1, replicate_below=0) is None  # one rank: nothing to split
     assert stored_id_range(cce, 1, 2, replicate_below=total).lo > 0
-    assert state_bytes_per_rank(cce, 3, replicate_below=total + 1) == [cce.state_bytes()] * 3
+    assert state_bytes_per_rank(cce, 3, replicate_below=total + 1) == [
+        cce.state_bytes() + 8 * -(-cce.sample_capacity // 3)] * 3
     memcom = build_table(TABLE, CONFIGS["memcom"])
     rng = stored_id_range(memcom, 0, 1, replicate_below=1 << 40)
     assert (rng.lo, rng.hi) == (0, V)

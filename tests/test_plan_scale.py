@@ -24,8 +24,8 @@ TINY_ARCH = dict(dense_in_features=4, dense_arch_layer_sizes=[8, 16], over_arch_
                  dcn_num_layers=1, dcn_low_rank_dim=4)
 
 
-def _tables() -> List[EmbeddingBagConfig]:
-    sizes = [200_000, 3_000, 90_000, 40, 1_500]
+def _tables(scale: int = 1) -> List[EmbeddingBagConfig]:
+    sizes = [200_000 * scale, 3_000 * scale, 90_000 * scale, 40, 1_500 * scale]
     return [EmbeddingBagConfig(name=f"t{i}", embedding_dim=16, num_embeddings=v,
                                feature_names=[f"f{i}"]) for i, v in enumerate(sizes)]
 
@@ -58,8 +58,10 @@ def test_rank_bytes_match_the_plans_shards(method: str) -> None:
     assert sum(got["codebook"]) == codebook_total
     cce = [m for m in ebc.tables.values() if isinstance(m, CCETable)]
     assert (method == "cce@16") == bool(cce)
-    # Split p once over the ranks, and the hash generation (one int64) on every rank.
-    assert sum(got["ov"]) == sum(m.logical_assignment_bytes() + WORLD * 8 for m in cce)
+    # Split p once over the ranks, the hash generation (one int64) on every rank, and each
+    # rank's share of the id reservoir (ceil(sample_capacity / WORLD) int64s).
+    assert sum(got["ov"]) == sum(m.logical_assignment_bytes() + WORLD * 8
+                                 + WORLD * 8 * -(-m.sample_capacity // WORLD) for m in cce)
     assert all(m.logical_assignment_bytes() >= SMALL_REPLICATE for m in cce)
     # Row-wise Adagrad: one fp32 per row of every shard (column splits keep a copy per shard).
     rows = 0
@@ -177,9 +179,11 @@ def test_hot_owner_formula_matches_counted_routing_of_zipf_ids(
 
 
 def test_compressed_plan_fits_a_cap_the_full_tables_do_not() -> None:
-    full = sum(t.num_embeddings * t.embedding_dim * 4 for t in _tables())
+    # 10x the sizes: CCE's id reservoirs (at most 2^21 ids per table, split over the ranks)
+    # would outweigh the tiny tables' own bytes
+    tables = _tables(scale=10)
+    full = sum(t.num_embeddings * t.embedding_dim * 4 for t in tables)
     cap = full // WORLD // 2  # even perfectly split, the full tables need twice the HBM
-    tables = _tables()
     no = plan_scale.plan_tables(tables, _hot(), "full", WORLD, hbm_cap=cap, batch_size=256,
                                 proposer="greedy", replicate_below=SMALL_REPLICATE,
                                 arch=TINY_ARCH)

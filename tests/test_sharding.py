@@ -224,7 +224,8 @@ def test_planner_counts_assignment_and_honours_constraints() -> None:
     assert types["huge__cce"] == "column_wise"
     assert types["other"] == "table_wise"
     per_rank_assignment = 1_000_000 * 4 * 10 // 8  # ceil(V/2) ids x 4 chunks x 10 bits, packed
-    per_rank_state = per_rank_assignment + 8  # and the hash generation (int64) on every rank
+    # and the hash generation (int64) and half of the id reservoir (256 x 1024 ids) per rank
+    per_rank_state = per_rank_assignment + 8 + 8 * (256 * 1024 // 2)
     assert reserved == {"huge": [per_rank_state, per_rank_state]}  # "other" is a full table
     codebook_bytes = (2 * 4 * 1024) * 4 * 4  # one table: 2*chunks*rows rows of dim/chunks fp32
     assert sum(mem["huge"]["bytes_per_rank"]) == codebook_bytes + 2 * per_rank_state

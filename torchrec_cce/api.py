@@ -114,7 +114,8 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
       to ``compressed_bytes`` except for MPE, which trains fp32 master weights and serves a
       packed table (its ``compressed_bytes`` is the serving figure);
     * ``sample_bytes``: training-only samples every rank keeps besides its share of the above
-      (CCE's id reservoir, ``min(256 rows, 2^21)`` int64 slots); 0 for other methods.
+      (CCE's id reservoir: ``min(256 rows, 2^21)`` int64 slots over all ranks together, each of
+      W ranks holding ``1/W`` of them once sharded); 0 for other methods.
 
     Full (uncompressed) tables appear with ratio 1. Table names must be unique across
     collections; a repeated name is reported as ``<module path>.<table>``.

@@ -229,13 +229,15 @@ def _restore_reservoir(table: CCETable, sources: List[Dict[str, torch.Tensor]], 
     gen = torch.Generator(device=res.ids.device)
     gen.set_state(first["rng"])
     res._generator = gen
-    if len(sources) == 1:
+    if len(sources) == 1 and first["ids"].numel() == res.capacity:
         res.ids.copy_(first["ids"])
         res.seen = int(first["seen"])
         return
+    # Several reservoirs (fewer ranks now) or another capacity (each rank's share of the
+    # sample changes with the world size: CCETable.share_sample): subsample into this one.
     # Merge: slot counts proportional to each reservoir's number of observed ids.
     seen = [int(s["seen"]) for s in sources]
-    samples = [s["ids"][: min(n, res.capacity)] for s, n in zip(sources, seen)]
+    samples = [s["ids"][: min(n, s["ids"].numel())] for s, n in zip(sources, seen)]
     total = sum(seen)
     if sum(x.numel() for x in samples) <= res.capacity:
         merged = torch.cat(samples)
@@ -597,8 +599,13 @@ class CheckpointManager:
             old_world = int(meta["world_size"])
             ranks = sorted(k[len("rank_state.rank"):].split(".")[0]
                            for k in metadata.state_dict_metadata if k.startswith("rank_state.rank"))
+            # saved reservoir sizes: a rank's share of the sample depends on the world size
+            sizes = {k: list(v.size) for k, v in metadata.state_dict_metadata.items()
+                     if k.startswith("rank_state.rank") and k.endswith(".ids")
+                     and isinstance(v, TensorStorageMetadata)}
             candidates.append({"path": path, "step": step, "meta": meta, "progress": progress,
-                               "old_world": old_world, "saved_ranks": sorted(set(map(int, ranks)))})
+                               "old_world": old_world, "saved_ranks": sorted(set(map(int, ranks))),
+                               "reservoir_sizes": sizes})
         return {"fresh": False, "notes": notes, "candidates": candidates, "problems": problems}
 
     def load(self, model: nn.Module, optimizer: Optional[Any] = None) -> Optional[Resumed]:
@@ -637,7 +644,12 @@ class CheckpointManager:
         mine = state["rank_state"].pop(f"rank{rank}")
         sources = [j for j in cand["saved_ranks"] if j % new_world == rank]
         for j in sources:  # templates DCP loads the saved per-rank state into
-            state["rank_state"][f"rank{j}"] = _rank_state(model) if j != rank else mine
+            state["rank_state"][f"rank{j}"] = template = (_rank_state(model) if j != rank
+                                                          else mine)
+            for name, res in template.get("reservoirs", {}).items():  # at the saved sizes
+                size = cand.get("reservoir_sizes", {}).get(f"rank_state.rank{j}.reservoirs.{name}.ids")
+                if size is not None and list(res["ids"].shape) != size:
+                    res["ids"] = res["ids"].new_zeros(size)
         if not state["rank_state"]:
             del state["rank_state"]
         error = None

@@ -3,7 +3,9 @@
 Reservoir sampling (Vitter's algorithm R, vectorised per batch) keeps a uniform sample of all
 id *occurrences* seen so far, so frequent ids appear in proportion to their frequency, in
 ``capacity`` int64 slots whatever the length of training. The reservoir is training state, not
-model state: it is not saved in ``state_dict`` (a restarted job re-fills it).
+model state: it is not saved in ``state_dict`` (checkpoints keep it per rank, see
+:mod:`torchrec_cce.checkpoint`). Under DMP each rank keeps its share of a table's sample
+(``CCETable.share_sample``).
 """
 
 from typing import Optional

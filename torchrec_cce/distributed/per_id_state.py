@@ -47,13 +47,14 @@ def stored_id_range(method: CompressedTable, rank: int, world_size: int,
 def state_bytes_per_rank(method: CompressedTable, world_size: int,
                          replicate_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW) -> List[int]:
     """Bytes of ``method``'s non-codebook state on each rank: its per-id state as
-    :func:`stored_id_range` places it, plus the replicated state on every rank."""
+    :func:`stored_id_range` places it, plus the replicated state and the rank's share of the
+    training samples (CCE's id reservoir) on every rank."""
     out = []
     for rank in range(world_size):
         rng = stored_id_range(method, rank, world_size, replicate_below)
         per_id = sum(s.total_bytes if rng is None else s.bytes_of(rng.hi - rng.lo)
                      for s in method.per_id_state())
-        out.append(per_id + method.replicated_state_bytes())
+        out.append(per_id + method.replicated_state_bytes() + method.sample_bytes(world_size))
     return out
 
 

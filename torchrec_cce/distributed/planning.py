@@ -38,13 +38,14 @@ def table_state_bytes_per_rank(model: nn.Module, world_size: int,
     that has some, in every ``CCEEmbeddingBagCollection`` of ``model``: its per-id state (CCE's
     packed ``p``, MEmCom's per-id weights, MPE's master rows) placed as the sharder places it
     (:func:`~torchrec_cce.distributed.per_id_state.stored_id_range`), plus the state every rank
-    keeps whole (CCE's hash generation, MPE's logits and buffers)."""
+    keeps whole (CCE's hash generation, MPE's logits and buffers) and each rank's share of CCE's
+    id reservoir."""
     out: Dict[str, List[int]] = {}
     for _, module in model.named_modules():
         if not isinstance(module, CCEEmbeddingBagCollection):
             continue
         for name, method in module.tables.items():
-            if method.per_id_state() or method.replicated_state_bytes():
+            if method.per_id_state() or method.replicated_state_bytes() or method.sample_bytes():
                 out[name] = state_bytes_per_rank(method, world_size, replicate_below)
     return out
 

@@ -222,6 +222,7 @@ class ShardedCCEEmbeddingBagCollection(
             rng = stored_id_range(src, env.rank, env.world_size, replicate_assignment_below)
             method = build_table(t, compression.get(t.name), device=device,
                                  id_range=None if rng is None else (rng.lo, rng.hi))
+            method.share_sample(env.world_size)  # CCE: each rank keeps its share of the sample
             _copy_table_state(src, method, rng)
             for state in method.per_id_state():
                 if state.trainable:

@@ -183,10 +183,15 @@ class CompressedTable(nn.Module, abc.ABC):
         """Bytes of the learned id -> codebook-row assignment (CCE's ``p``)."""
         return 0
 
-    def sample_bytes(self) -> int:
+    def sample_bytes(self, world_size: Optional[int] = None) -> int:
         """Bytes of training-only samples kept outside every state dict, by *each* rank (CCE's
-        id reservoir, which re-clustering draws from); 0 by default."""
+        id reservoir, which re-clustering draws from): as held now, or once sharded over
+        ``world_size`` ranks; 0 by default."""
         return 0
+
+    def share_sample(self, world_size: int) -> None:
+        """Called once sharded over ``world_size`` ranks: size the per-rank samples so that
+        all ranks' together stay the unsharded size (CCE's reservoir); no-op by default."""
 
     def extra_parameters(self) -> int:
         """Trainable parameters held outside the codebook EBC (MEmCom's per-id weights)."""

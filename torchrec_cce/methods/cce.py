@@ -102,8 +102,10 @@ class CCETable(CompressedTable):
         self.register_buffer("assignment", torch.zeros(
             packed.num_words(hi - lo, self.chunks, self.assignment_bits),
             dtype=packed.WORD_DTYPE, device=device))
-        self.reservoir = IdReservoir(min(256 * self.rows, MAX_RESERVOIR), seed=config.seed,
-                                     device=device)
+        # Ids re-clustering samples, over all ranks together: each of W ranks keeps
+        # ceil(sample_capacity / W) of them once sharded (share_sample).
+        self.sample_capacity = min(256 * self.rows, MAX_RESERVOIR)
+        self.reservoir = IdReservoir(self.sample_capacity, seed=config.seed, device=device)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -308,9 +310,22 @@ class CCETable(CompressedTable):
                            entries=self._assignment_words, align=self.id_alignment(),
                            trainable=False)]
 
-    def sample_bytes(self) -> int:
-        """The id reservoir's slots (``capacity`` int64s, on every rank)."""
-        return self.reservoir.ids.numel() * self.reservoir.ids.element_size()
+    def share_sample(self, world_size: int) -> None:
+        """Keep ``ceil(sample_capacity / world_size)`` ids in this rank's reservoir (emptied), so
+        that the sample re-clustering gathers from every rank stays ``sample_capacity`` ids
+        whatever the world size (it would grow with it: 2^21 ids per rank are 69 GB gathered
+        at 4,096 ranks)."""
+        capacity = -(-self.sample_capacity // max(1, int(world_size)))
+        if capacity != self.reservoir.capacity:
+            self.reservoir = IdReservoir(capacity, seed=self.reservoir.seed,
+                                         device=self.reservoir.ids.device)
+
+    def sample_bytes(self, world_size: Optional[int] = None) -> int:
+        """The id reservoir's int64 slots on each rank: as held now, or (``world_size``) once
+        shared by that many ranks (:meth:`share_sample`)."""
+        capacity = (self.reservoir.capacity if world_size is None
+                    else -(-self.sample_capacity // max(1, int(world_size))))
+        return capacity * self.reservoir.ids.element_size()
 
     def replicated_state_bytes(self) -> int:
         """The hash generation (one int64)."""

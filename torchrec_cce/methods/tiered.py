@@ -145,8 +145,11 @@ class TieredTable(CompressedTable):
     def assignment_bytes(self) -> int:
         return self.cold.assignment_bytes()
 
-    def sample_bytes(self) -> int:
-        return self.cold.sample_bytes()
+    def sample_bytes(self, world_size: Optional[int] = None) -> int:
+        return self.cold.sample_bytes(world_size)
+
+    def share_sample(self, world_size: int) -> None:
+        self.cold.share_sample(world_size)
 
     def extra_parameters(self) -> int:
         return self.cold.extra_parameters()
