@@ -373,13 +373,18 @@ class CentroidIndex:
                                    for lo, hi in _split(n, _workers(), minimum=min(b, 4096))])
             ties = torch.cat(tie_parts)
             if ties.numel():  # near-ties of the float32 scores: decide them in float64
-                xt = x.index_select(0, ties)
-                if self.groups is not None:
-                    ti, tb = self._exact_grouped(xt, best.index_select(0, ties))
-                else:
-                    ti, tb = self._exact(xt)
-                idx.index_copy_(0, ties, ti)
-                best.index_copy_(0, ties, tb)
+                xt, near = x.index_select(0, ties), best.index_select(0, ties)
+
+                def decide(lo: int, hi: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                    if self.groups is not None:
+                        return self._exact_grouped(xt[lo:hi], near[lo:hi])
+                    return self._exact(xt[lo:hi])
+
+                # each row is decided on its own: split over the worker threads
+                parts = _parallel([functools.partial(decide, lo, hi) for lo, hi in
+                                   _split(ties.numel(), _workers(), minimum=1024)])
+                idx.index_copy_(0, ties, torch.cat([p[0] for p in parts]))
+                best.index_copy_(0, ties, torch.cat([p[1] for p in parts]))
             return idx, best
 
     def _rows(self, x: torch.Tensor, start: int, stop: int, b: int, idx: torch.Tensor,
