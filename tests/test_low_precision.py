@@ -178,9 +178,11 @@ def test_low_precision_trains_under_dmp(low: torch.dtype) -> None:
         assert report["local_codebook_bytes"] == (cb16 if rank == 0 else 0)
         assert planned["compressed_bytes"] == cb16 + packed + 8  # + the int64 hash generation
     # The planned per-rank bytes count codebooks at float16, plus p and the hash generation
-    # (replicated: p is below the sharder's replication threshold).
+    # (replicated: p is below the sharder's replication threshold) and each rank's half of the
+    # id reservoir (256 x ROWS int64 slots over both ranks).
+    share = 8 * -(-256 * ROWS // 2)
     planned = results[0][3]["bytes_per_rank"]
-    assert planned == [cb16 + packed + 8, packed + 8]
+    assert planned == [cb16 + packed + 8 + share, packed + 8 + share]
 
 
 # ---------------------------------------------------------------- every method at float16
