@@ -220,13 +220,17 @@ def test_grouped_search_equals_cdist_argmin(kind, d):
 
 @pytest.mark.parametrize("kind", ["grid", "duplicates"])
 @pytest.mark.parametrize("leaf", [16, 0])
-def test_grouped_search_many_superboxes_and_ties(kind, leaf, monkeypatch):
+@pytest.mark.parametrize("bound", [None, 8192])
+def test_grouped_search_many_superboxes_and_ties(kind, leaf, bound, monkeypatch):
     """k = 9000 (default leaf: 71 groups in 3 superboxes of 32; leaf 16: 563 groups in 18):
     the two-level boxes and the box-pruned float64 re-scoring of near-ties give exactly the
-    float64 argmin, lowest index on ties, as the torch path does."""
+    float64 argmin, lowest index on ties, as the torch path does; also when the re-scoring's
+    candidate bound (``bound``) makes it halve its batches of rows again and again."""
     if not native.grouped_supported():
         pytest.skip("grouped kernel unavailable (needs a C++ compiler and AVX2)")
     monkeypatch.setattr(kmeans_module, "_GROUP_LEAF", leaf)
+    if bound is not None:
+        monkeypatch.setattr(kmeans_module, "_EXACT_BATCH_ELEMENTS", bound)
     g = torch.Generator().manual_seed(3)
     k, d = 9000, 4
     if kind == "grid":

@@ -326,17 +326,25 @@ class CentroidIndex:
         sizes = gr.offsets[1:] - gr.offsets[:-1]
         c64 = self.centroids.double()
         rows = max(1, _EXACT_BATCH_ELEMENTS // max(1, gr.num_groups * self.d))
-        for a in range(0, n, rows):
-            xb = x[a: a + rows]
+        todo = [(a, min(n, a + rows)) for a in range(n - 1 - (n - 1) % rows, -1, -rows)]
+        while todo:  # row ranges, first ones last in the list
+            a, b = todo.pop()
+            xb = x[a:b]
             m = xb.shape[0]
             margin = self._err((xb * xb).sum(1)).mul_(2.0)
-            thr = (near[a: a + rows] + 2.0 * margin).mul_(1.0001).add_(1e-30)
+            thr = (near[a:b] + 2.0 * margin).mul_(1.0001).add_(1e-30)
             gap = torch.zeros(m, gr.num_groups, device=x.device)
             for t in range(self.d):
                 v = torch.maximum(lo[t][None] - xb[:, t: t + 1], xb[:, t: t + 1] - hi[t][None])
                 gap.add_(v.clamp_(min=0).square_())
             r, g = torch.nonzero(gap <= thr[:, None], as_tuple=True)
             per = sizes[g]
+            if m > 1 and int(per.sum()) > _EXACT_BATCH_ELEMENTS:
+                # too many candidate pairs at once (large k: many boxes within reach): halve
+                # the rows, so the float64 candidates stay within the batch bound
+                half = a + m // 2
+                todo += [(half, b), (a, half)]
+                continue
             r = torch.repeat_interleave(r, per)
             first = torch.repeat_interleave(gr.offsets[g], per)
             within = torch.arange(r.numel(), device=x.device) - torch.repeat_interleave(
