@@ -230,7 +230,7 @@ def test_grouped_search_many_superboxes_and_ties(kind, leaf, bound, monkeypatch)
         pytest.skip("grouped kernel unavailable (needs a C++ compiler and AVX2)")
     monkeypatch.setattr(kmeans_module, "_GROUP_LEAF", leaf)
     if bound is not None:
-        monkeypatch.setattr(kmeans_module, "_EXACT_BATCH_ELEMENTS", bound)
+        monkeypatch.setattr(kmeans_module, "_EXACT_PAIRS", bound)
     g = torch.Generator().manual_seed(3)
     k, d = 9000, 4
     if kind == "grid":

@@ -65,6 +65,9 @@ _ARGMIN_WIDTH = 128
 _F32_EPS = 1.2e-7
 # float64 re-scoring of near-ties: distances per batch
 _EXACT_BATCH_ELEMENTS = 1 << 20
+# Box-pruned float64 re-scoring: at most this many (row, centroid) candidate pairs at once, per
+# worker thread (each costs ~100 bytes of float64 gathers and differences).
+_EXACT_PAIRS = 1 << 18
 # Lloyd statistics: rows converted to float64 at once per worker (bounds that copy's memory).
 _STATS_BLOCK = 1 << 16
 # Grouped (pruned) search: centroids per bounding box, the smallest k and largest d it is
@@ -339,9 +342,9 @@ class CentroidIndex:
                 gap.add_(v.clamp_(min=0).square_())
             r, g = torch.nonzero(gap <= thr[:, None], as_tuple=True)
             per = sizes[g]
-            if m > 1 and int(per.sum()) > _EXACT_BATCH_ELEMENTS:
+            if m > 1 and int(per.sum()) > _EXACT_PAIRS:
                 # too many candidate pairs at once (large k: many boxes within reach): halve
-                # the rows, so the float64 candidates stay within the batch bound
+                # the rows, so the float64 candidates stay within the bound
                 half = a + m // 2
                 todo += [(half, b), (a, half)]
                 continue
