@@ -22,9 +22,10 @@ Sections (``--sections``, comma separated; default: all):
   ``ours_kmeanspp_s`` is our k-means++ initialisation (on the replicated init
   pool) for reference; it is not part of the ratio.
 
-* ``seeding``: seeding quality, ``kmeans++`` vs ``kmeans||`` vs ``random`` (mean k-means
-  objective over ``--seeds`` seeds right after seeding and after 10 Lloyd steps, and each
-  seeding's ratio to k-means++): on real trained chunk vectors (a dim-16 logistic matrix
+* ``seeding``: seeding quality, ``kmeans++`` vs ``kmeans||`` (at each round growth of
+  ``--growths``) vs ``random`` (mean k-means objective over ``--seeds`` seeds right after seeding
+  and after each of ``--seeding-steps`` Lloyd steps, and each seeding's ratio to k-means++;
+  rows under ``--seeding-key``): on real trained chunk vectors (a dim-16 logistic matrix
   factorisation of the shared Yelp2018 user-item data, trained for one epoch; its user and
   item tables cut into 4 chunks of dim 4, clustered per chunk as re-clustering does) and on
   planted clusters (well-separated Gaussians of unequal spread, k = 4 per cluster), at

@@ -30,8 +30,13 @@ appends to the cell keys, so a code version's cells sit apart from earlier resul
 Every cell records wall and process-CPU seconds, the phases (``phases_seconds``: sampling and
 old vectors, k-means of all chunks, the all-ids pass split into reading ``p``, hashing,
 gathering, nearest-centroid search, residual sums, writing ``p``), k-means inertia at the
-start (the seeding's) and end, and the 1-minute load average before and after (the machine is
-shared: compare cells of one run, not across runs). ``--repeats`` runs a cell several times;
+start (the seeding's) and at the last assignment pass (since re-clustering skips k-means' final
+pass, 2026-12-07: the inertia before the last update, an upper bound of the final one), the
+peak RSS over the process's RSS before the cell (``peak_rss_delta_bytes``, ``VmHWM`` reset with
+``/proc/self/clear_refs``; heap that earlier cells of the same process freed and glibc kept can
+hide part of a later cell's rise) beside ``recluster_workspace_bytes``' estimate, and the
+1-minute load average before and after (the machine is shared: compare cells of one run, not
+across runs). ``--repeats`` runs a cell several times;
 the JSON keeps every run and the median. Results: ``benchmarks/results/recluster.json``.
 """
 
