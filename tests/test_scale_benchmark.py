@@ -118,6 +118,8 @@ def test_preprocess_and_one_training_cell(generated: dict) -> None:
                      run_steps=steps // 2, epoch_steps=steps, eval_batches=1)
     part = scale.train_cell("full", str(out), str(tmp), half, full)
     assert part["steps"] == steps // 2 and part["eval_batches_per_rank"] == 1
+    # every cell after the first reads the memory-mapped columns the first one wrote, once
+    assert part["page_cache_bytes"] == scale.dir_bytes(str(out / "mmap")) > 0
     part = scale.train_cell("cce", str(out), str(tmp), half, full)
     assert part["steps"] == steps // 2 and part["reclusterings"] == 2
 

@@ -35,8 +35,8 @@ def lookup_sharded_assignments(
     """
     max_chunks = max((m.chunks for m, _, _ in requests), default=1)
     # Only covered ids [0, N) travel; the rest use the hash fallback locally.
-    positions = [torch.nonzero((ids >= 0) & (ids < m.assigned_ids)).squeeze(1)
-                 for m, ids, _ in requests]
+    covered = [(ids >= 0) & (ids < m.assigned_ids) for m, ids, _ in requests]
+    positions = [torch.nonzero(c).squeeze(1) for c in covered]
     routed = route_to_owners([ids[pos] for (_, ids, _), pos in zip(requests, positions)],
                              [rng for _, _, rng in requests], group)
     # Owner side: read the local packed words.
@@ -48,8 +48,13 @@ def lookup_sharded_assignments(
             answer[sel, : m.chunks] = m.read_assignment(rows + m.stored_lo)
     replies = return_to_requesters(routed, answer, group)
     out = []
-    for (m, ids, _), pos, reply in zip(requests, positions, replies):
-        p = m.hash_assignment(ids)
+    for (m, ids, _), c, pos, reply in zip(requests, covered, positions, replies):
+        if pos.numel() == ids.numel():  # every id covered (the usual case): no hash needed
+            out.append(reply[:, : m.chunks].contiguous())
+            continue
+        p = torch.empty(ids.numel(), m.chunks, dtype=torch.int64, device=ids.device)
         p[pos] = reply[:, : m.chunks]
+        rest = torch.nonzero(~c).squeeze(1)
+        p[rest] = m.hash_assignment(ids[rest])
         out.append(p)
     return out

@@ -310,12 +310,16 @@ class CCETable(CompressedTable):
                            entries=self._assignment_words, align=self.id_alignment(),
                            trainable=False)]
 
+    def sample_share(self, world_size: int) -> int:
+        """Ids of the sample each of ``world_size`` ranks keeps: ``ceil(sample_capacity / W)``."""
+        return -(-self.sample_capacity // max(1, int(world_size)))
+
     def share_sample(self, world_size: int) -> None:
         """Keep ``ceil(sample_capacity / world_size)`` ids in this rank's reservoir (emptied), so
         that the sample re-clustering gathers from every rank stays ``sample_capacity`` ids
         whatever the world size (it would grow with it: 2^21 ids per rank are 69 GB gathered
         at 4,096 ranks)."""
-        capacity = -(-self.sample_capacity // max(1, int(world_size)))
+        capacity = self.sample_share(world_size)
         if capacity != self.reservoir.capacity:
             self.reservoir = IdReservoir(capacity, seed=self.reservoir.seed,
                                          device=self.reservoir.ids.device)
@@ -324,7 +328,7 @@ class CCETable(CompressedTable):
         """The id reservoir's int64 slots on each rank: as held now, or (``world_size``) once
         shared by that many ranks (:meth:`share_sample`)."""
         capacity = (self.reservoir.capacity if world_size is None
-                    else -(-self.sample_capacity // max(1, int(world_size))))
+                    else self.sample_share(world_size))
         return capacity * self.reservoir.ids.element_size()
 
     def replicated_state_bytes(self) -> int:
