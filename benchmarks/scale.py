@@ -273,6 +273,10 @@ def method_flags(method: str, full: int) -> List[str]:
     mb = lambda frac: f"{full / frac / 2**20:.6f}"  # noqa: E731
     return {"full": ["--method", "full"],
             "cce": ["--method", "cce", "--embedding-budget-mb", mb(16)],
+            # CCE with every p kept whole on each rank (no per-step p lookups from the owning
+            # rank): not in METHODS; `--methods cce_replicated` measures what the routing costs
+            "cce_replicated": ["--method", "cce", "--embedding-budget-mb", mb(16),
+                               "--replicate-assignment-below-mb", "1048576"],
             "qr": ["--method", "qr", "--embedding-budget-mb", mb(16)],
             "planner_16": ["--embedding-budget-mb", mb(16)],
             "planner_256": ["--embedding-budget-mb", mb(256)]}[method]
@@ -332,7 +336,7 @@ def train_cell(method: str, data_dir: str, work: str, args: argparse.Namespace, 
              "--no-progress", "--metrics-json", metrics, *method_flags(method, full)]
     if args.run_steps != args.epoch_steps:
         flags += ["--max-steps", str(args.run_steps)]
-        if method == "cce" or method.startswith("planner"):  # re-cluster at 1/4, 1/2 of the run
+        if method.startswith(("cce", "planner")):  # re-cluster at 1/4, 1/2 of the run
             flags += ["--recluster-at", ",".join(f"{f * args.run_steps / args.epoch_steps:.6g}"
                                                  for f in (0.25, 0.5))]
     if args.eval_batches:

@@ -487,6 +487,53 @@ def test_reservoir_is_a_uniform_sample_of_occurrences():
     assert abs(float(share[10:].sum()) - 0.5) < 0.05
 
 
+def test_expected_distinct_matches_a_sampled_reservoir():
+    """The workspace estimate's distinct-id count: a reservoir of 20,000 slots over 400,000
+    Zipf-distributed occurrences of 50,000 ids holds about as many distinct ids as
+    expected_distinct predicts from the counts (within 2%), and fewer than its slots."""
+    from torchrec_cce.clustering.sampling import IdReservoir, expected_distinct
+
+    V, slots = 50_000, 20_000
+    counts = (4_000_000 / torch.arange(1, V + 1, dtype=torch.float64) ** 1.1).floor() + 1
+    g = torch.Generator().manual_seed(0)
+    stream = torch.multinomial(counts, 400_000, replacement=True, generator=g)
+    r = IdReservoir(slots, seed=1)
+    for part in stream.split(4096):
+        r.observe(part)
+    held = torch.unique(r.sample()).numel()
+    predicted = expected_distinct(slots, counts.numpy())
+    assert abs(predicted - held) <= 0.02 * held, (predicted, held)
+    assert held < slots
+    # one occurrence per id, many draws: every id; no draws: none
+    assert expected_distinct(10 ** 9, torch.ones(100)) == pytest.approx(100)
+    assert expected_distinct(0, counts) == 0.0
+
+
+def test_workspace_estimate_with_counts_counts_expected_distinct_ids():
+    """With the table's counts, the sample and Lloyd phases hold the expected distinct ids
+    instead of every sampled id: the estimate shrinks for a skewed table and equals the
+    upper bound when every sampled id is distinct."""
+    from torchrec_cce.clustering.recluster import recluster_workspace_bytes
+    from torchrec_cce.clustering.sampling import expected_distinct
+
+    V = 400_000
+    ebc = build([("t", V, 16, CCEConfig(rows=8192, chunks=4, seed=1))])
+    m = ebc.tables["t"]
+    skewed = (1e9 / torch.arange(1, V + 1, dtype=torch.float64) ** 1.2).floor() + 1
+    # (small id batches and one worker: the sample's phases are the peak, not the all-ids pass)
+    kw = dict(workers=1, id_batch=4096)
+    bound = recluster_workspace_bytes(m, 2, **kw)
+    refined = recluster_workspace_bytes(m, 2, counts=skewed.numpy(), **kw)
+    distinct = expected_distinct(2 * m.sample_share(2), skewed.numpy())
+    assert distinct < 0.8 * V
+    assert bound - refined == pytest.approx(16 * (V - distinct), abs=64)
+    # all-distinct counts (a uniform table much larger than the sample): the same as the bound
+    flat = build([("u", 300_000, 16, CCEConfig(rows=16, chunks=4, seed=1))]).tables["u"]
+    assert flat.sample_capacity * 50 <= 300_000
+    assert recluster_workspace_bytes(flat, 2, workers=2, counts=torch.ones(300_000)) == \
+        pytest.approx(recluster_workspace_bytes(flat, 2, workers=2), rel=0.02)
+
+
 # --------------------------------------------------------------------------------- edge cases
 def test_vocabulary_smaller_than_rows_keeps_every_embedding():
     V, dim = 10, 4

@@ -201,6 +201,51 @@ def test_hooks_keep_the_pipeline_equal_to_the_plain_loop_at_world_2() -> None:
             assert abs(a - b) < 2e-6, f"rank {rank} step {step}: plain {a} vs hooked {b}"
 
 
+def _placed_assignment(rank: int, world: int, below: int) -> Dict[str, Any]:
+    """``train.shard`` of a collection with one CCE table of 40,000 ids (p: 40,000 ids x 2
+    chunks x 4 bits = 40,000 bytes) at ``replicate_assignment_below = below``."""
+    from torchrec_cce.train import shard
+
+    torch.manual_seed(0)
+    tables = [EmbeddingBagConfig(name="big", embedding_dim=8, num_embeddings=40_000,
+                                 feature_names=["f"])]
+    ebc = CCEEmbeddingBagCollection(tables, {"big": CCEConfig(rows=16, chunks=2)},
+                                    device=torch.device("meta"))
+    dmp, table = shard(torch.nn.ModuleDict({"sparse_arch": ebc}), world, torch.device("cpu"),
+                       batch_size=64, replicate_assignment_below=below)
+    m = dmp.module["sparse_arch"].tables["big"]
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=["f"], values=torch.arange(rank, 40_000, 97),
+                                              lengths=torch.tensor([len(range(rank, 40_000, 97))]))
+    out = dmp.module["sparse_arch"](kjt).wait().values()
+    return {"stored": (m.stored_lo, m.stored_hi), "bytes": m.packed_assignment_bytes(
+        m.stored_hi - m.stored_lo), "table": table, "out_finite": bool(out.isfinite().all())}
+
+
+@pytest.mark.timeout(900)
+def test_shard_replicates_small_assignments_and_splits_large_ones() -> None:
+    """``train.shard(replicate_assignment_below=)``: p under the threshold is whole on every
+    rank; at the threshold or above it is split by id range, half per rank."""
+    whole = run_multiprocess(_placed_assignment, 2, 40_001)
+    split = run_multiprocess(_placed_assignment, 2, 40_000)
+    assert [r["stored"] for r in whole] == [(0, 40_000), (0, 40_000)]
+    assert [r["bytes"] for r in whole] == [40_000, 40_000]
+    assert [r["stored"] for r in split] == [(0, 20_000), (20_000, 40_000)]
+    assert [r["bytes"] for r in split] == [20_000, 20_000]
+    assert all(r["out_finite"] for r in whole + split)
+
+
+def test_replicate_below_flag_in_bytes() -> None:
+    from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+
+    args = argparse.Namespace(replicate_assignment_below_mb=None)
+    assert defaults.replicate_below(args) == DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+    args.replicate_assignment_below_mb = 2.5
+    assert defaults.replicate_below(args) == int(2.5 * 2 ** 20)
+    args.replicate_assignment_below_mb = -1
+    with pytest.raises(ValueError, match="--replicate-assignment-below-mb"):
+        defaults.replicate_below(args)
+
+
 # ------------------------------------------------------------------ defaults
 def _flags(**kw: Any) -> argparse.Namespace:
     base = dict(recluster_at=None, recluster_every_epoch=None, no_recluster=False, epochs=3,
@@ -271,6 +316,19 @@ def test_run_metrics_report_the_best_evaluation_and_the_bytes_stored(capsys: Any
                     start=time.perf_counter(), table_configs=TABLES,
                     compression={"t_a": CCEConfig(rows=16, chunks=2)})
     totals = summarize(memory_report(ebc))
+    # the re-clustering workspace: an upper bound, refined by the table's counts when given
+    from torchrec_cce.clustering.recluster import recluster_workspace_bytes
+
+    a = ebc.tables["t_a"]
+    skewed = {"t_a": (1000.0 / torch.arange(1, 501, dtype=torch.float64) ** 2).ceil().numpy()}
+    assert m["recluster_workspace_bytes"] == recluster_workspace_bytes(a, 2)
+    refined = run_metrics(model=ebc, protocol=protocol, method="cce", world=2,
+                          progress={"step": 12, "epoch": 3, "step_in_epoch": 0}, samples=1200,
+                          train_seconds=3.0, recluster_seconds=0.5, eval_seconds=0.5,
+                          start=time.perf_counter(), table_configs=TABLES,
+                          compression={"t_a": CCEConfig(rows=16, chunks=2)}, counts=skewed)
+    assert refined["recluster_workspace_bytes"] == recluster_workspace_bytes(
+        a, 2, counts=skewed["t_a"])
     assert (m["best_step"], m["val_logloss"], m["test_logloss"]) == (8, 0.45, 10.45)
     assert m["embedding_bytes"] == totals["compressed_bytes"] < m["full_embedding_bytes"]
     assert m["train_samples_per_s"] == pytest.approx(1200 / 2.0)

@@ -151,6 +151,11 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
     ("CCE", ("--cce-keep-remainder",), dict(action="store_true", default=None, help=(
         "--cce-init qr: h stays the remainder after re-clustering (default on with the default "
         "init; --cce-fresh-hash gives the paper's rule)"))),
+    ("CCE", ("--replicate-assignment-below-mb",), dict(type=float, default=None, help=(
+        "under DMP, a CCE table's assignment p smaller than this (MiB, packed) is kept whole on "
+        "every rank instead of split by id range: no per-step all-to-alls to fetch p(x) from "
+        "its owner, at the cost of p's bytes on every rank (default 1 MiB; "
+        "torchrec_cce.distributed.DEFAULT_REPLICATE_ASSIGNMENT_BELOW)"))),
     ("CCE", ("--cce-fresh-hash",), dict(dest="cce_keep_remainder", action="store_false", help=(
         "h becomes a fresh hash at each re-clustering (the paper's rule)"))),
     ("CCE", ("--planner-allocation",), dict(

@@ -50,7 +50,7 @@ from torchrec_cce.train.checkpoint import (  # noqa: E402
     checkpoint_manager, inject_fault, load_checkpoint, save_checkpoint)
 from torchrec_cce.train.defaults import (  # noqa: E402
     apply_cce_settings, cce_settings, has_cce, make_compression,
-    planned_compression, recluster_fractions, serving_dtype)
+    planned_compression, recluster_fractions, replicate_below, serving_dtype)
 from torchrec_cce.train.plan_select import select_plan  # noqa: E402
 from torchrec_cce.train.report import (  # noqa: E402
     plot_loss, print_summary, quiet_known_warnings, run_metrics, write_metrics)
@@ -92,7 +92,7 @@ def build_model(args: argparse.Namespace, data: Any) -> Tuple[nn.Module, Dict[st
                    "all_mpe": args.method == "mpe" and len(compression) == len(tables),
                    "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan,
                    "plan_candidates": candidates, "table_configs": tables,
-                   "compression": compression}
+                   "compression": compression, "counts": counts}
 
 
 # ---------------------------------------------------------------- one training run
@@ -114,7 +114,8 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         args.warmup_steps = default_warmup_steps(min(steps, args.max_steps or steps))
     apply_sparse_optimizer(model.model.sparse_arch, args.sparse_optimizer, args.lr)
     dmp, plan_table = shard(model, world, device, args.batch_size,
-                            whole_rows=args.serving_dtype is not None)
+                            whole_rows=args.serving_dtype is not None,
+                            replicate_assignment_below=replicate_below(args))
     optim = Optimizers(dmp, dense_optimizer(args.dense_optimizer, args.dense_lr),
                        dense_lr=args.dense_lr, sparse_lr=args.lr, warmup_steps=args.warmup_steps)
     pipeline = make_pipeline(dmp, optim.dense, device, sparse_dist=not budget["all_mpe"])
@@ -254,6 +255,7 @@ def train_run(args: argparse.Namespace, rank: int, world: int, device: torch.dev
         samples=samples, train_seconds=train_seconds, recluster_seconds=recluster.seconds
         if recluster else 0.0, eval_seconds=eval_seconds, start=start,
         table_configs=budget["table_configs"], compression=budget["compression"],
+        counts=budget["counts"],
         plan=budget["plan"], plan_candidates=budget["plan_candidates"],
         serving_dtype=serving_dtype(args), losses=losses,
         reclusterings=recluster.log if recluster else [],

@@ -28,9 +28,10 @@ all-reduced, and a replicated ``p`` is re-assembled by all-gather.
 """
 
 import functools
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -43,6 +44,7 @@ from torchrec_cce.clustering.kmeans import (
     parallel_tasks,
     worker_threads,
 )
+from torchrec_cce.clustering.sampling import expected_distinct
 from torchrec_cce.hashing import derive_seed, hash_ids
 from torchrec_cce.methods.base import codebook_table_name
 from torchrec_cce.methods.cce import CCETable
@@ -58,18 +60,24 @@ LLOYD_ITERS = 3
 
 def recluster_workspace_bytes(method: CCETable, world_size: int = 1,
                               workers: Optional[int] = None,
-                              id_batch: int = DEFAULT_ID_BATCH) -> int:
+                              id_batch: int = DEFAULT_ID_BATCH,
+                              counts: Optional[Any] = None) -> int:
     """Estimated peak of the temporary memory one rank allocates while re-clustering
     ``method`` (freed afterwards; training's own state not included): the largest of its
     phases, each counted from the tensors it holds at once. ``world_size`` ranks share the
     distinct sampled ids and the covered ids; ``workers`` (default
-    ``torch.get_num_threads()``) partial results are held at once.
+    ``torch.get_num_threads()``) partial results are held at once. ``counts`` (the table's
+    per-id training frequencies) give the expected number of distinct ids in the full sample
+    (:func:`~torchrec_cce.clustering.sampling.expected_distinct`); without them every sampled
+    id counts as distinct (an upper bound).
     ``benchmarks/recluster.py`` compares it with the measured peak RSS of each table."""
     w = max(1, int(world_size))
     t = max(1, int(workers or torch.get_num_threads()))
     c, cd, k = method.chunks, method.chunk_dim, method.rows
     occ = w * method.sample_share(w)  # every rank's share of the sample, gathered
     distinct = min(occ, method.num_embeddings)
+    if counts is not None:
+        distinct = min(distinct, math.ceil(expected_distinct(occ, counts)))
     n = -(-distinct // w)  # this rank's distinct sampled ids
     pool = min(distinct, max(4096, 8 * k))  # k-means' replicated init pool
     sums = c * k * (cd + 1) * 8  # residual sums + counts, float64

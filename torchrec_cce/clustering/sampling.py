@@ -8,8 +8,9 @@ model state: it is not saved in ``state_dict`` (checkpoints keep it per rank, se
 (``CCETable.share_sample``).
 """
 
-from typing import Optional
+from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -61,3 +62,15 @@ class IdReservoir(nn.Module):
 
     def reset(self) -> None:
         self.seen = 0
+
+
+def expected_distinct(draws: int, counts: Any) -> float:
+    """Expected number of distinct ids among ``draws`` occurrences drawn in proportion to
+    ``counts`` (per-id training frequencies, e.g. the preprocessing counts): ``sum_i 1 -
+    exp(-draws * p_i)``, the Poisson approximation of sampling with replacement, which is what
+    a reservoir of ``draws`` slots over many more occurrences holds."""
+    c = torch.as_tensor(np.asarray(counts), dtype=torch.float64).reshape(-1)
+    total = float(c.sum())
+    if draws <= 0 or total <= 0:
+        return 0.0
+    return float((-torch.expm1(-float(draws) / total * c)).sum())

@@ -24,6 +24,7 @@ from torchrec import EmbeddingBagConfig
 
 from torchrec_cce.budget import plan_candidates, plan_compression, tier_compression, tier_plan
 from torchrec_cce.clustering.recluster import LLOYD_ITERS
+from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
 from torchrec_cce.configs import (CCEConfig, MEmComConfig, MPEConfig, OnlineTieredConfig,
                                   TieredConfig,
                                   compression_for_budget)
@@ -68,6 +69,17 @@ def cce_settings(args: Any) -> Dict[str, Any]:
 def recluster_fractions(settings: Dict[str, Any]) -> List[float]:
     """The fractions of epoch 1 of :func:`cce_settings`' ``recluster_at``."""
     return [float(x) for x in settings["recluster_at"].split(",") if x]
+
+
+def replicate_below(args: Any) -> int:
+    """``--replicate-assignment-below-mb`` in bytes (default: the sharder's,
+    :data:`~torchrec_cce.distributed.assignment.DEFAULT_REPLICATE_ASSIGNMENT_BELOW`)."""
+    mb = getattr(args, "replicate_assignment_below_mb", None)
+    if mb is None:
+        return DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+    if mb < 0:
+        raise ValueError(f"--replicate-assignment-below-mb must be >= 0 MiB, got {mb}")
+    return int(mb * 2 ** 20)
 
 
 def serving_dtype(args: Any) -> Optional[torch.dtype]:

@@ -68,6 +68,13 @@ def quiet_known_warnings() -> None:
                             "is deprecated", category=FutureWarning)
 
 
+def _own_counts(method: CCETable, counts: Optional[Dict[str, Any]]) -> Optional[Any]:
+    """``method``'s per-id counts when they cover exactly its ids (not a tier's cold part,
+    whose ids are shifted): then the workspace estimate uses them, else its upper bound."""
+    c = (counts or {}).get(method.table_name)
+    return c if c is not None and len(c) == method.num_embeddings else None
+
+
 def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int,
                 progress: Dict[str, int], samples: int, train_seconds: float,
                 recluster_seconds: float, eval_seconds: float, start: float,
@@ -82,11 +89,14 @@ def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int
                 bayes_logloss: Optional[float] = None, resumed_from: Optional[int] = None,
                 last_checkpoint: Optional[str] = None,
                 cce_settings: Optional[Dict[str, Any]] = None,
-                args: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                args: Optional[Dict[str, Any]] = None,
+                counts: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The metrics of one run (JSON-able): the best evaluation's numbers (lowest validation
     log loss), every evaluation, throughput of the training steps (re-clustering and
     evaluation time apart), bytes of every table as stored (served, with ``serving_dtype``),
-    the loss curve and what the hooks did. ``start`` is the run's ``time.perf_counter()``."""
+    the loss curve and what the hooks did. ``start`` is the run's ``time.perf_counter()``;
+    ``counts`` (per-id training frequencies per table) refine the re-clustering workspace
+    estimate."""
     best = protocol.best
     report = memory_report(model)
     if serving_dtype is not None:  # served with INT-N codebooks: the serving size is stored
@@ -119,8 +129,8 @@ def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int
         # while a table is re-clustered the largest table's estimated temporary memory
         "embedding_sample_bytes_per_rank": totals["sample_bytes_per_rank"],
         "recluster_workspace_bytes": max(
-            (recluster_workspace_bytes(m, world) for m in model.modules()
-             if isinstance(m, CCETable)), default=0),
+            (recluster_workspace_bytes(m, world, counts=_own_counts(m, counts))
+             for m in model.modules() if isinstance(m, CCETable)), default=0),
         "mpe": list(mpe),
         "full_embedding_bytes": totals["full_bytes"],
         "full_embedding_params": totals["full_params"],

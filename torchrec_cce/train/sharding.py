@@ -25,11 +25,14 @@ from torchrec_cce.distributed import (
     format_plan_memory,
     plan_memory,
 )
+from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
 from torchrec_cce.distributed.sharder import shard_unplanned
 
 
 def shard(model: nn.Module, world: int, device: torch.device, batch_size: int,
-          whole_rows: bool = False) -> Tuple[nn.Module, str]:
+          whole_rows: bool = False,
+          replicate_assignment_below: int = DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+          ) -> Tuple[nn.Module, str]:
     """Plan and shard ``model`` over the default process group (collective).
 
     Every codebook is model-parallel (the CCE sharder offers no data-parallel placement), so it
@@ -38,10 +41,14 @@ def shard(model: nn.Module, world: int, device: torch.device, batch_size: int,
     values needs every codebook row on one rank). Returns the ``DistributedModelParallel`` and
     the plan's memory table (per table: method, bytes, bytes per rank). A collection the plan
     does not place (every table MPE: no codebook) is sharded by
-    :func:`torchrec_cce.distributed.sharder.shard_unplanned`."""
+    :func:`torchrec_cce.distributed.sharder.shard_unplanned`. CCE assignments smaller than
+    ``replicate_assignment_below`` bytes are kept whole on every rank (no per-step routing of
+    ids to the rank storing their ``p``), larger ones split by id range; the plan and its
+    memory table count either placement."""
     sharder = CCEEmbeddingBagCollectionSharder(
         EmbeddingBagCollectionSharder(),
-        excluded_sharding_types=("column_wise", "table_column_wise") if whole_rows else ())
+        excluded_sharding_types=("column_wise", "table_column_wise") if whole_rows else (),
+        replicate_assignment_below=replicate_assignment_below)
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world,
                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world))),
@@ -52,9 +59,11 @@ def shard(model: nn.Module, world: int, device: torch.device, batch_size: int,
                       if "sparse_arch" not in n)
     base = HeuristicalStorageReservation(percentage=0.15, dense_tensor_estimate=6 * dense_bytes)
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
-                                       storage_reservation=CCEStorageReservation(base=base))
+                                       storage_reservation=CCEStorageReservation(
+                                           base=base, replicate_below=replicate_assignment_below))
     plan = planner.collective_plan(model, [sharder], dist.GroupMember.WORLD)
-    table = format_plan(plan_memory(plan, model, world))  # before DMP swaps modules
+    # (before DMP swaps modules)
+    table = format_plan(plan_memory(plan, model, world, replicate_assignment_below))
     env = ShardingEnv.from_process_group(dist.GroupMember.WORLD)
     model = shard_unplanned(model, plan, sharder, env, device)
     dmp = DistributedModelParallel(model, env=env, plan=plan, sharders=[sharder], device=device)
