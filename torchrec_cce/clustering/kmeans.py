@@ -571,8 +571,25 @@ def _kmeans_plus_plus(pool: torch.Tensor, w: torch.Tensor, k: int,
     return pool[chosen.to(pool.device)].clone()
 
 
+def _pool_nearest_d2(centres: torch.Tensor, pool: torch.Tensor,
+                     coll: Optional[Collective] = None) -> torch.Tensor:
+    """Squared distance ``[p]`` (float32) of every point of the replicated ``pool`` to its
+    nearest of ``centres``. With several ranks each computes a contiguous slice of the pool
+    and one all-gather assembles it: the same values as one rank computing every point (a
+    point's answer does not depend on the others), in ``1 / world`` of the time."""
+    if coll is None or coll.world_size == 1:
+        return CentroidIndex(centres).brute_force(pool)[1]
+    p = pool.shape[0]
+    per = -(-p // coll.world_size)
+    lo, hi = min(p, coll.rank * per), min(p, (coll.rank + 1) * per)
+    mine = (CentroidIndex(centres).brute_force(pool[lo:hi])[1] if hi > lo
+            else torch.empty(0, dtype=torch.float32, device=pool.device))
+    return coll.all_gather_cat(mine)
+
+
 def _kmeans_parallel(pool: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator,
-                     growth: float = KMEANS_PARALLEL_GROWTH) -> torch.Tensor:
+                     growth: float = KMEANS_PARALLEL_GROWTH,
+                     coll: Optional[Collective] = None) -> torch.Tensor:
     """k-means|| seeding (Bahmani et al. 2012) in ``O(log k)`` rounds on the replicated pool.
 
     Round ``r`` draws ``m_r`` new centres *at once*, without replacement, with probability
@@ -587,7 +604,9 @@ def _kmeans_parallel(pool: torch.Tensor, w: torch.Tensor, k: int, g: torch.Gener
     Sampling without replacement uses exponential keys (the ``m`` smallest ``E / mass``,
     ``E ~ Exp(1)`` from ``g``). When fewer than ``m`` pool points have positive mass (every
     point coincides with a centre: ``k`` exceeds the distinct points), the rest of the ``k``
-    centres repeat the drawn ones cyclically (duplicate centroids, never NaN).
+    centres repeat the drawn ones cyclically (duplicate centroids, never NaN). ``coll``
+    splits each round's distance pass over the ranks (:func:`_pool_nearest_d2`); the draws
+    stay replicated, so every rank picks the same centres.
     """
     p = pool.shape[0]
     chosen: List[torch.Tensor] = []
@@ -606,7 +625,7 @@ def _kmeans_parallel(pool: torch.Tensor, w: torch.Tensor, k: int, g: torch.Gener
         drawn += m
         if drawn >= k:
             break
-        _, new = CentroidIndex(pool[pick.to(pool.device)]).brute_force(pool)
+        new = _pool_nearest_d2(pool[pick.to(pool.device)], pool, coll)
         torch.minimum(d2, new.double().cpu(), out=d2)
         d2[pick] = 0.0  # a centre's own distance, exactly
         torch.mul(d2, w.double().cpu(), out=mass)
@@ -625,11 +644,12 @@ def _random_init(pool: torch.Tensor, w: torch.Tensor, k: int, g: torch.Generator
 
 
 def _reseed(centroids: torch.Tensor, empty: torch.Tensor, pool: torch.Tensor,
-            pool_w: torch.Tensor) -> int:
+            pool_w: torch.Tensor, coll: Optional[Collective] = None) -> int:
     """Move the empty clusters onto the pool points farthest from the non-empty centroids.
 
-    Deterministic (depends only on replicated tensors). With fewer pool points than empty
-    clusters the farthest points are reused cyclically. Returns the number re-seeded.
+    Deterministic (depends only on replicated tensors; ``coll`` splits the distance pass over
+    the ranks, :func:`_pool_nearest_d2`). With fewer pool points than empty clusters the
+    farthest points are reused cyclically. Returns the number re-seeded.
     """
     slots = torch.nonzero(empty).squeeze(1)
     m = int(slots.numel())
@@ -637,7 +657,7 @@ def _reseed(centroids: torch.Tensor, empty: torch.Tensor, pool: torch.Tensor,
     if live.shape[0] == 0:
         far = torch.arange(pool.shape[0], device=pool.device)
     else:
-        _, d2 = CentroidIndex(live).brute_force(pool)
+        d2 = _pool_nearest_d2(live, pool, coll)
         d2 = torch.where(pool_w > 0, d2, torch.full_like(d2, -1.0))
         far = torch.topk(d2, min(m, pool.shape[0]), largest=True, sorted=True).indices
     reps = (m + far.numel() - 1) // far.numel()
@@ -768,7 +788,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         if init == "kmeans++":
             centroids = _kmeans_plus_plus(pool, pool_w, k, gen)
         elif init == "kmeans||":
-            centroids = _kmeans_parallel(pool, pool_w, k, gen)
+            centroids = _kmeans_parallel(pool, pool_w, k, gen, coll=coll)
         else:
             centroids = _random_init(pool, pool_w, k, gen)
     if coll.world_size > 1:  # computed identically everywhere; make it bit-identical
@@ -797,7 +817,7 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0,
         new = (sums / counts.clamp(min=1e-300)[:, None]).to(torch.float32)
         centroids = torch.where(empty[:, None], centroids, new)
         if bool(empty.any()):
-            reseeded += _reseed(centroids, empty, pool, pool_w)
+            reseeded += _reseed(centroids, empty, pool, pool_w, coll)
             if coll.world_size > 1:
                 centroids = coll.all_reduce_sum(centroids * float(coll.rank == 0))
         prev = assign
