@@ -251,6 +251,22 @@ for _m in ("ce_fp16", "qr_mult_fp16", "cce_no_recluster"):
 # k-means, the lever for re-clustering time at Criteo size, worth its log loss?
 for _n in (1, 3, 10):
     ABLATIONS[f"abl_kmeans_iters{_n}"] = METHODS["cce"] + ["--kmeans-iters", str(_n)]
+# Hot-tier ablation (issue 23, Frappe's gap): the cold method under the tier (the grid's
+# cce_hot / qr_mult_hot / hashing_hot are CCE fp16 and QR-mult / hashing at float32), the
+# share of a table's bytes for hot rows (--hot-share; the grid rows use AUTO_HOT_SHARE = 0.5,
+# 'mass': the share of the occurrences the hot ids carry, per table) and float32 hot rows in
+# front of a float16 cold method (--hot-dtype).
+_TIER_COLD = {"ce_fp16": METHODS["ce_fp16"], "cce": METHODS["cce"],
+              "qr_fp16": METHODS["qr_mult_fp16"], "hashing_fp16": METHODS["hashing_fp16"]}
+for _m, _a in _TIER_COLD.items():  # (CCE's is the grid's cce_hot)
+    if _m != "cce":
+        ABLATIONS[f"tier_{_m}"] = _a + ["--hot-ids", "auto"]
+for _m in ("ce_fp16", "cce"):
+    for _s in ("0.25", "0.75", "mass"):
+        ABLATIONS[f"tier_{_m}_{_s.replace('0.', 's')}"] = _TIER_COLD[_m] + [
+            "--hot-ids", "auto", "--hot-share", _s]
+    ABLATIONS[f"tier_{_m}_h32"] = _TIER_COLD[_m] + ["--hot-ids", "auto", "--hot-dtype",
+                                                    "float32"]
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this

@@ -140,3 +140,63 @@ def test_online_tiered_plans_fit_and_match_memory_report(method, fraction):
         assert p.bytes <= base.tables[n].bytes
     with pytest.raises(ValueError, match="hot_set must be 'prefix' or 'online'"):
         tier_plan(base, ts, hot_set="sketch")
+
+
+@pytest.mark.parametrize("share", [0.25, 0.75])
+def test_hot_share_sizes_the_hot_rows(share):
+    """hot_share: the hot rows take at most that share of each tiered table's bytes (the most
+    rows that fit it, unless the cold method then no longer fits), bytes still exact."""
+    ts, c = tables(), counts(tables())
+    base = plan_compression(ts, FULL / 16, counts=c, methods=["ce"],
+                            codebook_dtype=torch.float16)
+    plan = tier_plan(base, ts, counts=c, hot_share=share)
+    assert report_bytes(ts, plan) == {n: p.bytes for n, p in plan.tables.items()}
+    t3 = plan.tables["t3"]
+    assert t3.hot_ids == int(share * base.tables["t3"].bytes) // (DIM * 2)
+    assert t3.bytes <= base.tables["t3"].bytes
+    for bad in (0, 1, 1.5, "half"):
+        with pytest.raises(ValueError, match="hot_share must be in"):
+            tier_plan(base, ts, counts=c, hot_share=bad)
+
+
+def test_mass_hot_share_follows_the_counts():
+    """hot_share="mass": H is the largest prefix whose rows' share of the table's bytes is at
+    most the share of the occurrences it carries (checked against a direct scan), a table of
+    uniform counts gets no tier, and a more skewed table a larger one."""
+    from torchrec_cce.budget import _Curve, mass_hot_ids
+
+    ts = tables()
+    skewed = {t.name: np.arange(1, t.num_embeddings + 1, dtype=np.float64) ** -1.2 for t in ts}
+    flat = dict(skewed, t3=np.ones(ts[3].num_embeddings))
+    base = plan_compression(ts, FULL / 16, counts=skewed, methods=["ce"],
+                            codebook_dtype=torch.float16)
+    plan = tier_plan(base, ts, counts=skewed, hot_share="mass")
+    b, row = base.tables["t3"].bytes, DIM * 2
+    cum = np.cumsum(skewed["t3"]) / skewed["t3"].sum()
+    want = max(h for h in range(1, b // row + 1) if h * row <= cum[h - 1] * b)
+    assert plan.tables["t3"].hot_ids == want
+    assert mass_hot_ids(_Curve(ts[3], skewed["t3"]), b, row) == want
+    assert report_bytes(ts, plan) == {n: p.bytes for n, p in plan.tables.items()}
+    flat_plan = tier_plan(plan_compression(ts, FULL / 16, counts=flat, methods=["ce"],
+                                           codebook_dtype=torch.float16),
+                          ts, counts=flat, hot_share="mass")
+    assert flat_plan.tables["t3"].hot_ids is None  # uniform ids: no hot tier
+    steeper = {**skewed, "t3": skewed["t3"] ** 2}
+    assert mass_hot_ids(_Curve(ts[3], steeper["t3"]), b, row) > want
+
+
+@pytest.mark.parametrize("method", ["ce", "cce"])
+def test_hot_dtype_float32_in_front_of_float16(method):
+    """hot_dtype=float32 before a float16 cold method: the hot rows are float32 (4 bytes per
+    value, so half as many in the same share), the cold codebooks stay float16, bytes exact."""
+    ts, c = tables(), counts(tables())
+    base = plan_compression(ts, FULL / 16, counts=c, methods=[method],
+                            codebook_dtype=torch.float16)
+    fp16 = tier_plan(base, ts, counts=c)
+    fp32 = tier_plan(base, ts, counts=c, hot_dtype=torch.float32)
+    assert report_bytes(ts, fp32) == {n: p.bytes for n, p in fp32.tables.items()}
+    cfg = fp32.tables["t3"].config
+    assert cfg.hot_dtype == torch.float32 and cfg.cold.codebook_dtype == torch.float16
+    assert fp16.tables["t3"].config.hot_dtype == torch.float16
+    assert fp32.tables["t3"].hot_ids == int(AUTO_HOT_SHARE * base.tables["t3"].bytes) // (DIM * 4)
+    assert fp32.total_bytes <= base.total_bytes

@@ -91,8 +91,50 @@ def test_online_hot_set(frappe):
     assert all(s["optimizer_states_reset"] >= 1 for s in first.values())
 
 
+@pytest.mark.timeout(600)
+def test_hot_share_mass_and_float32_hot_rows(frappe):
+    """--hot-share mass --hot-dtype float32 before float16 CE: the item table's hot tier is
+    mass_hot_ids' prefix at float32 rows (the config train.py built says so, not only the
+    plan), the cold CE stays float16, and memory_report measures the plan's bytes."""
+    import torch
+    from torchrec import EmbeddingBagConfig
+
+    from torchrec_cce import plan_compression
+    from torchrec_cce.budget import _Curve, mass_hot_ids
+    from torchrec_cce.data.preprocessed import load_meta
+
+    m = train(frappe, "--method", "ce", "--codebook-dtype", "float16", "--embedding-budget-mb",
+              "0.02", "--hot-ids", "auto", "--hot-share", "mass", "--hot-dtype", "float32")
+    check(m, 0.02)
+    plan = m["embedding_plan"]["tables"]
+    item = plan["t_item"]
+    assert item["method"] == "ce+hot" and item["hot_ids"] > 0
+    assert "hot_dtype=torch.float32" in item["config"]
+    assert "codebook_dtype=torch.float16" in item["config"]
+    for name, row in plan.items():
+        assert m["embedding_tables"][name]["compressed_bytes"] == row["bytes"], name
+    # the planner's rule on the data's own counts: the untiered CE plan's item bytes, then
+    # the largest prefix carrying at least its byte share of the occurrences
+    feats = load_meta(str(frappe))["features"]
+    ts = [EmbeddingBagConfig(name=f"t_{f['name']}", embedding_dim=16,
+                             num_embeddings=int(f["vocab_size"]), feature_names=[f["name"]])
+          for f in feats]
+    counts = {t.name: np.load(os.path.join(frappe, "counts", f"{t.feature_names[0]}.npy"))
+              for t in ts}
+    base = plan_compression(ts, int(0.02 * 2**20), counts=counts, methods=["ce"],
+                            codebook_dtype=torch.float16)
+    item_t = next(t for t in ts if t.name == "t_item")
+    assert item["hot_ids"] == mass_hot_ids(_Curve(item_t, counts["t_item"]),
+                                           base.tables["t_item"].bytes, 16 * 4)
+
+
 def test_flag_errors():
     assert "--hot-ids takes 'auto' or an int >= 1" in cli_error("--hot-ids", "0")
     assert "the candidate plans already include tiered" in cli_error(
         "--embedding-budget-mb", "1", "--plan-select", "validation", "--hot-ids", "auto")
     assert "--hot-set online needs --hot-ids" in cli_error("--hot-set", "online")
+    assert "--hot-share takes 'mass' or a float in (0, 1)" in cli_error(
+        "--hot-ids", "auto", "--hot-share", "1.5")
+    assert "--hot-share sizes --hot-ids auto" in cli_error("--hot-ids", "64", "--hot-share",
+                                                           "0.25")
+    assert "--hot-dtype needs --hot-ids" in cli_error("--hot-dtype", "float32")

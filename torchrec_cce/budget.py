@@ -690,13 +690,16 @@ def plan_candidates(tables: Sequence[EmbeddingBagConfig], byte_budget: Union[int
 
 def _hot_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_ids: int,
              counts: Optional[object], chunks: int, assignment_share: float,
-             serving_dtype: Optional[torch.dtype]) -> Optional[TieredConfig]:
+             serving_dtype: Optional[torch.dtype],
+             hot_dtype: Optional[torch.dtype] = None) -> Optional[TieredConfig]:
     """``TieredConfig(hot_ids, cold)`` of at most ``level`` bytes, ``cold`` the method of
     ``config`` (its chunks, dtype, QR operation) sized to the bytes the hot rows leave, or
-    None if that method has no config in them."""
+    None if that method has no config in them. Hot rows at ``hot_dtype``, else at the
+    method's codebook precision (float32 for MEmCom/MPE)."""
     method = _METHOD_OF[type(config)]
     dtype = getattr(config, "codebook_dtype", None)
-    hot_dtype = None if method in ("memcom", "mpe") else dtype
+    if hot_dtype is None or method == "memcom":  # MEmCom weights fp32 rows: fp32 hot rows
+        hot_dtype = None if method in ("memcom", "mpe") else dtype
     hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
                else t.embedding_dim * (_dtype_bytes(hot_dtype) if hot_dtype else _elem(t)))
     cold_t = cold_table(t, hot_ids)
@@ -734,7 +737,8 @@ def sketch_width_for(table: EmbeddingBagConfig, byte_budget: int,
 
 def _online_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_ids: int,
                 chunks: int, assignment_share: float, serving_dtype: Optional[torch.dtype],
-                migrate_every: int, sketch_share: float) -> Optional[OnlineTieredConfig]:
+                migrate_every: int, sketch_share: float,
+                hot_dtype: Optional[torch.dtype] = None) -> Optional[OnlineTieredConfig]:
     """``OnlineTieredConfig(hot_ids, cold)`` of at most ``level`` bytes: a sketch in
     ``sketch_share`` of them (at least ``hot_ids`` counters wide, else None), the hot rows and
     map, and ``config``'s method over all ``V`` ids sized to the bytes left (None if it has no
@@ -744,7 +748,8 @@ def _online_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, ho
     if width < hot_ids or method == "mpe":
         return None
     dtype = getattr(config, "codebook_dtype", None)
-    hot_dtype = None if method == "memcom" else dtype
+    if hot_dtype is None or method == "memcom":
+        hot_dtype = None if method == "memcom" else dtype
     hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
                else t.embedding_dim * (_dtype_bytes(hot_dtype) if hot_dtype else _elem(t)))
     probe = OnlineTieredConfig(hot_ids=hot_ids, cold=config, migrate_every=migrate_every,
@@ -777,10 +782,12 @@ def tier_compression(tables: Sequence[EmbeddingBagConfig],
 
 def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
               counts: Optional[Mapping[str, object]] = None,
-              hot_ids: Union[int, str] = "auto", hot_share: float = AUTO_HOT_SHARE,
+              hot_ids: Union[int, str] = "auto",
+              hot_share: Union[float, str] = AUTO_HOT_SHARE,
               chunks: int = 4, assignment_share: float = 0.5, qr_operation: str = "mult",
               serving_dtype: Optional[torch.dtype] = None, hot_set: str = "prefix",
-              migrate_every: int = 1000, sketch_share: float = 0.25) -> CompressionPlan:
+              migrate_every: int = 1000, sketch_share: float = 0.25,
+              hot_dtype: Optional[torch.dtype] = None) -> CompressionPlan:
     """``plan`` with a hot tier on every compressed table, at no more bytes per table.
 
     ``hot_set="online"``: ``OnlineTieredConfig`` instead (ids not frequency-ordered; the hot
@@ -794,16 +801,21 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
     method's codebook precision (float32 for MEmCom/MPE), and the same method, re-sized by the
     planner's rules, takes the cold ids in the bytes left. ``hot_ids="auto"``: ``H`` is the
     number of rows in ``hot_share`` of ``b``; an int: at most that many (and at most ``V -
-    1``). ``H`` is halved until the cold method fits its bytes (a table where none fits keeps
-    its plan). Full tables stay as they are. ``qr_operation`` is unused (each cold QR keeps its
-    table's operation); the other arguments are :func:`plan_compression`'s."""
+    1``). ``hot_share="mass"``: per table, the share of ``b`` the hot ids carry of the table's
+    occurrences (:func:`mass_hot_ids`: the most ids whose rows take at most their mass share
+    of the bytes; none for ids without a frequency head). ``H`` is halved until the cold
+    method fits its bytes (a table where none fits keeps its plan). Full tables stay as they
+    are. ``hot_dtype``: the hot rows' precision (default: the cold method's codebook
+    precision; MEmCom's are always float32). ``qr_operation`` is unused (each cold QR keeps
+    its table's operation); the other arguments are :func:`plan_compression`'s."""
     if hot_ids != "auto" and (not isinstance(hot_ids, int) or hot_ids < 1):
         raise ValueError(f"hot_ids must be 'auto' or an int >= 1, got {hot_ids!r}")
-    if not 0 < hot_share < 1:
-        raise ValueError(f"hot_share must be in (0, 1), got {hot_share}")
+    if hot_share != "mass" and not (isinstance(hot_share, (int, float))
+                                    and 0 < hot_share < 1):
+        raise ValueError(f"hot_share must be in (0, 1) or 'mass', got {hot_share!r}")
     if hot_set not in ("prefix", "online"):
         raise ValueError(f"hot_set must be 'prefix' or 'online', got {hot_set!r}")
-    if hot_set == "online" and not 0 < hot_share + sketch_share < 1:
+    if hot_set == "online" and hot_share != "mass" and not 0 < hot_share + sketch_share < 1:
         raise ValueError(f"hot_share + sketch_share must be in (0, 1), got {hot_share} + "
                          f"{sketch_share}")
     curves = {t.name: _Curve(t, _table_counts(counts, t)) for t in tables}
@@ -814,20 +826,21 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
         if cfg is None or isinstance(cfg, (FullConfig, TieredConfig, OnlineTieredConfig)) or \
                 t.num_embeddings < 2:
             continue
-        row = t.embedding_dim * _elem(t)
-        dtype = getattr(cfg, "codebook_dtype", None)
-        if dtype is not None and not isinstance(cfg, (MEmComConfig, MPEConfig)):
-            row = t.embedding_dim * _dtype_bytes(dtype)
-        H = (int(hot_share * p.bytes) // row) if hot_ids == "auto" else hot_ids
+        if hot_ids != "auto":
+            H = hot_ids
+        elif hot_share == "mass":
+            H = mass_hot_ids(curves[t.name], p.bytes, _hot_row_bytes(t, cfg, hot_dtype))
+        else:
+            H = int(hot_share * p.bytes) // _hot_row_bytes(t, cfg, hot_dtype)
         H = min(H, t.num_embeddings - 1)
         tiered = None
         while H >= 1 and tiered is None:
             if hot_set == "online":
                 tiered = _online_fit(t, cfg, p.bytes, H, chunks, assignment_share,
-                                     serving_dtype, migrate_every, sketch_share)
+                                     serving_dtype, migrate_every, sketch_share, hot_dtype)
             else:
                 tiered = _hot_fit(t, cfg, p.bytes, H, _table_counts(counts, t), chunks,
-                                  assignment_share, serving_dtype)
+                                  assignment_share, serving_dtype, hot_dtype)
             H = H if tiered is not None else H // 2
         if tiered is None:
             continue
@@ -853,6 +866,36 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
     assert tiered_plan.total_bytes <= plan.total_bytes, (tiered_plan.total_bytes,
                                                          plan.total_bytes)
     return tiered_plan
+
+
+def _hot_row_bytes(t: EmbeddingBagConfig, config: CompressionConfig,
+                   hot_dtype: Optional[torch.dtype]) -> int:
+    """Bytes of one hot row of ``t`` in front of ``config`` (``hot_dtype``, else the
+    method's codebook precision; MEmCom/MPE: the table's)."""
+    dtype = getattr(config, "codebook_dtype", None)
+    if isinstance(config, (MEmComConfig, MPEConfig)):
+        dtype = None
+    elif hot_dtype is not None:
+        dtype = hot_dtype
+    return t.embedding_dim * (_dtype_bytes(dtype) if dtype is not None else _elem(t))
+
+
+def mass_hot_ids(curve: "_Curve", table_bytes: int, row_bytes: int) -> int:
+    """``hot_share="mass"``: the most hot ids ``H`` (an id prefix) whose rows take no larger
+    a share of ``table_bytes`` than the share of the table's occurrences they carry,
+    ``H * row_bytes / table_bytes <= prefix(H)``: a skewed table gets a large hot tier,
+    uniform ids (``prefix(H) = H / V``, below the byte share whenever the table is
+    compressed) none."""
+    most = min(curve.V - 1, table_bytes // row_bytes)
+    if most < 1:
+        return 0
+    hs = np.arange(1, most + 1, dtype=np.float64)
+    if curve.prefix_cum is None:  # the Zipf(1) prior
+        mass = np.log1p(hs) / math.log1p(curve.V)
+    else:
+        mass = curve.prefix_cum[np.minimum(hs.astype(np.int64), len(curve.prefix_cum) - 1)]
+    ok = np.nonzero(hs * row_bytes <= mass * table_bytes)[0]
+    return int(hs[ok[-1]]) if ok.size else 0
 
 
 _METHOD_OF = {CCEConfig: "cce", CEConfig: "ce", HashingTrickConfig: "hashing", QRConfig: "qr",

@@ -14,7 +14,7 @@ from torchrec_cce.data.common import DEFAULT_SHUFFLE_BUFFER  # noqa: E402
 from torchrec_cce.data.sources import DATA_CHOICES  # noqa: E402
 from torchrec_cce.train.defaults import (  # noqa: E402
     DEFAULT_CCE_ASSIGNMENT_SHARE, DEFAULT_CCE_INIT, DEFAULT_KMEANS_ITERS, DEFAULT_RECLUSTER_HELP,
-    parse_hot_ids)
+    parse_hot_ids, parse_hot_share)
 
 FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
     ("data", ("--data",), dict(choices=DATA_CHOICES, default="synthetic", help=(
@@ -67,6 +67,13 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         "a hot tier on every compressed table (torchrec_cce.TieredConfig, docs/tiers.md): its "
         "N most frequent ids (an int, at most) or 'auto' (half of the table's bytes) get "
         "exclusive rows, the method takes the rest in the bytes left; any --method"))),
+    ("model", ("--hot-share",), dict(type=parse_hot_share, help=(
+        "with --hot-ids auto: the share of each compressed table's bytes for its hot rows "
+        "(default torchrec_cce.budget.AUTO_HOT_SHARE), or 'mass': per table, the share of the "
+        "table's occurrences its hot ids carry (torchrec_cce.budget.mass_hot_ids)"))),
+    ("model", ("--hot-dtype",), dict(choices=["float32", "float16", "bfloat16"], help=(
+        "with --hot-ids: the hot rows' precision (default: the cold method's, i.e. "
+        "--codebook-dtype; MEmCom's hot rows are always float32)"))),
     ("model", ("--hot-set",), dict(choices=["prefix", "online"], default="prefix", help=(
         "with --hot-ids: 'prefix' takes the first ids of the frequency-ordered vocabulary as "
         "hot; 'online' learns the hot set during training with a heavy-hitter sketch "
@@ -227,6 +234,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "ones; drop --hot-ids": args.hot_ids is not None and args.plan_select == "validation",
         "--hot-set online needs --hot-ids (how many ids the hot tier holds, or 'auto')":
             args.hot_set == "online" and args.hot_ids is None,
+        "--hot-share sizes --hot-ids auto: pass --hot-ids auto": args.hot_share is not None
+            and args.hot_ids != "auto",
+        "--hot-dtype needs --hot-ids": args.hot_dtype is not None and args.hot_ids is None,
         "--migrate-every must be >= 1, got {migrate_every}": args.migrate_every < 1,
         "--recluster-at only applies to --method cce": bool(args.recluster_at)
             and args.method != "cce",

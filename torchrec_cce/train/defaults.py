@@ -108,7 +108,8 @@ def apply_cce_settings(compression: Dict, args: Any) -> Dict:
     def apply(c: Any) -> Any:
         if isinstance(c, (TieredConfig, OnlineTieredConfig)):
             hot = c.hot_dtype
-            if dtype is not None and not isinstance(c.cold, (MEmComConfig, MPEConfig)):
+            if dtype is not None and not isinstance(c.cold, (MEmComConfig, MPEConfig)) and \
+                    getattr(args, "hot_dtype", None) is None:  # --hot-dtype: as planned
                 hot = dtype
             return dataclasses.replace(c, cold=apply(c.cold), hot_dtype=hot)
         if isinstance(c, CCEConfig):
@@ -133,12 +134,33 @@ def parse_hot_ids(text: str) -> Any:
     return value
 
 
+def parse_hot_share(text: str) -> Any:
+    """``--hot-share``: ``"mass"`` or a float in (0, 1)."""
+    if text == "mass":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--hot-share takes 'mass' or a float in (0, 1), got "
+                                         f"{text!r}")
+    return value
+
+
 def hot_set_kwargs(args: Any) -> Dict[str, Any]:
-    """``--hot-set`` / ``--migrate-every`` as :func:`torchrec_cce.budget.tier_plan` arguments."""
+    """``--hot-set`` / ``--migrate-every`` / ``--hot-share`` / ``--hot-dtype`` as
+    :func:`torchrec_cce.budget.tier_plan` arguments."""
+    out: Dict[str, Any] = {}
+    if getattr(args, "hot_share", None) is not None:
+        out["hot_share"] = args.hot_share
+    if getattr(args, "hot_dtype", None) is not None:
+        out["hot_dtype"] = getattr(torch, args.hot_dtype)
     hot_set = getattr(args, "hot_set", None) or "prefix"
     if hot_set == "prefix":
-        return {}
-    return {"hot_set": hot_set, "migrate_every": getattr(args, "migrate_every", None) or 1000}
+        return out
+    return {**out, "hot_set": hot_set,
+            "migrate_every": getattr(args, "migrate_every", None) or 1000}
 
 
 def has_cce(compression: Dict) -> bool:
