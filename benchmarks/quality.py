@@ -743,7 +743,7 @@ SERVING_ROWS = ("mpe", "cce_int8")
 # validation data. Each is compared with the single-method rows.
 PLANNER_ROWS = ("planner", "planner_val")
 # Rows with a hot tier (train.py --hot-ids): drawn with triangles next to their method's row.
-TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a)
+TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a and m not in ABLATIONS)
 
 
 def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:
