@@ -478,6 +478,41 @@ def test_evaluation_over_two_ranks_with_unequal_batches_is_exact() -> None:
         assert r["logloss"] == pytest.approx(log_loss(labels.numpy(), probs), abs=1e-6)
 
 
+def _evaluate_counting_trims(rank: int, world: int) -> Dict[str, Any]:
+    from torchrec_cce.data.common import make_batch
+    from torchrec_cce.train import evaluation, heap
+
+    calls = []
+    evaluation.release_free_heap = lambda: calls.append(1) or True
+    g = torch.Generator().manual_seed(rank)
+    logits, labels = torch.randn(260, generator=g), (torch.rand(260, generator=g) < 0.4).float()
+    batches = [make_batch(logits[i:i + 2].view(-1, 1), torch.zeros(2, 1, dtype=torch.long),
+                          labels[i:i + 2], ["f"]) for i in range(0, 260, 2)]
+    quiet_known_warnings()
+    out = evaluate(_DenseLogit(), batches, torch.device("cpu"))
+    return {"trims": len(calls), "real_trim": heap.release_free_heap(), **out,
+            "logits": logits, "labels": labels}
+
+
+def test_evaluation_returns_free_heap_every_64_batches_and_at_the_end() -> None:
+    """130 batches per rank: the heap is trimmed after batches 64 and 128 and once at the end
+    (torchrec_cce.train.heap), and the metrics are those of every rank's rows."""
+    from multiprocess import run_multiprocess
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from torchrec_cce.train.heap import TRIM_EVERY
+
+    results = run_multiprocess(_evaluate_counting_trims, 2, timeout=600)
+    logits = torch.cat([r["logits"] for r in results])
+    labels = torch.cat([r["labels"] for r in results]).numpy()
+    probs = torch.sigmoid(logits).double().numpy()
+    for r in results:
+        assert r["trims"] == 130 // TRIM_EVERY + 1
+        assert r["real_trim"] is True  # glibc: malloc_trim exists on this Linux machine
+        assert r["auc"] == pytest.approx(roc_auc_score(labels, probs), abs=1e-6)
+        assert r["logloss"] == pytest.approx(log_loss(labels, probs), abs=1e-6)
+
+
 # ------------------------------------------------------------------ raw readers
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from torchrec_cce.serving import served_codebooks
 from torchrec_cce.train.distributed import in_step
+from torchrec_cce.train.heap import TRIM_EVERY, release_free_heap
 
 
 @torch.no_grad()
@@ -27,7 +28,9 @@ def evaluate(model: nn.Module, batches: Iterable[Any], device: torch.device) -> 
     model.eval()
     auroc = torchmetrics.classification.BinaryAUROC().to(device)
     logloss = torchmetrics.MeanMetric().to(device)
-    for batch in in_step(batches):
+    for i, batch in enumerate(in_step(batches), start=1):
+        if i % TRIM_EVERY == 0:  # see torchrec_cce.train.heap
+            release_free_heap()
         batch = batch.to(device)
         _, (_, logits, labels) = model(batch)
         probs = torch.sigmoid(logits.float())
@@ -35,7 +38,9 @@ def evaluate(model: nn.Module, batches: Iterable[Any], device: torch.device) -> 
         logloss.update(nn.functional.binary_cross_entropy_with_logits(
             logits.float(), labels.float(), reduction="none"))
     model.train()
-    return {"logloss": float(logloss.compute()), "auc": float(auroc.compute())}
+    out = {"logloss": float(logloss.compute()), "auc": float(auroc.compute())}
+    release_free_heap()
+    return out
 
 
 def evaluate_val_test(model: nn.Module, val: Callable[[], Iterable[Any]],
