@@ -475,7 +475,7 @@ def write_table(res: Dict[str, Any]) -> None:
             private = bool(b256.get("peak_anon_per_rank"))  # compare private with private
             base = b256.get("peak_anon_per_rank" if private else "peak_rss_per_rank")
             base = max(base.values()) / mib if base else None
-            for m in METHODS + ("cce_fault",):
+            for m in METHODS + ("cce_replicated", "cce_fault"):
                 t = c.get(f"{phase}/{m}")
                 if t is None:
                     continue
