@@ -121,31 +121,29 @@ def apply_cce_settings(compression: Dict, args: Any) -> Dict:
     return {n: apply(c) for n, c in compression.items()}
 
 
-def parse_hot_ids(text: str) -> Any:
-    """``--hot-ids``: ``"auto"`` or a positive int."""
-    if text == "auto":
+def _word_or_number(text: str, word: str, cast: Any, ok: Any, flag: str, expect: str) -> Any:
+    """``word`` itself, or ``cast(text)`` when ``ok`` accepts it; else a flag error."""
+    if text == word:
         return text
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--hot-ids takes 'auto' or an int >= 1, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"{flag} takes {expect}, got {text!r}")
     return value
+
+
+def parse_hot_ids(text: str) -> Any:
+    """``--hot-ids``: ``"auto"`` or a positive int."""
+    return _word_or_number(text, "auto", int, lambda v: v >= 1, "--hot-ids",
+                           "'auto' or an int >= 1")
 
 
 def parse_hot_share(text: str) -> Any:
     """``--hot-share``: ``"mass"`` or a float in (0, 1)."""
-    if text == "mass":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"--hot-share takes 'mass' or a float in (0, 1), got "
-                                         f"{text!r}")
-    return value
+    return _word_or_number(text, "mass", float, lambda v: 0 < v < 1, "--hot-share",
+                           "'mass' or a float in (0, 1)")
 
 
 def hot_set_kwargs(args: Any) -> Dict[str, Any]:
