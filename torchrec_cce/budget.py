@@ -698,10 +698,9 @@ def _hot_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_i
     method's codebook precision (float32 for MEmCom/MPE)."""
     method = _METHOD_OF[type(config)]
     dtype = getattr(config, "codebook_dtype", None)
-    if hot_dtype is None or method == "memcom":  # MEmCom weights fp32 rows: fp32 hot rows
-        hot_dtype = None if method in ("memcom", "mpe") else dtype
+    hot_dtype = _hot_row_dtype(config, hot_dtype)
     hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
-               else t.embedding_dim * (_dtype_bytes(hot_dtype) if hot_dtype else _elem(t)))
+               else _hot_row_bytes(t, config, hot_dtype))
     cold_t = cold_table(t, hot_ids)
     cold_counts = None
     if counts is not None and np.ndim(counts) > 0:
@@ -748,10 +747,9 @@ def _online_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, ho
     if width < hot_ids or method == "mpe":
         return None
     dtype = getattr(config, "codebook_dtype", None)
-    if hot_dtype is None or method == "memcom":
-        hot_dtype = None if method == "memcom" else dtype
+    hot_dtype = _hot_row_dtype(config, hot_dtype)
     hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
-               else t.embedding_dim * (_dtype_bytes(hot_dtype) if hot_dtype else _elem(t)))
+               else _hot_row_bytes(t, config, hot_dtype))
     probe = OnlineTieredConfig(hot_ids=hot_ids, cold=config, migrate_every=migrate_every,
                                sketch_width=width, sketch_depth=SKETCH_DEPTH)
     cold = _fit(method, t, level - hot_ids * hot_row - online_state_bytes(t, probe),
@@ -868,15 +866,22 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
     return tiered_plan
 
 
+def _hot_row_dtype(config: CompressionConfig,
+                   hot_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The stored precision of the hot rows in front of ``config`` (None: the table's):
+    MEmCom's always the table's (it weights float32 rows), else ``hot_dtype`` when given,
+    else the method's codebook precision (MPE: the table's)."""
+    if isinstance(config, MEmComConfig):
+        return None
+    if hot_dtype is not None:
+        return hot_dtype
+    return None if isinstance(config, MPEConfig) else getattr(config, "codebook_dtype", None)
+
+
 def _hot_row_bytes(t: EmbeddingBagConfig, config: CompressionConfig,
                    hot_dtype: Optional[torch.dtype]) -> int:
-    """Bytes of one hot row of ``t`` in front of ``config`` (``hot_dtype``, else the
-    method's codebook precision; MEmCom/MPE: the table's)."""
-    dtype = getattr(config, "codebook_dtype", None)
-    if isinstance(config, (MEmComConfig, MPEConfig)):
-        dtype = None
-    elif hot_dtype is not None:
-        dtype = hot_dtype
+    """Bytes of one hot row of ``t`` in front of ``config`` (:func:`_hot_row_dtype`)."""
+    dtype = _hot_row_dtype(config, hot_dtype)
     return t.embedding_dim * (_dtype_bytes(dtype) if dtype is not None else _elem(t))
 
 
