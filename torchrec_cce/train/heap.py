@@ -10,24 +10,20 @@ calls it every :data:`TRIM_EVERY` batches.
 
 import ctypes
 import ctypes.util
+import functools
 from typing import Any, Optional
 
 TRIM_EVERY = 64  # evaluation batches between two trims
 
-_LIBC: Optional[Any] = None
-_LOADED = False
 
-
+@functools.lru_cache(maxsize=None)
 def _malloc_trim() -> Optional[Any]:
-    global _LIBC, _LOADED
-    if not _LOADED:
-        _LOADED = True
-        name = ctypes.util.find_library("c")
-        try:
-            _LIBC = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
-        except OSError:
-            _LIBC = None
-    return _LIBC
+    """The C library's ``malloc_trim``, or None (found once per process)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 def release_free_heap() -> bool:
