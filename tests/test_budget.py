@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import random
+import zlib
 
 import numpy as np
 import pytest
@@ -95,7 +96,7 @@ def random_tables(rng, n):
 
 @pytest.mark.parametrize("methods", [None] + [[m] for m in PLAN_METHODS])
 def test_plans_fit_the_budget_and_match_memory_report(methods):
-    rng = random.Random(hash(str(methods)) % 1000)
+    rng = random.Random(zlib.crc32(str(methods).encode()))  # str hashes change per process
     fitted = 0
     for trial in range(12):
         tables, counts = random_tables(rng, rng.randint(1, 7))

@@ -85,7 +85,7 @@ from torchrec_cce.configs import (
 from torchrec_cce.data.criteo import CRITEO_KAGGLE_CARDINALITIES
 from torchrec_cce.hot_sketch import HotSketch
 from torchrec_cce.methods import build_table, packed
-from torchrec_cce.methods.mpe import frequency_ranks
+from torchrec_cce.methods.mpe import frequency_ordered
 from torchrec_cce.methods.mpe.export import row_bytes
 from torchrec_cce.serving import quantized_row_bytes
 
@@ -206,8 +206,7 @@ def mpe_serving_bound(table: EmbeddingBagConfig, config: MPEConfig) -> int:
     weights (``V * dim * 4`` bytes and more): the budget bounds what is served."""
     V, dim, K = table.num_embeddings, table.embedding_dim, len(config.bits)
     n = 3 * 8 + K + 4 * K + 4 * dim + config.groups + V * row_bytes(dim, max(config.bits))
-    if config.counts is None or frequency_ranks(torch.as_tensor(
-            np.asarray(config.counts), dtype=torch.int64)) is not None:
+    if config.counts is None or not frequency_ordered(config.counts):
         n += 4 * V  # row_of: ids not frequency-ordered
     return n
 

@@ -8,10 +8,11 @@ from torchrec_cce.methods.mpe.table import (
     STAGE_NAMES,
     WARMUP,
     MPETable,
+    frequency_ordered,
     frequency_ranks,
     select_bits,
     selection_threshold,
 )
 
 __all__ = ["INIT_BLOCK_ROWS", "MPETable", "RETRAIN", "SEARCH", "STAGE_NAMES", "WARMUP",
-           "frequency_ranks", "select_bits", "selection_threshold"]
+           "frequency_ordered", "frequency_ranks", "select_bits", "selection_threshold"]

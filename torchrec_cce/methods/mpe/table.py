@@ -62,7 +62,7 @@ Every parameter stays in the autograd graph in every stage (multiplied by 0 wher
 DMP's DDP (``static_graph=True``, ``find_unused_parameters=False``) sees a gradient for each.
 """
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -108,12 +108,20 @@ def uniform_abs_mean(lo: float, hi: float) -> float:
     return (lo * lo + hi * hi) / (2 * (hi - lo))
 
 
+def frequency_ordered(counts: Any) -> bool:
+    """Whether the ids are frequency-ordered as the preprocessed data orders them (ids
+    ``1..V-1`` by non-increasing integer count; the OOV id 0 stays first). ``counts``: a
+    tensor, array or sequence; checked in numpy without a copy where the dtype allows."""
+    c = counts.numpy(force=True) if isinstance(counts, torch.Tensor) else np.asarray(counts)
+    c = c.astype(np.int64, copy=False)
+    return c.size <= 2 or bool((c[1:-1] >= c[2:]).all())
+
+
 def frequency_ranks(counts: torch.Tensor) -> Optional[torch.Tensor]:
     """Rank of every id by descending count (stable: ties keep id order), or ``None`` when the
-    ids are already frequency-ordered as the preprocessed data orders them (ids ``1..V-1`` by
-    non-increasing count; the OOV id 0 stays first)."""
+    ids are already frequency-ordered (:func:`frequency_ordered`)."""
     counts = counts.to(torch.int64)
-    if counts.numel() <= 2 or bool((counts[1:-1] >= counts[2:]).all()):
+    if frequency_ordered(counts):
         return None
     order = torch.sort(-counts, stable=True).indices
     ranks = torch.empty_like(order)
