@@ -12,7 +12,7 @@ demo: setup
 
 # The whole test suite (unit + multi-process gloo tests).
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(TEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 $(TEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/kmeans.py
