@@ -4,10 +4,10 @@ The processes start from a fork server that has imported torch, TorchRec, fbgemm
 package once (``multiprocessing``'s ``forkserver`` context with a preload list): a spawned
 process would spend ~3 s of CPU importing them again, in every multi-process test. Each child
 is still a fresh process of its own (forked from that clean server, not from pytest), with the
-parent's current environment variables. Each child initialises a gloo process group over a free localhost port, calls
-``fn(rank, world_size, *args)``, saves its return value with ``torch.save`` and always calls
-``destroy_process_group`` (gloo aborts with "terminate called without an active exception"
-otherwise). A child's exception fails the parent with the child's traceback.
+parent's current environment variables. Each child initialises a gloo process group over a
+free localhost port, calls ``fn(rank, world_size, *args)``, saves its return value with
+``torch.save`` and always calls ``destroy_process_group`` (gloo aborts with "terminate called
+without an active exception" otherwise). A child's exception fails the parent with the child's traceback.
 """
 
 import os

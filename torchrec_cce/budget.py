@@ -292,6 +292,12 @@ class CompressionPlan:
 
 
 # ---------------------------------------------------------------- frequency curves
+def _float_counts(counts: object) -> np.ndarray:
+    """A table's per-id counts (tensor, array or sequence) as a new float64 numpy array."""
+    c = counts.detach().cpu().numpy() if torch.is_tensor(counts) else np.asarray(counts)
+    return c.astype(np.float64)
+
+
 class _Curve:
     """``F(k)``: mass fraction of a table's ``k`` most frequent ids; ``prefix(n)``: of ids
     ``[0, n)``."""
@@ -305,8 +311,7 @@ class _Curve:
             self.sorted_cum = None
             self.prefix_cum = None
         else:
-            c = counts.detach().cpu().numpy() if torch.is_tensor(counts) else np.asarray(counts)
-            c = c.astype(np.float64).ravel()
+            c = _float_counts(counts).ravel()
             if c.size > V:
                 raise ValueError(f"table '{table.name}': counts has {c.size} entries, more than "
                                  f"num_embeddings={V}")
@@ -698,13 +703,11 @@ def _hot_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, hot_i
     method = _METHOD_OF[type(config)]
     dtype = getattr(config, "codebook_dtype", None)
     hot_dtype = _hot_row_dtype(config, hot_dtype)
-    hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
-               else _hot_row_bytes(t, config, hot_dtype))
+    hot_row = _hot_row_bytes(t, config, hot_dtype, serving_dtype)
     cold_t = cold_table(t, hot_ids)
     cold_counts = None
     if counts is not None and np.ndim(counts) > 0:
-        cold_counts = np.asarray(counts.detach().cpu().numpy() if torch.is_tensor(counts)
-                                 else counts, dtype=np.float64)[hot_ids:]
+        cold_counts = _float_counts(counts)[hot_ids:]
     cold = _fit(method, cold_t, level - hot_ids * hot_row,
                 getattr(config, "chunks", _table_chunks(t, chunks)), assignment_share,
                 getattr(config, "operation", "mult"), dtype,
@@ -747,8 +750,7 @@ def _online_fit(t: EmbeddingBagConfig, config: CompressionConfig, level: int, ho
         return None
     dtype = getattr(config, "codebook_dtype", None)
     hot_dtype = _hot_row_dtype(config, hot_dtype)
-    hot_row = (quantized_row_bytes(t.embedding_dim, serving_dtype) if serving_dtype is not None
-               else _hot_row_bytes(t, config, hot_dtype))
+    hot_row = _hot_row_bytes(t, config, hot_dtype, serving_dtype)
     probe = OnlineTieredConfig(hot_ids=hot_ids, cold=config, migrate_every=migrate_every,
                                sketch_width=width, sketch_depth=SKETCH_DEPTH)
     cold = _fit(method, t, level - hot_ids * hot_row - online_state_bytes(t, probe),
@@ -878,8 +880,12 @@ def _hot_row_dtype(config: CompressionConfig,
 
 
 def _hot_row_bytes(t: EmbeddingBagConfig, config: CompressionConfig,
-                   hot_dtype: Optional[torch.dtype]) -> int:
-    """Bytes of one hot row of ``t`` in front of ``config`` (:func:`_hot_row_dtype`)."""
+                   hot_dtype: Optional[torch.dtype],
+                   serving_dtype: Optional[torch.dtype] = None) -> int:
+    """Bytes of one hot row of ``t`` in front of ``config`` (:func:`_hot_row_dtype`), or of
+    its served form at ``serving_dtype``."""
+    if serving_dtype is not None:
+        return quantized_row_bytes(t.embedding_dim, serving_dtype)
     dtype = _hot_row_dtype(config, hot_dtype)
     return t.embedding_dim * (_dtype_bytes(dtype) if dtype is not None else _elem(t))
 
