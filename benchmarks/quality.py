@@ -162,6 +162,11 @@ METHODS: Dict[str, List[str]] = {
     "cce_hot": ["--method", "cce", "--hot-ids", "auto"],
     "qr_mult_hot": ["--method", "qr", "--qr-operation", "mult", "--hot-ids", "auto"],
     "hashing_hot": ["--method", "hashing", "--hot-ids", "auto"],
+    "ce_hot": ["--method", "ce", "--codebook-dtype", "float16", "--hot-ids", "auto"],
+    "qr_mult_fp16_hot": ["--method", "qr", "--qr-operation", "mult", "--codebook-dtype",
+                         "float16", "--hot-ids", "auto"],
+    "memcom_hot": ["--method", "memcom", "--hot-ids", "auto"],
+    "mpe_hot": ["--method", "mpe", "--hot-ids", "auto"],
     "planner": [],
     # the planner's candidate plans (torchrec_cce.plan_candidates: ladders, CCE alone, tiered
     # ladders) each trained, the lowest validation log loss kept: up to 8 runs per cell
@@ -267,6 +272,16 @@ for _m in ("ce_fp16", "cce"):
             "--hot-ids", "auto", "--hot-share", _s]
     ABLATIONS[f"tier_{_m}_h32"] = _TIER_COLD[_m] + ["--hot-ids", "auto", "--hot-dtype",
                                                     "float32"]
+# Each dataset's tuned full-table recipe (FULL_RECIPES' flags: a learned gain, L2 or dropout
+# on the pooled embeddings, torchrec_cce.train.regularize_pooled) offered to the compressed rows
+# too: name rcp_<flag>_<row> = the row's arguments + that flag (issue 23's "same search").
+_RECIPE_FLAGS = {"gain": ["--embedding-gain"], "l2": ["--embedding-l2", "0.001"],
+                 "drop": ["--embedding-dropout", "0.2"],
+                 "dlr": ["--dense-lr", "0.016666666666666666"]}
+for _f, _a in _RECIPE_FLAGS.items():
+    for _m in ("ce_fp16", "qr_mult_fp16", "cce", "cce_hot", "hashing_hot", "qr_mult_hot",
+               "hashing", "planner_val"):
+        ABLATIONS[f"rcp_{_f}_{_m}"] = METHODS[_m] + _a
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this
@@ -738,12 +753,18 @@ CCE_ROWS = ("cce", "cce_fp16", "cce_fp32", "cce_no_recluster", "cce_int8")
 # Rows budgeted by their *serving* bytes: they train float tables larger than the budget (MPE:
 # fp32 master weights; cce_int8: float32 codebooks served as INT8 rows). Every other row (and
 # the planner) stores at most the budget while training.
-SERVING_ROWS = ("mpe", "cce_int8")
+SERVING_ROWS = ("mpe", "mpe_hot", "cce_int8")
 # The planner's rows: the per-table rule, and the choice between its candidate plans on
 # validation data. Each is compared with the single-method rows.
 PLANNER_ROWS = ("planner", "planner_val")
 # Rows with a hot tier (train.py --hot-ids): drawn with triangles next to their method's row.
 TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a and m not in ABLATIONS)
+# Each tiered row's method without the tier (same storage dtype): the hot tier's effect is the
+# paired difference of the two rows.
+TIER_BASE: Dict[str, str] = {"cce_hot": "cce", "qr_mult_hot": "qr_mult", "hashing_hot": "hashing",
+                             "ce_hot": "ce_fp16", "qr_mult_fp16_hot": "qr_mult_fp16",
+                             "memcom_hot": "memcom", "mpe_hot": "mpe"}
+assert set(TIER_BASE) == set(TIERED_ROWS), "every tiered row names its untiered row"
 
 
 def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:

@@ -24,7 +24,8 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-from quality import PLANNER_ROWS, RESULTS, ROW_ALIASES, SERVING_ROWS, TIERED_ROWS, mean_by
+from quality import (PLANNER_ROWS, RESULTS, ROW_ALIASES, SERVING_ROWS, TIER_BASE, TIERED_ROWS,
+                     mean_by)
 
 GAP_FLOOR = 0.005      # the gap to the full table below which the planner need close nothing
 GAP_SHARE = 1 / 3      # the share of a larger gap the planner must close
@@ -156,7 +157,8 @@ def report(dataset: str, rows: List[Dict], fractions: List[str]) -> str:
         out.append(f"| {c['fraction']} | {_verdict(c.get('planner_ok'), c.get('planner_txt', ''))}"
                    f" | {_verdict(c.get('gap_ok'), c.get('gap_txt', ''))} | "
                    f"{_verdict(c['full_ok'], c['full_txt'])} |")
-    tiers = [(m, m.removesuffix("_hot")) for m in TIERED_ROWS]
+    tiers = [(m, TIER_BASE[m]) for m in TIERED_ROWS  # the tiered rows paired at some budget
+             if any(paired_difference(rows, m, TIER_BASE[m], c["fraction"]) for c in checks)]
     out += ["", "The hot tier's effect (tiered row minus the same method without it, mean over "
             "the seeds both rows ran; n seeds):", "",
             "| budget | " + " | ".join(m for m, _ in tiers) + " |", "|---|" + "---|" * len(tiers)]

@@ -81,5 +81,6 @@ def test_targets_report_met_and_missed(tmp_path: Path) -> None:
     quality_targets.main(["--datasets", "frappe", "--budgets", "16,64", "--results", str(res)])
     text = (res / "quality_targets.md").read_text()
     assert "planner_val 0.3700 ±0.0000: hot:cce (s0), cce (s1; test best hot:cce 0.3800)" in text
-    assert f"| 1/16 | {0.43 - 0.45:+.4f} (n=1) |" in text  # cce_hot - cce, seed 0 only
+    assert f"| 1/16 | {0.43 - 0.45:+.4f} (n=1) |\n" in text  # cce_hot - cce, seed 0 only
+    assert "| budget | cce_hot |\n" in text  # tiered rows without their untiered row: no column
     assert text.count("**missed**") == 2
