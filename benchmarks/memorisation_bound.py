@@ -8,6 +8,9 @@ Per dataset, from the preprocessed train and test splits (``quality.py``'s, made
 * the test log loss of two count tables with no embedding at all: each item's training positive
   rate (smoothed towards the global rate), and the same with a pair seen in training predicted
   at its training positive rate;
+* the test log loss of the per-item rate table kept for only the ``K`` most frequent items (the
+  rest at their pooled rate), for the ``K`` of :data:`TOP_ITEMS`: how many items' rates carry
+  the signal;
 * the information-theoretic least number of bytes that tell which of the ``users x items`` pairs
   are the ``P`` positive training pairs, ``log2 C(users * items, P) / 8`` (any method, any
   encoding), next to the grid's budgets.
@@ -32,6 +35,7 @@ PAIR_FEATURES: Dict[str, tuple] = {"frappe": ("user", "item"), "movielens": ("us
                                    "yelp2018": ("user", "item")}
 PRIOR = 10.0  # pseudo-rows of the global positive rate added to each item's count
 BUDGETS = (16, 64, 256, 1024)
+TOP_ITEMS = (64, 256, 1024, 4096)
 
 
 def _read(data_dir: str, split: str, columns: List[str]) -> Dict[str, np.ndarray]:
@@ -64,6 +68,13 @@ def pair_statistics(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], u
     item_count = np.bincount(train[item], minlength=n_items).astype(float)
     item_pos = np.bincount(train[item], weights=train["label"], minlength=n_items)
     item_rate = ((item_pos + PRIOR * rate) / (item_count + PRIOR))[test[item]]
+    top_items = {}
+    for k in TOP_ITEMS:
+        own = np.zeros(n_items, bool)
+        own[np.argsort(-item_count, kind="stable")[:k]] = True
+        pooled = (item_pos[~own].sum() + PRIOR * rate) / (item_count[~own].sum() + PRIOR)
+        rates = np.where(own, (item_pos + PRIOR * rate) / (item_count + PRIOR), pooled)
+        top_items[k] = _logloss(rates[test[item]], test["label"])
     with_pairs = item_rate.copy()
     with_pairs[seen] = ((positives[at] + 0.5) / (count[at] + 1.0))[seen]
 
@@ -74,6 +85,7 @@ def pair_statistics(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], u
             "unseen_positive_rate": float(test["label"][~seen].mean()),
             "constant_logloss": _logloss(np.full(len(seen), rate), test["label"]),
             "item_rate_logloss": _logloss(item_rate, test["label"]),
+            "top_items_rate_logloss": top_items,
             "item_rate_and_pairs_logloss": _logloss(with_pairs, test["label"]),
             "users": n_users, "items": n_items, "positive_pairs": n_pos_pairs,
             "pair_set_bytes": log2_binomial(n_users * n_items, n_pos_pairs) / 8}
@@ -100,6 +112,12 @@ def report(stats: Dict[str, Dict], full_bytes: Dict[str, int]) -> str:
             f"{s['item_rate_logloss']:.4f} / {s['item_rate_and_pairs_logloss']:.4f} | "
             f"{s['positive_pairs']:,} of {s['users']:,} x {s['items']:,} | "
             f"{s['pair_set_bytes'] / 1024:.1f} KiB | {budgets} KiB |")
+    out += ["", "Per-item rate table kept for the K most frequent items only (test log loss):", "",
+            "| dataset | " + " | ".join(f"K = {k:,}" for k in TOP_ITEMS) + " | every item |",
+            "|---|" + "---|" * (len(TOP_ITEMS) + 1)]
+    for d, s in stats.items():
+        out.append(f"| {d} | " + " | ".join(f"{s['top_items_rate_logloss'][k]:.4f}"
+                                          for k in TOP_ITEMS) + f" | {s['item_rate_logloss']:.4f} |")
     return "\n".join(out) + "\n"
 
 
