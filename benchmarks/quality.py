@@ -282,6 +282,11 @@ for _f, _a in _RECIPE_FLAGS.items():
     for _m in ("ce_fp16", "qr_mult_fp16", "cce", "cce_hot", "hashing_hot", "qr_mult_hot",
                "hashing", "planner_val"):
         ABLATIONS[f"rcp_{_f}_{_m}"] = METHODS[_m] + _a
+# Which table's hot tier carries the gain (Yelp2018's two tables, issue 23): CCE with a tier
+# on the item table only / on the user table only (--hot-tables)
+for _t in ("item", "user"):
+    ABLATIONS[f"tier_cce_{_t}s"] = METHODS["cce"] + ["--hot-ids", "auto", "--hot-tables",
+                                                     f"t_{_t}"]
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this

@@ -72,6 +72,20 @@ def test_explicit_hot_ids():
             tier_plan(base, ts, hot_ids=bad)
 
 
+def test_hot_tables_tier_only_the_named_tables():
+    ts, c = tables(), counts(tables())
+    base = plan_compression(ts, FULL / 16, counts=c, methods=["cce"])
+    everywhere = tier_plan(base, ts, counts=c)
+    only = tier_plan(base, ts, counts=c, hot_tables=["t3"])
+    assert {n for n, p in everywhere.tables.items() if p.hot_ids} >= {"t0", "t3"}
+    assert only.tables["t3"] == everywhere.tables["t3"]  # same tier where asked
+    for n in ("t0", "t1", "t2"):  # the others keep their untiered plan
+        assert only.tables[n] == base.tables[n]
+    assert report_bytes(ts, only) == {n: p.bytes for n, p in only.tables.items()}
+    with pytest.raises(ValueError, match="hot_tables: no table named t9, tx .*t0, t1, t2, t3"):
+        tier_plan(base, ts, counts=c, hot_tables=["t3", "tx", "t9"])
+
+
 def test_candidates_include_fitting_tiered_plans():
     ts, c = tables(), counts(tables())
     for fraction in (16, 64):

@@ -128,6 +128,23 @@ def test_hot_share_mass_and_float32_hot_rows(frappe):
                                            base.tables["t_item"].bytes, 16 * 4)
 
 
+@pytest.mark.timeout(600)
+def test_hot_tables_limits_the_tier(frappe):
+    """--hot-tables t_item: the item table gets the same hot tier as without the flag, the user
+    table (tiered without it) keeps the method alone, at the same bytes per table."""
+    flags = ("--method", "hashing", "--embedding-budget-mb", "0.02", "--hot-ids", "auto")
+    every = train(frappe, *flags)["embedding_plan"]["tables"]
+    m = train(frappe, *flags, "--hot-tables", "t_item")
+    check(m, 0.02)
+    plan = m["embedding_plan"]["tables"]
+    assert every["t_user"]["hot_ids"] and every["t_item"]["hot_ids"]
+    assert plan["t_item"] == every["t_item"]
+    assert plan["t_user"]["method"] == "hashing" and not plan["t_user"]["hot_ids"]
+    assert [n for n, r in plan.items() if r["hot_ids"]] == ["t_item"]
+    for name, row in plan.items():
+        assert m["embedding_tables"][name]["compressed_bytes"] == row["bytes"], name
+
+
 def test_flag_errors():
     assert "--hot-ids takes 'auto' or an int >= 1" in cli_error("--hot-ids", "0")
     assert "the candidate plans already include tiered" in cli_error(
@@ -138,3 +155,4 @@ def test_flag_errors():
     assert "--hot-share sizes --hot-ids auto" in cli_error("--hot-ids", "64", "--hot-share",
                                                            "0.25")
     assert "--hot-dtype needs --hot-ids" in cli_error("--hot-dtype", "float32")
+    assert "--hot-tables needs --hot-ids" in cli_error("--hot-tables", "t_item")

@@ -786,8 +786,10 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
               chunks: int = 4, assignment_share: float = 0.5, qr_operation: str = "mult",
               serving_dtype: Optional[torch.dtype] = None, hot_set: str = "prefix",
               migrate_every: int = 1000, sketch_share: float = 0.25,
-              hot_dtype: Optional[torch.dtype] = None) -> CompressionPlan:
-    """``plan`` with a hot tier on every compressed table, at no more bytes per table.
+              hot_dtype: Optional[torch.dtype] = None,
+              hot_tables: Optional[Sequence[str]] = None) -> CompressionPlan:
+    """``plan`` with a hot tier on every compressed table (or on those named in
+    ``hot_tables``), at no more bytes per table.
 
     ``hot_set="online"``: ``OnlineTieredConfig`` instead (ids not frequency-ordered; the hot
     set learned by a sketch, migrated every ``migrate_every`` steps): the sketch takes
@@ -817,9 +819,16 @@ def tier_plan(plan: CompressionPlan, tables: Sequence[EmbeddingBagConfig],
     if hot_set == "online" and hot_share != "mass" and not 0 < hot_share + sketch_share < 1:
         raise ValueError(f"hot_share + sketch_share must be in (0, 1), got {hot_share} + "
                          f"{sketch_share}")
+    if hot_tables is not None:
+        unknown = sorted(set(hot_tables) - {t.name for t in tables})
+        if unknown:
+            raise ValueError(f"hot_tables: no table named {', '.join(unknown)} (tables: "
+                             f"{', '.join(t.name for t in tables)})")
     curves = {t.name: _Curve(t, _table_counts(counts, t)) for t in tables}
     out = dict(plan.tables)
     for t in tables:
+        if hot_tables is not None and t.name not in hot_tables:
+            continue
         p = plan.tables[t.name]
         cfg = p.config
         if cfg is None or isinstance(cfg, (FullConfig, TieredConfig, OnlineTieredConfig)) or \

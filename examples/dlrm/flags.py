@@ -74,6 +74,9 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
     ("model", ("--hot-dtype",), dict(choices=["float32", "float16", "bfloat16"], help=(
         "with --hot-ids: the hot rows' precision (default: the cold method's, i.e. "
         "--codebook-dtype; MEmCom's hot rows are always float32)"))),
+    ("model", ("--hot-tables",), dict(help=(
+        "with --hot-ids: the comma-separated tables (names as in the plan, e.g. t_item) that "
+        "get the hot tier; default every compressed table"))),
     ("model", ("--hot-set",), dict(choices=["prefix", "online"], default="prefix", help=(
         "with --hot-ids: 'prefix' takes the first ids of the frequency-ordered vocabulary as "
         "hot; 'online' learns the hot set during training with a heavy-hitter sketch "
@@ -237,6 +240,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         "--hot-share sizes --hot-ids auto: pass --hot-ids auto": args.hot_share is not None
             and args.hot_ids != "auto",
         "--hot-dtype needs --hot-ids": args.hot_dtype is not None and args.hot_ids is None,
+        "--hot-tables needs --hot-ids": args.hot_tables is not None and args.hot_ids is None,
         "--migrate-every must be >= 1, got {migrate_every}": args.migrate_every < 1,
         "--recluster-at only applies to --method cce": bool(args.recluster_at)
             and args.method != "cce",

@@ -147,13 +147,16 @@ def parse_hot_share(text: str) -> Any:
 
 
 def hot_set_kwargs(args: Any) -> Dict[str, Any]:
-    """``--hot-set`` / ``--migrate-every`` / ``--hot-share`` / ``--hot-dtype`` as
+    """``--hot-set`` / ``--migrate-every`` / ``--hot-share`` / ``--hot-dtype`` /
+    ``--hot-tables`` as
     :func:`torchrec_cce.budget.tier_plan` arguments."""
     out: Dict[str, Any] = {}
     if getattr(args, "hot_share", None) is not None:
         out["hot_share"] = args.hot_share
     if getattr(args, "hot_dtype", None) is not None:
         out["hot_dtype"] = getattr(torch, args.hot_dtype)
+    if getattr(args, "hot_tables", None):
+        out["hot_tables"] = args.hot_tables.split(",")
     hot_set = getattr(args, "hot_set", None) or "prefix"
     if hot_set == "prefix":
         return out
