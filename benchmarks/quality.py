@@ -557,6 +557,12 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
                train_samples_per_s=m.get("train_samples_per_s", ""),
                wall_seconds=m.get("wall_seconds", ""),
                config=json.dumps(_config_summary(m), default=str))
+    tables = (m.get("embedding_plan") or {}).get("tables", {})
+    if "--hot-ids" in METHODS.get(method, []) and not any(t.get("hot_ids") for t in
+                                                         tables.values()):
+        # no table's hot tier fitted its bytes: the run is the method alone, not a tiered row
+        row.update(status="no tier", error="--hot-ids: no table's hot tier fits in its bytes "
+                   "(the plan is the method's alone)")
     if m.get("plan_selection"):  # planner_val: every candidate's val / test loss, the choice
         sel = m["plan_selection"]
         row["note"] = "candidates (val / test log loss): " + ", ".join(
@@ -886,7 +892,7 @@ def summary(dataset: str, rows: List[Dict]) -> str:
     out += ["", f"Cells whose best validation epoch is the epoch cap: {len(hit)} of {n_ok}"
             + (": " + ", ".join(f"{r['method']} {r['budget_fraction'] or 'full'} s{r['seed']}"
                                 for r in hit) if hit else ".")]
-    bad = [r for r in rows if r["status"] not in ("ok", "infeasible")]
+    bad = [r for r in rows if r["status"] not in ("ok", "infeasible", "no tier")]
     if bad:
         out += ["", "Failed cells: " + "; ".join(f"{r['method']} {r['budget_fraction']} "
                                                   f"s{r['seed']}: {r['error']}" for r in bad)]

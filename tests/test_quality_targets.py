@@ -84,3 +84,17 @@ def test_targets_report_met_and_missed(tmp_path: Path) -> None:
     assert f"| 1/16 | {0.43 - 0.45:+.4f} (n=1) |\n" in text  # cce_hot - cce, seed 0 only
     assert "| budget | cce_hot |\n" in text  # tiered rows without their untiered row: no column
     assert text.count("**missed**") == 2
+
+
+def test_a_tiered_row_without_any_tier_is_not_a_result() -> None:
+    """A tiered row whose plan has no hot tier (none fitted, e.g. MPE at 1 bit per value) gets
+    status 'no tier', so it is neither a tiered result nor a copy counted as the tier's effect."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    untiered = _cell(0.36, _plan("mpe"))
+    row = quality.to_row("frappe", "mpe_hot", 16, 21304, 0, untiered)
+    assert row["status"] == "no tier" and "no table's hot tier fits" in row["error"]
+    assert quality.to_row("frappe", "mpe", 16, 21304, 0, untiered)["status"] == "ok"
+    tiered = _cell(0.35, _plan("mpe", hot_ids=5, hot_mass=0.2))
+    assert quality.to_row("frappe", "mpe_hot", 16, 21304, 0, tiered)["status"] == "ok"
