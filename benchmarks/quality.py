@@ -275,9 +275,8 @@ for _m in ("ce_fp16", "cce"):
 # Each dataset's tuned full-table recipe (FULL_RECIPES' flags: a learned gain, L2 or dropout
 # on the pooled embeddings, torchrec_cce.train.regularize_pooled) offered to the compressed rows
 # too: name rcp_<flag>_<row> = the row's arguments + that flag (issue 23's "same search").
-_RECIPE_FLAGS = {"gain": ["--embedding-gain"], "l2": ["--embedding-l2", "0.001"],
-                 "drop": ["--embedding-dropout", "0.2"],
-                 "dlr": ["--dense-lr", "0.016666666666666666"]}
+_RECIPE_FLAGS = {"gain": FULL_RECIPES["yelp2018"], "l2": FULL_RECIPES["frappe"],
+                 "drop": FULL_RECIPES["movielens"], "dlr": FULL_RECIPES["synthetic"]}
 for _f, _a in _RECIPE_FLAGS.items():
     for _m in ("ce_fp16", "qr_mult_fp16", "cce", "cce_hot", "hashing_hot", "qr_mult_hot",
                "hashing", "planner_val"):
@@ -362,6 +361,14 @@ def prepare(dataset: str, args: argparse.Namespace) -> List[str]:
         print("preprocess:", " ".join(cmd), file=sys.stderr, flush=True)
         subprocess.run(cmd, cwd=ROOT, check=True, env=_env(), stdout=sys.stderr)
     return ["--data", "preprocessed", "--data-dir", out]
+
+
+def full_embedding_bytes(data_dir: str, embedding_dim: int) -> int:
+    """float32 bytes of one ``embedding_dim``-wide row per vocabulary id of every table of a
+    preprocessed directory: the full tables' bytes the budgets are fractions of."""
+    from torchrec_cce.data.preprocessed import load_meta
+
+    return sum(int(f["vocab_size"]) for f in load_meta(data_dir)["features"]) * embedding_dim * 4
 
 
 def generate_synthetic(out: str, scale: float, train_batches: int, batch_size: int = 1024
@@ -499,10 +506,7 @@ def print_jobs(dataset: str, args: argparse.Namespace) -> None:
     arguments>``, for an external job runner (the cell's metrics JSON goes to
     ``<cells dir>/<cell name>.json``; an error JSON ``{"error": ...}`` marks a failed cell)."""
     data_args = prepare(dataset, args)
-    from torchrec_cce.data.preprocessed import load_meta
-
-    meta = load_meta(data_args[-1])
-    full_bytes = sum(int(f["vocab_size"]) for f in meta["features"]) * args.embedding_dim * 4
+    full_bytes = full_embedding_bytes(data_args[-1], args.embedding_dim)
     cells_dir = os.path.join(args.workdir, "cells")
     seeds = [int(x) for x in args.seeds.split(",")]
     todo = [("full", None, s) for s in seeds] + [
@@ -770,12 +774,12 @@ SERVING_ROWS = ("mpe", "mpe_hot", "cce_int8")
 PLANNER_ROWS = ("planner", "planner_val")
 # Rows with a hot tier (train.py --hot-ids): drawn with triangles next to their method's row.
 TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a and m not in ABLATIONS)
-# Each tiered row's method without the tier (same storage dtype): the hot tier's effect is the
-# paired difference of the two rows.
-TIER_BASE: Dict[str, str] = {"cce_hot": "cce", "qr_mult_hot": "qr_mult", "hashing_hot": "hashing",
-                             "ce_hot": "ce_fp16", "qr_mult_fp16_hot": "qr_mult_fp16",
-                             "memcom_hot": "memcom", "mpe_hot": "mpe"}
-assert set(TIER_BASE) == set(TIERED_ROWS), "every tiered row names its untiered row"
+# Each tiered row's method without the tier: the grid row with the same arguments but
+# --hot-ids auto (same storage dtype); the hot tier's effect is the paired difference of the two.
+TIER_BASE: Dict[str, str] = {
+    m: next(b for b in DEFAULT_METHODS if METHODS[b] == [a for a in METHODS[m]
+                                                          if a not in ("--hot-ids", "auto")])
+    for m in TIERED_ROWS}
 
 
 def _verdict(ll: Dict, method: str, f: str, candidates: List[str]) -> str:

@@ -95,8 +95,6 @@ def summarize(cells: Dict[str, Dict[str, Dict]], rounds: int) -> Dict[str, Dict]
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     q = _quality_args(args)
-    from torchrec_cce.data.preprocessed import load_meta
-
     result: Dict = {}
     if os.path.exists(args.out):
         with open(args.out) as f:
@@ -113,8 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except FileNotFoundError as e:
             print(f"skipping {dataset}: {e}", file=sys.stderr)
             continue
-        meta = load_meta(data_args[-1])
-        full_bytes = sum(int(f["vocab_size"]) for f in meta["features"]) * q.embedding_dim * 4
+        full_bytes = quality.full_embedding_bytes(data_args[-1], q.embedding_dim)
         cells: Dict[str, Dict[str, Dict]] = {}
         for rnd in range(args.rounds):
             order = [("full", None)] + [(m, f) for f in fractions for m in methods]
