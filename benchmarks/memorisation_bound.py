@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from quality import parse_args as quality_args, prepare, RESULTS  # noqa: E402
+from quality import (RESULTS, full_embedding_bytes, parse_args as quality_args,  # noqa: E402
+                     prepare)
 
 # the user and the item feature of each user-item dataset
 PAIR_FEATURES: Dict[str, tuple] = {"frappe": ("user", "item"), "movielens": ("user", "movie"),
@@ -91,14 +92,6 @@ def pair_statistics(train: Dict[str, np.ndarray], test: Dict[str, np.ndarray], u
             "pair_set_bytes": log2_binomial(n_users * n_items, n_pos_pairs) / 8}
 
 
-def full_embedding_bytes(data_dir: str, dim: int = 16) -> int:
-    """float32 bytes of one ``dim``-wide row per vocabulary id over every table (the grid's
-    ``full_embedding_bytes``)."""
-    import json
-    meta = json.load(open(os.path.join(data_dir, "meta.json")))
-    return 4 * dim * sum(f["vocab_size"] for f in meta["features"] if f["kind"] == "categorical")
-
-
 def report(stats: Dict[str, Dict], full_bytes: Dict[str, int]) -> str:
     out = ["| dataset | test rows with a training (user, item) pair (positive rate) | unseen "
            "pairs' positive rate | test log loss: constant / per-item rate / + seen pairs | "
@@ -142,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         cols = ["label", user, item]
         stats[d] = pair_statistics(_read(data_dir, "train", cols), _read(data_dir, "test", cols),
                                    user, item)
-        full_bytes[d] = full_embedding_bytes(data_dir)
+        full_bytes[d] = full_embedding_bytes(data_dir, embedding_dim=16)
     text = report(stats, full_bytes)
     print(text)
     os.makedirs(args.results, exist_ok=True)
