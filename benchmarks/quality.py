@@ -171,6 +171,9 @@ METHODS: Dict[str, List[str]] = {
     # the planner's candidate plans (torchrec_cce.plan_candidates: ladders, CCE alone, tiered
     # ladders) each trained, the lowest validation log loss kept: up to 8 runs per cell
     "planner_val": ["--plan-select", "validation"],
+    # planner_val, then its chosen plan again with 1/4 and 1/2 of the budget spent on a per-id
+    # bias for the most frequent ids (torchrec_cce.IdBias), the lowest validation loss kept
+    "planner_val_bias": ["--plan-select", "validation", "--plan-select-id-bias", "0.25,0.5"],
 }
 # CCE ablations (issue 9 item 3), re-run under the fixed protocol (every table trained by the
 # fused sparse optimizer at the recipe's --lr): name -> train.py arguments, written to
@@ -286,6 +289,13 @@ for _f, _a in _RECIPE_FLAGS.items():
 for _t in ("item", "user"):
     ABLATIONS[f"tier_cce_{_t}s"] = METHODS["cce"] + ["--hot-ids", "auto", "--hot-tables",
                                                      f"t_{_t}"]
+# The per-id bias (first-order term, torchrec_cce.IdBias): on the full table (every id, bytes
+# on top of the tables', with the full table's tuned recipe) and on single rows (a quarter of
+# the budget for the most frequent ids, the method sized in the rest).
+ABLATIONS["full_id_bias"] = METHODS["full"] + ["--id-bias", "all"]
+for _m in ("ce_fp16", "qr_mult_fp16", "cce", "cce_hot"):
+    ABLATIONS[f"bias_{_m}"] = METHODS[_m] + ["--id-bias", "0.25"]
+FULL_ROWS = ("full", "full_id_bias")  # rows trained with FULL_RECIPES' flags
 METHODS.update(ABLATIONS)
 DEFAULT_METHODS = [m for m in METHODS if m not in ABLATIONS]
 DEFAULT_BUDGETS = [2, 4, 8, 16, 64, 256]  # budget = full bytes / this
@@ -465,7 +475,7 @@ def cell_args(dataset: str, method: str, budget_bytes: Optional[int], seed: int,
                   *args.extra.split()]
     if r.get("eval_every"):
         train_args += ["--eval-every", str(r["eval_every"])]
-    if method == "full" and full_recipe:
+    if method in FULL_ROWS and full_recipe:
         train_args += FULL_RECIPES.get(dataset, [])
     if budget_bytes is not None:
         train_args += ["--embedding-budget-mb", repr(budget_bytes / 2 ** 20)]  # exact
@@ -509,9 +519,11 @@ def print_jobs(dataset: str, args: argparse.Namespace) -> None:
     full_bytes = full_embedding_bytes(data_args[-1], args.embedding_dim)
     cells_dir = os.path.join(args.workdir, "cells")
     seeds = [int(x) for x in args.seeds.split(",")]
+    methods = args.methods.split(",")
     todo = [("full", None, s) for s in seeds] + [
-        (m, int(f), s) for f in args.budgets.split(",") for m in args.methods.split(",")
-        if m != "full" and m not in ROW_ALIASES for s in seeds]
+        (m, None, s) for m in methods if m in FULL_ROWS and m != "full" for s in seeds] + [
+        (m, int(f), s) for f in args.budgets.split(",") for m in methods
+        if m not in FULL_ROWS and m not in ROW_ALIASES for s in seeds]
     for method, fraction, seed in todo:
         name = cell_name(dataset, method, fraction, seed)
         if os.path.exists(os.path.join(cells_dir, name + ".json")):
@@ -616,14 +628,18 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> List[Dict]:
         if rows[0]["status"] != "ok":
             raise SystemExit(f"dataset '{dataset}': the full table failed: {rows[0]['error']}")
         full_bytes = int(rows[0]["full_embedding_bytes"])
-        cells = [(method, fraction, s) for fraction in (int(b) for b in args.budgets.split(","))
-                 for method in methods if method != "full" and method not in ROW_ALIASES
-                 for s in seeds]
+        cells = [(method, None, s) for method in methods  # budget-free rows (full_id_bias)
+                 if method in FULL_ROWS and method != "full" for s in seeds]
+        cells += [(method, fraction, s) for fraction in (int(b) for b in args.budgets.split(","))
+                  for method in methods if method not in FULL_ROWS and method not in ROW_ALIASES
+                  for s in seeds]
 
         def one(cell):  # noqa: ANN001, ANN202
             method, fraction, s = cell
-            row = run_cell(dataset, method, fraction, full_bytes // fraction, s, data_args, args)
-            print(f"  {dataset} {method:<17} 1/{fraction:<4} seed {s}: {row['status']} "
+            row = run_cell(dataset, method, fraction, None if fraction is None
+                           else full_bytes // fraction, s, data_args, args)
+            budget = "full" if fraction is None else f"1/{fraction}"
+            print(f"  {dataset} {method:<17} {budget:<6} seed {s}: {row['status']} "
                   f"{_fmt(row.get('test_logloss'))} {_fmt(row.get('test_auc'))} "
                   f"{row.get('embedding_bytes')} B", flush=True)
             return row

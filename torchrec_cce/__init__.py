@@ -5,6 +5,7 @@ Public API::
     from torchrec_cce import (CCEEmbeddingBagCollection, CCEConfig, CEConfig, HashingTrickConfig,
                               QRConfig, MEmComConfig, MPEConfig, TieredConfig,
                               OnlineTieredConfig, recluster, migrate_hot,
+                              IdBias, with_id_bias,
                               memory_report,
                               plan_compression, compress_trained, export_for_inference,
                               load_unsharded)
@@ -27,6 +28,7 @@ from torchrec_cce.configs import (
 )
 from torchrec_cce.api import memory_report, migrate_hot, mpe_penalty, recluster
 from torchrec_cce.export import export_for_inference, load_unsharded
+from torchrec_cce.id_bias import IdBias, WithIdBias, hot_ids_for_bytes, with_id_bias
 from torchrec_cce.memory import summarize
 from torchrec_cce.modules import CCEEmbeddingBagCollection
 from torchrec_cce.schedules import MigrationSchedule, MPESchedule, ReclusterSchedule
@@ -39,6 +41,7 @@ __all__ = [
     "CompressionPlan",
     "FullConfig",
     "HashingTrickConfig",
+    "IdBias",
     "MEmComConfig",
     "MPEConfig",
     "MigrationSchedule",
@@ -49,6 +52,7 @@ __all__ = [
     "compress_trained",
     "compression_for_budget",
     "export_for_inference",
+    "hot_ids_for_bytes",
     "load_unsharded",
     "memory_report",
     "migrate_hot",
@@ -62,4 +66,6 @@ __all__ = [
     "tier_plan",
     "TieredConfig",
     "total_compression",
+    "WithIdBias",
+    "with_id_bias",
 ]

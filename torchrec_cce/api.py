@@ -24,6 +24,7 @@ from torchrec_cce.distributed.planning import sharded_memory_report
 from torchrec_cce.distributed.recluster import check_sharded_codebooks, recluster_sharded
 from torchrec_cce.distributed.sharder import ShardedCCEEmbeddingBagCollection
 from torchrec_cce.hot_migration import migrate_collection
+from torchrec_cce.id_bias import IdBias
 from torchrec_cce.memory import collection_report
 from torchrec_cce.methods.mpe import MPETable
 from torchrec_cce.modules import CCEEmbeddingBagCollection
@@ -117,6 +118,10 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
       (CCE's id reservoir: ``min(256 rows, 2^21)`` int64 slots over all ranks together, each of
       W ranks holding ``1/W`` of them once sharded); 0 for other methods.
 
+    * ``id_bias_bytes``: the table's per-id scalars in an :class:`~torchrec_cce.id_bias.IdBias`
+      of ``model`` (4 bytes each; 0 without one), included in ``compressed_bytes``,
+      ``training_bytes``, ``serving_bytes``, ``params`` and ``ratio``.
+
     Full (uncompressed) tables appear with ratio 1. Table names must be unique across
     collections; a repeated name is reported as ``<module path>.<table>``.
     """
@@ -126,6 +131,19 @@ def memory_report(model: nn.Module) -> Dict[str, Dict[str, float]]:
                    if isinstance(collection, ShardedCCEEmbeddingBagCollection) else None)
         for table, row in collection_report(collection, sharded).items():
             out[f"{path}.{table}" if table in out else table] = row
+    for row in out.values():
+        row.setdefault("id_bias_bytes", 0)
+    for bias in (m for m in model.modules() if isinstance(m, IdBias)):
+        for table, nbytes in bias.table_bytes().items():
+            if table not in out:
+                raise ValueError(f"memory_report: the IdBias has table '{table}', which no "
+                                 f"compressed collection of the model has")
+            row = out[table]
+            row["id_bias_bytes"] += nbytes
+            for key in ("compressed_bytes", "training_bytes", "serving_bytes"):
+                row[key] += nbytes
+            row["params"] += bias.hot_ids[table]
+            row["ratio"] = row["full_bytes"] / row["compressed_bytes"]
     return out
 
 

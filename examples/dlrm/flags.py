@@ -14,7 +14,7 @@ from torchrec_cce.data.common import DEFAULT_SHUFFLE_BUFFER  # noqa: E402
 from torchrec_cce.data.sources import DATA_CHOICES  # noqa: E402
 from torchrec_cce.train.defaults import (  # noqa: E402
     DEFAULT_CCE_ASSIGNMENT_SHARE, DEFAULT_CCE_INIT, DEFAULT_KMEANS_ITERS, DEFAULT_RECLUSTER_HELP,
-    parse_hot_ids, parse_hot_share)
+    parse_hot_ids, parse_hot_share, parse_id_bias, parse_id_bias_shares)
 
 FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
     ("data", ("--data",), dict(choices=DATA_CHOICES, default="synthetic", help=(
@@ -63,6 +63,11 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         "first, CCE wherever it fits, CE alone, CCE alone, then the rule's, QR's and CCE's with a "
         "hot tier; same seed and recipe) and keeps the one with the lowest validation log loss "
         "(up to 8x the training time)"))),
+    ("model", ("--plan-select-id-bias",), dict(type=parse_id_bias_shares, default=[], help=(
+        "with --plan-select validation: after the candidate plans, train the best of them "
+        "again with each of these --id-bias shares (comma-separated, e.g. 0.25,0.5; the plan "
+        "re-sized in the rest of the budget) and keep the lowest validation loss of all "
+        "(default none)"))),
     ("model", ("--hot-ids",), dict(type=parse_hot_ids, help=(
         "a hot tier on every compressed table (torchrec_cce.TieredConfig, docs/tiers.md): its "
         "N most frequent ids (an int, at most) or 'auto' (half of the table's bytes) get "
@@ -129,6 +134,11 @@ FLAGS: List[Tuple[str, Tuple[str, ...], Dict[str, Any]]] = [
         "a learned [features, dim] gain (initialised to 1) on the pooled embeddings before the "
         "interaction, trained by the dense optimizer; any --method "
         "(torchrec_cce.train.regularize_pooled)"))),
+    ("training", ("--id-bias",), dict(type=parse_id_bias, help=(
+        "a learned per-id scalar added to the logit (a first-order term, "
+        "torchrec_cce.IdBias): 'all' for every id of every table (bytes on top of the tables'), "
+        "or a share in (0, 1) of --embedding-budget-mb spent on the most frequent ids over all "
+        "tables (the planner sizes the tables in the rest); trained by the dense optimizer"))),
     ("training", ("--embedding-l2",), dict(type=float, default=0.0, help=(
         "L2 penalty on the pooled embeddings: the gradient of l2/2 * batch mean of their sum "
         "of squares, added in backward (the reported loss is unchanged); reaches every row a "
@@ -239,6 +249,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             args.hot_set == "online" and args.hot_ids is None,
         "--hot-share sizes --hot-ids auto: pass --hot-ids auto": args.hot_share is not None
             and args.hot_ids != "auto",
+        "--id-bias with a share spends part of --embedding-budget-mb: pass one, or --id-bias "
+        "all": isinstance(args.id_bias, float) and args.embedding_budget_mb is None,
+        "--id-bias all adds a scalar per id on top of the tables, beyond any budget: with "
+        "--embedding-budget-mb pass a share instead (e.g. --id-bias 0.25)":
+            args.id_bias == "all" and args.embedding_budget_mb is not None,
+        "--plan-select-id-bias adds candidates to --plan-select validation: pass it": bool(
+            args.plan_select_id_bias) and args.plan_select != "validation",
+        "--plan-select-id-bias tries shares of --id-bias itself: drop --id-bias": bool(
+            args.plan_select_id_bias) and args.id_bias is not None,
         "--hot-dtype needs --hot-ids": args.hot_dtype is not None and args.hot_ids is None,
         "--hot-tables needs --hot-ids": args.hot_tables is not None and args.hot_ids is None,
         "--migrate-every must be >= 1, got {migrate_every}": args.migrate_every < 1,

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))  # the repo's torchrec_cce
 if HERE not in sys.path:  # flags.py beside this file, also when run via runpy or imported
     sys.path.insert(0, HERE)
 
-from torchrec_cce import CCEEmbeddingBagCollection  # noqa: E402
+from torchrec_cce import CCEEmbeddingBagCollection, with_id_bias  # noqa: E402
 from torchrec_cce.checkpoint import guard_loss  # noqa: E402
 from torchrec_cce.data.sources import load_data, table_configs, table_counts  # noqa: E402
 from torchrec_cce.train import (  # noqa: E402
@@ -49,7 +49,7 @@ from torchrec_cce.train import (  # noqa: E402
 from torchrec_cce.train.checkpoint import (  # noqa: E402
     checkpoint_manager, inject_fault, load_checkpoint, save_checkpoint)
 from torchrec_cce.train.defaults import (  # noqa: E402
-    apply_cce_settings, cce_settings, has_cce, make_compression,
+    apply_cce_settings, cce_settings, has_cce, id_bias_ids, make_compression,
     planned_compression, recluster_fractions, replicate_below, serving_dtype)
 from torchrec_cce.train.plan_select import select_plan  # noqa: E402
 from torchrec_cce.train.report import (  # noqa: E402
@@ -85,6 +85,8 @@ def build_model(args: argparse.Namespace, data: Any) -> Tuple[nn.Module, Dict[st
             if args.dcn else DLRM(**common))
     regularize_pooled(dlrm, gain=args.embedding_gain, l2=args.embedding_l2,
                       dropout=args.embedding_dropout)
+    id_bias = id_bias_ids(tables, args, counts)  # --id-bias: a per-id first-order term
+    dlrm = with_id_bias(dlrm, tables, id_bias)
     model = MPEDLRMTrain(dlrm) if args.method == "mpe" else DLRMTrain(dlrm)
     return model, {"max_params_per_table": cap, "compressed_tables": len(compression),
                    "has_cce": has_cce(compression),
@@ -92,7 +94,7 @@ def build_model(args: argparse.Namespace, data: Any) -> Tuple[nn.Module, Dict[st
                    "all_mpe": args.method == "mpe" and len(compression) == len(tables),
                    "tables": {t.name: t.num_embeddings for t in tables}, "plan": plan,
                    "plan_candidates": candidates, "table_configs": tables,
-                   "compression": compression, "counts": counts}
+                   "compression": compression, "counts": counts, "id_bias": id_bias}
 
 
 # ---------------------------------------------------------------- one training run
@@ -283,8 +285,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                     run_args.tensorboard_dir = os.path.join(args.tensorboard_dir, f"candidate{i}")
                 return train_run(run_args, rank, world, device)
 
+            def variant(i: int, overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
+                return candidate(i) if not overrides else train_run(argparse.Namespace(
+                    **{**vars(args), "plan_candidate": i, **overrides}), rank, world, device)
+
             log = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
-            metrics, curves = select_plan(candidate, log)
+            metrics, curves = select_plan(  # then the best plan with --plan-select-id-bias
+                candidate, log, variants=[{"id_bias": s} for s in args.plan_select_id_bias],
+                train_variant=variant)
         else:
             metrics, curves = train_run(args, rank, world, device)
         if rank == 0:

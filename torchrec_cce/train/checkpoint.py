@@ -28,7 +28,7 @@ MODEL_FLAGS = ("data", "method", "embedding_dim", "chunks", "qr_operation", "emb
                "mpe_bits", "mpe_groups", "dense_arch", "over_arch", "dcn", "dcn_layers",
                "dcn_low_rank", "sparse_optimizer", "dense_optimizer", "seed", "cce_init",
                "cce_keep_remainder", "cce_assignment_share", "codebook_dtype",
-               "planner_allocation")
+               "planner_allocation", "id_bias")
 
 
 def checkpoint_manager(args: Any, max_params_per_table: Optional[int], tables: Dict[str, int],

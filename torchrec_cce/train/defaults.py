@@ -25,6 +25,7 @@ from torchrec import EmbeddingBagConfig
 from torchrec_cce.budget import plan_candidates, plan_compression, tier_compression, tier_plan
 from torchrec_cce.clustering.recluster import LLOYD_ITERS
 from torchrec_cce.distributed.assignment import DEFAULT_REPLICATE_ASSIGNMENT_BELOW
+from torchrec_cce.id_bias import hot_ids_for_bytes
 from torchrec_cce.configs import (CCEConfig, MEmComConfig, MPEConfig, OnlineTieredConfig,
                                   TieredConfig,
                                   compression_for_budget)
@@ -146,6 +147,54 @@ def parse_hot_share(text: str) -> Any:
                            "'mass' or a float in (0, 1)")
 
 
+def parse_id_bias(text: str) -> Any:
+    """``--id-bias``: ``"all"`` or a float in (0, 1)."""
+    return _word_or_number(text, "all", float, lambda v: 0 < v < 1, "--id-bias",
+                           "'all' or a float in (0, 1) (the share of --embedding-budget-mb)")
+
+
+def parse_id_bias_shares(text: str) -> List[float]:
+    """``--plan-select-id-bias``: comma-separated floats in (0, 1), or ``none``."""
+    if text == "none":
+        return []
+    try:
+        shares = [float(x) for x in text.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or not all(0 < s < 1 for s in shares):
+        raise argparse.ArgumentTypeError(
+            f"--plan-select-id-bias takes comma-separated floats in (0, 1) or 'none', got "
+            f"{text!r}")
+    return shares
+
+
+def table_budget_bytes(args: Any) -> int:
+    """``--embedding-budget-mb`` in bytes, less the ``--id-bias`` share: what the planner
+    gives the tables."""
+    total = int(args.embedding_budget_mb * 2**20)
+    share = getattr(args, "id_bias", None)
+    return total - (int(total * share) if isinstance(share, float) else 0)
+
+
+def id_bias_ids(tables: List[EmbeddingBagConfig], args: Any,
+                counts: Optional[Dict[str, np.ndarray]]) -> Optional[Dict[str, Any]]:
+    """``--id-bias``'s biased ids per table (:class:`torchrec_cce.id_bias.IdBias`): ``all``
+    biases every id of every table; a share ``s`` spends ``s`` of ``--embedding-budget-mb``
+    on the most frequent ids over all tables (:func:`torchrec_cce.hot_ids_for_bytes`). None
+    without the flag."""
+    spec = getattr(args, "id_bias", None)
+    if spec is None:
+        return None
+    if spec == "all":
+        return {t.name: "all" for t in tables}
+    if counts is None:
+        raise ValueError("--id-bias with a share picks the most frequent ids from the data's "
+                         "training counts, and this data has none: use --data preprocessed "
+                         "(torchrec_cce.data.preprocess writes them) or --id-bias all")
+    total = int(args.embedding_budget_mb * 2**20)
+    return hot_ids_for_bytes(tables, counts, total - table_budget_bytes(args))
+
+
 def hot_set_kwargs(args: Any) -> Dict[str, Any]:
     """``--hot-set`` / ``--migrate-every`` / ``--hot-share`` / ``--hot-dtype`` /
     ``--hot-tables`` as
@@ -206,7 +255,7 @@ def planned_compression(tables: List[EmbeddingBagConfig], args: Any,
     kwargs = dict(counts=counts, chunks=args.chunks, assignment_share=args.cce_assignment_share,
                   qr_operation=args.qr_operation, codebook_dtype=codebook_dtype(args),
                   serving_dtype=serving_dtype(args), allocation=args.planner_allocation)
-    budget_bytes = int(args.embedding_budget_mb * 2**20)
+    budget_bytes = table_budget_bytes(args)  # less the --id-bias share
     if candidate is None:
         plan, candidates = plan_compression(tables, budget_bytes, methods=args.planner_methods,
                                             **kwargs), 1

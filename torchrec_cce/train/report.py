@@ -102,7 +102,8 @@ def run_metrics(*, model: nn.Module, protocol: Protocol, method: str, world: int
     if serving_dtype is not None:  # served with INT-N codebooks: the serving size is stored
         for t in table_configs:
             row = report[t.name]
-            served = config_bytes(t, compression.get(t.name), serving_dtype)
+            served = (config_bytes(t, compression.get(t.name), serving_dtype)
+                      + row["id_bias_bytes"])
             row.update(serving_bytes=served, compressed_bytes=served,
                        ratio=row["full_bytes"] / served)
     totals = summarize(report)
