@@ -582,15 +582,18 @@ def to_row(dataset: str, method: str, fraction: Optional[int], budget_bytes: Opt
     if m.get("plan_selection"):  # planner_val: every candidate's val / test loss, the choice
         sel = m["plan_selection"]
         row["note"] = "candidates (val / test log loss): " + ", ".join(
-            f"{_plan_label(c['plan'])} {c['val_logloss']:.4f}/{c.get('test_logloss', 0):.4f}"
+            f"{_plan_label(c['plan'], c.get('variant'))} "
+            f"{c['val_logloss']:.4f}/{c.get('test_logloss', 0):.4f}"
             + (" *" if i == sel["chosen"] else "") for i, c in enumerate(sel["candidates"]))
     return row
 
 
-def _plan_label(plan: Dict) -> str:
+def _plan_label(plan: Dict, variant: Optional[Dict] = None) -> str:
     """The methods of a plan's compressed tables, e.g. ``cce+ce``, or ``full``; ``hot:`` in
     front when any table has a hot tier (a tiered table's method ``qr+hot`` counts as ``qr``,
-    its cold part)."""
+    its cold part); ``bias<share>:`` in front for a ``--plan-select-id-bias`` run."""
+    if variant and variant.get("id_bias"):
+        return f"bias{variant['id_bias']}:" + _plan_label(plan)
     methods = [t["method"].removesuffix("+hot") for t in plan["tables"].values()
                if t["method"] != "full"]
     label = "+".join(dict.fromkeys(sorted(methods, key=methods.index))) or "full"
@@ -787,7 +790,7 @@ CCE_ROWS = ("cce", "cce_fp16", "cce_fp32", "cce_no_recluster", "cce_int8")
 SERVING_ROWS = ("mpe", "mpe_hot", "cce_int8")
 # The planner's rows: the per-table rule, and the choice between its candidate plans on
 # validation data. Each is compared with the single-method rows.
-PLANNER_ROWS = ("planner", "planner_val")
+PLANNER_ROWS = ("planner", "planner_val", "planner_val_bias")
 # Rows with a hot tier (train.py --hot-ids): drawn with triangles next to their method's row.
 TIERED_ROWS = tuple(m for m, a in METHODS.items() if "--hot-ids" in a and m not in ABLATIONS)
 # Each tiered row's method without the tier: the grid row with the same arguments but

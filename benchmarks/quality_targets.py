@@ -30,6 +30,7 @@ from quality import (PLANNER_ROWS, RESULTS, ROW_ALIASES, SERVING_ROWS, TIER_BASE
 GAP_FLOOR = 0.005      # the gap to the full table below which the planner need close nothing
 GAP_SHARE = 1 / 3      # the share of a larger gap the planner must close
 PLANNER = "planner_val"
+PLANNERS = ("planner_val", "planner_val_bias")  # each gets its own targets table
 
 
 def read_rows(path: str) -> List[Dict]:
@@ -89,9 +90,9 @@ def _spread(ll: Dict, a: Tuple[str, str], b: Tuple[str, str]) -> float:
     return max(ll[a][3], ll[b][3])
 
 
-def check(rows: List[Dict], fraction: str) -> Optional[Dict]:
-    """The figures and verdicts of one budget (None when the full row or the budget's rows
-    are missing)."""
+def check(rows: List[Dict], fraction: str, planner: str = PLANNER) -> Optional[Dict]:
+    """The figures and verdicts of one budget for the validation planner row ``planner`` (None
+    when the full row or the budget's rows are missing)."""
     ll = mean_by(rows, "test_logloss")
     full = ("full", "")
     trained = sorted(m for m, f in ll if f == fraction and m not in SERVING_ROWS
@@ -102,11 +103,11 @@ def check(rows: List[Dict], fraction: str) -> Optional[Dict]:
     rank = sorted(trained, key=lambda m: (ll[(m, fraction)][0], m))
     best, single = rank[0], min(singles, key=lambda m: (ll[(m, fraction)][0], m))
     out = {"fraction": fraction, "ll": ll, "rank": rank, "best": best, "single": single}
-    if (PLANNER, fraction) in ll:
-        p, s = ll[(PLANNER, fraction)][0], ll[(single, fraction)][0]
-        noise = _spread(ll, (PLANNER, fraction), (single, fraction))
+    if (planner, fraction) in ll:
+        p, s = ll[(planner, fraction)][0], ll[(single, fraction)][0]
+        noise = _spread(ll, (planner, fraction), (single, fraction))
         out["planner_ok"] = p - s <= noise
-        seeds = f"{ll[(PLANNER, fraction)][2]}/{ll[(single, fraction)][2]}"
+        seeds = f"{ll[(planner, fraction)][2]}/{ll[(single, fraction)][2]}"
         out["planner_txt"] = f"{p - s:+.4f} vs {single} (noise {noise:.4f}, seeds {seeds})"
         gap = s - ll[full][0]
         if gap > GAP_FLOOR:
@@ -151,12 +152,23 @@ def report(dataset: str, rows: List[Dict], fractions: List[str]) -> str:
         out.append(f"| {f} | **{_cell(ll, c['best'], f)}** | {planner} | "
                    f"{_cell(ll, c['single'], f)} | {c.get('cce', '')} | "
                    f"{hot_tables(rows, 'cce_hot', f)} |")
-    out += ["", "| budget | planner no worse than the best non-tiered method | planner closes "
-            ">= 1/3 of the gap to full | full best or within 1 std |", "|---|---|---|---|"]
-    for c in checks:
-        out.append(f"| {c['fraction']} | {_verdict(c.get('planner_ok'), c.get('planner_txt', ''))}"
-                   f" | {_verdict(c.get('gap_ok'), c.get('gap_txt', ''))} | "
-                   f"{_verdict(c['full_ok'], c['full_txt'])} |")
+    for planner in PLANNERS:
+        if not any((planner, c["fraction"]) in ll for c in checks):
+            continue
+        if planner != PLANNER:
+            out += ["", f"With `{planner}` as the planner:"]
+            for c in checks:
+                if (planner, c["fraction"]) in ll:
+                    out.append(f"* {c['fraction']}: {_cell(ll, planner, c['fraction'])}: "
+                               + ", ".join(chosen_plans(rows, planner, c["fraction"])))
+        out += ["", f"| budget | {planner} no worse than the best non-tiered method | {planner} "
+                "closes >= 1/3 of the gap to full | full best or within 1 std |",
+                "|---|---|---|---|"]
+        for c in (check(rows, c["fraction"], planner) for c in checks):
+            out.append(f"| {c['fraction']} | "
+                       f"{_verdict(c.get('planner_ok'), c.get('planner_txt', ''))}"
+                       f" | {_verdict(c.get('gap_ok'), c.get('gap_txt', ''))} | "
+                       f"{_verdict(c['full_ok'], c['full_txt'])} |")
     tiers = [(m, TIER_BASE[m]) for m in TIERED_ROWS  # the tiered rows paired at some budget
              if any(paired_difference(rows, m, TIER_BASE[m], c["fraction"]) for c in checks)]
     out += ["", "The hot tier's effect (tiered row minus the same method without it, mean over "

@@ -8,16 +8,13 @@ from typing import List, Tuple
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from multiprocess import run_multiprocess
-from test_pooled import _fill_embeddings
+from test_pooled import B, train_pipelined
 from torchrec_cce import (CCEEmbeddingBagCollection, IdBias, QRConfig, WithIdBias,
                           hot_ids_for_bytes, memory_report, with_id_bias)
-from torchrec_cce.train import (Optimizers, apply_sparse_optimizer, dense_optimizer, shard)
 
 TABLES = [
     EmbeddingBagConfig(name="t_a", embedding_dim=8, num_embeddings=20, feature_names=["a", "a2"]),
@@ -51,36 +48,26 @@ def test_equals_a_per_sample_loop(weighted: bool) -> None:
     keys, sizes = ["c", "b", "x", "a", "a2"], [9, 7, 30, 20, 20]
     kjt, bags, wts = _kjt(3, 6, keys, sizes, weighted)
     out = bias(kjt)
+    # the reference: per sample, a loop over its bags; and d sum(out) / d scalar, each
+    # occurrence's weight (divided by its bag's length in the MEAN table)
     table_of = {"a": ("t_a", 0), "a2": ("t_a", 0), "b": ("t_b", 5)}
-    expect = torch.zeros(6)
-    for f, key in enumerate(keys):
-        if key not in table_of:
-            continue
-        table, offset = table_of[key]
-        for s in range(6):
-            total = 0.0
-            for i, id_ in enumerate(bags[f][s].tolist()):
-                if id_ < bias.hot_ids[table]:
-                    total += float(bias.weight[offset + id_]) * (
-                        float(wts[f][s][i]) if weighted else 1.0)
-            if table == "t_b" and len(bags[f][s]):
-                total /= len(bags[f][s])
-            expect[s] += total
-    torch.testing.assert_close(out, expect)
-    # the gradient of sum(out) w.r.t. a scalar: its (weighted, mean-scaled) occurrences
-    out.sum().backward()
-    assert bias.weight.grad is not None and bias.weight.grad[5:].abs().sum() > 0
-    grad = torch.zeros(12)
+    expect, grad = torch.zeros(6), torch.zeros(12)
+    scalars = bias.weight.detach()
     for f, key in enumerate(keys):
         if key not in table_of:
             continue
         table, offset = table_of[key]
         for s in range(6):
             n = len(bags[f][s])
+            scale = 1 / n if table == "t_b" and n else 1.0
             for i, id_ in enumerate(bags[f][s].tolist()):
                 if id_ < bias.hot_ids[table]:
-                    w = float(wts[f][s][i]) if weighted else 1.0
-                    grad[offset + id_] += w / (n if table == "t_b" else 1)
+                    w = (float(wts[f][s][i]) if weighted else 1.0) * scale
+                    expect[s] += float(scalars[offset + id_]) * w
+                    grad[offset + id_] += w
+    torch.testing.assert_close(out, expect)
+    out.sum().backward()
+    assert grad[5:].abs().sum() > 0  # the MEAN table's ids occur
     torch.testing.assert_close(bias.weight.grad, grad)
 
 
@@ -136,7 +123,6 @@ def test_wrapped_model_starts_equal_and_memory_report_counts_the_bias() -> None:
 
 
 # ------------------------------------------------------------------ DMP + pipeline, world 2
-B, STEPS = 16, 6
 
 
 def _batch(seed: int, rows: slice):
@@ -159,19 +145,7 @@ def _train_world(rank: int, world: int) -> Tuple[List[float], torch.Tensor]:
     ebc = CCEEmbeddingBagCollection(TABLES, {"t_a": QRConfig(collisions=4)},
                                     device=torch.device("meta"))
     model = DLRMTrain(with_id_bias(_dlrm(ebc), TABLES, {"t_a": 10, "t_b": "all"}))
-    apply_sparse_optimizer(model.model.sparse_arch, "rowwise_adagrad", 0.1)
-    dmp, _ = shard(model, world, torch.device("cpu"), 2 * B // world)
-    _fill_embeddings(dmp)  # the same rows whatever the sharding
-    optim = Optimizers(dmp, dense_optimizer("adagrad", 0.1), dense_lr=0.1, sparse_lr=0.1)
-    pipeline = TrainPipelineSparseDist(dmp, optim.dense, torch.device("cpu"))
-    share = 2 * B // world
-    batches = iter([_batch(s, slice(rank * share, (rank + 1) * share))
-                    for s in range(1, STEPS + 1)])
-    losses = []
-    for _ in range(STEPS):
-        loss = pipeline.progress(batches)[0].detach().clone()
-        dist.all_reduce(loss)
-        losses.append(float(loss) / world)
+    losses, dmp = train_pipelined(model, rank, world, _batch)
     weight = dict(dmp.named_parameters())["model.id_bias.weight"].detach().clone()
     return losses, weight
 
@@ -189,3 +163,37 @@ def test_bias_trains_the_same_under_dmp_at_world_2_as_at_world_1() -> None:
     assert loss0 == loss1
     torch.testing.assert_close(torch.tensor(loss0), torch.tensor(one_loss), rtol=1e-4,
                                atol=1e-5)
+
+
+def test_the_biased_model_exports_to_torchscript_and_torch_export(tmp_path) -> None:
+    """export_for_inference (fx trace + TorchScript, INT8 codebooks) and export_program keep
+    the bias: the served model equals the eager (quantised) one, on other batches too."""
+    from torchrec_cce.export import export_for_inference, export_program, quantize_model
+
+    ebc = CCEEmbeddingBagCollection(TABLES, {"t_a": QRConfig(collisions=4)})
+    model = with_id_bias(_dlrm(ebc), TABLES, {"t_a": 6, "t_c": "all"}).eval()
+    with torch.no_grad():
+        model.id_bias.weight.normal_()
+    dense = torch.randn(5, 4)
+    kjt, _, _ = _kjt(1, 5, ["a", "a2", "b", "c"], [20, 20, 7, 9], False)
+    other, _, _ = _kjt(2, 5, ["a", "a2", "b", "c"], [20, 20, 7, 9], False)
+    eager = quantize_model(model)
+    path = str(tmp_path / "served.pt")
+    torch.jit.save(export_for_inference(model), path)
+    served = torch.jit.load(path)
+    program = export_program(model, (dense, kjt)).module()
+    with torch.no_grad():
+        for x in (kjt, other):
+            expected = eager(dense, x)
+            assert not torch.equal(expected, _strip(eager)(dense, x))  # the bias is in it
+            torch.testing.assert_close(served(dense, x), expected, rtol=0, atol=1e-6)
+        # torch.export's program: for the example's shapes (as test_export's), other ids
+        same_shape = KeyedJaggedTensor(keys=kjt.keys(), lengths=kjt.lengths(), values=torch.cat(
+            [(jt.values() * 7 + 3) % n for jt, n in zip(kjt.to_dict().values(), [20, 20, 7, 9])]))
+        for x in (kjt, same_shape):
+            torch.testing.assert_close(program(dense, x), eager(dense, x), rtol=0, atol=1e-6)
+        assert not torch.equal(eager(dense, kjt), eager(dense, same_shape))
+
+
+def _strip(model: torch.nn.Module) -> torch.nn.Module:
+    return model.model

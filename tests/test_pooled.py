@@ -2,7 +2,7 @@
 full table and a compressed one, unsharded and inside DMP + TrainPipelineSparseDist at world 2."""
 
 import copy
-from typing import Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 import torch
@@ -185,6 +185,30 @@ def _fill_embeddings(dmp: torch.nn.Module) -> None:
     assert int(counts) >= 3, f"no embedding weights found to fill: {list(dmp.state_dict())}"
 
 
+def train_pipelined(model: torch.nn.Module, rank: int, world: int,
+                    batch_of: Callable[[int, slice], Any]
+                    ) -> Tuple[List[float], torch.nn.Module]:
+    """``model`` (a DLRMTrain on the meta device) sharded by DMP over ``world`` ranks, its
+    embedding rows filled alike whatever the sharding, trained ``STEPS`` pipelined steps
+    (row-wise Adagrad 0.1 in backward, dense Adagrad 0.1) on global batches of 2B samples:
+    ``batch_of(seed, rows)`` is this rank's share ``rows`` of the batch of ``seed``. Returns
+    the mean loss over the ranks per step and the DMP module."""
+    apply_sparse_optimizer(model.model.sparse_arch, "rowwise_adagrad", 0.1)
+    dmp, _ = shard(model, world, torch.device("cpu"), 2 * B // world)
+    _fill_embeddings(dmp)
+    optim = Optimizers(dmp, dense_optimizer("adagrad", 0.1), dense_lr=0.1, sparse_lr=0.1)
+    pipeline = TrainPipelineSparseDist(dmp, optim.dense, torch.device("cpu"))
+    share = 2 * B // world
+    batches = iter([batch_of(s, slice(rank * share, (rank + 1) * share))
+                    for s in range(1, STEPS + 1)])
+    losses = []
+    for _ in range(STEPS):
+        loss = pipeline.progress(batches)[0].detach().clone()
+        dist.all_reduce(loss)
+        losses.append(float(loss) / world)
+    return losses, dmp
+
+
 def _train_world(rank: int, world: int) -> Tuple[List[float], torch.Tensor]:
     """Pipelined DMP training of a full + QR DLRM with gain and L2 on global batches of 2B
     samples (rank r trains its share); returns the mean loss per step and the final gain."""
@@ -197,19 +221,8 @@ def _train_world(rank: int, world: int) -> Tuple[List[float], torch.Tensor]:
                 dense_arch_layer_sizes=[16, D], over_arch_layer_sizes=[8, 1],
                 dense_device=torch.device("cpu"))
     model = DLRMTrain(regularize_pooled(dlrm, gain=True, l2=0.5))
-    apply_sparse_optimizer(model.model.sparse_arch, "rowwise_adagrad", 0.1)
-    dmp, _ = shard(model, world, torch.device("cpu"), 2 * B // world)
-    _fill_embeddings(dmp)
-    optim = Optimizers(dmp, dense_optimizer("adagrad", 0.1), dense_lr=0.1, sparse_lr=0.1)
-    pipeline = TrainPipelineSparseDist(dmp, optim.dense, torch.device("cpu"))
-    share = 2 * B // world
-    batches = iter([Batch(*_batch(s, 2 * B, slice(rank * share, (rank + 1) * share)))
-                    for s in range(1, STEPS + 1)])
-    losses = []
-    for _ in range(STEPS):
-        loss = pipeline.progress(batches)[0].detach().clone()
-        dist.all_reduce(loss)
-        losses.append(float(loss) / world)
+    losses, dmp = train_pipelined(model, rank, world,
+                                  lambda s, rows: Batch(*_batch(s, 2 * B, rows)))
     gain = dict(dmp.named_parameters())["model.inter_arch.gain"].detach().clone()
     return losses, gain
 

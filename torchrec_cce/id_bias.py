@@ -19,7 +19,7 @@ byte budget from the tables' training counts; :func:`id_bias_bytes` counts them 
 scalar), and :func:`torchrec_cce.memory_report` adds them to their tables' bytes.
 """
 
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -141,29 +141,19 @@ class IdBias(nn.Module):
 
 class WithIdBias(nn.Module):
     """``model(dense_features, sparse_features) + id_bias(sparse_features)`` as ``[B, 1]``
-    logits (a TorchRec DLRM's output shape), for ``DLRMTrain`` and DMP. ``sparse_arch``,
-    ``dense_arch``, ``inter_arch`` and ``over_arch`` are the wrapped model's."""
+    logits (a TorchRec DLRM's output shape), for ``DLRMTrain`` and DMP. Other attributes
+    (``sparse_arch``, ``over_arch``, ...) are the wrapped model's."""
 
     def __init__(self, model: nn.Module, id_bias: IdBias) -> None:
         super().__init__()
         self.model = model
         self.id_bias = id_bias
 
-    @property
-    def sparse_arch(self) -> nn.Module:
-        return self.model.sparse_arch
-
-    @property
-    def dense_arch(self) -> nn.Module:
-        return self.model.dense_arch
-
-    @property
-    def inter_arch(self) -> nn.Module:
-        return self.model.inter_arch
-
-    @property
-    def over_arch(self) -> nn.Module:
-        return self.model.over_arch
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # the wrapped model's arches and attributes
+            return getattr(super().__getattr__("model"), name)
 
     def forward(self, dense_features: torch.Tensor,
                 sparse_features: KeyedJaggedTensor) -> torch.Tensor:
