@@ -266,9 +266,8 @@ for _n in (1, 3, 10):
 # front of a float16 cold method (--hot-dtype).
 _TIER_COLD = {"ce_fp16": METHODS["ce_fp16"], "cce": METHODS["cce"],
               "qr_fp16": METHODS["qr_mult_fp16"], "hashing_fp16": METHODS["hashing_fp16"]}
-for _m, _a in _TIER_COLD.items():  # (CCE's is the grid's cce_hot)
-    if _m != "cce":
-        ABLATIONS[f"tier_{_m}"] = _a + ["--hot-ids", "auto"]
+# (CE fp16's, CCE's and QR fp16's are the grid's ce_hot, cce_hot and qr_mult_fp16_hot)
+ABLATIONS["tier_hashing_fp16"] = _TIER_COLD["hashing_fp16"] + ["--hot-ids", "auto"]
 for _m in ("ce_fp16", "cce"):
     for _s in ("0.25", "0.75", "mass"):
         ABLATIONS[f"tier_{_m}_{_s.replace('0.', 's')}"] = _TIER_COLD[_m] + [
