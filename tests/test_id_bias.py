@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
+from torchrec.datasets.utils import Batch
 from torchrec.models.dlrm import DLRM, DLRMTrain
 
 from multiprocess import run_multiprocess
@@ -125,9 +126,7 @@ def test_wrapped_model_starts_equal_and_memory_report_counts_the_bias() -> None:
 # ------------------------------------------------------------------ DMP + pipeline, world 2
 
 
-def _batch(seed: int, rows: slice):
-    from torchrec.datasets.utils import Batch
-
+def _batch(seed: int, rows: slice) -> Batch:
     g = torch.Generator().manual_seed(seed)
     n = 2 * B
     sizes = {"a": 20, "a2": 20, "b": 7, "c": 9}
@@ -197,3 +196,4 @@ def test_the_biased_model_exports_to_torchscript_and_torch_export(tmp_path) -> N
 
 def _strip(model: torch.nn.Module) -> torch.nn.Module:
     return model.model
+
