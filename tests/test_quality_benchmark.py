@@ -180,3 +180,28 @@ def test_partial_runs_merge_into_the_results_csv(tmp_path: Path) -> None:
     text = (tmp_path / "res" / "quality_summary.md").read_text()
     assert "### frappe" in text and "### movielens" in text
     assert "| 1/16 | **qr_mult** | 0.4200 ± 0.0200 |" in text  # seed 0 kept, seed 1 replaced
+
+
+def test_id_bias_rows() -> None:
+    """full_id_bias trains once per seed without a budget and with the full table's tuned
+    recipe; planner_val_bias is planner_val plus the bias shares; a bias candidate's label in
+    the planner note says so."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import quality
+
+    args = quality.parse_args([])
+    full = quality.cell_args("frappe", "full_id_bias", None, 0, ["--data", "x"], args)
+    assert full[full.index("--method") + 1] == "full" and "--embedding-budget-mb" not in full
+    assert full[full.index("--id-bias") + 1] == "all"
+    for flag in quality.FULL_RECIPES["frappe"]:
+        assert flag in full
+    pvb = quality.cell_args("frappe", "planner_val_bias", 4096, 0, ["--data", "x"], args)
+    assert pvb[pvb.index("--plan-select-id-bias") + 1] == "0.25,0.5"
+    assert pvb[pvb.index("--plan-select") + 1] == "validation"
+    assert "planner_val_bias" in quality.PLANNER_ROWS
+    plan = {"tables": {"t_a": {"method": "cce+hot", "hot_ids": 5}, "t_b": {"method": "full"}}}
+    m = dict(_cell(0.3, 100), plan_selection={"chosen": 1, "candidates": [
+        {"plan": plan, "val_logloss": 0.31, "test_logloss": 0.32},
+        {"plan": plan, "variant": {"id_bias": 0.25}, "val_logloss": 0.30, "test_logloss": 0.3}]})
+    row = quality.to_row("frappe", "planner_val_bias", 16, 100, 0, m)
+    assert row["note"].endswith("hot:cce 0.3100/0.3200, bias0.25:hot:cce 0.3000/0.3000 *")
