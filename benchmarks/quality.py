@@ -289,10 +289,10 @@ for _t in ("item", "user"):
     ABLATIONS[f"tier_cce_{_t}s"] = METHODS["cce"] + ["--hot-ids", "auto", "--hot-tables",
                                                      f"t_{_t}"]
 # The per-id bias (first-order term, torchrec_cce.IdBias): on the full table (every id, bytes
-# on top of the tables', with the full table's tuned recipe) and on single rows (a quarter of
-# the budget for the most frequent ids, the method sized in the rest).
+# on top of the tables', with the full table's tuned recipe) and on CCE, tiered or not (a
+# quarter of the budget for the most frequent ids, the method sized in the rest).
 ABLATIONS["full_id_bias"] = METHODS["full"] + ["--id-bias", "all"]
-for _m in ("ce_fp16", "qr_mult_fp16", "cce", "cce_hot"):
+for _m in ("cce", "cce_hot"):
     ABLATIONS[f"bias_{_m}"] = METHODS[_m] + ["--id-bias", "0.25"]
 FULL_ROWS = ("full", "full_id_bias")  # rows trained with FULL_RECIPES' flags
 METHODS.update(ABLATIONS)
