@@ -15,8 +15,8 @@ frequency-ordered vocabularies: the most frequent ones) get one learned scalar e
 initialised to 0 (the model's output is unchanged at step 0); other ids, and features of tables
 without an entry, add nothing. A bag adds the (weighted) sum of its ids' scalars, divided by
 the bag's length for a MEAN-pooled table. :func:`hot_ids_for_bytes` sizes ``hot_ids`` for a
-byte budget from the tables' training counts; :func:`id_bias_bytes` counts them (4 bytes per
-scalar), and :func:`torchrec_cce.memory_report` adds them to their tables' bytes.
+byte budget from the tables' training counts (4 bytes per scalar), and
+:func:`torchrec_cce.memory_report` adds them to their tables' bytes.
 """
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -28,11 +28,6 @@ from torch import nn
 from torchrec import EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
 BIAS_BYTES = 4  # one float32 per biased id
-
-
-def id_bias_bytes(hot_ids: Mapping[str, int]) -> int:
-    """Bytes of the biases of ``hot_ids`` (table -> number of biased ids)."""
-    return BIAS_BYTES * sum(int(k) for k in hot_ids.values())
 
 
 def hot_ids_for_bytes(tables: Sequence[EmbeddingBagConfig], counts: Mapping[str, object],
@@ -62,12 +57,16 @@ def _pooled_bias(kjt: KeyedJaggedTensor, weight: torch.Tensor, keys: List[str],
     if kjt.variable_stride_per_key():
         raise ValueError("IdBias: KeyedJaggedTensors with a variable batch size per feature are "
                          "not supported; pass one stride for every feature")
+    device = weight.device
     position = {k: i for i, k in enumerate(keys)}
-    index = torch.tensor([position.get(k, -1) for k in kjt.keys()], dtype=torch.long)
+    index = torch.tensor([position.get(k, -1) for k in kjt.keys()], dtype=torch.long,
+                         device=device)
     lengths = kjt.lengths().long()
     F = len(index)
-    seg_feature = torch.arange(F).repeat_interleave(batch)  # [F * B]: the feature of each bag
-    seg_of_value = torch.arange(F * batch).repeat_interleave(lengths, output_size=kjt.values().numel())
+    # the feature of each bag ([F * B]) and the bag of each id
+    seg_feature = torch.arange(F, device=device).repeat_interleave(batch)
+    seg_of_value = torch.arange(F * batch, device=device).repeat_interleave(
+        lengths, output_size=kjt.values().numel())
     mine = index[seg_feature] >= 0
     feat = index.clamp(min=0)[seg_feature]  # this module's table slot of each bag
     value_feat = feat[seg_of_value]
@@ -77,7 +76,8 @@ def _pooled_bias(kjt: KeyedJaggedTensor, weight: torch.Tensor, keys: List[str],
     values = torch.where(biased, weight[slot], torch.zeros((), dtype=weight.dtype))
     if kjt.weights_or_none() is not None:
         values = values * kjt.weights()
-    bags = torch.zeros(F * batch, dtype=weight.dtype).index_add(0, seg_of_value, values)
+    bags = torch.zeros(F * batch, dtype=weight.dtype, device=device).index_add(
+        0, seg_of_value, values)
     bags = torch.where(mean[feat] & (lengths > 0), bags / lengths.clamp(min=1), bags)
     return bags.view(F, batch).sum(0)
 
