@@ -58,8 +58,8 @@ def _pooled_bias(kjt: KeyedJaggedTensor, weight: torch.Tensor, keys: List[str],
         raise ValueError("IdBias: KeyedJaggedTensors with a variable batch size per feature are "
                          "not supported; pass one stride for every feature")
     device = weight.device
-    position = {k: i for i, k in enumerate(keys)}
-    index = torch.tensor([position.get(k, -1) for k in kjt.keys()], dtype=torch.long,
+    position = {k: i for i, k in enumerate(keys)}  # other features: the last slot, no ids
+    index = torch.tensor([position.get(k, len(keys)) for k in kjt.keys()], dtype=torch.long,
                          device=device)
     lengths = kjt.lengths().long()
     F = len(index)
@@ -67,11 +67,10 @@ def _pooled_bias(kjt: KeyedJaggedTensor, weight: torch.Tensor, keys: List[str],
     seg_feature = torch.arange(F, device=device).repeat_interleave(batch)
     seg_of_value = torch.arange(F * batch, device=device).repeat_interleave(
         lengths, output_size=kjt.values().numel())
-    mine = index[seg_feature] >= 0
-    feat = index.clamp(min=0)[seg_feature]  # this module's table slot of each bag
+    feat = index[seg_feature]  # this module's feature slot of each bag
     value_feat = feat[seg_of_value]
     ids = kjt.values().long()
-    biased = mine[seg_of_value] & (ids >= 0) & (ids < hot[value_feat])
+    biased = (ids >= 0) & (ids < hot[value_feat])
     slot = torch.where(biased, offsets[value_feat] + ids, torch.zeros_like(ids))
     values = torch.where(biased, weight[slot], torch.zeros((), dtype=weight.dtype))
     if kjt.weights_or_none() is not None:
@@ -123,6 +122,7 @@ class IdBias(nn.Module):
                 hot.append(sizes[t.name])
                 mean.append(t.pooling == PoolingType.MEAN)
         self.keys = keys
+        offsets, hot, mean = offsets + [0], hot + [0], mean + [False]  # features of no table
         self.register_buffer("feature_offsets", torch.tensor(offsets, dtype=torch.long),
                              persistent=False)
         self.register_buffer("feature_hot_ids", torch.tensor(hot, dtype=torch.long),
