@@ -22,6 +22,11 @@ def _label(variant: Any) -> str:
     return str(variant)
 
 
+def _lowest_val(runs: List[Tuple[Dict[str, Any], Any]]) -> int:
+    """Index of the run with the lowest validation log loss (the earliest on a tie)."""
+    return min(range(len(runs)), key=lambda j: (runs[j][0]["val_logloss"], j))
+
+
 def select_plan(train_candidate: Callable[[int], Tuple[Dict[str, Any], Any]],
                 log: Callable[[str], None] = print, variants: Sequence[Any] = (),
                 train_variant: Optional[Callable[[int, Any], Tuple[Dict[str, Any], Any]]] = None
@@ -49,14 +54,14 @@ def select_plan(train_candidate: Callable[[int], Tuple[Dict[str, Any], Any]],
     if variants:
         if train_variant is None:
             raise ValueError("select_plan: variants need train_variant")
-        base = min(range(len(runs)), key=lambda j: (runs[j][0]["val_logloss"], j))
+        base = _lowest_val(runs)
         for v in variants:
             log(f"-- candidate plan {base + 1} with {_label(v)} (--plan-select validation)")
             metrics, extra = train_variant(base, v)
             metrics.pop("plan_candidates", None)
             runs.append((metrics, extra))
             labels.append(v)
-    best = min(range(len(runs)), key=lambda j: (runs[j][0]["val_logloss"], j))
+    best = _lowest_val(runs)
     metrics, extra = runs[best]
     metrics = dict(metrics)
     metrics["plan_selection"] = {
