@@ -279,20 +279,19 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rank, world, device = init_distributed()
     try:
         if args.plan_select == "validation":  # one run per candidate plan, lowest val loss kept
-            def candidate(i: int) -> Tuple[Dict[str, Any], Tuple[Any, Any]]:
-                run_args = argparse.Namespace(**{**vars(args), "plan_candidate": i})
+            def candidate(i: int, overrides: Optional[Dict[str, Any]] = None
+                          ) -> Tuple[Dict[str, Any], Tuple[Any, Any]]:
+                run_args = argparse.Namespace(**{**vars(args), "plan_candidate": i,
+                                                 **(overrides or {})})
                 if args.tensorboard_dir:
-                    run_args.tensorboard_dir = os.path.join(args.tensorboard_dir, f"candidate{i}")
+                    run_args.tensorboard_dir = os.path.join(args.tensorboard_dir, "".join(
+                        [f"candidate{i}", *(f"_{k}{v}" for k, v in (overrides or {}).items())]))
                 return train_run(run_args, rank, world, device)
-
-            def variant(i: int, overrides: Dict[str, Any]) -> Tuple[Dict[str, Any], Any]:
-                return candidate(i) if not overrides else train_run(argparse.Namespace(
-                    **{**vars(args), "plan_candidate": i, **overrides}), rank, world, device)
 
             log = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
             metrics, curves = select_plan(  # then the best plan with --plan-select-id-bias
                 candidate, log, variants=[{"id_bias": s} for s in args.plan_select_id_bias],
-                train_variant=variant)
+                train_variant=candidate)
         else:
             metrics, curves = train_run(args, rank, world, device)
         if rank == 0:
