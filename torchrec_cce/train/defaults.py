@@ -168,12 +168,17 @@ def parse_id_bias_shares(text: str) -> List[float]:
     return shares
 
 
+def id_bias_budget_bytes(args: Any) -> int:
+    """The bytes of ``--embedding-budget-mb`` that ``--id-bias SHARE`` spends on scalars (0
+    without a share)."""
+    share = getattr(args, "id_bias", None)
+    return int(int(args.embedding_budget_mb * 2**20) * share) if isinstance(share, float) else 0
+
+
 def table_budget_bytes(args: Any) -> int:
     """``--embedding-budget-mb`` in bytes, less the ``--id-bias`` share: what the planner
     gives the tables."""
-    total = int(args.embedding_budget_mb * 2**20)
-    share = getattr(args, "id_bias", None)
-    return total - (int(total * share) if isinstance(share, float) else 0)
+    return int(args.embedding_budget_mb * 2**20) - id_bias_budget_bytes(args)
 
 
 def id_bias_ids(tables: List[EmbeddingBagConfig], args: Any,
@@ -191,8 +196,7 @@ def id_bias_ids(tables: List[EmbeddingBagConfig], args: Any,
         raise ValueError("--id-bias with a share picks the most frequent ids from the data's "
                          "training counts, and this data has none: use --data preprocessed "
                          "(torchrec_cce.data.preprocess writes them) or --id-bias all")
-    total = int(args.embedding_budget_mb * 2**20)
-    return hot_ids_for_bytes(tables, counts, total - table_budget_bytes(args))
+    return hot_ids_for_bytes(tables, counts, id_bias_budget_bytes(args))
 
 
 def hot_set_kwargs(args: Any) -> Dict[str, Any]:
