@@ -52,7 +52,7 @@ import sys
 import traceback
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 # <repo>/../shared/data (see its README); $TORCHREC_CCE_SHARED_DATA overrides it
@@ -518,11 +518,7 @@ def print_jobs(dataset: str, args: argparse.Namespace) -> None:
     full_bytes = full_embedding_bytes(data_args[-1], args.embedding_dim)
     cells_dir = os.path.join(args.workdir, "cells")
     seeds = [int(x) for x in args.seeds.split(",")]
-    methods = args.methods.split(",")
-    todo = [("full", None, s) for s in seeds] + [
-        (m, None, s) for m in methods if m in FULL_ROWS and m != "full" for s in seeds] + [
-        (m, int(f), s) for f in args.budgets.split(",") for m in methods
-        if m not in FULL_ROWS and m not in ROW_ALIASES for s in seeds]
+    todo = [("full", None, s) for s in seeds] + grid_cells(args.methods.split(","), args, seeds)
     for method, fraction, seed in todo:
         name = cell_name(dataset, method, fraction, seed)
         if os.path.exists(os.path.join(cells_dir, name + ".json")):
@@ -530,6 +526,16 @@ def print_jobs(dataset: str, args: argparse.Namespace) -> None:
         budget = None if fraction is None else full_bytes // fraction
         print("\t".join([cells_dir, name, shlex.join(
             cell_args(dataset, method, budget, seed, data_args, args))]))
+
+
+def grid_cells(methods: List[str], args: argparse.Namespace, seeds: List[int]
+               ) -> List[Tuple[str, Optional[int], int]]:
+    """``(method, budget fraction, seed)`` of every cell to train besides ``full``: the
+    budget-free rows of :data:`FULL_ROWS` (fraction None), then every other row (aliases
+    excepted) at each of ``--budgets``."""
+    free = [(m, None, s) for m in methods if m in FULL_ROWS and m != "full" for s in seeds]
+    return free + [(m, int(f), s) for f in args.budgets.split(",") for m in methods
+                   if m not in FULL_ROWS and m not in ROW_ALIASES for s in seeds]
 
 
 def _train(train_args: List[str], nproc: int) -> Optional[str]:
@@ -630,11 +636,7 @@ def run_dataset(dataset: str, args: argparse.Namespace) -> List[Dict]:
         if rows[0]["status"] != "ok":
             raise SystemExit(f"dataset '{dataset}': the full table failed: {rows[0]['error']}")
         full_bytes = int(rows[0]["full_embedding_bytes"])
-        cells = [(method, None, s) for method in methods  # budget-free rows (full_id_bias)
-                 if method in FULL_ROWS and method != "full" for s in seeds]
-        cells += [(method, fraction, s) for fraction in (int(b) for b in args.budgets.split(","))
-                  for method in methods if method not in FULL_ROWS and method not in ROW_ALIASES
-                  for s in seeds]
+        cells = grid_cells(methods, args, seeds)
 
         def one(cell):  # noqa: ANN001, ANN202
             method, fraction, s = cell
